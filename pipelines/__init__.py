@@ -1,0 +1,1 @@
+"""KFP pipelines: composition only (installed as ``kubellm.pipelines``)."""

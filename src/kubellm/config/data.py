@@ -1,0 +1,127 @@
+"""Data preparation config: where records come from, how they are cleaned, split, tokenized and packed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kubellm.config.base import StrictModel
+
+
+class SourceConfig(StrictModel):
+    """One input source. Several sources are concatenated in the order given."""
+
+    uri: str
+    """Where the records are. ``builtin://stdlib`` (the Python standard library's source, a pretraining
+    corpus that needs no download), ``builtin://stdlib-instruct`` (instructions derived from it: a
+    function's docstring as the prompt, its code as the response), a local file, directory or glob
+    (``data/*.jsonl.gz``), ``hf://owner/name`` (a Hugging Face Hub dataset; needs the network), or an
+    fsspec URI (``s3://``, ``gs://``, ``https://``; needs the matching fsspec backend installed)."""
+
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "txt"] = "auto"
+    """File format; ``auto`` reads it from the file name (``.jsonl``, ``.json``, ``.csv``, ``.parquet``,
+    ``.txt``, each optionally ``.gz``)."""
+
+    text_field: str = "text"
+    """Column holding the document text (pretraining data)."""
+
+    prompt_field: str = "prompt"
+    """Column holding the instruction (instruction data, when ``messages_field`` is not set)."""
+
+    response_field: str = "response"
+    """Column holding the answer (instruction data, when ``messages_field`` is not set)."""
+
+    messages_field: str | None = None
+    """Column holding chat ``messages`` (a list of ``{"role", "content"}``); overrides prompt/response."""
+
+    hub_split: str = "train"
+    """Split to read from a Hub dataset."""
+
+    hub_revision: str | None = None
+    """Pinned revision (commit or tag) of a Hub dataset; ``None`` takes the default branch."""
+
+    max_records: int | None = Field(default=None, ge=1)
+    """Read at most this many records from this source (``None``: all)."""
+
+
+class NearDedupConfig(StrictModel):
+    """MinHash near-duplicate removal (off by default: exact de-duplication catches most copies)."""
+
+    enabled: bool = False
+    """Remove near duplicates (MinHash over word shingles)."""
+    threshold: float = Field(default=0.85, gt=0.0, le=1.0)
+    """Estimated Jaccard similarity of word shingles at or above which a record is a near duplicate."""
+    num_perm: int = Field(default=64, ge=16, le=512)
+    """Number of MinHash permutations (more is more precise and slower)."""
+    ngram: int = Field(default=5, ge=1, le=32)
+    """Shingle length in words."""
+
+
+class CleaningConfig(StrictModel):
+    """Record cleaning. Every dropped record is counted by reason in ``stats.json``."""
+
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normalisation form applied to every text."""
+    strip_control: bool = True
+    """Remove control characters other than newline and tab."""
+    collapse_whitespace: bool = False
+    """Collapse runs of spaces (off by default: code and indentation matter)."""
+    min_chars: int = Field(default=16, ge=0)
+    """Drop records shorter than this many characters after cleaning."""
+    max_chars: int = Field(default=200_000, ge=1)
+    """Drop records longer than this many characters after cleaning."""
+    dedup: bool = True
+    """Drop exact duplicates of the normalised text (first occurrence kept)."""
+    near_dedup: NearDedupConfig = NearDedupConfig()
+
+    @model_validator(mode="after")
+    def _lengths(self) -> CleaningConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is greater than max_chars ({self.max_chars})")
+        return self
+
+
+class SplitConfig(StrictModel):
+    """Deterministic train/validation split (by a seeded hash of each record, stable across runs)."""
+
+    validation_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Fraction of records held out for validation (0 disables the split)."""
+    seed: int = 1234
+    """Seed of the split hash: the same seed gives the same split on every run."""
+
+
+class TokenizerConfig(StrictModel):
+    """Train a byte-level BPE tokenizer on the training split, or reuse an existing one."""
+
+    path: str | None = None
+    """An existing Hugging Face tokenizer directory (or a prepared dataset's ``tokenizer/``); ``None``
+    trains a new byte-level BPE tokenizer."""
+    vocab_size: int = Field(default=4096, ge=300, le=262_144)
+    """Vocabulary size of a newly trained tokenizer (256 byte symbols + special tokens + merges)."""
+    min_frequency: int = Field(default=2, ge=1)
+    """A pair must occur at least this often to become a merge."""
+
+
+class DataConfig(StrictModel):
+    """Everything ``kubellm prep`` needs to turn sources into a prepared dataset directory."""
+
+    kind: Literal["pretrain", "instruct"] = "pretrain"
+    """``pretrain``: documents packed into fixed-length blocks with EOS separators. ``instruct``:
+    prompt/response pairs formatted with the chat template, prompt tokens masked out of the loss."""
+    sources: list[SourceConfig] = Field(min_length=1)
+    cleaning: CleaningConfig = CleaningConfig()
+    split: SplitConfig = SplitConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    block_size: int = Field(default=256, ge=8, le=131_072)
+    """Tokens per training sequence (pretraining blocks; instruction examples are cut to it)."""
+    pack_instructions: bool = True
+    """Pack several instruction examples into one block (less padding); otherwise group by length."""
+    max_docs: int | None = Field(default=None, ge=1)
+    """Stop after this many records in total, across sources (``None``: all)."""
+    num_proc: int = Field(default=1, ge=1, le=64)
+    """Processes used for tokenization (helps only with many short records; see STACK.md)."""
+    batch_size: int = Field(default=1000, ge=1)
+    """Records per tokenization batch."""
+    max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Refuse a single input line/record larger than this (a clear error instead of a blow-up)."""

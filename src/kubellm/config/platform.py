@@ -1,0 +1,149 @@
+"""Kubernetes side of a run: images, pod placement and multi-node training.
+
+These fields are compile-time: ``pipelines/`` applies them with kfp-kubernetes when compiling, and the
+training launcher uses ``DistributedConfig`` to create PyTorchJobs/TrainJobs. A local run ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kubellm.config.base import StrictModel
+
+STAGES = ("prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy", "playground")
+
+
+class Toleration(StrictModel):
+    key: str | None = None
+    """Taint key (``None`` with ``Exists`` tolerates every taint)."""
+    operator: Literal["Equal", "Exists"] = "Equal"
+    """``Equal`` matches ``value``; ``Exists`` any value."""
+    value: str | None = None
+    """Taint value (with ``Equal``)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect (``None``: all)."""
+
+
+class PvcMount(StrictModel):
+    claim: str
+    """Name of an existing PersistentVolumeClaim."""
+    mount_path: str
+    """Absolute path inside the container."""
+
+
+class SecretEnv(StrictModel):
+    """One key of a Kubernetes Secret exposed as an environment variable."""
+
+    secret: str
+    """Name of the Kubernetes Secret."""
+    key: str
+    """Key inside the Secret."""
+    env: str
+    """Environment variable name in the container."""
+
+
+class SecretVolume(StrictModel):
+    """A whole Kubernetes Secret mounted as files."""
+
+    secret: str
+    """Name of the Kubernetes Secret."""
+    mount_path: str
+    """Absolute path inside the container."""
+
+
+class Resources(StrictModel):
+    cpu_request: str | None = None
+    """Kubernetes quantity, for example ``"2"`` or ``"500m"``."""
+    cpu_limit: str | None = None
+    """Kubernetes quantity."""
+    memory_request: str | None = None
+    """Kubernetes quantity, for example ``"8Gi"``."""
+    memory_limit: str | None = None
+    """Kubernetes quantity."""
+    gpus: int = Field(default=0, ge=0)
+    """``nvidia.com/gpu`` limit."""
+    accelerator: str | None = None
+    """Node accelerator type (the ``cloud.google.com/gke-accelerator``-style label value)."""
+
+
+class Placement(StrictModel):
+    """Where and how one pipeline task's pod runs."""
+
+    resources: Resources = Resources()
+    node_selector: dict[str, str] = {}
+    """Node labels the pod must match."""
+    tolerations: list[Toleration] = []
+    pvcs: list[PvcMount] = []
+    secret_env: list[SecretEnv] = []
+    secret_volumes: list[SecretVolume] = []
+    labels: dict[str, str] = {}
+    """Extra pod labels."""
+    annotations: dict[str, str] = {}
+    """Extra pod annotations."""
+    timeout_seconds: int | None = Field(default=None, ge=1)
+    """Active deadline of the task's pod."""
+
+
+class DistributedConfig(StrictModel):
+    """Multi-process / multi-node training."""
+
+    engine: Literal["none", "pytorchjob", "trainjob"] = "none"
+    """``none`` trains in the step's own pod (or under a local ``torchrun``); ``pytorchjob`` /
+    ``trainjob`` make the step create a Kubeflow training-operator job and wait for it."""
+    nodes: int = Field(default=1, ge=1)
+    """Nodes (pods) the training job runs on."""
+    procs_per_node: int = Field(default=1, ge=1)
+    """torchrun processes per node (usually GPUs per node)."""
+    min_nodes: int | None = Field(default=None, ge=1)
+    """Elastic training: the smallest node count the job may run with (PyTorchJob only)."""
+    max_nodes: int | None = Field(default=None, ge=1)
+    """Elastic training: the largest node count (PyTorchJob only)."""
+    backoff_limit: int = Field(default=3, ge=0)
+    """Pod restarts before the job counts as failed."""
+    restart_policy: Literal["OnFailure", "Never", "ExitCode"] = "OnFailure"
+    """What the operator does when a worker exits non-zero; a restarted worker resumes from the last checkpoint."""
+    timeout_seconds: int = Field(default=24 * 3600, ge=60)
+    """How long the step waits for the job before failing it."""
+    shared_pvc: str | None = None
+    """PersistentVolumeClaim through which data and checkpoints are shared with the job's pods."""
+
+    @model_validator(mode="after")
+    def _elastic(self) -> DistributedConfig:
+        if self.min_nodes and self.max_nodes and self.min_nodes > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) is greater than max_nodes ({self.max_nodes})")
+        if self.engine != "none" and not self.shared_pvc:
+            raise ValueError(f"engine {self.engine!r} needs shared_pvc to share data and checkpoints")
+        return self
+
+
+class PlatformConfig(StrictModel):
+    """Images and placement for running the pipelines on a cluster."""
+
+    image: str = "ghcr.io/kubellm/kubellm:0.1.0"
+    """Runtime image of every pipeline task (training, evaluation, registration)."""
+    serving_image: str = "ghcr.io/kubellm/kubellm-serve:0.1.0"
+    """Predictor image of the InferenceService."""
+    playground_image: str = "ghcr.io/kubellm/kubellm-playground:0.1.0"
+    """Image of the playground Deployment."""
+    namespace: str = "kubellm"
+    """Namespace of training jobs, InferenceServices and the playground."""
+    service_account: str = "kubellm-pipeline"
+    """Service account of pipeline pods and the predictor (see configs/cluster-rbac.yaml)."""
+    image_pull_secrets: list[str] = []
+    """Secrets used to pull the images from a private registry."""
+    default: Placement = Placement()
+    """Placement of every task unless ``stages`` overrides it."""
+    stages: dict[str, Placement] = {}
+    """Per-stage placement (replaces ``default`` for that stage), keyed by stage name."""
+
+    @model_validator(mode="after")
+    def _stage_names(self) -> PlatformConfig:
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
+        return self
+
+    def placement(self, stage: str) -> Placement:
+        return self.stages.get(stage, self.default)

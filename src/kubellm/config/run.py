@@ -1,0 +1,137 @@
+"""The run config: every stage's section in one document, loaded from YAML with dotted overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from kubellm.config.base import StrictModel
+from kubellm.config.data import DataConfig
+from kubellm.config.evaluate import EvalConfig
+from kubellm.config.platform import PlatformConfig
+from kubellm.config.serve import ServeConfig
+from kubellm.config.tracking import TrackingConfig
+from kubellm.config.train import FinetuneConfig, PretrainConfig
+from kubellm.errors import ConfigError
+
+
+class RunConfig(StrictModel):
+    """One lifecycle run. Sections a pipeline does not use may be left out."""
+
+    name: str = Field(default="kubellm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    """Run name: lower-case letters, digits and dashes (it becomes part of Kubernetes names)."""
+    workdir: str = ".kubellm"
+    """Local working directory for outputs, the sqlite MLflow store and run summaries (relative to the
+    current directory unless absolute)."""
+    data: DataConfig | None = None
+    """The pretraining corpus (``kind: pretrain``)."""
+    instruct_data: DataConfig | None = None
+    """The instruction data for fine-tuning (``kind: instruct``)."""
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    evaluate: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
+    platform: PlatformConfig = PlatformConfig()
+
+    @model_validator(mode="after")
+    def _kinds(self) -> RunConfig:
+        if self.data is not None and self.data.kind != "pretrain":
+            raise ValueError("data.kind must be 'pretrain' (instruction data goes in instruct_data)")
+        if self.instruct_data is not None and self.instruct_data.kind != "instruct":
+            raise ValueError("instruct_data.kind must be 'instruct'")
+        return self
+
+    def config_hash(self) -> str:
+        """A short, stable hash of the validated config (tags runs, names pipeline versions)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse an override value as YAML (``1000`` → int, ``true`` → bool, ``[a, b]`` → list)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str], origin: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (list items by index: ``data.sources.0.uri=…``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{origin} {item!r}: expected KEY=VALUE, for example data.max_docs=1000")
+        parts = key.strip().split(".")
+        node: Any = doc
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{origin} {key}: {'.'.join(parts[: i + 1])} is not a valid list index")
+                node = node[int(part)]
+            else:
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+                elif not isinstance(nxt, dict | list):
+                    raise ConfigError(f"{origin} {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+                node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"{origin} {key}: {last} is not a valid list index")
+            node[int(last)] = _parse_value(raw)
+        else:
+            node[last] = _parse_value(raw)
+    return doc
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: ``origin: field.path: reason``; joined with '; '."""
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the config reference in README)"
+        problems.append(f"{loc}: {msg}")
+    return f"{origin}: invalid config: " + "; ".join(problems)
+
+
+def validate_section(model: type[StrictModel], doc: Any, origin: str) -> Any:
+    """Validate one section (as a component does with its config dict), raising a one-line ConfigError."""
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML run config, apply ``--set`` overrides and validate everything up front."""
+    doc: dict[str, Any] = {}
+    origin = "--set"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, not {type(loaded).__name__}")
+        doc = loaded
+    apply_overrides(doc, list(overrides))
+    return validate_section(RunConfig, doc, origin)

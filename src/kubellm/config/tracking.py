@@ -1,0 +1,21 @@
+"""MLflow tracking config."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from kubellm.config.base import StrictModel
+
+
+class TrackingConfig(StrictModel):
+    """Where runs, metrics, artifacts and registered models go."""
+
+    enabled: bool = True
+    """Track runs in MLflow (``false`` logs nowhere)."""
+    uri: str | None = None
+    """MLflow tracking URI. ``None``: ``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at
+    ``.kubellm/mlflow.db`` under the working directory."""
+    experiment: str = "kubellm"
+    """MLflow experiment of the parent runs."""
+    registered_model: str = Field(default="kubellm", min_length=1, max_length=200)
+    """Model Registry name; new versions get the ``candidate`` alias, ``champion`` after promotion."""

@@ -1,0 +1,104 @@
+"""The prepared-dataset directory: the contract between ``kubellm prep`` and every later stage.
+
+::
+
+    <prepared>/
+      manifest.json    written last: kind, block_size, vocab_size, special token ids, fingerprint
+      dataset/         datasets.DatasetDict.save_to_disk: splits "train" and (if any) "validation";
+                       columns input_ids (int32 list) and labels (int32 list, -100 = not in the loss)
+      tokenizer/       a Hugging Face tokenizer (save_pretrained), with chat template for instruct data
+      heldout.jsonl    instruct data only: validation examples as {"messages": [...], "reference": str}
+                       (messages end with the user turn; reference is the expected assistant answer)
+      stats.json       records in/out, dropped by reason, duplicates, tokens, blocks, padding fraction
+      report.md        the same, for a person
+
+Pretraining rows are packed blocks of exactly ``block_size`` tokens whose labels equal input_ids.
+Instruction rows are at most ``block_size`` tokens; prompt tokens (and padding) carry label -100.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kubellm.errors import DataError
+
+MANIFEST = "manifest.json"
+DATASET_DIR = "dataset"
+TOKENIZER_DIR = "tokenizer"
+HELDOUT = "heldout.jsonl"
+STATS = "stats.json"
+REPORT = "report.md"
+IGNORE_INDEX = -100
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: Literal["pretrain", "instruct"]
+    block_size: int
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: int | None
+    fingerprint: str
+    """Hash of the sources' content and the data config: equal fingerprints mean equal data."""
+    splits: dict[str, int]
+    """Rows per split."""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+
+    def load_split(self, split: str) -> Any:
+        """A ``datasets.Dataset`` (memory-mapped Arrow) for ``split``."""
+        from datasets import load_from_disk
+
+        dd = load_from_disk(str(self.path / DATASET_DIR))
+        if split not in dd:
+            raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {sorted(dd)})")
+        return dd[split]
+
+    def heldout(self) -> list[dict[str, Any]]:
+        """Held-out instruction examples (empty for pretraining data)."""
+        p = self.path / HELDOUT
+        if not p.exists():
+            return []
+        with p.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads((self.path / STATS).read_text(encoding="utf-8"))
+
+
+def open_prepared(path: str | Path) -> PreparedDataset:
+    """Open a prepared dataset directory, with a clear error if it is not one (or is incomplete)."""
+    p = Path(path)
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise DataError(f"{p}: not a prepared dataset (no {MANIFEST}; run `kubellm prep` first)")
+    try:
+        raw = json.loads(mf.read_text(encoding="utf-8"))
+        manifest = Manifest(**raw)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{mf}: unreadable manifest ({err})") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise DataError(f"{mf}: format_version {manifest.format_version}, this kubellm reads {FORMAT_VERSION}")
+    return PreparedDataset(p, manifest)
