@@ -14,7 +14,7 @@ from kubellm.config.base import StrictModel
 from kubellm.config.data import DataConfig
 from kubellm.config.evaluate import EvalConfig
 from kubellm.config.platform import PlatformConfig
-from kubellm.config.serve import ServeConfig
+from kubellm.config.serve import DeployConfig, PlaygroundConfig, ServeConfig
 from kubellm.config.tracking import TrackingConfig
 from kubellm.config.train import FinetuneConfig, PretrainConfig
 from kubellm.errors import ConfigError
@@ -37,6 +37,8 @@ class RunConfig(StrictModel):
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
+    deploy: DeployConfig = DeployConfig()
+    playground: PlaygroundConfig = PlaygroundConfig()
     platform: PlatformConfig = PlatformConfig()
 
     @model_validator(mode="after")

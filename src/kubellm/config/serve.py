@@ -1,10 +1,19 @@
-"""Serving, deployment and playground configs."""
+"""Serving, deployment and playground configs.
+
+``serve`` is the predictor process (``kubellm serve``, locally or inside the KServe pod), ``deploy`` the
+InferenceService around it and its rollout, ``playground`` the Gradio prompt playground.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
+
+# DNS-1035 label: InferenceService and Deployment names become Service names.
+_K8S_NAME = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
 class ServeConfig(StrictModel):
@@ -14,13 +23,126 @@ class ServeConfig(StrictModel):
     """Bind address; loopback by default, ``0.0.0.0`` only inside a container."""
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port."""
-    model_name: str = "kubellm"
+    model_name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
     """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``)."""
-    max_batch_size: int = Field(default=8, ge=1)
+    model: str | None = None
+    """What to serve: a local directory (a merged Hugging Face model or a LoRA adapter directory), a
+    ``models:/name@alias`` MLflow URI, or ``/mnt/models`` (what KServe's storage initializer fills in a
+    pod). ``None``: ``models:/<tracking.registered_model>@champion``."""
+    base_model: str | None = None
+    """Base model of a LoRA adapter (a directory or a Hub id); ``None`` takes the base recorded in the
+    adapter's ``adapter_config.json``."""
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """``auto`` picks CUDA when present, else the CPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 where the hardware runs it natively (generation is 1.5–1.75× faster in bf16 on
+    these CPUs), fp32 elsewhere. Greedy answers can differ slightly between batch sizes in bf16."""
+    max_batch_size: int = Field(default=8, ge=1, le=256)
     """Concurrent requests generated together in one batch."""
+    batch_wait_ms: float = Field(default=10.0, ge=0, le=1000)
+    """How long a new batch waits for more requests, at most, when the previous batch was larger
+    (clients of a finished batch come back within a few ms); a lone client never waits."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting beyond this many get a 503."""
     max_prompt_tokens: int = Field(default=2048, ge=1)
     """Longer prompts get a 400."""
     max_new_tokens: int = Field(default=512, ge=1)
     """Upper bound of a request's ``max_tokens`` (larger gets a 400)."""
+    default_max_tokens: int = Field(default=128, ge=1)
+    """Tokens generated when a request does not say (``max_tokens`` absent)."""
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is greater than "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
+class DeployConfig(StrictModel):
+    """``kubellm deploy``: the KServe InferenceService and its rollout (canary, smoke test, rollback)."""
+
+    name: str | None = Field(default=None, pattern=_K8S_NAME)
+    """InferenceService name; ``None`` uses the run name."""
+    runtime: Literal["kubellm", "huggingface"] = "kubellm"
+    """``kubellm``: our predictor image (``platform.serving_image`` running ``kubellm serve``; serves a
+    merged model or a LoRA adapter, KServe V1/V2 and an OpenAI-compatible API). ``huggingface``: KServe's
+    own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only."""
+    storage_uri: str | None = None
+    """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
+    ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered
+    model's location; ``kubellm deploy --storage-uri`` overrides this."""
+    deployment_mode: Literal["Serverless", "RawDeployment"] | None = None
+    """KServe deployment mode (annotation ``serving.kserve.io/deploymentMode``); ``None`` keeps the
+    cluster's default. Canary traffic splitting needs ``Serverless`` (Knative revisions)."""
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest predictor pods (0 lets Serverless scale to zero: the first request then waits for a load)."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Most predictor pods the autoscaler may run."""
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    """What the autoscaler watches."""
+    scale_target: int | None = Field(default=None, ge=1)
+    """Target value of ``scale_metric`` per pod; ``None`` with ``concurrency`` uses
+    ``serve.max_batch_size`` (a pod's batch is full at that many in-flight requests)."""
+    canary_traffic_percent: int | None = Field(default=10, ge=0, le=100)
+    """Share of traffic the new revision gets while it is smoke-tested when an InferenceService already
+    exists; promoted to 100 % on success, 0 % and the previous spec restored on failure. ``None``: no
+    canary (the new revision takes all traffic once ready; failure still restores the previous spec)."""
+    request_timeout_s: int = Field(default=300, ge=1)
+    """Predictor request timeout (KServe ``timeout``): long generations need more than the default 60 s."""
+    startup_timeout_s: int = Field(default=1200, ge=30)
+    """How long a predictor pod may take to download and load the model before its startup probe fails."""
+    ready_timeout_s: float = Field(default=1800.0, gt=0)
+    """How long the rollout waits for the InferenceService to become Ready."""
+    poll_s: float = Field(default=5.0, gt=0)
+    """Seconds between readiness checks during the rollout."""
+    smoke_prompt: str = Field(default="Hello", min_length=1)
+    """Prompt of the smoke request sent to the new revision before it is promoted."""
+    smoke_max_tokens: int = Field(default=4, ge=1, le=64)
+    """Tokens the smoke request generates."""
+    promote_alias: str = Field(default="champion", min_length=1)
+    """Registry alias the deployed model version gets after a healthy rollout."""
+    hf_args: list[str] = []
+    """Extra arguments of KServe's Hugging Face runtime (``runtime: huggingface``), e.g.
+    ``["--dtype=bfloat16"]``. ``--backend=huggingface`` is added when the placement has no GPU (vLLM needs one)."""
+    playground: bool = True
+    """Also create the playground Deployment + Service next to the InferenceService."""
+
+    @model_validator(mode="after")
+    def _replicas(self) -> DeployConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is greater than max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class PlaygroundConfig(StrictModel):
+    """``kubellm playground``: a Gradio app for prompt engineering against OpenAI-compatible endpoints."""
+
+    host: str = "127.0.0.1"
+    """Bind address; loopback by default, ``0.0.0.0`` only inside a container."""
+    port: int = Field(default=7860, ge=1, le=65535)
+    """HTTP port."""
+    endpoint: str | None = None
+    """OpenAI-compatible base URL of model A. A bare ``http://host:port`` gets KServe's ``/openai/v1``
+    prefix. ``None``: the local predictor, ``http://127.0.0.1:<serve.port>/openai/v1``."""
+    model: str | None = None
+    """Model name at ``endpoint``; ``None`` takes the first one the endpoint lists."""
+    compare_endpoint: str | None = None
+    """Base URL of model B, shown side by side on the same prompt (e.g. the base model); ``None``: A only."""
+    compare_model: str | None = None
+    """Model name at ``compare_endpoint``; ``None`` takes the first one it lists."""
+    system_prompt: str = "You are a helpful assistant."
+    """System prompt the page starts with."""
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    """Initial sampling temperature (0 is greedy)."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """Initial nucleus-sampling probability mass."""
+    max_tokens: int = Field(default=256, ge=1)
+    """Initial number of tokens to generate per answer."""
+    seed: int | None = None
+    """Initial sampling seed (``None``: random)."""
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    """Per-request timeout towards the endpoints; a slower endpoint is reported as down."""
+    replicas: int = Field(default=1, ge=1)
+    """Pods of the playground Deployment on a cluster."""
