@@ -107,12 +107,23 @@ class DistributedConfig(StrictModel):
     timeout_seconds: int = Field(default=24 * 3600, ge=60)
     """How long the step waits for the job before failing it."""
     shared_pvc: str | None = None
-    """PersistentVolumeClaim through which data and checkpoints are shared with the job's pods."""
+    """PersistentVolumeClaim through which data and checkpoints are shared with the job's pods (a
+    ReadWriteMany volume: every node reads the data and rank 0 writes checkpoints). Mounted at
+    ``/mnt/kubellm`` in the step's pod and in every job pod, so both see the same paths."""
+    runtime: str = Field(default="torch-distributed", min_length=1, max_length=253)
+    """ClusterTrainingRuntime a TrainJob references (``trainjob`` only). Its JobSet sets the restart
+    policy and retry limit of the nodes: ``restart_policy`` and ``backoff_limit`` apply to PyTorchJobs."""
 
     @model_validator(mode="after")
     def _elastic(self) -> DistributedConfig:
         if self.min_nodes and self.max_nodes and self.min_nodes > self.max_nodes:
             raise ValueError(f"min_nodes ({self.min_nodes}) is greater than max_nodes ({self.max_nodes})")
+        if self.min_nodes or self.max_nodes:
+            if self.engine == "trainjob":
+                raise ValueError("elastic training (min_nodes/max_nodes) needs engine 'pytorchjob'")
+            low, high = self.min_nodes or self.nodes, self.max_nodes or self.nodes
+            if not low <= self.nodes <= high:
+                raise ValueError(f"nodes ({self.nodes}) must lie within min_nodes..max_nodes ({low}..{high})")
         if self.engine != "none" and not self.shared_pvc:
             raise ValueError(f"engine {self.engine!r} needs shared_pvc to share data and checkpoints")
         return self
