@@ -1,0 +1,77 @@
+"""Training components: fetch a base model, pretrain, LoRA fine-tune."""
+
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from kubellm.components._base import component
+
+
+@component
+def fetch_model(ref: str, tracking: dict, workdir: str, model: Output[Model]) -> str:
+    """Bring a base model into the pipeline as an artifact (lineage, and one path for every consumer).
+
+    Args:
+        ref: A local model directory, a ``models:/name@alias`` registry URI, or a Hugging Face Hub id
+            (only where the cluster reaches the Hub). Safetensors weights only.
+        tracking: The tracking section (for ``models:/`` URIs).
+        workdir: Local working directory.
+        model: The model directory (Hugging Face format, or a LoRA adapter with its base recorded).
+
+    Returns:
+        What was fetched, for the UI.
+    """
+    from kubellm import stages
+
+    trk = stages.Tracking.from_param(tracking, workdir)
+    return stages.fetch_model(ref, model.path, trk)
+
+
+@component
+def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
+             model: Output[Model], metrics: Output[Metrics], report: Output[Markdown]) -> None:
+    """Pretrain a Llama-architecture model from scratch on a prepared corpus.
+
+    AdamW with warmup and cosine decay, gradient accumulation and clipping, bf16 where the hardware
+    runs it natively. Checkpoints every N steps; a retried task resumes from the latest complete
+    checkpoint, and SIGTERM (preemption) writes one before exiting.
+
+    Args:
+        config: The ``pretrain`` section (``kubellm.config.PretrainConfig``).
+        tracking: The tracking section.
+        workdir: Local working directory.
+        parent_run_id: MLflow parent run.
+        data: A prepared pretraining dataset.
+        model: The trained model (Hugging Face format, safetensors, with tokenizer).
+        metrics: Steps, final loss, validation loss, tokens/s.
+        report: A summary of the run.
+    """
+    from kubellm import stages
+
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    out = stages.pretrain(config, data.path, model.path, trk)
+    stages.publish(out, report=report.path, metrics=metrics, artifact=model)
+
+
+@component
+def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
+             base_model: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
+             report: Output[Markdown]) -> None:
+    """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
+
+    Same resume and preemption behaviour as pretraining.
+
+    Args:
+        config: The ``finetune`` section (``kubellm.config.FinetuneConfig``).
+        tracking: The tracking section.
+        workdir: Local working directory.
+        parent_run_id: MLflow parent run.
+        data: A prepared instruction dataset.
+        base_model: The model to adapt.
+        adapter: The LoRA adapter (and ``merged/`` when ``merge`` is set).
+        metrics: Steps, final loss, validation loss, tokens/s, trainable parameters.
+        report: A summary of the run.
+    """
+    from kubellm import stages
+
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    out = stages.finetune(config, base_model.path, data.path, adapter.path, trk)
+    stages.publish(out, report=report.path, metrics=metrics, artifact=adapter)
