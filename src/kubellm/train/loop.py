@@ -1,0 +1,508 @@
+"""The one training loop behind ``kubellm pretrain`` and ``kubellm finetune``.
+
+A plain PyTorch loop (the HF Trainer adds nothing here; a plain fp32 loop reaches ~65 % of the CPU's
+matmul peak): AdamW without weight decay on norms and biases, linear warmup then cosine decay to
+``min_lr_ratio``, gradient accumulation, global-norm clipping, bf16 autocast where the hardware has it,
+optional gradient checkpointing, DDP under torchrun (gloo on CPU, nccl on CUDA).
+
+Self-healing. Every ``checkpoint_every`` steps (and at the last step) rank 0 writes a checkpoint with the
+trainable weights, optimizer, scheduler, every rank's RNG state and the data position
+(:mod:`kubellm.train.checkpoint`). Running again with the same output directory resumes from the newest
+complete checkpoint and continues the same LR curve and the same data order, so a resumed run ends with
+the weights an uninterrupted one would have (bit for bit in fp32 on a CPU). No checkpoint: a fresh
+start. A finished output directory: nothing to do, the stored result is returned.
+
+Preemption. Kubernetes stops a pod with SIGTERM and a grace period (30 s by default). The loop then
+finishes the current optimizer step, writes a checkpoint and raises :class:`TrainingInterrupted`, whose
+exit code is **143** (128 + SIGTERM), the code of a process killed by SIGTERM: the run did not finish, so
+the task must not count as succeeded; KFP's retry policy (and the training operators' restart policy)
+starts it again and the new attempt resumes from that checkpoint. Exit code 0 would mark an unfinished
+model as done.
+
+Outputs (rank 0 only), in ``out_dir``: the model files (``write_outputs`` of the stage), ``history.jsonl``
+(one JSON line per logged step: ``step``, ``loss``, ``lr``, ``tokens_per_s`` and ``val_loss`` where
+computed) and ``kubellm_train.json`` (the :class:`TrainResult`). They are staged in a temporary
+directory and moved in with the weight files last and ``kubellm_train.json`` after them, so a directory
+whose weights can be loaded is complete, and one with ``kubellm_train.json`` is finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kubellm.config.train import LoopConfig, OptimConfig
+from kubellm.data.format import IGNORE_INDEX
+from kubellm.errors import TrainingError
+from kubellm.log import Progress, get_logger
+from kubellm.tracking.base import NullTracker, Tracker
+from kubellm.train import checkpoint as ckpt
+from kubellm.train.dist import DistContext
+
+log = get_logger("kubellm.train")
+
+RESULT_FILE = "kubellm_train.json"
+HISTORY_FILE = "history.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training stage produced (also written as ``kubellm_train.json``)."""
+
+    output_dir: Path
+    steps: int
+    """Optimizer steps of the whole run (all attempts)."""
+    final_loss: float
+    """Mean training loss over the last logged window."""
+    val_loss: float | None
+    """Validation loss at the end (``None`` without a validation split)."""
+    tokens_seen: int
+    """Tokens processed by the whole job over the whole run (padding excluded)."""
+    seconds: float
+    """Wall time of this attempt (a resumed attempt counts only its own time)."""
+    tokens_per_s: float
+    """Training throughput of this attempt, all processes together."""
+    resumed_from_step: int | None
+    precision: str
+    parameters: int
+    trainable_parameters: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "output_dir": str(self.output_dir)}
+
+    @classmethod
+    def read(cls, out_dir: str | Path) -> TrainResult:
+        """The result stored in a finished output directory."""
+        path = Path(out_dir) / RESULT_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            known = {f.name for f in fields(cls)}
+            return cls(**{**{k: v for k, v in raw.items() if k in known}, "output_dir": Path(out_dir)})
+        except (OSError, ValueError, TypeError) as err:
+            raise TrainingError(f"{path}: unreadable training result ({err})") from None
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM (preemption): a checkpoint was written; rerun with the same output directory to resume."""
+
+    exit_code = 143
+
+
+@dataclass
+class TrainJob:
+    """What a stage hands to the loop: a model ready to train and its data."""
+
+    stage: str
+    """``pretrain`` or ``finetune`` (progress lines and tracker keys)."""
+    model: Any
+    """The model to train, on the CPU or already on the device; frozen parameters stay frozen."""
+    train_split: Any
+    """Rows with ``input_ids`` and ``labels`` (-100: not in the loss); a ``datasets.Dataset``."""
+    val_split: Any | None
+    pad_token_id: int
+    loop: LoopConfig
+    optim: OptimConfig
+    write_outputs: Callable[[Any, Path], None]
+    """Writes the final model files (model or adapter, tokenizer, …) into the given directory."""
+    parameters: int
+    trainable_parameters: int
+
+
+def run_spec(loop: LoopConfig, optim: OptimConfig, **stage: Any) -> dict[str, Any]:
+    """What identifies a run for resuming: the stage's inputs plus every setting that changes the
+    weights it produces. Intervals, precision, workers and the process count may change between
+    attempts (a retried pod may land on other hardware)."""
+    schedule = loop.model_dump(include={"max_steps", "micro_batch_size", "grad_accum_steps", "seed"})
+    return {**stage, "optim": optim.model_dump(), "loop": schedule}
+
+
+def train(out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContext], TrainJob],
+          tracker: Tracker | None = None) -> TrainResult:
+    """Run (or resume, or recognise as finished) the training described by ``spec`` in ``out_dir``.
+
+    ``build`` makes the model and data once the process group is up; it is not called for a finished
+    output directory. Under torchrun every rank calls this; only rank 0 writes.
+    """
+    from kubellm.train.dist import init_distributed, shutdown
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    _check_out_dir(out)
+    ctx = init_distributed()
+    try:
+        ckpt.check_run_spec(out, spec, write=ctx.is_main)
+        if (out / RESULT_FILE).is_file():
+            log.info("%s already holds a finished run; nothing to do", out)
+            return TrainResult.read(out)
+        job = build(ctx)
+        return _Trainer(job, out, ctx, tracker if ctx.is_main and tracker else NullTracker(), t0).fit()
+    finally:
+        shutdown(ctx)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out}: output path exists and is a file, not a directory")
+    ours = (out / ckpt.CHECKPOINTS / ckpt.RUN_SPEC).is_file() or (out / RESULT_FILE).is_file()
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise TrainingError(f"{out}: output directory is not empty and holds no kubellm training run; "
+                                "choose an empty or new directory")
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at ``step`` (0-based): linear warmup, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: Any, optim: OptimConfig) -> Any:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # foreach (the default) rather than fused: fused AdamW on CPU measured no faster on these machines.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
+                             betas=(optim.beta1, optim.beta2))
+
+
+def token_nll_sum(logits: Any, labels: Any) -> Any:
+    """Summed next-token negative log-likelihood over the positions whose label is not -100.
+
+    Summed rather than averaged so the caller can normalise by the tokens of the whole optimizer step
+    (all micro-batches, all ranks): variable-length instruction rows then weigh every response token
+    equally, as one big batch would.
+    """
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1, :].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def forward_logits(model: Any, batch: dict[str, Any]) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 use_cache=False).logits
+
+
+class _StopFlag:
+    """Remember a SIGTERM instead of dying mid-step; restores the previous handler afterwards."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: Any = None
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        log.warning("SIGTERM received: checkpointing at the end of this step, then exiting (143)")
+
+    def __enter__(self) -> _StopFlag:
+        # Signal handlers can only be installed from the main thread (a component body is; a caller's
+        # worker thread is not, and then preemption falls back to the default handling).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class _Trainer:
+    def __init__(self, job: TrainJob, out: Path, ctx: DistContext, tracker: Tracker, t0: float) -> None:
+        import torch
+
+        from kubellm.train.precision import resolve_precision
+
+        self.job, self.out, self.ctx, self.tracker, self.t0 = job, out, ctx, tracker, t0
+        self.loop, self.optim = job.loop, job.optim
+        self.precision = resolve_precision(self.loop.precision, ctx.device)
+        self.model = job.model.to(ctx.device)
+        if getattr(self.model, "config", None) is not None:
+            self.model.config.use_cache = False
+        if self.loop.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = build_optimizer(self.model, self.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, warmup=self.optim.warmup_steps, total=self.loop.max_steps,
+            min_ratio=self.optim.min_lr_ratio))
+        self.state = ckpt.TrainState(world_size=ctx.world_size)
+        self.resumed_from: int | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        import torch
+
+        from kubellm.train.dist import broadcast_object
+
+        latest = ckpt.latest_complete(self.out) if self.ctx.is_main else None
+        path = broadcast_object(self.ctx, str(latest) if latest else None)
+        if path is None:
+            # Dropout differs between ranks, the model init (seeded in build) does not.
+            torch.manual_seed(self.loop.seed + 1 + self.ctx.rank)
+            random.seed(self.loop.seed + self.ctx.rank)
+            return
+        c = ckpt.load_checkpoint(path)
+        if set(c.weights) != set(self.named_trainable):
+            raise TrainingError(f"{path}: checkpoint weights do not match the model being trained "
+                                f"({len(c.weights)} tensors saved, {len(self.named_trainable)} trainable)")
+        with torch.no_grad():
+            for name, p in self.named_trainable.items():
+                p.copy_(c.weights[name])
+        self.optimizer.load_state_dict(c.trainer["optimizer"])
+        self.scheduler.load_state_dict(c.trainer["scheduler"])
+        if len(c.rng) == self.ctx.world_size:
+            _set_rng_state(c.rng[self.ctx.rank])
+        else:  # an elastic restart with another process count: fresh, still deterministic, streams
+            log.warning("%s was written by %d processes, resuming with %d: dropout RNG streams restart",
+                        path, len(c.rng), self.ctx.world_size)
+            torch.manual_seed(self.loop.seed + 1 + self.ctx.rank + c.state.step)
+        self.state = c.state
+        self.state.world_size = self.ctx.world_size
+        self.resumed_from = c.state.step
+        log.info("resuming from %s (step %d of %d)", path, c.state.step, self.loop.max_steps)
+
+    def _checkpoint(self) -> None:
+        from kubellm.train.dist import barrier, gather_objects
+
+        rngs = gather_objects(self.ctx, _rng_state())
+        if self.ctx.is_main:
+            path = ckpt.save_checkpoint(
+                self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
+                trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+            log.info("checkpoint %s", path)
+        # Nobody moves on (or exits on SIGTERM) before the checkpoint is on disk: torchrun tears down
+        # the remaining workers as soon as one of them exits.
+        barrier(self.ctx)
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        import torch
+
+        from kubellm.train.batches import PadCollator, StreamSampler
+
+        sampler = StreamSampler(len(self.job.train_split), self.loop.micro_batch_size, seed=self.loop.seed,
+                                rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                start=self.state.samples_seen)
+        # A generator of its own: the DataLoader draws a base seed from it, and drawing from the global
+        # RNG would shift dropout masks between a resumed and an uninterrupted run.
+        loader = torch.utils.data.DataLoader(
+            self.job.train_split, batch_sampler=sampler, collate_fn=PadCollator(self.job.pad_token_id),
+            num_workers=self.loop.num_workers, generator=torch.Generator().manual_seed(self.loop.seed),
+            persistent_workers=self.loop.num_workers > 0)
+        return iter(loader)
+
+    def _val_loss(self) -> float | None:
+        import torch
+
+        from kubellm.train.batches import PadCollator
+        from kubellm.train.dist import all_reduce_sum
+        from kubellm.train.precision import autocast
+
+        val = self.job.val_split
+        if val is None or len(val) == 0:
+            return None
+        collate, mbs = PadCollator(self.job.pad_token_id), self.loop.micro_batch_size
+        nll = count = 0.0
+        self.model.eval()
+        with torch.no_grad():
+            # The same first `eval_batches` batches every time, split round-robin over the ranks, so
+            # the figure does not depend on the number of processes.
+            for b in range(self.ctx.rank, self.loop.eval_batches, self.ctx.world_size):
+                rows = list(range(b * mbs, min((b + 1) * mbs, len(val))))
+                if not rows:
+                    break
+                batch = {k: v.to(self.ctx.device) for k, v in collate(val.__getitems__(rows)).items()}
+                with autocast(self.precision, self.ctx.device):
+                    logits = forward_logits(self.model, batch)
+                nll += token_nll_sum(logits, batch["labels"]).item()
+                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.model.train()
+        nll, count = all_reduce_sum(self.ctx, [nll, count])
+        return nll / count if count else None
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        import torch
+
+        from kubellm.train.dist import all_reduce_sum, any_rank, barrier
+        from kubellm.train.precision import autocast
+
+        self._resume()
+        if self.ctx.is_main:
+            self.tracker.log_params({"stage": self.job.stage, "precision": self.precision,
+                                     "world_size": self.ctx.world_size, "parameters": self.job.parameters,
+                                     "trainable_parameters": self.job.trainable_parameters})
+            self._write_history(self.out / HISTORY_FILE)
+        wrapped = self.model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(
+                self.model, device_ids=[self.ctx.local_rank] if self.ctx.device.startswith("cuda") else None)
+        loop, world, device = self.loop, self.ctx.world_size, self.ctx.device
+        rows_per_step = world * loop.micro_batch_size * loop.grad_accum_steps
+        clip = self.optim.grad_clip or math.inf  # inf: measure the norm, clip nothing
+        batches = self._batches() if self.state.step < loop.max_steps else iter(())
+        window = [0.0, 0.0, 0.0]  # summed nll, target tokens, input tokens since the last record
+        run_tokens, t_loop, t_window = 0.0, time.perf_counter(), time.perf_counter()
+        grad_norm = 0.0
+        progress = Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step,
+                            logger=log, enabled=self.ctx.is_main)
+        shown: dict[str, Any] = {}
+        with progress, _StopFlag() as stop:
+            while self.state.step < loop.max_steps:
+                micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                         for _ in range(loop.grad_accum_steps)]
+                targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                             for b in micro)
+                # DDP averages gradients over ranks, hence × world: the step's loss is the mean over
+                # every target token of every micro-batch of every rank.
+                (step_targets,) = all_reduce_sum(self.ctx, [targets]) if world > 1 else (targets,)
+                scale = world / max(step_targets, 1)
+                for i, batch in enumerate(micro):
+                    sync = i == len(micro) - 1 or not self.ctx.distributed
+                    with contextlib.nullcontext() if sync else wrapped.no_sync():
+                        with autocast(self.precision, device):
+                            logits = forward_logits(wrapped, batch)
+                        nll = token_nll_sum(logits, batch["labels"])
+                        (nll * scale).backward()
+                    window[0] += nll.item()
+                window[1] += targets
+                window[2] += tokens
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                self.state.samples_seen += rows_per_step
+                step = self.state.step
+                last = step == loop.max_steps
+                evaluate = last or (loop.eval_every is not None and step % loop.eval_every == 0)
+                if last or evaluate or step % loop.log_every == 0:
+                    nll_sum, n_targets, n_tokens = all_reduce_sum(self.ctx, window)
+                    now = time.perf_counter()
+                    record: dict[str, Any] = {"step": step, "loss": nll_sum / max(n_targets, 1), "lr": lr,
+                                              "tokens_per_s": n_tokens / max(now - t_window, 1e-9)}
+                    val = self._val_loss() if evaluate else None
+                    if val is not None:
+                        record["val_loss"] = val
+                    self._record(record, grad_norm)
+                    self.state.tokens_seen += int(n_tokens)
+                    run_tokens += n_tokens
+                    shown = {k: v for k, v in record.items() if k != "step"}
+                    window, t_window = [0.0, 0.0, 0.0], time.perf_counter()
+                progress.update(step, **shown)
+                stopping = any_rank(self.ctx, stop.signum is not None)
+                if stopping or last or step % loop.checkpoint_every == 0:
+                    self._checkpoint()
+                if stopping and not last:
+                    raise TrainingInterrupted(
+                        f"stopped by SIGTERM at step {step}/{loop.max_steps}; checkpoint written under "
+                        f"{self.out / ckpt.CHECKPOINTS}; rerun with the same output directory to resume")
+        loop_seconds = time.perf_counter() - t_loop
+        result = self._finish(run_tokens / loop_seconds if run_tokens else 0.0)
+        barrier(self.ctx)
+        return result
+
+    def _record(self, record: dict[str, Any], grad_norm: float) -> None:
+        self.state.history.append(record)
+        if not self.ctx.is_main:
+            return
+        with (self.out / HISTORY_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        metrics = {k: float(v) for k, v in record.items() if k != "step"}
+        self.tracker.log_metrics({**metrics, "grad_norm": grad_norm}, step=record["step"])
+
+    def _write_history(self, path: Path) -> None:
+        """(Re)write the history up to the resumed step: lines logged after the checkpoint are gone."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _finish(self, tokens_per_s: float) -> TrainResult:
+        history = self.state.history
+        last_val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+        result = TrainResult(
+            output_dir=self.out, steps=self.state.step, final_loss=history[-1]["loss"] if history else math.nan,
+            val_loss=last_val, tokens_seen=self.state.tokens_seen,
+            seconds=round(time.perf_counter() - self.t0, 3), tokens_per_s=tokens_per_s,
+            resumed_from_step=self.resumed_from, precision=self.precision,
+            parameters=self.job.parameters, trainable_parameters=self.job.trainable_parameters)
+        if not self.ctx.is_main:
+            return result
+        if getattr(self.model, "config", None) is not None:
+            self.model.config.use_cache = True
+        stage_dir = Path(tempfile.mkdtemp(prefix=".outputs.tmp-", dir=self.out))
+        try:
+            self.job.write_outputs(self.model, stage_dir)
+            self._write_history(stage_dir / HISTORY_FILE)
+            _publish(stage_dir, self.out)
+        finally:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        from kubellm.fsutil import write_json_atomic
+
+        write_json_atomic(self.out / RESULT_FILE, result.to_json())
+        ckpt.remove_checkpoints(self.out)
+        self.tracker.log_metrics({"final_loss": result.final_loss, "tokens_seen": float(result.tokens_seen),
+                                  **({"final_val_loss": last_val} if last_val is not None else {})},
+                                 step=result.steps)
+        log.info("%s done: %d steps, loss %.4f, %s, %.0f tokens/s -> %s", self.job.stage, result.steps,
+                 result.final_loss, f"val_loss {last_val:.4f}" if last_val is not None else "no validation",
+                 tokens_per_s, self.out)
+        return result
+
+
+def _publish(staged: Path, out: Path) -> None:
+    """Move staged outputs into ``out``: weight files last, so loadable weights mean a complete dir."""
+
+    def weights_last(p: Path) -> tuple[bool, str]:
+        return (p.is_file() and p.suffix == ".safetensors", p.name)
+
+    for item in sorted(staged.iterdir(), key=weights_last):
+        dest = out / item.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
