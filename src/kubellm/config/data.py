@@ -44,6 +44,10 @@ class SourceConfig(StrictModel):
     max_records: int | None = Field(default=None, ge=1)
     """Read at most this many records from this source (``None``: all)."""
 
+    txt_unit: Literal["document", "paragraph", "line"] = "paragraph"
+    """What one record of a ``.txt`` file is: the whole file, a block of lines separated by blank lines,
+    or a single line. Paragraphs keep prose and code together without one record per huge file."""
+
 
 class NearDedupConfig(StrictModel):
     """MinHash near-duplicate removal (off by default: exact de-duplication catches most copies)."""

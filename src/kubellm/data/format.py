@@ -19,7 +19,7 @@ Instruction rows are at most ``block_size`` tokens; prompt tokens (and padding) 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,9 @@ class Manifest:
     splits: dict[str, int]
     """Rows per split."""
     format_version: int = FORMAT_VERSION
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end a generated answer: eos, and ``<|end|>`` (end of a chat turn) where the chat
+    template uses it. Generation should stop at any of them."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

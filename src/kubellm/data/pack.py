@@ -1,0 +1,287 @@
+"""Tokenize and pack: cleaned text in, rows of ``input_ids``/``labels`` out, streamed to Arrow files.
+
+Pretraining documents are encoded in batches with the Rust tokenizer's ``encode_batch_fast`` (the fast
+path: no offsets), joined with an EOS after each document and cut into blocks of exactly ``block_size``
+tokens, so no block carries padding; only the final partial block (< ``block_size`` tokens) is dropped.
+
+Instruction examples are rendered with the tokenizer's chat template, encoded with offsets, and every
+token outside an assistant answer gets label -100. The answer spans come from rendering each prefix of
+the conversation (``messages[:i]`` with the generation prompt, then ``messages[:i+1]``), which works for
+any prefix-stable template, ours or an existing tokenizer's.
+
+``num_proc > 1`` encodes in worker processes (spawned, each single-threaded, batches in order). We do
+not use ``Dataset.map(num_proc=…)``: in datasets 5.2 it turns the tokenizers' thread pool off at the C
+level for the rest of the process, halving every later encode (STACK.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kubellm.data.format import IGNORE_INDEX
+from kubellm.errors import DataError
+
+# --------------------------------------------------------------------------------------------- encoding
+_WORKER_TOK: Any = None
+
+
+def _worker_init(tok_json: str) -> None:
+    global _WORKER_TOK
+    # One thread per worker: num_proc workers already use num_proc cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER_TOK = Tokenizer.from_str(tok_json)
+
+
+def encode_docs(tk: Any, texts: list[str], eos_id: int) -> np.ndarray:
+    """One flat int32 array: each document's ids followed by ``eos_id``."""
+    encs = tk.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    total = sum(map(len, ids)) + len(ids)
+    return np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in ids), dtype=np.int32, count=total)
+
+
+def encode_with_offsets(tk: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(ids, start offsets)`` per text."""
+    out = []
+    for e in tk.encode_batch(texts, add_special_tokens=False):
+        out.append((np.asarray(e.ids, dtype=np.int32), np.fromiter((s for s, _ in e.offsets), dtype=np.int64,
+                                                                   count=len(e.offsets))))
+    return out
+
+
+def _worker_docs(texts: list[str], eos_id: int) -> np.ndarray:
+    return encode_docs(_WORKER_TOK, texts, eos_id)
+
+
+def _worker_offsets(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return encode_with_offsets(_WORKER_TOK, texts)
+
+
+class Encoder:
+    """Encodes batches in order, inline (``num_proc == 1``) or in ``num_proc`` spawned workers with at
+    most ``2 × num_proc`` batches in flight (bounded memory)."""
+
+    def __init__(self, tk: Any, num_proc: int = 1) -> None:
+        self.tk = tk
+        self.num_proc = num_proc
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Encoder:
+        if self.num_proc > 1:
+            import multiprocessing
+
+            # spawn, not fork: forking after the Rust thread pool ran can deadlock the child.
+            self._pool = ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(self.tk.to_str(),))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def docs(self, batches: Iterable[list[str]], eos_id: int) -> Iterator[np.ndarray]:
+        if self._pool is None:
+            return (encode_docs(self.tk, b, eos_id) for b in batches)
+        return self._ordered(batches, lambda b: self._pool.submit(_worker_docs, b, eos_id))  # type: ignore[union-attr]
+
+    def offsets(self, batches: Iterable[list[str]]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        if self._pool is None:
+            return (encode_with_offsets(self.tk, b) for b in batches)
+        return self._ordered(batches, lambda b: self._pool.submit(_worker_offsets, b))  # type: ignore[union-attr]
+
+    def _ordered(self, batches: Iterable[Any], submit: Callable[[Any], Future]) -> Iterator[Any]:
+        window: list[Future] = []
+        for b in batches:
+            window.append(submit(b))
+            if len(window) >= 2 * self.num_proc:
+                yield window.pop(0).result()
+        for fut in window:
+            yield fut.result()
+
+
+# --------------------------------------------------------------------------------------------- Arrow
+def row_features() -> Any:
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
+
+
+class ArrowSink:
+    """Appends rows to one Arrow stream file (the format ``Dataset.from_file`` memory-maps)."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+
+        self._pa = pa
+        self.path = path
+        self.schema = row_features().arrow_schema
+        self._writer = pa.ipc.new_stream(str(path), self.schema)
+        self.rows = 0
+
+    def write(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Rows of possibly different lengths."""
+        if not rows:
+            return
+        lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int32, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        self._write_flat(offsets, np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]))
+
+    def write_blocks(self, blocks: np.ndarray) -> None:
+        """Equal-length rows whose labels equal their inputs (packed pretraining blocks)."""
+        n, width = blocks.shape
+        if n == 0:
+            return
+        offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
+        flat = blocks.reshape(-1)
+        self._write_flat(offsets, flat, flat)
+
+    def _write_flat(self, offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
+        pa = self._pa
+        off = pa.array(offsets, type=pa.int32())
+        cols = [pa.ListArray.from_arrays(off, pa.array(ids, type=pa.int32())),
+                pa.ListArray.from_arrays(off, pa.array(labels, type=pa.int32()))]
+        self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
+        self.rows += len(offsets) - 1
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# --------------------------------------------------------------------------------------------- packing
+@dataclass
+class PackStats:
+    """Counts of one split's tokenization; ``padding_fraction`` is padding over all row tokens."""
+
+    examples: int = 0
+    tokens: int = 0
+    """Real (non-padding) tokens written."""
+    rows: int = 0
+    padding: int = 0
+    dropped_tail_tokens: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.tokens + self.padding
+        return self.padding / total if total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "padding_fraction": self.padding_fraction}
+
+
+def pack_documents(encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSink,
+                   on_batch: Callable[[], None] | None = None) -> PackStats:
+    """Concatenate EOS-terminated documents and write full ``block_size`` blocks (no padding)."""
+    stats = PackStats()
+    carry = np.empty(0, dtype=np.int32)
+    for flat in encoded:
+        stats.tokens += len(flat)
+        carry = np.concatenate([carry, flat]) if len(carry) else flat
+        n = len(carry) // block_size
+        if n:
+            sink.write_blocks(carry[: n * block_size].reshape(n, block_size))
+            carry = carry[n * block_size:].copy()
+        if on_batch:
+            on_batch()
+    stats.dropped_tail_tokens = len(carry)
+    stats.tokens -= len(carry)
+    stats.rows = sink.rows
+    return stats
+
+
+def answer_spans(render: Callable[[list[dict[str, str]], bool], str],
+                 messages: list[dict[str, str]], origin: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant answer in it."""
+    full = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else ""
+        upto = render(messages[: i + 1], False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise DataError(f"{origin}: the tokenizer's chat template does not render conversations "
+                            "prefix by prefix, so prompt tokens cannot be masked; use a tokenizer with "
+                            "a prefix-stable chat_template")
+        # Trailing whitespace after the answer's end marker belongs to the layout, not the answer.
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def label_tokens(ids: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Labels: the token id where the token starts inside an answer span, else -100."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    for s, e in spans:
+        inside = (starts >= s) & (starts < e)
+        labels[inside] = ids[inside]
+    return labels
+
+
+class InstructPacker:
+    """Collects labelled examples into rows: packed to ``block_size`` (padded with ``pad_id``, label
+    -100) or, unpacked, grouped by length within windows of ``window`` examples."""
+
+    def __init__(self, block_size: int, pad_id: int, sink: ArrowSink, *, pack: bool, window: int) -> None:
+        self.block_size, self.pad_id, self.sink, self.pack, self.window = block_size, pad_id, sink, pack, window
+        self.stats = PackStats()
+        self._cur: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cur_len = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        s = self.stats
+        if len(ids) > self.block_size:
+            ids, labels = ids[: self.block_size], labels[: self.block_size]
+            s.truncated += 1
+        if not (labels != IGNORE_INDEX).any():
+            s.dropped["answer_beyond_block"] = s.dropped.get("answer_beyond_block", 0) + 1
+            return
+        s.examples += 1
+        s.tokens += len(ids)
+        if not self.pack:
+            self._pending.append((ids, labels))
+            if len(self._pending) >= self.window:
+                self._flush_group()
+            return
+        if self._cur_len + len(ids) > self.block_size:
+            self._flush_block()
+        self._cur.append((ids, labels))
+        self._cur_len += len(ids)
+
+    def _flush_block(self) -> None:
+        if not self._cur:
+            return
+        pad = self.block_size - self._cur_len
+        ids = np.concatenate([x for x, _ in self._cur] + [np.full(pad, self.pad_id, dtype=np.int32)])
+        labels = np.concatenate([y for _, y in self._cur] + [np.full(pad, IGNORE_INDEX, dtype=np.int32)])
+        self.sink.write([(ids, labels)])
+        self.stats.padding += pad
+        self._cur, self._cur_len = [], 0
+
+    def _flush_group(self) -> None:
+        # Longest first within the window: batches of neighbours need little padding.
+        group = sorted(self._pending, key=lambda r: -len(r[0]))
+        self.sink.write(group)
+        # Padding a row up to block_size is the worst case a collator can need: reported, not written.
+        self.stats.padding += sum(self.block_size - len(r[0]) for r in group)
+        self._pending = []
+
+    def close(self) -> PackStats:
+        if self.pack:
+            self._flush_block()
+        elif self._pending:
+            self._flush_group()
+        self.stats.rows = self.sink.rows
+        return self.stats
