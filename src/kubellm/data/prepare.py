@@ -340,7 +340,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
 
 def _save_dataset(rows_paths: dict[str, Path], split_stats: dict[str, PackStats], dest: Path) -> dict[str, int]:
     from datasets import Dataset, DatasetDict
-    from datasets.utils import tqdm as ds_tqdm
+    from datasets.utils import _tqdm as ds_tqdm
 
     parts = {s: Dataset.from_file(str(p)) for s, p in rows_paths.items() if split_stats[s].rows}
     # Copying memory-mapped rows takes well under a second per GB: its bar would only clutter pod logs.
