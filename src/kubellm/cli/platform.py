@@ -1,3 +1,100 @@
-"""`kubellm` commands of this area (registered on import)."""
+"""``kubellm check`` (Pod Security of every manifest) and ``kubellm train-job`` (multi-node training)."""
 
-from kubellm.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class Stage(StrEnum):
+    pretrain = "pretrain"
+    finetune = "finetune"
+
+
+class Kind(StrEnum):
+    pytorchjob = "pytorchjob"
+    trainjob = "trainjob"
+
+
+@app.command()
+def check(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders (*.yaml, *.yml, "
+                                                       "*.json). None: configs/cluster-*.yaml and every "
+                                                       "manifest generated from the config.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Check manifests against Pod Security 'restricted' plus a read-only root filesystem, including the
+    pod specs inside PyTorchJobs, TrainJobs and InferenceServices. Exits 1 when anything is found."""
+    from kubellm.k8s.manifests import generated_manifests, shipped_manifests
+    from kubellm.k8s.podsecurity import check_all, load_manifests
+
+    if paths:
+        files = [f for p in paths for f in (sorted(q for q in p.rglob("*") if q.suffix in MANIFEST_SUFFIXES)
+                                            if p.is_dir() else [p])]
+        named = [(f"{f}#{i}", doc) for f in files for i, doc in enumerate(load_manifests(f))]
+    else:
+        named = shipped_manifests() + generated_manifests(load(config, overrides))
+    findings, pod_count = check_all(named)
+    for finding in findings:
+        print(finding)
+    print(f"checked {len(named)} manifests, {pod_count} pod specs: {len(findings)} findings")
+    if findings:
+        raise typer.Exit(1)
+
+
+@app.command("train-job")
+def train_job(
+    stage: Annotated[Stage, typer.Option(help="Training stage the job runs.")],
+    data: Annotated[str, typer.Option(help="Prepared dataset on the shared PVC (relative paths are under "
+                                      "/mnt/kubellm).")],
+    out: Annotated[str, typer.Option(help="Output directory on the shared PVC.")],
+    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    kind: Annotated[Kind | None, typer.Option(help="Job kind; default: the stage's distributed.engine.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifest as YAML, create nothing.")] = False,
+) -> None:
+    """Run a training stage as a PyTorchJob or TrainJob and wait for it (re-attaches on a retry)."""
+    import yaml
+
+    from kubellm.errors import ConfigError
+    from kubellm.k8s.training_job import build_job, launch, shared_path
+    from kubellm.log import print_table
+
+    cfg = load(config, overrides)
+    section = getattr(cfg, stage.value)
+    require(section, stage.value, config)
+    engine = kind.value if kind else section.distributed.engine
+    if engine == "none":
+        raise ConfigError(f"{stage.value}.distributed.engine is 'none': set it (or pass --kind) to run a job")
+    job = build_job(engine, stage.value, cfg, data, out, base,
+                    data_fingerprint=_fingerprint(shared_path(data, "data")))
+    if dry_run:
+        print(yaml.safe_dump(job, sort_keys=False), end="")
+        return
+    outcome = launch(job, cfg.platform.namespace, timeout_s=section.distributed.timeout_seconds)
+    print_table(f"kubellm train-job ({outcome.kind})", [
+        {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
+        {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
+        {"measure": "replaced a failed job", "value": "yes" if outcome.restarted else "no"},
+        {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
+    ])
+
+
+def _fingerprint(data_dir: str) -> str | None:
+    """The prepared dataset's fingerprint where the PVC is mounted here (in the step's pod), else None."""
+    from kubellm.data.format import open_prepared
+    from kubellm.errors import DataError
+
+    try:
+        return open_prepared(Path(data_dir)).manifest.fingerprint
+    except DataError:
+        return None

@@ -1,0 +1,72 @@
+"""Every Kubernetes manifest kubellm ships (``configs/cluster-*.yaml``) and generates from a run config.
+
+``kubellm check`` with no paths checks all of them; the tests check them for Pod Security, against the
+CRD and built-in schemas, and for secrets in plain text. Generated manifests use placeholder paths (the
+values do not change what is checked); builders of other areas are imported lazily and skipped while
+they do not exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from kubellm.config.run import RunConfig
+from kubellm.k8s.podsecurity import load_manifests
+
+#: Placeholder inputs of generated manifests.
+EXAMPLE_DATA = "prepared/example"
+EXAMPLE_OUT = "runs/example"
+EXAMPLE_BASE = "/mnt/kubellm/runs/example/pretrain"
+EXAMPLE_MODEL_URI = "s3://kubellm/models/example"
+EXAMPLE_PVC = "kubellm-shared"
+
+
+def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, dict[str, Any]]]:
+    """``(file, object)`` for every document of ``configs_dir/cluster-*.yaml`` that is a manifest
+    (has ``kind``; the cluster run config has none)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for path in sorted(Path(configs_dir).glob("cluster-*.yaml")):
+        docs = load_manifests(path)
+        out += [(f"{path}#{i}", doc) for i, doc in enumerate(docs) if "kind" in doc]
+    return out
+
+
+def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: both training-job kinds
+    for each training stage the config has, and the InferenceService on both runtimes."""
+    from kubellm.k8s.training_job import build_job
+
+    out: list[tuple[str, dict[str, Any]]] = []
+    for stage in ("pretrain", "finetune"):
+        section = getattr(run_cfg, stage)
+        if section is None:
+            continue
+        cfg = run_cfg
+        if not section.distributed.shared_pvc:  # engine none: give the builder the PVC it needs
+            patched = section.model_copy(update={"distributed": section.distributed.model_copy(
+                update={"shared_pvc": EXAMPLE_PVC})})
+            cfg = run_cfg.model_copy(update={stage: patched})
+        base = EXAMPLE_BASE if stage == "finetune" else None
+        for kind in ("pytorchjob", "trainjob"):
+            out.append((f"generated {kind} ({stage})",
+                        build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base)))
+    out += _inferenceservices(run_cfg)
+    return out
+
+
+def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        isvc = importlib.import_module("kubellm.k8s.inferenceservice")
+    except ImportError:  # the serving area's builder is not there (yet)
+        return []
+    deploy = getattr(run_cfg, "deploy", None)
+    build = getattr(isvc, "build_inferenceservice", None)
+    if deploy is None or build is None:
+        return []
+    out = []
+    for runtime in ("kubellm", "huggingface"):
+        cfg = run_cfg.model_copy(update={"deploy": deploy.model_copy(update={"runtime": runtime})})
+        out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
+    return out
