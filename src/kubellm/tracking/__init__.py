@@ -1,0 +1,27 @@
+"""Experiment tracking and the model registry.
+
+Stages log through the :class:`Tracker` interface; :func:`stage_run` hands them an MLflow-backed one
+(or a :class:`NullTracker` when tracking is off). Importing this package does not import mlflow.
+"""
+
+from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
+from kubellm.tracking.mlflow_tracker import (
+    MlflowTracker,
+    end_parent_run,
+    resolve_tracking_uri,
+    stage_run,
+    start_parent_run,
+)
+from kubellm.tracking.registry import (
+    ModelVersionInfo,
+    champion_info,
+    promote,
+    register_model,
+    resolve_model_uri,
+)
+
+__all__ = [
+    "MlflowTracker", "ModelVersionInfo", "NullTracker", "Tracker", "TrackingError", "champion_info",
+    "end_parent_run", "flatten_params", "promote", "register_model", "resolve_model_uri",
+    "resolve_tracking_uri", "stage_run", "start_parent_run",
+]

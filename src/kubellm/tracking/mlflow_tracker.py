@@ -1,0 +1,392 @@
+"""MLflow behind the :class:`~kubellm.tracking.base.Tracker` interface.
+
+One *parent* run per lifecycle run (a KFP pipeline run, or one ``kubellm run``) and one nested *stage*
+run per step. Every run carries the tags ``pipeline``, ``kfp_run_id`` (when there is one),
+``config_hash`` and ``git_revision``; stage runs carry ``stage`` too, so the MLflow UI can filter them.
+
+Steps fail in three ways and none leaves a run stuck ``RUNNING``:
+
+* an exception ends the stage run ``FAILED`` (with the error as the ``error`` tag);
+* SIGTERM (Kubernetes stopping a pod, KFP cancelling a run) ends it ``KILLED`` before the process exits;
+* SIGKILL (out of memory) cannot be caught: the retried step re-attaches to its own unfinished run
+  instead of creating a duplicate, and :func:`end_parent_run` marks stragglers ``KILLED``.
+
+Everything goes through ``MlflowClient`` with explicit run ids (never mlflow's global "active run"),
+so nesting is explicit and a component may hold several runs at once. mlflow is imported inside the
+functions: importing this module costs nothing and opens no connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kubellm.config.tracking import TrackingConfig
+from kubellm.log import get_logger
+from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
+
+log = get_logger("tracking")
+
+# Tag names. Plain words: they are what a person types into the MLflow UI's search box.
+TAG_PIPELINE = "pipeline"
+TAG_KFP_RUN_ID = "kfp_run_id"
+TAG_CONFIG_HASH = "config_hash"
+TAG_GIT_REVISION = "git_revision"
+TAG_STAGE = "stage"
+TAG_RUN_KIND = "run_kind"  # "parent" | "stage"
+TAG_ERROR = "error"
+TAG_ATTEMPT = "attempt"  # 2, 3, … on a run a retried step re-attached to
+PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under its parent
+
+# MLflow's batch limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch call.
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_MAX_TAG_VALUE = 5000  # MLflow allows 8000; error messages beyond 5000 characters help nobody
+
+EndStatus = Literal["FINISHED", "FAILED", "KILLED"]
+_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
+    """Where runs go: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``workdir``.
+
+    The sqlite default is ``sqlite:///<absolute workdir>/mlflow.db`` (the directory is created), the
+    file ``make mlflow-ui`` opens. A server's credentials come from MLflow's own environment variables
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself.
+    """
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """12 hex digits of the config's canonical JSON (equal to ``RunConfig.config_hash()`` for a
+    ``RunConfig.model_dump(mode="json")``)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def git_revision() -> str | None:
+    """The code's revision: ``$KUBELLM_GIT_REVISION`` (set in images, where there is no ``.git``), else
+    ``git describe`` of the checkout kubellm runs from (``-dirty`` when it has local edits), else None."""
+    env = os.environ.get("KUBELLM_GIT_REVISION")
+    if env:
+        return env
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def _client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(cfg, workdir)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str, what: str) -> Iterator[None]:
+    """Turn MLflow and connection errors during setup calls into one-line :class:`TrackingError`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        raise TrackingError(f"MLflow at {uri}: {what}: {str(err.message).splitlines()[0]}") from None
+    except OSError as err:  # requests' ConnectionError is an OSError
+        raise TrackingError(f"MLflow at {uri}: {what}: cannot connect ({str(err).splitlines()[0]})") from None
+
+
+def _check_filter_value(value: str, what: str) -> str:
+    # MLflow's search filter has no escaping: refuse quotes rather than build a broken query.
+    if not _SAFE_VALUE.match(value):
+        raise TrackingError(f"{what} {value!r}: use letters, digits and _ . : / @ + - only (at most 200)")
+    return value
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (``<db dir>/mlartifacts``). MLflow's own default is ``./mlruns``
+    in whatever directory the process happens to run in, which scatters artifacts across a laptop."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_sqlite_artifact_root(uri))
+        except MlflowException:  # created meanwhile by a parallel step
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow at {uri}: experiment {name!r} is deleted; restore it in the MLflow UI "
+                            "or choose another tracking.experiment")
+    return exp.experiment_id
+
+
+def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    return list(client.search_runs([experiment_id], filter_string=filter_string, max_results=100,
+                                   order_by=["attributes.start_time DESC"]))
+
+
+class MlflowTracker(Tracker):
+    """A :class:`Tracker` writing to one MLflow run through ``MlflowClient``."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log a (nested) config as flat params. Params are immutable in MLflow: on a re-attached run a
+        key already logged keeps its first value (a changed one is reported, not fatal)."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = {}
+        for key, value in flatten_params(params).items():
+            if key not in existing:
+                new[key] = value
+            elif existing[key] != value:
+                log.warning("run %s: param %s already logged as %r; keeping it (new value %r)",
+                            self.run_id, key, existing[key], value)
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:_MAX_TAG_VALUE]) for k, v in tags.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+
+
+def _context_tags(config: Mapping[str, Any] | None) -> dict[str, str]:
+    tags = {}
+    if config:
+        tags[TAG_CONFIG_HASH] = config_hash(config)
+    rev = git_revision()
+    if rev:
+        tags[TAG_GIT_REVISION] = rev
+    return tags
+
+
+def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str,
+                     config: dict, tags: dict[str, str] | None = None) -> str:
+    """Start the parent run of one lifecycle run and return its id.
+
+    ``config`` (the whole run config as JSON-able data) is logged as flat params and ``config.json``.
+    Idempotent per KFP run: when ``tags`` holds a ``kfp_run_id`` that already has a parent run (a
+    retried or resumed KFP run), that run is set back to ``RUNNING`` and its id returned. With
+    ``cfg.enabled`` false nothing is logged and the id is ``""`` (a KFP output cannot be None);
+    :func:`stage_run` and :func:`end_parent_run` accept it.
+    """
+    if not cfg.enabled:
+        return ""
+    client, uri = _client(cfg, workdir)
+    all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, **(tags or {}), TAG_RUN_KIND: "parent"}
+    with mlflow_errors(uri, f"starting the parent run of pipeline {pipeline!r}"):
+        exp = _experiment_id(client, cfg.experiment, uri)
+        kfp_run_id = all_tags.get(TAG_KFP_RUN_ID)
+        if kfp_run_id:
+            _check_filter_value(kfp_run_id, "kfp_run_id")
+            found = _search(client, exp, f"tags.{TAG_KFP_RUN_ID} = '{kfp_run_id}' "
+                                         f"and tags.{TAG_RUN_KIND} = 'parent'")
+            if found:
+                run = found[0]
+                if run.info.status != "RUNNING":
+                    client.update_run(run.info.run_id, status="RUNNING")
+                log.info("re-attached to parent run %s of KFP run %s", run.info.run_id, kfp_run_id)
+                return run.info.run_id
+        run = client.create_run(exp, tags=all_tags, run_name=run_name)
+        tracker = MlflowTracker(client, run.info.run_id)
+        tracker.log_params(config)
+        tracker.log_dict(config, "config.json")
+    log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
+    return run.info.run_id
+
+
+def _reattachable(client: Any, experiment_id: str, parent_run_id: str, stage: str) -> Any | None:
+    """The newest unfinished child of ``parent_run_id`` for ``stage``: the run of an earlier attempt of
+    this very step (failed, killed, or SIGKILLed and still marked RUNNING)."""
+    runs = _search(client, experiment_id,
+                   f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{TAG_STAGE} = '{stage}'")
+    return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+
+@dataclass
+class _KillState:
+    killed: bool = False
+
+
+@contextlib.contextmanager
+def _killed_on_sigterm(client: Any, run_id: str) -> Iterator[_KillState]:
+    """While the block runs, SIGTERM first marks the run KILLED, then behaves as before: a Python
+    handler installed earlier (a training loop's checkpoint-on-SIGTERM) is called; otherwise the
+    process exits with status 143 by raising SystemExit, so ``finally`` blocks and atomic outputs
+    still clean up. Kubernetes sends SIGTERM 30 s before SIGKILL by default: marking first means the
+    status is right even if the clean-up runs out of time."""
+    state = _KillState()
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield state
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        yield state
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        state.killed = True
+        with contextlib.suppress(Exception):  # never let bookkeeping stop the shutdown
+            client.set_terminated(run_id, "KILLED")
+        log.warning("SIGTERM: run %s marked KILLED", run_id)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _end_status(err: BaseException) -> EndStatus:
+    if isinstance(err, KeyboardInterrupt):
+        return "KILLED"
+    if isinstance(err, SystemExit):
+        if err.code in (0, None):
+            return "FINISHED"
+        return "KILLED" if err.code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else "FAILED"
+    return "FAILED"
+
+
+@contextlib.contextmanager
+def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | None, stage: str,
+              config: dict | None = None) -> Iterator[Tracker]:
+    """Run one stage inside its own MLflow run, nested under ``parent_run_id`` when given.
+
+    Yields the stage's :class:`Tracker`. A retried step re-attaches to its own earlier run (the newest
+    child of the parent with the same ``stage`` tag that is not FINISHED) instead of creating a second
+    one, so stage names must be unique among a parent's concurrently running steps. The run ends
+    FINISHED, FAILED on an exception (re-raised), or KILLED on SIGTERM/Ctrl-C. With ``cfg.enabled``
+    false it yields a :class:`NullTracker` and logs nowhere.
+    """
+    if not cfg.enabled:
+        yield NullTracker()
+        return
+    _check_filter_value(stage, "stage")
+    client, uri = _client(cfg, workdir)
+    with mlflow_errors(uri, f"starting stage {stage!r}"):
+        if parent_run_id:
+            parent = client.get_run(_check_filter_value(parent_run_id, "parent run id"))
+            exp = parent.info.experiment_id
+            inherited = {k: v for k, v in parent.data.tags.items() if k in (TAG_PIPELINE, TAG_KFP_RUN_ID)}
+            run = _reattachable(client, exp, parent_run_id, stage)
+        else:
+            exp, inherited, run = _experiment_id(client, cfg.experiment, uri), {}, None
+        if run is not None:
+            run_id = run.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            attempt = int(run.data.tags.get(TAG_ATTEMPT, "1")) + 1
+            client.set_tag(run_id, TAG_ATTEMPT, str(attempt))
+            if TAG_ERROR in run.data.tags:  # the earlier attempt's error no longer describes this run
+                client.delete_tag(run_id, TAG_ERROR)
+            log.info("stage %s: attempt %d re-attached to run %s (was %s)", stage, attempt, run_id,
+                     run.info.status)
+        else:
+            tags = {**inherited, **_context_tags(config), TAG_STAGE: stage, TAG_RUN_KIND: "stage"}
+            if parent_run_id:
+                tags[PARENT_TAG] = parent_run_id
+            run_id = client.create_run(exp, tags=tags, run_name=stage).info.run_id
+        tracker = MlflowTracker(client, run_id)
+        if config:
+            tracker.log_params(config)
+            tracker.log_dict(config, "config.json")
+
+    with _killed_on_sigterm(client, run_id) as kill:
+        try:
+            yield tracker
+        except BaseException as err:
+            if not kill.killed:
+                status = _end_status(err)
+                if status != "FINISHED":
+                    with contextlib.suppress(Exception):
+                        tracker.set_tags({TAG_ERROR: f"{type(err).__name__}: {err}"})
+                client.set_terminated(run_id, status)
+            raise
+        if not kill.killed:
+            client.set_terminated(run_id, "FINISHED")
+
+
+def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
+                   status: Literal["FINISHED", "FAILED", "KILLED"], summary: dict | None = None) -> None:
+    """End a parent run with ``status``, logging ``summary`` (numbers and booleans as metrics, the whole
+    dict as ``summary.json``). Stage runs still marked RUNNING under it belong to processes that died
+    without a word (SIGKILL, out of memory): they are marked KILLED so nothing stays RUNNING forever.
+    A no-op when tracking is disabled or ``run_id`` is ``""``."""
+    if status not in _END_STATUSES:
+        raise TrackingError(f"end_parent_run: status {status!r} is not one of {list(_END_STATUSES)}")
+    if not cfg.enabled or not run_id:
+        return
+    client, uri = _client(cfg, workdir)
+    with mlflow_errors(uri, f"ending parent run {run_id}"):
+        parent = client.get_run(_check_filter_value(run_id, "run id"))
+        tracker = MlflowTracker(client, run_id)
+        if summary:
+            numbers = {k: float(v) for k, v in summary.items()
+                       if isinstance(v, int | float) and not isinstance(v, str)}
+            tracker.log_metrics(numbers)
+            tracker.log_dict(summary, "summary.json")
+        for child in _search(client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{run_id}'"):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, "KILLED")
+                log.warning("stage run %s (%s) was still RUNNING: marked KILLED", child.info.run_id,
+                            child.data.tags.get(TAG_STAGE, "?"))
+        client.set_terminated(run_id, status)

@@ -1,0 +1,225 @@
+"""The MLflow Model Registry: register a trained model, move aliases, fetch a version back as a folder.
+
+Aliases carry the lifecycle: every new version gets ``candidate``; ``champion`` moves only through an
+explicit :func:`promote`, which the pipeline calls after the gate passed and the deployment is healthy.
+
+A LoRA adapter is registered *merged into its base model*. MLflow 3.17 can log a PEFT model, but with a
+local (non-Hub) base it stores the base with the adapter layers injected (``q_proj.base_layer.weight``,
+``q_proj.lora_A.default.weight``), which ``from_pretrained`` cannot read back as a plain base; and with
+``base_model_path`` it stores a path that only exists in the pod that trained it. A merged model is
+self-contained, needs no peft at serving time and runs as fast as a full model; the adapter directory
+itself is kept beside it as the run artifact ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kubellm.config.tracking import TrackingConfig
+from kubellm.fsutil import atomic_dir
+from kubellm.log import get_logger
+from kubellm.tracking.base import TrackingError
+from kubellm.tracking.mlflow_tracker import _client, mlflow_errors
+
+log = get_logger("tracking.registry")
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+_COMPLETE = ".kubellm-complete"
+# What the logged model needs at load time. Explicit: MLflow's inference of requirements imports
+# torchvision, which this stack does not have, and crashes (STACK.md).
+_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version."""
+
+    name: str
+    version: int
+    aliases: list[str]
+    uri: str
+    """``models:/<name>/<version>``: loadable with :func:`resolve_model_uri` anywhere the registry is."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """The version's tags: ``base_model``, ``source``, ``adapter``, ``metric.<name>`` and the caller's
+    own (for example the data fingerprint the model was trained on)."""
+    run_id: str | None = None
+
+
+def _info(mv: Any) -> ModelVersionInfo:
+    return ModelVersionInfo(name=mv.name, version=int(mv.version), aliases=sorted(mv.aliases or []),
+                            uri=f"models:/{mv.name}/{mv.version}", tags=dict(mv.tags or {}),
+                            run_id=mv.run_id)
+
+
+def _require_enabled(cfg: TrackingConfig, what: str) -> None:
+    if not cfg.enabled:
+        raise TrackingError(f"tracking.enabled is false: {what} needs the MLflow Model Registry")
+
+
+def _pip_requirements() -> list[str]:
+    pins = []
+    for dist in _REQUIREMENTS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            # "2.13.0+cpu" → "2.13.0": the local build tag does not exist on PyPI.
+            pins.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+    return pins
+
+
+def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Path, *, run_id: str,
+                   base_model: str | Path | None = None, metrics: dict | None = None,
+                   tags: dict[str, str] | None = None) -> ModelVersionInfo:
+    """Log ``model_dir`` (a full model or a LoRA adapter, merged into ``base_model`` or the base its
+    config records) under run ``run_id``, register it as a new version of ``cfg.registered_model`` and
+    give it the ``candidate`` alias. ``metrics`` and ``tags`` become version tags (``metric.<name>``)."""
+    _require_enabled(cfg, "registering a model")
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from kubellm.train.model import is_adapter_dir, load_causal_lm
+
+    model_dir = Path(model_dir)
+    adapter = is_adapter_dir(model_dir)
+    client, uri = _client(cfg, workdir)
+    with mlflow_errors(uri, f"run {run_id}"):
+        run = client.get_run(run_id)
+    lm = load_causal_lm(model_dir, base_model=base_model, device="cpu", merge_adapter=True)
+    version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(), **(tags or {})}
+    if base_model is not None or adapter:
+        version_tags["base_model"] = str(base_model) if base_model is not None else lm.source.split(" + ")[0]
+    for key, value in (metrics or {}).items():
+        version_tags[f"metric.{key}"] = f"{float(value):.6g}"
+
+    with mlflow_errors(uri, f"registering {model_dir} as {cfg.registered_model!r}"):
+        if adapter:
+            client.log_artifacts(run_id, str(model_dir), "adapter")
+        # The fluent log_model files a model it creates itself under the process's *active* experiment
+        # (``Default`` in ``./mlruns`` for a fresh process), so create it in the run's experiment here.
+        # log_model, and the registry when it resolves the model's URI, also read the process-wide
+        # tracking URI: scope ours to these calls only.
+        logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
+                                            tags=version_tags)
+        with _use_tracking_uri(uri):
+            info = mlflow.transformers.log_model(
+                {"model": lm.model, "tokenizer": lm.tokenizer}, name=MODEL_ARTIFACT, task="text-generation",
+                pip_requirements=_pip_requirements(), run_id=run_id, model_id=logged.model_id)
+            with contextlib.suppress(Exception):  # exists already (the usual case)
+                client.create_registered_model(cfg.registered_model)
+            mv = client.create_model_version(cfg.registered_model, source=info.model_uri, run_id=run_id,
+                                             tags=version_tags, model_id=info.model_id)
+        client.set_registered_model_alias(cfg.registered_model, CANDIDATE, mv.version)
+        mv = client.get_model_version(cfg.registered_model, mv.version)
+    log.info("registered %s version %s (%s) from %s", mv.name, mv.version, CANDIDATE, model_dir)
+    return _info(mv)
+
+
+def promote(cfg: TrackingConfig, workdir: str | Path, version: int, alias: str = CHAMPION) -> ModelVersionInfo:
+    """Point ``alias`` (``champion`` by default) at ``version``; the alias leaves whichever version held
+    it. Call it only after the gate passed (and, for ``champion``, the deployment is healthy)."""
+    _require_enabled(cfg, "promoting a model")
+    client, uri = _client(cfg, workdir)
+    name = cfg.registered_model
+    with mlflow_errors(uri, f"promoting {name} version {version} to @{alias}"):
+        _get_version(client, name, str(version), uri)
+        client.set_registered_model_alias(name, alias, str(version))
+        mv = client.get_model_version(name, str(version))
+    log.info("%s version %s is now @%s", name, version, alias)
+    return _info(mv)
+
+
+def _get_version(client: Any, name: str, version: str, uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        raise TrackingError(f"MLflow at {uri}: registered model {name!r} has no version {version}") from None
+
+
+def _version_by_alias(client: Any, name: str, alias: str, uri: str) -> Any | None:
+    """The version of ``name`` holding ``alias``; None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise TrackingError(f"MLflow at {uri}: model {name!r}: {str(err.message).splitlines()[0]}") from None
+    version = (registered.aliases or {}).get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def champion_info(cfg: TrackingConfig, workdir: str | Path) -> ModelVersionInfo | None:
+    """The version holding the ``champion`` alias, with its tags; None if there is none yet (or
+    tracking is disabled)."""
+    if not cfg.enabled:
+        return None
+    client, uri = _client(cfg, workdir)
+    with mlflow_errors(uri, f"looking up {cfg.registered_model}@{CHAMPION}"):
+        mv = _version_by_alias(client, cfg.registered_model, CHAMPION, uri)
+    return None if mv is None else _info(mv)
+
+
+def _assemble(downloaded: Path, out: Path) -> None:
+    """MLflow's transformers layout (``model/`` weights, ``components/tokenizer/``) → one Hugging Face
+    model directory with the tokenizer beside the weights, as ``load_causal_lm`` expects."""
+    weights = downloaded / "model"
+    tokenizer = downloaded / "components" / "tokenizer"
+    if not (weights / "config.json").is_file():
+        raise TrackingError(f"{downloaded}: not a model logged by kubellm (no model/config.json)")
+    shutil.move(str(weights), str(out))
+    if tokenizer.is_dir():
+        for item in tokenizer.iterdir():
+            shutil.move(str(item), str(out / item.name))
+
+
+def resolve_model_uri(cfg: TrackingConfig, workdir: str | Path, uri: str) -> Path:
+    """A local, loadable model directory for ``models:/<name>@<alias>``, ``models:/<name>/<version>``
+    or an existing local directory (returned as is).
+
+    Versions are downloaded once into ``<workdir>/models/<name>/<version>/model`` (atomically: an
+    interrupted download leaves nothing that looks complete) and reused afterwards; an alias is
+    resolved to its version first, so a moved alias fetches the new version.
+    """
+    local = Path(uri)
+    if "://" not in uri and not uri.startswith("models:/") and local.is_dir():
+        return local
+    m = _MODEL_URI.match(uri)
+    if m is None:
+        raise TrackingError(f"model URI {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> "
+                            "or a local directory")
+    _require_enabled(cfg, f"resolving {uri}")
+    from mlflow.artifacts import download_artifacts
+
+    client, tracking_uri = _client(cfg, workdir)
+    name = m["name"]
+    with mlflow_errors(tracking_uri, f"resolving {uri}"):
+        if m["alias"]:
+            mv = _version_by_alias(client, name, m["alias"], tracking_uri)
+            if mv is None:
+                raise TrackingError(f"MLflow at {tracking_uri}: {uri}: no version of {name!r} has alias "
+                                    f"@{m['alias']}")
+        else:
+            mv = _get_version(client, name, m["version"], tracking_uri)
+        dest = Path(workdir).resolve() / "models" / name / str(mv.version)
+        if (dest / _COMPLETE).is_file():
+            return dest / "model"
+        with atomic_dir(dest) as tmp:
+            # The version's own artifact location (file://, s3://, mlflow-artifacts:/ behind a server):
+            # a models:/ URI here would be resolved against the process-wide registry URI instead.
+            source = client.get_model_version_download_uri(name, str(mv.version))
+            got = download_artifacts(artifact_uri=source, dst_path=str(tmp / "mlflow"), tracking_uri=tracking_uri)
+            _assemble(Path(got), tmp / "model")
+            shutil.rmtree(tmp / "mlflow")
+            (tmp / _COMPLETE).write_text(f"models:/{name}/{mv.version}\n", encoding="utf-8")
+    log.info("%s → version %s at %s", uri, mv.version, dest / "model")
+    return dest / "model"
