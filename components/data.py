@@ -6,22 +6,27 @@ from kubellm.components._base import component
 
 
 @component
-def check_data(config: dict, tracking: dict, workdir: str, source_uri: str) -> bool:
+def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, source_uri: str,
+               report: Output[Markdown]) -> bool:
     """Fingerprint the instruction data and compare it with what the current champion was trained on.
 
     Args:
         config: The ``instruct_data`` section.
         tracking: The tracking section (finds the champion in the Model Registry).
         workdir: Local working directory.
+        parent_run_id: MLflow parent run.
         source_uri: Replaces the first source's URI when not empty (the UI's dataset parameter).
+        report: The fingerprints compared, and the decision.
 
     Returns:
         True when the data changed (or there is no champion yet), False when there is nothing new.
     """
     from kubellm import stages
 
-    trk = stages.Tracking.from_param(tracking, workdir)
-    return stages.data_changed(config, trk, source_uri=source_uri or None).values["changed"]
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    out = stages.data_changed(config, trk, source_uri=source_uri or None)
+    stages.publish(out, report=report.path)
+    return out.values["changed"]
 
 
 @component

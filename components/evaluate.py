@@ -1,5 +1,7 @@
 """Evaluation component: held-out metrics, base vs candidate, and the promotion gate."""
 
+from typing import List
+
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from kubellm.components._base import component
@@ -8,7 +10,7 @@ from kubellm.components._base import component
 @component
 def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              model: Input[Model], base_model: Input[Model], results: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown]) -> bool:
+             metrics: Output[Metrics], report: Output[Markdown], trial: dict = {}) -> bool:
     """Evaluate a candidate against its base model and apply the promotion gate.
 
     Held-out perplexity (token-weighted, same masking as training) for both models, and for
@@ -25,6 +27,7 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         results: metrics.json, report.md and loss_curve.png.
         metrics: The evaluation metrics and ``gate_passed``.
         report: Metrics tables, gate rules and sample generations.
+        trial: The sweep trial being evaluated (names this stage's MLflow run).
 
     Returns:
         Whether the promotion gate passed.
@@ -32,6 +35,60 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
     from kubellm import stages
 
     trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.evaluate(config, model.path, data.path, results.path, trk, base_model=base_model.path)
+    out = stages.evaluate(config, model.path, data.path, results.path, trk, base_model=base_model.path,
+                          stage=stages.trial_stage("evaluate", trial or None))
     stages.publish(out, report=report.path, metrics=metrics, artifact=results)
+    return out.values["passed"]
+
+
+@component
+def compare_with_champion(config: dict, tracking: dict, workdir: str, parent_run_id: str,
+                          data: Input[Dataset], base_model: Input[Model], candidate_results: Input[Artifact],
+                          results: Output[Artifact], report: Output[Markdown]) -> bool:
+    """Evaluate the current champion on the candidate's held-out data and say whether the candidate wins.
+
+    Args:
+        config: The ``evaluate`` section.
+        tracking: The tracking section (finds ``models:/<name>@champion``).
+        workdir: Local working directory.
+        parent_run_id: MLflow parent run.
+        data: The prepared dataset the candidate was evaluated on.
+        base_model: The base model the champion's adapter applies to.
+        candidate_results: The candidate's evaluation results.
+        results: The champion's evaluation results.
+        report: Candidate and champion side by side.
+
+    Returns:
+        True when the candidate is better than the champion (or there is no champion yet).
+    """
+    from kubellm import stages
+
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    out = stages.compare_to_champion(config, candidate_results.path, data.path, base_model.path, results.path, trk)
+    stages.publish(out, report=report.path)
+    return out.values["passed"]
+
+
+@component
+def select_best(evaluations: Input[List[Artifact]], adapters: Input[List[Model]], metric: str, mode: str,
+                best_adapter: Output[Model], best_evaluation: Output[Artifact], report: Output[Markdown]) -> bool:
+    """Pick the sweep's best fine-tune among those that passed the gate.
+
+    Args:
+        evaluations: Every trial's evaluation results, in trial order.
+        adapters: Every trial's adapter, in the same order.
+        metric: The metric that ranks trials (``perplexity``, ``rouge_l`` …).
+        mode: ``min`` or ``max``.
+        best_adapter: A copy of the winning adapter.
+        best_evaluation: A copy of the winner's evaluation results.
+        report: Every trial's gate result and metric.
+
+    Returns:
+        True when some trial passed the gate (then the best one is registered).
+    """
+    from kubellm import stages
+
+    out = stages.select_best([e.path for e in evaluations], [a.path for a in adapters], metric, mode,
+                             best_adapter.path, best_evaluation.path)
+    stages.publish(out, report=report.path)
     return out.values["passed"]

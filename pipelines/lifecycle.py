@@ -1,6 +1,7 @@
 """``llm-lifecycle``: prep → pretrain → prep instructions → LoRA → evaluate → gate → register → deploy → playground."""
+# No `from __future__ import annotations` in pipeline modules: KFP reads the pipeline function's
+# annotations as types, and postponed (string) annotations break that.
 
-from __future__ import annotations
 
 from typing import Any
 
@@ -20,10 +21,10 @@ def release(ctx: Context, *, run_config: dict, parent: str, model: Any, base: An
     reg = ctx.configure(registry.register(model=model, base_model=base, evaluation=evaluation,
                                           data_fingerprint=fingerprint, **common),
                         "register", "Register model (alias: candidate)")
-    dep = ctx.configure(deploy.deploy(run_config=run_config, model_uri=reg.output, target=ctx.target, **common),
+    dep = ctx.configure(deploy.deploy(run_config=run_config, model_uri=reg.outputs["Output"], target=ctx.target, **common),
                         "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
     if ctx.cfg.deploy.playground:
-        ctx.configure(deploy.deploy_playground(run_config=run_config, endpoint=dep.output, target=ctx.target,
+        ctx.configure(deploy.deploy_playground(run_config=run_config, endpoint=dep.outputs["Output"], target=ctx.target,
                                                **common), "playground", "Prompt playground")
 
 
@@ -81,8 +82,8 @@ def build(ctx: Context) -> Any:
                                                  model=ft.outputs["adapter"], base_model=pre.outputs["model"],
                                                  **common),
                                "evaluate", "Evaluate + gate")
-            with dsl.If(ev.output == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+            with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
                 release(ctx, run_config=run_config, parent=start.output, model=ft.outputs["adapter"],
-                        base=pre.outputs["model"], evaluation=ev.outputs["results"], fingerprint=iprep.output)
+                        base=pre.outputs["model"], evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_lifecycle

@@ -163,11 +163,21 @@ def pretrain(config: dict[str, Any], data_dir: str, out_dir: str, trk: Tracking)
     return _train_output(res, link, "Pretraining")
 
 
-def finetune(config: dict[str, Any], base_model: str, data_dir: str, out_dir: str, trk: Tracking) -> StageOutput:
+def trial_stage(stage: str, trial: dict[str, Any] | None) -> str:
+    """``finetune`` → ``finetune.trial-2`` inside a sweep (stage names are unique within a run)."""
+    return f"{stage}.{trial['name']}" if trial else stage
+
+
+def finetune(config: dict[str, Any], base_model: str, data_dir: str, out_dir: str, trk: Tracking, *,
+             trial: dict[str, Any] | None = None) -> StageOutput:
+    """LoRA fine-tuning; a sweep ``trial`` (``{"name", "overrides"}``) adjusts the config first."""
+    from kubellm.config.run import trial_finetune
     from kubellm.train.finetune import finetune as run
 
     cfg = from_param(FinetuneConfig, config, "finetune config")
-    with trk.stage("finetune", cfg) as tracker:
+    if trial:
+        cfg = trial_finetune(cfg, trial.get("overrides", {}), f"sweep trial {trial['name']}")
+    with trk.stage(trial_stage("finetune", trial), cfg) as tracker:
         res = run(cfg, base_model, data_dir, out_dir, tracker)
         link = trk.run_link(getattr(tracker, "run_id", None))
     return _train_output(res, link, "LoRA fine-tuning")
@@ -213,10 +223,13 @@ def data_changed(config: dict[str, Any], trk: Tracking, *, source_uri: str | Non
     if source_uri:
         cfg.sources[0].uri = source_uri
     t0 = time.perf_counter()
-    fp = fingerprint(cfg)
-    champ = champion_info(trk.config, trk.workdir) if trk.config.enabled else None
-    seen = (champ.tags or {}).get("data_fingerprint") if champ is not None else None
-    changed = fp != seen
+    with trk.stage("check_data", cfg) as tracker:
+        fp = fingerprint(cfg)
+        champ = champion_info(trk.config, trk.workdir) if trk.config.enabled else None
+        seen = (champ.tags or {}).get("data_fingerprint") if champ is not None else None
+        changed = fp != seen
+        tracker.log_metrics({"data_changed": float(changed)})
+        tracker.set_tags({"data_fingerprint": fp})
     if champ is None:
         why = "no champion yet: training the first one"
     elif changed:
@@ -409,3 +422,68 @@ def deploy_playground(run_config: dict[str, Any], endpoint: str, out_dir: str, t
             where = "written (run `make playground` to open it locally)"
     report = f"# Prompt playground\n\nEndpoint: {endpoint}\n\nManifests {where}: `{path}`\n"
     return StageOutput({}, report, {"manifests": str(path)})
+
+
+def sweep_trials(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The sweep's trials as ParallelFor items: ``{"name": "trial-1", "overrides": {...}}``."""
+    return [{"name": f"trial-{i + 1}", "overrides": dict(t)} for i, t in enumerate(cfg.sweep.trials)]
+
+
+def select_best(results_dirs: list[str], adapter_dirs: list[str], metric: str, mode: str,
+                best_adapter_out: str, best_results_out: str) -> StageOutput:
+    """Copy the best trial (among those whose gate passed) to the outputs; ``values["passed"]`` is
+    False when no trial passed."""
+    import shutil
+
+    best, report = _rank_trials(results_dirs, metric, mode)
+    if best is not None:
+        shutil.copytree(adapter_dirs[best], best_adapter_out)
+        shutil.copytree(results_dirs[best], best_results_out)
+    return StageOutput({"best_trial": float(best + 1) if best is not None else 0.0}, report,
+                       {"passed": best is not None})
+
+
+def _rank_trials(results_dirs: list[str], metric: str, mode: str) -> tuple[int | None, str]:
+    """Index of the best trial among those whose gate passed (``None`` if none passed), and why."""
+    rows = []
+    for i, d in enumerate(results_dirs):
+        doc = json.loads((Path(d) / "metrics.json").read_text(encoding="utf-8"))
+        value = doc.get("metrics", {}).get(metric)
+        rows.append((i, bool(doc.get("passed")), value))
+    eligible = [(i, v) for i, ok, v in rows if ok and isinstance(v, int | float)]
+    table = "\n".join(f"| {i + 1} | {'yes' if ok else 'no'} | {v} |" for i, ok, v in rows)
+    report = f"# Sweep\n\n| trial | gate passed | {metric} |\n|---|---|---|\n{table}\n\n"
+    if not eligible:
+        return None, report + "No trial passed the gate: nothing is registered.\n"
+    best = (min if mode == "min" else max)(eligible, key=lambda iv: iv[1])
+    return best[0], report + f"Best: trial {best[0] + 1} ({metric} = {best[1]}).\n"
+
+
+def compare_to_champion(config: dict[str, Any], candidate_results: str, data_dir: str, base_model: str,
+                        out_dir: str, trk: Tracking) -> StageOutput:
+    """Evaluate the current champion on the same held-out data; ``passed`` when the candidate is
+    better (lower perplexity; with generation metrics, ROUGE-L not worse) or there is no champion."""
+    from kubellm.tracking.registry import champion_info
+    from kubellm.train.evaluate import evaluate as run
+
+    cand = json.loads((Path(candidate_results) / "metrics.json").read_text(encoding="utf-8"))["metrics"]
+    champ = champion_info(trk.config, trk.workdir) if trk.config.enabled else None
+    if champ is None:
+        return StageOutput({"better": 1.0}, "# Champion comparison\n\nNo champion yet: the candidate wins.\n",
+                           {"passed": True})
+    cfg = from_param(EvalConfig, config, "evaluate config")
+    cfg.gate = cfg.gate.model_validate({"max_perplexity_ratio": None})  # plain measurement, no gate
+    champ_dir = resolve_model(trk, f"models:/{trk.config.registered_model}@champion")
+    with trk.stage("evaluate_champion", cfg) as tracker:
+        res = run(cfg, champ_dir, data_dir, out_dir, base_model=base_model, tracker=tracker)
+        better_ppl = cand["perplexity"] < res.metrics["perplexity"]
+        rouge_ok = "rouge_l" not in cand or cand["rouge_l"] >= res.metrics.get("rouge_l", 0.0)
+        passed = better_ppl and rouge_ok
+        tracker.log_metrics({"candidate_better": float(passed)})
+    report = (f"# Candidate vs champion v{champ.version}\n\n{trk.run_link(tracker.run_id)}\n"
+              f"| metric | candidate | champion |\n|---|---|---|\n"
+              + "".join(f"| {k} | {cand.get(k)} | {res.metrics.get(k)} |\n" for k in ("perplexity", "rouge_l", "token_f1")
+                        if k in cand or k in res.metrics)
+              + f"\n{'Candidate is better: promote.' if passed else 'Champion stays: candidate is not better.'}\n")
+    return StageOutput({"candidate_better": float(passed), "champion_perplexity": res.metrics["perplexity"]},
+                       report, {"passed": passed})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -18,6 +18,19 @@ from kubellm.config.serve import DeployConfig, PlaygroundConfig, ServeConfig
 from kubellm.config.tracking import TrackingConfig
 from kubellm.config.train import FinetuneConfig, PretrainConfig
 from kubellm.errors import ConfigError
+
+
+class SweepConfig(StrictModel):
+    """``llm-lora-sweep``: several fine-tunes at once, the best by ``metric`` is registered."""
+
+    trials: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"lora.r": 4}, {"lora.r": 8}, {"lora.r": 16}], min_length=1, max_length=64)
+    """One entry per fine-tune: dotted overrides of the ``finetune`` section (``{"lora.r": 16,
+    "optim.lr": 0.0005}``). Every trial is validated when the config loads."""
+    metric: str = "perplexity"
+    """Evaluation metric that picks the best trial among those that passed the gate."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower (``min``: perplexity) or higher (``max``: ROUGE-L) metric is better."""
 
 
 class RunConfig(StrictModel):
@@ -40,6 +53,7 @@ class RunConfig(StrictModel):
     deploy: DeployConfig = DeployConfig()
     playground: PlaygroundConfig = PlaygroundConfig()
     platform: PlatformConfig = PlatformConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _kinds(self) -> RunConfig:
@@ -47,12 +61,27 @@ class RunConfig(StrictModel):
             raise ValueError("data.kind must be 'pretrain' (instruction data goes in instruct_data)")
         if self.instruct_data is not None and self.instruct_data.kind != "instruct":
             raise ValueError("instruct_data.kind must be 'instruct'")
+        if self.finetune is not None:
+            for i, trial in enumerate(self.sweep.trials):
+                trial_finetune(self.finetune, trial, f"sweep.trials.{i}")
         return self
 
     def config_hash(self) -> str:
         """A short, stable hash of the validated config (tags runs, names pipeline versions)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def trial_finetune(base: FinetuneConfig, overrides: dict[str, Any], origin: str) -> FinetuneConfig:
+    """``base`` with a sweep trial's dotted overrides applied, validated (ValueError names ``origin``)."""
+    doc = base.model_dump(mode="json")
+    try:
+        apply_overrides(doc, [f"{k}={json.dumps(v)}" for k, v in overrides.items()], origin)
+        return FinetuneConfig.model_validate(doc)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, origin).replace(": invalid config", "")) from None
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 def _parse_value(raw: str) -> Any:
