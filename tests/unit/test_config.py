@@ -11,7 +11,8 @@ from kubellm.config import RunConfig, load_config
 from kubellm.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
-RUN_CONFIGS = [p for p in CONFIGS if "kind" not in (yaml.safe_load(p.read_text()) or {})]
+# The first document decides: multi-document Kubernetes manifests (configs/cluster-*.yaml) have `kind`.
+RUN_CONFIGS = [p for p in CONFIGS if "kind" not in (next(yaml.safe_load_all(p.read_text()), None) or {})]
 
 
 def test_there_are_configs() -> None:
