@@ -95,16 +95,18 @@ def tokenizer_source(path: str | Path) -> Path:
 def load_tokenizer(path: str | Path) -> Any:
     """Load an existing fast tokenizer from a local directory (never the Hub), completing it for prep:
     an eos token is required, pad falls back to eos, and a missing chat template gets the plain one."""
-    from transformers import AutoTokenizer
+    # The generic fast class, not AutoTokenizer: AutoTokenizer imports torch (+3 s per process) and we
+    # only need tokenizer.json, the special tokens and the chat template.
+    from transformers import PreTrainedTokenizerFast
 
     p = tokenizer_source(path)
+    if not (p / "tokenizer.json").is_file():
+        raise DataError(f"tokenizer.path {str(p)!r}: no tokenizer.json (kubellm needs a fast tokenizer)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any load failure is a bad directory for the user
         raise DataError(f"tokenizer.path {str(p)!r}: cannot load ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if getattr(tok, "backend_tokenizer", None) is None:
-        raise DataError(f"tokenizer.path {str(p)!r}: not a fast (Rust) tokenizer; kubellm needs tokenizer.json")
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer.path {str(p)!r}: the tokenizer has no eos token (needed between documents)")
     if tok.pad_token_id is None:
