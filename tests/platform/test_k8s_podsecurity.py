@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubellm.cli.app import main
-from kubellm.config import RunConfig
+from kubellm.config import RunConfig, load_config
 from kubellm.errors import KubellmError
 from kubellm.k8s import security
 from kubellm.k8s.manifests import generated_manifests, shipped_manifests
@@ -164,7 +164,9 @@ def test_objects_without_pods_have_no_findings() -> None:
 
 
 def test_shipped_and_generated_manifests_are_clean(repo_root: Path, cluster_cfg: RunConfig) -> None:
-    named = shipped_manifests(repo_root / "configs") + generated_manifests(cluster_cfg)
+    gpu = load_config(repo_root / "configs" / "cluster-gpu.yaml")
+    named = (shipped_manifests(repo_root / "configs") + generated_manifests(cluster_cfg)
+             + generated_manifests(gpu))
     kinds = {obj["kind"] for _, obj in named}
     assert {"PyTorchJob", "TrainJob", "Deployment", "Namespace", "Role"} <= kinds, kinds
     findings = [f"{src}: {f}" for src, obj in named for f in check(obj)]

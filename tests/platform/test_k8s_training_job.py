@@ -177,3 +177,20 @@ def test_missing_stage_and_unknown_kind(cluster_cfg: RunConfig) -> None:
 def test_elastic_config_is_checked_up_front(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(LOCAL, [*cluster_overrides, *overrides])
+
+
+def test_gpu_config_jobs_validate_and_mount_the_shared_pvc_once(crd_schemas_dir: Path, repo_root: Path) -> None:
+    cfg = load_config(repo_root / "configs" / "cluster-gpu.yaml")
+    for stage in ("pretrain", "finetune"):
+        engine = getattr(cfg, stage).distributed.engine
+        job = build_job(engine, stage, cfg, "prepared/x", "runs/x")
+        assert validate_against_crd(job, crd_schemas_dir / CRDS[engine]) == []
+        pod = _pod_template(job)["spec"]
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]]
+        assert mounts.count(SHARED_MOUNT) == 1, mounts  # the stage's own PVC entry is folded into it
+
+
+def test_another_volume_at_the_shared_mount_is_refused(cluster_overrides: list[str]) -> None:
+    cfg = load_config(LOCAL, [*cluster_overrides, "platform.default.pvcs=[{claim: other, mount_path: /mnt/kubellm}]"])
+    with pytest.raises(ConfigError, match="PVC 'other' is mounted at /mnt/kubellm"):
+        _job(cfg)

@@ -33,7 +33,7 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from kubellm.config.platform import DistributedConfig
+from kubellm.config.platform import DistributedConfig, Placement
 from kubellm.config.run import RunConfig
 from kubellm.errors import ClusterError, ConfigError
 from kubellm.k8s import pods
@@ -99,7 +99,7 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
     argv = ["--data", data, "--out", out, *(["--base", base] if base else []),
             *_set_args(run_cfg, stage)]
     command = torchrun_command(stage, dist)
-    placement = run_cfg.platform.placement(stage)
+    placement = _job_placement(run_cfg.platform.placement(stage), dist, stage)
     info = _KINDS[kind]
     builder = _pytorchjob_spec if kind == "pytorchjob" else _trainjob_spec
     spec = builder(run_cfg, stage, dist, placement, command, argv)
@@ -195,12 +195,25 @@ def _labels(run_cfg: RunConfig, stage: str) -> dict[str, str]:
             "app.kubernetes.io/managed-by": "kubellm", "kubellm.io/run": run_cfg.name}
 
 
+def _job_placement(placement: Placement, dist: DistributedConfig, stage: str) -> Placement:
+    """The stage's placement without its own mount of the shared PVC (the step's pod mounts it at
+    :data:`SHARED_MOUNT` too; the job adds it once); another volume at that path is an error."""
+    keep = []
+    for pvc in placement.pvcs:
+        if pvc.mount_path.rstrip("/") != SHARED_MOUNT:
+            keep.append(pvc)
+        elif pvc.claim != dist.shared_pvc:
+            raise ConfigError(f"platform placement of {stage}: PVC {pvc.claim!r} is mounted at {SHARED_MOUNT}, "
+                              f"where the job mounts {stage}.distributed.shared_pvc {dist.shared_pvc!r}")
+    return placement if len(keep) == len(placement.pvcs) else placement.model_copy(update={"pvcs": keep})
+
+
 def _shared_volume(dist: DistributedConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     volume = {"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": dist.shared_pvc}}
     return volume, {"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}
 
 
-def _pytorchjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Any,
+def _pytorchjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
                      command: list[str], argv: list[str]) -> dict[str, Any]:
     volume, mount = _shared_volume(dist)
     container = pods.container(PYTORCH_CONTAINER, run_cfg.platform.image, placement, command=command,
@@ -245,7 +258,7 @@ _PATCH_POD_FIELDS = ("serviceAccountName", "securityContext", "containers", "vol
 _PATCH_CONTAINER_FIELDS = ("name", "securityContext", "volumeMounts")
 
 
-def _trainjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Any,
+def _trainjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
                    command: list[str], argv: list[str]) -> dict[str, Any]:
     volume, mount = _shared_volume(dist)
     full = pods.container(TRAINJOB_NODE, run_cfg.platform.image, placement, env={"PYTHONUNBUFFERED": "1"},
