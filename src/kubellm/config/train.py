@@ -132,4 +132,8 @@ class FinetuneConfig(StrictModel):
     def _remote_code(self) -> FinetuneConfig:
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code needs a pinned revision (set finetune.revision)")
+        if self.merge and self.quantization == "4bit":
+            # Folding an adapter into 4-bit weights rounds it away; merge into the full-precision base
+            # instead (load_causal_lm(adapter, merge_adapter=True) does that).
+            raise ValueError("merge is not supported with quantization 4bit (merge into the unquantized base)")
         return self

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -124,7 +125,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         weights = load_file(str(path / WEIGHTS))
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
         raise TrainingError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]}); delete it to "
                             "resume from the one before") from None
     return Checkpoint(path, state, weights, trainer, rng)
@@ -139,17 +140,14 @@ def remove_checkpoints(out_dir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def check_run_spec(out_dir: str | Path, spec: dict[str, Any], *, write: bool = True) -> None:
-    """Record ``spec`` for a new output directory, or refuse one that trains something else.
+def check_run_spec(out_dir: str | Path, spec: dict[str, Any]) -> None:
+    """Refuse an output directory whose recorded run spec differs from ``spec``.
 
     Resuming with a different model, data, optimizer or schedule would silently mix two runs; logging
     and checkpointing intervals, precision and the number of processes may change between attempts.
-    Only rank 0 records (``write``); every rank checks.
     """
     path = checkpoint_root(out_dir) / RUN_SPEC
     if not path.is_file():
-        if write:
-            write_json_atomic(path, spec)
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     old_flat, new_flat = _flatten(old), _flatten(json.loads(json.dumps(spec, default=str)))
@@ -157,6 +155,13 @@ def check_run_spec(out_dir: str | Path, spec: dict[str, Any], *, write: bool = T
     if changed:
         raise TrainingError(f"{out_dir}: holds a run with different settings ({', '.join(changed[:5])} "
                             "changed); resume it unchanged or use a new output directory")
+
+
+def record_run_spec(out_dir: str | Path, spec: dict[str, Any]) -> None:
+    """Record what ``out_dir`` trains (once; later attempts are checked against it)."""
+    path = checkpoint_root(out_dir) / RUN_SPEC
+    if not path.is_file():
+        write_json_atomic(path, spec)
 
 
 def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:

@@ -143,11 +143,13 @@ def train(out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContex
     _check_out_dir(out)
     ctx = init_distributed()
     try:
-        ckpt.check_run_spec(out, spec, write=ctx.is_main)
+        ckpt.check_run_spec(out, spec)
         if (out / RESULT_FILE).is_file():
             log.info("%s already holds a finished run; nothing to do", out)
             return TrainResult.read(out)
         job = build(ctx)
+        if ctx.is_main:  # only once the inputs loaded: a typo in a base model must not claim the dir
+            ckpt.record_run_spec(out, spec)
         return _Trainer(job, out, ctx, tracker if ctx.is_main and tracker else NullTracker(), t0).fit()
     finally:
         shutdown(ctx)
@@ -253,7 +255,9 @@ class _Trainer:
         self.job, self.out, self.ctx, self.tracker, self.t0 = job, out, ctx, tracker, t0
         self.loop, self.optim = job.loop, job.optim
         self.precision = resolve_precision(self.loop.precision, ctx.device)
-        self.model = job.model.to(ctx.device)
+        self.model = job.model
+        if not getattr(self.model, "is_loaded_in_4bit", False):  # bitsandbytes weights cannot move
+            self.model.to(ctx.device)
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
         if self.loop.gradient_checkpointing:

@@ -99,7 +99,8 @@ class LoadedModel:
     is_adapter: bool = False
 
 
-def _check_local_weights(path: Path) -> None:
+def check_local_weights(path: Path) -> None:
+    """Refuse a model directory without safetensors weights (one line naming the directory)."""
     names = {p.name for p in path.iterdir()}
     if any(n.endswith(".safetensors") for n in names):
         return
@@ -137,13 +138,14 @@ def load_tokenizer(ref: str | Path, *, revision: str | None = None, trust_remote
 def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, device: str = "auto",
                    dtype: torch.dtype | None = None, revision: str | None = None,
                    trust_remote_code: bool = False, merge_adapter: bool = False,
-                   for_training: bool = False) -> LoadedModel:
+                   for_training: bool = False, quantization_config: Any = None) -> LoadedModel:
     """Load a causal LM from a local directory (full model or LoRA adapter) or a Hub id.
 
     ``base_model`` overrides the base recorded in an adapter directory (artifact paths differ between
     the pod that trained the adapter and the one that loads it). ``merge_adapter`` folds the adapter
     into the base weights (faster inference, no peft at serving time). The model is returned in eval
-    mode unless ``for_training``.
+    mode unless ``for_training``. A ``quantization_config`` (bitsandbytes, CUDA only) loads the weights
+    quantized straight onto the device (a quantized model cannot be moved afterwards).
     """
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +154,9 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
     dev = resolve_device(device)
     path = Path(ref)
     hub = _hub_kwargs(revision, trust_remote_code)
-    common = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+    common: dict[str, Any] = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+    if quantization_config is not None:
+        common.update(quantization_config=quantization_config, device_map={"": dev})
 
     if path.is_dir() and is_adapter_dir(path):
         from peft import PeftModel
@@ -162,7 +166,7 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
             raise TrainingError(f"{path}: adapter without a recorded base model; pass the base model explicitly")
         base = load_causal_lm(base_ref, device="cpu", dtype=dtype, revision=revision,
                               trust_remote_code=trust_remote_code, for_training=for_training)
-        _check_local_weights(path)
+        check_local_weights(path)
         model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
         if merge_adapter:
             model = model.merge_and_unload()
@@ -174,7 +178,7 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
         return LoadedModel(model, tokenizer, dev, f"{base_ref} + adapter {path}", is_adapter=not merge_adapter)
 
     if path.is_dir():
-        _check_local_weights(path)
+        check_local_weights(path)
         model = _from_pretrained(AutoModelForCausalLM, str(path), "model", **common)
         tokenizer = load_tokenizer(path)
     elif path.exists():
@@ -182,7 +186,8 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
     else:
         model = _from_pretrained(AutoModelForCausalLM, str(ref), "model", **common, **hub)
         tokenizer = load_tokenizer(str(ref), revision=revision, trust_remote_code=trust_remote_code)
-    model.to(dev)
+    if quantization_config is None:
+        model.to(dev)
     if not for_training:
         model.eval()
     return LoadedModel(model, tokenizer, dev, str(ref))
