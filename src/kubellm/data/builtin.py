@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import sysconfig
 import textwrap
 from collections.abc import Iterator
@@ -38,13 +39,13 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     """Every library ``.py`` file under ``root``, sorted by relative POSIX path (deterministic)."""
     root = root or stdlib_root()
     found: list[str] = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if any(part in SKIP_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
-            continue
-        if path.stat().st_size > MAX_FILE_BYTES:
-            continue
-        found.append(rel.as_posix())
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune while walking: site-packages alone can hold 10× the stdlib's files.
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-")]
+        base = Path(dirpath)
+        for name in filenames:
+            if name.endswith(".py") and (base / name).stat().st_size <= MAX_FILE_BYTES:
+                found.append((base / name).relative_to(root).as_posix())
     return [root / rel for rel in sorted(found)]
 
 
