@@ -13,12 +13,8 @@ from kubellm.pipelines.lifecycle import release
 NAME = "llm-finetune"
 
 
-def base_model_default(ctx: Context) -> str:
-    from kubellm.errors import ConfigError
-
-    if not ctx.cfg.finetune.base_model:
-        raise ConfigError("finetune.base_model: this pipeline starts from an existing model; set it to a "
-                          "model directory, a models:/name@alias URI or a Hugging Face Hub id")
+def base_model_default(ctx: Context) -> str | None:
+    """The UI default of ``base_model``: ``finetune.base_model``, or none (a required run parameter)."""
     return ctx.cfg.finetune.base_model
 
 

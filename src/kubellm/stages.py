@@ -413,6 +413,7 @@ def deploy_playground(run_config: dict[str, Any], endpoint: str, out_dir: str, t
     path.write_text(yaml.safe_dump_all(objs, sort_keys=False), encoding="utf-8")
     with trk.stage("playground") as tracker:
         tracker.log_artifact(path, "playground")
+        tracker.set_tags({"playground.manifests": str(path)})
         if target == "cluster":
             from kubellm.k8s.playground import apply_playground
 

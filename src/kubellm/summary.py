@@ -1,0 +1,131 @@
+"""The summary of one pipeline run, read back from MLflow (the record every stage wrote).
+
+MLflow is the source of truth rather than the orchestrator's own bookkeeping, so the summary is the
+same whether the run happened on KFP's local runner or anywhere else that logged to the same store,
+and a stage that failed shows up with its error while stages that never ran say so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kubellm.config import TrackingConfig
+from kubellm.errors import KubellmError
+from kubellm.fsutil import write_json_atomic
+
+#: Shown for a stage with no MLflow run: it never started (an earlier stage failed, or a gate closed).
+NOT_RUN = "not run"
+
+
+def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str, stages: list[str],
+            wall_seconds: float | None = None) -> dict[str, Any]:
+    """Everything a person (or CI) wants to know after a run, as JSON-able data."""
+    from mlflow import MlflowClient
+
+    from kubellm.tracking.mlflow_tracker import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg, workdir)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    parents = [] if exp is None else client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise KubellmError(f"no MLflow parent run named {run_name!r} for pipeline {pipeline} in {uri} "
+                           "(the run failed before its first task; see the log above)")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  max_results=1000)
+    by_stage: dict[str, Any] = {}
+    for child in sorted(children, key=lambda r: r.info.start_time or 0):
+        by_stage[child.data.tags.get("stage", child.info.run_name)] = child
+
+    ordered = list(stages) + sorted(s for s in by_stage if s not in stages)
+    rows, failed = [], None
+    for stage in ordered:
+        run = by_stage.get(stage)
+        if run is None:
+            if stage in stages:
+                rows.append({"stage": stage, "status": NOT_RUN, "seconds": None})
+            continue
+        end = run.info.end_time or run.info.start_time
+        row = {"stage": stage, "status": run.info.status, "seconds": round((end - run.info.start_time) / 1000, 2),
+               "run_id": run.info.run_id}
+        if "error" in run.data.tags:
+            row["error"] = run.data.tags["error"]
+            failed = failed or stage
+        rows.append(row)
+
+    evaluation = by_stage.get("evaluate")
+    metrics = dict(evaluation.data.metrics) if evaluation is not None else {}
+    summary: dict[str, Any] = {
+        "pipeline": pipeline,
+        "run_name": run_name,
+        "status": parent.info.status,
+        "failed_stage": failed,
+        "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
+        "stages": rows,
+        "evaluation": {"metrics": metrics,
+                       "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"])},
+        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": parent.info.run_id},
+        "model": _registered(client, cfg.registered_model, by_stage.get("register")),
+        "deployment": _deployment(by_stage.get("deploy"), by_stage.get("playground")),
+    }
+    return summary
+
+
+def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | None:
+    if register_run is None:
+        return None
+    versions = client.search_model_versions(f"run_id = '{register_run.info.run_id}'")
+    if not versions:
+        return None
+    mv = client.get_model_version(name, max(versions, key=lambda v: int(v.version)).version)
+    return {"name": mv.name, "version": int(mv.version), "aliases": sorted(mv.aliases or [])}
+
+
+def _deployment(deploy_run: Any, playground_run: Any) -> dict[str, Any] | None:
+    if deploy_run is None:
+        return None
+    tags = deploy_run.data.tags
+    out = {"status": tags.get("deploy.status"), "endpoint": tags.get("deploy.endpoint"),
+           "manifests": tags.get("deploy.manifests")}
+    if playground_run is not None:
+        out["playground_manifests"] = playground_run.data.tags.get("playground.manifests")
+    return out
+
+
+def write(summary: dict[str, Any], out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "summary.json"
+    write_json_atomic(path, summary)
+    return path
+
+
+def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-stage table ``kubellm run`` prints."""
+    return [{"stage": r["stage"], "status": r["status"],
+             "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+             "note": (r.get("error") or "")[:100]} for r in summary["stages"]]
+
+
+def headline(summary: dict[str, Any]) -> str:
+    ev, model = summary["evaluation"], summary.get("model")
+    parts = [f"{summary['pipeline']} {summary['run_name']}: {summary['status']}"]
+    if summary.get("failed_stage"):
+        parts.append(f"failed at {summary['failed_stage']}")
+    if ev["gate_passed"] is not None:
+        ppl = ev["metrics"].get("perplexity")
+        base = ev["metrics"].get("base_perplexity")
+        parts.append(f"gate {'passed' if ev['gate_passed'] else 'failed'}"
+                     + (f" (perplexity {ppl:.3g} vs base {base:.3g})" if ppl and base else ""))
+    if model:
+        parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]")
+    return "; ".join(parts)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
