@@ -1,0 +1,294 @@
+"""``kubellm evaluate``: held-out perplexity, generation metrics, base vs candidate, the promotion gate.
+
+* Perplexity is token-weighted over the prepared validation split with exactly the training loss's
+  masking (labels shifted by one, ``-100`` excluded; :func:`kubellm.train.loop.token_nll_sum`):
+  ``exp(sum of token NLLs / number of scored tokens)``, computed in fp32.
+* For instruction data, greedy answers to the held-out prompts (``heldout.jsonl``, rendered with the
+  chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
+  and ROUGE-L (:mod:`kubellm.train.metrics`), for the candidate and the base model on the same prompts.
+* The gate (``evaluate.gate``) checks every rule that is set; a rule whose metric could not be
+  measured (no base model, no held-out prompts) is *not evaluable* and fails the gate, saying why.
+
+The base model is ``base_model`` when given. A LoRA adapter also carries its own base: it is measured
+by switching the adapter off (``PeftModel.disable_adapter``), so adapter evaluations always have a base
+column without loading the base weights twice.
+
+``out_dir`` receives ``metrics.json`` (the :class:`EvalResult`), ``report.md`` and ``loss_curve.png``,
+all at once or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubellm.config.evaluate import EvalConfig, GateConfig
+from kubellm.errors import DataError, TrainingError
+from kubellm.fsutil import atomic_dir, write_json_atomic
+from kubellm.log import Progress, get_logger
+from kubellm.tracking.base import Tracker
+from kubellm.train.metrics import mean_scores, score
+from kubellm.train.report import GateRule, plot_loss_curves, read_history, render_report
+
+log = get_logger("evaluate")
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "loss_curve.png"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What an evaluation found; ``metrics.json`` holds the same as JSON."""
+
+    metrics: dict[str, float]
+    """``perplexity``, ``eval_loss``, ``eval_tokens``; with a base ``base_perplexity``,
+    ``perplexity_ratio`` …; with held-out prompts ``rouge_l``, ``token_f1``, ``exact_match`` (and
+    ``base_…``), ``num_prompts``, ``gen_tokens_per_s``."""
+    passed: bool
+    """Whether every gate rule that is set holds."""
+    reasons: list[str]
+    """One line per gate rule: value, threshold, pass/FAIL (or why it could not be evaluated)."""
+    report_path: Path
+    plot_path: Path | None
+    """``None`` when neither model directory has a ``history.jsonl``."""
+    samples: list[dict] = field(default_factory=list)
+    """Per held-out prompt: ``prompt``, ``reference``, ``candidate`` (and ``base``) answers and the
+    candidate's ``exact_match``/``token_f1``/``rouge_l``."""
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["report_path"] = str(self.report_path)
+        doc["plot_path"] = str(self.plot_path) if self.plot_path else None
+        return doc
+
+
+# ------------------------------------------------------------------------------------------- the gate
+# (config field, metric it bounds, comparison, what the metric needs)
+_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("max_perplexity_ratio", "perplexity_ratio", "<=", "base"),
+    ("max_perplexity", "perplexity", "<=", ""),
+    ("min_rouge_l", "rouge_l", ">=", "generation"),
+    ("min_token_f1", "token_f1", ">=", "generation"),
+)
+
+
+def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str, str]) -> list[GateRule]:
+    """Check each rule that is set against ``metrics``. ``missing`` says, per need (``base``,
+    ``generation``), why its metrics are absent; such rules come back not evaluable, and failed."""
+    rules = []
+    for name, metric, op, need in _RULES:
+        threshold = getattr(gate, name)
+        if threshold is None:
+            continue
+        value = metrics.get(metric)
+        if value is None:
+            note = missing.get(need, f"{metric} was not measured")
+            rules.append(GateRule(name, metric, op, threshold, None, False, note))
+            continue
+        ok = value <= threshold if op == "<=" else value >= threshold  # NaN compares False: fails
+        rules.append(GateRule(name, metric, op, threshold, value, ok))
+    return rules
+
+
+# --------------------------------------------------------------------------------------- perplexity
+def _rows(split: Any, start: int, stop: int) -> list[dict[str, Any]]:
+    cols = split[start:stop]
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
+
+
+def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None,
+                device: str) -> tuple[float, int]:
+    """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches),
+    with the training loss's masking."""
+    import torch
+
+    from kubellm.train.batches import PadCollator
+    from kubellm.train.loop import forward_logits, token_nll_sum
+
+    collate = PadCollator(pad_id)
+    n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
+    total, tokens = 0.0, 0
+    with torch.inference_mode(), Progress(math.ceil(n / batch_size), "perplexity", every=50) as bar:
+        for b, start in enumerate(range(0, n, batch_size), 1):
+            batch = {k: v.to(device) for k, v in collate(_rows(split, start, start + batch_size)).items()}
+            total += float(token_nll_sum(forward_logits(model, batch), batch["labels"]))
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+            bar.update(b)
+    return total, tokens
+
+
+def _perplexity(nll: float, tokens: int) -> tuple[float, float]:
+    loss = nll / tokens
+    return loss, math.exp(loss) if loss < 700 else math.inf  # exp(709.8) overflows a double
+
+
+# --------------------------------------------------------------------------------------- generation
+def generate_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
+                     max_new_tokens: int, batch_size: int, stop_ids: list[int], pad_id: int,
+                     max_positions: int | None, device: str) -> tuple[list[str], int]:
+    """Greedy answers to chat ``conversations`` (each ending with the user turn), in left-padded
+    batches; returns the answers and the number of tokens generated. Prompts longer than the model's
+    context minus ``max_new_tokens`` keep their last tokens (the question is at the end)."""
+    import torch
+    from transformers import GenerationConfig
+
+    room = (max_positions - max_new_tokens) if max_positions else None
+    if room is not None and room < 1:
+        raise TrainingError(f"evaluate.max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                            f"model's {max_positions}-token context")
+    prompts = []
+    for messages in conversations:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(ids[-room:] if room else ids)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                               pad_token_id=pad_id)
+    answers, generated = [], 0
+    stops = set(stop_ids)
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p):] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=gen_cfg)
+            for row in out[:, width:].tolist():
+                end = next((j for j, t in enumerate(row) if t in stops), len(row))
+                generated += end
+                answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return answers, generated
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+@dataclass
+class _Model:
+    """A model to measure and how to put it in that state (the base of an adapter: adapter off)."""
+
+    name: str
+    model: Any
+    device: str
+    state: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+
+def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
+    from kubellm.train.model import load_causal_lm
+
+    cand = load_causal_lm(model_dir, base_model=base_model)
+    log.info("candidate: %s", cand.source)
+    yield _Model("candidate", cand.model, cand.device)
+    if cand.is_adapter:
+        yield _Model("base", cand.model, cand.device, cand.model.disable_adapter)
+    elif base_model is not None:
+        base = load_causal_lm(base_model)
+        log.info("base: %s", base.source)
+        yield _Model("base", base.model, base.device)
+
+
+def _check_vocab(model: Any, vocab_size: int, model_dir: Path, data_dir: Path) -> None:
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > model_vocab:
+        raise DataError(f"{data_dir}: the data's tokenizer has {vocab_size} tokens but {model_dir} embeds only "
+                        f"{model_vocab}: evaluate on data prepared with the model's tokenizer")
+
+
+def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
+             base_model: str | Path | None = None, tracker: Tracker | None = None) -> EvalResult:
+    """Evaluate ``model_dir`` (a full model or a LoRA adapter) on the prepared dataset ``data_dir``,
+    against ``base_model`` when given, apply the gate and write the results to ``out_dir``."""
+    from kubellm.data.format import open_prepared
+
+    t0 = time.perf_counter()
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise TrainingError(f"{model_dir}: model directory not found")
+    prepared = open_prepared(data_dir)
+    manifest = prepared.manifest
+    if not manifest.splits.get("validation"):
+        raise DataError(f"{data_dir}: the prepared dataset has no validation split to evaluate on (prepare it "
+                        "with split.validation_fraction > 0)")
+    split = prepared.load_split("validation")
+    heldout = prepared.heldout()[:cfg.num_prompts]
+    tokenizer = prepared.load_tokenizer() if heldout else None
+    if tokenizer is not None and not tokenizer.chat_template:
+        raise DataError(f"{prepared.tokenizer_dir}: the tokenizer has no chat template; held-out prompts need one")
+    stop_ids = list(manifest.stop_token_ids) or [manifest.eos_token_id]
+
+    metrics: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
+    for m in _models(model_dir, base_model):
+        prefix = "" if m.name == "candidate" else "base_"
+        _check_vocab(m.model, manifest.vocab_size, model_dir, data_dir)
+        with m.state():
+            nll, tokens = heldout_nll(m.model, split, pad_id=manifest.pad_token_id, batch_size=cfg.batch_size,
+                                      max_batches=cfg.max_batches, device=m.device)
+            if tokens == 0:
+                raise DataError(f"{data_dir}: the validation split has no tokens in the loss (all labels -100)")
+            loss, ppl = _perplexity(nll, tokens)
+            metrics.update({f"{prefix}eval_loss": loss, f"{prefix}perplexity": ppl})
+            if m.name == "candidate":
+                metrics["eval_tokens"] = float(tokens)
+            if heldout:
+                t = time.perf_counter()
+                answers[m.name], n_new = generate_answers(
+                    m.model, tokenizer, [ex["messages"] for ex in heldout], max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size, stop_ids=stop_ids, pad_id=manifest.pad_token_id,
+                    max_positions=getattr(m.model.config, "max_position_embeddings", None), device=m.device)
+                refs = [ex["reference"] for ex in heldout]
+                metrics.update({f"{prefix}{k}": v for k, v in mean_scores(answers[m.name], refs).items()})
+                if m.name == "candidate":
+                    metrics["gen_tokens_per_s"] = n_new / max(time.perf_counter() - t, 1e-9)
+        log.info("%s: perplexity %.4g over %d tokens", m.name, ppl, tokens)
+    if "base_perplexity" in metrics:
+        metrics["perplexity_ratio"] = metrics["perplexity"] / metrics["base_perplexity"]
+    if heldout:
+        metrics["num_prompts"] = float(len(heldout))
+
+    samples = []
+    for i, ex in enumerate(heldout):
+        sample = {"prompt": ex["messages"][-1]["content"], "reference": ex["reference"],
+                  "candidate": answers["candidate"][i], **score(answers["candidate"][i], ex["reference"])}
+        if "base" in answers:
+            sample["base"] = answers["base"][i]
+        samples.append(sample)
+
+    missing = {"base": "no base model to compare with: pass --base (base_model)"}
+    if manifest.kind != "instruct":
+        missing["generation"] = "no generation metrics: pretraining data has no held-out prompts"
+    elif cfg.num_prompts == 0:
+        missing["generation"] = "no generation metrics: evaluate.num_prompts is 0"
+    else:
+        missing["generation"] = f"no generation metrics: {data_dir}/heldout.jsonl has no prompts"
+    rules = apply_gate(cfg.gate, metrics, missing=missing)
+    passed = all(r.passed for r in rules)
+    reasons = [r.reason() for r in rules] or ["no gate rule is set (evaluate.gate): passes"]
+
+    curves = {"candidate training": read_history(model_dir)}
+    if base_model is not None and Path(base_model).is_dir():
+        curves["base training"] = read_history(base_model)
+    with atomic_dir(out) as tmp:
+        has_plot = plot_loss_curves(curves, tmp / PLOT_FILE)
+        sources = {"candidate": str(model_dir), **({"base": str(base_model)} if base_model is not None else {})}
+        (tmp / REPORT_FILE).write_text(render_report(
+            title=model_dir.name, metrics=metrics, rules=rules, passed=passed, samples=samples,
+            num_samples=cfg.num_samples_in_report, plot_name=PLOT_FILE if has_plot else None, sources=sources),
+            encoding="utf-8")
+        result = EvalResult(metrics=metrics, passed=passed, reasons=reasons, report_path=out / REPORT_FILE,
+                            plot_path=out / PLOT_FILE if has_plot else None, samples=samples)
+        write_json_atomic(tmp / METRICS_FILE, result.to_json())
+    log.info("gate %s in %.1f s: %s", "PASSED" if passed else "FAILED", time.perf_counter() - t0, "; ".join(reasons))
+
+    if tracker is not None:
+        tracker.log_metrics({**metrics, "gate_passed": float(passed)})
+        tracker.set_tags({"gate": "passed" if passed else "failed"})
+        tracker.log_artifact(out, "evaluation")
+    return result
