@@ -1,0 +1,163 @@
+"""evaluate(): perplexity against an independent computation, generation, the gate, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kubellm.config.evaluate import EvalConfig, GateConfig
+from kubellm.tracking.base import NullTracker
+from kubellm.train.evaluate import EvalResult, apply_gate, evaluate, generate_answers
+
+
+def _by_hand_perplexity(model_dir: Path, data_dir: Path) -> float:
+    """Row by row, no padding, no batching: sum of -log p(label) over labelled positions / count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.data.format import open_prepared
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in open_prepared(data_dir).load_split("validation"):
+            ids = torch.tensor([row["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            for t, label in enumerate(row["labels"][1:]):  # position t predicts token t+1
+                if label != -100:
+                    nll -= float(logp[t, label])
+                    count += 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+def test_perplexity_matches_independent_computation(base_dir: Path, instruct_data: Path, tmp_path: Path) -> None:
+    # batch_size 5 over variable-length rows: padding and the attention mask are exercised
+    res = evaluate(EvalConfig(batch_size=5, num_prompts=0), base_dir, instruct_data, tmp_path / "out")
+    expected = _by_hand_perplexity(base_dir, instruct_data)
+    assert res.metrics["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert res.metrics["eval_loss"] == pytest.approx(math.log(expected), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_adapter_against_base_side_by_side(adapter_dir: Path, base_dir: Path, instruct_data: Path,
+                                           tmp_path: Path) -> None:
+    tracker = NullTracker()
+    cfg = EvalConfig(num_prompts=6, max_new_tokens=8, num_samples_in_report=2,
+                     gate=GateConfig(max_perplexity_ratio=10.0, max_perplexity=1e6))
+    res = evaluate(cfg, adapter_dir, instruct_data, tmp_path / "out", base_model=base_dir, tracker=tracker)
+    m = res.metrics
+    # the base column is the base model itself, not the adapter
+    assert m["base_perplexity"] == pytest.approx(_by_hand_perplexity(base_dir, instruct_data), rel=1e-4)
+    assert m["perplexity"] != pytest.approx(m["base_perplexity"], rel=1e-3)
+    assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["base_perplexity"])
+    for key in ("rouge_l", "token_f1", "exact_match", "base_rouge_l", "base_token_f1", "base_exact_match"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["num_prompts"] == 6 and len(res.samples) == 6
+    assert {"prompt", "reference", "candidate", "base", "rouge_l", "token_f1", "exact_match"} <= set(res.samples[0])
+    assert res.passed and len(res.reasons) == 2 and all(r.endswith(": pass") for r in res.reasons)
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curve.png", "metrics.json", "report.md"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["passed"] is True and doc["metrics"] == pytest.approx(m) and doc["report_path"] == str(out / "report.md")
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "**Gate: PASSED**" in report and "| max_perplexity_ratio | perplexity_ratio |" in report
+    assert "| perplexity | " in report and "![loss curve](loss_curve.png)" in report
+    assert report.count("Candidate:") == 2 and report.count("Base:") == 2  # num_samples_in_report
+    # tracked: every metric, the gate, and the output folder as an artifact
+    assert tracker.last("perplexity_ratio") == pytest.approx(m["perplexity_ratio"])
+    assert tracker.last("gate_passed") == 1.0 and tracker.tags["gate"] == "passed"
+    assert tracker.artifacts == [(out, "evaluation")]
+
+
+def test_batched_left_padded_generation_equals_one_by_one(base_dir: Path, instruct_data: Path) -> None:
+    from kubellm.data.format import open_prepared
+    from kubellm.train.model import load_causal_lm
+
+    prepared = open_prepared(instruct_data)
+    convs = [ex["messages"] for ex in prepared.heldout()[:5]]
+    lm = load_causal_lm(base_dir, device="cpu")
+    kw = dict(max_new_tokens=6, stop_ids=[prepared.manifest.eos_token_id], pad_id=prepared.manifest.pad_token_id,
+              max_positions=64, device="cpu")
+    batched, n_batched = generate_answers(lm.model, prepared.load_tokenizer(), convs, batch_size=5, **kw)
+    single, n_single = generate_answers(lm.model, prepared.load_tokenizer(), convs, batch_size=1, **kw)
+    assert batched == single and n_batched == n_single > 0
+
+
+def test_gate_rule_not_evaluable_without_base(base_dir: Path, instruct_data: Path, tmp_path: Path) -> None:
+    cfg = EvalConfig(num_prompts=0, gate=GateConfig(max_perplexity_ratio=0.95, min_rouge_l=0.1))
+    res = evaluate(cfg, base_dir, instruct_data, tmp_path / "out")
+    assert not res.passed
+    assert res.reasons == [
+        "max_perplexity_ratio: not evaluable (no base model to compare with: pass --base (base_model)): FAIL",
+        "min_rouge_l: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL"]
+    assert "base_perplexity" not in res.metrics and "rouge_l" not in res.metrics
+    assert "**Gate: FAILED**" in res.report_path.read_text()
+
+
+# Each rule on its own, on both sides of its threshold (values as evaluate() would report them).
+_METRICS = {"perplexity": 20.0, "perplexity_ratio": 0.8, "rouge_l": 0.4, "token_f1": 0.5}
+
+
+@pytest.mark.parametrize(("rule", "passing", "failing"), [
+    ("max_perplexity_ratio", 0.8, 0.79),   # ratio 0.8 must be <= threshold
+    ("max_perplexity", 20.0, 19.9),
+    ("min_rouge_l", 0.4, 0.41),            # rouge_l 0.4 must be >= threshold
+    ("min_token_f1", 0.5, 0.51),
+])
+def test_each_gate_rule_passes_and_fails(rule: str, passing: float, failing: float) -> None:
+    unset = {k: None for k in GateConfig.model_fields}
+    ok = apply_gate(GateConfig(**{**unset, rule: passing}), _METRICS, missing={})
+    bad = apply_gate(GateConfig(**{**unset, rule: failing}), _METRICS, missing={})
+    assert [r.passed for r in ok] == [True] and ok[0].reason().endswith(": pass")
+    assert [r.passed for r in bad] == [False] and bad[0].reason().endswith(": FAIL")
+    assert bad[0].rule == rule and bad[0].value == _METRICS[bad[0].metric]
+
+
+def test_gate_nan_fails_and_no_rules_pass() -> None:
+    rules = apply_gate(GateConfig(max_perplexity=100.0, max_perplexity_ratio=None), {"perplexity": math.nan},
+                       missing={})
+    assert not rules[0].passed
+    assert apply_gate(GateConfig(max_perplexity_ratio=None), {}, missing={}) == []
+
+
+def test_failure_leaves_previous_output_untouched(base_dir: Path, instruct_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')
+
+    def broken_plot(*_a, **_k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("kubellm.train.evaluate.plot_loss_curves", broken_plot)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate(EvalConfig(num_prompts=0), base_dir, instruct_data, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+    assert (out / "metrics.json").read_text() == '{"old": true}'
+
+
+def test_no_history_means_no_plot(instruct_data: Path, base_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(base_dir, bare)
+    (bare / "history.jsonl").unlink()
+    res = evaluate(EvalConfig(num_prompts=0), bare, instruct_data, tmp_path / "out")
+    assert res.plot_path is None and not (tmp_path / "out" / "loss_curve.png").exists()
+    assert "loss_curve" not in res.report_path.read_text()
+    assert isinstance(res, EvalResult)
+
+
+def test_clear_errors(base_dir: Path, tmp_path: Path) -> None:
+    from kubellm.errors import KubellmError
+
+    with pytest.raises(KubellmError, match="not a prepared dataset"):
+        evaluate(EvalConfig(), base_dir, tmp_path, tmp_path / "out")
+    with pytest.raises(KubellmError, match="model directory not found"):
+        evaluate(EvalConfig(), tmp_path / "nope", tmp_path, tmp_path / "out")
