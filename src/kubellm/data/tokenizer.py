@@ -134,7 +134,8 @@ def vocab_size(tok: Any) -> int:
 def stop_token_ids(tok: Any) -> list[int]:
     """Tokens that end a generated answer: eos, plus ``<|end|>`` where the template uses it."""
     ids = [tok.eos_token_id]
-    end = tok.convert_tokens_to_ids(END_OF_TURN) if END_OF_TURN in tok.get_vocab() else None
+    uses_end = END_OF_TURN in (tok.chat_template or "") and END_OF_TURN in tok.get_vocab()
+    end = tok.convert_tokens_to_ids(END_OF_TURN) if uses_end else None
     if end is not None and end not in ids:
         ids.append(end)
     return ids
