@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from datahelpers import data_cfg, leftovers, make_docs, write_jsonl
@@ -298,3 +299,30 @@ def test_tokenizer_round_trips_through_autotokenizer(tmp_path: Path) -> None:
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert tok.apply_chat_template(chat, tokenize=False) == "<|user|>hi<|end|><|assistant|>hello<|end|>"
     assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True) == "<|user|>hi<|end|><|assistant|>"
+
+
+def test_sharded_split_loads_with_datasets(tmp_path: Path) -> None:
+    from datasets import load_from_disk
+
+    from kubellm.data.pack import ArrowSink
+
+    sink = ArrowSink(tmp_path / "ds" / "train", max_shard_bytes=1)  # a new shard for every batch
+    blocks = np.arange(48, dtype=np.int32).reshape(6, 8)
+    sink.write_blocks(blocks[:3])
+    sink.write([(np.array([1, 2, 3], dtype=np.int32), np.array([-100, 2, 3], dtype=np.int32))])
+    sink.write_blocks(blocks[3:])
+    sink.close("0123456789abcdef")
+    (tmp_path / "ds" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    ds = load_from_disk(str(tmp_path / "ds"))["train"]
+    assert len(list((tmp_path / "ds" / "train").glob("data-*-of-00003.arrow"))) == 3 and sink.rows == 7
+    assert ds["input_ids"] == [*blocks[:3].tolist(), [1, 2, 3], *blocks[3:].tolist()]
+    assert ds["labels"][3] == [-100, 2, 3]
+
+
+def test_a_validation_split_too_small_for_one_block_is_left_out(tmp_path: Path, shared_tokenizer: Path) -> None:
+    recs = [{"text": d} for d in DOCS[:40]]
+    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", recs), block_size=512, split={"validation_fraction": 0.05},
+                   tokenizer={"path": str(shared_tokenizer)})
+    result = prepare(cfg, tmp_path / "o")
+    assert result.stats["split_records"]["validation"] > 0 and list(result.manifest.splits) == ["train"]
+    assert sorted(p.name for p in (result.path / "dataset").iterdir()) == ["dataset_dict.json", "train"]

@@ -127,9 +127,9 @@ class _TextSink:
 def _read_batches(path: Path) -> Iterator[tuple[list[str], list[str]]]:
     import pyarrow as pa
 
-    with pa.memory_map(str(path)) as mm:
-        reader = pa.ipc.open_stream(mm)
-        for batch in reader:
+    # Plain reads, not a memory map: mapped pages stay resident and peak RSS would grow with the corpus.
+    with pa.OSFile(str(path)) as f:
+        for batch in pa.ipc.open_stream(f):
             yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
 
 
@@ -204,9 +204,9 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int) -> tuple[Any, bo
 
 
 # --------------------------------------------------------------------------------------------- pass 3
-def _tokenize_split(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path, rows_path: Path,
-                    n_records: int, split: str) -> PackStats:
-    sink = ArrowSink(rows_path)
+def _tokenize_split(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path, split_dir: Path,
+                    n_records: int, split: str, fingerprint: str) -> PackStats:
+    sink = ArrowSink(split_dir)
     every = max(1, -(-n_records // cfg.batch_size) // 10)
     with Progress(n_records, f"prep: tokenize {split}", every=1, logger=log) as prog:
         done = 0
@@ -232,7 +232,7 @@ def _tokenize_split(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path
             else:
                 stats = _tokenize_instruct(cfg, tok, encoder, text_path, sink, tick)
         finally:
-            sink.close()
+            sink.close(hashlib.sha256(f"{fingerprint}/{split}".encode()).hexdigest()[:16])
     return stats
 
 
@@ -304,12 +304,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
 
         t = time.perf_counter()
         split_stats: dict[str, PackStats] = {}
-        rows_paths: dict[str, Path] = {}
         with Encoder(tok_mod.backend(tok), cfg.num_proc) as encoder:
             for split, path in text_paths.items():
-                rows_paths[split] = work / f"{split}.rows.arrow"
-                split_stats[split] = _tokenize_split(cfg, tok, encoder, path, rows_paths[split],
-                                                     stats["split_records"][split], split)
+                split_stats[split] = _tokenize_split(cfg, tok, encoder, path, tmp / fmt.DATASET_DIR / split,
+                                                     stats["split_records"][split], split, fp)
         timings["tokenize_pack"] = time.perf_counter() - t
         if split_stats["train"].rows == 0:
             raise DataError(f"{cfg.sources[0].uri}: the training split has {split_stats['train'].dropped_tail_tokens} "
@@ -317,7 +315,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
                             "lower data.block_size")
 
         t = time.perf_counter()
-        splits = _save_dataset(rows_paths, split_stats, tmp / fmt.DATASET_DIR)
+        splits = _finish_dataset(split_stats, tmp / fmt.DATASET_DIR)
         n_heldout = _write_heldout(text_paths.get("validation"), tmp) if cfg.kind == "instruct" else 0
         shutil.rmtree(work)
         timings["save"] = time.perf_counter() - t
@@ -338,21 +336,15 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
     return PrepResult(out, manifest, stats)
 
 
-def _save_dataset(rows_paths: dict[str, Path], split_stats: dict[str, PackStats], dest: Path) -> dict[str, int]:
-    from datasets import Dataset, DatasetDict
-    from datasets.utils import _tqdm as ds_tqdm
-
-    parts = {s: Dataset.from_file(str(p)) for s, p in rows_paths.items() if split_stats[s].rows}
-    # Copying memory-mapped rows takes well under a second per GB: its bar would only clutter pod logs.
-    was_enabled = ds_tqdm.are_progress_bars_disabled() is False
-    ds_tqdm.disable_progress_bars()
-    try:
-        DatasetDict(parts).save_to_disk(str(dest))
-    finally:
-        if was_enabled:
-            ds_tqdm.enable_progress_bars()
-    splits = {s: len(d) for s, d in parts.items()}
-    del parts  # release the memory maps before the work files are removed
+def _finish_dataset(split_stats: dict[str, PackStats], dest: Path) -> dict[str, int]:
+    """Drop empty splits and write the ``DatasetDict`` index (the splits are already in place)."""
+    splits = {}
+    for split, st in split_stats.items():
+        if st.rows:
+            splits[split] = st.rows
+        else:
+            shutil.rmtree(dest / split)
+    write_json_atomic(dest / "dataset_dict.json", {"splits": list(splits)})
     return splits
 
 
