@@ -168,7 +168,8 @@ def test_shipped_and_generated_manifests_are_clean(repo_root: Path, cluster_cfg:
     named = (shipped_manifests(repo_root / "configs") + generated_manifests(cluster_cfg)
              + generated_manifests(gpu))
     kinds = {obj["kind"] for _, obj in named}
-    assert {"PyTorchJob", "TrainJob", "Deployment", "Namespace", "Role"} <= kinds, kinds
+    assert {"PyTorchJob", "TrainJob", "InferenceService", "Deployment", "Namespace", "Role"} <= kinds, kinds
+    assert any(src == "generated playground deployment" for src, _ in named)
     findings = [f"{src}: {f}" for src, obj in named for f in check(obj)]
     assert findings == []
     assert sum(len(pod_specs(obj)) for _, obj in named) >= 5

@@ -21,6 +21,8 @@ EXAMPLE_OUT = "runs/example"
 EXAMPLE_BASE = "/mnt/kubellm/runs/example/pretrain"
 EXAMPLE_MODEL_URI = "s3://kubellm/models/example"
 EXAMPLE_PVC = "kubellm-shared"
+EXAMPLE_ENDPOINT = "http://example.kubellm.svc.cluster.local"
+EXAMPLE_COMPARE = "http://base.kubellm.svc.cluster.local"
 
 
 def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, dict[str, Any]]]:
@@ -35,7 +37,7 @@ def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, di
 
 def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: both training-job kinds
-    for each training stage the config has, and the InferenceService on both runtimes."""
+    for each training stage the config has, the InferenceService on both runtimes and the playground."""
     from kubellm.k8s.training_job import build_job
 
     out: list[tuple[str, dict[str, Any]]] = []
@@ -53,6 +55,7 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
             out.append((f"generated {kind} ({stage})",
                         build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base)))
     out += _inferenceservices(run_cfg)
+    out += _playground(run_cfg)
     return out
 
 
@@ -70,3 +73,15 @@ def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
         cfg = run_cfg.model_copy(update={"deploy": deploy.model_copy(update={"runtime": runtime})})
         out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
     return out
+
+
+def _playground(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        playground = importlib.import_module("kubellm.k8s.playground")
+    except ImportError:  # the serving area's builder is not there (yet)
+        return []
+    build = getattr(playground, "build_playground", None)
+    if build is None:
+        return []
+    return [(f"generated playground {obj.get('kind', '?').lower()}", obj)
+            for obj in build(run_cfg, EXAMPLE_ENDPOINT, EXAMPLE_COMPARE)]

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -326,11 +326,12 @@ class JobOutcome:
 
 
 def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: float, poll_s: float = 5.0,
-           replace_failed: bool = True, clock: Callable[[], float] = time.monotonic,
-           sleep: Callable[[float], None] = time.sleep) -> JobOutcome:
+           replace_failed: bool = True) -> JobOutcome:
     """Create ``job`` in ``namespace`` (or re-attach to it) and wait until it succeeds.
 
     ``api_client`` defaults to :func:`kubellm.k8s.client.load_api_client` (in-cluster, else kubeconfig).
+    ``replace_failed``: a job of the same name that already failed is deleted and created again (a
+    retry resumes from the last checkpoint) rather than failing the step at once.
     Raises :class:`ClusterError` when the job fails (with the operator's reason), when ``timeout_s``
     passes (the job is left to the operator's own deadline), or when the API cannot be used.
     """
@@ -346,7 +347,7 @@ def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: floa
     job["metadata"]["namespace"] = namespace
     api = client.CustomObjectsApi(api_client if api_client is not None else load_api_client())
     ref = (info["group"], info["version"], namespace, info["plural"])
-    start = clock()
+    start = time.monotonic()
     deadline = start + timeout_s
 
     def get() -> dict[str, Any] | None:
@@ -365,9 +366,9 @@ def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: floa
         with api_errors(f"deleting failed {where}"):
             api.delete_namespaced_custom_object(*ref, name, propagation_policy="Foreground")
         while get() is not None:
-            if clock() >= deadline:
+            if time.monotonic() >= deadline:
                 raise ClusterError(f"{where}: the failed job was not deleted within {timeout_s:g}s")
-            sleep(min(poll_s, max(0.0, deadline - clock())))
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         existing, restarted = None, True
     created = existing is None
     if created:
@@ -393,16 +394,16 @@ def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: floa
                 log.info("%s: %s", where, line)
         state, reason = _state(obj, info)
         if state == "succeeded":
-            return JobOutcome(info["kind"], name, namespace, created, restarted, clock() - start, tuple(seen))
+            return JobOutcome(info["kind"], name, namespace, created, restarted, time.monotonic() - start, tuple(seen))
         if state == "failed":
             raise ClusterError(f"{where} failed: {reason}")
-        remaining = deadline - clock()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             last = seen[-1] if seen else "no status yet"
             raise ClusterError(f"{where} did not finish within {timeout_s:g}s (last: {last}); a retried "
                                f"step re-attaches to it, `kubectl delete {info['plural']} {name} -n "
                                f"{namespace}` stops it")
-        sleep(min(poll_s, remaining))
+        time.sleep(min(poll_s, remaining))
 
 
 def run_training_job(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str,
