@@ -17,7 +17,8 @@ from kubellm.k8s.podsecurity import check, load_manifests, pod_specs
 
 
 def _good_container(name: str = "app") -> dict[str, Any]:
-    return {"name": name, "image": "img:1", "securityContext": security.container_security_context()}
+    return {"name": name, "image": "img:1", "securityContext": security.container_security_context(),
+            "volumeMounts": security.writable_mounts()}
 
 
 def _good_pod_spec() -> dict[str, Any]:
@@ -80,6 +81,8 @@ VIOLATIONS = [
      f"{C0}.securityContext.seccompProfile"),
     ("readOnlyRootFilesystem", lambda o: _set(o, f"{C0}.securityContext.readOnlyRootFilesystem", False),
      f"{C0}.securityContext.readOnlyRootFilesystem"),
+    ("writable-tmp", lambda o: _set(o, f"{C0}.volumeMounts", [{"name": "cache", "mountPath": "/cache"}]),
+     f"{C0}.volumeMounts"),
     ("sysctls", lambda o: _set(o, f"{POD}.securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
      f"{POD}.securityContext.sysctls[0]"),
     ("procMount", lambda o: _set(o, f"{C0}.securityContext.procMount", "Unmasked"), f"{C0}.securityContext.procMount"),
@@ -130,6 +133,7 @@ def _root_pod() -> dict:
      "spec.podTemplateOverrides[0].spec.containers[0].securityContext.runAsUser"),
     ({"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "i"},
       "spec": {"predictor": {**_good_pod_spec(), "model": {"modelFormat": {"name": "huggingface"},
+                                                           "volumeMounts": security.writable_mounts(),
                                                            "securityContext": {**security.container_security_context(),
                                                                                "runAsUser": 0}}}}},
      "spec.predictor.model.securityContext.runAsUser"),
@@ -156,6 +160,8 @@ def test_isvc_predictor_without_security_context_is_caught() -> None:
     rules = {f.rule for f in check(isvc)}
     assert {"runAsNonRoot", "allowPrivilegeEscalation", "capabilities-drop", "seccompProfile",
             "readOnlyRootFilesystem"} <= rules
+    isvc["spec"]["predictor"]["model"]["securityContext"] = security.container_security_context()
+    assert [f.rule for f in check(isvc)] == ["writable-tmp"]
     assert len(pod_specs(isvc)) == 1
 
 

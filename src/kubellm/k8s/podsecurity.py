@@ -11,7 +11,8 @@ checker finds every pod spec in a manifest and applies the Pod Security Standard
 - *restricted*: only the ephemeral/projected volume types, ``allowPrivilegeEscalation: false``,
   ``runAsNonRoot: true`` and no UID 0, a ``RuntimeDefault``/``Localhost`` seccomp profile, all
   capabilities dropped (only ``NET_BIND_SERVICE`` may be added back);
-- *kubellm*: a read-only root filesystem (writable paths are emptyDirs, see :mod:`kubellm.k8s.security`).
+- *kubellm*: a read-only root filesystem, with a volume at ``/tmp`` (writable paths are emptyDirs, see
+  :mod:`kubellm.k8s.security`).
 
 Pod-level ``runAsNonRoot``/``runAsUser``/``seccompProfile`` count for containers that do not set their
 own, as Kubernetes applies them.
@@ -205,6 +206,10 @@ def _check_container(c: Mapping[str, Any], path: str, psc: Mapping[str, Any]) ->
     if sc.get("readOnlyRootFilesystem") is not True:
         yield Finding("readOnlyRootFilesystem", "kubellm", f"{sp}.readOnlyRootFilesystem",
                       "must be true (give writable paths as emptyDir volumes)")
+    elif not any(m.get("mountPath", "").rstrip("/") == "/tmp" for m in c.get("volumeMounts") or []):
+        # Python's tempfile, torch and gunicorn need a writable /tmp: without one the pod fails at run time.
+        yield Finding("writable-tmp", "kubellm", f"{path}.volumeMounts",
+                      "read-only root filesystem without a volume at /tmp (mount an emptyDir there)")
     for i, port in enumerate(c.get("ports") or []):
         if port.get("hostPort"):
             yield Finding("hostPorts", "baseline", f"{path}.ports[{i}].hostPort", "binds a port of the node")
