@@ -194,3 +194,34 @@ def test_another_volume_at_the_shared_mount_is_refused(cluster_overrides: list[s
     cfg = load_config(LOCAL, [*cluster_overrides, "platform.default.pvcs=[{claim: other, mount_path: /mnt/kubellm}]"])
     with pytest.raises(ConfigError, match="PVC 'other' is mounted at /mnt/kubellm"):
         _job(cfg)
+
+
+def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        crd_schemas_dir: Path, cluster_overrides: list[str]) -> None:
+    import json
+
+    import yaml
+
+    from kubellm.cli.app import main
+    from kubellm.k8s import training_job
+
+    # The step's pod sees the shared PVC at SHARED_MOUNT; here a temporary folder plays that mount.
+    monkeypatch.setattr(training_job, "SHARED_MOUNT", str(tmp_path))
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({
+        "kind": "pretrain", "block_size": 128, "vocab_size": 2048, "eos_token_id": 0, "pad_token_id": 0,
+        "bos_token_id": None, "fingerprint": "feedbeef", "splits": {"train": 1}, "format_version": 1}))
+    sets = [a for o in cluster_overrides for a in ("--set", o)]
+    with pytest.raises(SystemExit) as info:
+        main(["train-job", "--config", str(LOCAL), *sets, "--stage", "pretrain", "--data", "prepared",
+              "--out", "runs/1", "--dry-run"])
+    assert info.value.code == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["metadata"]["annotations"]["kubellm.io/data-fingerprint"] == "feedbeef"
+    assert validate_against_crd(job, crd_schemas_dir / CRDS["pytorchjob"]) == []
+    with pytest.raises(SystemExit) as info:
+        main(["train-job", "--config", str(LOCAL), "--stage", "pretrain", "--data", "d", "--out", "o"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: pretrain.distributed.engine is 'none': set it (or pass "
+                                               "--kind) to run a job")
