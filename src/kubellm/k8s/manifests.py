@@ -59,28 +59,27 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+def _builder(module: str, name: str) -> Any:
+    """``module.name`` if the serving area's module exists (yet) and has it, else None."""
     try:
-        isvc = importlib.import_module("kubellm.k8s.inferenceservice")
-    except ImportError:  # the serving area's builder is not there (yet)
-        return []
-    deploy = getattr(run_cfg, "deploy", None)
-    build = getattr(isvc, "build_inferenceservice", None)
-    if deploy is None or build is None:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+    build = _builder("kubellm.k8s.inferenceservice", "build_inferenceservice")
+    if build is None:
         return []
     out = []
     for runtime in ("kubellm", "huggingface"):
-        cfg = run_cfg.model_copy(update={"deploy": deploy.model_copy(update={"runtime": runtime})})
+        cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={"runtime": runtime})})
         out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
     return out
 
 
 def _playground(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        playground = importlib.import_module("kubellm.k8s.playground")
-    except ImportError:  # the serving area's builder is not there (yet)
-        return []
-    build = getattr(playground, "build_playground", None)
+    build = _builder("kubellm.k8s.playground", "build_playground")
     if build is None:
         return []
     return [(f"generated playground {obj.get('kind', '?').lower()}", obj)
