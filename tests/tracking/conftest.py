@@ -1,0 +1,129 @@
+"""Fixtures for the tracking tests: fresh sqlite MLflow stores, a read-back in another process, tiny
+models for the registry, and one real ``mlflow server`` shared by the integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubellm.config.tracking import TrackingConfig
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite store with MLflow's schema in place: creating one runs ~40 migrations (~2 s),
+    so each test copies this file instead."""
+    from mlflow import MlflowClient
+
+    from kubellm.tracking import resolve_tracking_uri
+
+    wd = tmp_path_factory.mktemp("template")
+    MlflowClient(resolve_tracking_uri(TrackingConfig(), wd)).search_experiments()
+    return wd / "mlflow.db"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, _migrated_store: Path) -> Path:
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    shutil.copy(_migrated_store, wd / "mlflow.db")
+    return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Llama with a BPE tokenizer (chat template included), and a LoRA adapter on it whose
+    weights are non-zero, both saved the way the training stages save them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from kubellm.config.train import ModelConfig
+    from kubellm.train.model import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["def add(a, b): return a + b", "the cat sat on the mat"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    model = build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64), vocab_size=len(tok),
+                        block_size=64, bos_token_id=None, eos_token_id=0, pad_token_id=1, seed=0)
+    full = root / "full"
+    model.save_pretrained(str(full))
+    tok.save_pretrained(str(full))
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(full)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = root / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    tok.save_pretrained(str(adapter))
+    return {"full": full, "adapter": adapter}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts in a tmp dir), shared by
+    the integration tests. It forks a worker: started in its own process group, the group is stopped."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow_bin = Path(PY).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90  # ~6–7 s on an idle 2-core machine; allow for a busy one
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 90 s: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # the worker, should it outlive its parent
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+        log.close()
