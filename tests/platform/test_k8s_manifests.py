@@ -132,3 +132,37 @@ def test_literal_secret_env_in_a_manifest_is_found() -> None:
     assert secrets_in_manifest(pod) == ["spec.containers[0].env[0]: MLFLOW_TRACKING_PASSWORD has a literal "
                                         "value (use valueFrom.secretKeyRef)"]
     assert secrets_in_manifest({"kind": "Secret", "stringData": {"a": "b"}}) == ["a Secret object with its data"]
+
+
+# ------------------------------------------------------------------------------------------------- RBAC
+
+#: What the pipeline's code calls: training_job.launch (get/create/delete), rollout.rollout and
+#: playground.apply_playground (get/create/patch), pod diagnostics, Argo's task results.
+NEEDED = {
+    ("kubeflow.org", "pytorchjobs"): {"get", "create", "delete"},
+    ("trainer.kubeflow.org", "trainjobs"): {"get", "create", "delete"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
+    ("apps", "deployments"): {"get", "create", "patch"},
+    ("", "services"): {"get", "create", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get", "list", "watch"},
+    ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
+}
+
+
+def test_rbac_grants_exactly_what_the_pipeline_needs(repo_root: Path) -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all((repo_root / "configs/cluster-rbac.yaml").read_text())}
+    assert set(docs) == {"ServiceAccount", "Role", "RoleBinding"}  # namespaced only: no ClusterRole
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in docs["Role"]["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+        assert not {"bind", "escalate", "impersonate"} & set(rule["verbs"])
+        assert not {"secrets", "configmaps"} & set(rule["resources"])
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == NEEDED
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubellm-pipeline"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubellm-pipeline", "namespace": "kubellm"}]
+    assert docs["ServiceAccount"]["metadata"]["name"] == RunConfig().platform.service_account
