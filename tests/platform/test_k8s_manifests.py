@@ -166,3 +166,17 @@ def test_rbac_grants_exactly_what_the_pipeline_needs(repo_root: Path) -> None:
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubellm-pipeline"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubellm-pipeline", "namespace": "kubellm"}]
     assert docs["ServiceAccount"]["metadata"]["name"] == RunConfig().platform.service_account
+
+
+def test_namespace_enforces_restricted_and_mlflow_reads_its_credentials_from_a_secret(repo_root: Path) -> None:
+    (ns,) = yaml.safe_load_all((repo_root / "configs/cluster-namespace.yaml").read_text())
+    labels = ns["metadata"]["labels"]
+    assert all(labels[f"pod-security.kubernetes.io/{mode}"] == "restricted" for mode in ("enforce", "audit", "warn"))
+    mlflow = {d["kind"]: d for d in yaml.safe_load_all((repo_root / "configs/cluster-mlflow.yaml").read_text())}
+    assert {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"} <= set(mlflow)
+    (container,) = mlflow["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    assert "--app-name=basic-auth" in container["args"]
+    assert "admin_password" not in mlflow["ConfigMap"]["data"]["basic_auth.ini"]
