@@ -64,3 +64,72 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 
 
 # ---- end of training commands ----------------------------------------------------------------------
+
+
+# ---- evaluation and the model registry: evaluate, register, promote --------------------------------
+# `evaluate` logs to its own MLflow run (tracking.*; --set tracking.enabled=false logs nowhere) and exits
+# 0 whether the gate passes or not: the gate's verdict is data, printed and written to metrics.json.
+
+ModelOpt = Annotated[Path, typer.Option("--model", help="A model directory or LoRA adapter directory.")]
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).")]
+
+
+def _print_version(title: str, info) -> None:  # info: ModelVersionInfo
+    from kubellm.log import print_table
+
+    print_table(title, [{"name": info.name, "version": info.version, "aliases": ", ".join(info.aliases) or "-",
+                         "uri": info.uri}])
+
+
+@app.command()
+def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
+                 "--data", help="The prepared dataset (validation split and held-out prompts).")],
+             out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, report.md, "
+                                                             "loss_curve.png (replaced atomically).")],
+             base: BaseOpt = None, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Held-out perplexity and generation metrics, base vs candidate, and the promotion gate."""
+    cfg = load(config, overrides)
+    from kubellm.log import print_table
+    from kubellm.tracking import stage_run
+    from kubellm.train.evaluate import evaluate as run
+
+    with stage_run(cfg.tracking, cfg.workdir, parent_run_id=None, stage="evaluate",
+                   config=cfg.evaluate.model_dump(mode="json")) as tracker:
+        res = run(cfg.evaluate, model, data, out, base_model=base, tracker=tracker)
+    print_table("evaluation", [res.metrics])
+    print(f"gate: {'PASSED' if res.passed else 'FAILED'}")
+    for reason in res.reasons:
+        print(f"  {reason}")
+    print(f"report: {res.report_path}")
+
+
+@app.command()
+def register(model: ModelOpt, base: BaseOpt = None,
+             run_id: Annotated[str | None, typer.Option(
+                 "--run-id", help="MLflow run to log the model under (default: a new 'register' run).")] = None,
+             config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Register a model (an adapter is merged into its base) as a new version with alias 'candidate'."""
+    cfg = load(config, overrides)
+    from kubellm.tracking import register_model, stage_run
+
+    if run_id:
+        info = register_model(cfg.tracking, cfg.workdir, model, run_id=run_id, base_model=base)
+    else:
+        with stage_run(cfg.tracking, cfg.workdir, parent_run_id=None, stage="register") as tracker:
+            info = register_model(cfg.tracking, cfg.workdir, model, run_id=tracker.run_id or "", base_model=base)
+    _print_version("registered", info)
+
+
+@app.command()
+def promote(version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
+            alias: Annotated[str, typer.Option("--alias", help="Alias to point at it.")] = "champion",
+            config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Point an alias (default 'champion') at a registered version."""
+    cfg = load(config, overrides)
+    from kubellm.tracking import promote as run
+
+    _print_version("promoted", run(cfg.tracking, cfg.workdir, version, alias))
+
+
+# ---- end of evaluation and registry commands --------------------------------------------------------
