@@ -5,9 +5,11 @@ Used by ``kubellm compile`` and ``kubellm run``; lives beside the pipelines beca
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +43,34 @@ COMPONENTS = {
 assert _components_pkg  # the package is what users import; COMPONENTS is its index
 
 
+_DEFAULT_COMMENT = re.compile(r"^(#\s+\w+: (?:dict|list) \[Default: )(.*)(\])$")
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _stable_header(path: Path) -> None:
+    """Sort the dict defaults in the compiled file's header comment.
+
+    KFP renders them from protobuf maps whose iteration order changes from process to process (the
+    YAML body is sorted; only this comment is not), which would make `make compile` differ between two
+    runs for no reason.
+    """
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        m = _DEFAULT_COMMENT.match(line)
+        if m:
+            lines[i] = f"{m.group(1)}{_sorted(ast.literal_eval(m.group(2)))!r}{m.group(3)}"
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 def _check_yaml(path: Path) -> None:
     """A compiled file must parse back as YAML documents with a pipeline spec."""
     docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
@@ -48,7 +78,8 @@ def _check_yaml(path: Path) -> None:
         raise RuntimeError(f"{path}: compiled output is not a KFP pipeline spec")
 
 
-def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
+def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = None, *,
+                components: bool = True) -> list[Path]:
     """Compile the pipelines (for a cluster, with ``cfg``'s placement) and every component to
     ``out_dir`` (``<name>.yaml`` and ``components/<name>.yaml``). Deterministic: the same config gives
     the same bytes."""
@@ -58,11 +89,13 @@ def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = N
     for name in names or sorted(PIPELINES):
         path = out / f"{name}.yaml"
         compiler.Compiler().compile(build(name, cfg, "cluster"), str(path))
+        _stable_header(path)
         _check_yaml(path)
         written.append(path)
-    for name, comp in sorted(COMPONENTS.items()):
+    for name, comp in sorted(COMPONENTS.items()) if components else ():
         path = out / "components" / f"{name}.yaml"
         compiler.Compiler().compile(comp, str(path))
+        _stable_header(path)
         written.append(path)
     return written
 

@@ -94,3 +94,83 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
                 [{"file": str(p), "bytes": p.stat().st_size} for p in written])
 
 
+
+
+HostOpt = Annotated[str | None, typer.Option("--host", help="Kubeflow Pipelines API host (default: $KFP_HOST).")]
+ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: the "
+                                                   "tracking experiment name).")]
+
+
+def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version name, description)
+    import tempfile
+
+    from kubellm import __version__
+    from kubellm.kfp_api import version_name
+    from kubellm.pipelines import PIPELINES
+    from kubellm.pipelines._runner import compile_all
+    from kubellm.tracking.mlflow_tracker import git_revision
+
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)}")
+    out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
+    package = compile_all(cfg, out, [pipeline], components=False)[0]
+    import yaml
+
+    spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    description = spec["pipelineInfo"].get("description", pipeline)
+    return package, version_name(__version__, git_revision(), cfg.config_hash()), description
+
+
+@app.command()
+def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOpt = "llm-lifecycle",
+           params: ParamOpt = None, host: HostOpt = None, experiment: ExperimentOpt = None,
+           wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
+           timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600) -> None:
+    """Compile a pipeline, upload it as a new version, and start a run on Kubeflow Pipelines.
+
+    The version is named from the package version, the git revision and the config hash, so the same
+    source and config reuse one version. Host and credentials: --host/$KFP_HOST, $KFP_TOKEN or the
+    in-cluster service-account token.
+    """
+    from kubellm.kfp_api import KfpClient, run_body, upload
+    from kubellm.log import get_logger
+
+    cfg = load(config, overrides)
+    log = get_logger("submit")
+    package, version, description = _compiled(cfg, pipeline)
+    with KfpClient(host) as client:
+        pipeline_id, version_id = upload(client, package, pipeline, version, description)
+        exp_id = client.ensure_experiment(experiment or cfg.tracking.experiment)
+        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        body = run_body(run_name, exp_id, pipeline_id, version_id, {"run_name": run_name, **parse_params(params)},
+                        cfg.platform.service_account)
+        run_id = client.create_run(body)["run_id"]
+        print(f"submitted {pipeline} version {version} as run {run_id}: {client.host}/#/runs/details/{run_id}")
+        if wait:
+            state = client.wait_run(run_id, timeout_s=timeout, on_state=lambda s: log.info("run %s: %s", run_id, s))
+            print(f"run {run_id} finished: {state}")
+            if state != "SUCCEEDED":
+                raise typer.Exit(1)
+
+
+@app.command()
+def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cron, seconds first: "
+                                               "'0 0 3 * * *' is 03:00 daily.")],
+             config: ConfigOpt = None, overrides: SetOpt = None,
+             pipeline: PipelineOpt = "llm-continuous-finetune", params: ParamOpt = None, host: HostOpt = None,
+             experiment: ExperimentOpt = None) -> None:
+    """Create or update the recurring run of a pipeline (never a duplicate): max_concurrency 1, no catch-up."""
+    from kubellm.kfp_api import KfpClient, check_cron, ensure_schedule, schedule_body, upload
+
+    check_cron(cron)  # before compiling or connecting
+    cfg = load(config, overrides)
+    package, version, description = _compiled(cfg, pipeline)
+    with KfpClient(host) as client:
+        pipeline_id, version_id = upload(client, package, pipeline, version, description)
+        exp_id = client.ensure_experiment(experiment or cfg.tracking.experiment)
+        name = f"{cfg.name}-{pipeline}"
+        body = schedule_body(name, cron, exp_id, pipeline_id, version_id,
+                             {"run_name": name, **parse_params(params)}, cfg.platform.service_account)
+        rr_id, changed = ensure_schedule(client, body, exp_id)
+    print(f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}: "
+          f"{pipeline} {version}, cron '{cron}'")

@@ -6,11 +6,14 @@ training launcher uses ``DistributedConfig`` to create PyTorchJobs/TrainJobs. A 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from kubellm.config.base import StrictModel
+
+#: A Kubernetes quantity ("2", "500m", "16Gi"); a bare YAML number (``cpu_request: 2``) is accepted.
+Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)]
 
 STAGES = ("prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy", "playground")
 
@@ -54,13 +57,13 @@ class SecretVolume(StrictModel):
 
 
 class Resources(StrictModel):
-    cpu_request: str | None = None
+    cpu_request: Quantity | None = None
     """Kubernetes quantity, for example ``"2"`` or ``"500m"``."""
-    cpu_limit: str | None = None
+    cpu_limit: Quantity | None = None
     """Kubernetes quantity."""
-    memory_request: str | None = None
+    memory_request: Quantity | None = None
     """Kubernetes quantity, for example ``"8Gi"``."""
-    memory_limit: str | None = None
+    memory_limit: Quantity | None = None
     """Kubernetes quantity."""
     gpus: int = Field(default=0, ge=0)
     """``nvidia.com/gpu`` limit."""

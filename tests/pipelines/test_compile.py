@@ -1,0 +1,165 @@
+"""Compiled pipelines: deterministic, up to date with their source, and carrying what we promise
+(retries, the exit handler, the gate, placement, no secrets) in the IR a cluster runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubellm.config import load_config
+from kubellm.pipelines import PIPELINES
+from kubellm.pipelines._runner import COMPONENTS, compile_all
+
+REPO = Path(__file__).resolve().parents[2]
+SNAPSHOT = REPO / "pipelines" / "compiled"
+CLUSTER_OVERRIDES = [
+    "tracking.uri=http://mlflow.kubellm.svc:5000",
+    "finetune.base_model=models:/kubellm@champion",
+    "platform.default.resources.cpu_request=2",
+    "platform.default.resources.memory_limit=16Gi",
+    "platform.stages.pretrain.resources.gpus=2",
+    "platform.stages.pretrain.resources.accelerator=nvidia-h100-80gb",
+    "platform.stages.pretrain.node_selector={pool: gpu}",
+    "platform.stages.pretrain.tolerations=[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]",
+    "platform.stages.pretrain.pvcs=[{claim: kubellm-data, mount_path: /data}]",
+    "platform.stages.pretrain.secret_env=[{secret: mlflow-auth, key: password, env: MLFLOW_TRACKING_PASSWORD}]",
+    "platform.stages.pretrain.timeout_seconds=86400",
+    "platform.image_pull_secrets=[regcred]",
+]
+
+
+def _docs(path: Path) -> list[dict]:
+    return list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+
+
+SECRET_VALUES = {"MLFLOW_TRACKING_PASSWORD": "hunter2-pw", "KFP_TOKEN": "t0ken-kfp", "HF_TOKEN": "hf_s3cret"}
+
+
+@pytest.fixture(scope="module")
+def cluster_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Compiled for a cluster, with secrets in the environment of the compiling process (as on a CI
+    runner): none of them may end up in the compiled files."""
+    mp = pytest.MonkeyPatch()
+    for k, v in SECRET_VALUES.items():
+        mp.setenv(k, v)
+    try:
+        cfg = load_config(REPO / "configs" / "local.yaml", CLUSTER_OVERRIDES)
+        out = tmp_path_factory.mktemp("compiled")
+        compile_all(cfg, out)
+    finally:
+        mp.undo()
+    return {name: _docs(out / f"{name}.yaml") for name in PIPELINES}
+
+
+def test_compiling_twice_gives_identical_bytes(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "local.yaml", CLUSTER_OVERRIDES)
+    a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in compile_all(cfg, tmp_path / "a")}
+    b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in compile_all(cfg, tmp_path / "b")}
+    assert a == b
+    assert len(a) == len(PIPELINES) + len(COMPONENTS)
+
+
+def test_committed_pipelines_match_their_source(tmp_path: Path) -> None:
+    """pipelines/compiled/ is what `kubellm compile --config configs/local.yaml --out pipelines/compiled`
+    writes; a change to a pipeline or component without recompiling fails here."""
+    cfg = load_config(REPO / "configs" / "local.yaml")
+    fresh = compile_all(cfg, tmp_path)
+    stale = [str(p.relative_to(tmp_path)) for p in fresh
+             if not (SNAPSHOT / p.relative_to(tmp_path)).is_file()
+             or (SNAPSHOT / p.relative_to(tmp_path)).read_bytes() != p.read_bytes()]
+    assert not stale, (f"compiled pipelines are out of date: {stale}; run "
+                       "`kubellm compile --config configs/local.yaml --out pipelines/compiled`")
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every task of every DAG (root and sub-DAGs), by name."""
+    out = {}
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        out.update(dag.get("tasks", {}))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_task_retries_and_the_exit_handler_records_status(cluster_build, name: str) -> None:
+    spec = cluster_build[name][0]
+    tasks = _tasks(spec)
+    containers = {n: t for n, t in tasks.items() if "componentRef" in t and "dag" not in
+                  spec["components"][t["componentRef"]["name"]]}
+    assert containers
+    missing = [n for n, t in containers.items() if not t.get("retryPolicy", {}).get("maxRetryCount")]
+    assert not missing, f"tasks without retries: {missing}"
+    exit_tasks = [n for n, t in tasks.items() if t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"]
+    assert exit_tasks == ["finish-run"]
+    assert all(t.get("cachingOptions", {}).get("enableCache") in (None, False) for t in containers.values())
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_release_is_behind_the_gate(cluster_build, name: str) -> None:
+    spec = cluster_build[name][0]
+    tasks = _tasks(spec)
+    conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    assert conditions, "no dsl.If in the pipeline"
+    # register/deploy live only in conditional sub-DAGs, never in the root DAG
+    assert "register" not in spec["root"]["dag"]["tasks"] and "deploy" not in spec["root"]["dag"]["tasks"]
+    assert "register" in tasks and "deploy" in tasks
+
+
+def test_placement_from_the_cluster_config(cluster_build) -> None:
+    pipeline, platform = cluster_build["llm-lifecycle"]
+    execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    pre = execs["exec-pretrain"]
+    assert pre["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "pool": "gpu"}
+    assert pre["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pre["pvcMount"][0]["mountPath"] == "/data"
+    assert pre["secretAsEnv"][0]["keyToEnv"] == [{"secretKey": "password", "envVar": "MLFLOW_TRACKING_PASSWORD"}]
+    assert pre["activeDeadlineSeconds"] == "86400"
+    assert pre["imagePullSecret"][0]["secretName"] == "regcred"
+    assert pre["securityContext"]["runAsNonRoot"] is True and int(pre["securityContext"]["runAsUser"]) == 1000
+    assert pre["podMetadata"]["labels"]["kubellm.io/stage"] == "pretrain"
+    containers = pipeline["deploymentSpec"]["executors"]
+    gpu = containers["exec-pretrain"]["container"]["resources"]
+    assert gpu["accelerator"]["resourceCount"] == "2"
+    assert containers["exec-prepare-data"]["container"]["resources"]["resourceCpuRequest"] == "2"
+    assert all(e["container"]["image"] == "ghcr.io/kubellm/kubellm:0.1.0" for e in containers.values())
+
+
+SECRETISH = re.compile(r"(token|passw|secret|api[_-]?key|credential)", re.I)
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_no_parameter_is_a_secret_and_no_secret_is_compiled_in(cluster_build, name: str) -> None:
+    spec = cluster_build[name][0]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in params if SECRETISH.search(p)]
+    text = yaml.safe_dump(cluster_build[name])
+    for value in SECRET_VALUES.values():
+        assert value not in text
+
+
+def test_ui_parameters_are_described(cluster_build) -> None:
+    spec = cluster_build["llm-lifecycle"][0]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"run_name", "dataset_uri", "instruct_dataset_uri", "data_config", "pretrain_config"} <= set(params)
+    assert all(p.get("description") for p in params.values())
+    assert spec["pipelineInfo"]["description"].startswith("The whole life")
+
+
+def test_components_load_back(tmp_path: Path) -> None:
+    from kfp import components
+
+    cfg = load_config(REPO / "configs" / "local.yaml")
+    compile_all(cfg, tmp_path, names=[])
+    for name in COMPONENTS:
+        comp = components.load_component_from_file(str(tmp_path / "components" / f"{name}.yaml"))
+        assert comp.component_spec.implementation.container.image == "ghcr.io/kubellm/kubellm:0.1.0"
+
+
+def test_runtime_image_default_matches_the_config_default() -> None:
+    from kubellm.components._base import RUNTIME_IMAGE
+    from kubellm.config import PlatformConfig
+
+    assert RUNTIME_IMAGE == PlatformConfig().image
