@@ -161,3 +161,12 @@ def test_clear_errors(base_dir: Path, tmp_path: Path) -> None:
         evaluate(EvalConfig(), base_dir, tmp_path, tmp_path / "out")
     with pytest.raises(KubellmError, match="model directory not found"):
         evaluate(EvalConfig(), tmp_path / "nope", tmp_path, tmp_path / "out")
+
+
+def test_adapter_without_base_is_compared_with_its_recorded_base(adapter_dir: Path, base_dir: Path,
+                                                                  instruct_data: Path, tmp_path: Path) -> None:
+    res = evaluate(EvalConfig(num_prompts=0, gate=GateConfig(max_perplexity_ratio=10.0)), adapter_dir,
+                   instruct_data, tmp_path / "out")
+    assert res.passed and "perplexity_ratio" in res.metrics
+    report = res.report_path.read_text()
+    assert f"| base | `{base_dir}` |" in report  # adapter_config.json names the base it was trained on

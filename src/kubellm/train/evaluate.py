@@ -206,6 +206,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     """Evaluate ``model_dir`` (a full model or a LoRA adapter) on the prepared dataset ``data_dir``,
     against ``base_model`` when given, apply the gate and write the results to ``out_dir``."""
     from kubellm.data.format import open_prepared
+    from kubellm.train.model import adapter_base, is_adapter_dir
 
     t0 = time.perf_counter()
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out_dir)
@@ -272,12 +273,15 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     passed = all(r.passed for r in rules)
     reasons = [r.reason() for r in rules] or ["no gate rule is set (evaluate.gate): passes"]
 
+    # the base measured above: the one given, or the one an adapter records
+    base_ref = base_model if base_model is not None else (adapter_base(model_dir) if is_adapter_dir(model_dir)
+                                                          else None)
     curves = {"candidate training": read_history(model_dir)}
-    if base_model is not None and Path(base_model).is_dir():
-        curves["base training"] = read_history(base_model)
+    if base_ref is not None and Path(base_ref).is_dir():
+        curves["base training"] = read_history(base_ref)
     with atomic_dir(out) as tmp:
         has_plot = plot_loss_curves(curves, tmp / PLOT_FILE)
-        sources = {"candidate": str(model_dir), **({"base": str(base_model)} if base_model is not None else {})}
+        sources = {"candidate": str(model_dir), **({"base": str(base_ref)} if base_ref is not None else {})}
         (tmp / REPORT_FILE).write_text(render_report(
             title=model_dir.name, metrics=metrics, rules=rules, passed=passed, samples=samples,
             num_samples=cfg.num_samples_in_report, plot_name=PLOT_FILE if has_plot else None, sources=sources),
