@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,25 @@ def prepare_toy(root: Path, kind: str, records: list[dict], *, block_size: int,
     return prepare(cfg, root / "prepared", tokenizer_dir=tokenizer_dir).path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_process():
+    """Tiny models gain nothing from a second intra-op thread, and on 2 cores shared with other jobs
+    OpenMP's spinning threads made these tests 10× slower; subprocesses inherit OMP_NUM_THREADS."""
+    import os
+
+    import torch
+
+    previous, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(previous)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared pretraining dataset of the toy corpus: 32-token packed blocks, its own tokenizer."""
@@ -75,3 +95,21 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory, pretrain_data: Path)
     pairs = [{"prompt": p, "response": r} for p, r in toy_pairs(400, seed=4)]
     return prepare_toy(tmp_path_factory.mktemp("instruct"), "instruct", pairs, block_size=64,
                        tokenizer_dir=pretrain_data / TOKENIZER_DIR)
+
+
+@pytest.fixture
+def sigterm_at():
+    """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
+    from kubellm.tracking.base import NullTracker
+
+    class SigtermAt(NullTracker):
+        def __init__(self, step: int) -> None:
+            super().__init__()
+            self.step = step
+
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+            if step == self.step:
+                signal.raise_signal(signal.SIGTERM)
+
+    return SigtermAt

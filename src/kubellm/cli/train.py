@@ -19,8 +19,12 @@ OutOpt = Annotated[Path, typer.Option(
 
 
 def _print_result(title: str, result: object) -> None:
+    import os
+
     from kubellm.log import print_table
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     row = {k: v for k, v in result.to_json().items() if k != "output_dir"}  # type: ignore[attr-defined]
     print_table(title, [row])
     print(f"output: {result.output_dir}")  # type: ignore[attr-defined]

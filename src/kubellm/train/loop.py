@@ -489,6 +489,7 @@ class _Trainer:
         from kubellm.fsutil import write_json_atomic
 
         write_json_atomic(self.out / RESULT_FILE, result.to_json())
+        _readable(self.out / RESULT_FILE)
         ckpt.remove_checkpoints(self.out)
         self.tracker.log_metrics({"final_loss": result.final_loss, "tokens_seen": float(result.tokens_seen),
                                   **({"final_val_loss": last_val} if last_val is not None else {})},
@@ -506,7 +507,16 @@ def _publish(staged: Path, out: Path) -> None:
         return (p.is_file() and p.suffix == ".safetensors", p.name)
 
     for item in sorted(staged.iterdir(), key=weights_last):
+        _readable(item)
         dest = out / item.name
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         os.replace(item, dest)
+
+
+def _readable(path: Path) -> None:
+    """Temporary files are created 0600; outputs are read by other pods (serving, evaluation) that may
+    run as another user on a shared volume, so make them world-readable like any saved model."""
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
