@@ -94,8 +94,15 @@ def fingerprint(cfg: DataConfig, *, _sources: list[src_mod.Source] | None = None
 
 
 # --------------------------------------------------------------------------------------------- pass 1
+#: Text per tokenization batch. A batch's Encoding objects cost ~100 bytes per token (ids, offsets,
+#: token strings), so 4 MB of text (~1.2 M tokens) peaks near 150 MB whatever the corpus size, and is
+#: still enough documents to keep every core of the tokenizer's thread pool busy.
+BATCH_TEXT_BYTES = 4 * 1024 * 1024
+
+
 class _TextSink:
-    """Cleaned examples of one split, batched into an Arrow stream file (``text`` and ``origin``)."""
+    """Cleaned examples of one split, batched into an Arrow stream file (``text`` and ``origin``);
+    a batch ends at ``batch`` records or :data:`BATCH_TEXT_BYTES` characters, whichever comes first."""
 
     def __init__(self, path: Path, batch: int) -> None:
         import pyarrow as pa
@@ -105,19 +112,23 @@ class _TextSink:
         self._writer = pa.ipc.new_stream(str(path), self.schema)
         self._texts: list[str] = []
         self._origins: list[str] = []
+        self._chars = 0
         self.count = 0
+        self.chars = 0
 
     def add(self, text: str, origin: str) -> None:
         self._texts.append(text)
         self._origins.append(origin)
         self.count += 1
-        if len(self._texts) >= self.batch:
+        self._chars += len(text)
+        if len(self._texts) >= self.batch or self._chars >= BATCH_TEXT_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         if self._texts:
             self._writer.write_batch(self._pa.record_batch([self._texts, self._origins], schema=self.schema))
-            self._texts, self._origins = [], []
+            self.chars += self._chars
+            self._texts, self._origins, self._chars = [], [], 0
 
     def close(self) -> None:
         self._flush()
@@ -183,24 +194,34 @@ def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tupl
         "duplicates": dropped.get("duplicate", 0), "near_duplicates": dropped.get("near_duplicate", 0),
         "sources": [{"uri": s.cfg.uri, "files": len(s.files), "records": n} for s, n in zip(sources, per_source, strict=True)],
         "split_records": {s: sinks[s].count for s in SPLITS},
+        "split_chars": {s: sinks[s].chars for s in SPLITS},
     }
     return {s: sinks[s].path for s in SPLITS if sinks[s].count}, stats
 
 
 # --------------------------------------------------------------------------------------------- pass 2
-def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int) -> tuple[Any, bool]:
+def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int) -> tuple[Any, bool]:
     if cfg.tokenizer.path is not None:
         return tok_mod.load_tokenizer(cfg.tokenizer.path), False
+    budget = cfg.tokenizer.max_train_bytes
+    # Characters stand in for bytes (equal for ASCII, the common case): an evenly spaced, deterministic
+    # sample of records whose size fits the budget.
+    fraction = 1.0 if budget is None or train_chars <= budget else budget / train_chars
 
     def texts() -> Iterator[str]:
+        i = 0
         for batch, _ in _read_batches(train_text):
-            if cfg.kind == "pretrain":
-                yield from batch
-            else:
-                for conv in batch:
-                    yield from (m["content"] for m in json.loads(conv))
+            for rec in batch:
+                take = int((i + 1) * fraction) > int(i * fraction)
+                i += 1
+                if not take:
+                    continue
+                if cfg.kind == "pretrain":
+                    yield rec
+                else:
+                    yield from (m["content"] for m in json.loads(rec))
 
-    return tok_mod.train_tokenizer(texts(), cfg.tokenizer, length=n_train), True
+    return tok_mod.train_tokenizer(texts(), cfg.tokenizer, length=int(n_train * fraction)), True
 
 
 # --------------------------------------------------------------------------------------------- pass 3
@@ -298,7 +319,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
         timings["read_clean"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tok, trained = _tokenizer(cfg, text_paths["train"], stats["split_records"]["train"])
+        tok, trained = _tokenizer(cfg, text_paths["train"], stats["split_records"]["train"],
+                                  stats["split_chars"]["train"])
         tok.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
         timings["tokenizer"] = time.perf_counter() - t
 
