@@ -53,6 +53,9 @@ def test_constraints_hold_every_pyproject_pin(repo_root: Path) -> None:
     locked = {k.lower().replace("_", "-"): v for k, v in locked.items()}
     assert {k: locked.get(k.replace("_", "-")) for k in pins} == pins
     assert not any("+" in v for v in locked.values())  # no +cpu local builds: images take PyPI's wheels
+    dockerfile_mlflow = re.search(r'"mlflow\[auth\]==([^"]+)"', (IMAGES / "Dockerfile").read_text()).group(1)
+    assert dockerfile_mlflow == pins["mlflow"]
+    assert {"flask-wtf", "wtforms"} <= set(locked)  # what mlflow[auth] adds, pinned too
 
 
 def _fake_bin(tmp_path: Path, docker_script: str | None) -> dict[str, str]:
