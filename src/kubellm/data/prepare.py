@@ -40,7 +40,7 @@ from kubellm.data.pack import (
 from kubellm.data.report import render_report
 from kubellm.errors import DataError
 from kubellm.fsutil import atomic_dir, write_json_atomic
-from kubellm.log import Progress, get_logger
+from kubellm.log import Progress, get_logger, is_tty
 from kubellm.tracking.base import Tracker
 
 #: Bumped whenever a change here changes the prepared bytes, so old fingerprints stop matching.
@@ -91,6 +91,30 @@ def fingerprint(cfg: DataConfig, *, _sources: list[src_mod.Source] | None = None
     for source in _sources if _sources is not None else src_mod.resolve_all(cfg):
         source.fingerprint(h)
     return h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------- progress
+class _Tenths:
+    """Reports irregular progress (records in batches of any size) at each tenth and at the end, so a
+    pod log gets about ten lines per phase however large the corpus."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total = max(1, total)
+        self.progress = Progress(self.total, description, every=1, logger=log)
+        self._last = -1
+        self._every_call = is_tty()  # a terminal bar may redraw on every batch
+
+    def __call__(self, done: int) -> None:
+        tenth = 10 * done // self.total
+        if tenth > self._last or self._every_call:
+            self._last = tenth
+            self.progress.update(min(done, self.total))
+
+    def __enter__(self) -> _Tenths:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.close()
 
 
 # --------------------------------------------------------------------------------------------- pass 1
@@ -159,17 +183,21 @@ def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tupl
     per_source: list[int] = [0] * len(sources)
     n_files = sum(max(1, len(s.files)) for s in sources)
     read = 0
-    with Progress(n_files, "prep: read", every=max(1, n_files // 10), logger=log) as prog:
+    # Progress in files, or in records when max_docs caps the read before the last file.
+    with _Tenths(cfg.max_docs or n_files, "prep: read " + ("records" if cfg.max_docs else "files")) as report:
         files_done = 0
 
         def file_done() -> None:
             nonlocal files_done
             files_done += 1
-            prog.update(files_done, records=read)
+            if not cfg.max_docs:
+                report(files_done)
 
         for origin, example, index in src_mod.iter_examples(cfg, sources, on_file=file_done):
             read += 1
             per_source[index] += 1
+            if cfg.max_docs:
+                report(read)
             admitted = cleaner.admit(example)
             if admitted is None:
                 continue
@@ -208,7 +236,7 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int
     # sample of records whose size fits the budget.
     fraction = 1.0 if budget is None or train_chars <= budget else budget / train_chars
 
-    def texts() -> Iterator[str]:
+    def texts(report: _Tenths) -> Iterator[str]:
         i = 0
         for batch, _ in _read_batches(train_text):
             for rec in batch:
@@ -220,23 +248,24 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int
                     yield rec
                 else:
                     yield from (m["content"] for m in json.loads(rec))
+            report(i)
 
-    return tok_mod.train_tokenizer(texts(), cfg.tokenizer, length=int(n_train * fraction)), True
+    # The trainer counts words while it reads (the slow part, reported here); merges take seconds.
+    with _Tenths(n_train, "prep: train tokenizer (reading)") as report:
+        return tok_mod.train_tokenizer(texts(report), cfg.tokenizer, length=int(n_train * fraction)), True
 
 
 # --------------------------------------------------------------------------------------------- pass 3
 def _tokenize_split(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path, split_dir: Path,
                     n_records: int, split: str, fingerprint: str) -> PackStats:
     sink = ArrowSink(split_dir)
-    every = max(1, -(-n_records // cfg.batch_size) // 10)
-    with Progress(n_records, f"prep: tokenize {split}", every=1, logger=log) as prog:
+    with _Tenths(n_records, f"prep: tokenize {split}") as report:
         done = 0
 
         def tick(n: int) -> None:
             nonlocal done
             done += n
-            if done == n_records or (done // cfg.batch_size) % every == 0:
-                prog.update(done)
+            report(done)
 
         try:
             if cfg.kind == "pretrain":
