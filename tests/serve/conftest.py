@@ -1,9 +1,11 @@
-"""Fixtures of the serving tests: run configs, a fake Kubernetes API, a tiny trained model and tokenizer.
+"""Fixtures of the serving tests: run configs, a fake Kubernetes API, a tiny model and tokenizer.
 
-The model fixtures build everything offline in a few seconds: a byte-level BPE tokenizer trained with
-``tokenizers`` on a small text (with a chat template), the ``tiny`` Llama preset trained for a few dozen
-steps on that text so greedy answers are real words (the browser test compares them on screen), saved
-as safetensors, and a LoRA adapter directory on top of it made with peft.
+The model fixtures build everything offline in about a second: a byte-level BPE tokenizer trained with
+``tokenizers`` on a few sentences (with a chat template), the ``tiny`` Llama preset with random weights
+saved as safetensors, and a LoRA adapter directory on top of it made with peft. Random weights are
+deterministic, which is all the tests need: every check compares the server's answer with the answer
+the same model gives to a single request. (Training the model to recite sentences took 20-40 s of
+these shared CPUs: too much for the test budget.)
 """
 
 from __future__ import annotations
@@ -57,3 +59,83 @@ def fake_api():
     """kmock's stateful Kubernetes emulator on 127.0.0.1 (see tests/platform/conftest.py)."""
     with _platform_fakes().FakeApiServer() as server:
         yield server
+
+
+# --- a tiny model ------------------------------------------------------------------------------------
+
+#: The tokenizer's training text. Its alphabet is only these characters (not all 256 bytes), so whatever
+#: the random-weight model generates is letters, spaces and punctuation: text a browser shows as it is
+#: (no Markdown syntax, no half UTF-8 characters). Characters outside it are dropped when encoding.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The cat sits on the mat and sleeps all day.",
+    "The bird sings in the green tree by the river.",
+    "Who jumps over the dog? What does the cat do? Where is the bird?",
+    "You are a helpful assistant. Answer in one short sentence.",
+    # Every letter, the newline of the chat template and plain punctuation, so any such prompt encodes.
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz\n,.?!'",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def build_tokenizer(out: Path) -> Any:
+    """A byte-level BPE tokenizer trained on ``CORPUS`` with a chat template, saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_model(tokenizer: Any, preset: str = "tiny") -> Any:
+    """A random-weight Llama of ``preset`` size for ``tokenizer`` (deterministic: seed 0)."""
+    import torch
+
+    from kubellm.config.train import ModelConfig
+    from kubellm.train.model import build_model
+
+    model = build_model(ModelConfig(preset=preset), vocab_size=len(tokenizer), block_size=256,
+                        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, seed=0)
+    # Tied random embeddings make greedy decoding repeat the prompt's last token forever; an untied
+    # random output layer gives varied text instead.
+    model.config.tie_word_embeddings = False
+    weight = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    model.lm_head.weight = torch.nn.Parameter(weight)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A merged model directory: safetensors weights and the tokenizer with its chat template."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(build_tokenizer(out)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter directory on top of ``tiny_model_dir`` (random, non-zero B: it changes answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,3 +1,84 @@
-"""`kubellm` commands of this area (registered on import)."""
+"""``kubellm serve`` (the predictor), ``kubellm deploy`` (KServe rollout) and ``kubellm playground``."""
 
-from kubellm.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+
+PortOpt = Annotated[int | None, typer.Option("--port", "-p", help="Port to listen on (default: from the config).",
+                                             min=1, max=65535)]
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model to serve: a directory (merged model or LoRA adapter), "
+                                              "models:/name@alias, or a Hub id. Default: serve.model, else "
+                                              "models:/<tracking.registered_model>@champion.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model of a LoRA adapter (default: the base the "
+                                             "adapter records).")] = None,
+    port: PortOpt = None,
+) -> None:
+    """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
+    from kubellm.serve.app import serve as run_server
+
+    run_server(load(config, overrides), model_ref=model, base_model=base, port=port)
+
+
+@app.command()
+def deploy(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    storage_uri: Annotated[str | None, typer.Option(help="Model location KServe downloads into /mnt/models "
+                                                    "(s3://, gs://, pvc://, hf://); default: deploy.storage_uri.")] = None,
+    model_version: Annotated[int | None, typer.Option(min=1, help="Registry version being deployed: labelled on the "
+                                                      "InferenceService and given deploy.promote_alias "
+                                                      "(champion) after a healthy rollout.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifests as YAML; touch no cluster.")] = False,
+) -> None:
+    """Roll the model out as a KServe InferenceService: canary, smoke test, promote or roll back."""
+    import yaml
+
+    from kubellm.k8s.inferenceservice import build_inferenceservice, isvc_name
+    from kubellm.k8s.playground import build_playground
+
+    cfg = load(config, overrides)
+    if dry_run:
+        docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
+        if cfg.deploy.playground:
+            # KServe names the predictor's cluster-local Service <name>-predictor; the real rollout uses
+            # the address the InferenceService reports.
+            address = f"http://{isvc_name(cfg)}-predictor.{cfg.platform.namespace}.svc.cluster.local"
+            docs += build_playground(cfg, address)
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+        return
+
+    from kubellm.k8s.rollout import deploy as run_deploy
+    from kubellm.log import print_table
+
+    result = run_deploy(cfg, storage_uri, model_version=model_version)
+    print_table("kubellm deploy", [{"measure": k, "value": v} for k, v in (
+        ("status", result.status), ("reason", result.reason), ("url", result.url or "-"),
+        ("revision", result.revision or "-"), ("changed", result.changed))])
+    if result.status != "promoted":
+        raise typer.Exit(1)
+
+
+@app.command()
+def playground(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL of model A (default: "
+                                                 "playground.endpoint, else the local predictor).")] = None,
+    compare_endpoint: Annotated[str | None, typer.Option(help="Base URL of model B, answered side by side "
+                                                         "(e.g. the base model).")] = None,
+    port: PortOpt = None,
+) -> None:
+    """The prompt playground (Gradio) on 127.0.0.1 unless playground.host says otherwise."""
+    from kubellm.serve.playground import launch
+
+    launch(load(config, overrides), endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)

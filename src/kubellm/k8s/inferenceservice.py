@@ -61,7 +61,7 @@ def isvc_name(run_cfg: RunConfig) -> str:
 
 
 def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *,
-                           model_version: str | None = None) -> dict[str, Any]:
+                           model_version: str | int | None = None) -> dict[str, Any]:
     """The InferenceService manifest for ``run_cfg`` serving the model at ``storage_uri``.
 
     ``storage_uri`` falls back to ``deploy.storage_uri``; one of them is required. ``model_version`` (the

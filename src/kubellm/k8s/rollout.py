@@ -161,7 +161,7 @@ def http_smoke(model_name: str, *, prompt: str = "Hello", max_tokens: int = 4,
     return check
 
 
-def deploy(run_cfg: RunConfig, storage_uri: str | None = None, *, model_version: str | None = None,
+def deploy(run_cfg: RunConfig, storage_uri: str | None = None, *, model_version: str | int | None = None,
            api_client: Any = None, smoke: Callable[[str], None] | None = None) -> RolloutResult:
     """The deploy step: build the InferenceService from ``run_cfg``, roll it out, and after a healthy
     rollout give ``model_version`` the ``deploy.promote_alias`` alias (``champion``) in the registry and
@@ -181,7 +181,7 @@ def deploy(run_cfg: RunConfig, storage_uri: str | None = None, *, model_version:
     if model_version is not None:
         from kubellm.tracking.registry import promote
 
-        promote(run_cfg.tracking, run_cfg.workdir, model_version, alias=cfg.promote_alias)
+        promote(run_cfg.tracking, run_cfg.workdir, int(model_version), alias=cfg.promote_alias)
     if cfg.playground:
         endpoint = result.address or result.url
         if endpoint is None:

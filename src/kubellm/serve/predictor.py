@@ -1,0 +1,321 @@
+"""The predictor: a ``kserve.Model`` that loads a causal LM and generates through the batching engine.
+
+It serves three protocols from one FastAPI app (:mod:`kubellm.serve.app`):
+
+- **KServe V1** ``POST /v1/models/<name>:predict`` with ``{"instances": ["prompt", {"prompt": …,
+  "max_tokens": …}], "parameters": {…}}`` → ``{"predictions": ["text", …]}``;
+- **Open Inference Protocol V2** ``POST /v2/models/<name>/infer`` with a BYTES input ``text_input`` and
+  generation settings in the request ``parameters`` → a BYTES output ``text_output``; health
+  ``/v2/health/live|ready``, ``/v2/models/<name>/ready``, metadata ``/v2/models/<name>``;
+- an **OpenAI-compatible API** under ``/openai/v1`` (:mod:`kubellm.serve.openai_api`).
+
+Why KServe's own V1/V2 routes: kserve 0.21 exposes ``register_v1_endpoints``/``register_v2_endpoints``
+over a ``DataPlane`` and a ``ModelRepository``, which is exactly what its ``ModelServer`` mounts. Mounting
+them on our own FastAPI app with this model registered gives the protocols byte-for-byte as KServe
+serves them (request decoding, CloudEvents, error codes, V2 metadata) without reimplementing them,
+while avoiding ``ModelServer`` itself: it binds 0.0.0.0, starts a gRPC server and installs signal
+handlers. We run the app with uvicorn on ``serve.host`` (127.0.0.1 locally, 0.0.0.0 in the pod). KServe's
+OpenAI routes need vllm (never installed here), so those are our own.
+
+Importing kserve parses ``sys.argv`` (``kserve.model_server`` runs ``parse_known_args`` at import, with
+prefix matching: our ``--config`` would be read as its boolean ``--configure_logging`` and abort).
+:func:`import_kserve` imports it with a bare ``argv``; this module is only imported by ``kubellm serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubellm.errors import ServingError
+from kubellm.log import get_logger
+from kubellm.serve.engine import Completion, GenerationEngine, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from kubellm.config.serve import ServeConfig
+    from kubellm.config.tracking import TrackingConfig
+
+log = get_logger("kubellm.serve")
+
+#: Where KServe's storage initializer puts the model in a predictor pod.
+KSERVE_MODEL_DIR = "/mnt/models"
+# Files that mark a loadable directory: a full model or a LoRA adapter.
+_MODEL_MARKERS = ("config.json", "adapter_config.json")
+
+
+def import_kserve() -> Any:
+    """``import kserve`` without letting its import-time argument parser see our command line."""
+    if "kserve" in sys.modules:
+        return sys.modules["kserve"]
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        import kserve
+    finally:
+        sys.argv = argv
+    return kserve
+
+
+kserve = import_kserve()
+
+
+class InvalidRequest(ServingError):
+    """A request the client must fix: answered with ``status`` (4xx) and an OpenAI-style error body."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def resolve_model(ref: str, *, tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm") -> str:
+    """A local directory (or Hub id) to load for ``ref``.
+
+    ``models:/name@alias`` is downloaded through the registry; a directory is searched two levels deep
+    for the model (KServe's storage initializer and MLflow artifacts may nest it, e.g.
+    ``/mnt/models/model``); anything else that looks like ``owner/name`` is passed on as a Hub id.
+    """
+    if ref.startswith("models:/"):
+        from kubellm.config.tracking import TrackingConfig
+        from kubellm.tracking.registry import resolve_model_uri
+
+        return str(resolve_model_uri(tracking or TrackingConfig(), workdir, ref))
+    path = Path(ref)
+    if path.is_dir():
+        return str(find_model_dir(path))
+    if path.exists():
+        raise ServingError(f"{ref}: expected a model directory, found a file")
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ref  # a Hub id: load_causal_lm says clearly when the network does not allow it
+    raise ServingError(f"{ref}: no such model directory (expected a directory, models:/name@alias or a Hub id)")
+
+
+def find_model_dir(root: Path) -> Path:
+    """``root`` or the one directory below it (two levels at most) holding a model or an adapter."""
+    if any((root / m).is_file() for m in _MODEL_MARKERS):
+        return root
+    found = sorted({p.parent for m in _MODEL_MARKERS for pattern in (f"*/{m}", f"*/*/{m}")
+                    for p in root.glob(pattern)})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        listing = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "empty"
+        raise ServingError(f"{root}: no model in this directory (no config.json or adapter_config.json; "
+                           f"found: {listing})")
+    raise ServingError(f"{root}: several models below this directory ({', '.join(map(str, found[:4]))}); "
+                       "point at one of them")
+
+
+class LLMModel(kserve.Model):
+    """A causal LM behind the batching engine, registered with KServe's data plane under ``cfg.model_name``.
+
+    ``source`` is a directory, ``models:/name@alias`` or a Hub id (:func:`resolve_model`); a LoRA adapter
+    is merged into its base (``base_model``, else the base the adapter records) at load time, so serving
+    costs what the base model costs.
+    """
+
+    def __init__(self, cfg: ServeConfig, source: str, *, base_model: str | None = None,
+                 tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm") -> None:
+        super().__init__(cfg.model_name)
+        self.cfg = cfg
+        self.source = source
+        self.base_model = base_model
+        self.tracking = tracking
+        self.workdir = workdir
+        self.engine: GenerationEngine | None = None
+        self.tokenizer: Any = None
+        self.description = source
+
+    # --- loading ---
+
+    def load(self) -> bool:
+        """Resolve and load the model, pick device and precision, and build the engine."""
+        import torch
+
+        from kubellm.train.model import load_causal_lm
+        from kubellm.train.precision import resolve_device, resolve_precision
+
+        path = resolve_model(self.source, tracking=self.tracking, workdir=self.workdir)
+        device = resolve_device(self.cfg.device)
+        precision = resolve_precision(self.cfg.precision, device)
+        # On a GPU the weights themselves go to bf16 (half the memory); on a CPU they stay fp32 and
+        # generate runs under bf16 autocast, which is where the 1.5-1.75x of native bf16 comes from.
+        on_gpu = device.startswith("cuda")
+        dtype = torch.bfloat16 if on_gpu and precision == "bf16" else None
+        loaded = load_causal_lm(path, base_model=self.base_model, device=device, dtype=dtype, merge_adapter=True)
+        self.tokenizer = loaded.tokenizer
+        self.description = loaded.source
+        self.engine = GenerationEngine(
+            loaded.model, loaded.tokenizer, device=device, precision="fp32" if on_gpu else precision,
+            max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
+            batch_wait_ms=self.cfg.batch_wait_ms)
+        log.info("loaded %s on %s (%s)", loaded.source, device, "bf16" if precision == "bf16" else "fp32")
+        self.ready = True
+        return True
+
+    async def healthy(self) -> bool:
+        return bool(self.ready and self.engine is not None)
+
+    # --- requests, shared by every protocol ---
+
+    def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a completion prompt (text, or ids as they are), within ``max_prompt_tokens``."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            vocab = len(self.tokenizer)
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+                raise InvalidRequest(f"{param}: token ids must be integers in [0, {vocab})", param=param)
+            ids = list(prompt)
+        return self._check_length(ids, param)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, formatted with the tokenizer's chat template and a generation prompt.
+
+        A tokenizer without a template gets a plain ``role: content`` transcript ending in ``assistant:``.
+        """
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = self.tokenizer(text)["input_ids"]
+        return self._check_length(ids, "messages")
+
+    def _check_length(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise InvalidRequest(f"{param}: the prompt is empty", param=param)
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise InvalidRequest(f"{param}: the prompt is {len(ids)} tokens, more than this server's limit of "
+                                 f"{self.cfg.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        return ids
+
+    def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
+                 min_tokens: int | None = None) -> SamplingParams:
+        """Validated generation settings (the same limits on every protocol)."""
+        limit = self.cfg.max_new_tokens
+        max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
+        checks = [
+            (isinstance(max_tokens, int) and 1 <= max_tokens <= limit, "max_tokens",
+             f"must be an integer from 1 to {limit} (this server's limit), got {max_tokens!r}"),
+            (temperature is None or (_number(temperature) and 0 <= temperature <= 2), "temperature",
+             f"must be a number from 0 to 2, got {temperature!r}"),
+            (top_p is None or (_number(top_p) and 0 < top_p <= 1), "top_p",
+             f"must be a number in (0, 1], got {top_p!r}"),
+            (seed is None or isinstance(seed, int), "seed", f"must be an integer, got {seed!r}"),
+            (min_tokens is None or (isinstance(min_tokens, int) and 0 <= min_tokens <= max_tokens), "min_tokens",
+             f"must be an integer from 0 to max_tokens, got {min_tokens!r}"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise InvalidRequest(f"{param}: {why}", param=param)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidRequest("stop: at most 4 non-empty strings", param="stop")
+        return SamplingParams(max_tokens=max_tokens, temperature=float(temperature or 0.0),
+                              top_p=float(1.0 if top_p is None else top_p), stop=tuple(stops), seed=seed,
+                              min_tokens=min_tokens or 0)
+
+    def submit(self, ids: list[int], params: SamplingParams) -> GenerationRequest:
+        if self.engine is None:
+            raise ServingError(f"model {self.name} is not loaded")
+        return self.engine.submit(ids, params)
+
+    # --- KServe V1 / V2 ---
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        """V1 (a dict of ``instances``) or V2 (an ``InferRequest`` with ``text_input``)."""
+        if isinstance(payload, kserve.InferRequest):
+            return await self._predict_v2(payload)
+        if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) or not payload["instances"]:
+            raise InvalidRequest('expected {"instances": ["prompt", ...]} with at least one instance',
+                                 param="instances")
+        shared = _settings(payload.get("parameters") or {}, "parameters")
+        jobs = []
+        for i, inst in enumerate(payload["instances"]):
+            if isinstance(inst, str):
+                prompt, own = inst, {}
+            elif isinstance(inst, dict) and isinstance(inst.get("prompt"), str):
+                own = dict(inst)
+                prompt = own.pop("prompt")
+                own = _settings(own, f"instances[{i}]")
+            else:
+                raise InvalidRequest(f'instances[{i}]: expected a prompt string or {{"prompt": ...}}',
+                                     param=f"instances[{i}]")
+            jobs.append((self.encode_prompt(prompt, f"instances[{i}]"), self.sampling(**{**shared, **own})))
+        results = await _run_all(self, jobs)
+        return {"predictions": [c.text for c in results]}
+
+    async def _predict_v2(self, request: Any) -> Any:
+        inputs = {i.name: i for i in request.inputs}
+        if "text_input" not in inputs:
+            raise InvalidRequest(f"V2 request needs a BYTES input named text_input (got {sorted(inputs)})",
+                                 param="inputs")
+        texts = _v2_texts(inputs["text_input"])
+        params = self.sampling(**_settings(dict(request.parameters or {}), "parameters"))
+        results = await _run_all(self, [(self.encode_prompt(t, "text_input"), params) for t in texts])
+        output = kserve.InferOutput("text_output", [len(results)], "BYTES", [c.text for c in results])
+        return kserve.InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
+                                    infer_outputs=[output])
+
+
+def _v2_texts(tensor: Any) -> list[str]:
+    """The strings of a BYTES tensor: JSON requests carry ``str``, binary ones ``bytes``, maybe nested."""
+    if tensor.datatype != "BYTES":
+        raise InvalidRequest(f"text_input: expected datatype BYTES, got {tensor.datatype}", param="inputs")
+    flat: list[Any] = []
+    stack = [tensor.data if tensor.data is not None else []]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    try:
+        return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in flat]
+    except UnicodeDecodeError:
+        raise InvalidRequest("text_input: not UTF-8 text", param="inputs") from None
+
+
+_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens")
+
+
+def _settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(_SETTINGS))
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown generation setting(s) {unknown}; known: {list(_SETTINGS)}",
+                             param=where)
+    # V2 parameters may arrive as JSON text ("[\"\\n\"]" for a list of stop strings).
+    return {k: (_maybe_json(v) if k == "stop" else v) for k, v in values.items()}
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+async def _run_all(model: LLMModel, jobs: list[tuple[list[int], SamplingParams]]) -> list[Completion]:
+    """Submit every job before awaiting any, so one request's instances share a batch."""
+    import asyncio
+
+    requests = [model.submit(ids, params) for ids, params in jobs]
+    return list(await asyncio.gather(*(r.result() for r in requests)))
