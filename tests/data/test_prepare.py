@@ -326,3 +326,16 @@ def test_a_validation_split_too_small_for_one_block_is_left_out(tmp_path: Path, 
     result = prepare(cfg, tmp_path / "o")
     assert result.stats["split_records"]["validation"] > 0 and list(result.manifest.splits) == ["train"]
     assert sorted(p.name for p in (result.path / "dataset").iterdir()) == ["dataset_dict.json", "train"]
+
+
+def test_fingerprint_with_a_tokenizer_dir_matches_the_prep(tmp_path: Path, shared_tokenizer: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(shared_tokenizer, model)
+    cfg = data_cfg(write_jsonl(tmp_path / "i.jsonl", _instruct_records(20)), kind="instruct", block_size=64)
+    result = prepare(cfg, tmp_path / "out", tokenizer_dir=model)
+    assert fingerprint(cfg, tokenizer_dir=model) == result.manifest.fingerprint != fingerprint(cfg)
+    (model / "model.safetensors").write_bytes(b"\0" * 1024)  # weights beside it do not count
+    assert fingerprint(cfg, tokenizer_dir=model) == result.manifest.fingerprint
+    conf = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**conf, "model_max_length": 77}))
+    assert fingerprint(cfg, tokenizer_dir=model) != result.manifest.fingerprint

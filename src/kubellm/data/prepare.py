@@ -66,27 +66,34 @@ def _effective(cfg: DataConfig, tokenizer_dir: str | Path | None) -> DataConfig:
     return cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"path": str(tokenizer_dir)})})
 
 
-def _hash_dir(h: Any, root: Path) -> None:
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(root).as_posix()}\0".encode())
-        with p.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+def _hash_tokenizer(root: Path) -> str:
+    """Content hash of the files a tokenizer loads from, not of the whole directory: a model directory
+    passed as the tokenizer also holds gigabytes of weights that do not change the token ids."""
+    h = hashlib.sha256()
+    for name in tok_mod.TOKENIZER_FILES:
+        p = root / name
+        if p.is_file():
+            h.update(f"{name}\0".encode())
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
-def fingerprint(cfg: DataConfig, *, _sources: list[src_mod.Source] | None = None) -> str:
+def fingerprint(cfg: DataConfig, *, tokenizer_dir: str | Path | None = None,
+                _sources: list[src_mod.Source] | None = None) -> str:
     """Hash of the sources' content and the data config, without preparing anything.
 
     Input files are hashed by content (streamed), Hub datasets by their resolved revision, an existing
-    tokenizer by its files; ``num_proc`` is left out (it changes speed, not bytes). It equals
-    ``manifest.fingerprint`` of a prep with the same config, so a pipeline can skip unchanged data.
+    tokenizer by its files (``tokenizer_dir`` overrides ``cfg.tokenizer.path`` as in :func:`prepare`);
+    ``num_proc`` is left out (it changes speed, not bytes). It equals ``manifest.fingerprint`` of a prep
+    with the same config and tokenizer, so a pipeline can skip unchanged data.
     """
+    cfg = _effective(cfg, tokenizer_dir)
     h = hashlib.sha256(f"kubellm-prep/{PREP_VERSION}/{fmt.FORMAT_VERSION}\0".encode())
     doc = cfg.model_dump(mode="json", exclude={"num_proc", "sources"})
     if cfg.tokenizer.path is not None:
-        th = hashlib.sha256()
-        _hash_dir(th, tok_mod.tokenizer_source(cfg.tokenizer.path))
-        doc["tokenizer"]["path"] = th.hexdigest()
+        doc["tokenizer"]["path"] = _hash_tokenizer(tok_mod.tokenizer_source(cfg.tokenizer.path))
     h.update(json.dumps(doc, sort_keys=True).encode())
     for source in _sources if _sources is not None else src_mod.resolve_all(cfg):
         source.fingerprint(h)
@@ -101,7 +108,7 @@ class _Tenths:
     def __init__(self, total: int, description: str) -> None:
         self.total = max(1, total)
         self.progress = Progress(self.total, description, every=1, logger=log)
-        self._last = -1
+        self._last = 0  # first line at 10 %
         self._every_call = is_tty()  # a terminal bar may redraw on every batch
 
     def __call__(self, done: int) -> None:

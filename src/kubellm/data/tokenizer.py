@@ -9,7 +9,7 @@ An existing tokenizer without a chat template gets :data:`PLAIN_CHAT_TEMPLATE`, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ PAD = "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (EOS, PAD, *CHAT_TOKENS)
 END_OF_TURN = "<|end|>"
+#: What ``PreTrainedTokenizerFast.from_pretrained`` reads (and so what a tokenizer's identity is made of).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 #: Every turn is ``<|role|>content<|end|>``, with no whitespace around the special tokens: text between
 #: two special tokens is tokenized on its own, so a rendered conversation tokenizes identically in
@@ -139,14 +142,3 @@ def stop_token_ids(tok: Any) -> list[int]:
     if end is not None and end not in ids:
         ids.append(end)
     return ids
-
-
-def batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
