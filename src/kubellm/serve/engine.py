@@ -229,15 +229,16 @@ class GenerationEngine:
     def run_batch(self, batch: list[GenerationRequest]) -> None:
         """Generate every request of ``batch``: one ``generate`` call per sampling group."""
         t0 = time.perf_counter()
+        # Counted before generating: a client may read the stats as soon as its answer arrives.
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.batch_sizes.append(len(batch))
         groups: dict[tuple, list[GenerationRequest]] = {}
         for request in batch:
             groups.setdefault(request.params.group_key(request.uid), []).append(request)
         for members in groups.values():
             self._generate(members)
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        self.stats.batch_sizes.append(len(batch))
         self.stats.busy_s += time.perf_counter() - t0
 
     def _generate(self, requests: list[GenerationRequest]) -> None:
