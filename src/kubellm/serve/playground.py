@@ -38,7 +38,7 @@ ERROR_MARK = "⚠️ "
 def normalize_endpoint(url: str) -> str:
     """``http://host:port`` → ``http://host:port/openai/v1`` (KServe's OpenAI prefix); others as given."""
     url = url.strip().rstrip("/")
-    if not urlsplit(url).scheme:
+    if "://" not in url:  # urlsplit reads "host:80" as scheme "host"
         url = f"http://{url}"
     return url if urlsplit(url).path else f"{url}/openai/v1"
 
