@@ -259,7 +259,8 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int
 
     # The trainer counts words while it reads (the slow part, reported here); merges take seconds.
     with _Tenths(n_train, "prep: train tokenizer (reading)") as report:
-        return tok_mod.train_tokenizer(texts(report), cfg.tokenizer, length=int(n_train * fraction)), True
+        where = ", ".join(s.uri for s in cfg.sources)
+        return tok_mod.train_tokenizer(texts(report), cfg.tokenizer, length=int(n_train * fraction), where=where), True
 
 
 # --------------------------------------------------------------------------------------------- pass 3
@@ -368,9 +369,12 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
                                                      stats["split_records"][split], split, fp)
         timings["tokenize_pack"] = time.perf_counter() - t
         if split_stats["train"].rows == 0:
-            raise DataError(f"{cfg.sources[0].uri}: the training split has {split_stats['train'].dropped_tail_tokens} "
-                            f"tokens, fewer than one block of data.block_size={cfg.block_size}; add data or "
-                            "lower data.block_size")
+            train = split_stats["train"]
+            if cfg.kind == "instruct":
+                raise DataError(f"{cfg.sources[0].uri}: no training example keeps any answer token within "
+                                f"data.block_size={cfg.block_size} ({train.dropped}); raise data.block_size")
+            raise DataError(f"{cfg.sources[0].uri}: the training split has {train.dropped_tail_tokens} tokens, "
+                            f"fewer than one block of data.block_size={cfg.block_size}; add data or lower it")
 
         t = time.perf_counter()
         splits = _finish_dataset(split_stats, tmp / fmt.DATASET_DIR)

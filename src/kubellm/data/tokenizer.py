@@ -49,11 +49,13 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None) -> Any:
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None,
+                    where: str = "data") -> Any:
     """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     Raises :class:`DataError` when the data cannot fill ``cfg.vocab_size`` (too little text for that
-    many merges at ``min_frequency``), since a silently smaller vocabulary would break model configs.
+    many merges at ``min_frequency``), since a silently smaller vocabulary would break model configs;
+    ``where`` names the data in that message.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -68,7 +70,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int |
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     got = tok.get_vocab_size()
     if got < cfg.vocab_size:
-        raise DataError(f"tokenizer.vocab_size {cfg.vocab_size}: the training split supports only {got} tokens "
+        raise DataError(f"{where}: tokenizer.vocab_size {cfg.vocab_size}: the training split supports only {got} tokens "
                         f"(pairs seen at least {cfg.min_frequency} times); lower "
                         "tokenizer.vocab_size or add data")
     return wrap(tok)
