@@ -244,16 +244,20 @@ def test_first_deployment_that_fails_to_load_is_failed_fast(fake_api, kserve, ma
     assert _live(fake_api)["metadata"]["name"] == "local"  # left in place for `kubectl describe`
 
 
-def test_deploy_creates_the_playground_after_a_healthy_rollout(fake_api, kserve, make_cfg) -> None:
+def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve, make_cfg,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from kubernetes import client
 
     from kubellm.k8s.playground import apply_playground, build_playground
+    from kubellm.tracking import registry
 
+    promoted = []
+    monkeypatch.setattr(registry, "promote", lambda cfg, workdir, version, alias: promoted.append((version, alias)))
     cfg = make_cfg("deploy.poll_s=0.02", "deploy.ready_timeout_s=5")
     kserve(["ready"])
-    result = deploy(cfg, "s3://models/kubellm/1", api_client=fake_api.api_client(),
+    result = deploy(cfg, "s3://models/kubellm/3", model_version="3", api_client=fake_api.api_client(),
                     smoke=Smoke(fake_api.api_client(), "local"))
-    assert result.status == "promoted"
+    assert result.status == "promoted" and promoted == [(3, "champion")]
     dep = client.AppsV1Api(fake_api.api_client()).read_namespaced_deployment("local-playground", NS)
     args = dep.spec.template.spec.containers[0].args
     assert args[args.index("--endpoint") + 1] == "http://local-predictor.serving.svc.cluster.local"
@@ -261,3 +265,20 @@ def test_deploy_creates_the_playground_after_a_healthy_rollout(fake_api, kserve,
     assert apply_playground(objs, namespace=NS, api_client=fake_api.api_client()) == ["unchanged", "unchanged"]
     objs[0]["spec"]["replicas"] = 2
     assert apply_playground(objs, namespace=NS, api_client=fake_api.api_client()) == ["patched", "unchanged"]
+
+
+def test_a_failed_deploy_promotes_nothing(fake_api, kserve, make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from kubellm.tracking import registry
+
+    promoted = []
+    monkeypatch.setattr(registry, "promote", lambda *a, **kw: promoted.append(a))
+    kserve(["fail"])
+    result = deploy(make_cfg("deploy.poll_s=0.02"), "s3://models/broken", model_version=4,
+                    api_client=fake_api.api_client(), smoke=Smoke(fake_api.api_client(), "local"))
+    assert result.status == "failed" and promoted == []
+    with pytest.raises(ApiException) as err:
+        client.AppsV1Api(fake_api.api_client()).read_namespaced_deployment("local-playground", NS)
+    assert err.value.status == 404
