@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -81,12 +82,14 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(pretrain_da
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
     assert not (out / RESULT_FILE).exists()
 
-    # a newer checkpoint without its completion marker must be ignored
+    # Resume from step 4, in the middle of a logging window (steps 4-6), to check that the window
+    # carries over; a newer checkpoint without its completion marker must be ignored.
+    shutil.rmtree(ckpt.checkpoint_root(out) / "step-00000006")
     fake = ckpt.checkpoint_root(out) / "step-00000008"
     fake.mkdir()
     (fake / ckpt.STATE).write_text("{}")
     resumed = pretrain(tiny_cfg(), pretrain_data, out)
-    assert resumed.resumed_from_step == 6 and resumed.steps == 12
+    assert resumed.resumed_from_step == 4 and resumed.steps == 12
 
     a, b = weights(tmp_path / "straight"), weights(out)
     assert a.keys() == b.keys()

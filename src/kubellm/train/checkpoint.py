@@ -53,6 +53,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     """The history.jsonl lines logged so far."""
     world_size: int = 1
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """The open logging window, summed over ranks: nll, target tokens, input tokens."""
+    window_seconds: float = 0.0
+    """Wall time the open logging window had run."""
 
 
 @dataclass

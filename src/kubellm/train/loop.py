@@ -195,8 +195,10 @@ def token_nll_sum(logits: Any, labels: Any) -> Any:
     """
     import torch.nn.functional as F
 
-    shifted = logits[:, :-1, :].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1),
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest activation of the
+    # step (8 × 256 × 4 k vocab × 4 B = 33 MB for the small preset) forward and again backward.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -261,7 +263,7 @@ class _Trainer:
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
         if self.loop.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -306,9 +308,11 @@ class _Trainer:
         log.info("resuming from %s (step %d of %d)", path, c.state.step, self.loop.max_steps)
 
     def _checkpoint(self) -> None:
-        from kubellm.train.dist import barrier, gather_objects
+        from kubellm.train.dist import all_reduce_sum, barrier, gather_objects
 
         rngs = gather_objects(self.ctx, _rng_state())
+        self.state.window = all_reduce_sum(self.ctx, self.window)
+        self.state.window_seconds = time.perf_counter() - self.t_window
         if self.ctx.is_main:
             path = ckpt.save_checkpoint(
                 self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
@@ -366,10 +370,7 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        import torch
-
         from kubellm.train.dist import all_reduce_sum, any_rank, barrier
-        from kubellm.train.precision import autocast
 
         self._resume()
         if self.ctx.is_main:
@@ -383,60 +384,24 @@ class _Trainer:
 
             wrapped = DistributedDataParallel(
                 self.model, device_ids=[self.ctx.local_rank] if self.ctx.device.startswith("cuda") else None)
-        loop, world, device = self.loop, self.ctx.world_size, self.ctx.device
-        rows_per_step = world * loop.micro_batch_size * loop.grad_accum_steps
-        clip = self.optim.grad_clip or math.inf  # inf: measure the norm, clip nothing
+        loop = self.loop
         batches = self._batches() if self.state.step < loop.max_steps else iter(())
-        window = [0.0, 0.0, 0.0]  # summed nll, target tokens, input tokens since the last record
-        run_tokens, t_loop, t_window = 0.0, time.perf_counter(), time.perf_counter()
-        grad_norm = 0.0
-        progress = Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step,
-                            logger=log, enabled=self.ctx.is_main)
+        # The logging window (summed nll, target tokens, input tokens) carries over a resume, so the
+        # first record after it covers the same steps as in an uninterrupted run; rank 0 holds the sums.
+        self.window = list(self.state.window) if self.ctx.is_main else [0.0, 0.0, 0.0]
+        self.t_window = time.perf_counter() - self.state.window_seconds
+        attempt_tokens, t_loop = 0.0, time.perf_counter()
         shown: dict[str, Any] = {}
-        with progress, _StopFlag() as stop:
+        with Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step, logger=log,
+                      enabled=self.ctx.is_main) as progress, _StopFlag() as stop:
             while self.state.step < loop.max_steps:
-                micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                         for _ in range(loop.grad_accum_steps)]
-                targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                             for b in micro)
-                # DDP averages gradients over ranks, hence × world: the step's loss is the mean over
-                # every target token of every micro-batch of every rank.
-                (step_targets,) = all_reduce_sum(self.ctx, [targets]) if world > 1 else (targets,)
-                scale = world / max(step_targets, 1)
-                for i, batch in enumerate(micro):
-                    sync = i == len(micro) - 1 or not self.ctx.distributed
-                    with contextlib.nullcontext() if sync else wrapped.no_sync():
-                        with autocast(self.precision, device):
-                            logits = forward_logits(wrapped, batch)
-                        nll = token_nll_sum(logits, batch["labels"])
-                        (nll * scale).backward()
-                    window[0] += nll.item()
-                window[1] += targets
-                window[2] += tokens
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.step += 1
-                self.state.samples_seen += rows_per_step
+                tokens, grad_norm, lr = self._step(wrapped, batches)
+                attempt_tokens += tokens
                 step = self.state.step
                 last = step == loop.max_steps
                 evaluate = last or (loop.eval_every is not None and step % loop.eval_every == 0)
                 if last or evaluate or step % loop.log_every == 0:
-                    nll_sum, n_targets, n_tokens = all_reduce_sum(self.ctx, window)
-                    now = time.perf_counter()
-                    record: dict[str, Any] = {"step": step, "loss": nll_sum / max(n_targets, 1), "lr": lr,
-                                              "tokens_per_s": n_tokens / max(now - t_window, 1e-9)}
-                    val = self._val_loss() if evaluate else None
-                    if val is not None:
-                        record["val_loss"] = val
-                    self._record(record, grad_norm)
-                    self.state.tokens_seen += int(n_tokens)
-                    run_tokens += n_tokens
-                    shown = {k: v for k, v in record.items() if k != "step"}
-                    window, t_window = [0.0, 0.0, 0.0], time.perf_counter()
+                    shown = self._log(step, lr, grad_norm, evaluate)
                 progress.update(step, **shown)
                 stopping = any_rank(self.ctx, stop.signum is not None)
                 if stopping or last or step % loop.checkpoint_every == 0:
@@ -445,10 +410,65 @@ class _Trainer:
                     raise TrainingInterrupted(
                         f"stopped by SIGTERM at step {step}/{loop.max_steps}; checkpoint written under "
                         f"{self.out / ckpt.CHECKPOINTS}; rerun with the same output directory to resume")
-        loop_seconds = time.perf_counter() - t_loop
-        result = self._finish(run_tokens / loop_seconds if run_tokens else 0.0)
+        (attempt_tokens,) = all_reduce_sum(self.ctx, [attempt_tokens])
+        seconds = time.perf_counter() - t_loop
+        result = self._finish(attempt_tokens / seconds if attempt_tokens else 0.0)
         barrier(self.ctx)
         return result
+
+    def _step(self, wrapped: Any, batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns (input tokens of this rank,
+        gradient norm before clipping, the learning rate used)."""
+        import torch
+
+        from kubellm.train.dist import all_reduce_sum
+        from kubellm.train.precision import autocast
+
+        device, world = self.ctx.device, self.ctx.world_size
+        micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+                 for _ in range(self.loop.grad_accum_steps)]
+        targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in micro)
+        # The step's loss is the mean over every target token of every micro-batch of every rank; DDP
+        # averages gradients over the ranks, hence × world.
+        (step_targets,) = all_reduce_sum(self.ctx, [targets])
+        scale = world / max(step_targets, 1)
+        nll_sum = 0.0
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or not self.ctx.distributed
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                with autocast(self.precision, device):
+                    logits = forward_logits(wrapped, batch)
+                nll = token_nll_sum(logits, batch["labels"])
+                (nll * scale).backward()
+            nll_sum += nll.item()
+        # max_norm=inf measures the norm and clips nothing
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip or math.inf))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.samples_seen += world * self.loop.micro_batch_size * self.loop.grad_accum_steps
+        for i, v in enumerate((nll_sum, targets, tokens)):
+            self.window[i] += v
+        return tokens, grad_norm, lr
+
+    def _log(self, step: int, lr: float, grad_norm: float, evaluate: bool) -> dict[str, Any]:
+        """Close the logging window: one history line, tracker metrics; returns what progress shows."""
+        from kubellm.train.dist import all_reduce_sum
+
+        nll_sum, n_targets, n_tokens = all_reduce_sum(self.ctx, self.window)
+        record: dict[str, Any] = {"step": step, "loss": nll_sum / max(n_targets, 1), "lr": lr,
+                                  "tokens_per_s": n_tokens / max(time.perf_counter() - self.t_window, 1e-9)}
+        val = self._val_loss() if evaluate else None
+        if val is not None:
+            record["val_loss"] = val
+        self._record(record, grad_norm)
+        self.state.tokens_seen += int(n_tokens)
+        self.window, self.t_window = [0.0, 0.0, 0.0], time.perf_counter()
+        return {k: v for k, v in record.items() if k != "step"}
 
     def _record(self, record: dict[str, Any], grad_norm: float) -> None:
         self.state.history.append(record)

@@ -1,0 +1,285 @@
+"""Training throughput, side by side with plain PyTorch loops on the same model, data, batch and optimizer.
+
+- pretraining tokens/s of kubellm's loop in fp32 against a plain fp32 loop (goal ≥ 0.95×), and with bf16
+  autocast against the same plain fp32 loop (goal ≥ 1.7×), with the bf16 loss curve within 2 % of fp32's
+  at every logged step (same seed, same data order);
+- LoRA fine-tuning likewise: kubellm LoRA in fp32 and bf16 against a plain peft loop in fp32;
+- model FLOPs utilisation (6·N per token plus the attention term 12·L·T·d; LoRA: 4·N + 6·N_lora plus
+  attention) against the fp32 and bf16 matmul peaks measured in the same run with a plain torch.matmul loop.
+
+Model: the ``small`` preset (~4 M parameters with a 4 k vocabulary), 8 × 256-token sequences per step,
+AdamW with warmup and cosine decay, gradient clipping at 1.0. Data: the built-in stdlib corpus and its
+instruction pairs. Variants run alternately; each keeps its best round (the machine is shared: the
+fastest round is the least disturbed). The first logged window of every run is warm-up and is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK = 256
+VOCAB = 4096
+MBS = 8
+SEED = 1234
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LOSS_TOLERANCE = 0.02
+
+
+def _row(measure: str, kubellm: float, baseline: float | None, goal: str, ok: bool, note: str = "") -> dict:
+    return {"benchmark": "train", "measure": measure, "kubellm": round(kubellm, 4),
+            "baseline": round(baseline, 4) if baseline is not None else None,
+            "ratio": round(kubellm / baseline, 3) if baseline else None, "goal": goal, "ok": ok, "note": note}
+
+
+# -- peaks -------------------------------------------------------------------------------------------
+def matmul_peak(dtype: Any, seconds: float) -> float:
+    """GFLOP/s of a plain square matmul loop (n = 1024), the best of a few timed chunks."""
+    import torch
+
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t, reps = time.perf_counter(), 8
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# -- data --------------------------------------------------------------------------------------------
+def prepare_data(work: Path, quick: bool) -> tuple[Path, Path]:
+    from kubellm.config.data import DataConfig
+    from kubellm.data.prepare import prepare
+
+    common = {"block_size": BLOCK, "cleaning": {"max_chars": 10**7}, "split": {"validation_fraction": 0.02}}
+    pre = prepare(DataConfig.model_validate({
+        **common, "kind": "pretrain", "sources": [{"uri": "builtin://stdlib"}], "max_docs": 40 if quick else 120,
+        "tokenizer": {"vocab_size": VOCAB}}), work / "pretrain")
+    ins = prepare(DataConfig.model_validate({
+        **common, "kind": "instruct", "sources": [{"uri": "builtin://stdlib-instruct"}],
+        "max_docs": 400 if quick else 1500}), work / "instruct", tokenizer_dir=pre.path / "tokenizer")
+    return pre.path, ins.path
+
+
+# -- kubellm -----------------------------------------------------------------------------------------
+def _loop(steps: int, log_every: int, precision: str) -> dict:
+    return {"max_steps": steps, "micro_batch_size": MBS, "log_every": log_every, "checkpoint_every": 10**6,
+            "eval_batches": 1, "precision": precision, "seed": SEED}
+
+
+def _window_rate(history: list[dict]) -> float:
+    """Tokens/s over the logged windows after the first: equal-sized windows, so the harmonic mean."""
+    rates = [h["tokens_per_s"] for h in history[1:]]
+    return len(rates) / sum(1 / r for r in rates)
+
+
+def kubellm_pretrain(data: Path, out: Path, precision: str, steps: int, log_every: int) -> tuple[float, list]:
+    import json
+
+    from kubellm.config.train import PretrainConfig
+    from kubellm.train.pretrain import pretrain
+
+    cfg = PretrainConfig.model_validate({"model": {"preset": "small"}, "loop": _loop(steps, log_every, precision)})
+    pretrain(cfg, data, out)
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    return _window_rate(history), [h["loss"] for h in history]
+
+
+def kubellm_lora(base: Path, data: Path, out: Path, precision: str, steps: int, log_every: int) -> float:
+    import json
+
+    from kubellm.config.train import FinetuneConfig
+    from kubellm.train.finetune import finetune
+
+    cfg = FinetuneConfig.model_validate({"lora": {"target_modules": LORA_TARGETS},
+                                         "loop": _loop(steps, log_every, precision)})
+    finetune(cfg, base, data, out)
+    return _window_rate([json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()])
+
+
+# -- plain baselines ---------------------------------------------------------------------------------
+def _plain_optimizer(params: list, steps: int) -> tuple[Any, Any]:
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / 10 if s < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / (steps - 10))))
+    return opt, sched
+
+
+def _plain_train(model: Any, batches: list[dict], steps: int, warmup: int) -> float:
+    """The loop everybody writes first: forward with labels, backward, clip, step. Returns tokens/s."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = _plain_optimizer(params, steps)
+    model.train()
+    tokens, t0 = 0, 0.0
+    for step in range(steps):
+        if step == warmup:
+            tokens, t0 = 0, time.perf_counter()
+        batch = batches[step % len(batches)]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    return tokens / (time.perf_counter() - t0)
+
+
+def _rows(data: Path, n: int) -> list[dict]:
+    import numpy as np
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(data / "dataset"))["train"]
+    order = np.random.default_rng([SEED, 0]).permutation(len(train))[:n].tolist()
+    return [train[i] for i in order]
+
+
+def plain_pretrain(data: Path, steps: int, warmup: int) -> float:
+    import json
+
+    import torch
+
+    from kubellm.config.train import ModelConfig
+    from kubellm.train.model import build_model
+
+    m = json.loads((data / "manifest.json").read_text())
+    model = build_model(ModelConfig(preset="small"), vocab_size=m["vocab_size"], block_size=BLOCK,
+                        bos_token_id=m["bos_token_id"], eos_token_id=m["eos_token_id"],
+                        pad_token_id=m["pad_token_id"], seed=SEED)
+    rows = _rows(data, steps * MBS)
+    batches = []
+    for i in range(steps):
+        ids = torch.tensor([r["input_ids"] for r in rows[i * MBS:(i + 1) * MBS]], dtype=torch.long)
+        batches.append({"input_ids": ids, "labels": ids})
+    return _plain_train(model, batches, steps, warmup)
+
+
+def plain_lora(base: Path, data: Path, steps: int, warmup: int) -> float:
+    import json
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pad = json.loads((data / "manifest.json").read_text())["pad_token_id"]
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    torch.manual_seed(SEED)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                       target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    rows = _rows(data, steps * MBS)
+    batches = []
+    for i in range(steps):
+        chunk = rows[i * MBS:(i + 1) * MBS]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return _plain_train(model, batches, steps, warmup)
+
+
+# -- FLOPs -------------------------------------------------------------------------------------------
+def flops_per_token(model_dir: Path, seq: float, lora_params: int | None = None) -> float:
+    """6·N (matmul parameters: the tied embedding counts once, as the output head) + 12·L·T·d; LoRA
+    skips the frozen weights' gradients: 4·N + 6·N_lora + 12·L·T·d."""
+    import json
+
+    from safetensors import safe_open
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    attention = 12 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
+    if lora_params is None:
+        return 6 * n + attention
+    return 4 * n + 6 * lora_params + attention
+
+
+def _mean_len(data: Path) -> float:
+    from datasets import load_from_disk
+
+    lengths = [len(x) for x in load_from_disk(str(data / "dataset"))["train"]["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
+def run(quick: bool) -> list[dict]:
+    import torch
+
+    from kubellm.train.precision import cpu_has_native_bf16
+
+    steps, log_every, rounds = (6, 2, 1) if quick else (20, 4, 2)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        pre, ins = prepare_data(work, quick)
+        peak32 = matmul_peak(torch.float32, 0.5 if quick else 2.0)
+        peak16 = matmul_peak(torch.bfloat16, 0.5 if quick else 2.0)
+        best: dict[str, float] = {}
+        curves: dict[str, list] = {}
+        base = work / "runs" / "base"
+
+        def keep(name: str, value: float) -> None:
+            best[name] = max(best.get(name, 0.0), value)
+
+        for r in range(rounds):
+            for precision in ("fp32", "bf16"):
+                out = base if (r, precision) == (0, "fp32") else work / "runs" / f"pre-{precision}-{r}"
+                rate, curves[precision] = kubellm_pretrain(pre, out, precision, steps, log_every)
+                keep(f"pre-{precision}", rate)
+                if precision == "fp32":
+                    keep("pre-plain", plain_pretrain(pre, steps, log_every))
+            for precision in ("fp32", "bf16"):
+                keep(f"lora-{precision}", kubellm_lora(base, ins, work / "runs" / f"lora-{precision}-{r}",
+                                                       precision, steps, log_every))
+                if precision == "fp32":
+                    keep("lora-plain", plain_lora(base, ins, steps, log_every))
+
+        from kubellm.train.lora import apply_lora
+        from kubellm.train.model import load_causal_lm
+
+        lm = load_causal_lm(base, device="cpu")
+        from kubellm.config.train import LoraConfig
+
+        lora_n = sum(p.numel() for p in apply_lora(lm.model, LoraConfig(target_modules=LORA_TARGETS),
+                                                    seed=0).parameters() if p.requires_grad)
+        f_pre = flops_per_token(base, BLOCK)
+        f_lora = flops_per_token(base, _mean_len(ins), lora_n)
+
+    bf16_note = "" if cpu_has_native_bf16() else "no native bf16 on this CPU: bf16 is emulated"
+    deviation = max(abs(a - b) / b for a, b in zip(curves["bf16"], curves["fp32"], strict=True))
+    rows += [
+        _row("pretrain tokens/s fp32 vs plain fp32", best["pre-fp32"], best["pre-plain"], "≥ 0.95",
+             best["pre-fp32"] >= 0.95 * best["pre-plain"]),
+        _row("pretrain tokens/s bf16 vs plain fp32", best["pre-bf16"], best["pre-plain"], "≥ 1.7",
+             best["pre-bf16"] >= 1.7 * best["pre-plain"], bf16_note),
+        _row("pretrain loss bf16 vs fp32 (max rel. dev.)", deviation, LOSS_TOLERANCE, "≤ 1 (2 %)",
+             deviation <= LOSS_TOLERANCE, f"{len(curves['fp32'])} logged steps, same seed and data"),
+        _row("LoRA tokens/s fp32 vs plain peft fp32", best["lora-fp32"], best["lora-plain"], "≥ 0.95",
+             best["lora-fp32"] >= 0.95 * best["lora-plain"], "non-pad tokens"),
+        _row("LoRA tokens/s bf16 vs plain peft fp32", best["lora-bf16"], best["lora-plain"], "≥ 1.7",
+             best["lora-bf16"] >= 1.7 * best["lora-plain"], bf16_note),
+        _row("matmul peak GFLOP/s bf16 vs fp32", peak16, peak32, "", True, "torch.matmul 1024², same run"),
+    ]
+    for name, flops, peak, plain in (("pretrain fp32", f_pre, peak32, best["pre-plain"]),
+                                     ("pretrain bf16", f_pre, peak16, best["pre-plain"]),
+                                     ("LoRA fp32", f_lora, peak32, best["lora-plain"]),
+                                     ("LoRA bf16", f_lora, peak16, best["lora-plain"])):
+        kind = name.split()[0].lower()
+        mfu = best[f"{'pre' if kind == 'pretrain' else 'lora'}-{name.split()[1]}"] * flops / 1e9 / peak
+        rows.append(_row(f"MFU {name} (vs {name.split()[1]} peak)", mfu, plain * flops / 1e9 / peak, "", True,
+                         f"{flops / 1e6:.1f} MFLOP/token; baseline = plain fp32 loop on the same peak"))
+    return rows
