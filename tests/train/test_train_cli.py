@@ -85,7 +85,9 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90)
         time.sleep(0.02)
 
 
-def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
+def _start_pretrain(data: Path, out: Path, loop: dict, cwd: Path) -> subprocess.Popen:
+    """`kubellm pretrain` in its own process, stderr to cwd/stderr.log."""
+    argv = ["pretrain", "--data", str(data), "--out", str(out), *sets("pretrain", loop)]
     log = (cwd / "stderr.log").open("w")
     return subprocess.Popen([str(BIN / "kubellm"), *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
 
@@ -94,8 +96,7 @@ def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
 def test_kill_9_then_rerun_resumes_from_the_last_complete_checkpoint(pretrain_data: Path, tmp_path: Path):
     loop = {**LOOP, "max_steps": 200, "checkpoint_every": 10}
     out = tmp_path / "out"
-    proc = _start(["pretrain", "--data", str(pretrain_data), "--out", str(out), *sets("pretrain", loop)],
-                  tmp_path)
+    proc = _start_pretrain(pretrain_data, out, loop, tmp_path)
     _wait_for(lambda: any(s >= 20 for s, _ in ckpt.complete_checkpoints(out)), proc, "checkpoint 20")
     proc.kill()  # SIGKILL: no handler runs, nothing gets flushed
     assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -112,8 +113,7 @@ def test_kill_9_then_rerun_resumes_from_the_last_complete_checkpoint(pretrain_da
 def test_sigterm_exits_143_with_a_checkpoint_and_rerun_resumes(pretrain_data: Path, tmp_path: Path):
     loop = {**LOOP, "max_steps": 200, "checkpoint_every": 1000}
     out = tmp_path / "out"
-    proc = _start(["pretrain", "--data", str(pretrain_data), "--out", str(out), *sets("pretrain", loop)],
-                  tmp_path)
+    proc = _start_pretrain(pretrain_data, out, loop, tmp_path)
     _wait_for(lambda: (out / HISTORY_FILE).is_file() and (out / HISTORY_FILE).stat().st_size > 0, proc,
               "the first log line")
     proc.send_signal(signal.SIGTERM)

@@ -105,6 +105,27 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(pretrain_da
     assert resumed.tokens_seen == straight.tokens_seen
 
 
+def test_sigterm_runs_an_earlier_handler_but_exits_only_after_the_checkpoint(pretrain_data: Path,
+                                                                           tmp_path: Path, sigterm_at):
+    """The MLflow stage run installs a handler that marks its run KILLED and then exits; inside the loop
+    it still runs, and the exit waits for the checkpoint."""
+    seen = []
+
+    def outer(signum, frame):
+        seen.append(signum)
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            pretrain(tiny_cfg(max_steps=6), pretrain_data, tmp_path, sigterm_at(3))
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is outer
+        assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_output_dir_that_holds_something_else_is_refused(pretrain_data: Path, tmp_path: Path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(TrainingError, match="not empty"):

@@ -208,15 +208,23 @@ def forward_logits(model: Any, batch: dict[str, Any]) -> Any:
 
 
 class _StopFlag:
-    """Remember a SIGTERM instead of dying mid-step; restores the previous handler afterwards."""
+    """Remember a SIGTERM instead of dying mid-step; restores the previous handler afterwards.
+
+    A Python handler installed before (the MLflow stage run marks its run KILLED) still runs for its
+    bookkeeping; if it then asks to exit (SystemExit), the exit happens at the step boundary instead,
+    after the checkpoint, as :class:`TrainingInterrupted`.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: Any = None
 
-    def _handle(self, signum: int, _frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         log.warning("SIGTERM received: checkpointing at the end of this step, then exiting (143)")
+        if callable(self._previous):
+            with contextlib.suppress(SystemExit):
+                self._previous(signum, frame)
 
     def __enter__(self) -> _StopFlag:
         # Signal handlers can only be installed from the main thread (a component body is; a caller's
