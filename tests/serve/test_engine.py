@@ -177,3 +177,19 @@ def test_model_directories_are_found_where_kserve_and_mlflow_put_them(tmp_path: 
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(ServingError, match="found a file"):
         resolve_model(str(nested / "config.json"))
+
+
+def test_a_request_whose_client_left_stops_generating(model: LLMModel) -> None:
+    engine = model.engine
+    ids = model.encode_prompt(PROMPTS[0])
+
+    async def go():
+        before = engine.stats.generated_tokens
+        stream = engine.submit(ids, SamplingParams(max_tokens=32, min_tokens=32)).stream()
+        await stream.__anext__()
+        await stream.aclose()  # what a disconnected client's cancelled handler does
+        # Queued behind the abandoned row, so it ends after that row has stopped.
+        await engine.submit(ids, SamplingParams(max_tokens=1)).result()
+        return engine.stats.generated_tokens - before
+
+    assert _run(engine, go) < 32

@@ -108,14 +108,22 @@ class GenerationRequest:
         self.loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
 
     async def stream(self) -> AsyncIterator[str | Completion]:
-        """Text deltas as they are generated, then the :class:`Completion` as the last item."""
-        while True:
-            kind, value = await self._events.get()
-            if kind == "error":
-                raise value
-            yield value
-            if kind == "done":
-                return
+        """Text deltas as they are generated, then the :class:`Completion` as the last item.
+
+        A consumer that stops early (the client went away: its handler is cancelled) cancels the
+        request, so its row stops generating at the next step instead of running to ``max_tokens``.
+        """
+        try:
+            while True:
+                kind, value = await self._events.get()
+                if kind == "error":
+                    raise value
+                yield value
+                if kind == "done":
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled = True
+            raise
 
     async def result(self) -> Completion:
         """Wait for the whole completion."""
