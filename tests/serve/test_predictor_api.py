@@ -183,3 +183,20 @@ def test_full_queue_answers_503_and_recovers(tiny_model_dir: Path) -> None:
         again = httpx.post(f"{server.url}/openai/v1/completions", timeout=30,
                            json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+
+
+def test_rollout_smoke_check_against_the_predictor(predictor) -> None:
+    from kubellm.errors import ServingError
+    from kubellm.k8s.rollout import _cluster_local, http_smoke
+
+    url, _ = predictor
+    http_smoke("kubellm", max_tokens=2)(url)  # passes: a 200 with a completion
+    with pytest.raises(ServingError, match="HTTP 404"):
+        http_smoke("other-model")(url)
+    # An external Knative URL is tried cluster-local first; here neither resolves, so the error names the
+    # URL as KServe reported it.
+    with pytest.raises(ServingError, match=r"local\.serving\.invalid/openai/v1/completions failed"):
+        http_smoke("kubellm", timeout_s=2)("http://local.serving.invalid")
+    assert _cluster_local("http://latest-local-predictor.serving.example.com") == \
+        "http://latest-local-predictor.serving.svc.cluster.local"
+    assert _cluster_local(url) is None and _cluster_local("http://x.ns.svc.cluster.local") is None

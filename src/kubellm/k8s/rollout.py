@@ -141,24 +141,49 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
 def http_smoke(model_name: str, *, prompt: str = "Hello", max_tokens: int = 4,
                timeout_s: float = 60.0, url: str | None = None) -> Callable[[str], None]:
     """A smoke check: one OpenAI completion against ``<url>/openai/v1/completions`` must come back 200
-    with a choice. ``url`` replaces the InferenceService's URL (e.g. a port-forward)."""
+    with a choice. ``url`` replaces the InferenceService's URL (e.g. a port-forward).
+
+    KServe reports external URLs (``http://<svc>.<ns>.<domain>``), which a pipeline pod often cannot
+    resolve (``example.com`` is Knative's default domain); Knative also answers the same service at
+    ``<svc>.<ns>.svc.cluster.local``. So that form is tried first, and the URL as reported when the
+    cluster-local name does not connect (outside the cluster). An HTTP error is never retried elsewhere.
+    """
 
     def check(isvc_url: str) -> None:
         import httpx
 
-        target = (url or isvc_url).rstrip("/") + "/openai/v1/completions"
         body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        try:
-            resp = httpx.post(target, json=body, timeout=timeout_s)
-        except httpx.HTTPError as err:
-            raise ServingError(f"smoke request to {target} failed: {type(err).__name__}: {err}") from None
-        if resp.status_code != 200:
-            raise ServingError(f"smoke request to {target}: HTTP {resp.status_code} {resp.text[:200]}")
-        choices = resp.json().get("choices") or []
-        if not choices or not isinstance(choices[0].get("text"), str):
-            raise ServingError(f"smoke request to {target}: no completion in the answer {resp.text[:200]}")
+        candidates = [url] if url else [u for u in (_cluster_local(isvc_url), isvc_url) if u]
+        for i, base in enumerate(candidates):
+            target = base.rstrip("/") + "/openai/v1/completions"
+            try:
+                resp = httpx.post(target, json=body, timeout=timeout_s)
+            except httpx.HTTPError as err:
+                if i + 1 < len(candidates) and isinstance(err, httpx.ConnectError):
+                    continue
+                raise ServingError(f"smoke request to {target} failed: {type(err).__name__}: {err}") from None
+            if resp.status_code != 200:
+                raise ServingError(f"smoke request to {target}: HTTP {resp.status_code} {resp.text[:200]}")
+            choices = resp.json().get("choices") or []
+            if not choices or not isinstance(choices[0].get("text"), str):
+                raise ServingError(f"smoke request to {target}: no completion in the answer {resp.text[:200]}")
+            return
 
     return check
+
+
+def _cluster_local(url: str) -> str | None:
+    """``http://svc.ns.example.com/…`` → ``http://svc.ns.svc.cluster.local``; None for IPs, ``localhost``
+    and names already cluster-local."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    labels = host.split(".")
+    if len(labels) < 3 or host.endswith(".svc.cluster.local") or labels[-1].isdigit():
+        return None
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{labels[0]}.{labels[1]}.svc.cluster.local{port}"
 
 
 def deploy(run_cfg: RunConfig, storage_uri: str | None = None, *, model_version: str | int | None = None,
