@@ -101,7 +101,8 @@ def git_revision() -> str | None:
     return rev if out.returncode == 0 and rev else None
 
 
-def _client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
+def mlflow_client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
+    """An ``MlflowClient`` for the resolved tracking URI (the registry at the same place), and the URI."""
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(cfg, workdir)
@@ -228,7 +229,7 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
     """
     if not cfg.enabled:
         return ""
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, **(tags or {}), TAG_RUN_KIND: "parent"}
     with mlflow_errors(uri, f"starting the parent run of pipeline {pipeline!r}"):
         exp = _experiment_id(client, cfg.experiment, uri)
@@ -322,7 +323,7 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
         yield NullTracker()
         return
     _check_filter_value(stage, "stage")
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"starting stage {stage!r}"):
         if parent_run_id:
             parent = client.get_run(_check_filter_value(parent_run_id, "parent run id"))
@@ -375,7 +376,7 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
         raise TrackingError(f"end_parent_run: status {status!r} is not one of {list(_END_STATUSES)}")
     if not cfg.enabled or not run_id:
         return
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"ending parent run {run_id}"):
         parent = client.get_run(_check_filter_value(run_id, "run id"))
         tracker = MlflowTracker(client, run_id)

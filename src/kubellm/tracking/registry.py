@@ -25,7 +25,7 @@ from kubellm.config.tracking import TrackingConfig
 from kubellm.fsutil import atomic_dir
 from kubellm.log import get_logger
 from kubellm.tracking.base import TrackingError
-from kubellm.tracking.mlflow_tracker import _client, mlflow_errors
+from kubellm.tracking.mlflow_tracker import mlflow_client, mlflow_errors
 
 log = get_logger("tracking.registry")
 
@@ -88,7 +88,7 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
 
     model_dir = Path(model_dir)
     adapter = is_adapter_dir(model_dir)
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"run {run_id}"):
         run = client.get_run(run_id)
     lm = load_causal_lm(model_dir, base_model=base_model, device="cpu", merge_adapter=True)
@@ -125,7 +125,7 @@ def promote(cfg: TrackingConfig, workdir: str | Path, version: int, alias: str =
     """Point ``alias`` (``champion`` by default) at ``version``; the alias leaves whichever version held
     it. Call it only after the gate passed (and, for ``champion``, the deployment is healthy)."""
     _require_enabled(cfg, "promoting a model")
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     name = cfg.registered_model
     with mlflow_errors(uri, f"promoting {name} version {version} to @{alias}"):
         _get_version(client, name, str(version), uri)
@@ -163,7 +163,7 @@ def champion_info(cfg: TrackingConfig, workdir: str | Path) -> ModelVersionInfo 
     tracking is disabled)."""
     if not cfg.enabled:
         return None
-    client, uri = _client(cfg, workdir)
+    client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"looking up {cfg.registered_model}@{CHAMPION}"):
         mv = _version_by_alias(client, cfg.registered_model, CHAMPION, uri)
     return None if mv is None else _info(mv)
@@ -200,7 +200,7 @@ def resolve_model_uri(cfg: TrackingConfig, workdir: str | Path, uri: str) -> Pat
     _require_enabled(cfg, f"resolving {uri}")
     from mlflow.artifacts import download_artifacts
 
-    client, tracking_uri = _client(cfg, workdir)
+    client, tracking_uri = mlflow_client(cfg, workdir)
     name = m["name"]
     with mlflow_errors(tracking_uri, f"resolving {uri}"):
         if m["alias"]:
