@@ -18,6 +18,7 @@ from kubellm.tracking import (
     NullTracker,
     TrackingError,
     end_parent_run,
+    find_parent_run,
     flatten_params,
     resolve_tracking_uri,
     stage_run,
@@ -93,6 +94,7 @@ def test_parent_is_idempotent_per_kfp_run(workdir: Path) -> None:
     other = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={"a": 1}, tags={"kfp_run_id": "k2"})
     assert again == first and other != first
     assert _client(cfg, workdir).get_run(first).info.status == "RUNNING"  # resumed
+    assert find_parent_run(cfg, workdir, "k1") == first and find_parent_run(cfg, workdir, "k3") is None
 
 
 def test_failing_stage_ends_failed_and_retry_reattaches(workdir: Path) -> None:

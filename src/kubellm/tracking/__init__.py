@@ -8,6 +8,7 @@ from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_p
 from kubellm.tracking.mlflow_tracker import (
     MlflowTracker,
     end_parent_run,
+    find_parent_run,
     resolve_tracking_uri,
     stage_run,
     start_parent_run,
@@ -22,6 +23,6 @@ from kubellm.tracking.registry import (
 
 __all__ = [
     "MlflowTracker", "ModelVersionInfo", "NullTracker", "Tracker", "TrackingError", "champion_info",
-    "end_parent_run", "flatten_params", "promote", "register_model", "resolve_model_uri",
+    "end_parent_run", "find_parent_run", "flatten_params", "promote", "register_model", "resolve_model_uri",
     "resolve_tracking_uri", "stage_run", "start_parent_run",
 ]

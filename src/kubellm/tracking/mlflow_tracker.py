@@ -235,11 +235,8 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
         exp = _experiment_id(client, cfg.experiment, uri)
         kfp_run_id = all_tags.get(TAG_KFP_RUN_ID)
         if kfp_run_id:
-            _check_filter_value(kfp_run_id, "kfp_run_id")
-            found = _search(client, exp, f"tags.{TAG_KFP_RUN_ID} = '{kfp_run_id}' "
-                                         f"and tags.{TAG_RUN_KIND} = 'parent'")
-            if found:
-                run = found[0]
+            run = _find_parent(client, exp, kfp_run_id)
+            if run is not None:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
                 log.info("re-attached to parent run %s of KFP run %s", run.info.run_id, kfp_run_id)
@@ -250,6 +247,13 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
         tracker.log_dict(config, "config.json")
     log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
     return run.info.run_id
+
+
+def _find_parent(client: Any, experiment_id: str, kfp_run_id: str) -> Any | None:
+    """The parent run of KFP run ``kfp_run_id`` (the newest, should there be several), or None."""
+    found = _search(client, experiment_id, f"tags.{TAG_KFP_RUN_ID} = '{_check_filter_value(kfp_run_id, 'kfp_run_id')}' "
+                                           f"and tags.{TAG_RUN_KIND} = 'parent'")
+    return found[0] if found else None
 
 
 def _reattachable(client: Any, experiment_id: str, parent_run_id: str, stage: str) -> Any | None:
@@ -391,3 +395,13 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
                 log.warning("stage run %s (%s) was still RUNNING: marked KILLED", child.info.run_id,
                             child.data.tags.get(TAG_STAGE, "?"))
         client.set_terminated(run_id, status)
+
+
+def find_parent_run(cfg: TrackingConfig, workdir: str | Path, kfp_run_id: str) -> str | None:
+    """The parent run a KFP run created (by its ``kfp_run_id`` tag); None when there is none."""
+    if not cfg.enabled:
+        return None
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"looking up the parent run of KFP run {kfp_run_id}"):
+        run = _find_parent(client, _experiment_id(client, cfg.experiment, uri), kfp_run_id)
+    return run.info.run_id if run is not None else None
