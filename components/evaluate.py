@@ -10,7 +10,7 @@ from kubellm.components._base import component
 @component
 def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              model: Input[Model], base_model: Input[Model], results: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown], trial: dict = {}) -> bool:
+             metrics: Output[Metrics], report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "") -> bool:
     """Evaluate a candidate against its base model and apply the promotion gate.
 
     Held-out perplexity (token-weighted, same masking as training) for both models, and for
@@ -28,13 +28,14 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         metrics: The evaluation metrics and ``gate_passed``.
         report: Metrics tables, gate rules and sample generations.
         trial: The sweep trial being evaluated (names this stage's MLflow run).
+        kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
 
     Returns:
         Whether the promotion gate passed.
     """
     from kubellm import stages
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
     out = stages.evaluate(config, model.path, data.path, results.path, trk, base_model=base_model.path,
                           stage=stages.trial_stage("evaluate", trial or None))
     stages.publish(out, report=report.path, metrics=metrics, artifact=results)

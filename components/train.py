@@ -54,7 +54,7 @@ def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
 @component
 def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              base_model: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], trial: dict = {}) -> None:
+             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "") -> None:
     """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
 
     Same resume and preemption behaviour as pretraining.
@@ -69,10 +69,11 @@ def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         adapter: The LoRA adapter (and ``merged/`` when ``merge`` is set).
         metrics: Steps, final loss, validation loss, tokens/s, trainable parameters.
         report: A summary of the run.
+        kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
         trial: A sweep trial (``{"name", "overrides"}``) whose dotted overrides adjust ``config``.
     """
     from kubellm import stages
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
+    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
     out = stages.finetune(config, base_model.path, data.path, adapter.path, trk, trial=trial or None)
     stages.publish(out, report=report.path, metrics=metrics, artifact=adapter)

@@ -21,11 +21,12 @@ PIPELINES: dict[str, Callable[[Context], Any]] = {
     continuous.NAME: continuous.build,
 }
 
-#: Stages of each pipeline in the order they run (the run summary lists them in this order).
+#: Stages of each pipeline in the order they run (the run summary lists them in this order);
+#: ``finetune.*`` stands for every trial of a sweep.
 STAGES: dict[str, list[str]] = {
     lifecycle.NAME: ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy", "playground"],
     finetune.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy", "playground"],
-    sweep.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy", "playground"],
+    sweep.NAME: ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy", "playground"],
     continuous.NAME: ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion", "register", "deploy",
                       "playground"],
 }

@@ -67,6 +67,8 @@ class Context:
         """Display name, retries, caching and (on a cluster) placement for one task."""
         task.set_display_name(display_name)
         count, backoff = RETRIES[retry]
+        if self.target == "local":
+            backoff = "1s"  # the waits are for a cluster (preempted nodes, slow rollouts), not a laptop
         task.set_retry(num_retries=count, backoff_duration=backoff, backoff_factor=2.0,
                        backoff_max_duration="3600s")
         task.set_caching_options(False)

@@ -56,13 +56,16 @@ def build(ctx: Context) -> Any:
             head = prepare_base_and_data(ctx, start=start, base_model=base_model, instruct_dataset_uri=instruct_dataset_uri,
                                  instruct_data_config=instruct_data_config)
             common, base, iprep = head["common"], head["base"].outputs["model"], head["iprep"]
+            # Inside the loop the parent run is found by KFP run id, not passed: KFP's local runner
+            # replaces task-output parameters that enter a ParallelFor with the loop item.
+            loop = {**common, "parent_run_id": "", "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
             with dsl.ParallelFor(trials, name="trials") as trial:
                 ft = ctx.configure(train.finetune(config=finetune_config, data=iprep.outputs["dataset"],
-                                                  base_model=base, trial=trial, **common),
+                                                  base_model=base, trial=trial, **loop),
                                    "finetune", "LoRA fine-tune (trial)", retry="train")
                 ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                                      model=ft.outputs["adapter"], base_model=base, trial=trial,
-                                                     **common),
+                                                     **loop),
                                    "evaluate", "Evaluate + gate (trial)")
             best = ctx.configure(evaluate.select_best(evaluations=dsl.Collected(ev.outputs["results"]),
                                                       adapters=dsl.Collected(ft.outputs["adapter"]),

@@ -51,8 +51,17 @@ class Tracking:
     parent_run_id: str | None = None
 
     @classmethod
-    def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None) -> Tracking:
-        return cls(from_param(TrackingConfig, tracking, "tracking config"), workdir, parent_run_id or None)
+    def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *,
+                   kfp_run_id: str | None = None) -> Tracking:
+        """``kfp_run_id`` finds the parent run when its id cannot be passed in: inside a
+        ``dsl.ParallelFor``, KFP's local runner replaces every task-output parameter with the loop item
+        (kfp 2.17 ``create_parameter_loop_iteration_task_spec``), so loop bodies look the parent up."""
+        cfg = from_param(TrackingConfig, tracking, "tracking config")
+        if not parent_run_id and kfp_run_id and cfg.enabled:
+            from kubellm.tracking.mlflow_tracker import find_parent_run
+
+            parent_run_id = find_parent_run(cfg, workdir, kfp_run_id)
+        return cls(cfg, workdir, parent_run_id or None)
 
     @contextlib.contextmanager
     def stage(self, name: str, config: Any = None) -> Iterator[Tracker]:

@@ -44,13 +44,19 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     for child in sorted(children, key=lambda r: r.info.start_time or 0):
         by_stage[child.data.tags.get("stage", child.info.run_name)] = child
 
-    ordered = list(stages) + sorted(s for s in by_stage if s not in stages)
+    # "finetune.*" in the stage list stands for every trial of a sweep (finetune.trial-1, …).
+    ordered: list[str] = []
+    for name in stages:
+        if name.endswith(".*"):
+            ordered += sorted(s for s in by_stage if s.startswith(name[:-1])) or [name[:-2]]
+        else:
+            ordered.append(name)
+    ordered += sorted(s for s in by_stage if s not in ordered)
     rows, failed = [], None
     for stage in ordered:
         run = by_stage.get(stage)
         if run is None:
-            if stage in stages:
-                rows.append({"stage": stage, "status": NOT_RUN, "seconds": None})
+            rows.append({"stage": stage, "status": NOT_RUN, "seconds": None})
             continue
         end = run.info.end_time or run.info.start_time
         row = {"stage": stage, "status": run.info.status, "seconds": round((end - run.info.start_time) / 1000, 2),
