@@ -26,10 +26,10 @@ def _by_hand_perplexity(model_dir: Path, data_dir: Path) -> float:
         for row in open_prepared(data_dir).load_split("validation"):
             ids = torch.tensor([row["input_ids"]])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
-            for t, label in enumerate(row["labels"][1:]):  # position t predicts token t+1
-                if label != -100:
-                    nll -= float(logp[t, label])
-                    count += 1
+            targets = torch.tensor(row["labels"][1:])  # position t predicts token t+1
+            scored = targets != -100
+            nll -= float(logp[:-1][scored, targets[scored]].sum())
+            count += int(scored.sum())
     return math.exp(nll / count)
 
 
