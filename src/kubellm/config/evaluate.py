@@ -26,7 +26,8 @@ class EvalConfig(StrictModel):
     max_batches: int | None = Field(default=None, ge=1)
     """Validation batches for perplexity (``None``: the whole validation split)."""
     batch_size: int = Field(default=8, ge=1)
-    """Sequences per forward pass when computing perplexity."""
+    """Sequences per forward pass for perplexity, and prompts generated together (a batch of 8 gives
+    ~5× the tokens/s of one prompt at a time on a CPU; prompts are grouped by length to limit padding)."""
     num_prompts: int = Field(default=16, ge=0)
     """Held-out prompts generated greedily and scored (0 skips generation metrics)."""
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
