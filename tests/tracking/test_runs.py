@@ -136,6 +136,23 @@ def test_sigterm_with_earlier_python_handler_marks_killed_and_chains(workdir: Pa
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_interruption_errors_end_killed(workdir: Path) -> None:
+    from kubellm.errors import TrainingError
+
+    class Preempted(TrainingError):  # like kubellm.train.loop.TrainingInterrupted: checkpointed, exits 143
+        exit_code = 143
+
+    cfg = TrackingConfig(experiment="interrupt")
+    ids = {}
+    for name, err in [("pre", Preempted("SIGTERM: checkpoint written")), ("ctrl-c", KeyboardInterrupt()),
+                      ("exit", SystemExit(1))]:
+        with pytest.raises(type(err)), stage_run(cfg, workdir, parent_run_id=None, stage=name) as tr:
+            ids[name] = tr.run_id
+            raise err
+    client = _client(cfg, workdir)
+    assert [client.get_run(ids[n]).info.status for n in ("pre", "ctrl-c", "exit")] == ["KILLED", "KILLED", "FAILED"]
+
+
 _SLEEPER = textwrap.dedent("""
     import os, sys, time
     from kubellm.config.tracking import TrackingConfig

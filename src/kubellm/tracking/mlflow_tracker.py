@@ -302,14 +302,19 @@ def _killed_on_sigterm(client: Any, run_id: str) -> Iterator[_KillState]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+_SIGNAL_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # 130, 143
+
+
 def _end_status(err: BaseException) -> EndStatus:
+    """KILLED for an interruption (Ctrl-C, exit 130/143, or an error that exits 143 such as the training
+    loop's checkpoint-then-stop on SIGTERM), FINISHED for a clean ``sys.exit(0)``, FAILED otherwise."""
     if isinstance(err, KeyboardInterrupt):
         return "KILLED"
     if isinstance(err, SystemExit):
         if err.code in (0, None):
             return "FINISHED"
-        return "KILLED" if err.code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else "FAILED"
-    return "FAILED"
+        return "KILLED" if err.code in _SIGNAL_EXITS else "FAILED"
+    return "KILLED" if getattr(err, "exit_code", None) in _SIGNAL_EXITS else "FAILED"
 
 
 @contextlib.contextmanager
