@@ -27,7 +27,8 @@ def fetch_model(ref: str, tracking: dict, workdir: str, model: Output[Model]) ->
 
 @component
 def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
-             model: Output[Model], metrics: Output[Metrics], report: Output[Markdown]) -> None:
+             model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
+             run_config: dict = {}) -> None:
     """Pretrain a Llama-architecture model from scratch on a prepared corpus.
 
     AdamW with warmup and cosine decay, gradient accumulation and clipping, bf16 where the hardware
@@ -43,18 +44,20 @@ def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         model: The trained model (Hugging Face format, safetensors, with tokenizer).
         metrics: Steps, final loss, validation loss, tokens/s.
         report: A summary of the run.
+        run_config: The run config; needed when ``distributed.engine`` makes this step create a
+            PyTorchJob/TrainJob (platform and tracking sections).
     """
     from kubellm import stages
 
     trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.pretrain(config, data.path, model.path, trk)
+    out = stages.pretrain(config, data.path, model.path, trk, run_config=run_config or None)
     stages.publish(out, report=report.path, metrics=metrics, artifact=model)
 
 
 @component
 def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              base_model: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "") -> None:
+             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "", run_config: dict = {}) -> None:
     """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
 
     Same resume and preemption behaviour as pretraining.
@@ -71,9 +74,12 @@ def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         report: A summary of the run.
         kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
         trial: A sweep trial (``{"name", "overrides"}``) whose dotted overrides adjust ``config``.
+        run_config: The run config; needed when ``distributed.engine`` makes this step create a
+            PyTorchJob/TrainJob.
     """
     from kubellm import stages
 
     trk = stages.Tracking.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
-    out = stages.finetune(config, base_model.path, data.path, adapter.path, trk, trial=trial or None)
+    out = stages.finetune(config, base_model.path, data.path, adapter.path, trk, trial=trial or None,
+                          run_config=run_config or None)
     stages.publish(out, report=report.path, metrics=metrics, artifact=adapter)

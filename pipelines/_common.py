@@ -23,6 +23,7 @@ from kfp import kubernetes
 from kubellm.config import RunConfig
 from kubellm.config.params import to_param
 from kubellm.k8s.security import RUNTIME_GID, RUNTIME_UID, WRITABLE_PATHS
+from kubellm.k8s.training_job import SHARED_MOUNT
 
 Target = Literal["local", "cluster"]
 
@@ -102,6 +103,11 @@ def apply_placement(task: Any, stage: str, cfg: RunConfig) -> Any:
         kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
     for pvc in place.pvcs:
         kubernetes.mount_pvc(task, pvc_name=pvc.claim, mount_path=pvc.mount_path)
+    section = getattr(cfg, stage, None) if stage in ("pretrain", "finetune") else None
+    if (section is not None and section.distributed.engine != "none"
+            and all(p.mount_path != SHARED_MOUNT for p in place.pvcs)):
+        # The step copies its inputs to, and its output from, the PVC the training job's pods share.
+        kubernetes.mount_pvc(task, pvc_name=section.distributed.shared_pvc, mount_path=SHARED_MOUNT)
     for sec in place.secret_env:
         kubernetes.use_secret_as_env(task, secret_name=sec.secret, secret_key_to_env={sec.key: sec.env})
     for sec in place.secret_volumes:

@@ -58,7 +58,7 @@ def build(ctx: Context) -> Any:
                                      instruct_dataset_uri=instruct_dataset_uri,
                                      instruct_data_config=instruct_data_config)
                 base, iprep = head["base"].outputs["model"], head["iprep"]
-                ft = ctx.configure(train.finetune(config=finetune_config, data=iprep.outputs["dataset"],
+                ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
                                                   base_model=base, **common), "finetune", "LoRA fine-tune",
                                    retry="train")
                 ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],

@@ -69,13 +69,13 @@ def build(ctx: Context) -> Any:
             common = {"tracking": ctx.tracking, "workdir": ctx.workdir, "parent_run_id": start.output}
             prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **common),
                                  "prep", "Prepare corpus")
-            pre = ctx.configure(train.pretrain(config=pretrain_config, data=prep.outputs["dataset"], **common),
+            pre = ctx.configure(train.pretrain(config=pretrain_config, run_config=run_config, data=prep.outputs["dataset"], **common),
                                 "pretrain", "Pretrain", retry="train")
             iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config,
                                                             source_uri=instruct_dataset_uri,
                                                             tokenizer_from=prep.outputs["dataset"], **common),
                                   "prep_instruct", "Prepare instructions")
-            ft = ctx.configure(train.finetune(config=finetune_config, data=iprep.outputs["dataset"],
+            ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
                                               base_model=pre.outputs["model"], **common),
                                "finetune", "LoRA fine-tune", retry="train")
             ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],

@@ -60,7 +60,7 @@ def build(ctx: Context) -> Any:
             # replaces task-output parameters that enter a ParallelFor with the loop item.
             loop = {**common, "parent_run_id": "", "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
             with dsl.ParallelFor(trials, name="trials") as trial:
-                ft = ctx.configure(train.finetune(config=finetune_config, data=iprep.outputs["dataset"],
+                ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
                                                   base_model=base, trial=trial, **loop),
                                    "finetune", "LoRA fine-tune (trial)", retry="train")
                 ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],

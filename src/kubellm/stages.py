@@ -154,20 +154,65 @@ def prep(config: dict[str, Any], out_dir: str, trk: Tracking, *, stage: str = "p
 
 
 def _train_output(res: Any, link: str, title: str) -> StageOutput:
-    from dataclasses import asdict
-
-    d = {k: v for k, v in asdict(res).items() if v is not None}
+    d = {k: v for k, v in res.to_json().items() if v is not None}
     rows = "\n".join(f"| {k} | {v} |" for k, v in d.items() if k != "output_dir")
     report = f"# {title}\n\n{link}\n| | |\n|---|---|\n{rows}\n"
     return StageOutput(_numeric(d), report, {})
 
 
-def pretrain(config: dict[str, Any], data_dir: str, out_dir: str, trk: Tracking) -> StageOutput:
+def _train_as_job(stage: str, stage_cfg: Any, run_config: dict[str, Any] | None, data_dir: str, out_dir: str,
+                  trk: Tracking, tracker: Tracker, base_model: str | None = None) -> Any:
+    """Train on a Kubeflow training operator instead of in this pod (``distributed.engine`` set).
+
+    The job's pods cannot see this step's artifacts, so the inputs are copied to the shared PVC (which
+    the pipeline mounts on this step at the same path as in the job's pods), the job trains there —
+    resuming from its own checkpoints when a worker restarts — and the output is copied back into the
+    step's output artifact. The directory on the PVC is keyed by run name and data fingerprint, so a
+    retried step finds the data already there and re-attaches to the running job.
+    """
+    import shutil
+
+    from kubellm.data.format import open_prepared
+    from kubellm.fsutil import atomic_dir
+    from kubellm.k8s.training_job import SHARED_MOUNT, run_training_job
+    from kubellm.train.loop import TrainResult
+
+    if not run_config:
+        from kubellm.errors import ConfigError
+
+        raise ConfigError(f"{stage}.distributed.engine {stage_cfg.distributed.engine!r} needs the run config "
+                          "(platform, tracking) to build the training job")
+    cfg = from_param(RunConfig, run_config, "run config")
+    setattr(cfg, stage, stage_cfg)  # the effective section (a sweep trial's overrides included)
+    fp = open_prepared(data_dir).manifest.fingerprint
+    work = Path(SHARED_MOUNT) / "runs" / cfg.name / f"{stage}-{fp[:16]}"
+    shared = {"data": work / "data", "out": work / "output", "base": work / "base"}
+    if not (shared["data"] / "manifest.json").is_file():
+        with atomic_dir(shared["data"]) as tmp:
+            shutil.copytree(data_dir, tmp, dirs_exist_ok=True)
+    if base_model is not None and not (shared["base"] / "config.json").is_file():
+        with atomic_dir(shared["base"]) as tmp:
+            shutil.copytree(base_model, tmp, dirs_exist_ok=True)
+    outcome = run_training_job(stage, cfg, str(shared["data"]), str(shared["out"]),
+                               str(shared["base"]) if base_model is not None else None, data_fingerprint=fp,
+                               env={"KUBELLM_PARENT_RUN_ID": trk.parent_run_id or ""})
+    tracker.set_tags({f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)})
+    shutil.copytree(shared["out"], out_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("checkpoints"))  # checkpoints stay on the PVC
+    return TrainResult.read(out_dir)
+
+
+def pretrain(config: dict[str, Any], data_dir: str, out_dir: str, trk: Tracking, *,
+             run_config: dict[str, Any] | None = None) -> StageOutput:
+    """Pretraining, in this process or (``distributed.engine`` set) as a training-operator job."""
     from kubellm.train.pretrain import pretrain as run
 
     cfg = from_param(PretrainConfig, config, "pretrain config")
     with trk.stage("pretrain", cfg) as tracker:
-        res = run(cfg, data_dir, out_dir, tracker)
+        if cfg.distributed.engine != "none":
+            res = _train_as_job("pretrain", cfg, run_config, data_dir, out_dir, trk, tracker)
+        else:
+            res = run(cfg, data_dir, out_dir, tracker)
         link = trk.run_link(getattr(tracker, "run_id", None))
     return _train_output(res, link, "Pretraining")
 
@@ -178,8 +223,9 @@ def trial_stage(stage: str, trial: dict[str, Any] | None) -> str:
 
 
 def finetune(config: dict[str, Any], base_model: str, data_dir: str, out_dir: str, trk: Tracking, *,
-             trial: dict[str, Any] | None = None) -> StageOutput:
-    """LoRA fine-tuning; a sweep ``trial`` (``{"name", "overrides"}``) adjusts the config first."""
+             trial: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None) -> StageOutput:
+    """LoRA fine-tuning; a sweep ``trial`` (``{"name", "overrides"}``) adjusts the config first; with
+    ``distributed.engine`` set it runs as a training-operator job."""
     from kubellm.config.run import trial_finetune
     from kubellm.train.finetune import finetune as run
 
@@ -187,7 +233,10 @@ def finetune(config: dict[str, Any], base_model: str, data_dir: str, out_dir: st
     if trial:
         cfg = trial_finetune(cfg, trial.get("overrides", {}), f"sweep trial {trial['name']}")
     with trk.stage(trial_stage("finetune", trial), cfg) as tracker:
-        res = run(cfg, base_model, data_dir, out_dir, tracker)
+        if cfg.distributed.engine != "none":
+            res = _train_as_job("finetune", cfg, run_config, data_dir, out_dir, trk, tracker, base_model=base_model)
+        else:
+            res = run(cfg, base_model, data_dir, out_dir, tracker)
         link = trk.run_link(getattr(tracker, "run_id", None))
     return _train_output(res, link, "LoRA fine-tuning")
 
