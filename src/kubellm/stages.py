@@ -140,17 +140,24 @@ def finish_run(tracking: dict[str, Any], workdir: str, *, pipeline: str, run_nam
 
 def prep(config: dict[str, Any], out_dir: str, trk: Tracking, *, stage: str = "prep",
          tokenizer_dir: str | None = None, source_uri: str | None = None) -> StageOutput:
-    """Data preparation. ``source_uri`` replaces the first source's URI (the UI's dataset parameter)."""
-    from kubellm.data.prepare import prepare
+    """Data preparation. ``source_uri`` replaces the first source's URI (the UI's dataset parameter).
+
+    ``values["fingerprint"]`` is the *data* fingerprint (sources' content and data config, tokenizer
+    left out): what a recurring pipeline compares before it trains again (:func:`data_changed`). The
+    prepared dataset's own manifest fingerprint also covers the tokenizer.
+    """
+    from kubellm.data.prepare import fingerprint, prepare
 
     cfg = from_param(DataConfig, config, f"{stage} config")
     if source_uri:
         cfg.sources[0].uri = source_uri
     with trk.stage(stage, cfg) as tracker:
         res = prepare(cfg, out_dir, tokenizer_dir=tokenizer_dir, tracker=tracker)
+        data_fp = res.manifest.fingerprint if tokenizer_dir is None and cfg.tokenizer.path is None else fingerprint(cfg)
+        tracker.set_tags({"data_fingerprint": data_fp})
         report = (Path(res.path) / "report.md").read_text(encoding="utf-8")
         link = trk.run_link(getattr(tracker, "run_id", None))
-    return StageOutput(_numeric(res.stats), link + report, {"fingerprint": res.manifest.fingerprint})
+    return StageOutput(_numeric(res.stats), link + report, {"fingerprint": data_fp})
 
 
 def _train_output(res: Any, link: str, title: str) -> StageOutput:
