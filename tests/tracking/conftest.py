@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,33 +92,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts in a tmp dir), shared by
-    the integration tests. It forks a worker: started in its own process group, the group is stopped."""
+def _server_process(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Iterator[tuple[Any, str, Path]]:
+    """Start ``mlflow server`` without waiting for it (sqlite backend already migrated, proxied
+    artifacts in a tmp dir). It forks a worker: started in its own process group, the group is stopped."""
     root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(_migrated_store, root / "mlflow.db")
     port = _free_port()
-    mlflow_bin = Path(PY).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    cmd = [str(Path(PY).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90  # ~6–7 s on an idle 2-core machine; allow for a busy one
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 90 s: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield uri
+        yield proc, f"http://127.0.0.1:{port}", root / "server.log"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -127,3 +114,31 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
         log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _early_server(request: pytest.FixtureRequest) -> None:
+    """When integration tests are selected, start the server with the first tracking test, so its
+    ~6 s of start-up overlaps the other tests instead of adding to them."""
+    if any(item.get_closest_marker("integration") and "mlflow_server" in getattr(item, "fixturenames", ())
+           for item in request.session.items):
+        request.getfixturevalue("_server_process")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_server_process: tuple[Any, str, Path]) -> str:
+    """The URI of a healthy ``mlflow server`` on 127.0.0.1, shared by the integration tests."""
+    proc, uri, log = _server_process
+    deadline = time.monotonic() + 90  # ~6–7 s on an idle 2-core machine; allow for a busy one
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server not healthy after 90 s: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
