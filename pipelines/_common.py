@@ -14,11 +14,14 @@ history). Unchanged data is instead detected by fingerprint (``llm-continuous-fi
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kfp import kubernetes
+from kfp import dsl, kubernetes
 
 from kubellm.config import RunConfig
 from kubellm.config.params import to_param
@@ -38,6 +41,35 @@ RETRIES: dict[str, tuple[int, str]] = {
 #: Where the cluster's pods keep the fallback working directory (an emptyDir; tracking goes to the
 #: MLflow server named in the config, never to this directory).
 CLUSTER_WORKDIR = "/tmp/kubellm"
+
+
+#: The Kubeflow UI shows these descriptions beside each run parameter.
+PARAM_DOCS = {
+    "run_name": "Name of the MLflow parent run.",
+    "base_model": "Model to adapt: a model directory, models:/name@alias, or a Hugging Face Hub id.",
+    "dataset_uri": "Pretraining corpus: a path or glob, hf://owner/name, s3://…, gs://…, https://… or builtin://stdlib.",
+    "instruct_dataset_uri": "Instruction data: a path or glob, hf://owner/name, s3://… or builtin://stdlib-instruct.",
+    "trials": 'One item per fine-tune: {"name": "trial-1", "overrides": {"lora.r": 16, "optim.lr": 0.0005}}.',
+    "metric": "Evaluation metric that ranks the trials that passed the gate.",
+    "mode": '"min" (lower is better, e.g. perplexity) or "max" (e.g. rouge_l).',
+    "run_config": "The full run config (deploy, serve, platform and tracking sections), as validated by kubellm.",
+    "data_config": "Data preparation of the pretraining corpus (kubellm DataConfig).",
+    "instruct_data_config": "Data preparation of the instruction data (kubellm DataConfig, kind instruct).",
+    "pretrain_config": "Model size, optimizer and training loop (kubellm PretrainConfig).",
+    "finetune_config": "LoRA settings, optimizer and training loop (kubellm FinetuneConfig).",
+    "eval_config": "Evaluation settings and the promotion gate (kubellm EvalConfig).",
+}
+
+
+def pipeline(name: str, description: str) -> Callable[[Callable[..., None]], Any]:
+    """``@dsl.pipeline`` with the parameter descriptions filled in from :data:`PARAM_DOCS`."""
+
+    def wrap(func: Callable[..., None]) -> Any:
+        args = "\n".join(f"    {p}: {PARAM_DOCS[p]}" for p in inspect.signature(func).parameters)
+        func.__doc__ = f"{description}\n\nArgs:\n{args}\n"
+        return dsl.pipeline(name=name, description=description)(func)
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,23 @@ class Context:
 
             t.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(self.workdir) / 'mlflow.db'}"
         return to_param(t)
+
+    @contextlib.contextmanager
+    def tracked(self, pipeline_name: str, run_name: Any, run_config: Any) -> Iterator[Any]:
+        """The MLflow parent run around a pipeline's tasks: the exit handler records the final state,
+        the first task starts the run. Yields the start task (its output is the parent run id)."""
+        from kubellm.components import tracking
+
+        ids = {"pipeline_name": pipeline_name, "run_name": run_name, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        exit_task = self.configure(tracking.finish_run(tracking=self.tracking, workdir=self.workdir, **ids),
+                                   "register", "Record final status in MLflow")
+        with dsl.ExitHandler(exit_task, name=pipeline_name.removeprefix("llm-")):
+            yield self.configure(tracking.start_run(run_config=run_config, tracking=self.tracking,
+                                                    workdir=self.workdir, **ids), "register", "Start MLflow run")
+
+    def stage_args(self, start: Any) -> dict[str, Any]:
+        """The arguments every stage component takes: where and under which parent run to log."""
+        return {"tracking": self.tracking, "workdir": self.workdir, "parent_run_id": start.output}
 
     def configure(self, task: Any, stage: str, display_name: str, retry: str = "default") -> Any:
         """Display name, retries, caching and (on a cluster) placement for one task."""

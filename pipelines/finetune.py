@@ -1,13 +1,13 @@
 """``llm-finetune``: an existing base model → prep → LoRA → evaluate → gate → register → deploy."""
-
+# No `from __future__ import annotations` here (see lifecycle.py).
 
 from typing import Any
 
 from kfp import dsl
 
-from kubellm.components import data, evaluate, tracking, train
+from kubellm.components import data, evaluate, train
 from kubellm.config.params import to_param
-from kubellm.pipelines._common import Context, require
+from kubellm.pipelines._common import Context, pipeline, require
 from kubellm.pipelines.lifecycle import release
 
 NAME = "llm-finetune"
@@ -18,64 +18,52 @@ def base_model_default(ctx: Context) -> str | None:
     return ctx.cfg.finetune.base_model
 
 
-def start_run(ctx: Context, ids: dict, run_config: Any) -> Any:
-    return ctx.configure(tracking.start_run(run_config=run_config, tracking=ctx.tracking, workdir=ctx.workdir,
-                                            **ids), "register", "Start MLflow run")
-
-
-def prepare_base_and_data(ctx: Context, *, start: Any, base_model: str, instruct_dataset_uri: str,
-                  instruct_data_config: Any) -> dict[str, Any]:
-    """fetch base → prep instructions with its tokenizer: the head shared by the fine-tuning pipelines."""
-    common = {"tracking": ctx.tracking, "workdir": ctx.workdir, "parent_run_id": start.output}
+def prepare_base_and_data(ctx: Context, *, start: Any, base_model: Any, instruct_dataset_uri: Any,
+                          instruct_data_config: Any) -> tuple[Any, Any]:
+    """fetch base → prep instructions with its tokenizer: the head of every fine-tuning pipeline.
+    Returns the base model artifact and the instruction prep task."""
     base = ctx.configure(train.fetch_model(ref=base_model, tracking=ctx.tracking, workdir=ctx.workdir),
                          "finetune", "Fetch base model")
     iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config, source_uri=instruct_dataset_uri,
-                                                    tokenizer_from=base.outputs["model"], **common),
+                                                    tokenizer_from=base.outputs["model"], **ctx.stage_args(start)),
                           "prep_instruct", "Prepare instructions")
-    return {"common": common, "base": base, "iprep": iprep}
+    return base.outputs["model"], iprep
+
+
+def tune_and_evaluate(ctx: Context, *, start: Any, base: Any, iprep: Any, run_config: Any, finetune_config: Any,
+                      eval_config: Any) -> tuple[Any, Any]:
+    """LoRA → evaluate against the base; returns the fine-tune and evaluation tasks."""
+    common = ctx.stage_args(start)
+    ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
+                                      base_model=base, **common), "finetune", "LoRA fine-tune", retry="train")
+    ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
+                                         model=ft.outputs["adapter"], base_model=base, **common),
+                       "evaluate", "Evaluate + gate")
+    return ft, ev
 
 
 def build(ctx: Context) -> Any:
     cfg = require(ctx.cfg, "instruct_data", "finetune")
-    default_base = base_model_default(ctx)
 
-    @dsl.pipeline(name=NAME, description="LoRA fine-tune an existing model on instruction data, evaluate it "
-                  "against the base model, and register + deploy it when the promotion gate passes.")
+    @pipeline(NAME, "LoRA fine-tune an existing model on instruction data, evaluate it against the base "
+              "model, and register + deploy it when the promotion gate passes.")
     def llm_finetune(
         run_name: str = cfg.name,
-        base_model: str = default_base,
+        base_model: str = base_model_default(ctx),
         instruct_dataset_uri: str = cfg.instruct_data.sources[0].uri,
         run_config: dict = to_param(cfg),
         instruct_data_config: dict = to_param(cfg.instruct_data),
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        """Fine-tune, evaluate, gate, release.
-
-        Args:
-            run_name: Name of the MLflow parent run.
-            base_model: Model to adapt: a model directory, models:/name@alias, or a Hugging Face Hub id.
-            instruct_dataset_uri: Instruction data (a path, glob, hf://owner/name, s3://… or builtin://stdlib-instruct).
-            run_config: The full run config (deploy, serve and platform sections), as validated by kubellm.
-            instruct_data_config: Data preparation settings of the instruction data (kubellm DataConfig).
-            finetune_config: LoRA settings, optimizer and loop (kubellm FinetuneConfig).
-            eval_config: Evaluation settings and the promotion gate (kubellm EvalConfig).
-        """
-        ids = {"pipeline_name": NAME, "run_name": run_name, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-        exit_task = ctx.configure(tracking.finish_run(tracking=ctx.tracking, workdir=ctx.workdir, **ids),
-                                  "register", "Record final status in MLflow")
-        with dsl.ExitHandler(exit_task, name="finetune"):
-            start = start_run(ctx, ids, run_config)
-            head = prepare_base_and_data(ctx, start=start, base_model=base_model, instruct_dataset_uri=instruct_dataset_uri,
-                                 instruct_data_config=instruct_data_config)
-            common, base, iprep = head["common"], head["base"].outputs["model"], head["iprep"]
-            ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
-                                              base_model=base, **common), "finetune", "LoRA fine-tune", retry="train")
-            ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
-                                                 model=ft.outputs["adapter"], base_model=base, **common),
-                               "evaluate", "Evaluate + gate")
+        with ctx.tracked(NAME, run_name, run_config) as start:
+            base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
+                                                instruct_dataset_uri=instruct_dataset_uri,
+                                                instruct_data_config=instruct_data_config)
+            ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_config=run_config,
+                                       finetune_config=finetune_config, eval_config=eval_config)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, run_config=run_config, parent=start.output, model=ft.outputs["adapter"],
-                        base=base, evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
+                release(ctx, run_config=run_config, start=start, model=ft.outputs["adapter"], base=base,
+                        evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_finetune

@@ -2,39 +2,37 @@
 # No `from __future__ import annotations` in pipeline modules: KFP reads the pipeline function's
 # annotations as types, and postponed (string) annotations break that.
 
-
 from typing import Any
 
 from kfp import dsl
 
-from kubellm.components import data, deploy, evaluate, registry, tracking, train
+from kubellm.components import data, deploy, evaluate, registry, train
 from kubellm.config.params import to_param
-from kubellm.pipelines._common import Context, require
+from kubellm.pipelines._common import Context, pipeline, require
 
 NAME = "llm-lifecycle"
 
 
-def release(ctx: Context, *, run_config: dict, parent: str, model: Any, base: Any, evaluation: Any,
-            fingerprint: str) -> None:
+def release(ctx: Context, *, run_config: Any, start: Any, model: Any, base: Any, evaluation: Any,
+            fingerprint: Any) -> None:
     """register → deploy → playground: the tail every pipeline runs once its gate passed."""
-    common = {"tracking": ctx.tracking, "workdir": ctx.workdir, "parent_run_id": parent}
+    common = ctx.stage_args(start)
     reg = ctx.configure(registry.register(model=model, base_model=base, evaluation=evaluation,
                                           data_fingerprint=fingerprint, **common),
                         "register", "Register model (alias: candidate)")
-    dep = ctx.configure(deploy.deploy(run_config=run_config, model_uri=reg.outputs["Output"], target=ctx.target, **common),
-                        "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
+    dep = ctx.configure(deploy.deploy(run_config=run_config, model_uri=reg.outputs["Output"], target=ctx.target,
+                                      **common), "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
     if ctx.cfg.deploy.playground:
-        ctx.configure(deploy.deploy_playground(run_config=run_config, endpoint=dep.outputs["Output"], target=ctx.target,
-                                               **common), "playground", "Prompt playground")
+        ctx.configure(deploy.deploy_playground(run_config=run_config, endpoint=dep.outputs["Output"],
+                                               target=ctx.target, **common), "playground", "Prompt playground")
 
 
 def build(ctx: Context) -> Any:
     cfg = require(ctx.cfg, "data", "instruct_data", "pretrain", "finetune")
-    description = ("The whole life of a language model: prepare a corpus, pretrain, prepare instructions, "
-                   "LoRA fine-tune, evaluate against the base model, and — only if the promotion gate "
-                   "passes — register, deploy on KServe and open a prompt playground. Tracked in MLflow.")
 
-    @dsl.pipeline(name=NAME, description=description)
+    @pipeline(NAME, "The whole life of a language model: prepare a corpus, pretrain, prepare instructions, "
+              "LoRA fine-tune, evaluate against the base model, and — only if the promotion gate passes — "
+              "register, deploy on KServe and open a prompt playground. Tracked in MLflow.")
     def llm_lifecycle(
         run_name: str = cfg.name,
         dataset_uri: str = cfg.data.sources[0].uri,
@@ -46,44 +44,26 @@ def build(ctx: Context) -> Any:
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        """Run the whole lifecycle.
-
-        Args:
-            run_name: Name of the MLflow parent run.
-            dataset_uri: Pretraining corpus (a path, glob, hf://owner/name, s3://… or builtin://stdlib).
-            instruct_dataset_uri: Instruction data for fine-tuning (same URI forms).
-            run_config: The full run config (deploy, serve and platform sections), as validated by kubellm.
-            data_config: Data preparation settings of the corpus (kubellm DataConfig).
-            instruct_data_config: Data preparation settings of the instruction data.
-            pretrain_config: Model size, optimizer and loop (kubellm PretrainConfig).
-            finetune_config: LoRA settings, optimizer and loop (kubellm FinetuneConfig).
-            eval_config: Evaluation settings and the promotion gate (kubellm EvalConfig).
-        """
-        ids = {"pipeline_name": NAME, "run_name": run_name, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-        exit_task = ctx.configure(tracking.finish_run(tracking=ctx.tracking, workdir=ctx.workdir, **ids),
-                                  "register", "Record final status in MLflow")
-        with dsl.ExitHandler(exit_task, name="lifecycle"):
-            start = ctx.configure(tracking.start_run(run_config=run_config, tracking=ctx.tracking,
-                                                     workdir=ctx.workdir, **ids),
-                                  "register", "Start MLflow run")
-            common = {"tracking": ctx.tracking, "workdir": ctx.workdir, "parent_run_id": start.output}
+        with ctx.tracked(NAME, run_name, run_config) as start:
+            common = ctx.stage_args(start)
             prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **common),
                                  "prep", "Prepare corpus")
-            pre = ctx.configure(train.pretrain(config=pretrain_config, run_config=run_config, data=prep.outputs["dataset"], **common),
+            pre = ctx.configure(train.pretrain(config=pretrain_config, run_config=run_config,
+                                               data=prep.outputs["dataset"], **common),
                                 "pretrain", "Pretrain", retry="train")
             iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config,
                                                             source_uri=instruct_dataset_uri,
                                                             tokenizer_from=prep.outputs["dataset"], **common),
                                   "prep_instruct", "Prepare instructions")
-            ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
-                                              base_model=pre.outputs["model"], **common),
-                               "finetune", "LoRA fine-tune", retry="train")
+            ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config,
+                                              data=iprep.outputs["dataset"], base_model=pre.outputs["model"],
+                                              **common), "finetune", "LoRA fine-tune", retry="train")
             ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                                  model=ft.outputs["adapter"], base_model=pre.outputs["model"],
-                                                 **common),
-                               "evaluate", "Evaluate + gate")
-            with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
-                release(ctx, run_config=run_config, parent=start.output, model=ft.outputs["adapter"],
-                        base=pre.outputs["model"], evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
+                                                 **common), "evaluate", "Evaluate + gate")
+            with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
+                release(ctx, run_config=run_config, start=start, model=ft.outputs["adapter"],
+                        base=pre.outputs["model"], evaluation=ev.outputs["results"],
+                        fingerprint=iprep.outputs["Output"])
 
     return llm_lifecycle
