@@ -92,9 +92,7 @@ def _numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, bool):
-            out[key] = float(v)
-        elif isinstance(v, int | float):
+        if isinstance(v, int | float):  # bool is an int: True → 1.0
             out[key] = float(v)
         elif isinstance(v, dict):
             out.update(_numeric(v, f"{key}."))

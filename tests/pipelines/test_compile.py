@@ -162,4 +162,4 @@ def test_runtime_image_default_matches_the_config_default() -> None:
     from kubellm.components._base import RUNTIME_IMAGE
     from kubellm.config import PlatformConfig
 
-    assert RUNTIME_IMAGE == PlatformConfig().image
+    assert PlatformConfig().image == RUNTIME_IMAGE

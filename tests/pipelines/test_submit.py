@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from kfp_standin import KfpStandIn
 
 from kubellm.cli.app import main
-from kfp_standin import KfpStandIn
 
 
 def _unknown_fields(obj: object, model: str) -> list[str]:

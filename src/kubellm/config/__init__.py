@@ -6,7 +6,14 @@ from kubellm.config.platform import DistributedConfig, Placement, PlatformConfig
 from kubellm.config.run import RunConfig, apply_overrides, load_config, validate_section
 from kubellm.config.serve import ServeConfig
 from kubellm.config.tracking import TrackingConfig
-from kubellm.config.train import FinetuneConfig, LoopConfig, LoraConfig, ModelConfig, OptimConfig, PretrainConfig
+from kubellm.config.train import (
+    FinetuneConfig,
+    LoopConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+)
 
 __all__ = [
     "CleaningConfig", "DataConfig", "DistributedConfig", "EvalConfig", "FinetuneConfig", "GateConfig",
