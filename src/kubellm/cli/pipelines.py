@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from kubellm.cli.app import ConfigOpt, SetOpt, app, load
-from kubellm.errors import ConfigError, KubellmError
+from kubellm.errors import ConfigError
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
                                           "llm-lora-sweep or llm-continuous-finetune.")]
