@@ -4,7 +4,6 @@ succeeds on its second attempt, and the pipeline carries on.
 No `from __future__ import annotations`: KFP reads the component annotations as types.
 """
 
-
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,8 @@ def flaky(marker: str) -> str:
 
 @dsl.component(install_kfp_package=False)
 def downstream(value: str, out: str) -> None:
-    open(out, "w").write(value)
+    with open(out, "w") as f:
+        f.write(value)
 
 
 @pytest.mark.slow
