@@ -11,6 +11,12 @@ baselines use the same precision, so the ratios measure batching and serving, no
 - **kubellm**: ``kubellm serve`` as its own process on 127.0.0.1; 8 concurrent closed-loop clients (each
   sends its next request when the previous answer arrives) over the OpenAI completions API.
 
+Fairness on a shared machine: the baselines call ``generate`` on one worker thread, as the engine does
+(on these 2 shared cores, small-op decoding from the main thread with 2 OpenMP threads measured 10-60×
+slower than from a worker thread while other processes were busy; on an idle machine they are equal), and
+the three measurements are interleaved over ``ROUNDS`` rounds, each reported as its best round, so a
+burst of load from other processes does not land on one side only.
+
 Rows: generated tokens/s (served vs sequential, goal ≥ 3.5×; served vs the static batch, goal ≥ 0.7×),
 request latency p50/p99 (served with 8 clients vs one sequential ``generate``), and the time from process
 start to ready (``kubellm serve`` vs a plain process that imports transformers and loads the model).
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 CLIENTS = 8
+ROUNDS = 3
 
 
 def _build_model(out: Path, vocab: int) -> None:
@@ -60,44 +67,52 @@ def _prompts(count: int) -> list[str]:
     return [f"def handler_{i:02d}(request, response):\n    return" for i in range(count)]
 
 
-def _baselines(model_dir: Path, n: int, sequential_requests: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class _Baselines:
+    """Plain ``model.generate`` on a worker thread: batch 1 one request at a time, or a static batch."""
 
-    from kubellm.train.precision import autocast, resolve_precision
+    def __init__(self, model_dir: Path, n: int) -> None:
+        import concurrent.futures
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    precision = resolve_precision("auto", "cpu")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def generate(prompts: list[str]) -> None:
-        enc = tok(prompts, return_tensors="pt", padding=True)
-        with torch.inference_mode(), autocast(precision, "cpu"):
-            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        assert out.shape[1] - enc["input_ids"].shape[1] == n
+        from kubellm.train.precision import resolve_precision
 
-    prompts = _prompts(max(CLIENTS, sequential_requests))
-    generate(prompts[:1])
-    generate(prompts[:CLIENTS])  # warm-up of both shapes
-    latencies = []
-    t0 = time.perf_counter()
-    for p in prompts[:sequential_requests]:
-        t = time.perf_counter()
-        generate([p])
-        latencies.append(time.perf_counter() - t)
-    sequential_s = time.perf_counter() - t0
-    rounds = 3
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        generate(prompts[:CLIENTS])
-    static_s = time.perf_counter() - t0
-    return {"sequential_tps": sequential_requests * n / sequential_s,
-            "static_tps": rounds * CLIENTS * n / static_s,
-            "latency_p50": statistics.median(latencies),
-            "latency_p99": _p99(latencies),
-            "prompts": prompts, "precision": precision}
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.precision = resolve_precision("auto", "cpu")
+        self.n = n
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.prompts = _prompts(CLIENTS)
+        self.generate(self.prompts[:1])
+        self.generate(self.prompts)  # warm-up of both shapes
+
+    def _generate(self, prompts: list[str]) -> None:
+        import torch
+
+        from kubellm.train.precision import autocast
+
+        enc = self.tok(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode(), autocast(self.precision, "cpu"):
+            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                      max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        assert out.shape[1] - enc["input_ids"].shape[1] == self.n
+
+    def generate(self, prompts: list[str]) -> float:
+        """Seconds one ``generate`` call on ``prompts`` takes."""
+        t0 = time.perf_counter()
+        self.worker.submit(self._generate, prompts).result()
+        return time.perf_counter() - t0
+
+    def sequential(self, requests: int) -> tuple[float, list[float]]:
+        """(tokens/s, latencies) of ``requests`` batch-1 calls one after the other."""
+        latencies = [self.generate([self.prompts[i % CLIENTS]]) for i in range(requests)]
+        return requests * self.n / sum(latencies), latencies
+
+    def static(self) -> float:
+        """Tokens/s of one static batch of ``CLIENTS`` prompts."""
+        return CLIENTS * self.n / self.generate(self.prompts)
 
 
 def _p99(values: list[float]) -> float:
@@ -155,7 +170,9 @@ async def _load(url: str, prompts: list[str], n: int, per_client: int) -> tuple[
             tokens += resp.json()["usage"]["completion_tokens"]
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=CLIENTS)) as http:
-        await client(0, http)  # warm-up, not counted
+        # Warm-up, not counted: one full batch, so the server's first batch-of-8 shapes are not timed.
+        await asyncio.gather(*(http.post(f"{url}/openai/v1/completions", json={
+            "model": "kubellm", "prompt": p, "max_tokens": 2, "min_tokens": 2}) for p in prompts[:CLIENTS]))
         latencies.clear()
         tokens = 0
         t0 = time.perf_counter()
@@ -165,11 +182,10 @@ async def _load(url: str, prompts: list[str], n: int, per_client: int) -> tuple[
 
 def run(quick: bool) -> list[dict]:
     n = 16 if quick else 64
-    per_client = 2 if quick else 4
+    per_client, sequential_requests = (1, 2) if quick else (3, 4)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = Path(tmp) / "model"
         _build_model(model_dir, vocab=1024 if quick else 4096)
-        base = _baselines(model_dir, n, sequential_requests=4 if quick else 8)
         plain_start = _plain_startup(model_dir)
 
         port = _free_port()
@@ -188,7 +204,18 @@ def run(quick: bool) -> list[dict]:
             except RuntimeError as err:
                 raise RuntimeError(f"{err}: {log.read_text()[-2000:]}") from None
             startup = time.perf_counter() - t0
-            wall, latencies, tokens = asyncio.run(_load(url, base["prompts"], n, per_client))
+            base = _Baselines(model_dir, n)
+            sequential, static, served = [], [], []
+            seq_latencies: list[float] = []
+            latencies: list[float] = []
+            for _ in range(ROUNDS):
+                tps, lat = base.sequential(sequential_requests)
+                sequential.append(tps)
+                seq_latencies += lat
+                static.append(base.static())
+                wall, lat, tokens = asyncio.run(_load(url, base.prompts, n, per_client))
+                served.append(tokens / wall)
+                latencies += lat
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -196,18 +223,17 @@ def run(quick: bool) -> list[dict]:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    served = tokens / wall
-    p50, p99 = statistics.median(latencies), _p99(latencies)
-    note = f"small preset, {n} tokens/request, {CLIENTS} clients × {per_client}, {base['precision']}"
+    note = (f"small preset, {n} tokens/request, {CLIENTS} clients x {per_client}, {base.precision}, "
+            f"best of {ROUNDS} rounds")
     rows = [
-        {"measure": "generated tokens/s, 8 clients vs sequential generate", "kubellm": served,
-         "baseline": base["sequential_tps"], "goal": ">= 3.5x"},
-        {"measure": "generated tokens/s, 8 clients vs static batch of 8", "kubellm": served,
-         "baseline": base["static_tps"], "goal": ">= 0.7x"},
-        {"measure": "request latency p50 (s), 8 clients vs one generate", "kubellm": p50,
-         "baseline": base["latency_p50"], "goal": "info"},
-        {"measure": "request latency p99 (s), 8 clients vs one generate", "kubellm": p99,
-         "baseline": base["latency_p99"], "goal": "info"},
+        {"measure": "generated tokens/s, 8 clients vs sequential generate", "kubellm": max(served),
+         "baseline": max(sequential), "goal": ">= 3.5x"},
+        {"measure": "generated tokens/s, 8 clients vs static batch of 8", "kubellm": max(served),
+         "baseline": max(static), "goal": ">= 0.7x"},
+        {"measure": "request latency p50 (s), 8 clients vs one generate", "kubellm": statistics.median(latencies),
+         "baseline": statistics.median(seq_latencies), "goal": "info"},
+        {"measure": "request latency p99 (s), 8 clients vs one generate", "kubellm": _p99(latencies),
+         "baseline": _p99(seq_latencies), "goal": "info"},
         {"measure": "process start to ready (s) vs plain transformers load", "kubellm": startup,
          "baseline": plain_start, "goal": "info"},
     ]

@@ -40,8 +40,8 @@ class ServeConfig(StrictModel):
     max_batch_size: int = Field(default=8, ge=1, le=256)
     """Concurrent requests generated together in one batch."""
     batch_wait_ms: float = Field(default=10.0, ge=0, le=1000)
-    """How long a new batch waits for more requests, at most, when the previous batch was larger
-    (clients of a finished batch come back within a few ms); a lone client never waits."""
+    """How long a new batch waits for more requests, at most, before it starts short of
+    ``max_batch_size`` (clients of a finished batch come back within a few ms)."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting beyond this many get a 503."""
     max_prompt_tokens: int = Field(default=2048, ge=1)
