@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from pathlib import Path
@@ -124,6 +125,19 @@ def test_sigterm_runs_an_earlier_handler_but_exits_only_after_the_checkpoint(pre
         assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [3]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_auto_precision_and_loader_workers_keep_the_same_run(pretrain_data: Path, tmp_path: Path):
+    """precision auto picks bf16 autocast where the CPU has it; loading batches in a worker process
+    changes nothing about the data order (same weights)."""
+    from kubellm.train.precision import resolve_precision
+
+    a = pretrain(tiny_cfg(max_steps=4, precision="auto"), pretrain_data, tmp_path / "a")
+    b = pretrain(tiny_cfg(max_steps=4, precision="auto", num_workers=1), pretrain_data, tmp_path / "b")
+    assert a.precision == b.precision == resolve_precision("auto", "cpu")
+    assert math.isfinite(a.final_loss)
+    wa, wb = weights(a.output_dir), weights(b.output_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_output_dir_that_holds_something_else_is_refused(pretrain_data: Path, tmp_path: Path):
