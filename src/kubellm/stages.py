@@ -423,28 +423,34 @@ def deploy(run_config: dict[str, Any], model_uri: str, out_dir: str, trk: Tracki
         manifest.write_text(yaml.safe_dump(isvc, sort_keys=False), encoding="utf-8")
         tracker.log_artifact(manifest, "deploy")
         t0 = time.perf_counter()
+        aliases: list[str] = []
         if target == "cluster":
-            from kubellm.k8s.rollout import rollout
+            from kubellm.k8s.rollout import deploy as roll_out
 
-            res = rollout(isvc, namespace=cfg.platform.namespace, timeout_s=cfg.deploy.ready_timeout_s,
-                          poll_s=cfg.deploy.poll_s)
-            status, endpoint, detail = res.status, res.url or "", res.reason
+            # One code path with `kubellm deploy`: build, roll out, smoke-test, promote the canary or roll
+            # back, then set the alias. The playground is this pipeline's next step, not part of this one.
+            step_cfg = cfg.model_copy(deep=True)
+            step_cfg.deploy.playground = False
+            step_cfg.tracking, step_cfg.workdir = trk.config, trk.workdir
+            res = roll_out(step_cfg, storage_uri, model_version=version or None)
+            status, endpoint, detail = res.status, res.address or res.url or "", res.reason
+            if status == "promoted" and version:
+                aliases = _aliases(trk, int(version))
         else:
             answer = _smoke_generate(resolve_model(trk, model_uri), cfg.deploy.smoke_prompt,
                                      cfg.deploy.smoke_max_tokens)
             status, endpoint = "promoted", f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1"
             detail = f"local smoke test answered {answer!r}"
+            if trk.config.enabled and version:
+                aliases = promote(trk.config, trk.workdir, int(version), cfg.deploy.promote_alias).aliases
         seconds = time.perf_counter() - t0
         healthy = status == "promoted"
-        aliases: list[str] = []
-        if healthy and trk.config.enabled and version:
-            aliases = promote(trk.config, trk.workdir, int(version), cfg.deploy.promote_alias).aliases
         tracker.log_metrics({"deploy_healthy": float(healthy), "deploy_seconds": seconds})
         tracker.set_tags({"deploy.status": status, "deploy.manifests": str(manifest), "deploy.endpoint": endpoint})
-    if not healthy:
-        from kubellm.errors import ServingError
+        if not healthy:  # inside the stage run: it ends FAILED with this error
+            from kubellm.errors import ServingError
 
-        raise ServingError(f"deployment of {model_uri} {status}: {detail}")
+            raise ServingError(f"deployment of {model_uri} {status}: {detail}")
     report = (f"# Deployment\n\n{trk.run_link(tracker.run_id)}\n| | |\n|---|---|\n| model | {model_uri} |\n"
               f"| status | {status} |\n| endpoint | {endpoint} |\n| aliases | {', '.join(aliases)} |\n"
               f"| detail | {detail} |\n| manifests | {manifest} |\n")
@@ -452,14 +458,19 @@ def deploy(run_config: dict[str, Any], model_uri: str, out_dir: str, trk: Tracki
                        {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases})
 
 
+def _aliases(trk: Tracking, version: int) -> list[str]:
+    from kubellm.tracking.mlflow_tracker import mlflow_client
+
+    client, _ = mlflow_client(trk.config, trk.workdir)
+    return sorted(client.get_model_version(trk.config.registered_model, str(version)).aliases or [])
+
+
 def _download_uri(trk: Tracking, name: str, version: str) -> str:
     """Where the registry keeps a version's files (s3://…, gs://… or a local path): the storageUri."""
-    from mlflow import MlflowClient
+    from kubellm.tracking.mlflow_tracker import mlflow_client
 
-    from kubellm.tracking.mlflow_tracker import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(trk.config, trk.workdir)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, version)
+    client, _ = mlflow_client(trk.config, trk.workdir)
+    return client.get_model_version_download_uri(name, version)
 
 
 def deploy_playground(run_config: dict[str, Any], endpoint: str, out_dir: str, trk: Tracking, *,

@@ -22,12 +22,9 @@ NOT_RUN = "not run"
 def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str, stages: list[str],
             wall_seconds: float | None = None) -> dict[str, Any]:
     """Everything a person (or CI) wants to know after a run, as JSON-able data."""
-    from mlflow import MlflowClient
+    from kubellm.tracking.mlflow_tracker import mlflow_client
 
-    from kubellm.tracking.mlflow_tracker import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(cfg, workdir)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client, uri = mlflow_client(cfg, workdir)
     exp = client.get_experiment_by_name(cfg.experiment)
     parents = [] if exp is None else client.search_runs(
         [exp.experiment_id],
