@@ -34,8 +34,7 @@ def _print_result(title: str, result: object) -> None:
 def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Pretrain a Llama-architecture model from scratch on a prepared pretraining dataset.
 
-    Resumable: checkpoints every loop.checkpoint_every steps; SIGTERM writes one and exits 143. Runs
-    unchanged under `torchrun --nproc_per_node N`.
+    Resumable (rerun with the same --out); SIGTERM checkpoints and exits 143; works under torchrun.
     """
     from kubellm.config.train import PretrainConfig
 
@@ -52,8 +51,7 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
                  "finetune.base_model).")] = None) -> None:
     """LoRA fine-tune a causal LM on a prepared instruction dataset (loss on responses only).
 
-    Writes the adapter (and merged/ with finetune.merge=true). Same resume, SIGTERM and torchrun
-    behaviour as pretrain.
+    Writes the adapter (and merged/ with finetune.merge=true); resumes, checkpoints on SIGTERM like pretrain.
     """
     from kubellm.config.train import FinetuneConfig
     from kubellm.errors import ConfigError
