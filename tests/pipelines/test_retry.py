@@ -15,7 +15,7 @@ from kubellm.pipelines._common import Context
 REPO = Path(__file__).resolve().parents[2]
 
 
-@dsl.component(install_kfp_package=False)
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
 def flaky(marker: str) -> str:
     """Fails the first time it runs (as a preempted or OOM-killed pod would), succeeds after."""
     import os
@@ -26,7 +26,7 @@ def flaky(marker: str) -> str:
     return "ok"
 
 
-@dsl.component(install_kfp_package=False)
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
 def downstream(value: str, out: str) -> None:
     with open(out, "w") as f:
         f.write(value)
