@@ -207,6 +207,25 @@ def _train_as_job(stage: str, stage_cfg: Any, run_config: dict[str, Any] | None,
     return TrainResult.read(out_dir)
 
 
+def _preemptible(func: Any) -> Any:
+    """A training stage interrupted by SIGTERM (its checkpoint written) ends the process with the
+    interruption's exit code (143, as a signal-killed process would) instead of a traceback's 1."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kubellm.train.loop import TrainingInterrupted
+
+        try:
+            return func(*args, **kwargs)
+        except TrainingInterrupted as err:
+            log.warning("%s: %s", func.__name__, err)
+            raise SystemExit(err.exit_code) from err
+
+    return wrapper
+
+
+@_preemptible
 def pretrain(config: dict[str, Any], data_dir: str, out_dir: str, trk: Tracking, *,
              run_config: dict[str, Any] | None = None) -> StageOutput:
     """Pretraining, in this process or (``distributed.engine`` set) as a training-operator job."""
@@ -227,6 +246,7 @@ def trial_stage(stage: str, trial: dict[str, Any] | None) -> str:
     return f"{stage}.{trial['name']}" if trial else stage
 
 
+@_preemptible
 def finetune(config: dict[str, Any], base_model: str, data_dir: str, out_dir: str, trk: Tracking, *,
              trial: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None) -> StageOutput:
     """LoRA fine-tuning; a sweep ``trial`` (``{"name", "overrides"}``) adjusts the config first; with
