@@ -48,8 +48,8 @@ bench: $(STAMP)  ## benchmarks side by side against plain baselines (ratios, not
 
 lint: $(STAMP)  ## ruff, yamllint, hadolint
 	$(BIN)/ruff check src components pipelines tests benchmarks
-	$(BIN)/yamllint -d relaxed configs
-	@ls images/*Dockerfile* >/dev/null 2>&1 && $(BIN)/hadolint images/*Dockerfile* || true
+	$(BIN)/yamllint -c .yamllint.yaml configs
+	$(BIN)/hadolint $$(find images -name Dockerfile -o -name '*.Dockerfile')
 
 serve: $(STAMP)  ## serve the current champion on 127.0.0.1
 	$(BIN)/kubellm serve --config $(CONFIG)
