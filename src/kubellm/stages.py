@@ -454,7 +454,7 @@ def deploy(run_config: dict[str, Any], model_uri: str, out_dir: str, trk: Tracki
             step_cfg.tracking, step_cfg.workdir = trk.config, trk.workdir
             res = roll_out(step_cfg, storage_uri, model_version=version or None)
             status, endpoint, detail = res.status, res.address or res.url or "", res.reason
-            if status == "promoted" and version:
+            if status == "promoted" and version and trk.config.enabled:
                 aliases = _aliases(trk, int(version))
         else:
             answer = _smoke_generate(resolve_model(trk, model_uri), cfg.deploy.smoke_prompt,

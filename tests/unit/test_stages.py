@@ -60,3 +60,36 @@ def test_rank_trials_picks_the_best_that_passed(tmp_path: Path) -> None:
     assert stages._rank_trials(dirs, "perplexity", "max")[0] == 0
     none, text = stages._rank_trials(dirs[1:2], "perplexity", "min")
     assert none is None and "No trial passed" in text
+
+
+@pytest.mark.parametrize("status", ["promoted", "rolled_back"])
+def test_cluster_deploy_goes_through_the_rollout_and_fails_the_step_on_rollback(
+        status: str, tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    import kubellm.k8s.rollout as rollout
+    from kubellm.errors import ServingError
+
+    calls = []
+
+    def roll_out(cfg, storage_uri, *, model_version=None, **kw):
+        calls.append((cfg, storage_uri, model_version))
+        return rollout.RolloutResult(status=status, reason="smoke test said no" if status != "promoted" else "ok",
+                                     url="http://local-kubellm.kubellm.example.com")
+
+    monkeypatch.setattr(rollout, "deploy", roll_out)
+    cfg = load_config(REPO / "configs" / "local.yaml",
+                      ["tracking.enabled=false", "deploy.storage_uri=s3://models/kubellm/7"])
+    trk = stages.Tracking.from_param(to_param(cfg.tracking), str(tmp_path))
+    out = tmp_path / "manifests"
+    if status == "promoted":
+        res = stages.deploy(to_param(cfg), "models:/kubellm-local/7", str(out), trk, target="cluster")
+        assert res.values["endpoint"] == "http://local-kubellm.kubellm.example.com"
+    else:
+        with pytest.raises(ServingError, match="rolled_back: smoke test said no"):
+            stages.deploy(to_param(cfg), "models:/kubellm-local/7", str(out), trk, target="cluster")
+    ((step_cfg, uri, version),) = calls
+    assert uri == "s3://models/kubellm/7" and version == "7"
+    assert step_cfg.deploy.playground is False  # the pipeline's own playground step applies it
+    isvc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert isvc["kind"] == "InferenceService"
