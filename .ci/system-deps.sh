@@ -11,5 +11,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
 fi
 echo "installing chromium and chromium-driver (Debian) for the browser tests"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+# A mirror that is down must not fail the whole test run: the browser tests then skip and say why.
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; then
+  echo "warning: could not install chromium/chromium-driver; the browser tests will skip" >&2
+fi
