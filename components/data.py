@@ -87,6 +87,6 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, parent_run_
 
     trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
     out = stages.prep(config, dataset.path, trk, stage="prep_instruct", source_uri=source_uri or None,
-                      tokenizer_dir=stages.tokenizer_dir_of(tokenizer_from.path))
+                      tokenizer_dir=tokenizer_from.path)
     stages.publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]

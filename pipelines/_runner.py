@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 from kfp import compiler, local
 
-from kubellm import components as _components_pkg
 from kubellm.components import data, deploy, evaluate, registry, tracking, train
 from kubellm.config import RunConfig
 from kubellm.pipelines import PIPELINES, build
@@ -40,7 +39,6 @@ COMPONENTS = {
     "deploy": deploy.deploy,
     "deploy-playground": deploy.deploy_playground,
 }
-assert _components_pkg  # the package is what users import; COMPONENTS is its index
 
 
 _DEFAULT_COMMENT = re.compile(r"^(#\s+\w+: (?:dict|list) \[Default: )(.*)(\])$")

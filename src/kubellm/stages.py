@@ -335,9 +335,6 @@ def resolve_model(trk: Tracking, uri: str, out_dir: str | None = None) -> str:
     return str(resolve_model_uri(trk.config, trk.workdir, uri))
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
-
 
 def publish(out: StageOutput, *, report: str | None = None, metrics: Any = None, artifact: Any = None) -> None:
     """Hand a stage's output to KFP: the Markdown report file, the Metrics artifact (anything with
@@ -351,13 +348,6 @@ def publish(out: StageOutput, *, report: str | None = None, metrics: Any = None,
         if artifact is not None:
             artifact.metadata[name] = value
 
-
-def tokenizer_dir_of(path: str) -> str:
-    """The tokenizer inside a prepared dataset (``tokenizer/``) or a model directory (its root)."""
-    from kubellm.data.format import TOKENIZER_DIR
-
-    p = Path(path)
-    return str(p / TOKENIZER_DIR) if (p / TOKENIZER_DIR).is_dir() else str(p)
 
 
 def fetch_model(ref: str, out_dir: str, trk: Tracking) -> str:

@@ -7,7 +7,6 @@ and a stage that failed shows up with its error while stages that never ran say 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +128,3 @@ def headline(summary: dict[str, Any]) -> str:
         parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]")
     return "; ".join(parts)
 
-
-def load(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
