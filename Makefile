@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]' torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray,eval]' torch==2.13.0
 	@touch $@
 
 setup: $(STAMP)  ## create .venv with kubellm and its dev tools
