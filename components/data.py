@@ -21,11 +21,11 @@ def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, s
     Returns:
         True when the data changed (or there is no champion yet), False when there is nothing new.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, data, publish
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.data_changed(config, trk, source_uri=source_uri or None)
-    stages.publish(out, report=report.path)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = data.data_changed(config, ctx, source_uri=source_uri or None)
+    publish(out, report=report.path)
     return out.values["changed"]
 
 
@@ -53,11 +53,11 @@ def prepare_data(config: dict, tracking: dict, workdir: str, parent_run_id: str,
     Returns:
         The data fingerprint (equal fingerprints mean equal data).
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, data, publish
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.prep(config, dataset.path, trk, stage=stage, source_uri=source_uri or None)
-    stages.publish(out, report=report.path, metrics=metrics, artifact=dataset)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = data.prep(config, dataset.path, ctx, stage=stage, source_uri=source_uri or None)
+    publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]
 
 
@@ -83,10 +83,10 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, parent_run_
     Returns:
         The data fingerprint.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, data, publish
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.prep(config, dataset.path, trk, stage="prep_instruct", source_uri=source_uri or None,
-                      tokenizer_dir=tokenizer_from.path)
-    stages.publish(out, report=report.path, metrics=metrics, artifact=dataset)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = data.prep(config, dataset.path, ctx, stage="prep_instruct", source_uri=source_uri or None,
+                    tokenizer_dir=tokenizer_from.path)
+    publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]

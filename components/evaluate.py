@@ -33,12 +33,12 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
     Returns:
         Whether the promotion gate passed.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, evaluate, publish, trial_stage
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
-    out = stages.evaluate(config, model.path, data.path, results.path, trk, base_model=base_model.path,
-                          stage=stages.trial_stage("evaluate", trial or None))
-    stages.publish(out, report=report.path, metrics=metrics, artifact=results)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
+    out = evaluate.evaluate(config, model.path, data.path, results.path, ctx, base_model=base_model.path,
+                            stage=trial_stage("evaluate", trial or None))
+    publish(out, report=report.path, metrics=metrics, artifact=results)
     return out.values["passed"]
 
 
@@ -62,11 +62,11 @@ def compare_with_champion(config: dict, tracking: dict, workdir: str, parent_run
     Returns:
         True when the candidate is better than the champion (or there is no champion yet).
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, evaluate, publish
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.compare_to_champion(config, candidate_results.path, data.path, base_model.path, results.path, trk)
-    stages.publish(out, report=report.path)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = evaluate.compare_to_champion(config, candidate_results.path, data.path, base_model.path, results.path, ctx)
+    publish(out, report=report.path)
     return out.values["passed"]
 
 
@@ -87,9 +87,9 @@ def select_best(evaluations: Input[List[Artifact]], adapters: Input[List[Model]]
     Returns:
         True when some trial passed the gate (then the best one is registered).
     """
-    from kubellm import stages
+    from kubellm.stages import evaluate, publish
 
-    out = stages.select_best([e.path for e in evaluations], [a.path for a in adapters], metric, mode,
-                             best_adapter.path, best_evaluation.path)
-    stages.publish(out, report=report.path)
+    out = evaluate.select_best([e.path for e in evaluations], [a.path for a in adapters], metric, mode,
+                               best_adapter.path, best_evaluation.path)
+    publish(out, report=report.path)
     return out.values["passed"]

@@ -26,11 +26,10 @@ def register(tracking: dict, workdir: str, parent_run_id: str, model: Input[Mode
     Returns:
         The registry URI of the new version (``models:/name/version``).
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, publish, registry
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    metrics = stages.read_metrics(evaluation.path)
-    out = stages.register(model.path, trk, base_model=base_model.path, metrics=metrics,
-                          data_fingerprint=data_fingerprint)
-    stages.publish(out, report=report.path)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = registry.register(model.path, ctx, base_model=base_model.path, evaluation_dir=evaluation.path,
+                            data_fingerprint=data_fingerprint)
+    publish(out, report=report.path)
     return out.values["uri"]

@@ -25,9 +25,9 @@ def start_run(run_config: dict, tracking: dict, workdir: str, pipeline_name: str
     Returns:
         The MLflow parent run id that every stage nests its own run under.
     """
-    from kubellm import stages
+    from kubellm.stages import tracking as stage
 
-    return stages.start_run(run_config, tracking, workdir, pipeline=pipeline_name, run_name=run_name,
+    return stage.start_run(run_config, tracking, workdir, pipeline=pipeline_name, run_name=run_name,
                             kfp_run_id=kfp_run_id)
 
 
@@ -50,7 +50,7 @@ def finish_run(tracking: dict, workdir: str, pipeline_name: str, run_name: str, 
     Returns:
         The MLflow status the parent run ended with.
     """
-    from kubellm import stages
+    from kubellm.stages import tracking as stage
 
-    return stages.finish_run(tracking, workdir, pipeline=pipeline_name, run_name=run_name,
+    return stage.finish_run(tracking, workdir, pipeline=pipeline_name, run_name=run_name,
                              kfp_run_id=kfp_run_id, state=status.state, error=status.error_message)

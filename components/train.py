@@ -19,16 +19,15 @@ def fetch_model(ref: str, tracking: dict, workdir: str, model: Output[Model]) ->
     Returns:
         What was fetched, for the UI.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, train
 
-    trk = stages.Tracking.from_param(tracking, workdir)
-    return stages.fetch_model(ref, model.path, trk)
+    return train.fetch_model(ref, model.path, StageContext.from_param(tracking, workdir))
 
 
 @component
 def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
-             run_config: dict = {}) -> None:
+             platform: dict = {}, run_name: str = "") -> None:
     """Pretrain a Llama-architecture model from scratch on a prepared corpus.
 
     AdamW with warmup and cosine decay, gradient accumulation and clipping, bf16 where the hardware
@@ -44,20 +43,23 @@ def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         model: The trained model (Hugging Face format, safetensors, with tokenizer).
         metrics: Steps, final loss, validation loss, tokens/s.
         report: A summary of the run.
-        run_config: The run config; needed when ``distributed.engine`` makes this step create a
-            PyTorchJob/TrainJob (platform and tracking sections).
+        platform: The ``platform`` section, set at compile time; with ``distributed.pretrain.engine`` set
+            this step creates a training job (PyTorchJob, TrainJob, RayJob) whose rank 0 logs into
+            this step's MLflow run.
+        run_name: Names the training job's working directory on the shared volume.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, publish, train
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id)
-    out = stages.pretrain(config, data.path, model.path, trk, run_config=run_config or None)
-    stages.publish(out, report=report.path, metrics=metrics, artifact=model)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    out = train.pretrain(config, data.path, model.path, ctx, platform=platform or None, run_name=run_name or "kubellm")
+    publish(out, report=report.path, metrics=metrics, artifact=model)
 
 
 @component
 def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
              base_model: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "", run_config: dict = {}) -> None:
+             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "", platform: dict = {},
+             run_name: str = "") -> None:
     """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
 
     Same resume and preemption behaviour as pretraining.
@@ -74,12 +76,13 @@ def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         report: A summary of the run.
         kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
         trial: A sweep trial (``{"name", "overrides"}``) whose dotted overrides adjust ``config``.
-        run_config: The run config; needed when ``distributed.engine`` makes this step create a
-            PyTorchJob/TrainJob.
+        platform: The ``platform`` section, set at compile time; with ``distributed.finetune.engine``
+            set this step creates a training job whose rank 0 logs into this step's MLflow run.
+        run_name: Names the training job's working directory on the shared volume.
     """
-    from kubellm import stages
+    from kubellm.stages import StageContext, publish, train
 
-    trk = stages.Tracking.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
-    out = stages.finetune(config, base_model.path, data.path, adapter.path, trk, trial=trial or None,
-                          run_config=run_config or None)
-    stages.publish(out, report=report.path, metrics=metrics, artifact=adapter)
+    ctx = StageContext.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
+    out = train.finetune(config, base_model.path, data.path, adapter.path, ctx, trial=trial or None,
+                         platform=platform or None, run_name=run_name or "kubellm")
+    publish(out, report=report.path, metrics=metrics, artifact=adapter)

@@ -52,7 +52,7 @@ PARAM_DOCS = {
     "trials": 'One item per fine-tune: {"name": "trial-1", "overrides": {"lora.r": 16, "optim.lr": 0.0005}}.',
     "metric": "Evaluation metric that ranks the trials that passed the gate.",
     "mode": '"min" (lower is better, e.g. perplexity) or "max" (e.g. rouge_l).',
-    "run_config": "The full run config (deploy, serve, platform and tracking sections), as validated by kubellm.",
+    "deploy_config": "Rollout, predictor and playground settings (kubellm ReleaseConfig: deploy, serve, playground).",
     "data_config": "Data preparation of the pretraining corpus (kubellm DataConfig).",
     "instruct_data_config": "Data preparation of the instruction data (kubellm DataConfig, kind instruct).",
     "pretrain_config": "Model size, optimizer and training loop (kubellm PretrainConfig).",
@@ -96,8 +96,14 @@ class Context:
             t.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(self.workdir) / 'mlflow.db'}"
         return to_param(t)
 
+    def placed(self) -> dict[str, Any]:
+        """Arguments of a step that acts beyond its pod (training jobs, the rollout): the compile-time
+        ``platform`` section and the config's name (it names Kubernetes objects), as constants — the
+        Kubeflow UI does not offer them as run parameters, since they also shape the compiled graph."""
+        return {"platform": to_param(self.cfg.platform), "run_name": self.cfg.name}
+
     @contextlib.contextmanager
-    def tracked(self, pipeline_name: str, run_name: Any, run_config: Any) -> Iterator[Any]:
+    def tracked(self, pipeline_name: str, run_name: Any) -> Iterator[Any]:
         """The MLflow parent run around a pipeline's tasks: the exit handler records the final state,
         the first task starts the run. Yields the start task (its output is the parent run id)."""
         from kubellm.components import tracking
@@ -106,7 +112,7 @@ class Context:
         exit_task = self.configure(tracking.finish_run(tracking=self.tracking, workdir=self.workdir, **ids),
                                    "register", "Record final status in MLflow")
         with dsl.ExitHandler(exit_task, name=pipeline_name.removeprefix("llm-")):
-            yield self.configure(tracking.start_run(run_config=run_config, tracking=self.tracking,
+            yield self.configure(tracking.start_run(run_config=to_param(self.cfg), tracking=self.tracking,
                                                     workdir=self.workdir, **ids), "register", "Start MLflow run")
 
     def stage_args(self, start: Any) -> dict[str, Any]:
@@ -152,11 +158,10 @@ def apply_placement(task: Any, stage: str, cfg: RunConfig) -> Any:
         kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
     for pvc in place.pvcs:
         kubernetes.mount_pvc(task, pvc_name=pvc.claim, mount_path=pvc.mount_path)
-    section = getattr(cfg, stage, None) if stage in ("pretrain", "finetune") else None
-    if (section is not None and section.distributed.engine != "none"
-            and all(p.mount_path != SHARED_MOUNT for p in place.pvcs)):
+    dist = platform.distributed_for(stage) if stage in ("pretrain", "finetune") else None
+    if dist is not None and dist.engine != "none" and all(p.mount_path != SHARED_MOUNT for p in place.pvcs):
         # The step copies its inputs to, and its output from, the PVC the training job's pods share.
-        kubernetes.mount_pvc(task, pvc_name=section.distributed.shared_pvc, mount_path=SHARED_MOUNT)
+        kubernetes.mount_pvc(task, pvc_name=dist.shared_pvc, mount_path=SHARED_MOUNT)
     for sec in place.secret_env:
         kubernetes.use_secret_as_env(task, secret_name=sec.secret, secret_key_to_env={sec.key: sec.env})
     for sec in place.secret_volumes:

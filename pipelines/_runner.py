@@ -37,7 +37,6 @@ COMPONENTS = {
     "select-best": evaluate.select_best,
     "register": registry.register,
     "deploy": deploy.deploy,
-    "deploy-playground": deploy.deploy_playground,
 }
 
 

@@ -25,12 +25,12 @@ def build(ctx: Context) -> Any:
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),
         instruct_dataset_uri: str = cfg.instruct_data.sources[0].uri,
-        run_config: dict = to_param(cfg),
+        deploy_config: dict = to_param(cfg.release()),
         instruct_data_config: dict = to_param(cfg.instruct_data),
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        with ctx.tracked(NAME, run_name, run_config) as start:
+        with ctx.tracked(NAME, run_name) as start:
             common = ctx.stage_args(start)
             check = ctx.configure(data.check_data(config=instruct_data_config, source_uri=instruct_dataset_uri,
                                                   **common), "prep_instruct", "Data changed since the champion?")
@@ -38,14 +38,14 @@ def build(ctx: Context) -> Any:
                 base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                     instruct_dataset_uri=instruct_dataset_uri,
                                                     instruct_data_config=instruct_data_config)
-                ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_config=run_config,
+                ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_name=run_name,
                                            finetune_config=finetune_config, eval_config=eval_config)
                 with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
                     cmp = ctx.configure(evaluate.compare_with_champion(
                         config=eval_config, data=iprep.outputs["dataset"], base_model=base,
                         candidate_results=ev.outputs["results"], **common), "evaluate", "Compare with champion")
                     with dsl.If(cmp.outputs["Output"] == True, name="beats-champion"):  # noqa: E712
-                        release(ctx, run_config=run_config, start=start, model=ft.outputs["adapter"], base=base,
+                        release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"], base=base,
                                 evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_continuous_finetune

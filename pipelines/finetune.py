@@ -30,11 +30,11 @@ def prepare_base_and_data(ctx: Context, *, start: Any, base_model: Any, instruct
     return base.outputs["model"], iprep
 
 
-def tune_and_evaluate(ctx: Context, *, start: Any, base: Any, iprep: Any, run_config: Any, finetune_config: Any,
+def tune_and_evaluate(ctx: Context, *, start: Any, base: Any, iprep: Any, run_name: Any, finetune_config: Any,
                       eval_config: Any) -> tuple[Any, Any]:
     """LoRA → evaluate against the base; returns the fine-tune and evaluation tasks."""
     common = ctx.stage_args(start)
-    ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config, data=iprep.outputs["dataset"],
+    ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(), data=iprep.outputs["dataset"],
                                       base_model=base, **common), "finetune", "LoRA fine-tune", retry="train")
     ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                          model=ft.outputs["adapter"], base_model=base, **common),
@@ -51,19 +51,19 @@ def build(ctx: Context) -> Any:
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),
         instruct_dataset_uri: str = cfg.instruct_data.sources[0].uri,
-        run_config: dict = to_param(cfg),
+        deploy_config: dict = to_param(cfg.release()),
         instruct_data_config: dict = to_param(cfg.instruct_data),
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        with ctx.tracked(NAME, run_name, run_config) as start:
+        with ctx.tracked(NAME, run_name) as start:
             base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                 instruct_dataset_uri=instruct_dataset_uri,
                                                 instruct_data_config=instruct_data_config)
-            ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_config=run_config,
+            ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_name=run_name,
                                        finetune_config=finetune_config, eval_config=eval_config)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, run_config=run_config, start=start, model=ft.outputs["adapter"], base=base,
+                release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"], base=base,
                         evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_finetune

@@ -13,18 +13,16 @@ from kubellm.pipelines._common import Context, pipeline, require
 NAME = "llm-lifecycle"
 
 
-def release(ctx: Context, *, run_config: Any, start: Any, model: Any, base: Any, evaluation: Any,
+def release(ctx: Context, *, deploy_config: Any, start: Any, model: Any, base: Any, evaluation: Any,
             fingerprint: Any) -> None:
-    """register → deploy → playground: the tail every pipeline runs once its gate passed."""
+    """register → deploy (→ playground): the tail every pipeline runs once its gate passed."""
     common = ctx.stage_args(start)
     reg = ctx.configure(registry.register(model=model, base_model=base, evaluation=evaluation,
                                           data_fingerprint=fingerprint, **common),
                         "register", "Register model (alias: candidate)")
-    dep = ctx.configure(deploy.deploy(run_config=run_config, model_uri=reg.outputs["Output"], target=ctx.target,
-                                      **common), "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
-    if ctx.cfg.deploy.playground:
-        ctx.configure(deploy.deploy_playground(run_config=run_config, endpoint=dep.outputs["Output"],
-                                               target=ctx.target, **common), "playground", "Prompt playground")
+    ctx.configure(deploy.deploy(config=deploy_config, model_uri=reg.outputs["Output"], target=ctx.target,
+                                **ctx.placed(), **common),
+                  "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
 
 
 def build(ctx: Context) -> Any:
@@ -37,32 +35,32 @@ def build(ctx: Context) -> Any:
         run_name: str = cfg.name,
         dataset_uri: str = cfg.data.sources[0].uri,
         instruct_dataset_uri: str = cfg.instruct_data.sources[0].uri,
-        run_config: dict = to_param(cfg),
+        deploy_config: dict = to_param(cfg.release()),
         data_config: dict = to_param(cfg.data),
         instruct_data_config: dict = to_param(cfg.instruct_data),
         pretrain_config: dict = to_param(cfg.pretrain),
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        with ctx.tracked(NAME, run_name, run_config) as start:
+        with ctx.tracked(NAME, run_name) as start:
             common = ctx.stage_args(start)
             prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **common),
                                  "prep", "Prepare corpus")
-            pre = ctx.configure(train.pretrain(config=pretrain_config, run_config=run_config,
+            pre = ctx.configure(train.pretrain(config=pretrain_config, **ctx.placed(),
                                                data=prep.outputs["dataset"], **common),
                                 "pretrain", "Pretrain", retry="train")
             iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config,
                                                             source_uri=instruct_dataset_uri,
                                                             tokenizer_from=prep.outputs["dataset"], **common),
                                   "prep_instruct", "Prepare instructions")
-            ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config,
+            ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(),
                                               data=iprep.outputs["dataset"], base_model=pre.outputs["model"],
                                               **common), "finetune", "LoRA fine-tune", retry="train")
             ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                                  model=ft.outputs["adapter"], base_model=pre.outputs["model"],
                                                  **common), "evaluate", "Evaluate + gate")
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, run_config=run_config, start=start, model=ft.outputs["adapter"],
+                release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"],
                         base=pre.outputs["model"], evaluation=ev.outputs["results"],
                         fingerprint=iprep.outputs["Output"])
 

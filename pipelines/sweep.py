@@ -5,7 +5,6 @@ from typing import Any
 
 from kfp import dsl
 
-from kubellm import stages
 from kubellm.components import evaluate, train
 from kubellm.config.params import to_param
 from kubellm.pipelines._common import Context, pipeline, require
@@ -24,15 +23,15 @@ def build(ctx: Context) -> Any:
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),
         instruct_dataset_uri: str = cfg.instruct_data.sources[0].uri,
-        trials: list = stages.sweep_trials(cfg),
+        trials: list = cfg.sweep.items(),
         metric: str = cfg.sweep.metric,
         mode: str = cfg.sweep.mode,
-        run_config: dict = to_param(cfg),
+        deploy_config: dict = to_param(cfg.release()),
         instruct_data_config: dict = to_param(cfg.instruct_data),
         finetune_config: dict = to_param(cfg.finetune),
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
-        with ctx.tracked(NAME, run_name, run_config) as start:
+        with ctx.tracked(NAME, run_name) as start:
             base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                 instruct_dataset_uri=instruct_dataset_uri,
                                                 instruct_data_config=instruct_data_config)
@@ -40,7 +39,7 @@ def build(ctx: Context) -> Any:
             # replaces task-output parameters that enter a ParallelFor with the loop item.
             loop = {**ctx.stage_args(start), "parent_run_id": "", "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
             with dsl.ParallelFor(trials, name="trials") as trial:
-                ft = ctx.configure(train.finetune(config=finetune_config, run_config=run_config,
+                ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(),
                                                   data=iprep.outputs["dataset"], base_model=base, trial=trial,
                                                   **loop), "finetune", "LoRA fine-tune (trial)", retry="train")
                 ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
@@ -51,7 +50,7 @@ def build(ctx: Context) -> Any:
                                                       metric=metric, mode=mode),
                                  "evaluate", "Select the best trial")
             with dsl.If(best.outputs["Output"] == True, name="some-trial-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, run_config=run_config, start=start, model=best.outputs["best_adapter"], base=base,
+                release(ctx, deploy_config=deploy_config, start=start, model=best.outputs["best_adapter"], base=base,
                         evaluation=best.outputs["best_evaluation"], fingerprint=iprep.outputs["Output"])
 
     return llm_lora_sweep

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubellm import stages
+from kubellm.stages import STAGE_RUN_ENV, StageContext, train
 from kubellm.config import load_config
 from kubellm.config.params import to_param
 
@@ -33,25 +33,31 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
     pvc = tmp_path / "pvc"
     monkeypatch.setattr(tj, "SHARED_MOUNT", str(pvc))
     cfg = load_config(REPO / "configs" / "local.yaml", [
-        "pretrain.distributed.engine=pytorchjob", "pretrain.distributed.shared_pvc=kubellm-shared",
+        "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
         "pretrain.loop.max_steps=3", "pretrain.loop.micro_batch_size=2", "pretrain.loop.checkpoint_every=2",
-        "tracking.enabled=false"])
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     launched = []
 
     def operator(stage, run_cfg, data_dir, out_dir, base_model=None, **kw):
         """Stands in for the training operator: the job's pods see only the PVC."""
         assert Path(data_dir).is_relative_to(pvc) and Path(out_dir).is_relative_to(pvc)
         assert kw["data_fingerprint"]
-        launched.append((stage, data_dir, out_dir))
+        launched.append((stage, data_dir, out_dir, kw["env"]))
         pretrain(run_cfg.pretrain, data_dir, out_dir)
         return tj.JobOutcome(kind="PyTorchJob", name="pretrain-x", namespace="kubellm", created=True,
                              restarted=False, elapsed_s=1.0, conditions=["Succeeded"])
 
     monkeypatch.setattr(tj, "run_training_job", operator)
-    trk = stages.Tracking.from_param(to_param(cfg.tracking), str(tmp_path))
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     out = tmp_path / "artifact"
-    result = stages.pretrain(to_param(cfg.pretrain), str(prepared), str(out), trk, run_config=to_param(cfg))
-    assert [s for s, _, _ in launched] == ["pretrain"]
+    result = train.pretrain(to_param(cfg.pretrain), str(prepared), str(out), ctx, platform=to_param(cfg.platform))
+    assert [s for s, _, _, _ in launched] == ["pretrain"]
+    # the job's rank 0 logs into this step's own MLflow run (not the parent's)
+    job_run = launched[0][3][STAGE_RUN_ENV]
+    from kubellm.tracking.mlflow_tracker import mlflow_client
+
+    run = mlflow_client(cfg.tracking, str(tmp_path))[0].get_run(job_run)
+    assert run.data.tags["stage"] == "pretrain" and run.info.status == "FINISHED"
     assert (out / "config.json").is_file() and (out / "kubellm_train.json").is_file()
     assert not (out / "checkpoints").exists()  # they stay on the PVC for restarts
     assert result.metrics["steps"] == 3.0
@@ -60,22 +66,25 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
     assert (data_on_pvc / "manifest.json").is_file()
 
 
-def test_engine_without_run_config_is_a_clear_error(prepared: Path, tmp_path: Path) -> None:
+def test_the_engine_is_a_compile_time_platform_setting(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """The stage section no longer carries ``distributed``: a pretrain config that names it is refused,
+    and without the platform section the step trains in its own pod."""
+    import kubellm.k8s.training_job as tj
     from kubellm.errors import ConfigError
 
-    cfg = load_config(REPO / "configs" / "local.yaml", [
-        "pretrain.distributed.engine=trainjob", "pretrain.distributed.shared_pvc=kubellm-shared",
-        "tracking.enabled=false"])
-    trk = stages.Tracking.from_param(to_param(cfg.tracking), str(tmp_path))
-    with pytest.raises(ConfigError, match="needs the run config"):
-        stages.pretrain(to_param(cfg.pretrain), str(prepared), str(tmp_path / "o"), trk)
+    with pytest.raises(ConfigError, match="distributed: unknown field"):
+        load_config(REPO / "configs" / "local.yaml", ["pretrain.distributed.engine=trainjob"])
+    monkeypatch.setattr(tj, "run_training_job", lambda *a, **kw: pytest.fail("no job without the platform"))
+    cfg = load_config(REPO / "configs" / "local.yaml", ["pretrain.loop.max_steps=1", "tracking.enabled=false"])
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
+    assert train.pretrain(to_param(cfg.pretrain), str(prepared), str(tmp_path / "o"), ctx).metrics["steps"] == 1.0
 
 
 def test_compiled_step_mounts_the_shared_pvc(tmp_path: Path) -> None:
     from kubellm.pipelines._runner import compile_all
 
     cfg = load_config(REPO / "configs" / "local.yaml", [
-        "finetune.distributed.engine=pytorchjob", "finetune.distributed.shared_pvc=kubellm-shared",
+        "platform.distributed.finetune.engine=pytorchjob", "platform.distributed.finetune.shared_pvc=kubellm-shared",
         "tracking.uri=http://mlflow:5000"])
     (path,) = compile_all(cfg, tmp_path, ["llm-lifecycle"], components=False)
     execs = list(yaml.safe_load_all(path.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: Overrides that make configs/local.yaml a multi-node GPU config exercising every placement field.
 CLUSTER_OVERRIDES = [
-    "pretrain.distributed.engine=pytorchjob",
-    "pretrain.distributed.shared_pvc=kubellm-shared",
-    "pretrain.distributed.nodes=2",
-    "pretrain.distributed.procs_per_node=4",
-    "finetune.distributed.engine=trainjob",
-    "finetune.distributed.shared_pvc=kubellm-shared",
+    "platform.distributed.pretrain.engine=pytorchjob",
+    "platform.distributed.pretrain.shared_pvc=kubellm-shared",
+    "platform.distributed.pretrain.nodes=2",
+    "platform.distributed.pretrain.procs_per_node=4",
+    "platform.distributed.finetune.engine=trainjob",
+    "platform.distributed.finetune.shared_pvc=kubellm-shared",
     "platform.default.resources.gpus=4",
     "platform.default.resources.cpu_request='8'",
     "platform.default.resources.memory_limit=64Gi",

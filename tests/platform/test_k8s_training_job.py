@@ -44,8 +44,8 @@ def test_manifest_validates_against_crd(crd_schemas_dir: Path, cluster_cfg: RunC
 
 
 def test_elastic_pytorchjob(cluster_overrides: list[str], crd_schemas_dir: Path) -> None:
-    cfg = load_config(LOCAL, [*cluster_overrides, "pretrain.distributed.min_nodes=1",
-                                                    "pretrain.distributed.max_nodes=4"])
+    cfg = load_config(LOCAL, [*cluster_overrides, "platform.distributed.pretrain.min_nodes=1",
+                                                    "platform.distributed.pretrain.max_nodes=4"])
     job = _job(cfg)
     assert validate_against_crd(job, crd_schemas_dir / CRDS["pytorchjob"]) == []
     spec = job["spec"]
@@ -100,13 +100,13 @@ def test_trainjob_references_runtime_and_patches_pods(cluster_cfg: RunConfig) ->
 
 @pytest.mark.parametrize(("kind", "stage"), KINDS_STAGES)
 def test_inline_config_round_trips(cluster_cfg: RunConfig, kind: str, stage: str) -> None:
-    """What the pods parse from ``--set`` is the stage's config, with distributed.engine none."""
+    """What the pods parse from ``--set`` is the stage's config, without the platform section (so no
+    pod launches a job of its own)."""
     args = _args(_job(cluster_cfg, kind, stage))
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     rebuilt = validate_section(RunConfig, apply_overrides({}, sets), "--set")
-    original = getattr(cluster_cfg, stage).model_copy(deep=True)
-    original.distributed = type(original.distributed)()
-    assert getattr(rebuilt, stage) == original
+    assert getattr(rebuilt, stage) == getattr(cluster_cfg, stage)
+    assert rebuilt.platform.distributed_for(stage).engine == "none"
     assert rebuilt.tracking == cluster_cfg.tracking and rebuilt.name == cluster_cfg.name
     assert getattr(rebuilt, "pretrain" if stage == "finetune" else "finetune") is None
 
@@ -153,7 +153,7 @@ def test_hub_base_model_passes_through(cluster_cfg: RunConfig) -> None:
 
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["tracking.uri=https://admin:hunter2@mlflow.example.com"], "credentials in the URI"),
-    (["pretrain.distributed.engine=none", "pretrain.distributed.shared_pvc=null"], "needs a shared PVC"),
+    (["platform.distributed.pretrain.engine=none", "platform.distributed.pretrain.shared_pvc=null"], "needs a shared PVC"),
 ])
 def test_unusable_configs_fail_before_building(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     cfg = load_config(LOCAL, [*cluster_overrides, *overrides])
@@ -171,8 +171,8 @@ def test_missing_stage_and_unknown_kind(cluster_cfg: RunConfig) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["pretrain.distributed.min_nodes=3"], "nodes (2) must lie within min_nodes..max_nodes (3..2)"),
-    (["finetune.distributed.max_nodes=3"], "needs engine 'pytorchjob'"),
+    (["platform.distributed.pretrain.min_nodes=3"], "nodes (2) must lie within min_nodes..max_nodes (3..2)"),
+    (["platform.distributed.finetune.max_nodes=3"], "needs engine 'pytorchjob'"),
 ])
 def test_elastic_config_is_checked_up_front(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -182,7 +182,7 @@ def test_elastic_config_is_checked_up_front(cluster_overrides: list[str], overri
 def test_gpu_config_jobs_validate_and_mount_the_shared_pvc_once(crd_schemas_dir: Path, repo_root: Path) -> None:
     cfg = load_config(repo_root / "configs" / "cluster-gpu.yaml")
     for stage in ("pretrain", "finetune"):
-        engine = getattr(cfg, stage).distributed.engine
+        engine = cfg.platform.distributed_for(stage).engine
         job = build_job(engine, stage, cfg, "prepared/x", "runs/x")
         assert validate_against_crd(job, crd_schemas_dir / CRDS[engine]) == []
         pod = _pod_template(job)["spec"]
@@ -223,5 +223,5 @@ def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
     with pytest.raises(SystemExit) as info:
         main(["train-job", "--config", str(LOCAL), "--stage", "pretrain", "--data", "d", "--out", "o"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: pretrain.distributed.engine is 'none': set it (or pass "
+    assert capsys.readouterr().err.strip() == ("error: platform.distributed.pretrain.engine is 'none': set it (or pass "
                                                "--kind) to run a job")

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from kubellm.k8s.inferenceservice import GROUP, PLURAL, VERSION, build_inferenceservice
-from kubellm.k8s.rollout import LAST_APPLIED, RolloutResult, deploy, rollout
+from kubellm.k8s.rollout import LAST_APPLIED, RolloutResult, rollout
+from kubellm.stages import StageContext
+from kubellm.stages.deploy import deploy
 
 pytestmark = pytest.mark.integration
 
@@ -244,7 +246,16 @@ def test_first_deployment_that_fails_to_load_is_failed_fast(fake_api, kserve, ma
     assert _live(fake_api)["metadata"]["name"] == "local"  # left in place for `kubectl describe`
 
 
-def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve, make_cfg,
+def _deploy(cfg, version: int, tmp_path, **kw):
+    """``kubellm deploy``'s path: the deploy stage against the fake cluster, tracked in a sqlite store (the
+    registry calls are recorded by the test)."""
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"})})
+    return deploy(cfg, tmp_path / "deploy", StageContext(cfg.tracking, str(tmp_path)), target="cluster",
+                  model_uri=f"models:/{cfg.tracking.registered_model}/{version}", **kw)
+
+
+def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve, make_cfg, tmp_path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from kubernetes import client
 
@@ -252,12 +263,13 @@ def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve
     from kubellm.tracking import registry
 
     promoted = []
-    monkeypatch.setattr(registry, "promote", lambda cfg, workdir, version, alias: promoted.append((version, alias)))
-    cfg = make_cfg("deploy.poll_s=0.02", "deploy.ready_timeout_s=5")
+    monkeypatch.setattr(registry, "promote", lambda cfg, workdir, version, alias: promoted.append((version, alias))
+                        or registry.ModelVersionInfo(name="m", version=version, aliases=[alias], uri="", tags={}))
+    cfg = make_cfg("deploy.poll_s=0.02", "deploy.ready_timeout_s=5", "deploy.storage_uri=s3://models/kubellm/3")
     kserve(["ready"])
-    result = deploy(cfg, "s3://models/kubellm/3", model_version="3", api_client=fake_api.api_client(),
-                    smoke=Smoke(fake_api.api_client(), "local"))
-    assert result.status == "promoted" and promoted == [(3, "champion")]
+    out = _deploy(cfg, 3, tmp_path, api_client=fake_api.api_client(), smoke=Smoke(fake_api.api_client(), "local"))
+    assert out.values["status"] == "promoted" and promoted == [(3, "champion")]
+    assert out.values["aliases"] == ["champion"]
     dep = client.AppsV1Api(fake_api.api_client()).read_namespaced_deployment("local-playground", NS)
     args = dep.spec.template.spec.containers[0].args
     assert args[args.index("--endpoint") + 1] == "http://local-predictor.serving.svc.cluster.local"
@@ -267,18 +279,21 @@ def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve
     assert apply_playground(objs, namespace=NS, api_client=fake_api.api_client()) == ["patched", "unchanged"]
 
 
-def test_a_failed_deploy_promotes_nothing(fake_api, kserve, make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_deploy_promotes_nothing(fake_api, kserve, make_cfg, tmp_path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    from kubellm.errors import ServingError
     from kubellm.tracking import registry
 
     promoted = []
     monkeypatch.setattr(registry, "promote", lambda *a, **kw: promoted.append(a))
     kserve(["fail"])
-    result = deploy(make_cfg("deploy.poll_s=0.02"), "s3://models/broken", model_version=4,
-                    api_client=fake_api.api_client(), smoke=Smoke(fake_api.api_client(), "local"))
-    assert result.status == "failed" and promoted == []
+    cfg = make_cfg("deploy.poll_s=0.02", "deploy.storage_uri=s3://models/broken")
+    with pytest.raises(ServingError, match="failed"):
+        _deploy(cfg, 4, tmp_path, api_client=fake_api.api_client(), smoke=Smoke(fake_api.api_client(), "local"))
+    assert promoted == []
     with pytest.raises(ApiException) as err:
         client.AppsV1Api(fake_api.api_client()).read_namespaced_deployment("local-playground", NS)
     assert err.value.status == 404

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from kubellm import stages
+from kubellm.stages import StageContext, StageOutput, publish
+from kubellm.stages import deploy as deploy_stage
+from kubellm.stages import train
 from kubellm.config import load_config
 from kubellm.config.params import to_param
 
@@ -22,9 +25,9 @@ def test_preempted_training_exits_143_for_the_retry_policy(tmp_path: Path, monke
 
     monkeypatch.setattr(pre, "pretrain", interrupted)
     cfg = load_config(REPO / "configs" / "local.yaml", ["tracking.enabled=false"])
-    trk = stages.Tracking.from_param(to_param(cfg.tracking), str(tmp_path))
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     with pytest.raises(SystemExit) as info:
-        stages.pretrain(to_param(cfg.pretrain), str(tmp_path), str(tmp_path / "out"), trk)
+        train.pretrain(to_param(cfg.pretrain), str(tmp_path), str(tmp_path / "out"), ctx)
     assert info.value.code == 143
 
 
@@ -39,27 +42,20 @@ def test_publish_writes_report_metrics_and_metadata(tmp_path: Path) -> None:
     class Artifact:
         metadata: dict = {}
 
-    out = stages.StageOutput({"perplexity": 3.5, "gate_passed": 1.0}, "# Report\n")
+    out = StageOutput({"perplexity": 3.5, "gate_passed": 1.0}, "# Report\n")
     m, a = Metrics(), Artifact()
-    stages.publish(out, report=str(tmp_path / "r" / "report.md"), metrics=m, artifact=a)
+    publish(out, report=str(tmp_path / "r" / "report.md"), metrics=m, artifact=a)
     assert (tmp_path / "r" / "report.md").read_text() == "# Report\n"
     assert m.logged == {"gate_passed": 1.0, "perplexity": 3.5} == a.metadata
 
 
-def test_rank_trials_picks_the_best_that_passed(tmp_path: Path) -> None:
-    import json
+def test_rank_trials_picks_the_best_that_passed() -> None:
+    from kubellm.train.compare import rank_trials
 
-    dirs = []
-    for i, (passed, ppl) in enumerate([(True, 9.0), (False, 2.0), (True, 5.0)]):
-        d = tmp_path / f"t{i}"
-        d.mkdir()
-        (d / "metrics.json").write_text(json.dumps({"passed": passed, "metrics": {"perplexity": ppl}}))
-        dirs.append(str(d))
-    best, report = stages._rank_trials(dirs, "perplexity", "min")
-    assert best == 2 and "trial 3" in report
-    assert stages._rank_trials(dirs, "perplexity", "max")[0] == 0
-    none, text = stages._rank_trials(dirs[1:2], "perplexity", "min")
-    assert none is None and "No trial passed" in text
+    trials = [(True, 9.0), (False, 2.0), (True, 5.0)]
+    assert rank_trials(trials, "min") == 2  # trial 2 is better but failed its gate
+    assert rank_trials(trials, "max") == 0
+    assert rank_trials(trials[1:2], "min") is None
 
 
 @pytest.mark.parametrize("status", ["promoted", "rolled_back"])
@@ -72,24 +68,31 @@ def test_cluster_deploy_goes_through_the_rollout_and_fails_the_step_on_rollback(
 
     calls = []
 
-    def roll_out(cfg, storage_uri, *, model_version=None, **kw):
-        calls.append((cfg, storage_uri, model_version))
+    def roll_out(isvc, *, namespace, **kw):
+        calls.append(isvc)
         return rollout.RolloutResult(status=status, reason="smoke test said no" if status != "promoted" else "ok",
                                      url="http://local-kubellm.kubellm.example.com")
 
-    monkeypatch.setattr(rollout, "deploy", roll_out)
+    monkeypatch.setattr(rollout, "rollout", roll_out)
     cfg = load_config(REPO / "configs" / "local.yaml",
                       ["tracking.enabled=false", "deploy.storage_uri=s3://models/kubellm/7"])
-    trk = stages.Tracking.from_param(to_param(cfg.tracking), str(tmp_path))
+    applied = []
+    import kubellm.k8s.playground as playground
+
+    monkeypatch.setattr(playground, "apply_playground", lambda objs, **kw: applied.append(objs))
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     out = tmp_path / "manifests"
+    args = dict(target="cluster", model_uri="models:/kubellm-local/7", platform=to_param(cfg.platform),
+                run_name=cfg.name)
     if status == "promoted":
-        res = stages.deploy(to_param(cfg), "models:/kubellm-local/7", str(out), trk, target="cluster")
+        res = deploy_stage.deploy(to_param(cfg.release()), str(out), ctx, **args)
         assert res.values["endpoint"] == "http://local-kubellm.kubellm.example.com"
+        assert len(applied) == 1  # the playground follows a healthy rollout, in the same step
     else:
         with pytest.raises(ServingError, match="rolled_back: smoke test said no"):
-            stages.deploy(to_param(cfg), "models:/kubellm-local/7", str(out), trk, target="cluster")
-    ((step_cfg, uri, version),) = calls
-    assert uri == "s3://models/kubellm/7" and version == "7"
-    assert step_cfg.deploy.playground is False  # the pipeline's own playground step applies it
-    isvc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
-    assert isvc["kind"] == "InferenceService"
+            deploy_stage.deploy(to_param(cfg.release()), str(out), ctx, **args)
+        assert applied == []
+    (isvc,) = calls
+    assert "s3://models/kubellm/7" in json.dumps(isvc)  # the registry version is what gets served
+    written = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert written == isvc and written["metadata"]["namespace"] == cfg.platform.namespace

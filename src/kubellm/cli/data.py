@@ -28,15 +28,18 @@ def prep(
                                                    "dataset's) instead of training one.")] = None,
 ) -> None:
     """Read sources, clean, de-duplicate, split, tokenize and pack into a prepared dataset directory."""
-    from kubellm.data.prepare import prepare
     from kubellm.fsutil import resolve_output
     from kubellm.log import print_table
+    from kubellm.stages import StageContext
+    from kubellm.stages import data as stage
 
     cfg = load(config, overrides)
     data_cfg = getattr(cfg, section.value)
     require(data_cfg, section.value, config)
     target = Path(out) if Path(out).is_absolute() else resolve_output(out, root=Path.cwd())
-    result = prepare(data_cfg, target, tokenizer_dir=tokenizer)
+    ctx = StageContext.for_command(cfg.tracking, cfg.workdir)
+    name = "prep" if section is Section.data else "prep_instruct"
+    result = stage.prep(data_cfg, target, ctx, stage=name, tokenizer_dir=tokenizer).values["result"]
     s = result.stats
     rows = [
         {"measure": "records read / kept", "value": f"{s['records_in']} / {s['records_out']}"},

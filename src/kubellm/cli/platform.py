@@ -59,7 +59,7 @@ def train_job(
     base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    kind: Annotated[Kind | None, typer.Option(help="Job kind; default: the stage's distributed.engine.")] = None,
+    kind: Annotated[Kind | None, typer.Option(help="Job kind; default: platform.distributed.<stage>.engine.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifest as YAML, create nothing.")] = False,
 ) -> None:
     """Run a training stage as a PyTorchJob or TrainJob and wait for it (re-attaches on a retry)."""
@@ -72,15 +72,16 @@ def train_job(
     cfg = load(config, overrides)
     section = getattr(cfg, stage.value)
     require(section, stage.value, config)
-    engine = kind.value if kind else section.distributed.engine
+    dist = cfg.platform.distributed_for(stage.value)
+    engine = kind.value if kind else dist.engine
     if engine == "none":
-        raise ConfigError(f"{stage.value}.distributed.engine is 'none': set it (or pass --kind) to run a job")
+        raise ConfigError(f"platform.distributed.{stage.value}.engine is 'none': set it (or pass --kind) to run a job")
     job = build_job(engine, stage.value, cfg, data, out, base,
                     data_fingerprint=_fingerprint(shared_path(data, "data")))
     if dry_run:
         print(yaml.safe_dump(job, sort_keys=False), end="")
         return
-    outcome = launch(job, cfg.platform.namespace, timeout_s=section.distributed.timeout_seconds)
+    outcome = launch(job, cfg.platform.namespace, timeout_s=dist.timeout_seconds)
     print_table(f"kubellm train-job ({outcome.kind})", [
         {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
         {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},

@@ -57,15 +57,22 @@ def deploy(
         print(yaml.safe_dump_all(docs, sort_keys=False), end="")
         return
 
-    from kubellm.k8s.rollout import deploy as run_deploy
-    from kubellm.log import print_table
+    from pathlib import Path
 
-    result = run_deploy(cfg, storage_uri, model_version=model_version)
-    print_table("kubellm deploy", [{"measure": k, "value": v} for k, v in (
-        ("status", result.status), ("reason", result.reason), ("url", result.url or "-"),
-        ("revision", result.revision or "-"), ("changed", result.changed))])
-    if result.status != "promoted":
-        raise typer.Exit(1)
+    from kubellm.log import print_table
+    from kubellm.stages import StageContext
+    from kubellm.stages import deploy as stage
+    from kubellm.tracking.registry import model_uri
+
+    # The deploy step of the pipelines, the same function: roll out → promote → playground. A failed
+    # rollout raises (exit 2, one line) after rolling back.
+    uri = model_uri(cfg.tracking.registered_model, version=model_version) if model_version else None
+    out = stage.deploy(cfg, Path(cfg.workdir) / "deploy", StageContext.for_command(cfg.tracking, cfg.workdir),
+                       target="cluster", model_uri=uri, storage_uri=storage_uri)
+    v = out.values
+    print_table("kubellm deploy", [{"measure": k, "value": val} for k, val in (
+        ("status", v["status"]), ("reason", v["detail"]), ("endpoint", v["endpoint"] or "-"),
+        ("aliases", ", ".join(v["aliases"]) or "-"), ("manifests", v["manifests"]))])
 
 
 @app.command()

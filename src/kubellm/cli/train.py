@@ -10,24 +10,32 @@ import typer
 from kubellm.cli.app import ConfigOpt, SetOpt, app, load
 
 # ---- training: pretrain, finetune ----------------------------------------------------------------
-# Both validate the config and their inputs before any heavy import or work, call the same library
-# function the KFP component calls, and exit 143 after a SIGTERM checkpoint (rerun to resume).
+# Both validate the config before any heavy import or work, call the same stage function the KFP
+# component calls (tracked in MLflow per the config's tracking section; inside a training job's pod,
+# rank 0 logs into the launching step's run), and exit 143 after a SIGTERM checkpoint (rerun to resume).
 
 DataOpt = Annotated[Path, typer.Option("--data", help="A prepared dataset directory (`kubellm prep --out`).")]
 OutOpt = Annotated[Path, typer.Option(
     "--out", help="Output directory; rerunning with the same one resumes from its last checkpoint.")]
 
 
-def _print_result(title: str, result: object) -> None:
+def _context(cfg):  # -> StageContext
+    from kubellm.stages import StageContext
+
+    return StageContext.for_command(cfg.tracking, cfg.workdir)
+
+
+def _print_result(title: str, out) -> None:  # out: StageOutput of a training stage
     import os
 
     from kubellm.log import print_table
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
-    row = {k: v for k, v in result.to_json().items() if k != "output_dir"}  # type: ignore[attr-defined]
+    result = out.values["result"]
+    row = {k: v for k, v in result.to_json().items() if k != "output_dir"}
     print_table(title, [row])
-    print(f"output: {result.output_dir}")  # type: ignore[attr-defined]
+    print(f"output: {result.output_dir}")
 
 
 @app.command()
@@ -38,10 +46,10 @@ def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
     """
     from kubellm.config.train import PretrainConfig
 
-    cfg = load(config, overrides).pretrain or PretrainConfig()
-    from kubellm.train.pretrain import pretrain as run
+    cfg = load(config, overrides)
+    from kubellm.stages import train
 
-    _print_result("pretrain", run(cfg, data, out))
+    _print_result("pretrain", train.pretrain(cfg.pretrain or PretrainConfig(), data, out, _context(cfg)))
 
 
 @app.command()
@@ -56,13 +64,14 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
     from kubellm.config.train import FinetuneConfig
     from kubellm.errors import ConfigError
 
-    cfg = load(config, overrides).finetune or FinetuneConfig()
-    base_model = base or cfg.base_model
+    cfg = load(config, overrides)
+    section = cfg.finetune or FinetuneConfig()
+    base_model = base or section.base_model
     if not base_model:
         raise ConfigError("no base model: pass --base MODEL or set finetune.base_model")
-    from kubellm.train.finetune import finetune as run
+    from kubellm.stages import train
 
-    _print_result("finetune", run(cfg, base_model, data, out))
+    _print_result("finetune", train.finetune(section, base_model, data, out, _context(cfg)))
 
 
 # ---- end of training commands ----------------------------------------------------------------------
@@ -93,12 +102,9 @@ def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
     """Held-out perplexity and generation metrics, base vs candidate, and the promotion gate."""
     cfg = load(config, overrides)
     from kubellm.log import print_table
-    from kubellm.tracking import stage_run
-    from kubellm.train.evaluate import evaluate as run
+    from kubellm.stages import evaluate as stage
 
-    with stage_run(cfg.tracking, cfg.workdir, parent_run_id=None, stage="evaluate",
-                   config=cfg.evaluate.model_dump(mode="json")) as tracker:
-        res = run(cfg.evaluate, model, data, out, base_model=base, tracker=tracker)
+    res = stage.evaluate(cfg.evaluate, model, data, out, _context(cfg), base_model=base).values["result"]
     print_table("evaluation", [res.metrics])
     print(f"gate: {'PASSED' if res.passed else 'FAILED'}")
     for reason in res.reasons:
@@ -113,14 +119,14 @@ def register(model: ModelOpt, base: BaseOpt = None,
              config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Register a model (an adapter is merged into its base) as a new version with alias 'candidate'."""
     cfg = load(config, overrides)
-    from kubellm.tracking import register_model, stage_run
+    from dataclasses import replace
 
+    from kubellm.stages import registry
+
+    ctx = _context(cfg)
     if run_id:
-        info = register_model(cfg.tracking, cfg.workdir, model, run_id=run_id, base_model=base)
-    else:
-        with stage_run(cfg.tracking, cfg.workdir, parent_run_id=None, stage="register") as tracker:
-            info = register_model(cfg.tracking, cfg.workdir, model, run_id=tracker.run_id or "", base_model=base)
-    _print_version("registered", info)
+        ctx = replace(ctx, attach_run_id=run_id)
+    _print_version("registered", registry.register(model, ctx, base_model=base).values["info"])
 
 
 @app.command()

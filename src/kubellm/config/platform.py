@@ -132,6 +132,15 @@ class DistributedConfig(StrictModel):
         return self
 
 
+class DistributedStages(StrictModel):
+    """Multi-node training per training stage (compile-time: it decides the step's PVC mounts)."""
+
+    pretrain: DistributedConfig = DistributedConfig()
+    """How the pretraining step trains."""
+    finetune: DistributedConfig = DistributedConfig()
+    """How the fine-tuning step trains."""
+
+
 class PlatformConfig(StrictModel):
     """Images and placement for running the pipelines on a cluster."""
 
@@ -151,6 +160,9 @@ class PlatformConfig(StrictModel):
     """Placement of every task unless ``stages`` overrides it."""
     stages: dict[str, Placement] = {}
     """Per-stage placement (replaces ``default`` for that stage), keyed by stage name."""
+    distributed: DistributedStages = DistributedStages()
+    """Multi-node training of the pretraining and fine-tuning steps (``distributed.pretrain.engine:
+    pytorchjob`` …); the default trains in the step's own pod."""
 
     @model_validator(mode="after")
     def _stage_names(self) -> PlatformConfig:
@@ -161,3 +173,8 @@ class PlatformConfig(StrictModel):
 
     def placement(self, stage: str) -> Placement:
         return self.stages.get(stage, self.default)
+
+    def distributed_for(self, stage: str) -> DistributedConfig:
+        """The distributed settings of a training stage (``pretrain``/``finetune``; sweep trials share
+        ``finetune``'s)."""
+        return self.distributed.finetune if stage.startswith("finetune") else self.distributed.pretrain

@@ -32,6 +32,19 @@ class SweepConfig(StrictModel):
     mode: Literal["min", "max"] = "min"
     """Whether a lower (``min``: perplexity) or higher (``max``: ROUGE-L) metric is better."""
 
+    def items(self) -> list[dict[str, Any]]:
+        """The trials as a pipeline's ``ParallelFor`` items: ``{"name": "trial-1", "overrides": {...}}``."""
+        return [{"name": f"trial-{i + 1}", "overrides": dict(t)} for i, t in enumerate(self.trials)]
+
+
+class ReleaseConfig(StrictModel):
+    """What the deploy step reads at run time: the rollout, the predictor and the playground. (Where it
+    runs — ``platform`` — is fixed when the pipeline is compiled.)"""
+
+    deploy: DeployConfig = DeployConfig()
+    serve: ServeConfig = ServeConfig()
+    playground: PlaygroundConfig = PlaygroundConfig()
+
 
 class RunConfig(StrictModel):
     """One lifecycle run. Sections a pipeline does not use may be left out."""
@@ -65,6 +78,10 @@ class RunConfig(StrictModel):
             for i, trial in enumerate(self.sweep.trials):
                 trial_finetune(self.finetune, trial, f"sweep.trials.{i}")
         return self
+
+    def release(self) -> ReleaseConfig:
+        """The sections the deploy step reads at run time."""
+        return ReleaseConfig(deploy=self.deploy, serve=self.serve, playground=self.playground)
 
     def config_hash(self) -> str:
         """A short, stable hash of the validated config (tags runs, names pipeline versions)."""

@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
-from kubellm.config.platform import DistributedConfig
 
 
 class ModelConfig(StrictModel):
@@ -92,7 +91,6 @@ class PretrainConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     loop: LoopConfig = LoopConfig()
-    distributed: DistributedConfig = DistributedConfig()
 
 
 class LoraConfig(StrictModel):
@@ -126,7 +124,6 @@ class FinetuneConfig(StrictModel):
     """Also write the base model with the adapter merged in (``merged/``)."""
     optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=5)
     loop: LoopConfig = LoopConfig(max_steps=50)
-    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _remote_code(self) -> FinetuneConfig:

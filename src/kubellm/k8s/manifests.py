@@ -46,10 +46,9 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
         if section is None:
             continue
         cfg = run_cfg
-        if not section.distributed.shared_pvc:  # engine none: give the builder the PVC it needs
-            patched = section.model_copy(update={"distributed": section.distributed.model_copy(
-                update={"shared_pvc": EXAMPLE_PVC})})
-            cfg = run_cfg.model_copy(update={stage: patched})
+        if not run_cfg.platform.distributed_for(stage).shared_pvc:  # engine none: give the builder a PVC
+            cfg = run_cfg.model_copy(deep=True)
+            getattr(cfg.platform.distributed, stage).shared_pvc = EXAMPLE_PVC
         base = EXAMPLE_BASE if stage == "finetune" else None
         for kind in ("pytorchjob", "trainjob"):
             out.append((f"generated {kind} ({stage})",

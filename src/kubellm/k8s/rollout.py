@@ -17,8 +17,8 @@ The steps, with the official ``kubernetes`` client (``CustomObjectsApi``):
    traffic to 0 % at once, then the previous spec restored. A service created for the first time has no
    previous revision: failure then reports ``failed`` and leaves the object for inspection.
 
-:func:`deploy` is the whole deploy step: build the manifest from the run config, roll it out, and after a
-healthy rollout move the registry alias (``champion``) and create the playground.
+The deploy step that composes a rollout with promotion and the playground is
+:func:`kubellm.stages.deploy.deploy`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from kubellm.errors import ClusterError, ServingError
+from kubellm.errors import ServingError
 from kubellm.k8s.inferenceservice import GROUP, MODEL_NAME_ANNOTATION, PLURAL, VERSION
 from kubellm.log import get_logger
-
-if TYPE_CHECKING:
-    from kubellm.config.run import RunConfig
 
 log = get_logger("kubellm.k8s.rollout")
 
@@ -184,37 +181,6 @@ def _cluster_local(url: str) -> str | None:
         return None
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{labels[0]}.{labels[1]}.svc.cluster.local{port}"
-
-
-def deploy(run_cfg: RunConfig, storage_uri: str | None = None, *, model_version: str | int | None = None,
-           api_client: Any = None, smoke: Callable[[str], None] | None = None) -> RolloutResult:
-    """The deploy step: build the InferenceService from ``run_cfg``, roll it out, and after a healthy
-    rollout give ``model_version`` the ``deploy.promote_alias`` alias (``champion``) in the registry and
-    create or update the playground (``deploy.playground``)."""
-    from kubellm.k8s.inferenceservice import build_inferenceservice
-    from kubellm.k8s.playground import apply_playground, build_playground
-
-    cfg = run_cfg.deploy
-    isvc = build_inferenceservice(run_cfg, storage_uri, model_version=model_version)
-    check = smoke or http_smoke(run_cfg.serve.model_name, prompt=cfg.smoke_prompt,
-                                max_tokens=cfg.smoke_max_tokens)
-    result = rollout(isvc, namespace=run_cfg.platform.namespace, api_client=api_client,
-                     timeout_s=cfg.ready_timeout_s, poll_s=cfg.poll_s, smoke=check)
-    log.info("rollout %s: %s", result.status, result.reason)
-    if result.status != "promoted":
-        return result
-    if model_version is not None:
-        from kubellm.tracking.registry import promote
-
-        promote(run_cfg.tracking, run_cfg.workdir, int(model_version), alias=cfg.promote_alias)
-    if cfg.playground:
-        endpoint = result.address or result.url
-        if endpoint is None:
-            raise ClusterError(f"InferenceService {isvc['metadata']['name']}: Ready but reports no URL "
-                               "for the playground to call")
-        apply_playground(build_playground(run_cfg, endpoint), namespace=run_cfg.platform.namespace,
-                         api_client=api_client)
-    return result
 
 
 # --- waiting -----------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ directory have the same paths on both sides.
 back exactly), not as a ConfigMap: the job object alone then reproduces the run (``kubectl get -o yaml``
 shows every value), its name hash covers the config, nothing else has to be created, owned and garbage
 collected, and the pipeline needs no RBAC on ConfigMaps. Only the sections the stage reads are passed
-(``name``, ``workdir``, the stage, ``tracking``); the stage's ``distributed.engine`` is set to ``none``
-inside the job, or each pod would launch a job of its own.
+(``name``, ``workdir``, the stage, ``tracking``): ``platform`` stays behind, so inside the job
+``platform.distributed`` is the default (train in this process) and no pod launches a job of its own.
 
 :func:`launch` is idempotent: the job name is a hash of the job spec and the data fingerprint, so a
 retried pipeline step finds the job it started before and waits for it again instead of starting a
@@ -87,9 +87,9 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
     section = getattr(run_cfg, stage, None) if stage in ("pretrain", "finetune") else None
     if section is None:
         raise ConfigError(f"{stage}: the config has no {stage!r} section to run as a training job")
-    dist = section.distributed
+    dist = run_cfg.platform.distributed_for(stage)
     if not dist.shared_pvc:
-        raise ConfigError(f"{stage}.distributed.shared_pvc: a training job needs a shared PVC for data "
+        raise ConfigError(f"platform.distributed.{stage}.shared_pvc: a training job needs a shared PVC for data "
                           f"and checkpoints")
     data = shared_path(data_dir, "data_dir")
     out = shared_path(out_dir, "out_dir")
@@ -163,7 +163,6 @@ def _set_args(run_cfg: RunConfig, stage: str) -> list[str]:
         raise ConfigError("tracking.uri: credentials in the URI would be stored in the job spec; "
                           "give them as platform secret_env MLFLOW_TRACKING_USERNAME/PASSWORD")
     doc = run_cfg.model_dump(mode="json", include={"name", "workdir", stage, "tracking"})
-    doc[stage]["distributed"] = {"engine": "none"}  # the pods run torchrun themselves: no nested job
     args: list[str] = []
     for key, value in _leaves(doc):
         args += ["--set", f"{key}={_encode(value)}"]
@@ -204,7 +203,7 @@ def _job_placement(placement: Placement, dist: DistributedConfig, stage: str) ->
             keep.append(pvc)
         elif pvc.claim != dist.shared_pvc:
             raise ConfigError(f"platform placement of {stage}: PVC {pvc.claim!r} is mounted at {SHARED_MOUNT}, "
-                              f"where the job mounts {stage}.distributed.shared_pvc {dist.shared_pvc!r}")
+                              f"where the job mounts platform.distributed.{stage}.shared_pvc {dist.shared_pvc!r}")
     return placement if len(keep) == len(placement.pvcs) else placement.model_copy(update={"pvcs": keep})
 
 
@@ -410,12 +409,11 @@ def run_training_job(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: s
                      base_model: str | None = None, *, data_fingerprint: str | None = None,
                      env: Mapping[str, str] | None = None, api_client: Any = None,
                      poll_s: float = 5.0) -> JobOutcome:
-    """Build the job the stage's ``distributed.engine`` names and launch it with the config's timeout."""
-    section = getattr(run_cfg, stage, None)
-    if section is None or section.distributed.engine == "none":
-        raise ConfigError(f"{stage}.distributed.engine: 'none' trains in this process; set 'pytorchjob' "
-                          f"or 'trainjob' to run a training job")
-    dist = section.distributed
+    """Build the job ``platform.distributed.<stage>.engine`` names and launch it with the config's timeout."""
+    dist = run_cfg.platform.distributed_for(stage)
+    if getattr(run_cfg, stage, None) is None or dist.engine == "none":
+        raise ConfigError(f"platform.distributed.{stage}.engine: 'none' trains in this process; set "
+                          f"'pytorchjob' or 'trainjob' to run a training job")
     job = build_job(dist.engine, stage, run_cfg, data_dir, out_dir, base_model,
                     data_fingerprint=data_fingerprint, env=env)
     return launch(job, run_cfg.platform.namespace, api_client=api_client,

@@ -7,6 +7,7 @@ Stages log through the :class:`Tracker` interface; :func:`stage_run` hands them 
 from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
 from kubellm.tracking.mlflow_tracker import (
     MlflowTracker,
+    attached_run,
     end_parent_run,
     find_parent_run,
     resolve_tracking_uri,
@@ -22,7 +23,7 @@ from kubellm.tracking.registry import (
 )
 
 __all__ = [
-    "MlflowTracker", "ModelVersionInfo", "NullTracker", "Tracker", "TrackingError", "champion_info",
+    "MlflowTracker", "ModelVersionInfo", "attached_run", "NullTracker", "Tracker", "TrackingError", "champion_info",
     "end_parent_run", "find_parent_run", "flatten_params", "promote", "register_model", "resolve_model_uri",
     "resolve_tracking_uri", "stage_run", "start_parent_run",
 ]

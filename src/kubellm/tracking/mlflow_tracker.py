@@ -163,9 +163,12 @@ def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
 class MlflowTracker(Tracker):
     """A :class:`Tracker` writing to one MLflow run through ``MlflowClient``."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, *, logged_steps: Mapping[str, int] | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        # Per metric, the last step already in the run: a re-attached run (a retried step, a restarted
+        # training pod) re-runs the steps since its last checkpoint, and those must not appear twice.
+        self._logged_steps = dict(logged_steps or {})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (nested) config as flat params. Params are immutable in MLflow: on a re-attached run a
@@ -188,7 +191,8 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and (step is None or step > self._logged_steps.get(k, -1))]
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + _METRICS_PER_BATCH])
 
@@ -262,6 +266,30 @@ def _reattachable(client: Any, experiment_id: str, parent_run_id: str, stage: st
     runs = _search(client, experiment_id,
                    f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{TAG_STAGE} = '{stage}'")
     return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+
+def _logged_steps(client: Any, run: Any) -> dict[str, int]:
+    """The last logged step of every metric of ``run`` (one history request per metric key)."""
+    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
+@contextlib.contextmanager
+def attached_run(cfg: TrackingConfig, workdir: str | Path, run_id: str) -> Iterator[Tracker]:
+    """Log into an existing run that another process owns and ends: rank 0 of a training job logging
+    into the stage run of the pipeline step that launched the job. The run's status is left alone (the
+    step ends it when the job is done); steps already in its history are not logged again, so a
+    restarted pod that resumes from its last checkpoint continues the same loss curve."""
+    if not cfg.enabled:
+        yield NullTracker()
+        return
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"attaching to run {run_id}"):
+        run = client.get_run(_check_filter_value(run_id, "run id"))
+        steps = _logged_steps(client, run)
+    log.info("logging into run %s (stage %s)%s", run_id, run.data.tags.get(TAG_STAGE, "?"),
+             f", continuing after step {max(steps.values())}" if steps else "")
+    yield MlflowTracker(client, run_id, logged_steps=steps)
 
 
 @dataclass
@@ -350,12 +378,14 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
                 client.delete_tag(run_id, TAG_ERROR)
             log.info("stage %s: attempt %d re-attached to run %s (was %s)", stage, attempt, run_id,
                      run.info.status)
+            steps = _logged_steps(client, run)
         else:
             tags = {**inherited, **_context_tags(config), TAG_STAGE: stage, TAG_RUN_KIND: "stage"}
             if parent_run_id:
                 tags[PARENT_TAG] = parent_run_id
             run_id = client.create_run(exp, tags=tags, run_name=stage).info.run_id
-        tracker = MlflowTracker(client, run_id)
+            steps = {}
+        tracker = MlflowTracker(client, run_id, logged_steps=steps)
         if config:
             tracker.log_params(config)
             tracker.log_dict(config, "config.json")

@@ -158,6 +158,46 @@ def _version_by_alias(client: Any, name: str, alias: str, uri: str) -> Any | Non
     return None if version is None else client.get_model_version(name, str(version))
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """``models:/name/3`` → ``ModelRef("name", 3)``; ``models:/name@champion`` → alias; else TrackingError."""
+    m = _MODEL_URI.match(uri)
+    if m is None:
+        raise TrackingError(f"model URI {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return ModelRef(m["name"], int(m["version"]) if m["version"] else None, m["alias"])
+
+
+def model_uri(name: str, *, version: int | str | None = None, alias: str | None = None) -> str:
+    """The registry URI of a version (``models:/name/3``) or an alias (``models:/name@champion``)."""
+    return f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+
+
+def version_aliases(cfg: TrackingConfig, workdir: str | Path, version: int) -> list[str]:
+    """The aliases version ``version`` of the configured model holds now, sorted."""
+    _require_enabled(cfg, "reading aliases")
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"reading the aliases of {cfg.registered_model} version {version}"):
+        mv = _get_version(client, cfg.registered_model, str(version), uri)
+    return sorted(mv.aliases or [])
+
+
+def download_uri(cfg: TrackingConfig, workdir: str | Path, version: int) -> str:
+    """Where the registry keeps a version's files (``s3://…``, ``gs://…`` or a local path): what an
+    InferenceService's ``storageUri`` points at."""
+    _require_enabled(cfg, "locating a model version")
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"locating {cfg.registered_model} version {version}"):
+        return client.get_model_version_download_uri(cfg.registered_model, str(version))
+
+
 def champion_info(cfg: TrackingConfig, workdir: str | Path) -> ModelVersionInfo | None:
     """The version holding the ``champion`` alias, with its tags; None if there is none yet (or
     tracking is disabled)."""

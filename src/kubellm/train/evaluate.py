@@ -20,6 +20,7 @@ all at once or not at all.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,20 @@ class EvalResult:
         doc["report_path"] = str(self.report_path)
         doc["plot_path"] = str(self.plot_path) if self.plot_path else None
         return doc
+
+    @classmethod
+    def read(cls, out_dir: str | Path) -> EvalResult:
+        """The result an evaluation wrote to ``out_dir`` (paths re-rooted there: the folder may have
+        moved, as a KFP artifact does between steps)."""
+        out = Path(out_dir)
+        path = out / METRICS_FILE
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not an evaluation result ({type(err).__name__})") from None
+        return cls(metrics=dict(doc["metrics"]), passed=bool(doc["passed"]), reasons=list(doc.get("reasons", [])),
+                   report_path=out / REPORT_FILE, plot_path=out / PLOT_FILE if doc.get("plot_path") else None,
+                   samples=list(doc.get("samples", [])))
 
 
 # ------------------------------------------------------------------------------------------- the gate

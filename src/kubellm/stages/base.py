@@ -1,0 +1,159 @@
+"""What every stage shares: where it logs (:class:`StageContext`), what it returns (:class:`StageOutput`),
+and how a component hands that to KFP (:func:`publish`).
+
+A stage takes its config section either typed (the CLI, which validated the whole run config) or as the
+KFP parameter dict a component receives (re-validated here with the same pydantic model), so the CLI
+and the component run the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from kubellm.config import TrackingConfig
+from kubellm.config.params import from_param
+from kubellm.log import get_logger
+from kubellm.tracking.base import NullTracker, Tracker
+
+log = get_logger("stages")
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Set on a training job's pods: the MLflow run of the pipeline step that launched the job. Rank 0 logs
+#: into it (and never ends it: the step owns it); a restarted pod logs on without repeating steps.
+STAGE_RUN_ENV = "KUBELLM_STAGE_RUN_ID"
+
+
+@dataclass
+class StageOutput:
+    """What a stage hands back: UI metrics, a Markdown report, named values for the next step."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    report_md: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage logs: the tracking config, the local working directory and the run it belongs to.
+
+    ``parent_run_id`` nests the stage's run under a pipeline's parent run (a CLI command has none and
+    gets a run of its own); ``attach_run_id`` makes the stage log into an existing run instead (a
+    training job's pod logging into the run of the step that launched it).
+    """
+
+    tracking: TrackingConfig
+    workdir: str
+    parent_run_id: str | None = None
+    attach_run_id: str | None = None
+    rank: int = 0
+    """The process's rank under torchrun (``RANK``): only rank 0 tracks; the others log nowhere."""
+
+    @classmethod
+    def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *,
+                   kfp_run_id: str | None = None) -> StageContext:
+        """A component's context. ``kfp_run_id`` finds the parent run when its id cannot be passed in:
+        inside a ``dsl.ParallelFor``, KFP's local runner replaces every task-output parameter with the
+        loop item (kfp 2.17 ``create_parameter_loop_iteration_task_spec``), so loop bodies look it up."""
+        cfg = from_param(TrackingConfig, tracking, "tracking config")
+        if not parent_run_id and kfp_run_id and cfg.enabled:
+            from kubellm.tracking.mlflow_tracker import find_parent_run
+
+            parent_run_id = find_parent_run(cfg, workdir, kfp_run_id)
+        return cls(cfg, workdir, parent_run_id or None)
+
+    @classmethod
+    def for_command(cls, tracking: TrackingConfig, workdir: str) -> StageContext:
+        """A CLI command's context: a run of its own, or — inside a training job's pod, where the step
+        that launched the job set :data:`STAGE_RUN_ENV` — that step's run."""
+        return cls(tracking, workdir, attach_run_id=os.environ.get(STAGE_RUN_ENV) or None,
+                   rank=int(os.environ.get("RANK", "0")))
+
+    @contextlib.contextmanager
+    def stage(self, name: str, config: Any = None) -> Iterator[Tracker]:
+        """The stage's run: nested under the parent, attached to an existing run, or none at all."""
+        if not self.tracking.enabled or self.rank != 0:
+            yield NullTracker()
+            return
+        from kubellm.tracking.mlflow_tracker import attached_run, stage_run
+
+        if self.attach_run_id:
+            with attached_run(self.tracking, self.workdir, self.attach_run_id) as tracker:
+                yield tracker
+            return
+        doc = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+        with stage_run(self.tracking, self.workdir, parent_run_id=self.parent_run_id, stage=name,
+                       config=doc) as tracker:
+            yield tracker
+
+    def run_link(self, run_id: str | None) -> str:
+        """A Markdown line pointing at the MLflow run (a link when the store is an HTTP server)."""
+        if not run_id or not self.tracking.enabled:
+            return ""
+        from kubellm.tracking.mlflow_tracker import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(self.tracking, self.workdir)
+        if uri.startswith(("http://", "https://")):
+            return f"MLflow run: [{run_id}]({uri.rstrip('/')}/#/runs/{run_id})\n"
+        return f"MLflow run: `{run_id}` in `{uri}`\n"
+
+
+def section(model_cls: type[M], value: M | dict[str, Any], origin: str) -> M:
+    """A stage's config: as given when typed (the CLI), else re-validated from the KFP parameter."""
+    return value if isinstance(value, model_cls) else from_param(model_cls, value, origin)
+
+
+def numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a (nested) dict, for the UI's metrics view."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, int | float):  # bool is an int: True → 1.0
+            out[key] = float(v)
+        elif isinstance(v, dict):
+            out.update(numeric(v, f"{key}."))
+    return out
+
+
+def publish(out: StageOutput, *, report: str | None = None, metrics: Any = None, artifact: Any = None) -> None:
+    """Hand a stage's output to KFP: the Markdown report file, the Metrics artifact (anything with
+    ``log_metric``), and the numeric metrics as metadata of the stage's main output artifact."""
+    from pathlib import Path
+
+    if report is not None:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_text(out.report_md, encoding="utf-8")
+    for name, value in sorted(out.metrics.items()):
+        if metrics is not None:
+            metrics.log_metric(name, value)
+        if artifact is not None:
+            artifact.metadata[name] = value
+
+
+def preemptible(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A training stage interrupted by SIGTERM (its checkpoint written) ends the process with the
+    interruption's exit code (143, as a signal-killed process would) instead of a traceback's 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kubellm.train.loop import TrainingInterrupted
+
+        try:
+            return func(*args, **kwargs)
+        except TrainingInterrupted as err:
+            log.warning("%s: %s", func.__name__, err)
+            raise SystemExit(err.exit_code) from err
+
+    return wrapper
+
+
+def trial_stage(stage: str, trial: dict[str, Any] | None) -> str:
+    """``finetune`` → ``finetune.trial-2`` inside a sweep (stage names are unique within a run)."""
+    return f"{stage}.{trial['name']}" if trial else stage

@@ -1,0 +1,122 @@
+"""The deploy stage, composed once: roll out → promote → playground.
+
+``kubellm deploy`` and the pipeline's deploy component both call :func:`deploy`. On a cluster the
+InferenceService is created or patched, waited for, smoke-tested and its canary promoted or rolled back
+(:func:`kubellm.k8s.rollout.rollout`); locally (no Kubernetes) the same manifests are written and the
+model is loaded and asked one question as the predictor would. Only a healthy deployment moves the
+registry alias (``champion``), and only then is the playground created in front of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kubellm import markdown
+from kubellm.config import PlatformConfig, RunConfig
+from kubellm.config.run import ReleaseConfig
+from kubellm.errors import ConfigError, ServingError
+from kubellm.stages.base import StageContext, StageOutput, section
+
+Target = Literal["local", "cluster"]
+
+
+def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Path, ctx: StageContext, *,
+           target: Target, model_uri: str | None = None, storage_uri: str | None = None,
+           platform: PlatformConfig | dict[str, Any] | None = None, run_name: str | None = None,
+           api_client: Any = None, smoke: Callable[[str], None] | None = None) -> StageOutput:
+    """Deploy a model: ``model_uri`` (``models:/name/version``) names the registered version, whose files
+    the InferenceService loads unless ``storage_uri`` / ``deploy.storage_uri`` points elsewhere.
+
+    ``config`` is the whole run config (the CLI) or the step's run-time :class:`ReleaseConfig`, to which
+    the compile-time ``platform`` and the run's name are added. Raises :class:`ServingError` when the
+    rollout ends anything but ``promoted`` (the stage run ends FAILED).
+    """
+    from kubellm.k8s.inferenceservice import build_inferenceservice
+    from kubellm.tracking import registry
+
+    cfg = _run_config(config, platform, run_name)
+    version = registry.parse_model_uri(model_uri).version if model_uri else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with ctx.stage("deploy") as tracker:
+        storage = storage_uri or cfg.deploy.storage_uri
+        if storage is None and version is not None and ctx.tracking.enabled:
+            storage = registry.download_uri(ctx.tracking, ctx.workdir, version)
+        isvc = build_inferenceservice(cfg, storage, model_version=version)
+        manifest = out / "inferenceservice.yaml"
+        manifest.write_text(yaml.safe_dump(isvc, sort_keys=False), encoding="utf-8")
+        tracker.log_artifact(manifest, "deploy")
+        t0 = time.perf_counter()
+        if target == "cluster":
+            status, endpoint, detail = _roll_out(cfg, isvc, api_client, smoke)
+        else:
+            status, endpoint, detail = _smoke_locally(cfg, ctx, model_uri)
+        seconds = time.perf_counter() - t0
+        healthy = status == "promoted"
+        tracker.log_metrics({"deploy_healthy": float(healthy), "deploy_seconds": seconds})
+        tracker.set_tags({"deploy.status": status, "deploy.manifests": str(manifest), "deploy.endpoint": endpoint})
+        if not healthy:  # inside the stage run: it ends FAILED with this error
+            raise ServingError(f"deployment of {model_uri or storage} {status}: {detail}")
+        aliases: list[str] = []
+        if version is not None and ctx.tracking.enabled:
+            aliases = registry.promote(ctx.tracking, ctx.workdir, version, cfg.deploy.promote_alias).aliases
+        playground = _playground(cfg, endpoint, out, target, api_client) if cfg.deploy.playground else None
+        if playground is not None:
+            tracker.log_artifact(playground, "playground")
+    rows = {"model": model_uri or storage, "status": status, "endpoint": endpoint, "aliases": aliases,
+            "detail": detail, "manifests": manifest, "playground": playground}
+    report = markdown.section("Deployment", ctx.run_link(tracker.run_id), markdown.fields(rows))
+    return StageOutput({"healthy": 1.0, "seconds": seconds}, report,
+                       {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases,
+                        "status": status, "detail": detail})
+
+
+def _run_config(config: RunConfig | ReleaseConfig | dict[str, Any], platform: PlatformConfig | dict[str, Any] | None,
+                run_name: str | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    release = section(ReleaseConfig, config, "deploy config")
+    extra: dict[str, Any] = {"name": run_name} if run_name else {}
+    if platform:
+        extra["platform"] = section(PlatformConfig, platform, "platform config")
+    return RunConfig(deploy=release.deploy, serve=release.serve, playground=release.playground, **extra)
+
+
+def _roll_out(cfg: RunConfig, isvc: dict, api_client: Any, smoke: Callable[[str], None] | None) -> tuple[str, str, str]:
+    from kubellm.k8s.rollout import http_smoke, rollout
+
+    check = smoke or http_smoke(cfg.serve.model_name, prompt=cfg.deploy.smoke_prompt,
+                                max_tokens=cfg.deploy.smoke_max_tokens)
+    res = rollout(isvc, namespace=cfg.platform.namespace, api_client=api_client,
+                  timeout_s=cfg.deploy.ready_timeout_s, poll_s=cfg.deploy.poll_s, smoke=check)
+    return res.status, res.address or res.url or "", res.reason
+
+
+def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None) -> tuple[str, str, str]:
+    from kubellm.serve.smoke import smoke_generate
+    from kubellm.stages.registry import resolve_model
+
+    if not model_uri:
+        raise ConfigError("a local deployment needs the registered model (models:/name/version) to smoke-test")
+    answer = smoke_generate(resolve_model(model_uri, ctx), cfg.deploy.smoke_prompt, cfg.deploy.smoke_max_tokens)
+    endpoint = f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1"
+    return "promoted", endpoint, f"local smoke test answered {answer!r}"
+
+
+def _playground(cfg: RunConfig, endpoint: str, out: Path, target: Target, api_client: Any) -> Path:
+    """The playground's Deployment + Service in front of ``endpoint``: applied on a cluster, written always."""
+    from kubellm.k8s.playground import apply_playground, build_playground
+
+    if not endpoint:
+        raise ServingError("the InferenceService is Ready but reports no URL for the playground to call")
+    objs = build_playground(cfg, endpoint)
+    path = out / "playground.yaml"
+    path.write_text(yaml.safe_dump_all(objs, sort_keys=False), encoding="utf-8")
+    if target == "cluster":
+        apply_playground(objs, namespace=cfg.platform.namespace, api_client=api_client)
+    return path
