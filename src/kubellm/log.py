@@ -37,6 +37,10 @@ def setup(level: int | str = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.propagate = False
+    # MLflow announces creating and migrating its sqlite store at INFO on first use of the embedded
+    # default (~40 lines of alembic); kubellm's own lines say where runs go.
+    for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     _CONFIGURED = True
 
 

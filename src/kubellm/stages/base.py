@@ -139,16 +139,19 @@ def publish(out: StageOutput, *, report: str | None = None, metrics: Any = None,
 
 def preemptible(func: Callable[..., Any]) -> Callable[..., Any]:
     """A training stage interrupted by SIGTERM (its checkpoint written) ends the process with the
-    interruption's exit code (143, as a signal-killed process would) instead of a traceback's 1."""
+    interruption's exit code (143, as a signal-killed process would: KFP's retry policy and the
+    training operators count it as preemption) and the CLI's one ``error:`` line, not a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import sys
+
         from kubellm.train.loop import TrainingInterrupted
 
         try:
             return func(*args, **kwargs)
         except TrainingInterrupted as err:
-            log.warning("%s: %s", func.__name__, err)
+            print(f"error: {err}", file=sys.stderr)
             raise SystemExit(err.exit_code) from err
 
     return wrapper
