@@ -23,12 +23,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -446,6 +448,33 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A CA-flagged self-signed certificate for 127.0.0.1 and its key: serve with it, trust it as the bundle."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kfp-standin")])
+    now = dt.datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "standin-cert.pem", directory / "standin-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 def _public(obj: dict) -> dict:
     """The object as the API returns it: no stand-in bookkeeping, no empty namespace (protojson omits it)."""
     return {k: v for k, v in obj.items() if not k.startswith("_") and not (k == "namespace" and not v)}
@@ -454,11 +483,18 @@ def _public(obj: dict) -> dict:
 class KfpStandIn:
     """``with KfpStandIn(multi_user=True, tokens={"t"}) as kfp: … kfp.url …`` — 127.0.0.1, a free port."""
 
-    def __init__(self, *, multi_user: bool = False, tokens: set[str] | None = None, cookie: str | None = None) -> None:
+    def __init__(self, *, multi_user: bool = False, tokens: set[str] | None = None, cookie: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files to serve HTTPS with (a private CA's certificate)."""
         self.state = State(multi_user=multi_user, tokens=set(tokens or ()), cookie=cookie)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> KfpStandIn:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kfp_standin import KfpStandIn, model_problems
+from kfp_standin import KfpStandIn, model_problems, self_signed_certificate
 
 from kubellm.cli.app import main
 
@@ -281,6 +281,20 @@ def test_session_cookie_authenticates_and_a_stale_one_is_refused(monkeypatch, ca
         assert _cli("submit", *LOCAL, "--namespace", "team-a") == 0
         assert len(server.state.runs) == 1 and server.state.problems == []
         assert server.state.requests[-1].cookie == "oauth2_proxy_kubeflow=s3ss10n"
+
+
+def test_a_private_ca_is_trusted_only_with_ca_bundle(monkeypatch, tmp_path, capsys) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    with KfpStandIn(multi_user=True, tokens={"t"}, tls=(cert, key)) as server:
+        monkeypatch.setenv("KF_PIPELINES_ENDPOINT", server.url)
+        monkeypatch.setenv("KFP_EXISTING_TOKEN", "t")
+        assert _cli("submit", *LOCAL, "--namespace", "team-a") == 2
+        err = _one_line_error(capsys)
+        assert f"Kubeflow Pipelines at {server.url}" in err and "CERTIFICATE_VERIFY_FAILED" in err
+        assert _cli("submit", *LOCAL, "--namespace", "team-a", "--ca-bundle", str(cert)) == 0
+        assert len(server.state.runs) == 1
+    assert _cli("submit", *LOCAL, "--ca-bundle", str(tmp_path / "missing.pem")) == 2
+    assert "--ca-bundle" in _one_line_error(capsys)
 
 
 def test_stand_in_rejects_what_the_real_api_would(team) -> None:
