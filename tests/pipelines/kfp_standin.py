@@ -286,21 +286,19 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and p == "/experiments":
             return 200, _public(self._create_experiment(body)), "V2beta1Experiment"
         if method == "GET" and p == "/runs":
-            ns = self._list_namespace(q, "Failed to list runs: Failed to list runs due to authorization error. "
-                                         "Check if you have permission to access namespace : Invalid input "
-                                         "error: A resource cannot have an empty namespace in multi-user mode")
-            items = [_public(x) for x in st.runs.values() if self._in_scope(x, ns, q.get("experiment_id"))]
+            items = self._scoped(st.runs, q, "Failed to list runs: Failed to list runs due to authorization error. "
+                                             "Check if you have permission to access namespace : Invalid input "
+                                             "error: A resource cannot have an empty namespace in multi-user mode")
             return 200, _page(items, q, "runs"), "V2beta1ListRunsResponse"
         if method == "POST" and p == "/runs":
             return 200, _public(self._create_run(body)), "V2beta1Run"
         if method == "GET" and len(parts) == 2 and parts[0] == "runs":
             return 200, _public(self._read_run(parts[1])), "V2beta1Run"
         if method == "GET" and p == "/recurringruns":
-            ns = self._list_namespace(q, "Failed to list jobs: Failed to list recurring runs due to authorization "
-                                         "error. Check if you have permission to access namespace : Invalid "
-                                         "input error: a recurring run cannot have an empty namespace in "
-                                         "multi-user mode")
-            items = [_public(x) for x in st.recurring.values() if self._in_scope(x, ns, q.get("experiment_id"))]
+            items = self._scoped(st.recurring, q, "Failed to list jobs: Failed to list recurring runs due to "
+                                                  "authorization error. Check if you have permission to access "
+                                                  "namespace : Invalid input error: a recurring run cannot have an "
+                                                  "empty namespace in multi-user mode")
             # the one list whose JSON name is camelCase (its proto field sets json_name)
             return 200, _page(items, q, "recurringRuns"), "V2beta1ListRecurringRunsResponse"
         if method == "POST" and p == "/recurringruns":
@@ -377,22 +375,28 @@ class _Handler(BaseHTTPRequestHandler):
         if not (ref.get("pipeline_version_id") in self.state.versions or body.get("pipeline_spec")):
             raise invalid(f"Invalid input error: pipeline version {ref.get('pipeline_version_id')!r} not found")
 
-    def _create_run(self, body: Any) -> dict:
-        st = self.state
-        if problems := model_problems(body, "V2beta1Run"):
+    def _admit(self, body: Any, model: str, what: str, no_name: str, no_namespace: str) -> str:
+        """The checks a new run or recurring run passes, in the real server's order; returns its namespace."""
+        if problems := model_problems(body, model):
             raise invalid(f"proto: {'; '.join(problems)}")
         if not body.get("display_name"):
-            raise invalid("Failed to create a new run: Failed to create a run due to invalid name: Invalid input "
-                          "error: The run name is empty. Please specify a valid name")
-        ns = self._namespace_of(body, "run")
-        if st.multi_user and not ns:
-            raise invalid("Failed to create a new run: Invalid input error: A run cannot have an empty namespace "
-                          "in multi-user mode")
+            raise invalid(no_name)
+        ns = self._namespace_of(body, what)
+        if self.state.multi_user and not ns:
+            raise invalid(no_namespace)
         self._check_version(body)
+        return ns
+
+    def _create_run(self, body: Any) -> dict:
+        ns = self._admit(body, "V2beta1Run", "run",
+                         "Failed to create a new run: Failed to create a run due to invalid name: Invalid input "
+                         "error: The run name is empty. Please specify a valid name",
+                         "Failed to create a new run: Invalid input error: A run cannot have an empty namespace "
+                         "in multi-user mode")
         rid = str(uuid.uuid4())
-        st.runs[rid] = {**body, "run_id": rid, "state": "PENDING", "created_at": _now(), "storage_state": "AVAILABLE",
-                        "_namespace": ns, "_reads": 0}
-        return st.runs[rid]
+        self.state.runs[rid] = {**body, "run_id": rid, "state": "PENDING", "created_at": _now(),
+                                "storage_state": "AVAILABLE", "_namespace": ns, "_reads": 0}
+        return self.state.runs[rid]
 
     def _read_run(self, run_id: str) -> dict:
         st = self.state
@@ -408,35 +412,28 @@ class _Handler(BaseHTTPRequestHandler):
             run["error"] = {"code": 2, "message": st.run_error}
         return run
 
-    def _list_namespace(self, q: dict[str, str], refusal: str) -> str:
+    def _scoped(self, store: dict[str, dict], q: dict[str, str], refusal: str) -> list[dict]:
+        """The runs or recurring runs a list request sees: those of its experiment, else of its namespace
+        (required in multi-user mode: ``refusal`` is the server's words)."""
         ns = self.state.ns(q.get("namespace"))
-        if q.get("experiment_id"):
-            ns = self._experiment(q["experiment_id"])["namespace"]
+        if experiment_id := q.get("experiment_id"):
+            ns = self._experiment(experiment_id)["namespace"]
         if self.state.multi_user and not ns:
             raise invalid(refusal)
-        return ns
-
-    @staticmethod
-    def _in_scope(obj: dict, ns: str, experiment_id: str | None) -> bool:
-        return obj["experiment_id"] == experiment_id if experiment_id else obj["_namespace"] == ns
+        return [_public(x) for x in store.values()
+                if (x["experiment_id"] == experiment_id if experiment_id else x["_namespace"] == ns)]
 
     def _create_recurring(self, body: Any) -> dict:
-        st = self.state
-        if problems := model_problems(body, "V2beta1RecurringRun"):
-            raise invalid(f"proto: {'; '.join(problems)}")
-        if not body.get("display_name"):
-            raise invalid("Failed to create a recurring run: Invalid input error: Recurring run name is empty. "
-                          "Please specify a valid name")
-        ns = self._namespace_of(body, "recurring run")
-        if st.multi_user and not ns:
-            raise invalid("Failed to create a recurring run: Invalid input error: Recurring run cannot have an "
-                          "empty namespace in multi-user mode")
-        self._check_version(body)
+        ns = self._admit(body, "V2beta1RecurringRun", "recurring run",
+                         "Failed to create a recurring run: Invalid input error: Recurring run name is empty. "
+                         "Please specify a valid name",
+                         "Failed to create a recurring run: Invalid input error: Recurring run cannot have an "
+                         "empty namespace in multi-user mode")
         rid = str(uuid.uuid4())
-        st.recurring[rid] = {**body, "recurring_run_id": rid, "namespace": ns, "created_at": _now(),
-                             "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
-                             "max_concurrency": str(body.get("max_concurrency", "")), "_namespace": ns}
-        return st.recurring[rid]
+        self.state.recurring[rid] = {**body, "recurring_run_id": rid, "namespace": ns, "created_at": _now(),
+                                     "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
+                                     "max_concurrency": str(body.get("max_concurrency", "")), "_namespace": ns}
+        return self.state.recurring[rid]
 
     def do_GET(self) -> None:
         self._handle("GET")
