@@ -96,7 +96,22 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
 
 
 
-HostOpt = Annotated[str | None, typer.Option("--host", help="Kubeflow Pipelines API host (default: $KFP_HOST).")]
+HostOpt = Annotated[str | None, typer.Option(
+    "--host", envvar=["KF_PIPELINES_ENDPOINT", "KFP_HOST"],
+    help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline (inside a pod: "
+         "http://ml-pipeline-ui.kubeflow).")]
+NamespaceOpt = Annotated[str | None, typer.Option(
+    "--namespace", "-n", envvar="KFP_NAMESPACE",
+    help="Profile namespace on a multi-user Kubeflow (default: the kube context's, else the pod's own).")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar=["KFP_EXISTING_TOKEN", "KFP_TOKEN"], show_default=False,
+    help="Bearer token (prefer the env var; default: the projected service-account token at "
+         "$KF_PIPELINES_SA_TOKEN_PATH, re-read on every request).")]
+CookieOpt = Annotated[str | None, typer.Option(
+    "--cookie", envvar="KFP_COOKIE", show_default=False,
+    help="Session cookie for Dex/OIDC, e.g. oauth2_proxy_kubeflow=… (prefer the env var).")]
+CaBundleOpt = Annotated[Path | None, typer.Option(
+    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.")]
 ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: the "
                                                    "tracking experiment name).")]
 
@@ -105,9 +120,9 @@ def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version
     import tempfile
 
     from kubellm import __version__
-    from kubellm.kfp_api import version_name
     from kubellm.pipelines import PIPELINES
     from kubellm.pipelines._runner import compile_all
+    from kubellm.pipelines.submit import version_name
     from kubellm.tracking.mlflow_tracker import git_revision
 
     if pipeline not in PIPELINES:
@@ -123,34 +138,37 @@ def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version
 
 @app.command()
 def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOpt = "llm-lifecycle",
-           params: ParamOpt = None, host: HostOpt = None, experiment: ExperimentOpt = None,
+           params: ParamOpt = None, host: HostOpt = None, namespace: NamespaceOpt = None, token: TokenOpt = None,
+           cookie: CookieOpt = None, ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None,
            wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
-           timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600) -> None:
+           timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600,
+           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0) -> None:
     """Compile a pipeline, upload it as a new version, and start a run on Kubeflow Pipelines.
 
     The version is named from the package version, the git revision and the config hash, so the same
-    source and config reuse one version. Host and credentials: --host/$KFP_HOST, $KFP_TOKEN or the
-    in-cluster service-account token.
+    source and config reuse one version. On a multi-user Kubeflow the pipeline, experiment and run live
+    in --namespace.
     """
-    from kubellm.kfp_api import KfpClient, run_body, upload
     from kubellm.log import get_logger
+    from kubellm.pipelines.submit import Endpoint, Pipelines
 
     cfg = load(config, overrides)
     log = get_logger("submit")
     package, version, description = _compiled(cfg, pipeline)
-    with KfpClient(host) as client:
-        pipeline_id, version_id = upload(client, package, pipeline, version, description)
-        exp_id = client.ensure_experiment(experiment or cfg.tracking.experiment)
-        run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        body = run_body(run_name, exp_id, pipeline_id, version_id, {"run_name": run_name, **parse_params(params)},
-                        cfg.platform.service_account)
-        run_id = client.create_run(body)["run_id"]
-        print(f"submitted {pipeline} version {version} as run {run_id}: {client.host}/#/runs/details/{run_id}")
-        if wait:
-            state = client.wait_run(run_id, timeout_s=timeout, on_state=lambda s: log.info("run %s: %s", run_id, s))
-            print(f"run {run_id} finished: {state}")
-            if state != "SUCCEEDED":
-                raise typer.Exit(1)
+    server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
+    pipeline_id, version_id = server.upload(package, pipeline, version, description)
+    exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = server.start_run(run_name, exp_id, pipeline_id, version_id, {"run_name": run_name, **parse_params(params)},
+                           cfg.platform.service_account)
+    print(f"submitted {pipeline} version {version} as run {run_id}"
+          f"{f' in {server.namespace}' if server.namespace else ''}: {server.run_url(run_id)}")
+    if wait:
+        state, message = server.wait(run_id, timeout_s=timeout, poll_s=poll,
+                                  on_state=lambda s: log.info("run %s: %s", run_id, s))
+        print(f"run {run_id} finished: {state}{f' ({message})' if message else ''}")
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -158,19 +176,19 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
                                                "'0 0 3 * * *' is 03:00 daily.")],
              config: ConfigOpt = None, overrides: SetOpt = None,
              pipeline: PipelineOpt = "llm-continuous-finetune", params: ParamOpt = None, host: HostOpt = None,
-             experiment: ExperimentOpt = None) -> None:
+             namespace: NamespaceOpt = None, token: TokenOpt = None, cookie: CookieOpt = None,
+             ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None) -> None:
     """Create or update the recurring run of a pipeline (never a duplicate): max_concurrency 1, no catch-up."""
-    from kubellm.kfp_api import KfpClient, check_cron, ensure_schedule, schedule_body, upload
+    from kubellm.pipelines.submit import Endpoint, Pipelines, Schedule, check_cron
 
-    check_cron(cron)  # before compiling or connecting
+    cron = check_cron(cron)  # before compiling or connecting
     cfg = load(config, overrides)
     package, version, description = _compiled(cfg, pipeline)
-    with KfpClient(host) as client:
-        pipeline_id, version_id = upload(client, package, pipeline, version, description)
-        exp_id = client.ensure_experiment(experiment or cfg.tracking.experiment)
-        name = f"{cfg.name}-{pipeline}"
-        body = schedule_body(name, cron, exp_id, pipeline_id, version_id,
-                             {"run_name": name, **parse_params(params)}, cfg.platform.service_account)
-        rr_id, changed = ensure_schedule(client, body, exp_id)
-    print(f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}: "
-          f"{pipeline} {version}, cron '{cron}'")
+    server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
+    pipeline_id, version_id = server.upload(package, pipeline, version, description)
+    name = f"{cfg.name}-{pipeline}"
+    spec = Schedule(name, cron, server.ensure_experiment(experiment or cfg.tracking.experiment), pipeline_id,
+                    version_id, {"run_name": name, **parse_params(params)}, cfg.platform.service_account)
+    rr_id, changed = server.ensure_schedule(spec)
+    print(f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}"
+          f"{f' in {server.namespace}' if server.namespace else ''}: {pipeline} {version}, cron '{cron}'")
