@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubellm.stages import STAGE_RUN_ENV, StageContext, train
 from kubellm.config import load_config
 from kubellm.config.params import to_param
+from kubellm.stages import STAGE_RUN_ENV, StageContext, train
 
 REPO = Path(__file__).resolve().parents[2]
 

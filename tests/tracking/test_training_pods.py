@@ -31,7 +31,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubellm.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     docs = [" ".join(words[(i + j) % len(words)] for j in range(12)) + f" {i}." for i in range(600)]
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     cfg = DataConfig.model_validate({"kind": "pretrain", "sources": [{"uri": str(root / "docs.jsonl")}],
@@ -53,9 +53,9 @@ def test_torchrun_job_logs_once_into_the_step_run_and_continues_it_after_a_resta
     started again, the pods resume and the run's loss history holds every step exactly once."""
     from mlflow import MlflowClient
 
+    from kubellm.tracking import stage_run
     from kubellm.train import checkpoint as ckpt
     from kubellm.train.loop import HISTORY_FILE
-    from kubellm.tracking import stage_run
 
     tracking = TrackingConfig(uri=mlflow_server, experiment=f"pods-{tmp_path.name}")
     client = MlflowClient(mlflow_server)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kubellm.stages import StageContext, StageOutput, publish
-from kubellm.stages import deploy as deploy_stage
-from kubellm.stages import train
 from kubellm.config import load_config
 from kubellm.config.params import to_param
+from kubellm.stages import StageContext, StageOutput, publish, train
+from kubellm.stages import deploy as deploy_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
