@@ -127,7 +127,7 @@ class DataConfig(StrictModel):
     max_docs: int | None = Field(default=None, ge=1)
     """Stop after this many records in total, across sources (``None``: all)."""
     num_proc: int = Field(default=1, ge=1, le=64)
-    """Processes used for tokenization (helps only with many short records; see STACK.md)."""
+    """Processes used for tokenization (helps only with many short records: spawned workers cost ~1 s each)."""
     batch_size: int = Field(default=1000, ge=1)
     """Records per tokenization batch."""
     max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

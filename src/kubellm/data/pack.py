@@ -11,7 +11,8 @@ any prefix-stable template, ours or an existing tokenizer's.
 
 ``num_proc > 1`` encodes in worker processes (spawned, each single-threaded, batches in order). We do
 not use ``Dataset.map(num_proc=…)``: in datasets 5.2 it turns the tokenizers' thread pool off at the C
-level for the rest of the process, halving every later encode (STACK.md).
+level for the rest of the process, halving every later encode on 2 cores
+(measured: 1.1–2.2 M tok/s threaded vs half that after such a map).
 """
 
 from __future__ import annotations

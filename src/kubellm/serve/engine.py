@@ -1,7 +1,7 @@
 """The batching engine: concurrent requests generated together, one batch at a time, off the event loop.
 
 Decoding a small model is overhead-bound: a static batch of 8 gives ~5× the tokens/s of batch 1 on these
-CPUs (STACK.md). So requests are not generated one by one:
+CPUs (measured with `make bench`, `bench_serve`). So requests are not generated one by one:
 
 - ``submit`` tokenizes nothing and checks nothing (the API layer did both); it puts the request on a
   **bounded** ``asyncio.Queue`` and fails at once with :class:`EngineOverloaded` (a 503) when it is full.

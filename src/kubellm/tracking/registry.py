@@ -35,7 +35,7 @@ MODEL_ARTIFACT = "model"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 _COMPLETE = ".kubellm-complete"
 # What the logged model needs at load time. Explicit: MLflow's inference of requirements imports
-# torchvision, which this stack does not have, and crashes (STACK.md).
+# torchvision, which this stack does not have, and crashes (MLflow 3.17).
 _REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 

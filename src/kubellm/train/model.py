@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 # Sizes chosen so each preset has a job: `tiny` (~0.22 M parameters with a 2 k vocabulary) trains in
-# seconds on a CPU for tests and `make run`; `small` (~4 M with a 4 k vocabulary) is the STACK.md
-# benchmark model; `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8).
+# seconds on a CPU for tests and `make run`; `small` (~4 M with a 4 k vocabulary) is the training
+# benchmark's model (`make bench`); `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 176},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 704},
