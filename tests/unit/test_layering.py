@@ -79,6 +79,6 @@ def test_every_module_imports_in_any_order() -> None:
     shuffled = names[:]
     random.Random(seed).shuffle(shuffled)
     for order in (shuffled, names[::-1]):
-        code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\n" % order
+        code = f"import importlib\nfor n in {order!r}:\n    importlib.import_module(n)\n"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-2000:]}"
