@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from kubellm.config.serve import DeployConfig, PlaygroundConfig, ServeConfig
 from kubellm.config.tracking import TrackingConfig
 from kubellm.config.train import FinetuneConfig, PretrainConfig
 from kubellm.errors import ConfigError
+
+_SERVED_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
 
 
 class SweepConfig(StrictModel):
@@ -77,6 +80,9 @@ class RunConfig(StrictModel):
         if self.finetune is not None:
             for i, trial in enumerate(self.sweep.trials):
                 trial_finetune(self.finetune, trial, f"sweep.trials.{i}")
+        if "model_name" not in self.serve.model_fields_set and _SERVED_NAME.match(self.tracking.registered_model):
+            # Clients see the model under the registry's name (``model: kubellm-local``), not "kubellm".
+            self.serve.model_name = self.tracking.registered_model
         return self
 
     def release(self) -> ReleaseConfig:

@@ -24,7 +24,8 @@ class ServeConfig(StrictModel):
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port."""
     model_name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
-    """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``)."""
+    """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``); in a run config it
+    defaults to ``tracking.registered_model``."""
     model: str | None = None
     """What to serve: a local directory (a merged Hugging Face model or a LoRA adapter directory), a
     ``models:/name@alias`` MLflow URI, or ``/mnt/models`` (what KServe's storage initializer fills in a

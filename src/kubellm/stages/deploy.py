@@ -2,9 +2,11 @@
 
 ``kubellm deploy`` and the pipeline's deploy component both call :func:`deploy`. On a cluster the
 InferenceService is created or patched, waited for, smoke-tested and its canary promoted or rolled back
-(:func:`kubellm.k8s.rollout.rollout`); locally (no Kubernetes) the same manifests are written and the
-model is loaded and asked one question as the predictor would. Only a healthy deployment moves the
-registry alias (``champion``), and only then is the playground created in front of it.
+(:func:`kubellm.k8s.rollout.rollout`). Locally (no Kubernetes) the same manifests are written, and the
+real predictor (``kubellm serve``'s app) is started on 127.0.0.1 for the same smoke request the cluster
+rollout sends, then stopped: the status says ``verified``, not ``promoted``, and no endpoint is claimed
+(the report says how to serve the version). Only a healthy deployment moves the registry alias
+(``champion``), and only then is the playground created in front of it.
 """
 
 from __future__ import annotations
@@ -57,15 +59,17 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
         else:
             status, endpoint, detail = _smoke_locally(cfg, ctx, model_uri)
         seconds = time.perf_counter() - t0
-        healthy = status == "promoted"
+        healthy = status in ("promoted", "verified")
         tracker.log_metrics({"deploy_healthy": float(healthy), "deploy_seconds": seconds})
-        tracker.set_tags({"deploy.status": status, "deploy.manifests": str(manifest), "deploy.endpoint": endpoint})
+        tracker.set_tags({"deploy.status": status, "deploy.manifests": str(manifest), "deploy.endpoint": endpoint,
+                          "deploy.detail": detail[:500]})
         if not healthy:  # inside the stage run: it ends FAILED with this error
             raise ServingError(f"deployment of {model_uri or storage} {status}: {detail}")
         aliases: list[str] = []
         if version is not None and ctx.tracking.enabled:
             aliases = registry.promote(ctx.tracking, ctx.workdir, version, cfg.deploy.promote_alias).aliases
-        playground = _playground(cfg, endpoint, out, target, api_client) if cfg.deploy.playground else None
+        served_at = endpoint or f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1"  # where `kubellm serve` listens
+        playground = _playground(cfg, served_at, out, target, api_client) if cfg.deploy.playground else None
         if playground is not None:
             tracker.log_artifact(playground, "playground")
     rows = {"model": model_uri or storage, "status": status, "endpoint": endpoint, "aliases": aliases,
@@ -98,14 +102,18 @@ def _roll_out(cfg: RunConfig, isvc: dict, api_client: Any, smoke: Callable[[str]
 
 
 def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None) -> tuple[str, str, str]:
-    from kubellm.serve.smoke import smoke_generate
-    from kubellm.stages.registry import resolve_model
+    """The cluster's smoke request against the real predictor, started on 127.0.0.1 for it and stopped."""
+    from kubellm.k8s.rollout import http_smoke
+    from kubellm.serve.app import BackgroundServer, build_app, load_model
 
     if not model_uri:
         raise ConfigError("a local deployment needs the registered model (models:/name/version) to smoke-test")
-    answer = smoke_generate(resolve_model(model_uri, ctx), cfg.deploy.smoke_prompt, cfg.deploy.smoke_max_tokens)
-    endpoint = f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1"
-    return "promoted", endpoint, f"local smoke test answered {answer!r}"
+    local = cfg.model_copy(update={"tracking": ctx.tracking, "workdir": ctx.workdir})
+    with BackgroundServer(build_app(load_model(local, model_uri)), host="127.0.0.1") as server:
+        http_smoke(cfg.serve.model_name, prompt=cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
+                   url=server.url)(server.url)
+    return "verified", "", (f"smoke request answered by a predictor started for it at {server.url} (stopped); "
+                            f"serve this version with `kubellm serve --model {model_uri}`")
 
 
 def _playground(cfg: RunConfig, endpoint: str, out: Path, target: Target, api_client: Any) -> Path:
