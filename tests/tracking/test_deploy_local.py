@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from kubellm.config import load_config
-from kubellm.stages import StageContext
+from kubellm.stages import StageContext, registry
 from kubellm.stages import deploy as stage
-from kubellm.stages import registry
 
 
 @pytest.mark.slow
