@@ -73,7 +73,7 @@ def test_lifecycle_read_back_in_another_process(workdir: Path, monkeypatch: pyte
     got = read_back(resolve_tracking_uri(cfg, workdir), "life")["runs"]
     p, s = got[parent], got[stage_id]
     assert p["status"] == "FINISHED" and s["status"] == "FINISHED"
-    assert p["params"]["finetune.lora.r"] == "8" and p["params"]["note"] == "n" * 497 + "..."
+    assert p["params"] == {}  # the whole config is config.json, not hundreds of params
     assert p["metrics"] == {"passed": 1.0, "version": 3.0}
     assert {"config.json", "summary.json"} <= set(p["artifacts"])
     from kubellm.tracking.mlflow_tracker import config_hash

@@ -225,7 +225,8 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
                      config: dict, tags: dict[str, str] | None = None) -> str:
     """Start the parent run of one lifecycle run and return its id.
 
-    ``config`` (the whole run config as JSON-able data) is logged as flat params and ``config.json``.
+    ``config`` (the whole run config as JSON-able data) is logged as one ``config.json`` artifact (its
+    stages log their own sections as params).
     Idempotent per KFP run: when ``tags`` holds a ``kfp_run_id`` that already has a parent run (a
     retried or resumed KFP run), that run is set back to ``RUNNING`` and its id returned. With
     ``cfg.enabled`` false nothing is logged and the id is ``""`` (a KFP output cannot be None);
@@ -246,9 +247,7 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
                 log.info("re-attached to parent run %s of KFP run %s", run.info.run_id, kfp_run_id)
                 return run.info.run_id
         run = client.create_run(exp, tags=all_tags, run_name=run_name)
-        tracker = MlflowTracker(client, run.info.run_id)
-        tracker.log_params(config)
-        tracker.log_dict(config, "config.json")
+        MlflowTracker(client, run.info.run_id).log_dict(config, "config.json")
     log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
     return run.info.run_id
 
@@ -424,11 +423,15 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
                        if isinstance(v, int | float) and not isinstance(v, str)}
             tracker.log_metrics(numbers)
             tracker.log_dict(summary, "summary.json")
-        for child in _search(client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{run_id}'"):
+        children = _search(client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{run_id}'")
+        for child in children:
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")
                 log.warning("stage run %s (%s) was still RUNNING: marked KILLED", child.info.run_id,
                             child.data.tags.get(TAG_STAGE, "?"))
+        from kubellm.tracking.headline import write_headline
+
+        write_headline(client, parent, children, status=status, summary=summary)
         client.set_terminated(run_id, status)
 
 

@@ -1,0 +1,79 @@
+"""The parent run tells the story: what a person opening a lifecycle run in the MLflow UI sees first.
+
+When a pipeline ends, its parent run gets the headline of its stages — the evaluation's perplexity, its
+ratio to the base and the gate's verdict, the version it registered (linked as the run's output model,
+as MLflow 3 shows logged models) and the deployment's status — as metrics and as the run's description
+(the ``mlflow.note.content`` tag the UI renders as Markdown). The whole config is one ``config.json``
+artifact, not hundreds of params of defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Metrics of the (last) evaluation stage copied to the parent run, in report order.
+HEADLINE_METRICS = ("perplexity", "base_perplexity", "perplexity_ratio", "gate_passed", "code_parse_rate",
+                    "rouge_l", "token_f1")
+NOTE_TAG = "mlflow.note.content"
+
+
+def _latest(children: list[Any], stage: str) -> Any | None:
+    """The newest finished child run of ``stage`` (sweep trials: ``evaluate.trial-N`` count as evaluate)."""
+    runs = [c for c in children if c.data.tags.get("stage", "").split(".")[0] == stage
+            and c.info.status == "FINISHED"]
+    return max(runs, key=lambda r: r.info.start_time, default=None)
+
+
+def write_headline(client: Any, parent: Any, children: list[Any], *, status: str,
+                   summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Put the stages' headline on ``parent``; returns what was written (for tests and the CLI)."""
+    from mlflow.entities import LoggedModelOutput
+
+    run_id = parent.info.run_id
+    head: dict[str, Any] = {"status": status}
+    metrics: dict[str, float] = {}
+    ev = _latest(children, "evaluate")
+    if ev is not None:
+        metrics.update({k: ev.data.metrics[k] for k in HEADLINE_METRICS if k in ev.data.metrics})
+    reg = _latest(children, "register")
+    if reg is not None:
+        versions = client.search_model_versions(f"run_id = '{reg.info.run_id}'")
+        if versions:
+            mv = max(versions, key=lambda v: int(v.version))
+            head["registered"] = f"{mv.name} v{mv.version}"
+            metrics["registered_version"] = float(mv.version)
+            # The version's logged model (MLflow 3: ``source`` is ``models:/<model id>``; the sqlite store
+            # leaves ``model_id`` unset on the version itself).
+            model_id = getattr(mv, "model_id", None) or (
+                mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
+            if model_id:
+                client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    dep = _latest(children, "deploy")
+    if dep is not None:
+        head["deployment"] = dep.data.tags.get("deploy.status", "?")
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    head.update(metrics)
+    client.set_tag(run_id, NOTE_TAG, _note(parent, head, summary or {}))
+    return head
+
+
+def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
+    from kubellm import markdown
+
+    gate = head.get("gate_passed")
+    verdict = "not evaluated" if gate is None else ("passed" if gate else "closed: nothing registered")
+    ratio = head.get("perplexity_ratio")
+    rows = {
+        "pipeline": parent.data.tags.get("pipeline", "?"),
+        "status": head["status"],
+        "held-out perplexity": head.get("perplexity"),
+        "ratio to the base": f"{ratio:.3f}" if ratio is not None else None,
+        "gate": verdict,
+        "registered": head.get("registered"),
+        "deployment": head.get("deployment"),
+    }
+    if summary.get("error"):
+        rows["error"] = str(summary["error"])[:300]
+    return markdown.section(parent.info.run_name or "kubellm run", markdown.fields(rows),
+                            "The whole config is the `config.json` artifact; every stage is a nested run.")
