@@ -36,12 +36,30 @@ SetOpt = Annotated[
 DEFAULT_CONFIG = Path("configs/local.yaml")
 
 
-def load(config: Path | None, overrides: list[str] | None):  # -> RunConfig
-    """Load and validate the run config (before any work starts)."""
+#: Sections every command reads (where it runs and where it logs).
+COMMON_SECTIONS = ("name", "workdir", "tracking")
+
+
+def load(config: Path | None, overrides: list[str] | None, reads: tuple[str, ...] | None = None):  # -> RunConfig
+    """Load and validate the run config (before any work starts). ``reads`` names the sections the
+    command uses: a ``--set`` of any other section is accepted (the config stays valid) but warned about,
+    since it changes nothing."""
     from kubellm.config import load_config
+    from kubellm.config.run import override_key
 
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return load_config(path, overrides or [])
+    cfg = load_config(path, overrides or [])
+    if reads is not None:
+        from kubellm.log import get_logger
+
+        used = set(reads) | set(COMMON_SECTIONS)
+        for item in overrides or []:
+            section = override_key(item.partition("=")[0]).split(".")[0]
+            if section not in used:
+                get_logger("cli").warning("--set %s: this command does not read the %r section; it has no "
+                                          "effect here (it reads %s)", item.partition("=")[0], section,
+                                          ", ".join(sorted(used)))
+    return cfg
 
 
 def require(section: object, name: str, config: Path | None) -> None:

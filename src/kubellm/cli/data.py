@@ -16,6 +16,22 @@ class Section(StrEnum):
     instruct_data = "instruct_data"
 
 
+def _with_sources(data_cfg, section: Section, sources: list[str], fields: dict[str, str]):  # -> DataConfig | None
+    """The section with ``--source``/``--*-field`` applied (a section the config lacks is created from the
+    defaults when ``--source`` names the data), validated like the config itself."""
+    from kubellm.config import DataConfig
+    from kubellm.config.run import validate_section
+
+    if data_cfg is None and not sources:
+        return None
+    doc = data_cfg.model_dump(mode="json") if data_cfg is not None else {
+        "kind": "pretrain" if section is Section.data else "instruct"}
+    if sources:
+        doc["sources"] = [{"uri": uri} for uri in sources]
+    doc["sources"] = [{**s, **fields} for s in doc.get("sources", [])]
+    return validate_section(DataConfig, doc, f"kubellm prep ({section.value})")
+
+
 @app.command()
 def prep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (replaced atomically when done); "
@@ -26,15 +42,33 @@ def prep(
                                              "(data) or the instruction data (instruct_data).")] = Section.data,
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse this tokenizer directory (or a prepared "
                                                    "dataset's) instead of training one.")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="Read this file, directory, glob or URI instead of the section's sources "
+        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Field holding the text (pretraining data).")] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="Field holding the prompt (instruction data; "
+                                                     "implies --section instruct_data).")] = None,
+    response_field: Annotated[str | None, typer.Option(help="Field holding the answer (instruction data).")] = None,
+    messages_field: Annotated[str | None, typer.Option(help="Field holding a chat as a list of "
+                                                       "{role, content} (instruction data).")] = None,
 ) -> None:
-    """Read sources, clean, de-duplicate, split, tokenize and pack into a prepared dataset directory."""
+    """Read sources, clean, de-duplicate, split, tokenize and pack into a prepared dataset directory.
+
+    Own data in one command: `kubellm prep --source corpus.parquet --text-field body --out prepared`, or
+    `kubellm prep --source qa.csv --prompt-field question --response-field answer --tokenizer prepared
+    --out prepared-qa`.
+    """
     from kubellm.fsutil import resolve_output
     from kubellm.log import print_table
     from kubellm.stages import StageContext
     from kubellm.stages import data as stage
 
-    cfg = load(config, overrides)
-    data_cfg = getattr(cfg, section.value)
+    fields = {k: v for k, v in (("text_field", text_field), ("prompt_field", prompt_field),
+                                ("response_field", response_field), ("messages_field", messages_field)) if v}
+    if section is Section.data and fields.keys() & {"prompt_field", "response_field", "messages_field"}:
+        section = Section.instruct_data
+    cfg = load(config, overrides, reads=(section.value,))
+    data_cfg = _with_sources(getattr(cfg, section.value), section, source or [], fields)
     require(data_cfg, section.value, config)
     target = Path(out) if Path(out).is_absolute() else resolve_output(out, root=Path.cwd())
     ctx = StageContext.for_command(cfg.tracking, cfg.workdir)

@@ -26,7 +26,7 @@ def serve(
     """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
     from kubellm.serve.app import serve as run_server
 
-    run_server(load(config, overrides), model_ref=model, base_model=base, port=port)
+    run_server(load(config, overrides, reads=("serve",)), model_ref=model, base_model=base, port=port)
 
 
 @app.command()
@@ -46,7 +46,7 @@ def deploy(
     from kubellm.k8s.inferenceservice import build_inferenceservice, isvc_name
     from kubellm.k8s.playground import build_playground
 
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=("deploy", "serve", "playground", "platform"))
     if dry_run:
         docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
         if cfg.deploy.playground:
@@ -88,4 +88,4 @@ def playground(
     """The prompt playground (Gradio) on 127.0.0.1 unless playground.host says otherwise."""
     from kubellm.serve.playground import launch
 
-    launch(load(config, overrides), endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)
+    launch(load(config, overrides, reads=("playground", "serve")), endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)

@@ -46,7 +46,7 @@ def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
     """
     from kubellm.config.train import PretrainConfig
 
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=("pretrain",))
     from kubellm.stages import train
 
     _print_result("pretrain", train.pretrain(cfg.pretrain or PretrainConfig(), data, out, _context(cfg)))
@@ -64,7 +64,7 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
     from kubellm.config.train import FinetuneConfig
     from kubellm.errors import ConfigError
 
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=("finetune",))
     section = cfg.finetune or FinetuneConfig()
     base_model = base or section.base_model
     if not base_model:
@@ -100,7 +100,7 @@ def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
                                                              "loss_curve.png (replaced atomically).")],
              base: BaseOpt = None, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Held-out perplexity and generation metrics, base vs candidate, and the promotion gate."""
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=("evaluate",))
     from kubellm.log import print_table
     from kubellm.stages import evaluate as stage
 
@@ -118,7 +118,7 @@ def register(model: ModelOpt, base: BaseOpt = None,
                  "--run-id", help="MLflow run to log the model under (default: a new 'register' run).")] = None,
              config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Register a model (an adapter is merged into its base) as a new version with alias 'candidate'."""
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=())
     from dataclasses import replace
 
     from kubellm.stages import registry
@@ -134,7 +134,7 @@ def promote(version: Annotated[int, typer.Option("--version", min=1, help="Regis
             alias: Annotated[str, typer.Option("--alias", help="Alias to point at it.")] = "champion",
             config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Point an alias (default 'champion') at a registered version."""
-    cfg = load(config, overrides)
+    cfg = load(config, overrides, reads=())
     from kubellm.tracking import promote as run
 
     _print_version("promoted", run(cfg.tracking, cfg.workdir, version, alias))

@@ -116,12 +116,14 @@ def _parse_value(raw: str) -> Any:
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str], origin: str = "--set") -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict (list items by index: ``data.sources.0.uri=…``)."""
+    """Apply ``a.b.c=value`` overrides to a nested dict; list items by index, ``data.sources[0].uri=…`` or
+    ``data.sources.0.uri=…``."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{origin} {item!r}: expected KEY=VALUE, for example data.max_docs=1000")
-        parts = key.strip().split(".")
+        key = override_key(key)
+        parts = key.split(".")
         node: Any = doc
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):
@@ -143,6 +145,11 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str], origin: str = "--
         else:
             node[last] = _parse_value(raw)
     return doc
+
+
+def override_key(key: str) -> str:
+    """``data.sources[0].uri`` → ``data.sources.0.uri`` (both spellings are accepted)."""
+    return re.sub(r"\[(\d+)\]", r".\1", key.strip())
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:

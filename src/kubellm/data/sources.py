@@ -95,9 +95,15 @@ class Source:
             h.update(b"\0")
 
 
-def resolve(cfg: SourceConfig, index: int) -> Source:
-    """Resolve a source URI to the files it names (or a Hub dataset), failing fast and clearly."""
-    where = f"data.sources[{index}]"
+def section_of(kind: str) -> str:
+    """The run-config section a data config of ``kind`` lives in (what hints and ``--set`` name)."""
+    return "data" if kind == "pretrain" else "instruct_data"
+
+
+def resolve(cfg: SourceConfig, index: int, section: str = "data") -> Source:
+    """Resolve a source URI to the files it names (or a Hub dataset), failing fast and clearly.
+    ``section`` names the config section in messages (``instruct_data.sources[0].uri``)."""
+    where = f"{section}.sources[{index}]"
     uri = cfg.uri.strip()
     scheme, sep, rest = uri.partition("://")
     if not sep:
@@ -409,7 +415,8 @@ def _read_txt(name: str, fh: IO[bytes], cfg: SourceConfig, limit: int) -> Iterat
 def _field(rec: dict[str, Any], name: str, origin: str, where: str, setting: str) -> str:
     if name not in rec:
         fields = ", ".join(map(str, list(rec)[:8])) or "none"
-        raise DataError(f"{origin}: no field {name!r} (fields: {fields}); set {where}.{setting}")
+        raise DataError(f"{origin}: no field {name!r} (fields: {fields}); name the right one with "
+                        f"--set {where}.{setting}=FIELD (or `kubellm prep --{setting.replace('_', '-')} FIELD`)")
     value = rec[name]
     if not isinstance(value, str):
         raise DataError(f"{origin}: field {name!r} is {type(value).__name__}, expected text")
@@ -442,7 +449,9 @@ def to_example(rec: Any, src: Source, kind: str, origin: str) -> str | list[dict
         return _field(rec, c.text_field, origin, src.where, "text_field")
     if c.messages_field is not None:
         if c.messages_field not in rec:
-            raise DataError(f"{origin}: no field {c.messages_field!r}; set {src.where}.messages_field")
+            fields = ", ".join(map(str, list(rec)[:8])) or "none"
+            raise DataError(f"{origin}: no field {c.messages_field!r} (fields: {fields}); name the right one "
+                            f"with --set {src.where}.messages_field=FIELD (or `kubellm prep --messages-field FIELD`)")
         return _messages(rec[c.messages_field], origin, c.messages_field)
     prompt = _field(rec, c.prompt_field, origin, src.where, "prompt_field")
     response = _field(rec, c.response_field, origin, src.where, "response_field")
@@ -451,7 +460,7 @@ def to_example(rec: Any, src: Source, kind: str, origin: str) -> str | list[dict
 
 def resolve_all(cfg: DataConfig) -> list[Source]:
     """Every source of ``cfg`` resolved (fails before any reading if one cannot be)."""
-    return [resolve(s, i) for i, s in enumerate(cfg.sources)]
+    return [resolve(s, i, section_of(cfg.kind)) for i, s in enumerate(cfg.sources)]
 
 
 def iter_examples(cfg: DataConfig, sources: list[Source], on_file: Callable[[], None] | None = None,
