@@ -92,6 +92,10 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     with mlflow_errors(uri, f"run {run_id}"):
         run = client.get_run(run_id)
     lm = load_causal_lm(model_dir, base_model=base_model, device="cpu", merge_adapter=True)
+    # mlflow.transformers asks the Hub for a model card and license under the model's name_or_path; a
+    # relative local path ("pretrained") looks like a Hub id and cost ~45 s of retries offline. An
+    # absolute path is refused by the Hub client at once.
+    lm.model.name_or_path = lm.model.config._name_or_path = str(model_dir.resolve())
     version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(), **(tags or {})}
     if base_model is not None or adapter:
         version_tags["base_model"] = str(base_model) if base_model is not None else lm.source.split(" + ")[0]
