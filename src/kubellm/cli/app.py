@@ -25,7 +25,8 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML run config (see configs/); defaults to configs/local.yaml.",
+    typer.Option("--config", "-c", help="YAML run config (see configs/; `kubellm init` writes a starter); "
+                 "default: the embedded default that ships with kubellm (configs/local.yaml in the repository).",
                  dir_okay=False),
 ]
 SetOpt = Annotated[
@@ -33,7 +34,6 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a config field, e.g. --set data.max_docs=1000 (repeatable)."),
 ]
 
-DEFAULT_CONFIG = Path("configs/local.yaml")
 
 
 #: Sections every command reads (where it runs and where it logs).
@@ -44,11 +44,10 @@ def load(config: Path | None, overrides: list[str] | None, reads: tuple[str, ...
     """Load and validate the run config (before any work starts). ``reads`` names the sections the
     command uses: a ``--set`` of any other section is accepted (the config stays valid) but warned about,
     since it changes nothing."""
-    from kubellm.config import load_config
+    from kubellm.config import default_config_path, load_config
     from kubellm.config.run import override_key
 
-    path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(path, overrides or [])
+    cfg = load_config(config if config is not None else default_config_path(), overrides or [])
     if reads is not None:
         from kubellm.log import get_logger
 
@@ -64,7 +63,9 @@ def load(config: Path | None, overrides: list[str] | None, reads: tuple[str, ...
 
 def require(section: object, name: str, config: Path | None) -> None:
     if section is None:
-        where = str(config or DEFAULT_CONFIG)
+        from kubellm.config import default_config_path
+
+        where = str(config or default_config_path())
         raise KubellmError(f"{where}: the config has no '{name}' section, which this command needs")
 
 
@@ -97,3 +98,33 @@ def version() -> None:
     from kubellm import __version__
 
     print(__version__)
+
+
+STARTER_HEADER = """\
+# kubellm run config — written by `kubellm init` from the embedded default; edit it for your own data.
+#
+#   kubellm prep --config {name} --out prepared            # the `data` section below
+#   kubellm run  --config {name}                           # the whole lifecycle on this machine
+#
+# Your own data: replace `builtin://stdlib` under data.sources with a path, glob or URI
+# (corpus/*.parquet, hf://owner/name, s3://bucket/docs/*.jsonl.gz) and name its text column with
+# `text_field`; for instruction data set `prompt_field`/`response_field` (or `messages_field`) under
+# instruct_data.sources. Every field is documented in kubellm's config reference (README, "Configs").
+#
+"""
+
+
+@app.command()
+def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = Path("kubellm.yaml")) -> None:
+    """Write a commented starter run config (the embedded default) to edit for your own data."""
+    from kubellm.config import default_config_path, load_config
+
+    if path.exists():
+        raise KubellmError(f"{path}: already exists; kubellm init never overwrites a file (choose another path)")
+    text = STARTER_HEADER.format(name=path) + default_config_path().read_text(encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    load_config(tmp)  # what we write must load
+    tmp.replace(path)
+    print(f"wrote {path}: edit data.sources / instruct_data.sources, then `kubellm run --config {path}`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -16,19 +17,15 @@ class Section(StrEnum):
     instruct_data = "instruct_data"
 
 
-def _with_sources(data_cfg, section: Section, sources: list[str], fields: dict[str, str]):  # -> DataConfig | None
-    """The section with ``--source``/``--*-field`` applied (a section the config lacks is created from the
-    defaults when ``--source`` names the data), validated like the config itself."""
+def _with_fields(data_cfg, section: Section, fields: dict[str, str]):  # -> DataConfig | None
+    """The section with the ``--*-field`` options applied to every source, validated like the config."""
     from kubellm.config import DataConfig
     from kubellm.config.run import validate_section
 
-    if data_cfg is None and not sources:
-        return None
-    doc = data_cfg.model_dump(mode="json") if data_cfg is not None else {
-        "kind": "pretrain" if section is Section.data else "instruct"}
-    if sources:
-        doc["sources"] = [{"uri": uri} for uri in sources]
-    doc["sources"] = [{**s, **fields} for s in doc.get("sources", [])]
+    if data_cfg is None or not fields:
+        return data_cfg
+    doc = data_cfg.model_dump(mode="json")
+    doc["sources"] = [{**s, **fields} for s in doc["sources"]]
     return validate_section(DataConfig, doc, f"kubellm prep ({section.value})")
 
 
@@ -67,8 +64,11 @@ def prep(
                                 ("response_field", response_field), ("messages_field", messages_field)) if v}
     if section is Section.data and fields.keys() & {"prompt_field", "response_field", "messages_field"}:
         section = Section.instruct_data
-    cfg = load(config, overrides, reads=(section.value,))
-    data_cfg = _with_sources(getattr(cfg, section.value), section, source or [], fields)
+    # --source replaces the section's sources first, so a --set of sources[0].… (as hints print) applies
+    # to it; the field options then apply to every source.
+    sources = [f"{section.value}.sources={json.dumps([{'uri': uri} for uri in source])}"] if source else []
+    cfg = load(config, [*sources, *(overrides or [])], reads=(section.value,))
+    data_cfg = _with_fields(getattr(cfg, section.value), section, fields)
     require(data_cfg, section.value, config)
     target = Path(out) if Path(out).is_absolute() else resolve_output(out, root=Path.cwd())
     ctx = StageContext.for_command(cfg.tracking, cfg.workdir)

@@ -3,7 +3,7 @@
 from kubellm.config.data import CleaningConfig, DataConfig, SourceConfig, SplitConfig, TokenizerConfig
 from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.config.platform import DistributedConfig, Placement, PlatformConfig
-from kubellm.config.run import RunConfig, apply_overrides, load_config, validate_section
+from kubellm.config.run import RunConfig, apply_overrides, default_config_path, load_config, validate_section
 from kubellm.config.serve import ServeConfig
 from kubellm.config.tracking import TrackingConfig
 from kubellm.config.train import (
@@ -19,5 +19,5 @@ __all__ = [
     "CleaningConfig", "DataConfig", "DistributedConfig", "EvalConfig", "FinetuneConfig", "GateConfig",
     "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig", "Placement", "PlatformConfig",
     "PretrainConfig", "RunConfig", "ServeConfig", "SourceConfig", "SplitConfig", "TokenizerConfig",
-    "TrackingConfig", "apply_overrides", "load_config", "validate_section",
+    "TrackingConfig", "apply_overrides", "default_config_path", "load_config", "validate_section",
 ]

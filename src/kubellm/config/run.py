@@ -172,6 +172,12 @@ def validate_section(model: type[StrictModel], doc: Any, origin: str) -> Any:
         raise ConfigError(format_validation_error(err, origin)) from None
 
 
+def default_config_path() -> Path:
+    """The embedded default run config (what ``make run`` runs), shipped inside the package so every
+    command behaves the same from any folder."""
+    return Path(__file__).with_name("local.yaml")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML run config, apply ``--set`` overrides and validate everything up front."""
     doc: dict[str, Any] = {}
