@@ -153,3 +153,19 @@ def test_playground_deployment_and_service(make_cfg) -> None:
     assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     assert dep["metadata"]["namespace"] == "serving"
+
+
+@pytest.mark.parametrize("runtime", ["kubellm", "huggingface"])
+def test_the_predictor_gets_a_hub_token_only_when_it_loads_from_the_hub(make_cfg, runtime: str) -> None:
+    token = "platform.stages={deploy: {secret_env: [{secret: hf-token, key: token, env: HF_TOKEN}, " \
+            "{secret: s3-creds, key: key, env: AWS_ACCESS_KEY_ID}]}}"
+
+    def env_names(*overrides: str) -> set[str]:
+        isvc = build_inferenceservice(make_cfg(token, f"deploy.runtime={runtime}", *overrides), "s3://m/1")
+        return {e["name"] for e in _predictor_container(isvc)["env"]}
+
+    local = env_names()
+    assert "HF_TOKEN" not in local and {"AWS_ACCESS_KEY_ID", "HF_HUB_OFFLINE"} <= local
+    if runtime == "kubellm":  # an adapter on a Hub base model downloads it: then the token is needed
+        hub = env_names("serve.base_model=meta-llama/Llama-3.2-1B")
+        assert "HF_TOKEN" in hub and "HF_HUB_OFFLINE" not in hub

@@ -5,6 +5,10 @@
 and maps errors to status codes. One exception handler serves every route: on ``/openai/…`` the body is
 OpenAI's ``{"error": {…}}``, elsewhere KServe's ``{"error": "…"}``; either way the server keeps serving.
 
+A body over ``serve.max_request_bytes`` is answered 413 by :class:`_BodyLimit` before any route sees it: at
+once from its ``Content-Length`` (nothing is read), or as soon as a chunked body passes the limit. Parsing
+JSON holds the GIL, so only a bounded body keeps health probes answering within milliseconds.
+
 :func:`serve` is ``kubellm serve``: load, then listen (uvicorn) on ``serve.host:serve.port``.
 :class:`BackgroundServer` runs the same app on 127.0.0.1 and a free port in a daemon thread, for tests,
 the benchmark and the playground's own checks.
@@ -13,6 +17,7 @@ the benchmark and the playground's own checks.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -59,6 +64,7 @@ def build_app(model: LLMModel) -> FastAPI:
             await model.engine.stop()
 
     app = FastAPI(title="kubellm predictor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit=model.cfg.max_request_bytes)
     app.add_api_route("/", dataplane.live, methods=["GET"])
     register_v1_endpoints(app, dataplane, extension)
     register_v2_endpoints(app, dataplane, extension)
@@ -110,11 +116,62 @@ def _error(request: Request, status: int, message: str, kind: str, param: str | 
            code: str | None) -> JSONResponse:
     from fastapi.responses import JSONResponse
 
-    if request.url.path.startswith("/openai/"):
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    else:
-        body = {"error": message}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(_error_body(request.url.path, message, kind, param, code), status_code=status)
+
+
+def _error_body(path: str, message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+    if path.startswith("/openai/"):
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": message}
+
+
+class _TooLarge(Exception):
+    """Raised into the app by :class:`_BodyLimit`'s ``receive`` once a body passes the limit."""
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 and is never read to its end."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, send, f"{int(declared)} bytes")
+        received, refused, replied = 0, False, False
+
+        async def limited_receive() -> dict:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                raise _TooLarge
+            return message
+
+        async def checked_send(message: dict) -> None:
+            nonlocal replied
+            if not refused:  # whatever the app makes of the exception, the answer is our 413
+                replied = True
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited_receive, checked_send)
+        if refused and not replied:
+            await self._refuse(scope, send, "a chunked body")
+
+    async def _refuse(self, scope: dict, send: Any, what: str) -> None:
+        message = (f"the request body ({what}) is larger than this server's limit of {self.limit} bytes "
+                   "(serve.max_request_bytes)")
+        body = json.dumps(_error_body(scope["path"], message, "invalid_request_error", None,
+                                      "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def load_model(run_cfg: RunConfig, model_ref: str | None = None, base_model: str | None = None) -> LLMModel:
