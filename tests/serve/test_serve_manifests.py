@@ -24,6 +24,7 @@ VARIANTS = {
     "hf-cpu": ["deploy.runtime=huggingface", "deploy.hf_args=[--dtype=float32]"],
     "hf-gpu": ["deploy.runtime=huggingface", "platform.stages={deploy: {resources: {gpus: 1}}}",
                "deploy.deployment_mode=Serverless", "deploy.scale_target=3"],
+    "kubellm-external": ["deploy.visibility=external"],
 }
 
 
@@ -169,3 +170,17 @@ def test_the_predictor_gets_a_hub_token_only_when_it_loads_from_the_hub(make_cfg
     if runtime == "kubellm":  # an adapter on a Hub base model downloads it: then the token is needed
         hub = env_names("serve.base_model=meta-llama/Llama-3.2-1B")
         assert "HF_TOKEN" in hub and "HF_HUB_OFFLINE" not in hub
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"kubellm-external"}))
+def test_cluster_local_and_scraped_unless_told_otherwise(make_cfg, variant: str) -> None:
+    isvc = _isvc(make_cfg, variant)
+    meta = isvc["metadata"]
+    assert meta["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert "networking.kserve.io/visibility" not in isvc["spec"]["predictor"]["labels"]
+    assert {k: meta["annotations"][k] for k in ("serving.kserve.io/enable-prometheus-scraping",
+                                                "prometheus.kserve.io/port", "prometheus.kserve.io/path")} == {
+        "serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.kserve.io/port": "8080",
+        "prometheus.kserve.io/path": "/metrics"}
+    external = build_inferenceservice(make_cfg(*VARIANTS[variant], "deploy.visibility=external"), "s3://m/1")
+    assert "networking.kserve.io/visibility" not in external["metadata"]["labels"]

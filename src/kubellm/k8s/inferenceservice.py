@@ -16,6 +16,12 @@ restricted security context of :mod:`kubellm.k8s.pods`, the pipeline's service a
 bounds, and probes sized for slow model loads: the startup probe allows ``deploy.startup_timeout_s``
 (20 min by default: a 7 B model is ~15 GB to download and load) before the pod is restarted, after which
 readiness and liveness take over with short periods.
+
+Private and observable by default: the ``networking.kserve.io/visibility: cluster-local`` label keeps the
+service off the ingress gateway (the predictor has no authentication) unless ``deploy.visibility:
+external``; KServe's ``serving.kserve.io/enable-prometheus-scraping`` annotation with
+``prometheus.kserve.io/port|path`` points Prometheus at the predictor's ``/metrics`` (our runtime's
+:mod:`kubellm.serve.metrics`; KServe's Hugging Face runtime serves its own there too).
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
 MODEL_NAME_ANNOTATION = "kubellm.io/model-name"
 #: Label recording which registered model version a revision serves.
 MODEL_VERSION_LABEL = "kubellm.io/model-version"
+#: Label keeping an InferenceService inside the cluster (no ingress route).
+VISIBILITY_LABEL = "networking.kserve.io/visibility"
+#: Annotations asking KServe to expose the predictor's Prometheus endpoint for scraping.
+SCRAPE_ANNOTATIONS = {"serving.kserve.io/enable-prometheus-scraping": "true",
+                      "prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": "/metrics"}
 #: Environment variables that carry a Hugging Face Hub token (huggingface_hub reads each of them).
 HUB_TOKEN_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"})
 
@@ -112,13 +123,15 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     if deploy.canary_traffic_percent is not None:
         predictor["canaryTrafficPercent"] = deploy.canary_traffic_percent
 
-    annotations = {MODEL_NAME_ANNOTATION: served}
+    annotations = {MODEL_NAME_ANNOTATION: served, **SCRAPE_ANNOTATIONS}
     if deploy.deployment_mode:
         annotations[MODE_ANNOTATION] = deploy.deployment_mode
     if deploy.canary_traffic_percent is not None:
         # Tag routing gives the newest revision its own URL (status…traffic[tag=latest].url), so the
         # rollout's smoke request reaches the canary itself rather than a 10 % chance of it.
         annotations[TAG_ROUTING_ANNOTATION] = "true"
+    if deploy.visibility == "cluster-local":  # on the InferenceService only: KServe reads it there
+        labels = {**labels, VISIBILITY_LABEL: "cluster-local"}
     metadata: dict[str, Any] = {"name": name, "namespace": run_cfg.platform.namespace, "labels": labels,
                                 "annotations": annotations}
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"predictor": predictor}}
