@@ -161,8 +161,9 @@ def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | Non
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Served as "kubellm" whatever the config's registered model is called: the tests address it so.
     cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--set", f"workdir={workdir}", "--set", "serve.precision=fp32"]
+           "--set", f"workdir={workdir}", "--set", "serve.precision=fp32", "--set", "serve.model_name=kubellm"]
     if config is not None:
         cmd[4:4] = ["--config", str(config)]
     for item in sets:

@@ -118,7 +118,7 @@ def test_huggingface_runtime(make_cfg) -> None:
     model = cpu["model"]
     assert model["modelFormat"] == {"name": "huggingface"} and model["storageUri"] == "s3://models/kubellm/3"
     assert "--backend=huggingface" in model["args"] and model["args"][-1] == "--dtype=float32"
-    assert "--model_name=kubellm" in model["args"]
+    assert "--model_name=kubellm-local" in model["args"]  # named after tracking.registered_model
     gpu = _isvc(make_cfg, "hf-gpu")["spec"]["predictor"]["model"]
     assert not any(a.startswith("--backend") for a in gpu["args"])
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
