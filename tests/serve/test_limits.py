@@ -108,6 +108,8 @@ def test_abuse_neither_stalls_health_nor_keeps_memory(tiny_model_dir: Path, tmp_
             assert http.post(completions, json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4}
                              ).status_code == 200
         after = _rss(proc.pid)
+        print(f"health p50 {statistics.median(prober.latencies) * 1000:.1f} ms, max {max(prober.latencies) * 1000:.1f} ms"
+              f" over {len(prober.latencies)} probes; RSS {warm / MB:.0f} MB after warm-up, {after / MB:.0f} MB after")
         assert after <= 1.2 * warm, f"RSS {warm / MB:.0f} MB after warm-up, {after / MB:.0f} MB after the abuse"
 
 
