@@ -10,7 +10,15 @@ these shared CPUs: too much for the test budget.)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +147,52 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
                                                  init_lora_weights=False))
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# --- ``kubellm serve`` as its own process --------------------------------------------------------------
+
+@contextlib.contextmanager
+def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | None = REPO / "configs" / "local.yaml",
+                  ready_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``kubellm serve --model model_dir`` on 127.0.0.1 and a free port, ready; stopped (SIGTERM, then
+    SIGKILL) on leaving. Yields the base URL and the process (its output is on ``proc.stdout``)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Served as "kubellm" whatever the config's registered model is called: the tests address it so.
+    cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--set", f"workdir={workdir}", "--set", "serve.precision=fp32", "--set", "serve.model_name=kubellm"]
+    if config is not None:
+        cmd[4:4] = ["--config", str(config)]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_s
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"kubellm serve was not ready within {ready_s:g} s"
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def start_serve():
+    """``with start_serve(model_dir, workdir, "serve.x=y", ...) as (url, proc)``: see :func:`serve_process`."""
+    return serve_process

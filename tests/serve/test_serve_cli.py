@@ -3,12 +3,7 @@ model (the registry's champion)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -76,26 +71,10 @@ def test_default_model_is_the_registry_champion(tiny_model_dir: Path, monkeypatc
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_kubellm_serve_process_serves_and_stops_on_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_kubellm_serve_process_serves_and_stops_on_sigterm(tiny_model_dir: Path, tmp_path: Path,
+                                                           start_serve) -> None:
     # --config must reach our CLI intact: kserve's import-time parser would take it for --configure_logging.
-    cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--config", str(LOCAL), "--model", str(tiny_model_dir),
-           "--port", str(port), "--set", "serve.precision=fp32", "--set", f"workdir={tmp_path}"]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() - t0 < 120, "kubellm serve was not ready within 120 s"
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with start_serve(tiny_model_dir, tmp_path) as (url, proc):
         answer = httpx.post(f"{url}/openai/v1/completions", timeout=30,
                             json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
@@ -104,8 +83,4 @@ def test_kubellm_serve_process_serves_and_stops_on_sigterm(tiny_model_dir: Path,
         assert proc.wait(30) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
         assert "Application shutdown complete" in log, log
-        assert f"on http://127.0.0.1:{port}" in log  # loopback by default, never 0.0.0.0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        assert f"on {url}" in log  # loopback by default, never 0.0.0.0

@@ -24,6 +24,7 @@ VARIANTS = {
     "hf-cpu": ["deploy.runtime=huggingface", "deploy.hf_args=[--dtype=float32]"],
     "hf-gpu": ["deploy.runtime=huggingface", "platform.stages={deploy: {resources: {gpus: 1}}}",
                "deploy.deployment_mode=Serverless", "deploy.scale_target=3"],
+    "kubellm-external": ["deploy.visibility=external"],
 }
 
 
@@ -117,7 +118,7 @@ def test_huggingface_runtime(make_cfg) -> None:
     model = cpu["model"]
     assert model["modelFormat"] == {"name": "huggingface"} and model["storageUri"] == "s3://models/kubellm/3"
     assert "--backend=huggingface" in model["args"] and model["args"][-1] == "--dtype=float32"
-    assert "--model_name=kubellm" in model["args"]
+    assert "--model_name=kubellm-local" in model["args"]  # named after tracking.registered_model
     gpu = _isvc(make_cfg, "hf-gpu")["spec"]["predictor"]["model"]
     assert not any(a.startswith("--backend") for a in gpu["args"])
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -153,3 +154,33 @@ def test_playground_deployment_and_service(make_cfg) -> None:
     assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     assert dep["metadata"]["namespace"] == "serving"
+
+
+@pytest.mark.parametrize("runtime", ["kubellm", "huggingface"])
+def test_the_predictor_gets_a_hub_token_only_when_it_loads_from_the_hub(make_cfg, runtime: str) -> None:
+    token = "platform.stages={deploy: {secret_env: [{secret: hf-token, key: token, env: HF_TOKEN}, " \
+            "{secret: s3-creds, key: key, env: AWS_ACCESS_KEY_ID}]}}"
+
+    def env_names(*overrides: str) -> set[str]:
+        isvc = build_inferenceservice(make_cfg(token, f"deploy.runtime={runtime}", *overrides), "s3://m/1")
+        return {e["name"] for e in _predictor_container(isvc)["env"]}
+
+    local = env_names()
+    assert "HF_TOKEN" not in local and {"AWS_ACCESS_KEY_ID", "HF_HUB_OFFLINE"} <= local
+    if runtime == "kubellm":  # an adapter on a Hub base model downloads it: then the token is needed
+        hub = env_names("serve.base_model=meta-llama/Llama-3.2-1B")
+        assert "HF_TOKEN" in hub and "HF_HUB_OFFLINE" not in hub
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"kubellm-external"}))
+def test_cluster_local_and_scraped_unless_told_otherwise(make_cfg, variant: str) -> None:
+    isvc = _isvc(make_cfg, variant)
+    meta = isvc["metadata"]
+    assert meta["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert "networking.kserve.io/visibility" not in isvc["spec"]["predictor"]["labels"]
+    assert {k: meta["annotations"][k] for k in ("serving.kserve.io/enable-prometheus-scraping",
+                                                "prometheus.kserve.io/port", "prometheus.kserve.io/path")} == {
+        "serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.kserve.io/port": "8080",
+        "prometheus.kserve.io/path": "/metrics"}
+    external = build_inferenceservice(make_cfg(*VARIANTS[variant], "deploy.visibility=external"), "s3://m/1")
+    assert "networking.kserve.io/visibility" not in external["metadata"]["labels"]

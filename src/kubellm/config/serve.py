@@ -44,9 +44,17 @@ class ServeConfig(StrictModel):
     """How long a new batch waits for more requests, at most, before it starts short of
     ``max_batch_size`` (clients of a finished batch come back within a few ms)."""
     max_queue: int = Field(default=64, ge=1)
-    """Requests waiting beyond this many get a 503."""
+    """Requests waiting beyond this many get a 503; one request with more prompts than this can never
+    fit and gets a 400."""
     max_prompt_tokens: int = Field(default=2048, ge=1)
     """Longer prompts get a 400."""
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Request bodies larger than this get a 413 before they are read. The largest legitimate request
+    at the defaults, 64 prompts of 2,048 token ids as JSON (at most 7 bytes an id), is ~0.9 MB; a 20 MB
+    body used to take 26 s to refuse and left ~800 MB of memory behind."""
+    max_logprobs: int = Field(default=20, ge=0, le=100)
+    """Most alternatives a request may ask for per token (completions ``logprobs``, chat
+    ``top_logprobs``), as vLLM's ``max_logprobs``; more gets a 400."""
     max_new_tokens: int = Field(default=512, ge=1)
     """Upper bound of a request's ``max_tokens`` (larger gets a 400)."""
     default_max_tokens: int = Field(default=128, ge=1)
@@ -108,6 +116,10 @@ class DeployConfig(StrictModel):
     ``["--dtype=bfloat16"]``. ``--backend=huggingface`` is added when the placement has no GPU (vLLM needs one)."""
     playground: bool = True
     """Also create the playground Deployment + Service next to the InferenceService."""
+    visibility: Literal["cluster-local", "external"] = "cluster-local"
+    """``cluster-local``: the InferenceService answers only inside the cluster (KServe's
+    ``networking.kserve.io/visibility`` label), as a predictor without authentication should;
+    ``external``: it also gets an ingress URL."""
 
     @model_validator(mode="after")
     def _replicas(self) -> DeployConfig:

@@ -10,11 +10,18 @@ Two predictors:
   ``storageUri``, for a merged model. Without a GPU it is told ``--backend=huggingface``: its default
   vLLM backend needs one.
 
-Both get the ``deploy`` stage's placement (resources, GPUs, node selector, tolerations, secrets), the
+Both get the ``deploy`` stage's placement (resources, GPUs, node selector, tolerations, secrets; a Hub
+token only when the predictor loads a base model from the Hub, see :func:`_predictor_placement`), the
 restricted security context of :mod:`kubellm.k8s.pods`, the pipeline's service account, autoscaling
 bounds, and probes sized for slow model loads: the startup probe allows ``deploy.startup_timeout_s``
 (20 min by default: a 7 B model is ~15 GB to download and load) before the pod is restarted, after which
 readiness and liveness take over with short periods.
+
+Private and observable by default: the ``networking.kserve.io/visibility: cluster-local`` label keeps the
+service off the ingress gateway (the predictor has no authentication) unless ``deploy.visibility:
+external``; KServe's ``serving.kserve.io/enable-prometheus-scraping`` annotation with
+``prometheus.kserve.io/port|path`` points Prometheus at the predictor's ``/metrics`` (our runtime's
+:mod:`kubellm.serve.metrics`; KServe's Hugging Face runtime serves its own there too).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from kubellm.errors import ServingError
 from kubellm.k8s import pods, security
 
 if TYPE_CHECKING:
+    from kubellm.config.platform import Placement
     from kubellm.config.run import RunConfig
 
 GROUP = "serving.kserve.io"
@@ -49,6 +57,13 @@ TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
 MODEL_NAME_ANNOTATION = "kubellm.io/model-name"
 #: Label recording which registered model version a revision serves.
 MODEL_VERSION_LABEL = "kubellm.io/model-version"
+#: Label keeping an InferenceService inside the cluster (no ingress route).
+VISIBILITY_LABEL = "networking.kserve.io/visibility"
+#: Annotations asking KServe to expose the predictor's Prometheus endpoint for scraping.
+SCRAPE_ANNOTATIONS = {"serving.kserve.io/enable-prometheus-scraping": "true",
+                      "prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": "/metrics"}
+#: Environment variables that carry a Hugging Face Hub token (huggingface_hub reads each of them).
+HUB_TOKEN_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"})
 
 # Startup probe period: 10 s keeps the probe cheap while a large model loads; the threshold is derived
 # from deploy.startup_timeout_s so the window is what the config says.
@@ -75,7 +90,7 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
         raise ServingError("deploy.storage_uri: no model location to deploy (set it in the config or pass "
                            "--storage-uri s3://…/model)")
     name = isvc_name(run_cfg)
-    placement = run_cfg.platform.placement("deploy")
+    placement = _predictor_placement(run_cfg)
     served = run_cfg.serve.model_name  # one name on both runtimes: clients and the smoke test use it
     probes = _probes(served, deploy.startup_timeout_s)
 
@@ -89,7 +104,7 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     else:
         predictor = pods.pod_spec([], placement, run_cfg.platform)
         del predictor["containers"]
-        predictor["model"] = _hf_model(run_cfg, uri, served, probes)
+        predictor["model"] = _hf_model(run_cfg, placement, uri, served, probes)
 
     labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": "predictor",
               "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
@@ -108,13 +123,15 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     if deploy.canary_traffic_percent is not None:
         predictor["canaryTrafficPercent"] = deploy.canary_traffic_percent
 
-    annotations = {MODEL_NAME_ANNOTATION: served}
+    annotations = {MODEL_NAME_ANNOTATION: served, **SCRAPE_ANNOTATIONS}
     if deploy.deployment_mode:
         annotations[MODE_ANNOTATION] = deploy.deployment_mode
     if deploy.canary_traffic_percent is not None:
         # Tag routing gives the newest revision its own URL (status…traffic[tag=latest].url), so the
         # rollout's smoke request reaches the canary itself rather than a 10 % chance of it.
         annotations[TAG_ROUTING_ANNOTATION] = "true"
+    if deploy.visibility == "cluster-local":  # on the InferenceService only: KServe reads it there
+        labels = {**labels, VISIBILITY_LABEL: "cluster-local"}
     metadata: dict[str, Any] = {"name": name, "namespace": run_cfg.platform.namespace, "labels": labels,
                                 "annotations": annotations}
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"predictor": predictor}}
@@ -146,15 +163,30 @@ def set_args(section: str, values: dict[str, Any]) -> list[str]:
     return args
 
 
+def _needs_hub(run_cfg: RunConfig) -> bool:
+    """The predictor downloads from the Hub only for a LoRA adapter whose base is a Hub id; the model
+    itself comes from ``/mnt/models``, fetched by KServe's storage initializer with its own credentials."""
+    base = run_cfg.serve.base_model
+    return base is not None and not base.startswith("/")
+
+
 def _offline_env(run_cfg: RunConfig) -> dict[str, str]:
     """Keep the predictor off the Hub when everything it loads is local (the usual case)."""
-    base = run_cfg.serve.base_model
-    needs_hub = base is not None and not base.startswith("/")
-    return {} if needs_hub else {"HF_HUB_OFFLINE": "1"}
+    return {} if _needs_hub(run_cfg) else {"HF_HUB_OFFLINE": "1"}
 
 
-def _hf_model(run_cfg: RunConfig, uri: str, name: str, probes: dict[str, Any]) -> dict[str, Any]:
+def _predictor_placement(run_cfg: RunConfig) -> Placement:
+    """The deploy placement, less any Hub token when the predictor never talks to the Hub: a serving pod
+    reachable by every client should not hold a credential it does not use."""
     placement = run_cfg.platform.placement("deploy")
+    if _needs_hub(run_cfg):
+        return placement
+    kept = [s for s in placement.secret_env if s.env not in HUB_TOKEN_ENV]
+    return placement.model_copy(update={"secret_env": kept})
+
+
+def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
+              probes: dict[str, Any]) -> dict[str, Any]:
     args = [f"--model_name={name}", f"--model_dir={MODEL_DIR}", f"--http_port={HTTP_PORT}"]
     if not placement.resources.gpus and not any(a.startswith("--backend") for a in run_cfg.deploy.hf_args):
         args.append("--backend=huggingface")

@@ -5,6 +5,16 @@
 and maps errors to status codes. One exception handler serves every route: on ``/openai/…`` the body is
 OpenAI's ``{"error": {…}}``, elsewhere KServe's ``{"error": "…"}``; either way the server keeps serving.
 
+A body over ``serve.max_request_bytes`` is answered 413 by :class:`_BodyLimit` before any route sees it,
+decided from its ``Content-Length`` before a byte is read, or as soon as a chunked body passes the limit.
+Parsing JSON holds the GIL, so only a bounded body keeps health probes answering within milliseconds. The
+rest of a refused body is read and dropped (never stored) before the answer goes out, up to
+``_LINGER_BYTES`` or ``_LINGER_S``: a server that answers and closes while the client is still sending
+makes the kernel reset the connection, and the client sees "connection reset" instead of the 413 (seen
+with 5 MB bodies under concurrent load). Beyond those bounds the connection is simply closed.
+
+``/metrics`` is KServe's own Prometheus handler; :mod:`kubellm.serve.metrics` says what it shows.
+
 :func:`serve` is ``kubellm serve``: load, then listen (uvicorn) on ``serve.host:serve.port``.
 :class:`BackgroundServer` runs the same app on 127.0.0.1 and a free port in a daemon thread, for tests,
 the benchmark and the playground's own checks.
@@ -12,7 +22,9 @@ the benchmark and the playground's own checks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -38,10 +50,11 @@ def build_app(model: LLMModel) -> FastAPI:
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.server import metrics_handler
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    from kubellm.serve import openai_api
+    from kubellm.serve import metrics, openai_api
 
     if model.engine is None:
         raise ServingError(f"model {model.name} must be loaded before building the app")
@@ -59,7 +72,12 @@ def build_app(model: LLMModel) -> FastAPI:
             await model.engine.stop()
 
     app = FastAPI(title="kubellm predictor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit=model.cfg.max_request_bytes)
+    # Added last, so outermost: it also counts the 413s of _BodyLimit.
+    app.add_middleware(metrics.RequestMetrics, model_name=model.name)
+    metrics.watch_engine(model.name, model.engine)
     app.add_api_route("/", dataplane.live, methods=["GET"])
+    app.add_api_route("/metrics", metrics_handler, methods=["GET"])
     register_v1_endpoints(app, dataplane, extension)
     register_v2_endpoints(app, dataplane, extension)
     app.include_router(openai_api.router(model))
@@ -110,20 +128,97 @@ def _error(request: Request, status: int, message: str, kind: str, param: str | 
            code: str | None) -> JSONResponse:
     from fastapi.responses import JSONResponse
 
-    if request.url.path.startswith("/openai/"):
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    else:
-        body = {"error": message}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(_error_body(request.url.path, message, kind, param, code), status_code=status)
+
+
+def _error_body(path: str, message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+    if path.startswith("/openai/"):
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": message}
+
+
+# How much of a refused body is read and dropped so that the client can read the 413 (see the module doc).
+_LINGER_BYTES = 256 * 1024 * 1024
+_LINGER_S = 10.0
+
+
+class _TooLarge(Exception):
+    """Raised into the app by :class:`_BodyLimit`'s ``receive`` once a body passes the limit."""
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 and is never read to its end."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.limit
+        received, refused, replied = 0, False, False
+
+        # The app still runs (routing labels the request's metrics) but its first read of the body fails:
+        # at once when the declared length is too large, when the count passes the limit otherwise.
+        async def limited_receive() -> dict:
+            nonlocal received, refused
+            if too_large:
+                refused = True
+                raise _TooLarge
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                refused = True
+                raise _TooLarge
+            return message
+
+        async def checked_send(message: dict) -> None:
+            nonlocal replied
+            if not refused:  # whatever the app makes of the exception, the answer is our 413
+                replied = True
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited_receive, checked_send)
+        if refused and not replied:
+            await _discard(receive)
+            await self._refuse(scope, send, f"{int(declared)} bytes" if too_large else "a chunked body")
+
+    async def _refuse(self, scope: dict, send: Any, what: str) -> None:
+        message = (f"the request body ({what}) is larger than this server's limit of {self.limit} bytes "
+                   "(serve.max_request_bytes)")
+        body = json.dumps(_error_body(scope["path"], message, "invalid_request_error", None,
+                                      "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _discard(receive: Any) -> None:
+    """Read and drop the rest of a request body, within ``_LINGER_BYTES`` and ``_LINGER_S``."""
+    loop = asyncio.get_running_loop()
+    deadline, left = loop.time() + _LINGER_S, _LINGER_BYTES
+    while left > 0:
+        try:
+            message = await asyncio.wait_for(receive(), deadline - loop.time())
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        left -= len(message.get("body", b""))
 
 
 def load_model(run_cfg: RunConfig, model_ref: str | None = None, base_model: str | None = None) -> LLMModel:
     """The configured model, loaded: ``model_ref`` > ``serve.model`` > ``models:/<registered>@champion``."""
     serve = run_cfg.serve
     ref = model_ref or serve.model or f"models:/{run_cfg.tracking.registered_model}@champion"
+    from kubellm.serve.metrics import EngineMetrics
+
     model = LLMModel(serve, ref, base_model=base_model or serve.base_model, tracking=run_cfg.tracking,
                      workdir=run_cfg.workdir)
-    model.load()
+    model.load(observer=EngineMetrics(model.name))
     return model
 
 
@@ -137,7 +232,7 @@ def serve(run_cfg: RunConfig, *, model_ref: str | None = None, base_model: str |
     app = build_app(model)
     host, port = run_cfg.serve.host, port or run_cfg.serve.port
     log.info("serving %s as %r on http://%s:%d (loaded in %.1f s): /v1/models/%s:predict, "
-             "/v2/models/%s/infer, /openai/v1/chat/completions", model.description, model.name, host, port,
+             "/v2/models/%s/infer, /openai/v1/chat/completions, /metrics", model.description, model.name, host, port,
              time.perf_counter() - t0, model.name, model.name)
     # Generation can take minutes: give running requests 30 s to finish on shutdown.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

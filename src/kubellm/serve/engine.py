@@ -3,8 +3,9 @@
 Decoding a small model is overhead-bound: a static batch of 8 gives ~5× the tokens/s of batch 1 on these
 CPUs (measured with `make bench`, `bench_serve`). So requests are not generated one by one:
 
-- ``submit`` tokenizes nothing and checks nothing (the API layer did both); it puts the request on a
-  **bounded** ``asyncio.Queue`` and fails at once with :class:`EngineOverloaded` (a 503) when it is full.
+- ``submit_all`` tokenizes nothing and checks nothing (the API layer did both); it puts a request's
+  prompts on a **bounded** ``asyncio.Queue`` all together or not at all, and fails at once with
+  :class:`EngineOverloaded` (a 503) when they do not fit, so a refused request leaves nothing queued.
 - One collector task takes the first waiting request and up to ``max_batch_size - 1`` more, waiting up
   to ``batch_wait_ms`` for them unless the batch is full. The clients of a finished batch send their
   next request within a few ms, and waiting for them keeps the batch full: without the wait, 8
@@ -21,6 +22,11 @@ CPUs (measured with `make bench`, `bench_serve`). So requests are not generated 
   not grow with the text), applies the row's ``max_tokens`` and ``stop`` strings, and streams the new
   text to the row's request on the event loop. A row that is done stops counting; the call ends when
   every row is done. ``min_tokens`` (to fix generation lengths in benchmarks) masks EOS per row.
+- Log-probabilities (:mod:`kubellm.serve.logprobs`) are only computed for the requests that ask: the
+  prompt's in one extra forward pass before generating (``max_tokens`` 0 stops there), the generated
+  tokens' by a logits processor that sees the raw logits of each step.
+- An :class:`EngineObserver` hears of every batch, first token and token count (the predictor's
+  Prometheus metrics); the engine itself keeps no history beyond :class:`EngineStats`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 
 from kubellm.errors import KubellmError
 from kubellm.log import get_logger
+from kubellm.serve.logprobs import StepLogprobs, TokenLogprob, prompt_logprobs
 
 log = get_logger("kubellm.serve.engine")
 
@@ -53,7 +60,7 @@ class SamplingParams:
     """What one request asks of generation."""
 
     max_tokens: int
-    """Most tokens to generate."""
+    """Most tokens to generate (0: only the prompt's log-probabilities are computed)."""
     temperature: float = 0.0
     """0 is greedy; otherwise softmax temperature."""
     top_p: float = 1.0
@@ -64,6 +71,10 @@ class SamplingParams:
     """Seed of a sampled request (ignored when greedy)."""
     min_tokens: int = 0
     """EOS is suppressed until this many tokens were generated."""
+    logprobs: int | None = None
+    """Log-probability of each generated token with this many alternatives; ``None``: none."""
+    prompt_logprobs: int | None = None
+    """Log-probability of each prompt token with this many alternatives; ``None``: none."""
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +98,26 @@ class Completion:
     """``stop`` (EOS or a stop string) or ``length`` (``max_tokens`` reached)."""
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per generated token, EOS included (when asked for)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """One entry per prompt token, ``None`` for the first (when asked for)."""
+
+
+class EngineObserver:
+    """What the engine reports as it works (the predictor's metrics); this base ignores it all.
+
+    Called from the worker thread.
+    """
+
+    def batch(self, size: int) -> None:
+        """A batch of ``size`` requests starts."""
+
+    def first_token(self, seconds: float) -> None:
+        """A request got its first token ``seconds`` after it was submitted."""
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        """A generation group ended: its prompts' tokens and the tokens it generated."""
 
 
 _uids = itertools.count()
@@ -101,8 +132,14 @@ class GenerationRequest:
     loop: asyncio.AbstractEventLoop
     uid: int = field(default_factory=lambda: next(_uids))
     cancelled: bool = False
-    """Set when the client went away: the row stops at the next step."""
+    """Set when the client went away or the request failed: the row stops at the next step, a request
+    still queued is dropped."""
+    submitted: float = field(default_factory=time.perf_counter)
     _events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a no-op once it has finished)."""
+        self.cancelled = True
 
     # Called from the worker thread: hand events to the request's own event loop.
     def _emit(self, kind: str, value: Any) -> None:
@@ -150,7 +187,8 @@ class GenerationEngine:
     """Batches concurrent requests into ``generate`` calls on one worker thread (see the module doc)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str = "cpu", precision: str = "fp32",
-                 max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0) -> None:
+                 max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
+                 observer: EngineObserver | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -159,6 +197,9 @@ class GenerationEngine:
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.stats = EngineStats()
+        self.observer = observer or EngineObserver()
+        self.running = 0
+        """Requests of the batch being generated now."""
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = _pad_id(tokenizer, self.eos_ids)
         self._queue: asyncio.Queue[GenerationRequest] | None = None
@@ -195,14 +236,22 @@ class GenerationEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
         """Queue a request (call on the serving loop). Raises :class:`EngineOverloaded` when full."""
+        return self.submit_all([(prompt_ids, params)])[0]
+
+    def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationRequest]:
+        """Queue every job or none (call on the serving loop): :class:`EngineOverloaded` when they do not
+        all fit. No ``await`` between the check and the puts, so nothing else takes the room meanwhile."""
         if self._queue is None or self._collector is None:
             raise EngineStopped("the generation engine is not running")
-        request = GenerationRequest(list(prompt_ids), params, asyncio.get_running_loop())
-        try:
+        free = self.max_queue - self._queue.qsize()
+        if len(jobs) > free:
+            need = "" if len(jobs) == 1 else f", room for {free} of this request's {len(jobs)} prompts"
+            raise EngineOverloaded(f"server busy: {self._queue.qsize()} requests already waiting{need}; retry later")
+        loop = asyncio.get_running_loop()
+        requests = [GenerationRequest(list(ids), params, loop) for ids, params in jobs]
+        for request in requests:
             self._queue.put_nowait(request)
-        except asyncio.QueueFull:
-            raise EngineOverloaded(f"server busy: {self.max_queue} requests already waiting; retry later") from None
-        return request
+        return requests
 
     async def _collect(self) -> None:
         assert self._queue is not None
@@ -241,14 +290,39 @@ class GenerationEngine:
         self.stats.requests += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         self.stats.batch_sizes.append(len(batch))
+        self.observer.batch(len(batch))
+        self.running = len(batch)
         groups: dict[tuple, list[GenerationRequest]] = {}
         for request in batch:
             groups.setdefault(request.params.group_key(request.uid), []).append(request)
-        for members in groups.values():
-            self._generate(members)
+        try:
+            for members in groups.values():
+                self._score_and_generate(members)
+        finally:
+            self.running = 0
         self.stats.busy_s += time.perf_counter() - t0
 
-    def _generate(self, requests: list[GenerationRequest]) -> None:
+    def _score_and_generate(self, requests: list[GenerationRequest]) -> None:
+        """Prompt log-probabilities for those who asked, then generation for those with ``max_tokens``."""
+        scored = [r for r in requests if r.params.prompt_logprobs is not None]
+        prompt_lps: dict[int, list[TokenLogprob | None]] = {}
+        if scored:
+            values = prompt_logprobs(self.model, [r.prompt_ids for r in scored],
+                                     [r.params.prompt_logprobs or 0 for r in scored], device=self.device,
+                                     precision=self.precision)
+            prompt_lps = {r.uid: v for r, v in zip(scored, values, strict=True)}
+        generating = []
+        for r in requests:
+            if r.params.max_tokens > 0:
+                generating.append(r)
+            else:
+                r._emit("done", Completion("", "length", len(r.prompt_ids), 0, prompt_logprobs=prompt_lps.get(r.uid)))
+        if generating:
+            self._generate(generating, prompt_lps)
+        self.observer.tokens(sum(len(r.prompt_ids) for r in requests), 0)
+
+    def _generate(self, requests: list[GenerationRequest],
+                  prompt_lps: dict[int, list[TokenLogprob | None]]) -> None:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -263,7 +337,9 @@ class GenerationEngine:
         for row, r in enumerate(requests):
             ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[row, width - len(r.prompt_ids):] = 1
-        tracker = _BatchTracker(requests, self.tokenizer, self.eos_ids)
+        wanted = [r.params.logprobs for r in requests]
+        step_lps = StepLogprobs(wanted) if any(k is not None for k in wanted) else None
+        tracker = _BatchTracker(requests, self.tokenizer, self.eos_ids, step_lps, prompt_lps, self.observer)
         gen_cfg = GenerationConfig(
             max_new_tokens=max(r.params.max_tokens for r in requests),
             do_sample=not params.greedy,
@@ -271,7 +347,9 @@ class GenerationEngine:
             eos_token_id=sorted(self.eos_ids) or None,
             **({"temperature": params.temperature, "top_p": params.top_p, "top_k": 0} if not params.greedy else {}),
         )
-        processors = LogitsProcessorList([tracker.min_tokens_processor()]) if tracker.needs_min_tokens else None
+        # The log-probabilities come first: they are of the raw logits, before min_tokens masks EOS.
+        chain = [p for p in (step_lps, tracker.min_tokens_processor() if tracker.needs_min_tokens else None) if p]
+        processors = LogitsProcessorList(chain) if chain else None
         if not params.greedy and params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode(), autocast(self.precision, self.device):
@@ -280,16 +358,20 @@ class GenerationEngine:
                                 logits_processor=processors)
         tracker.finish_all()
         self.stats.generated_tokens += tracker.generated
+        self.observer.tokens(0, tracker.generated)
 
 
 class _Row:
     """Per-request state inside one ``generate`` call."""
 
-    __slots__ = ("request", "tokens", "text", "sent", "prefix_offset", "read_offset", "done", "reason")
+    __slots__ = ("request", "tokens", "text", "sent", "prefix_offset", "read_offset", "done", "reason", "steps",
+                 "logprobs")
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.tokens: list[int] = []
+        self.steps = 0
+        self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs is not None else None
         self.text = ""
         self.sent = 0
         # Incremental detokenization window: text of tokens[prefix_offset:read_offset] is already in
@@ -304,10 +386,15 @@ class _Row:
 class _BatchTracker:
     """A ``StoppingCriteria`` that keeps every row's text, limits and stream (see the module doc)."""
 
-    def __init__(self, requests: list[GenerationRequest], tokenizer: Any, eos_ids: set[int]) -> None:
+    def __init__(self, requests: list[GenerationRequest], tokenizer: Any, eos_ids: set[int],
+                 step_lps: StepLogprobs | None, prompt_lps: dict[int, list[TokenLogprob | None]],
+                 observer: EngineObserver) -> None:
         self.rows = [_Row(r) for r in requests]
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.step_lps = step_lps
+        self.prompt_lps = prompt_lps
+        self.observer = observer
         self.generated = 0
         self.needs_min_tokens = bool(eos_ids) and any(r.params.min_tokens > 0 for r in requests)
 
@@ -315,16 +402,21 @@ class _BatchTracker:
         import torch
 
         last = input_ids[:, -1].tolist()
-        for row, token in zip(self.rows, last, strict=True):
+        for i, (row, token) in enumerate(zip(self.rows, last, strict=True)):
             if not row.done:
-                self._step(row, token)
+                self._step(i, row, token)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    def _step(self, row: _Row, token: int) -> None:
+    def _step(self, i: int, row: _Row, token: int) -> None:
         request = row.request
         if request.cancelled:
             row.done, row.reason = True, "cancelled"
             return
+        if row.steps == 0:
+            self.observer.first_token(time.perf_counter() - request.submitted)
+        row.steps += 1
+        if row.logprobs is not None and self.step_lps is not None:
+            row.logprobs.append(self.step_lps.take(i, token))  # EOS too, as vLLM reports it
         if token in self.eos_ids:
             self._finish(row, "stop")
             return
@@ -366,7 +458,8 @@ class _BatchTracker:
         if len(row.text) > row.sent:
             request._emit("delta", row.text[row.sent:])
             row.sent = len(row.text)
-        request._emit("done", Completion(row.text, reason, len(request.prompt_ids), len(row.tokens)))
+        request._emit("done", Completion(row.text, reason, len(request.prompt_ids), len(row.tokens), row.logprobs,
+                                         self.prompt_lps.get(request.uid)))
 
     def finish_all(self) -> None:
         """Rows still open when ``generate`` returned hit the call's length limit."""

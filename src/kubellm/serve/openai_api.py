@@ -3,8 +3,19 @@
 Requests go through the same model, limits and batching engine as KServe V1/V2. Streaming is Server-Sent
 Events (``data: {chunk}`` lines, then ``data: [DONE]``), with a final usage chunk when the request asks
 for ``stream_options: {"include_usage": true}``. Unknown request fields are ignored, as OpenAI's own
-clients send newer ones; fields that would change the answer and are not supported (``n > 1``,
-``logprobs``, ``echo``, ``suffix``) are refused with a 400 rather than silently ignored.
+clients send newer ones; fields that would change the answer and are not implemented (``tools``,
+``response_format``, ``logit_bias``, penalties, ``n > 1``, ``suffix`` …, see ``_NEUTRAL``) are refused
+with a 400 naming the field unless they hold the value that changes nothing.
+
+Log-probabilities (:mod:`kubellm.serve.logprobs`) follow OpenAI's legacy completions and vLLM, which is
+what lm-evaluation-harness's ``local-completions`` reads: completions ``logprobs: k`` gives ``tokens``,
+``token_logprobs``, ``top_logprobs`` (the top ``k`` plus the chosen token) and ``text_offset`` (into the
+returned ``text``); ``echo: true`` puts the prompt in front, its first token's log-probability ``null``,
+and allows ``max_tokens: 0``. Chat takes ``logprobs: true`` and ``top_logprobs: k`` and answers
+``choices[].logprobs.content``. ``k`` is capped by ``serve.max_logprobs``; not with ``stream``.
+
+A non-streaming request whose client disconnects cancels its prompts, as a streaming one does: the
+handler watches the connection while it waits (answered 499, which only the access log sees).
 
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``:
 
@@ -14,7 +25,11 @@ request                                 status  code
 body is not JSON / not an object        400     ``invalid_json``
 a field has the wrong type / is missing 400     ``invalid_value``
 prompt longer than max_prompt_tokens    400     ``context_length_exceeded``
-max_tokens < 1 or > max_new_tokens      400     (param ``max_tokens``)
+body over max_request_bytes             413     ``request_too_large``
+max_tokens < 1 or > max_new_tokens      400     (param ``max_tokens``; 0 allowed with ``echo``)
+more prompts than max_queue             400     (param ``prompt``)
+a field not implemented (``tools`` …)   400     ``unsupported_field``
+logprobs above max_logprobs             400     (param ``logprobs``)
 unknown ``model``                       404     ``model_not_found``
 queue full (max_queue waiting)          503     ``overloaded``
 ======================================  ======  ==============================
@@ -22,18 +37,21 @@ queue full (max_queue waiting)          503     ``overloaded``
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from kubellm.serve.engine import Completion, GenerationRequest
-from kubellm.serve.predictor import InvalidRequest
+from kubellm.serve.logprobs import TokenLogprob
+from kubellm.serve.predictor import InvalidRequest, results_of
 
 if TYPE_CHECKING:
     from kubellm.serve.predictor import LLMModel
@@ -41,27 +59,40 @@ if TYPE_CHECKING:
 PREFIX = "/openai/v1"
 
 
+# Fields that would change the answer and are not implemented, with the values that change nothing (some
+# clients send every field with its default): anything else is refused with a 400 naming the field.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "top_k": (None, 0, -1), "min_p": (None, 0),
+    "ignore_eos": (None, False), "stop_token_ids": (None, []), "modalities": (None, ["text"]),
+    "audio": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "structured_outputs": (None,),
+}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept (not declared) so that _refuse_unsupported can see them.
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: bool | int | None = None
     min_tokens: int | None = None
     """vLLM's extension: suppress EOS until this many tokens (fixes generation length in benchmarks)."""
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = None
-    suffix: str | None = None
+    echo: bool = False
+    logprobs: StrictInt | None = None
 
 
 class ChatMessage(BaseModel):
@@ -79,6 +110,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
 
 
 def router(model: LLMModel) -> APIRouter:
@@ -102,47 +135,135 @@ def router(model: LLMModel) -> APIRouter:
     async def completions(request: Request) -> Any:
         req = await _parse(request, CompletionRequest)
         _check_common(model, req)
-        if req.echo or req.suffix:
-            raise InvalidRequest("echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        if req.stream and (req.echo or req.logprobs is not None):
+            raise InvalidRequest("echo and logprobs are not supported with stream", param="stream")
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
-        params = _sampling(model, req, req.max_tokens)
-        jobs = [model.encode_prompt(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
-        submitted = [model.submit(ids, params) for ids in jobs]
+        params = _sampling(model, req, req.max_tokens, logprobs=req.logprobs,
+                           prompt_logprobs=req.logprobs if req.echo else None, allow_no_tokens=req.echo)
+        ids = await model.encode_prompts(prompts)
         rid, name = f"cmpl-{uuid.uuid4().hex}", req.model or model.name
-        if req.stream:
-            return StreamingResponse(_stream_completions(submitted, rid, name, _usage_wanted(req)),
-                                     media_type="text/event-stream")
-        results = [await r.result() for r in submitted]
-        return {
-            "id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                        for i, c in enumerate(results)],
-            "usage": _usage(results),
-        }
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
+            results = [Completion("", "length", len(i), 0) for i in ids]  # echo alone: nothing to compute
+        else:
+            submitted = model.submit_all([(i, params) for i in ids])
+            if req.stream:
+                return StreamingResponse(_stream_completions(submitted, rid, name, _usage_wanted(req)),
+                                         media_type="text/event-stream")
+            results = await _answer(request, submitted)
+            if results is None:
+                return _CLIENT_GONE
+        token_text = texts.token
+        choices = []
+        for i, (prompt, prompt_ids, c) in enumerate(zip(prompts, ids, results, strict=True)):
+            echoed = (prompt if isinstance(prompt, str) else model.tokenizer.decode(prompt_ids)) if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _legacy_logprobs(prompt_ids if req.echo else [], c, len(echoed), token_text)
+            choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
+                            "logprobs": logprobs})
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": _usage(results)}
 
     @api.post("/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
         req = await _parse(request, ChatRequest)
         _check_common(model, req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs: true", param="top_logprobs")
+        if req.stream and req.logprobs:
+            raise InvalidRequest("logprobs are not supported with stream", param="stream")
+        k = (req.top_logprobs or 0) if req.logprobs else None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         params = _sampling(model, req, req.max_completion_tokens if req.max_completion_tokens is not None
-                           else req.max_tokens)
-        submitted = model.submit(model.encode_chat(messages), params)
+                           else req.max_tokens, logprobs=k)
+        submitted = model.submit_all([(await model.encode_chat_async(messages), params)])
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model.name
         if req.stream:
-            return StreamingResponse(_stream_chat(submitted, rid, name, _usage_wanted(req)),
+            return StreamingResponse(_stream_chat(submitted[0], rid, name, _usage_wanted(req)),
                                      media_type="text/event-stream")
-        c = await submitted.result()
+        results = await _answer(request, submitted)
+        if results is None:
+            return _CLIENT_GONE
+        c = results[0]
+        logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None}],
+                         "finish_reason": c.finish_reason, "logprobs": logprobs}],
             "usage": _usage([c]),
         }
 
+    texts = _TokenTexts(model.tokenizer)
     return api
+
+
+# nginx's "client closed request": nobody reads it, but the access log and the metrics show it.
+_CLIENT_GONE = Response(status_code=499)
+
+
+async def _answer(http: Request, requests: list[GenerationRequest]) -> list[Completion] | None:
+    """The completions, or ``None`` when the client disconnected first; either way, once this returns
+    or fails, nothing more is generated for ``requests``."""
+    answer = asyncio.ensure_future(results_of(requests))
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return answer.result() if answer in done else None
+    finally:
+        gone.cancel()
+        answer.cancel()
+        for r in requests:
+            r.cancel()
+
+
+async def _disconnected(http: Request) -> None:
+    # Once the body is read, the server's receive() only returns when the client disconnects.
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _TokenTexts:
+    """The text of single tokens, cached (a vocabulary's worth at most)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def token(self, token: int) -> str:
+        text = self.cache.get(token)
+        if text is None:
+            text = self.cache[token] = self.tokenizer.decode([token])
+        return text
+
+
+def _legacy_logprobs(prompt_ids: list[int], c: Completion, echoed_chars: int,
+                     token_text: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object over the echoed prompt (if any) and the generated tokens."""
+    prompt = (c.prompt_logprobs or [None] * len(prompt_ids)) if prompt_ids else []
+    generated = c.logprobs or []
+    prompt_tokens = [token_text(t) for t in prompt_ids]
+    generated_tokens = [token_text(e.token) for e in generated]
+    # Offsets into the returned text: the prompt's tokens from 0, the generated ones after the prompt.
+    offsets = [*itertools.accumulate(map(len, prompt_tokens[:-1]), initial=0)][:len(prompt_tokens)]
+    offsets += [*itertools.accumulate(map(len, generated_tokens[:-1]), initial=echoed_chars)][:len(generated_tokens)]
+    entries: list[TokenLogprob | None] = [*prompt, *generated]
+    return {
+        "tokens": prompt_tokens + generated_tokens,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprob(e: TokenLogprob, k: int, token_text: Callable[[int], str]) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    # ``top`` holds the k best and then, if it is not among them, the chosen token: chat lists k exactly.
+    return {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:k]]}
 
 
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
@@ -169,15 +290,25 @@ def _check_model(model: LLMModel, name: str | None) -> None:
 
 def _check_common(model: LLMModel, req: _Request) -> None:
     _check_model(model, req.model)
-    if req.n not in (None, 1):
-        raise InvalidRequest("n: only n=1 is supported", param="n")
-    if req.logprobs:
-        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    for name, value in (req.model_extra or {}).items():
+        allowed = _NEUTRAL.get(name)
+        if allowed is not None and not _neutral(value, allowed):
+            shown = " or ".join(json.dumps(v) for v in allowed if v is not None)
+            raise InvalidRequest(f"{name}: not supported by this server (it would change the answer); leave it out"
+                                 + (f" or send {shown}" if shown else ""), param=name, code="unsupported_field")
 
 
-def _sampling(model: LLMModel, req: _Request, max_tokens: int | None) -> Any:
+def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):  # True == 1 in Python: a boolean only matches a boolean
+        return any(v is value for v in allowed)
+    return any(value == v for v in allowed if v is not None and not isinstance(v, bool))
+
+
+def _sampling(model: LLMModel, req: _Request, max_tokens: int | None, **extra: Any) -> Any:
     return model.sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop,
-                          seed=req.seed, min_tokens=req.min_tokens)
+                          seed=req.seed, min_tokens=req.min_tokens, **extra)
 
 
 def _usage_wanted(req: _Request) -> bool:

@@ -17,6 +17,13 @@ while avoiding ``ModelServer`` itself: it binds 0.0.0.0, starts a gRPC server an
 handlers. We run the app with uvicorn on ``serve.host`` (127.0.0.1 locally, 0.0.0.0 in the pod). KServe's
 OpenAI routes need vllm (never installed here), so those are our own.
 
+One request cannot stall or bloat the server: bodies over ``serve.max_request_bytes`` are refused before
+they are read (:mod:`kubellm.serve.app`); a prompt is refused by its character count before it is
+tokenized when it cannot fit (no token covers more characters than twice the tokenizer's longest
+vocabulary entry, see :meth:`LLMModel._check_chars`); tokenization runs on a worker thread, never on the
+event loop that answers health probes; a request with more prompts than ``serve.max_queue`` is a 400 (it
+could never be queued) and one that fails or loses its client cancels every prompt it queued.
+
 Importing kserve parses ``sys.argv`` (``kserve.model_server`` runs ``parse_known_args`` at import, with
 prefix matching: our ``--config`` would be read as its boolean ``--configure_logging`` and abort).
 :func:`import_kserve` imports it with a bare ``argv``; this module is only imported by ``kubellm serve``.
@@ -32,7 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 from kubellm.errors import ServingError
 from kubellm.log import get_logger
-from kubellm.serve.engine import Completion, GenerationEngine, GenerationRequest, SamplingParams
+from kubellm.serve.engine import (
+    Completion,
+    EngineObserver,
+    GenerationEngine,
+    GenerationRequest,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:
     from kubellm.config.serve import ServeConfig
@@ -128,10 +141,12 @@ class LLMModel(kserve.Model):
         self.engine: GenerationEngine | None = None
         self.tokenizer: Any = None
         self.description = source
+        self.max_prompt_chars = 0
+        """Longest prompt text that might fit ``max_prompt_tokens`` (set by :meth:`load`)."""
 
     # --- loading ---
 
-    def load(self) -> bool:
+    def load(self, observer: EngineObserver | None = None) -> bool:
         """Resolve and load the model, pick device and precision, and build the engine."""
         import torch
 
@@ -148,10 +163,14 @@ class LLMModel(kserve.Model):
         loaded = load_causal_lm(path, base_model=self.base_model, device=device, dtype=dtype, merge_adapter=True)
         self.tokenizer = loaded.tokenizer
         self.description = loaded.source
+        # Composed characters (NFC/NFKC, e.g. "e" + U+0301 -> "é") let a token cover up to about twice
+        # its vocabulary entry's length: the factor 2 keeps the cheap check from refusing what fits.
+        longest = max((len(t) for t in loaded.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 2 * longest * self.cfg.max_prompt_tokens
         self.engine = GenerationEngine(
             loaded.model, loaded.tokenizer, device=device, precision="fp32" if on_gpu else precision,
             max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
-            batch_wait_ms=self.cfg.batch_wait_ms)
+            batch_wait_ms=self.cfg.batch_wait_ms, observer=observer)
         log.info("loaded %s on %s (%s)", loaded.source, device, "bf16" if precision == "bf16" else "fp32")
         self.ready = True
         return True
@@ -164,8 +183,10 @@ class LLMModel(kserve.Model):
     def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a completion prompt (text, or ids as they are), within ``max_prompt_tokens``."""
         if isinstance(prompt, str):
+            self._check_chars(len(prompt), param)
             ids = self.tokenizer(prompt)["input_ids"]
         else:
+            self._check_length(prompt, param)  # before looking at every id of a long list
             vocab = len(self.tokenizer)
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
                 raise InvalidRequest(f"{param}: token ids must be integers in [0, {vocab})", param=param)
@@ -177,6 +198,7 @@ class LLMModel(kserve.Model):
 
         A tokenizer without a template gets a plain ``role: content`` transcript ending in ``assistant:``.
         """
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -184,6 +206,35 @@ class LLMModel(kserve.Model):
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             ids = self.tokenizer(text)["input_ids"]
         return self._check_length(ids, "messages")
+
+    async def encode_prompts(self, prompts: list[str | list[int]], param: str = "prompt") -> list[list[int]]:
+        """:meth:`encode_prompt` of each prompt on a worker thread; ``param[i]`` names one of several."""
+        import asyncio
+
+        self.check_prompt_count(len(prompts), param)
+        names = [param] if len(prompts) == 1 else [f"{param}[{i}]" for i in range(len(prompts))]
+        return await asyncio.to_thread(lambda: [self.encode_prompt(p, n) for p, n in zip(prompts, names, strict=True)])
+
+    async def encode_chat_async(self, messages: list[dict[str, str]]) -> list[int]:
+        """:meth:`encode_chat` on a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.encode_chat, messages)
+
+    def check_prompt_count(self, count: int, param: str) -> None:
+        """A request with more prompts than the queue holds could never be served: a 400, not a 503."""
+        if count > self.cfg.max_queue:
+            raise InvalidRequest(f"{param}: {count} prompts in one request, more than this server's limit of "
+                                 f"{self.cfg.max_queue} (serve.max_queue); send them in smaller requests",
+                                 param=param)
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        # No tokenizer call when the text is longer than max_prompt_tokens could ever cover: a 20 MB
+        # message took 26 s to tokenize before it was refused.
+        if self.max_prompt_chars and chars > self.max_prompt_chars:
+            raise InvalidRequest(f"{param}: the prompt is {chars} characters, more than this server's limit of "
+                                 f"{self.cfg.max_prompt_tokens} tokens can hold", param=param,
+                                 code="context_length_exceeded")
 
     def _check_length(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -195,13 +246,18 @@ class LLMModel(kserve.Model):
 
     def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
-                 min_tokens: int | None = None) -> SamplingParams:
-        """Validated generation settings (the same limits on every protocol)."""
+                 min_tokens: int | None = None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False) -> SamplingParams:
+        """Validated generation settings (the same limits on every protocol).
+
+        ``allow_no_tokens``: ``max_tokens`` 0 is valid (a completion that echoes and scores its prompt).
+        """
         limit = self.cfg.max_new_tokens
+        least = 0 if allow_no_tokens else 1
         max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
         checks = [
-            (isinstance(max_tokens, int) and 1 <= max_tokens <= limit, "max_tokens",
-             f"must be an integer from 1 to {limit} (this server's limit), got {max_tokens!r}"),
+            (isinstance(max_tokens, int) and least <= max_tokens <= limit, "max_tokens",
+             f"must be an integer from {least} to {limit} (this server's limit), got {max_tokens!r}"),
             (temperature is None or (_number(temperature) and 0 <= temperature <= 2), "temperature",
              f"must be a number from 0 to 2, got {temperature!r}"),
             (top_p is None or (_number(top_p) and 0 < top_p <= 1), "top_p",
@@ -209,6 +265,8 @@ class LLMModel(kserve.Model):
             (seed is None or isinstance(seed, int), "seed", f"must be an integer, got {seed!r}"),
             (min_tokens is None or (isinstance(min_tokens, int) and 0 <= min_tokens <= max_tokens), "min_tokens",
              f"must be an integer from 0 to max_tokens, got {min_tokens!r}"),
+            (logprobs is None or 0 <= logprobs <= self.cfg.max_logprobs, "logprobs",
+             f"must be from 0 to {self.cfg.max_logprobs} (this server's limit), got {logprobs!r}"),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -218,12 +276,16 @@ class LLMModel(kserve.Model):
             raise InvalidRequest("stop: at most 4 non-empty strings", param="stop")
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature or 0.0),
                               top_p=float(1.0 if top_p is None else top_p), stop=tuple(stops), seed=seed,
-                              min_tokens=min_tokens or 0)
+                              min_tokens=min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def submit(self, ids: list[int], params: SamplingParams) -> GenerationRequest:
+        return self.submit_all([(ids, params)])[0]
+
+    def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationRequest]:
+        """Queue every job of one request, or none (:meth:`GenerationEngine.submit_all`)."""
         if self.engine is None:
             raise ServingError(f"model {self.name} is not loaded")
-        return self.engine.submit(ids, params)
+        return self.engine.submit_all(jobs)
 
     # --- KServe V1 / V2 ---
 
@@ -242,7 +304,8 @@ class LLMModel(kserve.Model):
             raise InvalidRequest('expected {"instances": ["prompt", ...]} with at least one instance',
                                  param="instances")
         shared = _settings(payload.get("parameters") or {}, "parameters")
-        jobs = []
+        self.check_prompt_count(len(payload["instances"]), "instances")
+        prompts, settings = [], []
         for i, inst in enumerate(payload["instances"]):
             if isinstance(inst, str):
                 prompt, own = inst, {}
@@ -253,8 +316,10 @@ class LLMModel(kserve.Model):
             else:
                 raise InvalidRequest(f'instances[{i}]: expected a prompt string or {{"prompt": ...}}',
                                      param=f"instances[{i}]")
-            jobs.append((self.encode_prompt(prompt, f"instances[{i}]"), self.sampling(**{**shared, **own})))
-        results = await _run_all(self, jobs)
+            prompts.append(prompt)
+            settings.append(self.sampling(**{**shared, **own}))
+        ids = await self.encode_prompts(prompts, "instances")
+        results = await _run_all(self, list(zip(ids, settings, strict=True)))
         return {"predictions": [c.text for c in results]}
 
     async def _predict_v2(self, request: Any) -> Any:
@@ -264,7 +329,8 @@ class LLMModel(kserve.Model):
                                  param="inputs")
         texts = _v2_texts(inputs["text_input"])
         params = self.sampling(**_settings(dict(request.parameters or {}), "parameters"))
-        results = await _run_all(self, [(self.encode_prompt(t, "text_input"), params) for t in texts])
+        ids = await self.encode_prompts(texts, "text_input")
+        results = await _run_all(self, [(i, params) for i in ids])
         output = kserve.InferOutput("text_output", [len(results)], "BYTES", [c.text for c in results])
         return kserve.InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
                                     infer_outputs=[output])
@@ -315,7 +381,16 @@ def _number(value: Any) -> bool:
 
 async def _run_all(model: LLMModel, jobs: list[tuple[list[int], SamplingParams]]) -> list[Completion]:
     """Submit every job before awaiting any, so one request's instances share a batch."""
+    return await results_of(model.submit_all(jobs))
+
+
+async def results_of(requests: list[GenerationRequest]) -> list[Completion]:
+    """Every request's completion; when one fails (or the caller is cancelled) the others are cancelled
+    too, so nothing is generated for nobody."""
     import asyncio
 
-    requests = [model.submit(ids, params) for ids, params in jobs]
-    return list(await asyncio.gather(*(r.result() for r in requests)))
+    try:
+        return list(await asyncio.gather(*(r.result() for r in requests)))
+    finally:
+        for r in requests:
+            r.cancel()
