@@ -16,20 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMAS = REPO.parent / "shared" / "schemas"
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
-
-
-@pytest.fixture(scope="session")
-def crd_schemas_dir() -> Path:
-    """The upstream CRD schemas beside the checkout (../shared/schemas); skip where absent."""
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"CRD schemas not found at {SCHEMAS} (../shared/schemas beside the checkout)")
-    return SCHEMAS
 
 
 @pytest.fixture(autouse=True)

@@ -37,17 +37,17 @@ def _args(job: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(("kind", "stage"), KINDS_STAGES)
-def test_manifest_validates_against_crd(crd_schemas_dir: Path, cluster_cfg: RunConfig, kind: str,
+def test_manifest_validates_against_crd(cluster_cfg: RunConfig, kind: str,
                                         stage: str) -> None:
     job = _job(cluster_cfg, kind, stage, data_fingerprint="f" * 16, env={"MLFLOW_RUN_ID": "abc"})
-    assert validate_against_crd(job, crd_schemas_dir / CRDS[kind]) == []
+    assert validate_against_crd(job) == []
 
 
-def test_elastic_pytorchjob(cluster_overrides: list[str], crd_schemas_dir: Path) -> None:
+def test_elastic_pytorchjob(cluster_overrides: list[str]) -> None:
     cfg = load_config(LOCAL, [*cluster_overrides, "platform.distributed.pretrain.min_nodes=1",
                                                     "platform.distributed.pretrain.max_nodes=4"])
     job = _job(cfg)
-    assert validate_against_crd(job, crd_schemas_dir / CRDS["pytorchjob"]) == []
+    assert validate_against_crd(job) == []
     spec = job["spec"]
     assert spec["elasticPolicy"] == {"minReplicas": 1, "maxReplicas": 4, "maxRestarts": 3, "rdzvBackend": "c10d"}
     assert list(spec["pytorchReplicaSpecs"]) == ["Worker"]
@@ -179,12 +179,12 @@ def test_elastic_config_is_checked_up_front(cluster_overrides: list[str], overri
         load_config(LOCAL, [*cluster_overrides, *overrides])
 
 
-def test_gpu_config_jobs_validate_and_mount_the_shared_pvc_once(crd_schemas_dir: Path, repo_root: Path) -> None:
+def test_gpu_config_jobs_validate_and_mount_the_shared_pvc_once(repo_root: Path) -> None:
     cfg = load_config(repo_root / "configs" / "cluster-gpu.yaml")
     for stage in ("pretrain", "finetune"):
         engine = cfg.platform.distributed_for(stage).engine
         job = build_job(engine, stage, cfg, "prepared/x", "runs/x")
-        assert validate_against_crd(job, crd_schemas_dir / CRDS[engine]) == []
+        assert validate_against_crd(job) == []
         pod = _pod_template(job)["spec"]
         mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]]
         assert mounts.count(SHARED_MOUNT) == 1, mounts  # the stage's own PVC entry is folded into it
@@ -198,7 +198,7 @@ def test_another_volume_at_the_shared_mount_is_refused(cluster_overrides: list[s
 
 def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        crd_schemas_dir: Path, cluster_overrides: list[str]) -> None:
+        cluster_overrides: list[str]) -> None:
     import json
 
     import yaml
@@ -219,7 +219,7 @@ def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
     assert info.value.code == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["metadata"]["annotations"]["kubellm.io/data-fingerprint"] == "feedbeef"
-    assert validate_against_crd(job, crd_schemas_dir / CRDS["pytorchjob"]) == []
+    assert validate_against_crd(job) == []
     with pytest.raises(SystemExit) as info:
         main(["train-job", "--config", str(LOCAL), "--stage", "pretrain", "--data", "d", "--out", "o"])
     assert info.value.code == 2

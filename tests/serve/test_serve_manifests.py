@@ -13,7 +13,7 @@ from kubellm.errors import ServingError
 from kubellm.k8s import podsecurity
 from kubellm.k8s.inferenceservice import MODEL_DIR, build_inferenceservice
 from kubellm.k8s.playground import build_playground
-from kubellm.k8s.schema import validate_against_crd
+from kubellm.k8s.schema import validate_against_crd, vendored_crd
 
 VARIANTS = {
     "kubellm-cpu": [],
@@ -29,8 +29,8 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def isvc_crd(crd_schemas_dir: Path) -> Path:
-    return crd_schemas_dir / "kserve-inferenceservices.crd.yaml"
+def isvc_crd() -> Path:
+    return vendored_crd("serving.kserve.io", "InferenceService")
 
 
 def _isvc(make_cfg, variant: str, **kw) -> dict:

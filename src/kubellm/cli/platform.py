@@ -32,9 +32,11 @@ def check(
     overrides: SetOpt = None,
 ) -> None:
     """Check manifests against Pod Security 'restricted' plus a read-only root filesystem, including the
-    pod specs inside PyTorchJobs, TrainJobs and InferenceServices. Exits 1 when anything is found."""
+    pod specs inside PyTorchJobs, TrainJobs, RayJobs and InferenceServices, and those custom resources
+    against their CRD schemas (shipped with kubellm, offline). Exits 1 when anything is found."""
     from kubellm.k8s.manifests import generated_manifests, shipped_manifests
     from kubellm.k8s.podsecurity import check_all, load_manifests
+    from kubellm.k8s.schema import validate_custom_resources
 
     if paths:
         files = [f for p in paths for f in (sorted(q for q in p.rglob("*") if q.suffix in MANIFEST_SUFFIXES)
@@ -43,6 +45,7 @@ def check(
     else:
         named = shipped_manifests() + generated_manifests(load(config, overrides))
     findings, pod_count = check_all(named)
+    findings += validate_custom_resources(named)
     for finding in findings:
         print(finding)
     print(f"checked {len(named)} manifests, {pod_count} pod specs: {len(findings)} findings")
