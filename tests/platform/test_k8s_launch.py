@@ -13,12 +13,14 @@ import yaml
 from kubellm.config import RunConfig
 from kubellm.errors import ClusterError
 from kubellm.k8s.client import load_api_client
+from kubellm.k8s.rayjob import build_rayjob
 from kubellm.k8s.training_job import build_job, launch, run_training_job
 
 pytestmark = pytest.mark.integration
 
 NS = "team-a"
 PT = ("kubeflow.org", "v1", NS, "pytorchjobs")
+RJ = ("ray.io", "v1", NS, "rayjobs")
 POLL = 0.02
 
 
@@ -27,10 +29,11 @@ def _cond(kind: str, reason: str = "", message: str = "") -> dict[str, str]:
 
 
 class Operator(threading.Thread):
-    """Plays the training operator: once the job exists (and ``when`` holds), sets each status in turn."""
+    """Plays the training operator: once the job exists (and ``when`` holds), sets each status in turn
+    (a list of conditions, or a whole status mapping as KubeRay writes it)."""
 
     def __init__(self, api_client: Any, plural_ref: tuple[str, ...], name: str,
-                 statuses: list[list[dict[str, str]]], when=lambda obj: True) -> None:
+                 statuses: list[Any], when=lambda obj: True) -> None:
         super().__init__(daemon=True)
         from kubernetes import client
 
@@ -53,8 +56,8 @@ class Operator(threading.Thread):
                         raise
                 time.sleep(POLL)
             for conditions in self.statuses:
-                self.api.patch_namespaced_custom_object_status(*self.ref, self.name,
-                                                               {"status": {"conditions": conditions}})
+                status = conditions if isinstance(conditions, dict) else {"conditions": conditions}
+                self.api.patch_namespaced_custom_object_status(*self.ref, self.name, {"status": status})
                 time.sleep(POLL * 3)
         except BaseException as err:  # reported by finish()
             self.error = err
@@ -207,3 +210,123 @@ def test_unreachable_api_is_one_line(job: dict) -> None:
     cfg.retries = 0
     with pytest.raises(ClusterError, match=r"reading PyTorchJob team-a/.*: cannot reach the Kubernetes API"):
         launch(job, NS, api_client=client.ApiClient(cfg), timeout_s=1, poll_s=POLL)
+
+
+# ------------------------------------------------------------------------------------ RayJob (KubeRay)
+
+def _ray(deployment: str, job: str | None = None, reason: str | None = None, message: str | None = None) -> dict:
+    """A RayJob status as KubeRay writes it (no conditions: jobDeploymentStatus and Ray's jobStatus)."""
+    status = {"jobDeploymentStatus": deployment, "jobId": "pretrain-x-1"}
+    status.update({k: v for k, v in (("jobStatus", job), ("reason", reason), ("message", message)) if v})
+    return status
+
+
+@pytest.fixture()
+def rayjob(cluster_overrides: list[str], repo_root: Path) -> dict:
+    from kubellm.config import load_config
+
+    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "pretrain.distributed.engine=rayjob",
+                                                        "pretrain.distributed.procs_per_node=4"])
+    return build_rayjob("pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1",
+                        env={"KUBELLM_STAGE_RUN_ID": "run-1"})
+
+
+def test_rayjob_creates_and_waits_for_success(fake_api, rayjob: dict, caplog: pytest.LogCaptureFixture) -> None:
+    name = rayjob["metadata"]["name"]
+    operator = Operator(fake_api.api_client(), RJ, name, [
+        _ray("Initializing"), _ray("Running", "PENDING"), _ray("Running", "RUNNING"),
+        _ray("Complete", "SUCCEEDED", message="Job finished successfully."),
+    ])
+    operator.start()
+    with caplog.at_level("INFO", logger="kubellm"):
+        outcome = launch(rayjob, NS, api_client=fake_api.api_client(), timeout_s=10, poll_s=POLL)
+    operator.finish()
+    assert (outcome.kind, outcome.name, outcome.created, outcome.restarted) == ("RayJob", name, True, False)
+    assert "Running (Ray job RUNNING)" in outcome.conditions
+    assert outcome.conditions[-1] == "Complete (Ray job SUCCEEDED): Job finished successfully."
+    assert f"RayJob {NS}/{name}: Running (Ray job RUNNING)" in caplog.text
+    stored = fake_api.emulator.objects[next(iter(fake_api.emulator.objects))]
+    assert stored["spec"] == rayjob["spec"] and _creates(fake_api) == 1
+
+
+def test_rayjob_retried_step_reattaches(fake_api, rayjob: dict) -> None:
+    from kubernetes import client
+
+    api = fake_api.api_client()
+    running = {**rayjob, "metadata": {**rayjob["metadata"], "namespace": NS}, "status": _ray("Running", "RUNNING")}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(*RJ, running)
+    operator = Operator(api, RJ, rayjob["metadata"]["name"], [_ray("Complete", "SUCCEEDED")])
+    operator.start()
+    outcome = launch(rayjob, NS, api_client=api, timeout_s=10, poll_s=POLL)
+    operator.finish()
+    assert not outcome.created and _creates(fake_api) == 1
+
+
+@pytest.mark.parametrize(("final", "expected"), [
+    (_ray("Failed", "FAILED", "AppFailed", "Job entrypoint command failed with exit code 1, last available logs:\n"
+          "TrainingError: loss is NaN at step 12"),
+     "failed: AppFailed: Ray job FAILED: Job entrypoint command failed with exit code 1, last available logs: "
+     "TrainingError: loss is NaN at step 12"),
+    (_ray("Failed", "RUNNING", "DeadlineExceeded", "The RayJob has passed the activeDeadlineSeconds."),
+     "failed: DeadlineExceeded: Ray job RUNNING: The RayJob has passed the activeDeadlineSeconds."),
+    # KubeRay before 1.2 reports a failed Ray job as Complete: success needs SUCCEEDED too
+    (_ray("Complete", "FAILED", message="Job failed due to an application error"),
+     "failed: Ray job FAILED: Job failed due to an application error"),
+    (_ray("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"),
+     "failed: ValidationFailed: invalid RayJob spec"),
+])
+def test_rayjob_failure_fails_the_step_with_rays_reason(fake_api, rayjob: dict, final: dict, expected: str) -> None:
+    # a spec KubeRay rejects never runs; the others fail after running
+    before = [] if final["jobDeploymentStatus"] == "ValidationFailed" else [_ray("Running", "RUNNING")]
+    operator = Operator(fake_api.api_client(), RJ, rayjob["metadata"]["name"], [*before, final])
+    operator.start()
+    with pytest.raises(ClusterError) as info:
+        launch(rayjob, NS, api_client=fake_api.api_client(), timeout_s=10, poll_s=POLL)
+    operator.finish()
+    assert str(info.value) == f"RayJob {NS}/{rayjob['metadata']['name']} {expected}"
+
+
+def test_rayjob_that_failed_before_is_replaced(fake_api, rayjob: dict) -> None:
+    from kubernetes import client
+
+    api = fake_api.api_client()
+    failed = {**rayjob, "metadata": {**rayjob["metadata"], "namespace": NS},
+              "status": _ray("Failed", "FAILED", "AppFailed", "worker died")}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(*RJ, failed)
+    operator = Operator(api, RJ, rayjob["metadata"]["name"], [_ray("Complete", "SUCCEEDED")],
+                        when=lambda obj: not obj.get("status"))
+    operator.start()
+    outcome = launch(rayjob, NS, api_client=api, timeout_s=10, poll_s=POLL)
+    operator.finish()
+    assert outcome.created and outcome.restarted and _creates(fake_api) == 2
+
+
+def test_rayjob_timeout_fails_clearly_and_leaves_the_job(fake_api, rayjob: dict) -> None:
+    operator = Operator(fake_api.api_client(), RJ, rayjob["metadata"]["name"], [_ray("Running", "RUNNING")])
+    operator.start()
+    with pytest.raises(ClusterError, match=r"did not finish within 0.5s \(last: Running \(Ray job RUNNING\)\); "
+                                           r"a retried step re-attaches to it, `kubectl delete rayjobs "):
+        launch(rayjob, NS, api_client=fake_api.api_client(), timeout_s=0.5, poll_s=POLL)
+    operator.finish()
+    assert len(fake_api.emulator.objects) == 1
+
+
+def test_run_training_job_launches_a_rayjob_for_engine_rayjob(fake_api, cluster_overrides: list[str],
+                                                               repo_root: Path) -> None:
+    """The call the training step makes: the same for every engine."""
+    from kubellm.config import load_config
+
+    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "finetune.distributed.engine=rayjob",
+                                                        f"platform.namespace={NS}"])
+    env = {"KUBELLM_STAGE_RUN_ID": "abc123"}
+    job = build_rayjob("finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
+                       data_fingerprint="fp2", env=env)
+    operator = Operator(fake_api.api_client(), RJ, job["metadata"]["name"], [_ray("Complete", "SUCCEEDED")])
+    operator.start()
+    outcome = run_training_job("finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
+                               data_fingerprint="fp2", env=env, api_client=fake_api.api_client(), poll_s=POLL)
+    operator.finish()
+    assert (outcome.kind, outcome.name, outcome.namespace) == ("RayJob", job["metadata"]["name"], NS)
+    stored = fake_api.emulator.objects[next(iter(fake_api.emulator.objects))]
+    head = stored["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "KUBELLM_STAGE_RUN_ID", "value": "abc123"} in head["env"]

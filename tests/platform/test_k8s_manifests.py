@@ -16,8 +16,8 @@ from kubellm.k8s.manifests import generated_manifests, shipped_manifests
 from kubellm.k8s.podsecurity import pod_specs
 from kubellm.k8s.schema import validate_against_crd
 
-CRD_FILES = {"PyTorchJob": "training-operator-pytorchjobs.crd.yaml", "TrainJob": "trainer-trainjobs.crd.yaml",
-             "InferenceService": "kserve-inferenceservices.crd.yaml"}
+#: Custom resources kubellm generates (validated against the vendored CRD schemas).
+CUSTOM_KINDS = {"PyTorchJob", "TrainJob", "RayJob", "InferenceService"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def everything(repo_root: Path, cluster_cfg: RunConfig) -> list[tuple[str, dict]
 def test_builtin_kinds_pass_kubernetes_validate_strict(everything: list[tuple[str, dict]]) -> None:
     import kubernetes_validate
 
-    builtin = [(src, obj) for src, obj in everything if obj["kind"] not in CRD_FILES]
+    builtin = [(src, obj) for src, obj in everything if obj["kind"] not in CUSTOM_KINDS]
     assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim",
             "Deployment", "Service"} <= {obj["kind"] for _, obj in builtin}
     version = kubernetes_validate.latest_version()
@@ -46,8 +46,8 @@ def test_builtin_kinds_pass_kubernetes_validate_strict(everything: list[tuple[st
 
 
 def test_custom_resources_pass_their_crd_schemas(everything: list[tuple[str, dict]]) -> None:
-    custom = [(src, obj) for src, obj in everything if obj["kind"] in CRD_FILES]
-    assert {"PyTorchJob", "TrainJob"} <= {obj["kind"] for _, obj in custom}
+    custom = [(src, obj) for src, obj in everything if obj["kind"] in CUSTOM_KINDS]
+    assert {"PyTorchJob", "TrainJob", "RayJob"} <= {obj["kind"] for _, obj in custom}
     for src, obj in custom:
         assert validate_against_crd(obj) == [], src
 
@@ -141,6 +141,7 @@ def test_literal_secret_env_in_a_manifest_is_found() -> None:
 NEEDED = {
     ("kubeflow.org", "pytorchjobs"): {"get", "create", "delete"},
     ("trainer.kubeflow.org", "trainjobs"): {"get", "create", "delete"},
+    ("ray.io", "rayjobs"): {"get", "create", "delete"},
     ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},

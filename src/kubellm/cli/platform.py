@@ -21,6 +21,7 @@ class Stage(StrEnum):
 class Kind(StrEnum):
     pytorchjob = "pytorchjob"
     trainjob = "trainjob"
+    rayjob = "rayjob"
 
 
 @app.command()
@@ -65,7 +66,7 @@ def train_job(
     kind: Annotated[Kind | None, typer.Option(help="Job kind; default: platform.distributed.<stage>.engine.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifest as YAML, create nothing.")] = False,
 ) -> None:
-    """Run a training stage as a PyTorchJob or TrainJob and wait for it (re-attaches on a retry)."""
+    """Run a training stage as a PyTorchJob, TrainJob or RayJob and wait for it (re-attaches on a retry)."""
     import yaml
 
     from kubellm.errors import ConfigError

@@ -1,7 +1,7 @@
 """Kubernetes side of a run: images, pod placement and multi-node training.
 
 These fields are compile-time: ``pipelines/`` applies them with kfp-kubernetes when compiling, and the
-training launcher uses ``DistributedConfig`` to create PyTorchJobs/TrainJobs. A local run ignores them.
+training launcher uses ``DistributedConfig`` to create PyTorchJobs/TrainJobs/RayJobs. A local run ignores them.
 """
 
 from __future__ import annotations
@@ -92,19 +92,21 @@ class Placement(StrictModel):
 class DistributedConfig(StrictModel):
     """Multi-process / multi-node training."""
 
-    engine: Literal["none", "pytorchjob", "trainjob"] = "none"
+    engine: Literal["none", "pytorchjob", "trainjob", "rayjob"] = "none"
     """``none`` trains in the step's own pod (or under a local ``torchrun``); ``pytorchjob`` /
-    ``trainjob`` make the step create a Kubeflow training-operator job and wait for it."""
+    ``trainjob`` make the step create a Kubeflow training-operator job and wait for it; ``rayjob`` a
+    KubeRay RayJob (a Ray cluster of ``nodes`` worker pods running the loop under Ray Train)."""
     nodes: int = Field(default=1, ge=1)
     """Nodes (pods) the training job runs on."""
     procs_per_node: int = Field(default=1, ge=1)
-    """torchrun processes per node (usually GPUs per node)."""
+    """torchrun processes (``rayjob``: Ray Train workers) per node, usually GPUs per node."""
     min_nodes: int | None = Field(default=None, ge=1)
     """Elastic training: the smallest node count the job may run with (PyTorchJob only)."""
     max_nodes: int | None = Field(default=None, ge=1)
     """Elastic training: the largest node count (PyTorchJob only)."""
     backoff_limit: int = Field(default=3, ge=0)
-    """Pod restarts before the job counts as failed."""
+    """Pod restarts before the job counts as failed (``rayjob``: Ray Train worker-group restarts,
+    ``FailureConfig.max_failures``; each resumes from the last checkpoint)."""
     restart_policy: Literal["OnFailure", "Never", "ExitCode"] = "OnFailure"
     """What the operator does when a worker exits non-zero; a restarted worker resumes from the last checkpoint."""
     timeout_seconds: int = Field(default=24 * 3600, ge=60)
@@ -116,13 +118,16 @@ class DistributedConfig(StrictModel):
     runtime: str = Field(default="torch-distributed", min_length=1, max_length=253)
     """ClusterTrainingRuntime a TrainJob references (``trainjob`` only). Its JobSet sets the restart
     policy and retry limit of the nodes: ``restart_policy`` and ``backoff_limit`` apply to PyTorchJobs."""
+    ttl_seconds_after_finished: int = Field(default=300, ge=0)
+    """``rayjob`` only: seconds KubeRay keeps the finished job's Ray cluster (pods, logs, dashboard) for
+    a look before deleting it (``shutdownAfterJobFinishes``); the RayJob object and its status stay."""
 
     @model_validator(mode="after")
     def _elastic(self) -> DistributedConfig:
         if self.min_nodes and self.max_nodes and self.min_nodes > self.max_nodes:
             raise ValueError(f"min_nodes ({self.min_nodes}) is greater than max_nodes ({self.max_nodes})")
         if self.min_nodes or self.max_nodes:
-            if self.engine == "trainjob":
+            if self.engine in ("trainjob", "rayjob"):
                 raise ValueError("elastic training (min_nodes/max_nodes) needs engine 'pytorchjob'")
             low, high = self.min_nodes or self.nodes, self.max_nodes or self.nodes
             if not low <= self.nodes <= high:

@@ -36,7 +36,7 @@ def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, di
 
 
 def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
-    """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: both training-job kinds
+    """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: the three training-job kinds
     for each training stage the config has, the InferenceService on both runtimes and the playground."""
     from kubellm.k8s.training_job import build_job
 
@@ -50,7 +50,7 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
             cfg = run_cfg.model_copy(deep=True)
             getattr(cfg.platform.distributed, stage).shared_pvc = EXAMPLE_PVC
         base = EXAMPLE_BASE if stage == "finetune" else None
-        for kind in ("pytorchjob", "trainjob"):
+        for kind in ("pytorchjob", "trainjob", "rayjob"):
             out.append((f"generated {kind} ({stage})",
                         build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base)))
     out += _inferenceservices(run_cfg)

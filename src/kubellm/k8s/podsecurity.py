@@ -1,7 +1,8 @@
 """Our own Pod Security ``restricted`` checker, including pod specs inside custom resources.
 
 Generic tools (checkov, the admission controller's dry run) only look at built-in kinds; the pods of a
-PyTorchJob, a TrainJob's runtime patches or an InferenceService predictor are invisible to them. This
+PyTorchJob, a TrainJob's runtime patches, a RayJob's Ray cluster or an InferenceService predictor are
+invisible to them. This
 checker finds every pod spec in a manifest and applies the Pod Security Standards
 (https://kubernetes.io/docs/concepts/security/pod-security-standards/, v1.30 rules):
 
@@ -12,7 +13,9 @@ checker finds every pod spec in a manifest and applies the Pod Security Standard
   ``runAsNonRoot: true`` and no UID 0, a ``RuntimeDefault``/``Localhost`` seccomp profile, all
   capabilities dropped (only ``NET_BIND_SERVICE`` may be added back);
 - *kubellm*: a read-only root filesystem, with a volume at ``/tmp`` (writable paths are emptyDirs, see
-  :mod:`kubellm.k8s.security`).
+  :mod:`kubellm.k8s.security`); no pods an operator builds out of sight: a TrainJob without a pod patch
+  (the runtime's pods) or a RayJob whose submission mode adds an operator-built submitter (``K8sJobMode``,
+  the default, without a ``submitterPodTemplate``; ``SidecarMode``).
 
 Pod-level ``runAsNonRoot``/``runAsUser``/``seccompProfile`` count for containers that do not set their
 own, as Kubernetes applies them.
@@ -88,14 +91,31 @@ def check(obj: dict) -> list[Finding]:
         findings.append(Finding("runtime-pods-unchecked", "kubellm", "spec",
                                 "no pod spec patch: the pods' security context comes from the training "
                                 "runtime and cannot be checked here", where))
+    if obj.get("kind") == "RayJob":
+        findings += [Finding(f.rule, f.level, f.path, f.message, where) for f in _rayjob_submitter(obj)]
     for pod in specs:
         findings += [Finding(f.rule, f.level, f.path, f.message, where) for f in _check_pod(pod)]
     return findings
 
 
+def _rayjob_submitter(obj: Mapping[str, Any]) -> Iterator[Finding]:
+    """The submitter pod or container KubeRay adds on its own, which no manifest shows."""
+    spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+    mode = spec.get("submissionMode") or "K8sJobMode"
+    if mode == "K8sJobMode" and not isinstance(spec.get("submitterPodTemplate"), Mapping):
+        yield Finding("submitter-pod-unchecked", "kubellm", "spec.submissionMode",
+                      "K8sJobMode (the default) runs a submitter pod built by the operator, whose security "
+                      "context cannot be checked here: use HTTPMode or give spec.submitterPodTemplate")
+    elif mode == "SidecarMode":
+        yield Finding("submitter-pod-unchecked", "kubellm", "spec.submissionMode",
+                      "SidecarMode adds a submitter container built by the operator to the head pod, whose "
+                      "security context cannot be checked here: use HTTPMode")
+
+
 def pod_specs(obj: Mapping[str, Any]) -> list[PodSpec]:
     """Every pod spec in ``obj``: any mapping holding a ``containers`` list (Pods, workload templates,
-    training-operator replica specs, TrainJob/JobSet patches and overrides), plus InferenceService
+    training-operator replica specs, TrainJob/JobSet patches and overrides, a RayJob's head, worker and
+    submitter templates), plus InferenceService
     components, whose model-framework entries (``model``, ``huggingface``…) are containers too."""
     found: list[PodSpec] = []
     spec = obj.get("spec")

@@ -1,7 +1,8 @@
-"""Multi-node training on Kubernetes: PyTorchJob / TrainJob manifests and a launcher that waits for them.
+"""Multi-node training on Kubernetes: PyTorchJob / TrainJob / RayJob manifests and a launcher that waits.
 
-:func:`build_job` is pure: a run config in, a manifest dict out. Every pod runs ``torchrun --no-python
-kubellm pretrain|finetune …`` on ``platform.image`` with the restricted security context, the stage's
+:func:`build_job` is pure: a run config in, a manifest dict out. Every pod of a PyTorchJob or TrainJob runs
+``torchrun --no-python kubellm pretrain|finetune …`` (a RayJob's Ray cluster runs the same loop under Ray
+Train, see :mod:`kubellm.k8s.rayjob`) on ``platform.image`` with the restricted security context, the stage's
 placement (resources, GPUs, node selector, tolerations, PVCs, secrets) and the shared PVC mounted at
 :data:`SHARED_MOUNT`, where the step's own pod mounts it too, so data, checkpoints and the output
 directory have the same paths on both sides.
@@ -41,7 +42,7 @@ from kubellm.log import get_logger
 
 log = get_logger("k8s.training_job")
 
-Kind = Literal["pytorchjob", "trainjob"]
+Kind = Literal["pytorchjob", "trainjob", "rayjob"]
 Stage = Literal["pretrain", "finetune"]
 
 #: Where the shared PVC is mounted in the step's pod and in every job pod.
@@ -65,6 +66,8 @@ _KINDS: dict[str, dict[str, Any]] = {
                    "plural": "pytorchjobs", "done": "Succeeded"},
     "trainjob": {"group": "trainer.kubeflow.org", "version": "v1alpha1", "kind": "TrainJob",
                  "plural": "trainjobs", "done": "Complete"},
+    # No conditions: the outcome is in status.jobDeploymentStatus/jobStatus (kubellm.k8s.rayjob.job_state).
+    "rayjob": {"group": "ray.io", "version": "v1", "kind": "RayJob", "plural": "rayjobs", "done": None},
 }
 
 
@@ -73,7 +76,8 @@ _KINDS: dict[str, dict[str, Any]] = {
 def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str,
               base_model: str | None = None, *, data_fingerprint: str | None = None,
               env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The PyTorchJob or TrainJob manifest that runs ``kubellm <stage>`` under torchrun.
+    """The PyTorchJob or TrainJob manifest that runs ``kubellm <stage>`` under torchrun, or the RayJob
+    that runs it under Ray Train.
 
     ``data_dir`` and ``out_dir`` are paths on the shared PVC: relative ones are taken under
     :data:`SHARED_MOUNT`, absolute ones must lie under it. ``base_model`` (finetune) is a path on the PVC
@@ -98,16 +102,20 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
         base = shared_path(base_model, "base_model") if base_model.startswith("/") else base_model
     argv = ["--data", data, "--out", out, *(["--base", base] if base else []),
             *_set_args(run_cfg, stage)]
-    command = torchrun_command(stage, dist)
     placement = _job_placement(run_cfg.platform.placement(stage), dist, stage)
     info = _KINDS[kind]
-    builder = _pytorchjob_spec if kind == "pytorchjob" else _trainjob_spec
-    spec = builder(run_cfg, stage, dist, placement, command, argv)
+    if kind == "rayjob":
+        from kubellm.k8s.rayjob import rayjob_spec
+
+        spec = rayjob_spec(run_cfg, stage, dist, placement, argv)
+    else:
+        builder = _pytorchjob_spec if kind == "pytorchjob" else _trainjob_spec
+        spec = builder(run_cfg, stage, dist, placement, torchrun_command(stage, dist), argv)
     name = job_name(stage, run_cfg.name, {"kind": info["kind"], "spec": spec,
                                           "data": data_fingerprint or data})
     if env:
         _add_env(kind, spec, env)
-    labels = _labels(run_cfg, stage)
+    labels = job_labels(run_cfg, stage)
     annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
     if data_fingerprint:
         annotations["kubellm.io/data-fingerprint"] = data_fingerprint
@@ -189,7 +197,8 @@ def _encode(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _labels(run_cfg: RunConfig, stage: str) -> dict[str, str]:
+def job_labels(run_cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Labels of a training job and of its pods."""
     return {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": stage,
             "app.kubernetes.io/managed-by": "kubellm", "kubellm.io/run": run_cfg.name}
 
@@ -207,19 +216,20 @@ def _job_placement(placement: Placement, dist: DistributedConfig, stage: str) ->
     return placement if len(keep) == len(placement.pvcs) else placement.model_copy(update={"pvcs": keep})
 
 
-def _shared_volume(dist: DistributedConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def shared_volume(dist: DistributedConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared PVC's volume and its mount at :data:`SHARED_MOUNT`."""
     volume = {"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": dist.shared_pvc}}
     return volume, {"name": SHARED_VOLUME, "mountPath": SHARED_MOUNT}
 
 
 def _pytorchjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
                      command: list[str], argv: list[str]) -> dict[str, Any]:
-    volume, mount = _shared_volume(dist)
+    volume, mount = shared_volume(dist)
     container = pods.container(PYTORCH_CONTAINER, run_cfg.platform.image, placement, command=command,
                                args=argv, env={"PYTHONUNBUFFERED": "1"}, mounts=[mount],
                                working_dir="/tmp")
     template = {
-        "metadata": pods.pod_metadata(placement, _labels(run_cfg, stage)),
+        "metadata": pods.pod_metadata(placement, job_labels(run_cfg, stage)),
         "spec": pods.pod_spec([container], placement, run_cfg.platform, extra_volumes=[volume],
                               termination_grace_s=GRACE_SECONDS),
     }
@@ -259,7 +269,7 @@ _PATCH_CONTAINER_FIELDS = ("name", "securityContext", "volumeMounts")
 
 def _trainjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
                    command: list[str], argv: list[str]) -> dict[str, Any]:
-    volume, mount = _shared_volume(dist)
+    volume, mount = shared_volume(dist)
     full = pods.container(TRAINJOB_NODE, run_cfg.platform.image, placement, env={"PYTHONUNBUFFERED": "1"},
                           mounts=[mount])
     pod = pods.pod_spec([full], placement, run_cfg.platform, extra_volumes=[volume],
@@ -286,7 +296,7 @@ def _trainjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, plac
             "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
                 "name": TRAINJOB_NODE,
                 "template": {"spec": {"template": {
-                    "metadata": pods.pod_metadata(placement, _labels(run_cfg, stage)),
+                    "metadata": pods.pod_metadata(placement, job_labels(run_cfg, stage)),
                     "spec": pod_patch,
                 }}},
             }]}}},
@@ -299,8 +309,13 @@ def _add_env(kind: str, spec: dict[str, Any], env: Mapping[str, str]) -> None:
     if kind == "trainjob":
         spec["trainer"]["env"] += extra
         return
-    for replica in spec["pytorchReplicaSpecs"].values():
-        for c in replica["template"]["spec"]["containers"]:
+    if kind == "rayjob":
+        cluster = spec["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+    else:
+        templates = [replica["template"] for replica in spec["pytorchReplicaSpecs"].values()]
+    for template in templates:
+        for c in template["spec"]["containers"]:
             c["env"] += copy.deepcopy(extra)
 
 
@@ -311,7 +326,7 @@ class JobOutcome:
     """A training job that finished successfully (failures and timeouts raise ClusterError)."""
 
     kind: str
-    """``PyTorchJob`` or ``TrainJob``."""
+    """``PyTorchJob``, ``TrainJob`` or ``RayJob``."""
     name: str
     namespace: str
     created: bool
@@ -331,7 +346,7 @@ def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: floa
     ``api_client`` defaults to :func:`kubellm.k8s.client.load_api_client` (in-cluster, else kubeconfig).
     ``replace_failed``: a job of the same name that already failed is deleted and created again (a
     retry resumes from the last checkpoint) rather than failing the step at once.
-    Raises :class:`ClusterError` when the job fails (with the operator's reason), when ``timeout_s``
+    Raises :class:`ClusterError` when the job fails (with the operator's or Ray's reason), when ``timeout_s``
     passes (the job is left to the operator's own deadline), or when the API cannot be used.
     """
     from kubernetes import client
@@ -409,11 +424,15 @@ def run_training_job(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: s
                      base_model: str | None = None, *, data_fingerprint: str | None = None,
                      env: Mapping[str, str] | None = None, api_client: Any = None,
                      poll_s: float = 5.0) -> JobOutcome:
-    """Build the job ``platform.distributed.<stage>.engine`` names and launch it with the config's timeout."""
+    """Build the job ``platform.distributed.<stage>.engine`` names and launch it with the config's timeout.
+
+    The same call for every engine: ``env`` reaches every pod (and, for a RayJob, the Ray Train driver
+    and workers), e.g. ``{"KUBELLM_STAGE_RUN_ID": run_id}`` for rank 0 to log into the stage's run.
+    """
     dist = run_cfg.platform.distributed_for(stage)
     if getattr(run_cfg, stage, None) is None or dist.engine == "none":
         raise ConfigError(f"platform.distributed.{stage}.engine: 'none' trains in this process; set "
-                          f"'pytorchjob' or 'trainjob' to run a training job")
+                          f"'pytorchjob', 'trainjob' or 'rayjob' to run a training job")
     job = build_job(dist.engine, stage, run_cfg, data_dir, out_dir, base_model,
                     data_fingerprint=data_fingerprint, env=env)
     return launch(job, run_cfg.platform.namespace, api_client=api_client,
@@ -425,7 +444,8 @@ def _kind_info(job: Mapping[str, Any]) -> dict[str, Any]:
         if job.get("kind") == info["kind"] and job.get("apiVersion") == f"{info['group']}/{info['version']}":
             return info
     raise ClusterError(f"cannot launch {job.get('apiVersion')}/{job.get('kind')}: expected a "
-                       f"kubeflow.org/v1 PyTorchJob or a trainer.kubeflow.org/v1alpha1 TrainJob")
+                       f"kubeflow.org/v1 PyTorchJob, a trainer.kubeflow.org/v1alpha1 TrainJob or a "
+                       f"ray.io/v1 RayJob")
 
 
 def _conditions(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -433,6 +453,10 @@ def _conditions(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _condition_lines(obj: Mapping[str, Any]) -> list[str]:
+    if obj.get("kind") == "RayJob":
+        from kubellm.k8s.rayjob import status_lines
+
+        return status_lines(obj)
     lines = []
     for c in _conditions(obj):
         status = "" if c.get("status", "True") == "True" else f"={c.get('status')}"
@@ -443,6 +467,10 @@ def _condition_lines(obj: Mapping[str, Any]) -> list[str]:
 
 def _state(obj: Mapping[str, Any], info: Mapping[str, Any]) -> tuple[str, str]:
     """``("succeeded" | "failed" | "running", reason)`` from the status conditions."""
+    if info["kind"] == "RayJob":
+        from kubellm.k8s.rayjob import job_state
+
+        return job_state(obj)
     for c in _conditions(obj):
         if c.get("status") != "True":
             continue

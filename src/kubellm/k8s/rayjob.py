@@ -1,0 +1,136 @@
+"""KubeRay ``RayJob`` (ray.io/v1): the third training engine, beside PyTorchJob and TrainJob.
+
+A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and report the outcome. Ours:
+
+- **Cluster**: a head pod (GCS, dashboard, the Ray Train driver; ``num-cpus: 0`` so no training worker
+  lands there, and no GPU) and ``nodes`` worker pods with the stage's placement (resources and GPUs, node
+  selector, tolerations, PVCs, secrets), all on ``platform.image`` with the restricted security context,
+  a read-only root filesystem (Ray's session directory lives in the ``/tmp`` emptyDir, its object store
+  in the memory-backed ``/dev/shm``) and the shared PVC at :data:`~kubellm.k8s.training_job.SHARED_MOUNT`.
+  KubeRay writes the containers' ``ray start`` command itself; Ray's token authentication is on
+  (``authOptions.mode: token``: KubeRay keeps the token in a Secret and hands it to every Ray process).
+- **Entrypoint**: ``python -m kubellm.train.ray_train <stage> --workers N --gpus-per-worker 1 …`` with the
+  run config inline as ``--set`` arguments (as in the other engines): a ``TorchTrainer`` with one worker
+  per GPU runs kubellm's own loop, checkpointing on the shared PVC, so a resubmitted job resumes.
+- **Submission**: ``HTTPMode``: the operator submits through the head's dashboard API. The default
+  ``K8sJobMode`` adds a submitter pod built by the operator, whose security context cannot be set here
+  short of a full ``submitterPodTemplate`` and which ``restricted`` namespaces reject.
+- **Clean-up**: ``shutdownAfterJobFinishes`` deletes the Ray cluster ``ttl_seconds_after_finished`` after
+  the job ends (the RayJob object and its status stay); ``activeDeadlineSeconds`` is the step's timeout,
+  so no cluster holds GPUs after the step stopped waiting.
+
+The outcome is read from ``status.jobDeploymentStatus`` (``Complete``/``Failed``…) and ``jobStatus``
+(Ray's own: ``SUCCEEDED``/``FAILED``/``STOPPED``), with ``reason`` and ``message``; KubeRay before 1.2
+reports ``Complete`` for a failed job too, so success needs both. Launching, re-attaching and the
+timeout are :func:`kubellm.k8s.training_job.launch`'s, the same for every engine.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+from kubellm.config.platform import DistributedConfig, Placement
+from kubellm.config.run import RunConfig
+from kubellm.errors import ConfigError
+from kubellm.k8s import pods
+from kubellm.k8s.training_job import GRACE_SECONDS, Stage, build_job, job_labels, shared_volume
+
+#: Ray in the runtime image (``kubellm[ray]``); KubeRay reads it to pick compatible defaults.
+RAY_VERSION = "2.60.0"
+#: The Ray Train entry (the only module that imports ray).
+ENTRY_MODULE = "kubellm.train.ray_train"
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+WORKER_GROUP = "workers"
+#: No usage reports from the cluster (Ray sends them by default).
+RAY_ENV = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+#: ``jobDeploymentStatus`` values after which KubeRay does nothing more.
+_FAILED_DEPLOYMENT = ("Failed", "ValidationFailed")
+
+
+def build_rayjob(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str, base_model: str | None = None,
+                 *, data_fingerprint: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The RayJob that trains ``stage`` under Ray Train; arguments as :func:`build_job`'s (paths on the
+    shared PVC, the name a hash of the spec and ``data_fingerprint``, ``env`` outside the name)."""
+    return build_job("rayjob", stage, run_cfg, data_dir, out_dir, base_model,
+                     data_fingerprint=data_fingerprint, env=env)
+
+
+def rayjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
+                argv: list[str]) -> dict[str, Any]:
+    """The RayJob ``spec``: Ray cluster, entrypoint and lifecycle (see the module docstring)."""
+    gpus = placement.resources.gpus
+    if gpus and dist.procs_per_node > gpus:
+        raise ConfigError(f"{stage}.distributed.procs_per_node ({dist.procs_per_node}) exceeds the "
+                          f"{gpus} GPU(s) per pod of the {stage} placement: Ray Train places one worker per "
+                          f"GPU, so the extra workers would never be scheduled")
+    volume, mount = shared_volume(dist)
+    labels = job_labels(run_cfg, stage)
+    # The head runs no training worker: no GPU and no accelerator label to wait for.
+    head_placement = placement.model_copy(update={"resources": placement.resources.model_copy(
+        update={"gpus": 0, "accelerator": None})})
+
+    def template(name: str, where: Placement) -> dict[str, Any]:
+        container = pods.container(name, run_cfg.platform.image, where, env=RAY_ENV, mounts=[mount],
+                                   working_dir="/tmp")
+        return {"metadata": pods.pod_metadata(where, labels),
+                "spec": pods.pod_spec([container], where, run_cfg.platform, extra_volumes=[volume],
+                                      termination_grace_s=GRACE_SECONDS)}
+
+    return {
+        "entrypoint": entrypoint(stage, dist, gpus, argv),
+        "submissionMode": "HTTPMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": dist.ttl_seconds_after_finished,
+        "activeDeadlineSeconds": dist.timeout_seconds,
+        "rayClusterSpec": {
+            "rayVersion": RAY_VERSION,
+            "authOptions": {"mode": "token"},
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                "template": template(HEAD_CONTAINER, head_placement),
+            },
+            "workerGroupSpecs": [{
+                "groupName": WORKER_GROUP,
+                "replicas": dist.nodes,
+                "minReplicas": dist.nodes,
+                "maxReplicas": dist.nodes,
+                "rayStartParams": {},
+                "template": template(WORKER_CONTAINER, placement),
+            }],
+        },
+    }
+
+
+def entrypoint(stage: str, dist: DistributedConfig, gpus: int, argv: list[str]) -> str:
+    """The shell command KubeRay submits: the Ray Train driver with ``nodes × procs_per_node`` workers."""
+    return shlex.join(["python", "-m", ENTRY_MODULE, stage,
+                       "--workers", str(dist.nodes * dist.procs_per_node),
+                       "--gpus-per-worker", "1" if gpus else "0",
+                       "--max-failures", str(dist.backoff_limit), *argv])
+
+
+def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """``("succeeded" | "failed" | "running", reason)`` from a RayJob's status."""
+    status = obj.get("status") or {}
+    deployment, job = status.get("jobDeploymentStatus"), status.get("jobStatus")
+    if deployment in _FAILED_DEPLOYMENT or (deployment == "Complete" and job != "SUCCEEDED"):
+        parts = [status.get("reason"), f"Ray job {job}" if job else None, status.get("message")]
+        return "failed", ": ".join(str(p) for p in parts if p) or f"jobDeploymentStatus {deployment}"
+    if deployment == "Complete":
+        return "succeeded", ""
+    return "running", ""
+
+
+def status_lines(obj: Mapping[str, Any]) -> list[str]:
+    """The RayJob's current state as one log line (the launcher logs each new one)."""
+    status = obj.get("status") or {}
+    if not status:
+        return []
+    line = str(status.get("jobDeploymentStatus") or "New")
+    if status.get("jobStatus"):
+        line += f" (Ray job {status['jobStatus']})"
+    detail = " ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
+    return [f"{line}: {detail}" if detail else line]
