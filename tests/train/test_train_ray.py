@@ -1,0 +1,158 @@
+"""The Ray Train engine on a real local Ray cluster: 2 workers over gloo train exactly like 2 torchrun
+processes, rank 0 alone logs to the stage's MLflow run, and a killed worker's job resumes when resubmitted.
+
+One Ray cluster (2 CPUs, 127.0.0.1, no dashboard) serves the module and is shut down by its finaliser; Ray's
+session files go to a temporary directory. Token authentication (Ray 2.60's default for a new local cluster)
+is turned off for this loopback-only, test-lived cluster: it would write a token to ~/.ray/auth_token, and a
+token given in the environment after ray was imported is not picked up by the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kubellm.config import RunConfig, load_config
+from kubellm.errors import TrainingError
+from kubellm.train import checkpoint as ckpt
+from kubellm.train.loop import HISTORY_FILE
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+STEPS = 60
+LOOP = {"max_steps": STEPS, "log_every": 10, "checkpoint_every": 10, "precision": "fp32", "micro_batch_size": 2,
+        "eval_batches": 4}
+SETS = [f"pretrain.loop.{k}={v}" for k, v in LOOP.items()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="the kubellm[ray] extra is not installed")
+    temp = tempfile.mkdtemp(prefix="kray-")  # short: Ray's socket paths must stay under 107 characters
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / HISTORY_FILE).read_text().splitlines()]
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    """Same logged steps, loss and validation loss within 1e-5, same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    ha, hb = _history(a), _history(b)
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == list(range(10, STEPS + 1, 10))
+    for x, y in zip(ha, hb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert ("val_loss" in x) == ("val_loss" in y)
+        if "val_loss" in x:
+            assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_cluster, pretrain_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted 2-worker Ray Train run, logging into a stage run of a sqlite MLflow store."""
+    from kubellm.tracking.mlflow_tracker import mlflow_client
+    from kubellm.train.ray_train import run
+
+    root = tmp_path_factory.mktemp("ray-run")
+    cfg = load_config(None, [*SETS, f"workdir={root}"])
+    client, _ = mlflow_client(cfg.tracking, cfg.workdir)
+    run_id = client.create_run(client.create_experiment("ray")).info.run_id
+    result = run("pretrain", cfg, pretrain_data, root / "out", workers=2, stage_run_id=run_id,
+                 storage_path=root / "ray")
+    return result, client, run_id
+
+
+def test_ray_train_matches_torchrun_and_only_rank_0_logs(ray_run, pretrain_data: Path, tmp_path: Path) -> None:
+    result, client, run_id = ray_run
+    assert result.steps == STEPS and result.resumed_from_step is None
+    assert result.tokens_seen == STEPS * 2 * LOOP["micro_batch_size"] * 32  # two ranks' batches of 32-token blocks
+
+    out = tmp_path / "torchrun"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"), "pretrain",
+         "--data", str(pretrain_data), "--out", str(out), *[a for s in SETS for a in ("--set", s)],
+         "--set", "tracking.enabled=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_training(result.output_dir, out)
+
+    # one MLflow run, the loss history once (rank 0), matching history.jsonl
+    losses = client.get_metric_history(run_id, "loss")
+    history = _history(result.output_dir)
+    assert [m.step for m in losses] == [h["step"] for h in history]
+    assert [m.value for m in losses] == pytest.approx([h["loss"] for h in history], abs=1e-9)
+    assert client.get_run(run_id).data.params["world_size"] == "2"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def _train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::RayTrainWorker")]
+
+
+def test_killed_worker_fails_the_run_and_a_resubmitted_run_resumes(ray_run, pretrain_data: Path,
+                                                                   tmp_path: Path) -> None:
+    from kubellm.train.ray_train import run
+
+    reference = ray_run[0].output_dir
+    out = tmp_path / "out"
+    cfg: RunConfig = load_config(None, [*SETS, f"workdir={tmp_path}", "tracking.enabled=false"])
+    failure: list[BaseException] = []
+
+    def first_attempt() -> None:
+        try:
+            run("pretrain", cfg, pretrain_data, out, workers=2, storage_path=tmp_path / "ray")
+        except BaseException as err:  # asserted below
+            failure.append(err)
+
+    attempt = threading.Thread(target=first_attempt)
+    attempt.start()
+    deadline = time.monotonic() + 120
+    while not ckpt.complete_checkpoints(out) and attempt.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = _train_workers()
+    assert len(workers) == 2, "the first attempt finished before a worker could be killed"
+    workers[-1].send_signal(signal.SIGKILL)
+    attempt.join(120)
+    assert not attempt.is_alive()
+    assert failure and isinstance(failure[0], TrainingError), failure
+    assert "Ray Train pretrain failed" in str(failure[0]) and "run again to resume" in str(failure[0])
+    (last, _), *_ = reversed(ckpt.complete_checkpoints(out))
+    assert 10 <= last < STEPS
+
+    resumed = run("pretrain", cfg, pretrain_data, out, workers=2, storage_path=tmp_path / "ray")
+    assert resumed.resumed_from_step is not None and last <= resumed.resumed_from_step < STEPS
+    assert resumed.steps == STEPS
+    _assert_same_training(out, reference)  # the resumed run ends where the uninterrupted one did
