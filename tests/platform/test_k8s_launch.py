@@ -225,8 +225,8 @@ def _ray(deployment: str, job: str | None = None, reason: str | None = None, mes
 def rayjob(cluster_overrides: list[str], repo_root: Path) -> dict:
     from kubellm.config import load_config
 
-    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "pretrain.distributed.engine=rayjob",
-                                                        "pretrain.distributed.procs_per_node=4"])
+    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.pretrain.engine=rayjob",
+                                                        "platform.distributed.pretrain.procs_per_node=4"])
     return build_rayjob("pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1",
                         env={"KUBELLM_STAGE_RUN_ID": "run-1"})
 
@@ -316,7 +316,7 @@ def test_run_training_job_launches_a_rayjob_for_engine_rayjob(fake_api, cluster_
     """The call the training step makes: the same for every engine."""
     from kubellm.config import load_config
 
-    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "finetune.distributed.engine=rayjob",
+    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.finetune.engine=rayjob",
                                                         f"platform.namespace={NS}"])
     env = {"KUBELLM_STAGE_RUN_ID": "abc123"}
     job = build_rayjob("finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",

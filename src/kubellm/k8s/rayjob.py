@@ -63,7 +63,7 @@ def rayjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placeme
     """The RayJob ``spec``: Ray cluster, entrypoint and lifecycle (see the module docstring)."""
     gpus = placement.resources.gpus
     if gpus and dist.procs_per_node > gpus:
-        raise ConfigError(f"{stage}.distributed.procs_per_node ({dist.procs_per_node}) exceeds the "
+        raise ConfigError(f"platform.distributed.{stage}.procs_per_node ({dist.procs_per_node}) exceeds the "
                           f"{gpus} GPU(s) per pod of the {stage} placement: Ray Train places one worker per "
                           f"GPU, so the extra workers would never be scheduled")
     volume, mount = shared_volume(dist)

@@ -14,8 +14,10 @@ RayJob), so ``max_failures`` worker-group restarts inside one job and a resubmit
 the last checkpoint. Nothing is reported to Ray as a checkpoint, so Ray's own storage only holds its
 run-state files: a temporary directory on the driver's node, removed afterwards.
 
-Tracking: the training step passes its stage run's id in ``$KUBELLM_STAGE_RUN_ID`` (read here once, by
-the driver); rank 0 logs params and the loss history into that run, the other ranks log nothing.
+Tracking: the training step passes its stage run's id in ``$KUBELLM_STAGE_RUN_ID``
+(:data:`kubellm.stages.base.STAGE_RUN_ENV`, read here once, by the driver); rank 0 attaches to that run
+through the same :class:`~kubellm.stages.base.StageContext` a torchrun pod uses (steps already logged
+there are not logged again after a resume), the other ranks log nothing.
 
 This is the only kubellm module that imports ray (the ``kubellm[ray]`` extra), and only inside functions;
 the step that creates the RayJob never imports it. Entry point, as KubeRay submits it::
@@ -36,13 +38,12 @@ from typing import Any
 from kubellm.config.run import RunConfig
 from kubellm.errors import ConfigError, KubellmError, TrainingError
 from kubellm.log import get_logger
+from kubellm.stages.base import STAGE_RUN_ENV, StageContext
 from kubellm.tracking.base import Tracker
 from kubellm.train.loop import TrainResult
 
 log = get_logger("kubellm.train.ray")
 
-#: The stage run rank 0 logs into (set by the training step on the job's pods).
-STAGE_RUN_ENV = "KUBELLM_STAGE_RUN_ID"
 STAGES = ("pretrain", "finetune")
 
 
@@ -105,8 +106,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(ctx.get_world_size()),
                        "LOCAL_RANK": str(ctx.get_local_rank())})
     run_cfg = RunConfig.model_validate(config["run_config"])
-    tracker = _stage_tracker(run_cfg, config["stage_run_id"]) if rank == 0 else None
-    _run_stage(config["stage"], run_cfg, config["data"], config["out"], config["base"], tracker)
+    ctx = StageContext(run_cfg.tracking, run_cfg.workdir, attach_run_id=config["stage_run_id"], rank=rank)
+    if not config["stage_run_id"]:  # no stage run given: nothing is tracked (the launching step owns runs)
+        ctx = StageContext(run_cfg.tracking.model_copy(update={"enabled": False}), run_cfg.workdir)
+    with ctx.stage(config["stage"]) as tracker:  # rank ≠ 0: a NullTracker
+        _run_stage(config["stage"], run_cfg, config["data"], config["out"], config["base"], tracker)
 
 
 def _run_stage(stage: str, run_cfg: RunConfig, data: str, out: str, base: str | None,
@@ -122,16 +126,6 @@ def _run_stage(stage: str, run_cfg: RunConfig, data: str, out: str, base: str | 
     if not base_model:
         raise ConfigError("no base model: pass --base MODEL or set finetune.base_model")
     return finetune(section, base_model, data, out, tracker)
-
-
-def _stage_tracker(run_cfg: RunConfig, run_id: str | None) -> Tracker | None:
-    """The stage's own MLflow run (rank 0 only), or None without a run id or with tracking off."""
-    if not run_id or not run_cfg.tracking.enabled:
-        return None
-    from kubellm.tracking.mlflow_tracker import MlflowTracker, mlflow_client
-
-    client, _ = mlflow_client(run_cfg.tracking, run_cfg.workdir)
-    return MlflowTracker(client, run_id)
 
 
 # ------------------------------------------------------------------------------------------ entry point
