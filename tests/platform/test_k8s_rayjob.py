@@ -169,3 +169,25 @@ def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_pa
     assert f"{where}: spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)" in out
     assert f"{where}: spec.rayClusterSpec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'" in out
     assert "checked 1 manifests, 2 pod specs: 2 findings" in out
+
+
+def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Builder and runner agree on the command line; bad input is one line and exit code 2, before Ray."""
+    from kubellm.train import ray_train
+
+    monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)  # its handler would outlive capsys
+    argv = shlex.split(_job(ray_cfg)["spec"]["entrypoint"])[3:]
+    args = ray_train._parser().parse_args(argv)
+    assert (args.stage, args.workers, args.gpus_per_worker, args.max_failures) == ("pretrain", 8, 1, 3)
+    argv[argv.index("--workers") + 1] = "0"
+    assert ray_train.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: workers (0) must be ≥ 1 and gpus_per_worker (1) 0 or 1"
+    assert ray_train.main([*argv, "--set", "pretrain.loop.max_steps=0"]) == 2
+    assert "pretrain.loop.max_steps" in capsys.readouterr().err
+
+
+def test_only_the_ray_train_runner_imports_ray(repo_root: Path) -> None:
+    importers = sorted(str(p.relative_to(repo_root)) for p in (repo_root / "src").rglob("*.py")
+                       if any(line.lstrip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines()))
+    assert importers == ["src/kubellm/train/ray_train.py"]

@@ -58,16 +58,16 @@ def run(stage: str, run_cfg: RunConfig, data_dir: str | Path, out_dir: str | Pat
     last checkpoint. Returns the result stored in ``out_dir``; raises :class:`TrainingError` with Ray's
     first error line when the run fails (the checkpoints stay: run again to resume).
     """
-    from ray.train import FailureConfig, ScalingConfig, TrainingFailedError
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if stage not in STAGES:
         raise ConfigError(f"stage {stage!r}: expected one of {list(STAGES)}")
     if getattr(run_cfg, stage) is None:
         raise ConfigError(f"{stage}: the config has no {stage!r} section")
     if workers < 1 or gpus_per_worker not in (0, 1):
         raise ConfigError(f"workers ({workers}) must be ≥ 1 and gpus_per_worker ({gpus_per_worker}) 0 or 1")
+    # imported after the checks: ray.train takes seconds to import
+    from ray.train import FailureConfig, ScalingConfig, TrainingFailedError
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
     gpu = gpus_per_worker == 1
     config = {"stage": stage, "run_config": run_cfg.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
               "out": str(Path(out_dir).resolve()), "base": base_model, "stage_run_id": stage_run_id}
@@ -85,13 +85,27 @@ def run(stage: str, run_cfg: RunConfig, data_dir: str | Path, out_dir: str | Pat
     try:
         trainer.fit()
     except TrainingFailedError as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise TrainingError(f"Ray Train {stage} failed: {first}; checkpoints stay in {out_dir}: run again "
-                            f"to resume") from None
+        raise TrainingError(f"Ray Train {stage} failed: {_reason(err)}; checkpoints stay in {out_dir}: run "
+                            f"again to resume") from None
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult.read(out_dir)
+
+
+def _reason(err: BaseException) -> str:
+    """One line: the first failed worker's exception (``WorkerGroupError.worker_failures``), else the
+    error's last line (Ray's message starts with a generic header and ends with the cause)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        return f"worker {rank}: {type(cause).__name__}: {_last_line(cause)}"
+    return _last_line(err) or type(err).__name__
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _train_worker(config: dict[str, Any]) -> None:
