@@ -64,10 +64,10 @@ def _torchrun(data: Path, out: Path, sets: list[str]) -> float:
 
 
 def _ray(data: Path, out: Path, sets: list[str]) -> float:
-    from kubellm.config import load_config
+    from kubellm.config import default_config_path, load_config
     from kubellm.train.ray_train import run
 
-    cfg = load_config(None, [*sets, f"workdir={out.parent}"])
+    cfg = load_config(default_config_path(), [*sets, f"workdir={out.parent}"])  # as the torchrun CLI does
     t0 = time.perf_counter()
     run("pretrain", cfg, data, out, workers=2, storage_path=out.parent / f"{out.name}-ray")
     return time.perf_counter() - t0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from kubellm.config import load_config
+from kubellm.config import default_config_path, load_config
 from kubellm.errors import TrainingError
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.loop import HISTORY_FILE
@@ -96,7 +96,7 @@ def resumed_run(ray_cluster, pretrain_data: Path, tmp_path_factory: pytest.TempP
 
     root = tmp_path_factory.mktemp("ray-run")
     out = root / "out"
-    cfg = load_config(None, [*SETS, f"workdir={root}"])
+    cfg = load_config(default_config_path(), [*SETS, f"workdir={root}"])
     client, _ = mlflow_client(cfg.tracking, cfg.workdir)
     run_id = client.create_run(client.create_experiment("ray"), tags={"stage": "pretrain"}).info.run_id
     failure: list[BaseException] = []

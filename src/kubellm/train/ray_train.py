@@ -161,13 +161,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The entrypoint: 0 on success; a kubellm error prints ``error: …`` and returns its exit code."""
-    from kubellm.config import load_config
+    from kubellm.config import default_config_path, load_config
     from kubellm.log import print_table, setup
 
     setup()
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(None, args.overrides)
+        # as `kubellm pretrain --set …` in a torchrun pod: the embedded default, then the overrides
+        cfg = load_config(default_config_path(), args.overrides)
         result = run(args.stage, cfg, args.data, args.out, args.base, workers=args.workers,
                      gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
                      stage_run_id=os.environ.get(STAGE_RUN_ENV) or None)
