@@ -171,6 +171,8 @@ def apply_placement(task: Any, stage: str, cfg: RunConfig) -> Any:
     if place.timeout_seconds:
         kubernetes.set_timeout(task, place.timeout_seconds)
     labels = {"app.kubernetes.io/part-of": "kubellm", "kubellm.io/stage": stage.replace("_", "-"), **place.labels}
+    if dist is not None and dist.engine == "none":
+        labels.update(platform.queue_labels())  # the step's own pod trains: Kueue's pod integration admits it
     for key, value in sorted(labels.items()):
         kubernetes.add_pod_label(task, label_key=key, label_value=value)
     for key, value in sorted(place.annotations.items()):

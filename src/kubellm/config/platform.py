@@ -15,6 +15,10 @@ from kubellm.config.base import StrictModel
 #: A Kubernetes quantity ("2", "500m", "16Gi"); a bare YAML number (``cpu_request: 2``) is accepted.
 Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)]
 
+#: Kueue's labels: the LocalQueue a workload is admitted through, and its WorkloadPriorityClass.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
 STAGES = ("prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy", "playground")
 
 
@@ -161,6 +165,21 @@ class PlatformConfig(StrictModel):
     """Service account of pipeline pods and the predictor (see configs/cluster-rbac.yaml)."""
     image_pull_secrets: list[str] = []
     """Secrets used to pull the images from a private registry."""
+    queue_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    """Kueue LocalQueue (in ``namespace``) that training admits through: the ``kueue.x-k8s.io/queue-name``
+    label on every training job (PyTorchJob, TrainJob, RayJob) and on the pipeline's training pods, so a
+    sweep or several teams' recurring fine-tunes wait for the shared GPU quota instead of failing to
+    schedule. ``None``: no queue (the scheduler alone decides)."""
+    priority_class: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    """Kueue WorkloadPriorityClass of those workloads (``kueue.x-k8s.io/priority-class``): which queued
+    training is admitted first and which may be preempted. Needs ``queue_name``."""
+
+    def queue_labels(self) -> dict[str, str]:
+        """Kueue's labels for a training workload (empty without ``queue_name``)."""
+        labels = {QUEUE_LABEL: self.queue_name} if self.queue_name else {}
+        if self.priority_class:
+            labels[PRIORITY_LABEL] = self.priority_class
+        return labels
     default: Placement = Placement()
     """Placement of every task unless ``stages`` overrides it."""
     stages: dict[str, Placement] = {}
@@ -171,6 +190,8 @@ class PlatformConfig(StrictModel):
 
     @model_validator(mode="after")
     def _stage_names(self) -> PlatformConfig:
+        if self.priority_class and not self.queue_name:
+            raise ValueError("priority_class orders workloads in a Kueue queue: set queue_name too")
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")

@@ -115,7 +115,8 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
                                           "data": data_fingerprint or data})
     if env:
         _add_env(kind, spec, env)
-    labels = job_labels(run_cfg, stage)
+    # Kueue admits the job as a whole: its queue labels go on the job, not on its pods.
+    labels = {**job_labels(run_cfg, stage), **run_cfg.platform.queue_labels()}
     annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
     if data_fingerprint:
         annotations["kubellm.io/data-fingerprint"] = data_fingerprint
