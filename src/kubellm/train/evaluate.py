@@ -6,8 +6,17 @@
 * For instruction data, greedy answers to the held-out prompts (``heldout.jsonl``, rendered with the
   chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
   and ROUGE-L (:mod:`kubellm.train.metrics`), for the candidate and the base model on the same prompts.
+* With code answers (``evaluate.code_metric``), ``code_parse_rate`` is the share of answers whose code
+  parses with :func:`ast.parse`; ``empty_answer_rate`` is the share of blank answers.
+* ``evaluate.benchmarks`` run through lm-evaluation-harness on the same loaded models
+  (:mod:`kubellm.train.benchmarks`): ``bench.<task>.<metric>``.
 * The gate (``evaluate.gate``) checks every rule that is set; a rule whose metric could not be
   measured (no base model, no held-out prompts) is *not evaluable* and fails the gate, saying why.
+  By default the candidate must cut perplexity by 5 %, answer at most half of the prompts with
+  nothing, match or beat the base on every generation metric, and lose at most 1 point on any
+  benchmark. Perplexity is measured with the reference answer given (teacher forcing), so a model
+  whose greedy first token ends the turn still scores well on it: the perplexity rule alone once
+  promoted a model that answered every prompt with nothing.
 
 The base model is ``base_model`` when given. A LoRA adapter also carries its own base: it is measured
 by switching the adapter off (``PeftModel.disable_adapter``), so adapter evaluations always have a base
@@ -22,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,7 +43,8 @@ from kubellm.errors import DataError, TrainingError
 from kubellm.fsutil import atomic_dir, write_json_atomic
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import Tracker
-from kubellm.train.metrics import mean_scores, score
+from kubellm.train.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
+from kubellm.train.metrics import is_code, mean_scores, score
 from kubellm.train.report import GateRule, plot_loss_curves, read_history, render_report
 
 log = get_logger("evaluate")
@@ -49,8 +60,9 @@ class EvalResult:
 
     metrics: dict[str, float]
     """``perplexity``, ``eval_loss``, ``eval_tokens``; with a base ``base_perplexity``,
-    ``perplexity_ratio`` …; with held-out prompts ``rouge_l``, ``token_f1``, ``exact_match`` (and
-    ``base_…``), ``num_prompts``, ``gen_tokens_per_s``."""
+    ``perplexity_ratio`` …; with held-out prompts ``rouge_l``, ``token_f1``, ``exact_match``,
+    ``empty_answer_rate``, for code answers ``code_parse_rate`` (and ``base_…``), ``num_prompts``,
+    ``gen_tokens_per_s``; with benchmarks ``bench.<task>.<metric>`` (and ``base_bench.…``)."""
     passed: bool
     """Whether every gate rule that is set holds."""
     reasons: list[str]
@@ -90,24 +102,59 @@ _RULES: tuple[tuple[str, str, str, str], ...] = (
     ("max_perplexity", "perplexity", "<=", ""),
     ("min_rouge_l", "rouge_l", ">=", "generation"),
     ("min_token_f1", "token_f1", ">=", "generation"),
+    ("max_empty_answer_rate", "empty_answer_rate", "<=", "generation"),
 )
+#: Generation metrics where higher is better, compared with the base by ``max_generation_drop``.
+GENERATION_SCORES = ("exact_match", "token_f1", "rouge_l", "code_parse_rate")
+# Means over the same prompts that are equal can differ in the last bits (0.1 + 0.2 != 0.3).
+_EPS = 1e-9
 
 
-def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str, str]) -> list[GateRule]:
+def _check(name: str, metric: str, op: str, threshold: float, value: float | None, note: str = "") -> GateRule:
+    if value is None:
+        return GateRule(name, metric, op, threshold, None, False, note or f"{metric} was not measured")
+    ok = value <= threshold + _EPS if op == "<=" else value >= threshold - _EPS  # NaN compares False: fails
+    return GateRule(name, metric, op, threshold, value, ok)
+
+
+def _drops(name: str, threshold: float | None, pairs: list[tuple[str, float | None, float | None]], scale: float,
+           missing: dict[str, str]) -> list[GateRule]:
+    """``(metric, candidate, base)`` → one rule each: ``scale × (base − candidate) <= threshold``."""
+    if threshold is None:
+        return []
+    rules = []
+    for metric, cand, base in pairs:
+        value = None if cand is None or base is None else scale * (base - cand)
+        rules.append(_check(name, f"{metric}_drop", "<=", threshold, value, missing.get("base", "")))
+    return rules
+
+
+def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str, str],
+               lower_is_better: frozenset[str] = frozenset()) -> list[GateRule]:
     """Check each rule that is set against ``metrics``. ``missing`` says, per need (``base``,
-    ``generation``), why its metrics are absent; such rules come back not evaluable, and failed."""
+    ``generation``), why its metrics are absent; such rules come back not evaluable, and failed.
+    Drop rules compare ``base_<metric>`` with ``<metric>``: generation metrics as differences of means,
+    benchmark scores (those not in ``lower_is_better``) in points (× 100)."""
     rules = []
     for name, metric, op, need in _RULES:
         threshold = getattr(gate, name)
-        if threshold is None:
-            continue
-        value = metrics.get(metric)
-        if value is None:
-            note = missing.get(need, f"{metric} was not measured")
-            rules.append(GateRule(name, metric, op, threshold, None, False, note))
-            continue
-        ok = value <= threshold if op == "<=" else value >= threshold  # NaN compares False: fails
-        rules.append(GateRule(name, metric, op, threshold, value, ok))
+        if threshold is not None:
+            rules.append(_check(name, metric, op, threshold, metrics.get(metric), missing.get(need, "")))
+    if gate.max_generation_drop is not None and "rouge_l" not in metrics:
+        rules.append(_check("max_generation_drop", "generation metrics", "<=", gate.max_generation_drop, None,
+                            missing.get("generation", "")))
+    else:
+        rules += _drops("max_generation_drop", gate.max_generation_drop,
+                        [(m, metrics[m], metrics.get(f"base_{m}")) for m in GENERATION_SCORES if m in metrics],
+                        1.0, missing)
+    bench = [k for k in metrics if k.startswith(METRIC_PREFIX) and k not in lower_is_better]
+    rules += _drops("max_benchmark_drop", gate.max_benchmark_drop,
+                    [(k, metrics[k], metrics.get(f"base_{k}")) for k in bench], 100.0, missing)
+    for key, floor in gate.min_benchmark.items():
+        metric = METRIC_PREFIX + key
+        measured = sorted(k.removeprefix(METRIC_PREFIX) for k in metrics if k.startswith(METRIC_PREFIX))
+        rules.append(_check("min_benchmark", metric, ">=", floor, metrics.get(metric),
+                            f"{metric} was not measured (measured: {', '.join(measured) or 'none'})"))
     return rules
 
 
@@ -213,6 +260,14 @@ def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
         yield _Model("base", base.model, base.device)
 
 
+def _measures_code(setting: str, heldout: list[dict[str, Any]]) -> bool:
+    """Whether to measure ``code_parse_rate``: ``auto`` when ≥ 80 % of the held-out references are
+    Python code (:func:`kubellm.train.metrics.is_code`; 100 % of the built-in instruction data's)."""
+    if setting != "auto":
+        return setting == "on"
+    return bool(heldout) and sum(is_code(ex["reference"]) for ex in heldout) >= 0.8 * len(heldout)
+
+
 def _check_vocab(model: Any, vocab_size: int, model_dir: Path, data_dir: Path) -> None:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if vocab_size > model_vocab:
@@ -237,14 +292,23 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
         raise DataError(f"{data_dir}: the prepared dataset has no validation split to evaluate on (prepare it "
                         "with split.validation_fraction > 0)")
     split = prepared.load_split("validation")
-    heldout = prepared.heldout()[:cfg.num_prompts]
-    tokenizer = prepared.load_tokenizer() if heldout else None
-    if tokenizer is not None and not tokenizer.chat_template:
+    all_heldout = prepared.heldout()
+    heldout = all_heldout[:cfg.num_prompts]
+    tokenizer = prepared.load_tokenizer() if heldout or cfg.benchmarks else None
+    if heldout and not tokenizer.chat_template:
         raise DataError(f"{prepared.tokenizer_dir}: the tokenizer has no chat template; held-out prompts need one")
     stop_ids = list(manifest.stop_token_ids) or [manifest.eos_token_id]
+    code = _measures_code(cfg.code_metric, all_heldout)
+    # Benchmark names are checked and local task data written before any model is loaded; the folder is
+    # removed at the end, or by its finalizer if evaluation fails.
+    bench_dir = tempfile.TemporaryDirectory(prefix="kubellm-bench-") if cfg.benchmarks else None
+    plan = None if bench_dir is None else plan_benchmarks(
+        cfg.benchmarks, heldout=all_heldout, tokenizer=tokenizer, stop_ids=stop_ids,
+        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, work_dir=Path(bench_dir.name), data_dir=data_dir)
 
     metrics: dict[str, float] = {}
     answers: dict[str, list[str]] = {}
+    lower_is_better: frozenset[str] = frozenset()
     for m in _models(model_dir, base_model):
         prefix = "" if m.name == "candidate" else "base_"
         _check_vocab(m.model, manifest.vocab_size, model_dir, data_dir)
@@ -264,10 +328,18 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
                     batch_size=cfg.batch_size, stop_ids=stop_ids, pad_id=manifest.pad_token_id,
                     max_positions=getattr(m.model.config, "max_position_embeddings", None), device=m.device)
                 refs = [ex["reference"] for ex in heldout]
-                metrics.update({f"{prefix}{k}": v for k, v in mean_scores(answers[m.name], refs).items()})
+                metrics.update({f"{prefix}{k}": v for k, v in mean_scores(answers[m.name], refs, code=code).items()})
                 if m.name == "candidate":
                     metrics["gen_tokens_per_s"] = n_new / max(time.perf_counter() - t, 1e-9)
+            if plan is not None:
+                t = time.perf_counter()
+                bench = run_benchmarks(plan, m.model, tokenizer, batch_size=cfg.batch_size)
+                metrics.update({f"{prefix}{k}": v for k, v in bench["scores"].items()})
+                lower_is_better |= {k for k, higher in bench["higher_is_better"].items() if not higher}
+                log.info("%s: %d benchmark scores in %.1f s", m.name, len(bench["scores"]), time.perf_counter() - t)
         log.info("%s: perplexity %.4g over %d tokens", m.name, ppl, tokens)
+    if bench_dir is not None:
+        bench_dir.cleanup()
     if "base_perplexity" in metrics:
         metrics["perplexity_ratio"] = metrics["perplexity"] / metrics["base_perplexity"]
     if heldout:
@@ -276,7 +348,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     samples = []
     for i, ex in enumerate(heldout):
         sample = {"prompt": ex["messages"][-1]["content"], "reference": ex["reference"],
-                  "candidate": answers["candidate"][i], **score(answers["candidate"][i], ex["reference"])}
+                  "candidate": answers["candidate"][i], **score(answers["candidate"][i], ex["reference"], code=code)}
         if "base" in answers:
             sample["base"] = answers["base"][i]
         samples.append(sample)
@@ -288,7 +360,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
         missing["generation"] = "no generation metrics: evaluate.num_prompts is 0"
     else:
         missing["generation"] = f"no generation metrics: {data_dir}/heldout.jsonl has no prompts"
-    rules = apply_gate(cfg.gate, metrics, missing=missing)
+    rules = apply_gate(cfg.gate, metrics, missing=missing, lower_is_better=lower_is_better)
     passed = all(r.passed for r in rules)
     reasons = [r.reason() for r in rules] or ["no gate rule is set (evaluate.gate): passes"]
 

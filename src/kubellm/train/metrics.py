@@ -1,4 +1,4 @@
-"""Text-generation metrics: exact match, token F1 and ROUGE-L, in plain Python.
+"""Text-generation metrics: exact match, token F1, ROUGE-L, empty answers and code that parses, in plain Python.
 
 Our held-out answers are often code (docstring → function), so the tokenization keeps punctuation:
 a token is a run of word characters or a single other non-space character, lower-cased
@@ -6,15 +6,29 @@ a token is a run of word characters or a single other non-space character, lower
 ``f(x)`` and ``f x`` equal. Exact match compares whitespace-normalised text, case-sensitively.
 
 Both empty → 1.0 (nothing was expected and nothing was said); exactly one empty → 0.0.
+
+``code_parses`` asks whether an answer is well-formed Python: the code is the first fenced block
+(```` ```python … ``` ````; an unclosed fence, as a truncated answer leaves it, runs to the end) when the
+answer has one, else the whole answer, and it must be non-blank and pass :func:`ast.parse`. Only
+syntax is checked: names may be undefined, and nothing is run. An answer cut off by ``max_new_tokens``
+in the middle of a block does not parse, so the share rises with the token budget as well as with
+the model: of the built-in data's held-out answers (median 76 tokens with the embedded default's
+2,048-token vocabulary) 32 % fit in 48 new tokens and 58 % in 96.
+An empty answer never parses: ``ast.parse("")`` succeeds, and a model that says nothing must not
+score as a model that writes code.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import Counter
 from collections.abc import Sequence
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+# An opening fence at a line start with an optional language tag, then the block up to a closing
+# fence (or the end of the text: a truncated answer leaves its block open).
+_FENCE = re.compile(r"^[ \t]*```[^\n`]*\n(.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
 
 
 def tokenize(text: str) -> list[str]:
@@ -68,17 +82,55 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _f1(lcs_length(pred, ref), len(pred), len(ref))
 
 
-def score(prediction: str, reference: str) -> dict[str, float]:
-    """All three metrics of one prediction."""
-    return {"exact_match": exact_match(prediction, reference), "token_f1": token_f1(prediction, reference),
-            "rouge_l": rouge_l(prediction, reference)}
+def extract_code(answer: str) -> str:
+    """The code of an answer: its first fenced block when it has one, else the whole answer."""
+    fenced = _FENCE.search(answer)
+    return fenced.group(1) if fenced else answer
 
 
-def mean_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Each metric averaged over the examples (every example weighs the same)."""
+def code_parses(answer: str) -> float:
+    """1.0 when the answer's code (:func:`extract_code`) is non-blank Python that ``ast.parse`` accepts."""
+    code = extract_code(answer)
+    if not code.strip():
+        return 0.0
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL byte in the text
+        return 0.0
+    return 1.0
+
+
+def is_code(reference: str) -> bool:
+    """Whether a reference answer is Python code: it parses and holds a statement other than a lone
+    expression (``def``, ``return``, ``x = …``, ``import …``), so ``42`` or ``yes`` are not code."""
+    code = extract_code(reference)
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return any(not isinstance(node, ast.Expr) for node in tree.body)
+
+
+def score(prediction: str, reference: str, *, code: bool = False) -> dict[str, float]:
+    """The metrics of one prediction; ``empty_answer`` is 1.0 for a blank answer; with ``code``,
+    ``code_parses`` too."""
+    row = {"exact_match": exact_match(prediction, reference), "token_f1": token_f1(prediction, reference),
+           "rouge_l": rouge_l(prediction, reference), "empty_answer": float(not prediction.strip())}
+    if code:
+        row["code_parses"] = code_parses(prediction)
+    return row
+
+
+# Per-answer 0/1 indicators whose mean is a share, named as such.
+_MEAN_NAMES = {"empty_answer": "empty_answer_rate", "code_parses": "code_parse_rate"}
+
+
+def mean_scores(predictions: Sequence[str], references: Sequence[str], *, code: bool = False) -> dict[str, float]:
+    """Each metric averaged over the examples (every example weighs the same): ``exact_match``,
+    ``token_f1``, ``rouge_l``, ``empty_answer_rate`` and, with ``code``, ``code_parse_rate``."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         return {}
-    rows = [score(p, r) for p, r in zip(predictions, references, strict=True)]
-    return {k: sum(row[k] for row in rows) / len(rows) for k in rows[0]}
+    rows = [score(p, r, code=code) for p, r in zip(predictions, references, strict=True)]
+    return {_MEAN_NAMES.get(k, k): sum(row[k] for row in rows) / len(rows) for k in rows[0]}

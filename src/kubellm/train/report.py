@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubellm.train.benchmarks import METRIC_PREFIX
+
 # Metric rows of the report, in this order, with how to read them.
 _REPORT_METRICS = (
     ("perplexity", "held-out perplexity (lower is better)"),
@@ -21,6 +23,8 @@ _REPORT_METRICS = (
     ("rouge_l", "ROUGE-L F1 of greedy answers"),
     ("token_f1", "token F1 of greedy answers"),
     ("exact_match", "exact-match rate of greedy answers"),
+    ("code_parse_rate", "share of greedy answers whose code parses (ast.parse)"),
+    ("empty_answer_rate", "share of empty greedy answers (lower is better)"),
 )
 
 
@@ -125,6 +129,11 @@ def render_report(*, title: str, metrics: Mapping[str, float], rules: Sequence[G
         if key not in metrics:
             continue
         cells = [key, *([_fmt(metrics.get(f"base_{key}"))] if has_base else []), _fmt(metrics[key]), meaning]
+        lines.append("| " + " | ".join(cells) + " |")
+    for key in sorted(k for k in metrics if k.startswith(METRIC_PREFIX)):
+        task, _, metric = key.removeprefix(METRIC_PREFIX).rpartition(".")
+        cells = [key, *([_fmt(metrics.get(f"base_{key}"))] if has_base else []), _fmt(metrics[key]),
+                 f"lm-eval {task}: {metric}"]
         lines.append("| " + " | ".join(cells) + " |")
     for key in ("perplexity_ratio", "eval_tokens", "num_prompts", "gen_tokens_per_s"):
         if key in metrics:
