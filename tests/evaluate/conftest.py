@@ -86,3 +86,34 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Pat
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out))
     write_history(out, 10, 3.0)
     return out
+
+
+def force_empty_answers(model, start_id: int, end_id: int, strength: float = 0.2) -> None:
+    """Edit a tied-embedding Llama so that its first answer token is always ``end_id``: hidden dimension 0
+    carries 1.0 only at ``start_id`` (the chat template's ``<|assistant|>``), no layer writes to it, and
+    ``end_id``'s (tied) output row reads it. Perplexity moves by ~10 %; every greedy answer is empty."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[:, 0] = 0.0
+        emb[start_id, 0] = 1.0
+        emb[end_id, 0] = strength
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+
+
+@pytest.fixture(scope="session")
+def empty_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path, instruct_data: Path) -> Path:
+    """``base_dir`` edited (weights saved like any model) so that it ends its turn at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    assert model.config.tie_word_embeddings
+    force_empty_answers(model, tok.convert_tokens_to_ids("<|assistant|>"), tok.convert_tokens_to_ids("<|end|>"))
+    out = tmp_path_factory.mktemp("empty") / "model"
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out

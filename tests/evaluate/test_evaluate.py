@@ -47,15 +47,18 @@ def test_adapter_against_base_side_by_side(adapter_dir: Path, base_dir: Path, in
                                            tmp_path: Path) -> None:
     tracker = NullTracker()
     cfg = EvalConfig(num_prompts=6, max_new_tokens=8, num_samples_in_report=2,
-                     gate=GateConfig(max_perplexity_ratio=10.0, max_perplexity=1e6))
+                     gate=GateConfig(max_perplexity_ratio=10.0, max_perplexity=1e6, max_empty_answer_rate=None,
+                                     max_generation_drop=None))
     res = evaluate(cfg, adapter_dir, instruct_data, tmp_path / "out", base_model=base_dir, tracker=tracker)
     m = res.metrics
     # the base column is the base model itself, not the adapter
     assert m["base_perplexity"] == pytest.approx(_by_hand_perplexity(base_dir, instruct_data), rel=1e-4)
     assert m["perplexity"] != pytest.approx(m["base_perplexity"], rel=1e-3)
     assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["base_perplexity"])
-    for key in ("rouge_l", "token_f1", "exact_match", "base_rouge_l", "base_token_f1", "base_exact_match"):
+    for key in ("rouge_l", "token_f1", "exact_match", "empty_answer_rate", "base_rouge_l", "base_token_f1",
+                "base_exact_match", "base_empty_answer_rate"):
         assert 0.0 <= m[key] <= 1.0
+    assert "code_parse_rate" not in m  # "repeat: a b" → "a b" is not code: code_metric auto leaves it out
     assert m["num_prompts"] == 6 and len(res.samples) == 6
     assert {"prompt", "reference", "candidate", "base", "rouge_l", "token_f1", "exact_match"} <= set(res.samples[0])
     assert res.passed and len(res.reasons) == 2 and all(r.endswith(": pass") for r in res.reasons)
@@ -95,13 +98,21 @@ def test_gate_rule_not_evaluable_without_base(base_dir: Path, instruct_data: Pat
     assert not res.passed
     assert res.reasons == [
         "max_perplexity_ratio: not evaluable (no base model to compare with: pass --base (base_model)): FAIL",
-        "min_rouge_l: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL"]
+        "min_rouge_l: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
+        "max_empty_answer_rate: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
+        "max_generation_drop: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL"]
     assert "base_perplexity" not in res.metrics and "rouge_l" not in res.metrics
     assert "**Gate: FAILED**" in res.report_path.read_text()
 
 
+def _only(**rules: float) -> GateConfig:
+    """A gate with only ``rules`` set (every threshold rule off otherwise)."""
+    unset = {k: None for k, f in GateConfig.model_fields.items() if f.default is None or isinstance(f.default, float)}
+    return GateConfig(**{**unset, **rules})
+
+
 # Each rule on its own, on both sides of its threshold (values as evaluate() would report them).
-_METRICS = {"perplexity": 20.0, "perplexity_ratio": 0.8, "rouge_l": 0.4, "token_f1": 0.5}
+_METRICS = {"perplexity": 20.0, "perplexity_ratio": 0.8, "rouge_l": 0.4, "token_f1": 0.5, "empty_answer_rate": 0.25}
 
 
 @pytest.mark.parametrize(("rule", "passing", "failing"), [
@@ -109,21 +120,20 @@ _METRICS = {"perplexity": 20.0, "perplexity_ratio": 0.8, "rouge_l": 0.4, "token_
     ("max_perplexity", 20.0, 19.9),
     ("min_rouge_l", 0.4, 0.41),            # rouge_l 0.4 must be >= threshold
     ("min_token_f1", 0.5, 0.51),
+    ("max_empty_answer_rate", 0.25, 0.2),  # 2 of 8 answers empty
 ])
 def test_each_gate_rule_passes_and_fails(rule: str, passing: float, failing: float) -> None:
-    unset = {k: None for k in GateConfig.model_fields}
-    ok = apply_gate(GateConfig(**{**unset, rule: passing}), _METRICS, missing={})
-    bad = apply_gate(GateConfig(**{**unset, rule: failing}), _METRICS, missing={})
+    ok = apply_gate(_only(**{rule: passing}), _METRICS, missing={})
+    bad = apply_gate(_only(**{rule: failing}), _METRICS, missing={})
     assert [r.passed for r in ok] == [True] and ok[0].reason().endswith(": pass")
     assert [r.passed for r in bad] == [False] and bad[0].reason().endswith(": FAIL")
     assert bad[0].rule == rule and bad[0].value == _METRICS[bad[0].metric]
 
 
 def test_gate_nan_fails_and_no_rules_pass() -> None:
-    rules = apply_gate(GateConfig(max_perplexity=100.0, max_perplexity_ratio=None), {"perplexity": math.nan},
-                       missing={})
+    rules = apply_gate(_only(max_perplexity=100.0), {"perplexity": math.nan}, missing={})
     assert not rules[0].passed
-    assert apply_gate(GateConfig(max_perplexity_ratio=None), {}, missing={}) == []
+    assert apply_gate(_only(), {}, missing={}) == []
 
 
 def test_failure_leaves_previous_output_untouched(base_dir: Path, instruct_data: Path, tmp_path: Path,
@@ -165,7 +175,7 @@ def test_clear_errors(base_dir: Path, tmp_path: Path) -> None:
 
 def test_adapter_without_base_is_compared_with_its_recorded_base(adapter_dir: Path, base_dir: Path,
                                                                   instruct_data: Path, tmp_path: Path) -> None:
-    res = evaluate(EvalConfig(num_prompts=0, gate=GateConfig(max_perplexity_ratio=10.0)), adapter_dir,
+    res = evaluate(EvalConfig(num_prompts=0, gate=_only(max_perplexity_ratio=10.0)), adapter_dir,
                    instruct_data, tmp_path / "out")
     assert res.passed and "perplexity_ratio" in res.metrics
     report = res.report_path.read_text()

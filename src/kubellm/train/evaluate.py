@@ -125,7 +125,8 @@ def _drops(name: str, threshold: float | None, pairs: list[tuple[str, float | No
     rules = []
     for metric, cand, base in pairs:
         value = None if cand is None or base is None else scale * (base - cand)
-        rules.append(_check(name, f"{metric}_drop", "<=", threshold, value, missing.get("base", "")))
+        note = f"{metric}: {missing.get('base') or 'base_' + metric + ' was not measured'}"
+        rules.append(_check(name, f"{metric}_drop", "<=", threshold, value, note))
     return rules
 
 
