@@ -88,32 +88,56 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Pat
     return out
 
 
-def force_empty_answers(model, start_id: int, end_id: int, strength: float = 0.2) -> None:
-    """Edit a tied-embedding Llama so that its first answer token is always ``end_id``: hidden dimension 0
-    carries 1.0 only at ``start_id`` (the chat template's ``<|assistant|>``), no layer writes to it, and
-    ``end_id``'s (tied) output row reads it. Perplexity moves by ~10 %; every greedy answer is empty."""
+
+@pytest.fixture(scope="session")
+def speaker_dir(tmp_path_factory: pytest.TempPathFactory, instruct_data: Path) -> Path:
+    """A random tiny Llama with untied output embeddings: its greedy answers are non-empty gibberish
+    (a tied random model repeats its last input token, here the special ``<|assistant|>``, which
+    decodes to nothing)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubellm.data.format import open_prepared
+
+    prepared = open_prepared(instruct_data)
+    m = prepared.manifest
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=m.bos_token_id,
+        eos_token_id=m.eos_token_id, pad_token_id=m.pad_token_id))
+    out = tmp_path_factory.mktemp("speaker") / "model"
+    model.save_pretrained(str(out))
+    prepared.load_tokenizer().save_pretrained(str(out))
+    return out
+
+
+def force_empty_answers(model, start_id: int, end_id: int, strength: float = 0.5) -> None:
+    """Edit an untied Llama so that it ends its turn at once: hidden dimension 0 carries 1.0 only at
+    ``start_id`` (the chat template's ``<|assistant|>``), no layer writes to it, and only ``end_id``'s
+    output row reads it. Perplexity stays within 1 % of the unedited model's; every answer is empty."""
     import torch
 
-    emb = model.get_input_embeddings().weight
+    inp, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     with torch.no_grad():
-        emb[:, 0] = 0.0
-        emb[start_id, 0] = 1.0
-        emb[end_id, 0] = strength
+        inp[:, 0] = 0.0
+        inp[start_id, 0] = 1.0
+        out[:, 0] = 0.0
+        out[end_id, 0] = strength
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
 
 
 @pytest.fixture(scope="session")
-def empty_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path, instruct_data: Path) -> Path:
-    """``base_dir`` edited (weights saved like any model) so that it ends its turn at once."""
+def silent_dir(tmp_path_factory: pytest.TempPathFactory, speaker_dir: Path) -> Path:
+    """``speaker_dir`` edited (and saved like any model) so that every answer is empty."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    assert model.config.tie_word_embeddings
+    model = AutoModelForCausalLM.from_pretrained(str(speaker_dir))
+    tok = AutoTokenizer.from_pretrained(str(speaker_dir))
     force_empty_answers(model, tok.convert_tokens_to_ids("<|assistant|>"), tok.convert_tokens_to_ids("<|end|>"))
-    out = tmp_path_factory.mktemp("empty") / "model"
+    out = tmp_path_factory.mktemp("silent") / "model"
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
