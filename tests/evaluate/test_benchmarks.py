@@ -150,10 +150,10 @@ def test_local_task_needs_instruction_data(base_dir: Path, tmp_path: Path) -> No
 
     src = tmp_path / "code.jsonl"
     rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=5)) for _ in range(100)]
     src.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=40))}) + "\n" for _ in range(200)))
     data = prepare(DataConfig.model_validate({
-        "kind": "pretrain", "sources": [{"uri": str(src)}], "block_size": 16, "tokenizer": {"vocab_size": 280},
+        "kind": "pretrain", "sources": [{"uri": str(src)}], "block_size": 16, "tokenizer": {"vocab_size": 300},
         "split": {"validation_fraction": 0.2}, "cleaning": {"min_chars": 1}}),
         tmp_path / "prepared").path
     with pytest.raises(KubellmError, match=r"evaluate.benchmarks: kubellm_choice is made from held-out instruction "

@@ -145,7 +145,7 @@ def plan_benchmarks(benchmarks: Sequence[BenchmarkConfig], *, heldout: Sequence[
 def run_benchmarks(plan: BenchmarkPlan, model: Any, tokenizer: Any, *, batch_size: int) -> dict[str, Any]:
     """Run every planned task on ``model`` (already in the state to measure); returns
     ``{"scores": {"bench.<task>.<metric>": value}, "higher_is_better": {same keys: bool}}``."""
-    from lm_eval import simple_evaluate
+    from lm_eval import evaluate
     from lm_eval.models.huggingface import HFLM
 
     scores: dict[str, float] = {}
@@ -157,10 +157,7 @@ def run_benchmarks(plan: BenchmarkPlan, model: Any, tokenizer: Any, *, batch_siz
             raise TrainingError(f"evaluate.max_new_tokens={plan.max_new_tokens} does not fit the model's "
                                 f"{lm.max_length}-token context with a prompt ({local[0]})")
         for b in plan.benchmarks:
-            out = simple_evaluate(model=lm, tasks=[b.task], num_fewshot=b.num_fewshot, limit=b.limit,
-                                  task_manager=plan.task_manager, bootstrap_iters=0, log_samples=False,
-                                  random_seed=plan.seed, numpy_random_seed=plan.seed, torch_random_seed=plan.seed,
-                                  fewshot_random_seed=plan.seed)
+            out = evaluate(lm=lm, task_dict=_load(plan, b), limit=b.limit, bootstrap_iters=0, log_samples=False)
             if out is None:  # only on a non-zero rank, which a single process never is
                 continue
             got, hib = _task_scores(b.task, out)
@@ -169,6 +166,20 @@ def run_benchmarks(plan: BenchmarkPlan, model: Any, tokenizer: Any, *, batch_siz
             scores.update(got)
             better.update(hib)
     return {"scores": scores, "higher_is_better": better}
+
+
+def _load(plan: BenchmarkPlan, bench: BenchmarkConfig) -> Any:
+    """The task (or group) with its few-shot count and seed set, as ``simple_evaluate`` sets them.
+    ``lm_eval.evaluate`` is called rather than ``simple_evaluate``, which also probes the environment
+    (``torch.utils.collect_env``, ``git``): ~2 s per call, more than a tiny model's whole task."""
+    loaded = plan.task_manager.load([bench.task])
+    for task in loaded["tasks"].values():
+        if bench.num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=bench.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=plan.seed)
+    return loaded
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
