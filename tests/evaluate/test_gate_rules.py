@@ -1,6 +1,8 @@
-"""The gate's comparisons with the base (generation metrics, benchmarks) and the benchmark config."""
+"""The gate's rules, on both sides of their thresholds, and the benchmark config."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -19,6 +21,31 @@ def _gate(**rules: object) -> GateConfig:
 
 def _reasons(gate: GateConfig, metrics: dict[str, float], **kw: object) -> list[str]:
     return [r.reason() for r in apply_gate(gate, metrics, missing=NO_BASE, **kw)]
+
+
+# Each rule on its own, on both sides of its threshold (values as evaluate() would report them).
+_METRICS = {"perplexity": 20.0, "perplexity_ratio": 0.8, "rouge_l": 0.4, "token_f1": 0.5, "empty_answer_rate": 0.25}
+
+
+@pytest.mark.parametrize(("rule", "passing", "failing"), [
+    ("max_perplexity_ratio", 0.8, 0.79),   # ratio 0.8 must be <= threshold
+    ("max_perplexity", 20.0, 19.9),
+    ("min_rouge_l", 0.4, 0.41),            # rouge_l 0.4 must be >= threshold
+    ("min_token_f1", 0.5, 0.51),
+    ("max_empty_answer_rate", 0.25, 0.2),  # 2 of 8 answers empty
+])
+def test_each_gate_rule_passes_and_fails(rule: str, passing: float, failing: float) -> None:
+    ok = apply_gate(_gate(**{rule: passing}), _METRICS, missing={})
+    bad = apply_gate(_gate(**{rule: failing}), _METRICS, missing={})
+    assert [r.passed for r in ok] == [True] and ok[0].reason().endswith(": pass")
+    assert [r.passed for r in bad] == [False] and bad[0].reason().endswith(": FAIL")
+    assert bad[0].rule == rule and bad[0].value == _METRICS[bad[0].metric]
+
+
+def test_gate_nan_fails_and_no_rules_pass() -> None:
+    rules = apply_gate(_gate(max_perplexity=100.0), {"perplexity": math.nan}, missing={})
+    assert not rules[0].passed
+    assert apply_gate(_gate(), {}, missing={}) == []
 
 
 def test_default_gate_refuses_empty_answers_and_regressions() -> None:
