@@ -75,7 +75,7 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
                        "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"])},
         "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": parent.info.run_id},
         "model": _registered(client, cfg.registered_model, by_stage.get("register")),
-        "deployment": _deployment(by_stage.get("deploy"), by_stage.get("playground")),
+        "deployment": _deployment(by_stage.get("deploy")),
     }
     return summary
 
@@ -90,14 +90,14 @@ def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | N
     return {"name": mv.name, "version": int(mv.version), "aliases": sorted(mv.aliases or [])}
 
 
-def _deployment(deploy_run: Any, playground_run: Any) -> dict[str, Any] | None:
+def _deployment(deploy_run: Any) -> dict[str, Any] | None:
     if deploy_run is None:
         return None
     tags = deploy_run.data.tags
     out = {"status": tags.get("deploy.status"), "endpoint": tags.get("deploy.endpoint"),
-           "manifests": tags.get("deploy.manifests")}
-    if playground_run is not None:
-        out["playground_manifests"] = playground_run.data.tags.get("playground.manifests")
+           "manifests": tags.get("deploy.manifests"), "detail": tags.get("deploy.detail")}
+    if tags.get("playground.manifests"):  # the deploy step creates the playground after a healthy rollout
+        out["playground_manifests"] = tags["playground.manifests"]
     return out
 
 

@@ -72,6 +72,7 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
         playground = _playground(cfg, served_at, out, target, api_client) if cfg.deploy.playground else None
         if playground is not None:
             tracker.log_artifact(playground, "playground")
+            tracker.set_tags({"playground.manifests": str(playground)})
     rows = {"model": model_uri or storage, "status": status, "endpoint": endpoint, "aliases": aliases,
             "detail": detail, "manifests": manifest, "playground": playground}
     report = markdown.section("Deployment", ctx.run_link(tracker.run_id), markdown.fields(rows))
