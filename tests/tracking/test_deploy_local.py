@@ -26,7 +26,7 @@ def test_local_deploy_smoke_tests_a_real_predictor_and_claims_no_endpoint(workdi
 
     v = out.values
     assert v["status"] == "verified" and v["endpoint"] == ""  # nothing keeps listening after the step
-    assert "predictor started for it at http://127.0.0.1:" in v["detail"]
+    assert "predictor started for them at http://127.0.0.1:" in v["detail"]
     assert f"kubellm serve --model {uri}" in v["detail"]
     assert v["aliases"] == ["candidate", "champion"]
     port = int(v["detail"].split("http://127.0.0.1:")[1].split(" ")[0])

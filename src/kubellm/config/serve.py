@@ -109,6 +109,14 @@ class DeployConfig(StrictModel):
     """Prompt of the smoke request sent to the new revision before it is promoted."""
     smoke_max_tokens: int = Field(default=4, ge=1, le=64)
     """Tokens the smoke request generates."""
+    benchmark_gate: bool = True
+    """Before the alias moves, score the *served* model — the canary on a cluster, a predictor started on
+    127.0.0.1 locally — on the evaluation's benchmarks (``evaluate.benchmarks``, through lm-eval's
+    ``local-completions``) and roll back when a score falls more than ``max_served_benchmark_drop``
+    points below the in-process evaluation of the same model: the model is judged as it is actually
+    served (runtime, dtype, batching). No benchmarks configured: only the smoke request."""
+    max_served_benchmark_drop: float = Field(default=2.0, ge=0, le=100)
+    """Points (score × 100) a served benchmark score may fall below the evaluated one."""
     promote_alias: str = Field(default="champion", min_length=1)
     """Registry alias the deployed model version gets after a healthy rollout."""
     hf_args: list[str] = []

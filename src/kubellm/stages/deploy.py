@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from kubellm import markdown
-from kubellm.config import PlatformConfig, RunConfig
+from kubellm.config import EvalConfig, PlatformConfig, RunConfig
 from kubellm.config.run import ReleaseConfig
 from kubellm.errors import ConfigError, ServingError
 from kubellm.stages.base import StageContext, StageOutput, section
@@ -30,12 +30,16 @@ Target = Literal["local", "cluster"]
 def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Path, ctx: StageContext, *,
            target: Target, model_uri: str | None = None, storage_uri: str | None = None,
            platform: PlatformConfig | dict[str, Any] | None = None, run_name: str | None = None,
-           api_client: Any = None, smoke: Callable[[str], None] | None = None) -> StageOutput:
+           eval_config: EvalConfig | dict[str, Any] | None = None, evaluation_dir: str | Path | None = None,
+           data_dir: str | Path | None = None, api_client: Any = None,
+           smoke: Callable[[str], None] | None = None) -> StageOutput:
     """Deploy a model: ``model_uri`` (``models:/name/version``) names the registered version, whose files
     the InferenceService loads unless ``storage_uri`` / ``deploy.storage_uri`` points elsewhere.
 
     ``config`` is the whole run config (the CLI) or the step's run-time :class:`ReleaseConfig`, to which
-    the compile-time ``platform`` and the run's name are added. Raises :class:`ServingError` when the
+    the compile-time ``platform`` and the run's name are added. With ``eval_config`` listing benchmarks,
+    the evaluation's results (``evaluation_dir``) and its prepared data (``data_dir``), the served model
+    is also scored on those benchmarks before promotion (``deploy.benchmark_gate``). Raises :class:`ServingError` when the
     rollout ends anything but ``promoted`` (the stage run ends FAILED).
     """
     from kubellm.k8s.inferenceservice import build_inferenceservice
@@ -54,10 +58,14 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
         manifest.write_text(yaml.safe_dump(isvc, sort_keys=False), encoding="utf-8")
         tracker.log_artifact(manifest, "deploy")
         t0 = time.perf_counter()
+        gate = _BenchmarkGate.create(cfg, eval_config, evaluation_dir, data_dir)
+        check = _check(cfg, smoke, gate)
         if target == "cluster":
-            status, endpoint, detail = _roll_out(cfg, isvc, api_client, smoke)
+            status, endpoint, detail = _roll_out(cfg, isvc, api_client, check)
         else:
-            status, endpoint, detail = _smoke_locally(cfg, ctx, model_uri)
+            status, endpoint, detail = _smoke_locally(cfg, ctx, model_uri, check)
+        if gate is not None and gate.served:
+            tracker.log_metrics({f"served.{k}": v for k, v in gate.served.items()})
         seconds = time.perf_counter() - t0
         healthy = status in ("promoted", "verified")
         tracker.log_metrics({"deploy_healthy": float(healthy), "deploy_seconds": seconds})
@@ -75,7 +83,9 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
             tracker.set_tags({"playground.manifests": str(playground)})
     rows = {"model": model_uri or storage, "status": status, "endpoint": endpoint, "aliases": aliases,
             "detail": detail, "manifests": manifest, "playground": playground}
-    report = markdown.section("Deployment", ctx.run_link(tracker.run_id), markdown.fields(rows))
+    served = "\n".join(f"- {line}" for line in gate.lines) if gate is not None and gate.lines else ""
+    report = markdown.section("Deployment", ctx.run_link(tracker.run_id), markdown.fields(rows),
+                              f"Benchmarks on the served model:\n\n{served}" if served else "")
     return StageOutput({"healthy": 1.0, "seconds": seconds}, report,
                        {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases,
                         "status": status, "detail": detail})
@@ -92,28 +102,80 @@ def _run_config(config: RunConfig | ReleaseConfig | dict[str, Any], platform: Pl
     return RunConfig(deploy=release.deploy, serve=release.serve, playground=release.playground, **extra)
 
 
-def _roll_out(cfg: RunConfig, isvc: dict, api_client: Any, smoke: Callable[[str], None] | None) -> tuple[str, str, str]:
-    from kubellm.k8s.rollout import http_smoke, rollout
+class _BenchmarkGate:
+    """The evaluation's benchmarks, run against a served URL and compared with the evaluated scores."""
 
-    check = smoke or http_smoke(cfg.serve.model_name, prompt=cfg.deploy.smoke_prompt,
+    def __init__(self, cfg: RunConfig, eval_cfg: EvalConfig, evaluation_dir: Path, data_dir: Path) -> None:
+        self.cfg, self.eval_cfg, self.evaluation_dir, self.data_dir = cfg, eval_cfg, evaluation_dir, data_dir
+        self.served: dict[str, float] = {}
+        self.lines: list[str] = []
+
+    @classmethod
+    def create(cls, cfg: RunConfig, eval_config: Any, evaluation_dir: Any, data_dir: Any) -> _BenchmarkGate | None:
+        if not cfg.deploy.benchmark_gate or eval_config is None or evaluation_dir is None or data_dir is None:
+            return None
+        eval_cfg = section(EvalConfig, eval_config, "evaluate config")
+        return cls(cfg, eval_cfg, Path(evaluation_dir), Path(data_dir)) if eval_cfg.benchmarks else None
+
+    def __call__(self, url: str) -> None:
+        import tempfile
+
+        from kubellm.data.format import open_prepared
+        from kubellm.train.benchmarks import run_benchmarks_served, served_drops
+        from kubellm.train.evaluate import EvalResult, plan_for_dataset
+
+        evaluated = EvalResult.read(self.evaluation_dir).metrics
+        prepared = open_prepared(self.data_dir)
+        with tempfile.TemporaryDirectory(prefix="kubellm-served-bench-") as work:
+            plan = plan_for_dataset(self.eval_cfg, prepared, prepared.load_tokenizer(), Path(work))
+            served = run_benchmarks_served(plan, base_url=url, model_name=self.cfg.serve.model_name,
+                                           tokenizer_dir=prepared.tokenizer_dir, batch_size=self.eval_cfg.batch_size,
+                                           max_length=self.cfg.serve.max_prompt_tokens)
+        self.served = served["scores"]
+        self.lines, passed = served_drops(evaluated, served, self.cfg.deploy.max_served_benchmark_drop)
+        if not passed:
+            raise ServingError("the served model scores below its evaluation: " + "; ".join(
+                line for line in self.lines if line.endswith("FAIL")))
+
+
+def _check(cfg: RunConfig, smoke: Callable[[str], None] | None, gate: _BenchmarkGate | None) -> Callable[[str], None]:
+    """What a new revision must pass before promotion: the smoke request, then the benchmark gate."""
+    from kubellm.k8s.rollout import http_smoke
+
+    first = smoke or http_smoke(cfg.serve.model_name, prompt=cfg.deploy.smoke_prompt,
                                 max_tokens=cfg.deploy.smoke_max_tokens)
+
+    def check(url: str) -> None:
+        first(url)
+        if gate is not None:
+            gate(url)
+
+    return check
+
+
+def _roll_out(cfg: RunConfig, isvc: dict, api_client: Any, check: Callable[[str], None]) -> tuple[str, str, str]:
+    from kubellm.k8s.rollout import rollout
+
     res = rollout(isvc, namespace=cfg.platform.namespace, api_client=api_client,
                   timeout_s=cfg.deploy.ready_timeout_s, poll_s=cfg.deploy.poll_s, smoke=check)
     return res.status, res.address or res.url or "", res.reason
 
 
-def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None) -> tuple[str, str, str]:
-    """The cluster's smoke request against the real predictor, started on 127.0.0.1 for it and stopped."""
-    from kubellm.k8s.rollout import http_smoke
+def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None,
+                   check: Callable[[str], None]) -> tuple[str, str, str]:
+    """The cluster's checks (smoke request, benchmark gate) against the real predictor, started on
+    127.0.0.1 for them and stopped."""
     from kubellm.serve.app import BackgroundServer, build_app, load_model
 
     if not model_uri:
         raise ConfigError("a local deployment needs the registered model (models:/name/version) to smoke-test")
     local = cfg.model_copy(update={"tracking": ctx.tracking, "workdir": ctx.workdir})
     with BackgroundServer(build_app(load_model(local, model_uri)), host="127.0.0.1") as server:
-        http_smoke(cfg.serve.model_name, prompt=cfg.deploy.smoke_prompt, max_tokens=cfg.deploy.smoke_max_tokens,
-                   url=server.url)(server.url)
-    return "verified", "", (f"smoke request answered by a predictor started for it at {server.url} (stopped); "
+        try:
+            check(server.url)
+        except ServingError as err:
+            return "failed", "", f"{err} (predictor at {server.url}, stopped)"
+    return "verified", "", (f"checks passed on a predictor started for them at {server.url} (stopped); "
                             f"serve this version with `kubellm serve --model {model_uri}`")
 
 

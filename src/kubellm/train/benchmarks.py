@@ -223,3 +223,41 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def run_benchmarks_served(plan: BenchmarkPlan, *, base_url: str, model_name: str, tokenizer_dir: str | Path,
+                          batch_size: int, max_length: int = 2048) -> dict[str, Any]:
+    """The same tasks against a served model's OpenAI completions API (``kubellm serve``, a KServe
+    canary): lm-eval's ``local-completions`` with token-id prompts, so the server scores exactly what
+    lm-eval tokenized. Returns what :func:`run_benchmarks` returns."""
+    from lm_eval import evaluate
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    scores: dict[str, float] = {}
+    better: dict[str, bool] = {}
+    with _quiet():
+        lm = LocalCompletionsAPI(model=model_name, base_url=f"{base_url.rstrip('/')}/openai/v1/completions",
+                                 tokenizer=str(tokenizer_dir), tokenizer_backend="huggingface",
+                                 batch_size=batch_size, max_retries=1, max_length=max_length,
+                                 max_gen_toks=plan.max_new_tokens)
+        for b in plan.benchmarks:
+            out = evaluate(lm=lm, task_dict=_load(plan, b), limit=b.limit, bootstrap_iters=0, log_samples=False)
+            got, hib = _task_scores(b.task, out)
+            scores.update(got)
+            better.update(hib)
+    return {"scores": scores, "higher_is_better": better}
+
+
+def served_drops(evaluated: dict[str, float], served: dict[str, Any], max_drop: float) -> tuple[list[str], bool]:
+    """One line per benchmark score (higher is better) comparing the served model with the same model
+    as evaluated in-process: ``(lines, passed)``; a drop of more than ``max_drop`` points fails."""
+    lines, passed = [], True
+    for key, value in sorted(served["scores"].items()):
+        if key not in evaluated or not served["higher_is_better"].get(key, True):
+            continue
+        drop = (evaluated[key] - value) * 100
+        ok = drop <= max_drop + 1e-9
+        passed &= ok
+        lines.append(f"{key.removeprefix(METRIC_PREFIX)}: served {value:.4g} vs evaluated {evaluated[key]:.4g} "
+                     f"(drop {drop:.2f} <= {max_drop:g} points): {'pass' if ok else 'FAIL'}")
+    return lines, passed

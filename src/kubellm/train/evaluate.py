@@ -276,6 +276,16 @@ def _check_vocab(model: Any, vocab_size: int, model_dir: Path, data_dir: Path) -
                         f"{model_vocab}: evaluate on data prepared with the model's tokenizer")
 
 
+def plan_for_dataset(cfg: EvalConfig, prepared: Any, tokenizer: Any, work_dir: Path) -> Any:
+    """The ``evaluate.benchmarks`` plan for a prepared dataset (local tasks written into ``work_dir``):
+    what the evaluation runs in-process and the deploy step runs against the served canary."""
+    manifest = prepared.manifest
+    return plan_benchmarks(cfg.benchmarks, heldout=prepared.heldout(), tokenizer=tokenizer,
+                           stop_ids=list(manifest.stop_token_ids) or [manifest.eos_token_id],
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, work_dir=work_dir,
+                           data_dir=prepared.path)
+
+
 def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
              base_model: str | Path | None = None, tracker: Tracker | None = None) -> EvalResult:
     """Evaluate ``model_dir`` (a full model or a LoRA adapter) on the prepared dataset ``data_dir``,
@@ -303,9 +313,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     # Benchmark names are checked and local task data written before any model is loaded; the folder is
     # removed at the end, or by its finalizer if evaluation fails.
     bench_dir = tempfile.TemporaryDirectory(prefix="kubellm-bench-") if cfg.benchmarks else None
-    plan = None if bench_dir is None else plan_benchmarks(
-        cfg.benchmarks, heldout=all_heldout, tokenizer=tokenizer, stop_ids=stop_ids,
-        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, work_dir=Path(bench_dir.name), data_dir=data_dir)
+    plan = None if bench_dir is None else plan_for_dataset(cfg, prepared, tokenizer, Path(bench_dir.name))
 
     metrics: dict[str, float] = {}
     answers: dict[str, list[str]] = {}

@@ -1,0 +1,52 @@
+"""The benchmark gate on the served model: the deploy step scores the real predictor (started on
+127.0.0.1 here, the canary on a cluster) with lm-eval's local-completions on the evaluation's tasks,
+and keeps the alias where it is when the served model scores below its evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kubellm.config import load_config
+from kubellm.config.evaluate import BenchmarkConfig, EvalConfig, GateConfig
+from kubellm.errors import ServingError
+from kubellm.stages import StageContext, registry
+from kubellm.stages import deploy as stage
+from kubellm.tracking.registry import champion_info
+from kubellm.train.evaluate import evaluate
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_served_benchmarks_gate_the_promotion(base_dir: Path, instruct_data: Path, tmp_path: Path) -> None:
+    eval_cfg = EvalConfig(num_prompts=2, max_new_tokens=8, seed=3, benchmarks=[BenchmarkConfig(task="kubellm_choice",
+                                                                                              limit=12)],
+                          gate=GateConfig(max_perplexity_ratio=None, max_empty_answer_rate=None,
+                                          max_generation_drop=None, max_benchmark_drop=None))
+    evaluated = evaluate(eval_cfg, base_dir, instruct_data, tmp_path / "evaluation")
+    acc = evaluated.metrics["bench.kubellm_choice.acc"]
+    cfg = load_config(None, [f"workdir={tmp_path}", "tracking.registered_model=gated", "deploy.smoke_max_tokens=2",
+                             "deploy.storage_uri=pvc://models/gated", "deploy.playground=false",
+                             "deploy.max_served_benchmark_drop=0"])
+    ctx = StageContext(cfg.tracking, str(tmp_path))
+    uri = registry.register(base_dir, ctx).values["uri"]
+    args = dict(target="local", model_uri=uri, eval_config=eval_cfg, data_dir=instruct_data)
+
+    out = stage.deploy(cfg, tmp_path / "deploy", ctx, evaluation_dir=tmp_path / "evaluation", **args)
+    assert out.values["status"] == "verified"
+    assert "kubellm_choice.acc: served" in out.report_md and "pass" in out.report_md  # same fp32 model: same score
+    assert champion_info(cfg.tracking, tmp_path).version == 1
+
+    # An evaluation that claims more than the served model delivers: the gate fails, nothing moves.
+    claimed = tmp_path / "claimed"
+    shutil.copytree(tmp_path / "evaluation", claimed)
+    doc = json.loads((claimed / "metrics.json").read_text())
+    doc["metrics"]["bench.kubellm_choice.acc"] = min(1.0, acc + 0.25)
+    (claimed / "metrics.json").write_text(json.dumps(doc))
+    uri2 = registry.register(base_dir, ctx).values["uri"]
+    with pytest.raises(ServingError, match=r"scores below its evaluation: kubellm_choice.acc: served"):
+        stage.deploy(cfg, tmp_path / "deploy2", ctx, evaluation_dir=claimed, **{**args, "model_uri": uri2})
+    assert champion_info(cfg.tracking, tmp_path).version == 1
