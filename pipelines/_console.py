@@ -35,11 +35,15 @@ Mode = Literal["live", "lines", "quiet", "verbose"]
 TAIL_LINES = 15
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-#: A kubellm log line in a task (plain format off a terminal: "time LEVEL kubellm.x: message").
-_PROGRESS = re.compile(r"\b(?:INFO|WARNING|ERROR)\s+kubellm[\w.]*:\s+(?P<msg>.+)$")
-_ERROR = re.compile(r"^(?:error: |\w+(?:Error|Exception): )")
-#: KFP's own chatter around a task: executor JSON, separators, banners.
-_NOISE = re.compile(r"^(?:[{}\[\]\"]|-{10,}|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs))")
+#: A log line in a task: KFP's executor re-formats the library's log records ("[KFP Executor time
+#: LEVEL]: message"); kubellm's own plain format is "time LEVEL kubellm.x: message".
+_PROGRESS = re.compile(r"^(?:\[KFP Executor [^\]]*\b(?:INFO|WARNING|ERROR)\]:|\S+ \S+ (?:INFO|WARNING|ERROR) kubellm[\w.]*:)"
+                       r"\s+(?P<msg>.+)$")
+_ERROR = re.compile(r"^(?:error: |[\w.]+(?:Error|Exception): )")
+#: KFP's own chatter around a task: executor JSON, separators, banners, loading the component.
+_NOISE = re.compile(r"^(?:[{}\[\]\"]|-{10,}|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs)|"
+                    r"\S+ - INFO - |\[KFP Executor [^\]]*\]: (?:Looking for component|Loading KFP component|"
+                    r"Got executor_input|Wrote executor output|Did not write output))")
 
 
 @dataclass

@@ -109,6 +109,8 @@ class LocalRun:
     wall_seconds: float
     cached: dict[str, str]
     logs: Path
+    failed: list[dict[str, Any]]
+    """Each failed task: its name, log file and last lines."""
 
 
 @contextlib.contextmanager
@@ -149,4 +151,6 @@ def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], run_id: str,
     t0 = time.perf_counter()
     with _env(KFP_RUN_ENV, run_id), installed(cache), monitor.running(cache):
         pipeline(**params)
-    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs")
+    failed = [{"task": t.label, "log": str(t.log), "last_lines": [ln.strip() for ln in t.tail]}
+              for t in monitor.failed()]
+    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed)
