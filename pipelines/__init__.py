@@ -22,13 +22,14 @@ PIPELINES: dict[str, Callable[[Context], Any]] = {
 }
 
 #: Stages of each pipeline in the order they run (the run summary lists them in this order);
-#: ``finetune.*`` stands for every trial of a sweep.
+#: ``finetune.*`` stands for every trial of a sweep. The playground has no stage of its own: the deploy
+#: stage opens it.
 STAGES: dict[str, list[str]] = {
-    lifecycle.NAME: ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy", "playground"],
-    finetune.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy", "playground"],
-    sweep.NAME: ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy", "playground"],
-    continuous.NAME: ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion", "register", "deploy",
-                      "playground"],
+    lifecycle.NAME: ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy"],
+    finetune.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy"],
+    sweep.NAME: ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy"],
+    continuous.NAME: ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion", "register",
+                      "deploy"],
 }
 
 

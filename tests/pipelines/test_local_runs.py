@@ -55,8 +55,8 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_lifecycle_runs_end_to_end_and_registers(lifecycle) -> None:
     workdir, s = lifecycle
     assert s["status"] == "FINISHED" and s["failed_stage"] is None
-    assert [r["stage"] for r in s["stages"]][:8] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
-                                                     "register", "deploy", "playground"]
+    assert [r["stage"] for r in s["stages"]][:7] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
+                                                     "register", "deploy"]
     assert all(r["status"] == "FINISHED" and r["seconds"] >= 0 for r in s["stages"])
     ev = s["evaluation"]
     assert ev["gate_passed"] is True

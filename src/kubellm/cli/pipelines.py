@@ -173,7 +173,14 @@ ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP exp
                                                    "tracking experiment name).")]
 
 
-def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version name, description)
+#: The version name's suffix of a pipeline compiled with no step cacheable (a run that recomputes all).
+NO_CACHE_SUFFIX = "-nocache"
+
+
+def _compiled(cfg, pipeline: str, caching: bool) -> tuple[Path, str, str]:  # (package, version name, description)
+    """Compiled for the cluster, as its own version: KFP (v2beta1) takes caching from the pipeline version's
+    spec — a run from an uploaded version cannot switch it — so a run that must not reuse anything runs
+    the version compiled with no step cacheable (its name ends in ``-nocache``)."""
     import tempfile
 
     from kubellm import __version__
@@ -185,12 +192,13 @@ def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)}")
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
-    package = compile_all(cfg, out, [pipeline], components=False)[0]
+    package = compile_all(cfg, out, [pipeline], components=False, caching=caching)[0]
     import yaml
 
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
     description = spec["pipelineInfo"].get("description", pipeline)
-    return package, version_name(__version__, git_revision(), cfg.config_hash()), description
+    version = version_name(__version__, git_revision(), cfg.config_hash()) + ("" if caching else NO_CACHE_SUFFIX)
+    return package, version, description
 
 
 @app.command()
@@ -199,19 +207,22 @@ def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: Pipelin
            cookie: CookieOpt = None, ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None,
            wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
            timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600,
-           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0) -> None:
+           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0,
+           cache: Annotated[bool, typer.Option(help="Reuse the outputs of earlier runs' pure steps (prep, fetch, "
+                                               "pretrain, finetune, evaluate) whose inputs are unchanged, e.g. "
+                                               "to re-run a pipeline that failed at deploy.")] = False) -> None:
     """Compile a pipeline, upload it as a new version, and start a run on Kubeflow Pipelines.
 
     The version is named from the package version, the git revision and the config hash, so the same
-    source and config reuse one version. On a multi-user Kubeflow the pipeline, experiment and run live
-    in --namespace.
+    source and config reuse one version (a version compiled with no step cacheable, ``…-nocache``, unless
+    --cache). On a multi-user Kubeflow the pipeline, experiment and run live in --namespace.
     """
     from kubellm.log import get_logger
     from kubellm.pipelines.submit import Endpoint, Pipelines
 
     cfg = load(config, overrides)
     log = get_logger("submit")
-    package, version, description = _compiled(cfg, pipeline)
+    package, version, description = _compiled(cfg, pipeline, caching=cache)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
     pipeline_id, version_id = server.upload(package, pipeline, version, description)
     exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
@@ -240,7 +251,8 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
 
     cron = check_cron(cron)  # before compiling or connecting
     cfg = load(config, overrides)
-    package, version, description = _compiled(cfg, pipeline)
+    # A recurring run exists to pick up new data behind the same URIs: it never reuses a cached step.
+    package, version, description = _compiled(cfg, pipeline, caching=False)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
     pipeline_id, version_id = server.upload(package, pipeline, version, description)
     name = f"{cfg.name}-{pipeline}"
