@@ -40,8 +40,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PROGRESS = re.compile(r"^(?:\[KFP Executor [^\]]*\b(?:INFO|WARNING|ERROR)\]:|\S+ \S+ (?:INFO|WARNING|ERROR) kubellm[\w.]*:)"
                        r"\s+(?P<msg>.+)$")
 _ERROR = re.compile(r"^(?:error: |[\w.]+(?:Error|Exception): )")
-#: KFP's own chatter around a task: executor JSON, separators, banners, loading the component.
-_NOISE = re.compile(r"^(?:[{}\[\]\"]|-{10,}|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs)|"
+#: KFP's own chatter around a task: executor JSON, separators, banners, loading the component; and the
+#: ^^^^ markers under a traceback's lines.
+_NOISE = re.compile(r"^(?:[{}\[\]\"]|-{10,}|[~^]+$|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs)|"
                     r"\S+ - INFO - |\[KFP Executor [^\]]*\]: (?:Looking for component|Loading KFP component|"
                     r"Got executor_input|Wrote executor output|Did not write output))")
 

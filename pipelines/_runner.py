@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from kfp import compiler, local
@@ -111,6 +111,8 @@ class LocalRun:
     logs: Path
     failed: list[dict[str, Any]]
     """Each failed task: its name, log file and last lines."""
+    tasks: dict[str, str]
+    """Each task that started: done, FAILED or cached (RUN)."""
 
 
 @contextlib.contextmanager
@@ -128,15 +130,24 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
               pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines") -> LocalRun:
-    """Run pipeline ``name`` on KFP's local runner in this Python environment.
-
-    ``run_id`` names the run (its folder under ``runs_dir`` must exist); the tasks find the MLflow parent
-    run by it (:data:`~kubellm.stages.KFP_RUN_ENV`). Every cacheable task's outputs are indexed under
-    the run's folder; with ``resume`` the cacheable tasks whose key that earlier run holds are not run
-    again (:mod:`._cache`). ``output`` is what the console shows (:mod:`._console`).
+    """Run pipeline ``name`` on KFP's local runner in this Python environment (see :func:`run_pipeline`).
 
     The run's success or failure is read afterwards from MLflow (see :mod:`kubellm.summary`): the
     local runner reports a failed task by logging, not by raising, once ``raise_on_error`` is off.
+    """
+    return run_pipeline(build(name, cfg, "local", run_id=run_id), params=params, run_id=run_id, runs_dir=runs_dir,
+                        pipeline_root=pipeline_root, resume=resume, output=output)
+
+
+def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
+                 pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines",
+                 out: TextIO | None = None) -> LocalRun:
+    """Run a pipeline function on KFP's local runner as run ``run_id`` (its folder under ``runs_dir``).
+
+    The tasks find the MLflow parent run by ``run_id`` (:data:`~kubellm.stages.KFP_RUN_ENV`). Every
+    cacheable task's outputs are indexed under the run's folder; with ``resume`` the cacheable tasks whose
+    key that earlier run holds are not run again (:mod:`._cache`). ``output`` is what the console shows
+    (:mod:`._console`); each task's log is written under the run's ``logs/`` whatever it is.
     """
     run_dir = Path(runs_dir) / run_id
     cache = ResumeCache(runs_dir, run_id, resume)
@@ -146,11 +157,11 @@ def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], run_id: str,
     warnings.filterwarnings("ignore", module=r"kfp\.local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                raise_on_error=False, enable_caching=True)
-    pipeline = build(name, cfg, "local", run_id=run_id)
-    monitor = Monitor(run_dir / "logs", output)
+    monitor = Monitor(run_dir / "logs", output, out)
     t0 = time.perf_counter()
     with _env(KFP_RUN_ENV, run_id), installed(cache), monitor.running(cache):
         pipeline(**params)
     failed = [{"task": t.label, "log": str(t.log), "last_lines": [ln.strip() for ln in t.tail]}
               for t in monitor.failed()]
-    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed)
+    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed,
+                    {t.label: t.status for t in monitor.tasks.values()})
