@@ -21,10 +21,12 @@ KFP 2.17's local runner already consults a cache object for tasks compiled cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,20 +160,15 @@ class ResumeCache(kfp_cache.LocalCache):
         return getattr(self._local, "hit", None)
 
 
-class installed:
+@contextlib.contextmanager
+def installed(cache: ResumeCache) -> Iterator[ResumeCache]:
     """Make KFP's local runner use ``cache`` for every task compiled cacheable, for a ``with`` block."""
-
-    def __init__(self, cache: ResumeCache) -> None:
-        self.cache = cache
-        self._saved: Any = None
-
-    def __enter__(self) -> ResumeCache:
-        self._saved = kfp_cache.get_local_cache
-        kfp_cache.get_local_cache = lambda: self.cache
-        return self.cache
-
-    def __exit__(self, *exc: object) -> None:
-        kfp_cache.get_local_cache = self._saved
+    saved = kfp_cache.get_local_cache
+    kfp_cache.get_local_cache = lambda: cache
+    try:
+        yield cache
+    finally:
+        kfp_cache.get_local_cache = saved
 
 
 def original_stage_runs(runs_dir: str | Path, run: str) -> dict[str, str]:

@@ -97,10 +97,11 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     if pipeline != "llm-lifecycle" and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model)):
         raise ConfigError(f"{pipeline} starts from an existing model: pass --param base_model=DIR "
                           "(or set finetune.base_model)")
-    from kubellm.pipelines import STAGES
+    from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
     from kubellm.pipelines._runner import run_local
 
+    build(pipeline, cfg, "local")  # a config this pipeline cannot run fails here, before the run's folder exists
     run_name, out_dir = new_run_dir(runs_dir, cfg.name)
     write_json_atomic(out_dir / "run.json", {"pipeline": pipeline, "run_name": run_name, "resumed_from": resume})
     log.info("running %s as %s%s (task logs: %s)", pipeline, run_name, f", resuming {resume}" if resume else "",
