@@ -30,7 +30,7 @@ def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, s
 
 
 @component
-def prepare_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, source_uri: str,
+def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
                  dataset: Output[Dataset], report: Output[Markdown], metrics: Output[Metrics],
                  stage: str = "prep") -> str:
     """Prepare a pretraining corpus or instruction data with a newly trained (or configured) tokenizer.
@@ -43,7 +43,6 @@ def prepare_data(config: dict, tracking: dict, workdir: str, parent_run_id: str,
         config: The data section (``kubellm.config.DataConfig``).
         tracking: The tracking section.
         workdir: Local working directory.
-        parent_run_id: MLflow parent run to nest this stage's run under.
         source_uri: Replaces the first source's URI when not empty (the UI's dataset parameter).
         dataset: The prepared dataset directory (Arrow data, tokenizer, stats.json, report.md).
         report: The preparation report.
@@ -55,14 +54,14 @@ def prepare_data(config: dict, tracking: dict, workdir: str, parent_run_id: str,
     """
     from kubellm.stages import StageContext, data, publish
 
-    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = data.prep(config, dataset.path, ctx, stage=stage, source_uri=source_uri or None)
     publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]
 
 
 @component
-def prepare_instructions(config: dict, tracking: dict, workdir: str, parent_run_id: str, source_uri: str,
+def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri: str,
                          tokenizer_from: Input[Artifact], dataset: Output[Dataset],
                          report: Output[Markdown], metrics: Output[Metrics]) -> str:
     """Prepare instruction data with the tokenizer of an upstream dataset or model (one vocabulary).
@@ -73,7 +72,6 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, parent_run_
         config: The ``instruct_data`` section (``kubellm.config.DataConfig``, kind ``instruct``).
         tracking: The tracking section.
         workdir: Local working directory.
-        parent_run_id: MLflow parent run.
         source_uri: Replaces the first source's URI when not empty.
         tokenizer_from: A prepared dataset (its ``tokenizer/``) or a model directory with a tokenizer.
         dataset: The prepared instruction dataset.
@@ -85,7 +83,7 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, parent_run_
     """
     from kubellm.stages import StageContext, data, publish
 
-    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = data.prep(config, dataset.path, ctx, stage="prep_instruct", source_uri=source_uri or None,
                     tokenizer_dir=tokenizer_from.path)
     publish(out, report=report.path, metrics=metrics, artifact=dataset)

@@ -8,9 +8,9 @@ from kubellm.components._base import component
 
 
 @component
-def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
-             model: Input[Model], base_model: Input[Model], results: Output[Artifact],
-             metrics: Output[Metrics], report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "") -> bool:
+def evaluate(config: dict, tracking: dict, workdir: str, data: Input[Dataset], model: Input[Model],
+             base_model: Input[Model], results: Output[Artifact], metrics: Output[Metrics],
+             report: Output[Markdown], trial: dict = {}) -> bool:
     """Evaluate a candidate against its base model and apply the promotion gate.
 
     Held-out perplexity (token-weighted, same masking as training) for both models, and for
@@ -20,7 +20,6 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         config: The ``evaluate`` section (``kubellm.config.EvalConfig``, gate rules included).
         tracking: The tracking section.
         workdir: Local working directory.
-        parent_run_id: MLflow parent run.
         data: The prepared dataset whose validation split and held-out prompts are used.
         model: The candidate (a full model or a LoRA adapter).
         base_model: The model the candidate is compared with.
@@ -28,14 +27,13 @@ def evaluate(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         metrics: The evaluation metrics and ``gate_passed``.
         report: Metrics tables, gate rules and sample generations.
         trial: The sweep trial being evaluated (names this stage's MLflow run).
-        kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
 
     Returns:
         Whether the promotion gate passed.
     """
     from kubellm.stages import StageContext, evaluate, publish, trial_stage
 
-    ctx = StageContext.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
+    ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = evaluate.evaluate(config, model.path, data.path, results.path, ctx, base_model=base_model.path,
                             stage=trial_stage("evaluate", trial or None))
     publish(out, report=report.path, metrics=metrics, artifact=results)

@@ -25,7 +25,7 @@ def fetch_model(ref: str, tracking: dict, workdir: str, model: Output[Model]) ->
 
 
 @component
-def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
+def pretrain(config: dict, tracking: dict, workdir: str, data: Input[Dataset],
              model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
              platform: dict = {}, run_name: str = "") -> None:
     """Pretrain a Llama-architecture model from scratch on a prepared corpus.
@@ -38,7 +38,6 @@ def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         config: The ``pretrain`` section (``kubellm.config.PretrainConfig``).
         tracking: The tracking section.
         workdir: Local working directory.
-        parent_run_id: MLflow parent run.
         data: A prepared pretraining dataset.
         model: The trained model (Hugging Face format, safetensors, with tokenizer).
         metrics: Steps, final loss, validation loss, tokens/s.
@@ -50,16 +49,15 @@ def pretrain(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
     """
     from kubellm.stages import StageContext, publish, train
 
-    ctx = StageContext.from_param(tracking, workdir, parent_run_id)
+    ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = train.pretrain(config, data.path, model.path, ctx, platform=platform or None, run_name=run_name or "kubellm")
     publish(out, report=report.path, metrics=metrics, artifact=model)
 
 
 @component
-def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, data: Input[Dataset],
-             base_model: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], trial: dict = {}, kfp_run_id: str = "", platform: dict = {},
-             run_name: str = "") -> None:
+def finetune(config: dict, tracking: dict, workdir: str, data: Input[Dataset], base_model: Input[Model],
+             adapter: Output[Model], metrics: Output[Metrics], report: Output[Markdown], trial: dict = {},
+             platform: dict = {}, run_name: str = "") -> None:
     """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
 
     Same resume and preemption behaviour as pretraining.
@@ -68,13 +66,11 @@ def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
         config: The ``finetune`` section (``kubellm.config.FinetuneConfig``).
         tracking: The tracking section.
         workdir: Local working directory.
-        parent_run_id: MLflow parent run.
         data: A prepared instruction dataset.
         base_model: The model to adapt.
         adapter: The LoRA adapter (and ``merged/`` when ``merge`` is set).
         metrics: Steps, final loss, validation loss, tokens/s, trainable parameters.
         report: A summary of the run.
-        kfp_run_id: Finds the parent run when ``parent_run_id`` is empty (inside a sweep's loop).
         trial: A sweep trial (``{"name", "overrides"}``) whose dotted overrides adjust ``config``.
         platform: The ``platform`` section, set at compile time; with ``distributed.finetune.engine``
             set this step creates a training job whose rank 0 logs into this step's MLflow run.
@@ -82,7 +78,7 @@ def finetune(config: dict, tracking: dict, workdir: str, parent_run_id: str, dat
     """
     from kubellm.stages import StageContext, publish, train
 
-    ctx = StageContext.from_param(tracking, workdir, parent_run_id, kfp_run_id=kfp_run_id)
+    ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = train.finetune(config, base_model.path, data.path, adapter.path, ctx, trial=trial or None,
                          platform=platform or None, run_name=run_name or "kubellm")
     publish(out, report=report.path, metrics=metrics, artifact=adapter)

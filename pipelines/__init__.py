@@ -22,7 +22,8 @@ PIPELINES: dict[str, Callable[[Context], Any]] = {
 }
 
 #: Stages of each pipeline in the order they run (the run summary lists them in this order);
-#: ``finetune.*`` stands for every trial of a sweep.
+#: ``finetune.*`` stands for every trial of a sweep. The playground has no stage of its own: the deploy
+#: stage opens it.
 STAGES: dict[str, list[str]] = {
     lifecycle.NAME: ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy"],
     finetune.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy"],
@@ -32,8 +33,9 @@ STAGES: dict[str, list[str]] = {
 }
 
 
-def build(name: str, cfg: RunConfig, target: Target) -> Any:
-    """The pipeline function ``name`` built for ``target`` from ``cfg`` (validated before anything)."""
+def build(name: str, cfg: RunConfig, target: Target, *, run_id: str | None = None, caching: bool = True) -> Any:
+    """The pipeline function ``name`` built for ``target`` from ``cfg`` (validated before anything).
+    ``run_id``: a local run's id; ``caching=False``: no step cacheable (see :class:`Context`)."""
     if name not in PIPELINES:
         raise ConfigError(f"unknown pipeline {name!r}; expected one of {sorted(PIPELINES)}")
-    return PIPELINES[name](Context(cfg, target))
+    return PIPELINES[name](Context(cfg, target, run_id, caching))

@@ -6,10 +6,22 @@ tolerations, PVCs, secrets, pull secrets, timeout, labels, security context) wit
 Locally the placement is skipped: KFP's local runner ignores kfp-kubernetes settings anyway, and the
 runtime image is the current Python environment.
 
-Caching is off for every task, deliberately: each task either reads mutable state outside its inputs
-(data sources, the Model Registry, the cluster) or logs into this pipeline run's MLflow parent run
-(whose id is one of its inputs, so a cache hit could never happen and would leave a hole in the run's
-history). Unchanged data is instead detected by fingerprint (``llm-continuous-finetune``).
+Caching: exactly the pure steps are cacheable (``configure(..., cache=True)``, pinned by a compile test):
+``fetch_model``, ``prepare_data``, ``prepare_instructions``, ``pretrain``, ``finetune`` and ``evaluate``.
+Their outputs depend only on their inputs — the stage's config, the source URI or base model reference,
+and the input artifacts (a dataset's content carries its data fingerprint) — and none of their inputs is
+run-specific: they find the pipeline's MLflow parent run by the KFP run id in their environment
+(:data:`kubellm.stages.KFP_RUN_ENV`: the pod's ``pipeline/runid`` label on a cluster, set by
+``kubellm run`` locally), not as an input, which would make every cache key unique. Steps with side
+effects or mutable inputs never cache: the parent run's start and finish, ``check_data`` (asks the
+Model Registry), ``compare_with_champion`` (the champion moves), ``register`` and ``deploy``; nor does
+``select_best`` (it only copies). In ``llm-continuous-finetune`` instruction prep is not cached either:
+that pipeline exists for data that changes behind the same URI.
+
+A cache hit assumes that a source URI or a base model reference (a directory, ``models:/name/N``, a Hub
+id) names unchanged content: reuse is opt-in per run (``kubellm submit --cache`` on a cluster, ``kubellm
+run --resume RUN`` locally), and a plain run or a recurring run recomputes every step. A cached step
+runs no code, so it leaves no stage run under the new parent run; the original run holds its record.
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ from kubellm.config import RunConfig
 from kubellm.config.params import to_param
 from kubellm.k8s.security import RUNTIME_GID, RUNTIME_UID, WRITABLE_PATHS
 from kubellm.k8s.training_job import SHARED_MOUNT
+from kubellm.pipeline_params import PARAM_DOCS
+from kubellm.stages.base import KFP_RUN_ENV
 
 Target = Literal["local", "cluster"]
 
@@ -42,23 +56,11 @@ RETRIES: dict[str, tuple[int, str]] = {
 #: MLflow server named in the config, never to this directory).
 CLUSTER_WORKDIR = "/tmp/kubellm"
 
+#: The label KFP's backend puts on every pod of a run, holding the run's id (equal to
+#: ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, which tags the MLflow parent run).
+RUN_ID_LABEL = "pipeline/runid"
 
-#: The Kubeflow UI shows these descriptions beside each run parameter.
-PARAM_DOCS = {
-    "run_name": "Name of the MLflow parent run.",
-    "base_model": "Model to adapt: a model directory, models:/name@alias, or a Hugging Face Hub id.",
-    "dataset_uri": "Pretraining corpus: a path or glob, hf://owner/name, s3://…, gs://…, https://… or builtin://stdlib.",
-    "instruct_dataset_uri": "Instruction data: a path or glob, hf://owner/name, s3://… or builtin://stdlib-instruct.",
-    "trials": 'One item per fine-tune: {"name": "trial-1", "overrides": {"lora.r": 16, "optim.lr": 0.0005}}.',
-    "metric": "Evaluation metric that ranks the trials that passed the gate.",
-    "mode": '"min" (lower is better, e.g. perplexity) or "max" (e.g. rouge_l).',
-    "deploy_config": "Rollout, predictor and playground settings (kubellm ReleaseConfig: deploy, serve, playground).",
-    "data_config": "Data preparation of the pretraining corpus (kubellm DataConfig).",
-    "instruct_data_config": "Data preparation of the instruction data (kubellm DataConfig, kind instruct).",
-    "pretrain_config": "Model size, optimizer and training loop (kubellm PretrainConfig).",
-    "finetune_config": "LoRA settings, optimizer and training loop (kubellm FinetuneConfig).",
-    "eval_config": "Evaluation settings and the promotion gate (kubellm EvalConfig).",
-}
+
 
 
 def pipeline(name: str, description: str) -> Callable[[Callable[..., None]], Any]:
@@ -78,6 +80,11 @@ class Context:
 
     cfg: RunConfig
     target: Target
+    run_id: str | None = None
+    """Locally, ``kubellm run``'s id for this run (KFP's local runner makes a random one that the tasks
+    cannot see): tags the MLflow parent run, as the KFP run id does on a cluster."""
+    caching: bool = True
+    """Mark the pure steps cacheable; False compiles every step uncached (a run that must recompute)."""
 
     @property
     def workdir(self) -> str:
@@ -108,7 +115,8 @@ class Context:
         the first task starts the run. Yields the start task (its output is the parent run id)."""
         from kubellm.components import tracking
 
-        ids = {"pipeline_name": pipeline_name, "run_name": run_name, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        ids = {"pipeline_name": pipeline_name, "run_name": run_name,
+               "kfp_run_id": self.run_id or dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         exit_task = self.configure(tracking.finish_run(tracking=self.tracking, workdir=self.workdir, **ids),
                                    "register", "Record final status in MLflow")
         with dsl.ExitHandler(exit_task, name=pipeline_name.removeprefix("llm-")):
@@ -116,20 +124,28 @@ class Context:
                                                     workdir=self.workdir, **ids), "register", "Start MLflow run")
 
     def stage_args(self, start: Any) -> dict[str, Any]:
-        """The arguments every stage component takes: where and under which parent run to log."""
+        """The arguments of a step with side effects: where and under which parent run to log."""
         return {"tracking": self.tracking, "workdir": self.workdir, "parent_run_id": start.output}
 
-    def configure(self, task: Any, stage: str, display_name: str, retry: str = "default") -> Any:
-        """Display name, retries, caching and (on a cluster) placement for one task."""
+    def pure_args(self) -> dict[str, Any]:
+        """The arguments of a cacheable step: where to log, but not the parent run (found at run time by
+        KFP run id, so that no run-specific value enters the cache key). Order it ``.after(start)``."""
+        return {"tracking": self.tracking, "workdir": self.workdir}
+
+    def configure(self, task: Any, stage: str, display_name: str, retry: str = "default", *,
+                  cache: bool = False) -> Any:
+        """Display name, retries, caching (``cache``: a pure step, see the module docstring) and — on a
+        cluster — placement and the KFP run id in the environment, for one task."""
         task.set_display_name(display_name)
         count, backoff = RETRIES[retry]
         if self.target == "local":
             backoff = "1s"  # the waits are for a cluster (preempted nodes, slow rollouts), not a laptop
         task.set_retry(num_retries=count, backoff_duration=backoff, backoff_factor=2.0,
                        backoff_max_duration="3600s")
-        task.set_caching_options(False)
+        task.set_caching_options(cache and self.caching)
         if self.target == "cluster":
             apply_placement(task, stage, self.cfg)
+            kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ENV, field_path=f"metadata.labels['{RUN_ID_LABEL}']")
         return task
 
 

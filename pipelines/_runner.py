@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import io
-import logging
+import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from kfp import compiler, local
@@ -21,6 +22,9 @@ from kfp import compiler, local
 from kubellm.components import data, deploy, evaluate, registry, tracking, train
 from kubellm.config import RunConfig
 from kubellm.pipelines import PIPELINES, build
+from kubellm.pipelines._cache import ResumeCache, installed
+from kubellm.pipelines._console import Mode, Monitor
+from kubellm.stages import KFP_RUN_ENV
 
 #: Every component, by the file name its YAML gets under ``dist/components/``.
 COMPONENTS = {
@@ -76,16 +80,16 @@ def _check_yaml(path: Path) -> None:
 
 
 def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = None, *,
-                components: bool = True) -> list[Path]:
+                components: bool = True, caching: bool = True) -> list[Path]:
     """Compile the pipelines (for a cluster, with ``cfg``'s placement) and every component to
     ``out_dir`` (``<name>.yaml`` and ``components/<name>.yaml``). Deterministic: the same config gives
-    the same bytes."""
+    the same bytes. ``caching=False`` compiles every step uncached."""
     out = Path(out_dir)
     (out / "components").mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in names or sorted(PIPELINES):
         path = out / f"{name}.yaml"
-        compiler.Compiler().compile(build(name, cfg, "cluster"), str(path))
+        compiler.Compiler().compile(build(name, cfg, "cluster", caching=caching), str(path))
         _stable_header(path)
         _check_yaml(path)
         written.append(path)
@@ -97,30 +101,67 @@ def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = N
     return written
 
 
-def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], pipeline_root: str | Path,
-              quiet: bool = False) -> float:
-    """Run pipeline ``name`` on KFP's local runner in this Python environment; returns wall seconds.
+@dataclass
+class LocalRun:
+    """What a local run did, beyond what MLflow records: its wall time, the stages it reused from an
+    earlier run (stage → that run), and where each task's log is."""
+
+    wall_seconds: float
+    cached: dict[str, str]
+    logs: Path
+    failed: list[dict[str, Any]]
+    """Each failed task: its name, log file and last lines."""
+    tasks: dict[str, str]
+    """Each task that started: done, FAILED or cached (RUN)."""
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
+              pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines") -> LocalRun:
+    """Run pipeline ``name`` on KFP's local runner in this Python environment (see :func:`run_pipeline`).
 
     The run's success or failure is read afterwards from MLflow (see :mod:`kubellm.summary`): the
     local runner reports a failed task by logging, not by raising, once ``raise_on_error`` is off.
     """
+    return run_pipeline(build(name, cfg, "local", run_id=run_id), params=params, run_id=run_id, runs_dir=runs_dir,
+                        pipeline_root=pipeline_root, resume=resume, output=output)
+
+
+def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
+                 pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines",
+                 out: TextIO | None = None) -> LocalRun:
+    """Run a pipeline function on KFP's local runner as run ``run_id`` (its folder under ``runs_dir``).
+
+    The tasks find the MLflow parent run by ``run_id`` (:data:`~kubellm.stages.KFP_RUN_ENV`). Every
+    cacheable task's outputs are indexed under the run's folder; with ``resume`` the cacheable tasks whose
+    key that earlier run holds are not run again (:mod:`._cache`). ``output`` is what the console shows
+    (:mod:`._console`); each task's log is written under the run's ``logs/`` whatever it is.
+    """
+    run_dir = Path(runs_dir) / run_id
+    cache = ResumeCache(runs_dir, run_id, resume)
     Path(pipeline_root).mkdir(parents=True, exist_ok=True)
     # "custom base image in a Python environment" and "display_name has no effect locally": both true
     # and both expected here (the image is this environment; display names are for the Kubeflow UI).
     warnings.filterwarnings("ignore", module=r"kfp\.local")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=False)
-    pipeline = build(name, cfg, "local")
+               raise_on_error=False, enable_caching=True)
+    monitor = Monitor(run_dir / "logs", output, out)
     t0 = time.perf_counter()
-    kfp_logger = logging.getLogger("kfp")
-    # The local runner streams every task's log; keep it on (progress) unless asked to be quiet.
-    sink = io.StringIO() if quiet else None
-    with contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
-        previous = kfp_logger.level
-        if quiet:
-            kfp_logger.setLevel(logging.WARNING)
-        try:
-            pipeline(**params)
-        finally:
-            kfp_logger.setLevel(previous)
-    return time.perf_counter() - t0
+    with _env(KFP_RUN_ENV, run_id), installed(cache), monitor.running(cache):
+        pipeline(**params)
+    failed = [{"task": t.label, "log": str(t.log), "last_lines": [ln.strip() for ln in t.tail]}
+              for t in monitor.failed()]
+    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed,
+                    {t.label: t.status for t in monitor.tasks.values()})

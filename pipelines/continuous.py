@@ -37,8 +37,9 @@ def build(ctx: Context) -> Any:
             with dsl.If(check.outputs["Output"] == True, name="data-changed"):  # noqa: E712 (a KFP condition)
                 base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                     instruct_dataset_uri=instruct_dataset_uri,
-                                                    instruct_data_config=instruct_data_config)
-                ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_name=run_name,
+                                                    instruct_data_config=instruct_data_config,
+                                                    cache_prep=False)  # new data behind the same URI
+                ft, ev = tune_and_evaluate(ctx, base=base, iprep=iprep, run_name=run_name,
                                            finetune_config=finetune_config, eval_config=eval_config)
                 with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
                     cmp = ctx.configure(evaluate.compare_with_champion(

@@ -19,26 +19,29 @@ def base_model_default(ctx: Context) -> str | None:
 
 
 def prepare_base_and_data(ctx: Context, *, start: Any, base_model: Any, instruct_dataset_uri: Any,
-                          instruct_data_config: Any) -> tuple[Any, Any]:
+                          instruct_data_config: Any, cache_prep: bool = True) -> tuple[Any, Any]:
     """fetch base → prep instructions with its tokenizer: the head of every fine-tuning pipeline.
-    Returns the base model artifact and the instruction prep task."""
+    Returns the base model artifact and the instruction prep task. ``cache_prep=False`` for data that
+    changes behind the same URI (the continuous pipeline)."""
     base = ctx.configure(train.fetch_model(ref=base_model, tracking=ctx.tracking, workdir=ctx.workdir),
-                         "finetune", "Fetch base model")
+                         "finetune", "Fetch base model", cache=True)
     iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config, source_uri=instruct_dataset_uri,
-                                                    tokenizer_from=base.outputs["model"], **ctx.stage_args(start)),
-                          "prep_instruct", "Prepare instructions")
+                                                    tokenizer_from=base.outputs["model"],
+                                                    **ctx.pure_args()).after(start),
+                          "prep_instruct", "Prepare instructions", cache=cache_prep)
     return base.outputs["model"], iprep
 
 
-def tune_and_evaluate(ctx: Context, *, start: Any, base: Any, iprep: Any, run_name: Any, finetune_config: Any,
+def tune_and_evaluate(ctx: Context, *, base: Any, iprep: Any, run_name: Any, finetune_config: Any,
                       eval_config: Any) -> tuple[Any, Any]:
-    """LoRA → evaluate against the base; returns the fine-tune and evaluation tasks."""
-    common = ctx.stage_args(start)
+    """LoRA → evaluate against the base; returns the fine-tune and evaluation tasks (both cacheable)."""
+    pure = ctx.pure_args()
     ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(), data=iprep.outputs["dataset"],
-                                      base_model=base, **common), "finetune", "LoRA fine-tune", retry="train")
+                                      base_model=base, **pure), "finetune", "LoRA fine-tune", retry="train",
+                       cache=True)
     ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
-                                         model=ft.outputs["adapter"], base_model=base, **common),
-                       "evaluate", "Evaluate + gate")
+                                         model=ft.outputs["adapter"], base_model=base, **pure),
+                       "evaluate", "Evaluate + gate", cache=True)
     return ft, ev
 
 
@@ -60,7 +63,7 @@ def build(ctx: Context) -> Any:
             base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                 instruct_dataset_uri=instruct_dataset_uri,
                                                 instruct_data_config=instruct_data_config)
-            ft, ev = tune_and_evaluate(ctx, start=start, base=base, iprep=iprep, run_name=run_name,
+            ft, ev = tune_and_evaluate(ctx, base=base, iprep=iprep, run_name=run_name,
                                        finetune_config=finetune_config, eval_config=eval_config)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
                 release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"], base=base,

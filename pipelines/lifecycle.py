@@ -43,22 +43,22 @@ def build(ctx: Context) -> Any:
         eval_config: dict = to_param(cfg.evaluate),
     ) -> None:
         with ctx.tracked(NAME, run_name) as start:
-            common = ctx.stage_args(start)
-            prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **common),
-                                 "prep", "Prepare corpus")
+            pure = ctx.pure_args()  # the cacheable steps: no run-specific input (see _common)
+            prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **pure).after(start),
+                                 "prep", "Prepare corpus", cache=True)
             pre = ctx.configure(train.pretrain(config=pretrain_config, **ctx.placed(),
-                                               data=prep.outputs["dataset"], **common),
-                                "pretrain", "Pretrain", retry="train")
+                                               data=prep.outputs["dataset"], **pure),
+                                "pretrain", "Pretrain", retry="train", cache=True)
             iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config,
                                                             source_uri=instruct_dataset_uri,
-                                                            tokenizer_from=prep.outputs["dataset"], **common),
-                                  "prep_instruct", "Prepare instructions")
+                                                            tokenizer_from=prep.outputs["dataset"], **pure),
+                                  "prep_instruct", "Prepare instructions", cache=True)
             ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(),
                                               data=iprep.outputs["dataset"], base_model=pre.outputs["model"],
-                                              **common), "finetune", "LoRA fine-tune", retry="train")
+                                              **pure), "finetune", "LoRA fine-tune", retry="train", cache=True)
             ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                                  model=ft.outputs["adapter"], base_model=pre.outputs["model"],
-                                                 **common), "evaluate", "Evaluate + gate")
+                                                 **pure), "evaluate", "Evaluate + gate", cache=True)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
                 release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"],
                         base=pre.outputs["model"], evaluation=ev.outputs["results"],

@@ -35,16 +35,15 @@ def build(ctx: Context) -> Any:
             base, iprep = prepare_base_and_data(ctx, start=start, base_model=base_model,
                                                 instruct_dataset_uri=instruct_dataset_uri,
                                                 instruct_data_config=instruct_data_config)
-            # Inside the loop the parent run is found by KFP run id, not passed: KFP's local runner
-            # replaces task-output parameters that enter a ParallelFor with the loop item.
-            loop = {**ctx.stage_args(start), "parent_run_id": "", "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+            pure = ctx.pure_args()  # the parent run is found by KFP run id, as in every cacheable step
             with dsl.ParallelFor(trials, name="trials") as trial:
                 ft = ctx.configure(train.finetune(config=finetune_config, **ctx.placed(),
                                                   data=iprep.outputs["dataset"], base_model=base, trial=trial,
-                                                  **loop), "finetune", "LoRA fine-tune (trial)", retry="train")
+                                                  **pure), "finetune", "LoRA fine-tune (trial)", retry="train",
+                                   cache=True)
                 ev = ctx.configure(evaluate.evaluate(config=eval_config, data=iprep.outputs["dataset"],
                                                      model=ft.outputs["adapter"], base_model=base, trial=trial,
-                                                     **loop), "evaluate", "Evaluate + gate (trial)")
+                                                     **pure), "evaluate", "Evaluate + gate (trial)", cache=True)
             best = ctx.configure(evaluate.select_best(evaluations=dsl.Collected(ev.outputs["results"]),
                                                       adapters=dsl.Collected(ft.outputs["adapter"]),
                                                       metric=metric, mode=mode),

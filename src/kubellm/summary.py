@@ -16,11 +16,18 @@ from kubellm.fsutil import write_json_atomic
 
 #: Shown for a stage with no MLflow run: it never started (an earlier stage failed, or a gate closed).
 NOT_RUN = "not run"
+#: Shown for a stage whose outputs a resumed run took from an earlier run instead of running it.
+CACHED = "cached"
 
 
 def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str, stages: list[str],
-            wall_seconds: float | None = None) -> dict[str, Any]:
-    """Everything a person (or CI) wants to know after a run, as JSON-able data."""
+            wall_seconds: float | None = None, cached: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything a person (or CI) wants to know after a run, as JSON-able data.
+
+    ``cached`` names the stages a resumed run did not run: stage → ``{"from_run": the earlier run,
+    "run_id": that stage's MLflow run there}``; their rows say "cached", and their metrics (the
+    evaluation's, say) come from the run that made them.
+    """
     from kubellm.tracking.mlflow_tracker import mlflow_client
 
     client, uri = mlflow_client(cfg, workdir)
@@ -39,6 +46,10 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     by_stage: dict[str, Any] = {}
     for child in sorted(children, key=lambda r: r.info.start_time or 0):
         by_stage[child.data.tags.get("stage", child.info.run_name)] = child
+    reused = {s: c for s, c in (cached or {}).items() if s not in by_stage}
+    for stage, origin in reused.items():
+        if origin.get("run_id"):
+            by_stage[stage] = client.get_run(origin["run_id"])
 
     # "finetune.*" in the stage list stands for every trial of a sweep (finetune.trial-1, …).
     ordered: list[str] = []
@@ -51,6 +62,10 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     rows, failed = [], None
     for stage in ordered:
         run = by_stage.get(stage)
+        if stage in reused:
+            rows.append({"stage": stage, "status": CACHED, "seconds": None, "run_id": run.info.run_id if run else None,
+                         "cached_from": reused[stage]["from_run"]})
+            continue
         if run is None:
             rows.append({"stage": stage, "status": NOT_RUN, "seconds": None})
             continue
@@ -111,7 +126,8 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-stage table ``kubellm run`` prints."""
     return [{"stage": r["stage"], "status": r["status"],
              "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
-             "note": (r.get("error") or "")[:100]} for r in summary["stages"]]
+             "note": (r.get("error") or (f"outputs of {r['cached_from']}" if r.get("cached_from") else ""))[:100]}
+            for r in summary["stages"]]
 
 
 def headline(summary: dict[str, Any]) -> str:

@@ -94,7 +94,68 @@ def test_every_task_retries_and_the_exit_handler_records_status(cluster_build, n
     assert not missing, f"tasks without retries: {missing}"
     exit_tasks = [n for n, t in tasks.items() if t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"]
     assert exit_tasks == ["finish-run"]
-    assert all(t.get("cachingOptions", {}).get("enableCache") in (None, False) for t in containers.values())
+
+
+#: Exactly these steps are cacheable, per pipeline (pipelines/_common.py says why): pure steps only;
+#: never the parent run's start/finish, check_data, compare-with-champion, select-best, register, deploy;
+#: the continuous pipeline's instruction prep neither (its data changes behind the same URI).
+CACHEABLE = {
+    "llm-lifecycle": {"prepare-data", "pretrain", "prepare-instructions", "finetune", "evaluate"},
+    "llm-finetune": {"fetch-model", "prepare-instructions", "finetune", "evaluate"},
+    "llm-lora-sweep": {"fetch-model", "prepare-instructions", "finetune", "evaluate"},
+    "llm-continuous-finetune": {"fetch-model", "finetune", "evaluate"},
+}
+
+
+def _containers(spec: dict) -> dict[str, dict]:
+    return {n: t for n, t in _tasks(spec).items()
+            if "dag" not in spec["components"][t["componentRef"]["name"]]}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_exactly_the_pure_steps_are_cacheable_and_have_no_run_specific_input(cluster_build, name: str) -> None:
+    spec = cluster_build[name][0]
+    containers = _containers(spec)
+    cached = {n for n, t in containers.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == CACHEABLE[name]
+    for task in cached:  # nothing that differs from run to run: no parent run id, no KFP run id
+        inputs = containers[task]["inputs"].get("parameters", {})
+        assert "parent_run_id" not in inputs and "kfp_run_id" not in inputs, task
+        assert "PIPELINE_JOB" not in str(inputs) and "taskOutputParameter" not in str(
+            {k: v for k, v in inputs.items() if k in ("tracking", "workdir")}), task
+        # a step that logs a stage run starts after the parent run exists (directly or through its inputs)
+        assert task == "fetch-model" or "start-run" in containers[task].get("dependentTasks", []) or any(
+            "OutputArtifact" in str(a) or "InputArtifact" in str(a)
+            for a in containers[task]["inputs"].get("artifacts", {}).values()), task
+    # the side-effecting steps still get the parent run as an input
+    assert "parent_run_id" in containers["register"]["inputs"]["parameters"]
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_pod_finds_its_run_by_the_kfp_run_id_label(cluster_build, name: str) -> None:
+    from kubellm.pipelines._common import RUN_ID_LABEL
+    from kubellm.stages import KFP_RUN_ENV
+
+    executors = cluster_build[name][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for executor, conf in executors.items():
+        assert {"name": KFP_RUN_ENV, "fieldPath": f"metadata.labels['{RUN_ID_LABEL}']"} in conf["fieldPathAsEnv"], executor
+
+
+def test_without_caching_no_step_is_cacheable(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "local.yaml", CLUSTER_OVERRIDES)
+    for path in compile_all(cfg, tmp_path, components=False, caching=False):
+        spec = _docs(path)[0]
+        assert not [n for n, t in _containers(spec).items() if t.get("cachingOptions", {}).get("enableCache")]
+
+
+def test_the_cli_knows_every_pipelines_parameters(cluster_build) -> None:
+    """`kubellm run --help` and its --param check read PIPELINE_PARAMS (no kfp import): it must name
+    exactly each pipeline's run parameters, each documented."""
+    from kubellm.pipeline_params import PARAM_DOCS, PIPELINE_PARAMS
+
+    for name, docs in cluster_build.items():
+        assert sorted(PIPELINE_PARAMS[name]) == sorted(docs[0]["root"]["inputDefinitions"]["parameters"]), name
+        assert set(PIPELINE_PARAMS[name]) <= set(PARAM_DOCS)
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))

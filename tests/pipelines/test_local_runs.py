@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +32,25 @@ TINY = [
 ]
 
 
+def _command(workdir: Path, *args: str) -> list[str]:
+    sets = [x for s in TINY for x in ("--set", s)]
+    return [sys.executable, "-m", "kubellm.cli", "run", "--config", str(REPO / "configs" / "local.yaml"),
+            "--set", f"workdir={workdir}", *sets, *args, "--quiet"]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _result(code: int, stdout: str, stderr: str) -> tuple[int, dict | None, str]:
+    """Exit code, the summary.json the run printed the path of, and the whole output."""
+    paths = re.findall(r"^summary: (.+)$", stdout, flags=re.M)
+    return code, json.loads(Path(paths[-1]).read_text()) if paths else None, stdout + stderr
+
+
 def kubellm_run(workdir: Path, *args: str) -> tuple[int, dict | None, str]:
     """`kubellm run` in a subprocess (as a user runs it); returns exit code, summary.json, output."""
-    sets = [x for s in TINY for x in ("--set", s)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kubellm.cli", "run", "--config", str(REPO / "configs" / "local.yaml"),
-                           "--set", f"workdir={workdir}", *sets, *args, "--quiet"],
-                          capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
-    out = proc.stdout + proc.stderr
-    summaries = sorted((workdir / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    summary = json.loads(summaries[-1].read_text()) if summaries and "summary:" in proc.stdout else None
-    return proc.returncode, summary, out
+    proc = subprocess.run(_command(workdir, *args), capture_output=True, text=True, cwd=workdir, env=ENV, timeout=900)
+    return _result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def stage(summary: dict, name: str) -> dict:
@@ -59,8 +68,8 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_lifecycle_runs_end_to_end_and_registers(lifecycle) -> None:
     workdir, s = lifecycle
     assert s["status"] == "FINISHED" and s["failed_stage"] is None
-    assert [r["stage"] for r in s["stages"]][:8] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
-                                                     "register", "deploy", "playground"]
+    assert [r["stage"] for r in s["stages"]][:7] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
+                                                     "register", "deploy"]
     assert all(r["status"] == "FINISHED" and r["seconds"] >= 0 for r in s["stages"])
     ev = s["evaluation"]
     assert ev["gate_passed"] is True
@@ -136,3 +145,49 @@ def test_continuous_skips_unchanged_data_and_trains_on_changed_data(lifecycle, t
     assert code == 0, out[-3000:]
     assert stage(third, "finetune")["status"] == "FINISHED"
     assert stage(third, "evaluate_champion")["status"] == "FINISHED"  # compared with the v1 champion
+
+
+PURE = ("prep", "pretrain", "prep_instruct", "finetune", "evaluate")
+
+
+def test_resume_after_a_failure_in_deploy_reruns_only_register_and_deploy(lifecycle) -> None:
+    """The failed run itself resumes the fixture's run (its pure steps reused: no extra training here);
+    resuming the failed run runs register and deploy again and nothing before them."""
+    workdir, done = lifecycle
+    bad = '{"deploy": {"smoke_max_tokens": 0}}'  # refused by the deploy step's config validation
+    code, failed, out = kubellm_run(workdir, "--resume", done["run_name"], "--param", f"deploy_config={bad}")
+    assert code == 1, out[-3000:]
+    assert failed["status"] == "FAILED" and failed["failed_stage"] == "deploy"
+    assert "smoke_max_tokens" in out and f"full log: {workdir}/runs/{failed['run_name']}/logs/deploy.log" in out
+    assert [t["task"] for t in failed["failed_tasks"]] == ["deploy"]
+
+    code, s, out = kubellm_run(workdir, "--resume", failed["run_name"])
+    assert code == 0, out[-3000:]
+    assert s["status"] == "FINISHED" and s["resumed_from"] == failed["run_name"]
+    for name in PURE:  # reused, and traced back to the run that made them
+        assert stage(s, name)["status"] == "cached" and stage(s, name)["cached_from"] == done["run_name"]
+        assert stage(s, name)["run_id"] == stage(done, name)["run_id"]
+    assert stage(s, "register")["status"] == stage(s, "deploy")["status"] == "FINISHED"
+    assert s["evaluation"]["gate_passed"] is True  # read from the evaluation that was reused
+    assert "champion" in s["model"]["aliases"] and s["model"]["version"] >= 2
+    assert re.search(r"^prep\s+cached\s+outputs of " + done["run_name"], out, flags=re.M)
+    logs = {p.name for p in (workdir / "runs" / s["run_name"] / "logs").glob("*.log")}
+    assert {"register.log", "deploy.log", "start-run.log"} <= logs and "pretrain.log" not in logs
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_names_and_summaries(lifecycle) -> None:
+    """Two `kubellm run` at once in one workdir (resumed from the fixture's run to keep them short):
+    each has its own run name, folder, MLflow parent run and summary, and each exits 0."""
+    workdir, done = lifecycle
+    procs = [subprocess.Popen(_command(workdir, "--resume", done["run_name"]), cwd=workdir, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [_result(p.wait(timeout=900), p.stdout.read(), p.stderr.read()) for p in procs]
+    for code, s, out in results:
+        assert code == 0, out[-3000:]
+        assert s["status"] == "FINISHED" and stage(s, "deploy")["status"] == "FINISHED"
+    (_, a, _), (_, b, _) = results
+    assert a["run_name"] != b["run_name"]
+    assert a["mlflow"]["parent_run_id"] != b["mlflow"]["parent_run_id"]
+    for s in (a, b):
+        written = json.loads((workdir / "runs" / s["run_name"] / "summary.json").read_text())
+        assert written["run_name"] == s["run_name"]

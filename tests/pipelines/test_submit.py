@@ -311,3 +311,26 @@ def test_stand_in_rejects_what_the_real_api_would(team) -> None:
         assert bad.status_code == 400 and "empty namespace in multi-user mode" in bad.json()["message"]
         assert http.get("/experiments", params={"namespace": "team-a"},
                         headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def _cacheable_tasks(package: str) -> set[str]:
+    spec = next(yaml.safe_load_all(package))
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return {n for d in dags for n, t in d.get("tasks", {}).items() if t.get("cachingOptions", {}).get("enableCache")}
+
+
+def test_cache_is_chosen_per_run_by_the_version_it_runs(kfp) -> None:
+    """KFP takes caching from the run's pipeline version: a plain submit runs a version with no step
+    cacheable (…-nocache), `--cache` the one whose pure steps are; a recurring run never caches."""
+    assert _cli("submit", *LOCAL) == 0
+    assert _cli("submit", *LOCAL, "--cache") == 0
+    assert _cli(*SCHEDULE) == 0
+    st = kfp.state
+    by_version = {v["pipeline_version_id"]: v["display_name"] for v in st.versions.values()}
+    plain, cached, recurring = [r["pipeline_version_reference"]["pipeline_version_id"]
+                                for r in [*st.runs.values(), *st.recurring.values()]]
+    assert by_version[plain].endswith("-nocache") and not by_version[cached].endswith("-nocache")
+    assert by_version[recurring].endswith("-nocache")
+    assert _cacheable_tasks(st.packages[plain]) == _cacheable_tasks(st.packages[recurring]) == set()
+    assert _cacheable_tasks(st.packages[cached]) == {"prepare-data", "pretrain", "prepare-instructions", "finetune",
+                                                     "evaluate"}

@@ -94,7 +94,8 @@ def test_torchrun_job_logs_once_into_the_step_run_and_continues_it_after_a_resta
 
 
 @pytest.mark.slow
-def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: Path, workdir: Path) -> None:
+def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: Path, workdir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """`kubellm pretrain` leaves the run the pretrain component leaves: same metrics, params, artifacts."""
     from mlflow import MlflowClient
 
@@ -112,8 +113,9 @@ def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: 
     parent = start_parent_run(cfg.tracking, workdir, pipeline="llm-lifecycle", run_name="t", config={},
                               tags={"kfp_run_id": "kfp-1"})
     artifact = SimpleNamespace(path=str(tmp_path / "kfp" / "model"), metadata={})
+    monkeypatch.setenv("KUBELLM_KFP_RUN_ID", "kfp-1")  # as the pod's run-id label sets it: finds `parent`
     component.python_func(config=to_param(cfg.pretrain), tracking=to_param(cfg.tracking), workdir=str(workdir),
-                          parent_run_id=parent, data=SimpleNamespace(path=str(corpus)), model=artifact,
+                          data=SimpleNamespace(path=str(corpus)), model=artifact,
                           metrics=SimpleNamespace(log_metric=lambda k, v: None),
                           report=SimpleNamespace(path=str(tmp_path / "kfp" / "report.md")))
 

@@ -33,36 +33,94 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
     return out
 
 
-@app.command()
+def _run_help() -> str:
+    from kubellm.pipeline_params import help_text
+
+    return ("Run a pipeline on KFP's local runner on this machine (the embedded default: configs/local.yaml).\n\n"
+            "Shows one row per task (a live table on a terminal, a line per task event otherwise) and writes "
+            "each task's full log under <workdir>/runs/<run>/logs/; prints a per-stage summary and writes "
+            "summary.json beside them. Exits 1 when a stage failed (the summary names it), 0 otherwise — also "
+            "when the promotion gate closed. --resume RUN re-runs a failed run: the cacheable steps (prep, "
+            "fetch, pretrain, finetune, evaluate) whose inputs are unchanged reuse RUN's outputs.\n\n"
+            + help_text())
+
+
+def new_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
+    """A run name unique in ``runs_dir`` (time to the second and a random suffix) and its folder, created
+    atomically: two runs started in the same second never share a name, a folder or a summary."""
+    import secrets
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            (runs_dir / run_name).mkdir()
+            return run_name, runs_dir / run_name
+        except FileExistsError:
+            continue
+
+
+def _output_mode(quiet: bool, verbose: bool):  # -> Mode
+    import sys
+
+    if quiet and verbose:
+        raise ConfigError("--quiet and --verbose exclude each other")
+    return "quiet" if quiet else "verbose" if verbose else "live" if sys.stdout.isatty() else "lines"
+
+
+@app.command(help=_run_help())
 def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOpt = "llm-lifecycle",
         params: ParamOpt = None,
-        quiet: Annotated[bool, typer.Option(help="Hide the tasks' own logs.")] = False) -> None:
-    """Run a pipeline on KFP's local runner on this machine (the embedded default: configs/local.yaml).
-
-    Prints a per-stage summary and writes summary.json under <workdir>/runs/<run name>/. Exits 1 when a
-    stage failed (the summary names it), 0 otherwise — also when the promotion gate closed.
-    """
+        resume: Annotated[str | None, typer.Option("--resume", metavar="RUN", help="Reuse the unchanged "
+                                                   "cacheable steps' outputs of the earlier run RUN (its name "
+                                                   "under <workdir>/runs/).")] = None,
+        quiet: Annotated[bool, typer.Option(help="Print only the summary.")] = False,
+        verbose: Annotated[bool, typer.Option(help="Stream every task's full output (KFP's own view).")] = False) -> None:
     from kubellm import summary as summ
+    from kubellm.fsutil import write_json_atomic
     from kubellm.log import get_logger, print_table
-    from kubellm.pipelines import STAGES
-    from kubellm.pipelines._runner import run_local
+    from kubellm.pipeline_params import PIPELINE_PARAMS, unknown_params
 
     cfg = load(config, overrides)
+    if pipeline not in PIPELINE_PARAMS:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINE_PARAMS)}")
+    extra = parse_params(params)
+    bad = unknown_params(pipeline, list(extra))
+    if bad:
+        raise ConfigError(bad)
+    mode = _output_mode(quiet, verbose)
     log = get_logger("run")
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     workdir = Path(cfg.workdir).resolve()
-    out_dir = workdir / "runs" / run_name
-    run_params = {"run_name": run_name, **parse_params(params)}
-    if pipeline != "llm-lifecycle" and not (run_params.get("base_model") or (cfg.finetune and cfg.finetune.base_model)):
+    runs_dir = workdir / "runs"
+    if resume is not None and not (runs_dir / resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no run of that name under {runs_dir}")
+    if pipeline != "llm-lifecycle" and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model)):
         raise ConfigError(f"{pipeline} starts from an existing model: pass --param base_model=DIR "
                           "(or set finetune.base_model)")
-    log.info("running %s as %s (pipeline root %s)", pipeline, run_name, workdir / "pipeline-root")
-    wall = run_local(pipeline, cfg, params=run_params, pipeline_root=workdir / "pipeline-root", quiet=quiet)
+    from kubellm.pipelines import STAGES, build
+    from kubellm.pipelines._cache import original_stage_runs
+    from kubellm.pipelines._runner import run_local
+
+    build(pipeline, cfg, "local")  # a config this pipeline cannot run fails here, before the run's folder exists
+    run_name, out_dir = new_run_dir(runs_dir, cfg.name)
+    write_json_atomic(out_dir / "run.json", {"pipeline": pipeline, "run_name": run_name, "resumed_from": resume})
+    log.info("running %s as %s%s (task logs: %s)", pipeline, run_name, f", resuming {resume}" if resume else "",
+             out_dir / "logs")
+    done = run_local(pipeline, cfg, params={"run_name": run_name, **extra}, run_id=run_name, runs_dir=runs_dir,
+                     pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
     if not cfg.tracking.enabled:
-        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", pipeline, wall)
+        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", pipeline,
+                 done.wall_seconds)
         return
+    origins = original_stage_runs(runs_dir, resume) if resume else {}
+    cached = {s: {"from_run": r, "run_id": origins.get(s)} for s, r in done.cached.items()}
     result = summ.collect(cfg.tracking, workdir, pipeline=pipeline, run_name=run_name,
-                          stages=STAGES.get(pipeline, []), wall_seconds=wall)
+                          stages=STAGES.get(pipeline, []), wall_seconds=done.wall_seconds, cached=cached)
+    result["resumed_from"] = resume
+    result["logs"] = str(done.logs)
+    result["failed_tasks"] = done.failed
+    if done.failed and not result["failed_stage"]:  # failed before opening its MLflow run (e.g. a bad parameter)
+        result["failed_stage"] = done.failed[0]["task"]
     path = summ.write(result, out_dir)
     print_table(f"{pipeline} · {run_name}", summ.table_rows(result))
     print(summ.headline(result))
@@ -116,7 +174,14 @@ ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP exp
                                                    "tracking experiment name).")]
 
 
-def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version name, description)
+#: The version name's suffix of a pipeline compiled with no step cacheable (a run that recomputes all).
+NO_CACHE_SUFFIX = "-nocache"
+
+
+def _compiled(cfg, pipeline: str, caching: bool) -> tuple[Path, str, str]:  # (package, version name, description)
+    """Compiled for the cluster, as its own version: KFP (v2beta1) takes caching from the pipeline version's
+    spec — a run from an uploaded version cannot switch it — so a run that must not reuse anything runs
+    the version compiled with no step cacheable (its name ends in ``-nocache``)."""
     import tempfile
 
     from kubellm import __version__
@@ -128,12 +193,13 @@ def _compiled(cfg, pipeline: str) -> tuple[Path, str, str]:  # (package, version
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)}")
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
-    package = compile_all(cfg, out, [pipeline], components=False)[0]
+    package = compile_all(cfg, out, [pipeline], components=False, caching=caching)[0]
     import yaml
 
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
     description = spec["pipelineInfo"].get("description", pipeline)
-    return package, version_name(__version__, git_revision(), cfg.config_hash()), description
+    version = version_name(__version__, git_revision(), cfg.config_hash()) + ("" if caching else NO_CACHE_SUFFIX)
+    return package, version, description
 
 
 @app.command()
@@ -142,19 +208,22 @@ def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: Pipelin
            cookie: CookieOpt = None, ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None,
            wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
            timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600,
-           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0) -> None:
+           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0,
+           cache: Annotated[bool, typer.Option(help="Reuse the outputs of earlier runs' pure steps (prep, fetch, "
+                                               "pretrain, finetune, evaluate) whose inputs are unchanged, e.g. "
+                                               "to re-run a pipeline that failed at deploy.")] = False) -> None:
     """Compile a pipeline, upload it as a new version, and start a run on Kubeflow Pipelines.
 
     The version is named from the package version, the git revision and the config hash, so the same
-    source and config reuse one version. On a multi-user Kubeflow the pipeline, experiment and run live
-    in --namespace.
+    source and config reuse one version (a version compiled with no step cacheable, ``…-nocache``, unless
+    --cache). On a multi-user Kubeflow the pipeline, experiment and run live in --namespace.
     """
     from kubellm.log import get_logger
     from kubellm.pipelines.submit import Endpoint, Pipelines
 
     cfg = load(config, overrides)
     log = get_logger("submit")
-    package, version, description = _compiled(cfg, pipeline)
+    package, version, description = _compiled(cfg, pipeline, caching=cache)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
     pipeline_id, version_id = server.upload(package, pipeline, version, description)
     exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
@@ -183,7 +252,8 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
 
     cron = check_cron(cron)  # before compiling or connecting
     cfg = load(config, overrides)
-    package, version, description = _compiled(cfg, pipeline)
+    # A recurring run exists to pick up new data behind the same URIs: it never reuses a cached step.
+    package, version, description = _compiled(cfg, pipeline, caching=False)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
     pipeline_id, version_id = server.upload(package, pipeline, version, description)
     name = f"{cfg.name}-{pipeline}"

@@ -17,6 +17,6 @@ for the next step. The work itself lives in ``kubellm.data``, ``kubellm.train``,
 ``kubellm.serve`` and ``kubellm.k8s``. Importing this package imports none of the heavy libraries.
 """
 
-from kubellm.stages.base import STAGE_RUN_ENV, StageContext, StageOutput, publish, trial_stage
+from kubellm.stages.base import KFP_RUN_ENV, STAGE_RUN_ENV, StageContext, StageOutput, publish, trial_stage
 
-__all__ = ["STAGE_RUN_ENV", "StageContext", "StageOutput", "publish", "trial_stage"]
+__all__ = ["KFP_RUN_ENV", "STAGE_RUN_ENV", "StageContext", "StageOutput", "publish", "trial_stage"]

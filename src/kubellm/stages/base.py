@@ -30,6 +30,12 @@ M = TypeVar("M", bound=BaseModel)
 #: into it (and never ends it: the step owns it); a restarted pod logs on without repeating steps.
 STAGE_RUN_ENV = "KUBELLM_STAGE_RUN_ID"
 
+#: Set for a pipeline task: the id of the pipeline run it belongs to (on a cluster the pod's
+#: ``pipeline/runid`` label, locally ``kubellm run``'s run name). A cacheable step finds its MLflow parent
+#: run through it, so the parent run's id is not one of its inputs: an input that differs in every run
+#: would make every cache key unique.
+KFP_RUN_ENV = "KUBELLM_KFP_RUN_ID"
+
 
 @dataclass
 class StageOutput:
@@ -59,10 +65,14 @@ class StageContext:
     @classmethod
     def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *,
                    kfp_run_id: str | None = None) -> StageContext:
-        """A component's context. ``kfp_run_id`` finds the parent run when its id cannot be passed in:
-        inside a ``dsl.ParallelFor``, KFP's local runner replaces every task-output parameter with the
-        loop item (kfp 2.17 ``create_parameter_loop_iteration_task_spec``), so loop bodies look it up."""
+        """A component's context. Without ``parent_run_id`` the parent is found by KFP run id:
+        ``kfp_run_id``, else :data:`KFP_RUN_ENV` from the task's environment. That is how a cacheable
+        step (prep, train, evaluate) reaches its pipeline's MLflow run without the run id in its cache
+        key, and how a ``dsl.ParallelFor`` body does (KFP's local runner replaces every task-output
+        parameter entering the loop with the loop item, kfp 2.17 ``create_parameter_loop_iteration_task_spec``).
+        """
         cfg = from_param(TrackingConfig, tracking, "tracking config")
+        kfp_run_id = kfp_run_id or os.environ.get(KFP_RUN_ENV)
         if not parent_run_id and kfp_run_id and cfg.enabled:
             from kubellm.tracking.mlflow_tracker import find_parent_run
 
