@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from kubellm.cli import main
-from kubellm.fsutil import OUTPUT_MARKER
 from kubellm.config.train import PretrainConfig
+from kubellm.fsutil import OUTPUT_MARKER
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.loop import HISTORY_FILE, RESULT_FILE
 from kubellm.train.pretrain import pretrain

@@ -55,6 +55,7 @@ from typing import Any
 from kubellm.config.train import LoopConfig, OptimConfig
 from kubellm.data.format import IGNORE_INDEX
 from kubellm.errors import TrainingError
+from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.train import checkpoint as ckpt
@@ -147,8 +148,6 @@ def train(out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContex
     """
     from kubellm.train.dist import init_distributed, shutdown
 
-    from kubellm.fsutil import mark_output
-
     t0 = time.perf_counter()
     out = claim_run_dir(out_dir)
     ctx = init_distributed()
@@ -170,8 +169,6 @@ def claim_run_dir(out_dir: str | Path, inputs: list[str | Path] | None = None) -
     """Check, before any work, that ``out_dir`` may hold this training run: new, empty, or a kubellm
     training run (resumed or returned as is), and holding none of ``inputs`` (the stage's data and base
     model). Run directories of older kubellm versions are recognised by their run spec or result."""
-    from kubellm.fsutil import claim_output
-
     return claim_output(out_dir, OUTPUT_KIND, inputs=inputs or [],
                         legacy=(f"{ckpt.CHECKPOINTS}/{ckpt.RUN_SPEC}", RESULT_FILE))
 
