@@ -592,7 +592,7 @@ class _Trainer:
                     else f"final loss {final_loss}, validation loss {val_loss}")
             raise TrainingError(f"{self.job.stage}: {what}; no model was written to {self.out}")
         if self.state.skipped_steps:
-            log.warning("%d optimizer steps were skipped for a non-finite loss or gradient norm",
+            log.warning("optimizer steps skipped for a non-finite loss or gradient norm: %d",
                         self.state.skipped_steps)
 
 
