@@ -102,8 +102,8 @@ def test_a_model_with_nan_weights_is_never_registered(workdir: Path, tiny_models
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
 
     cfg = TrackingConfig(experiment="reg", registered_model="tiny-lm")
-    with stage_run(cfg, workdir, parent_run_id=None, stage="register") as tr:
-        with pytest.raises(TrackingError, match=rf"broken: 1 weight tensors hold NaN or infinite values \(e\.g\. {name}"):
-            register_model(cfg, workdir, broken, run_id=tr.run_id)
+    refused = pytest.raises(TrackingError, match=rf"broken: 1 weight tensors hold NaN or infinite values \(e\.g\. {name}")
+    with stage_run(cfg, workdir, parent_run_id=None, stage="register") as tr, refused:
+        register_model(cfg, workdir, broken, run_id=tr.run_id)
     client = MlflowClient(resolve_tracking_uri(cfg, workdir))
     assert client.search_model_versions("name='tiny-lm'") == []
