@@ -56,7 +56,7 @@ def run_dir(runs: dict[str, Path], tmp_path: Path) -> Path:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"pretrain": CFG.model_dump(mode="json")}))
+    path.write_text(yaml.safe_dump({"pretrain": CFG.model_dump(mode="json"), "tracking": {"enabled": False}}))
     return path
 
 
