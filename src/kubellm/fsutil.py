@@ -73,8 +73,7 @@ def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = 
     to ``path``) that identify an output of ``kind`` written before markers existed."""
     out = Path(os.path.abspath(Path(path).expanduser()))
     real = out.resolve()
-    for what, special in (("the current directory", Path.cwd()), ("your home directory", Path.home())):
-        special = special.resolve()
+    for what, special in _special_dirs():
         if real == special or real in special.parents:
             raise OutputError(f"{path}: is {what}{'' if real == special else ' or contains it'}; an output "
                               "directory is replaced as a whole: choose a new or empty directory")
@@ -85,6 +84,16 @@ def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = 
         raise OutputError(f"{path}: output path exists and is not a directory")
     _check_contents(path, out, kind, legacy)
     return out
+
+
+def _special_dirs() -> Iterator[tuple[str, Path]]:
+    """The current and home directories, where they exist (a pod running as an arbitrary user may have
+    neither a HOME nor a passwd entry)."""
+    for what, where in (("the current directory", Path.cwd), ("your home directory", Path.home)):
+        try:
+            yield what, where().resolve()
+        except (OSError, RuntimeError):
+            continue
 
 
 def _check_inputs(shown: str | Path, real: Path, inputs: Iterable[str | Path]) -> None:

@@ -198,10 +198,11 @@ def verify_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     try:
         doc = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
-        algorithm, files = doc["algorithm"], dict(doc["files"])
+        algorithm = doc["algorithm"]
+        files = {name: (int(rec["bytes"]), str(rec["digest"])) for name, rec in doc["files"].items()}
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise TrainingError(f"{path / CHECKSUMS}: unreadable ({type(err).__name__})") from None
     name, make = _hasher()
     if algorithm not in (name, "sha256"):
@@ -210,14 +211,13 @@ def verify_checkpoint(path: str | Path) -> bool:
     for fname in (WEIGHTS, TRAINER, RNG, STATE):
         if fname not in files:
             raise TrainingError(f"{path / CHECKSUMS}: records no checksum for {fname}")
-    for fname, rec in files.items():
+    for fname, (size, digest) in files.items():
         p = path / fname
         if not p.is_file():
             raise TrainingError(f"{p}: missing")
-        if p.stat().st_size != rec["bytes"]:
-            raise TrainingError(f"{p}: {p.stat().st_size} bytes, {rec['bytes']} when written (truncated or "
-                                "overwritten)")
-        if _digest(p, make) != rec["digest"]:
+        if p.stat().st_size != size:
+            raise TrainingError(f"{p}: {p.stat().st_size} bytes, {size} when written (truncated or overwritten)")
+        if _digest(p, make) != digest:
             raise TrainingError(f"{p}: checksum mismatch (the bytes changed after the checkpoint was written)")
     return True
 
@@ -243,7 +243,8 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
     for _, path in reversed(found):
         try:
             if not verify_checkpoint(path):
-                log.warning("%s: has no checksums (written by an older kubellm); loading it unverified", path)
+                log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
+                            "xxhash is missing here); loading it unverified", path)
             c = load_checkpoint(path)
             bad = nonfinite_names(c.weights)
             if bad:

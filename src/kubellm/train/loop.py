@@ -315,10 +315,8 @@ class _Trainer:
             except TrainingError as err:
                 error = err
         found, message = broadcast_object(self.ctx, (found, str(error) if error else None))
-        if error is not None:
-            raise error
         if message is not None:
-            raise TrainingError(message)
+            raise error or TrainingError(message)
         if found is None:
             # Dropout differs between ranks, the model init (seeded in build) does not.
             torch.manual_seed(self.loop.seed + 1 + self.ctx.rank)
@@ -582,7 +580,6 @@ class _Trainer:
                  result.final_loss, f"val_loss {last_val:.4f}" if last_val is not None else "no validation",
                  tokens_per_s, self.out)
         return result
-
 
     def _check_finite(self, final_loss: float, val_loss: float | None) -> None:
         """Every rank refuses to finish with NaN or infinite weights or losses: no output is written."""
