@@ -1,4 +1,13 @@
-"""File-system helpers: outputs that appear complete or not at all, and safe output paths."""
+"""File-system helpers: outputs that appear complete or not at all, never at the cost of a user's files.
+
+Every folder a kubellm command writes (a prepared dataset, evaluation results, a training run, compiled
+pipelines) holds a small marker, ``.kubellm-output``, naming its kind and the files kubellm put there.
+Before any work, :func:`claim_output` accepts an output folder only if it is missing, empty, or such a
+marker of the same kind whose folder holds nothing else; it refuses the current or home directory (or
+one containing them) and a folder that contains, or lies inside, an input of the same command. A wrong
+``--out`` then costs one error line, not a user's files: before this guard ``prep --out .`` replaced the
+working folder, config included.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kubellm.errors import KubellmError
+
+OUTPUT_MARKER = ".kubellm-output"
+"""Written into every output folder kubellm makes: ``{"kind": …, "files": [relative paths]}``."""
+_SHOWN = 3  # names quoted in an error line
+
+
+class OutputError(KubellmError):
+    """An output path kubellm must not write to (it holds a user's files, or an input of the command)."""
 
 
 def resolve_output(path: str | Path, root: str | Path | None = None) -> Path:
@@ -27,28 +44,164 @@ def resolve_output(path: str | Path, root: str | Path | None = None) -> Path:
     return full
 
 
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The marker of a kubellm output folder, or ``None`` (absent or unreadable: not ours)."""
+    try:
+        doc = json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("kind"), str) else None
+
+
+def mark_output(path: str | Path, kind: str, *, track_files: bool = True) -> None:
+    """Mark ``path`` as kubellm's output of ``kind``. With ``track_files`` the marker lists every file
+    now in the folder, so a file added later by someone else keeps the folder from being replaced; an
+    output written in place over time (a training run) is marked without the list."""
+    path = Path(path)
+    doc: dict[str, Any] = {"kind": kind}
+    if track_files:
+        doc["files"] = sorted(_files(path) - {OUTPUT_MARKER})
+    write_json_atomic(path / OUTPUT_MARKER, doc)
+    os.chmod(path / OUTPUT_MARKER, 0o644)  # others sharing the volume must be able to recognise it
+
+
+def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (),
+                 legacy: Iterable[str] = ()) -> Path:
+    """Check that ``path`` may receive an output of ``kind`` (replacing what is there); return it
+    absolute. Call it before any work: it raises :class:`OutputError` with one line naming the path and
+    the reason. ``inputs`` are the command's input files and folders; ``legacy`` names files (relative
+    to ``path``) that identify an output of ``kind`` written before markers existed."""
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    real = out.resolve()
+    for what, special in _special_dirs():
+        if real == special or real in special.parents:
+            raise OutputError(f"{path}: is {what}{'' if real == special else ' or contains it'}; an output "
+                              "directory is replaced as a whole: choose a new or empty directory")
+    _check_inputs(path, real, inputs)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not out.is_dir():
+        raise OutputError(f"{path}: output path exists and is not a directory")
+    _check_contents(path, out, kind, legacy)
+    return out
+
+
+def _special_dirs() -> Iterator[tuple[str, Path]]:
+    """The current and home directories, where they exist (a pod running as an arbitrary user may have
+    neither a HOME nor a passwd entry)."""
+    for what, where in (("the current directory", Path.cwd), ("your home directory", Path.home)):
+        try:
+            yield what, where().resolve()
+        except (OSError, RuntimeError):
+            continue
+
+
+def _check_inputs(shown: str | Path, real: Path, inputs: Iterable[str | Path]) -> None:
+    for item in inputs:
+        inp = Path(item).expanduser()
+        if not inp.exists():
+            continue  # a Hub id, a remote URI: nothing on this disk to overwrite
+        inp = inp.resolve()
+        if real == inp or real in inp.parents:
+            raise OutputError(f"{shown}: contains the input {item} of this command; choose another "
+                              "output directory")
+        if inp.is_dir() and inp in real.parents:
+            raise OutputError(f"{shown}: is inside the input {item} of this command; choose an output "
+                              "directory outside it")
+
+
+def _check_contents(shown: str | Path, out: Path, kind: str, legacy: Iterable[str]) -> None:
+    present = _files(out)
+    if not present and not any(out.iterdir()):
+        return
+    marker = read_marker(out)
+    if marker is None:
+        if any((out / name).is_file() for name in legacy):
+            return
+        raise OutputError(f"{shown}: output directory is not empty and holds no kubellm {_words(kind)} "
+                          f"({_some(present or {p.name for p in out.iterdir()})}); choose an empty or new "
+                          "directory")
+    if marker["kind"] != kind:
+        raise OutputError(f"{shown}: holds kubellm output of another kind ({_words(marker['kind'])}, not "
+                          f"{_words(kind)}); choose another output directory")
+    if isinstance(marker.get("files"), list):
+        foreign = present - set(marker["files"]) - {OUTPUT_MARKER}
+        if foreign:
+            raise OutputError(f"{shown}: holds files kubellm did not write ({_some(foreign)}); move them or "
+                              "choose another output directory")
+
+
+def _files(root: Path) -> set[str]:
+    """Every file under ``root`` (symlinks included, not followed), relative, '/'-separated."""
+    if not root.is_dir():
+        return set()
+    found = set()
+    for base, dirs, names in os.walk(root):
+        rel = Path(base).relative_to(root)
+        found.update((rel / n).as_posix() for n in names)
+        found.update((rel / d).as_posix() for d in dirs if Path(base, d).is_symlink())
+    return found
+
+
+def _some(names: Iterable[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _words(kind: str) -> str:
+    return kind.replace("-", " ")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final`` and move it into place only when the block
-    succeeds. On any exception the temporary directory is removed and ``final`` is untouched, so a
-    directory at ``final`` is always complete."""
-    final = Path(final)
+def atomic_dir(final: str | Path, kind: str = "output", *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final`` and move it into place, marked as ``kind``, only
+    when the block succeeds. On any exception the temporary directory is removed and ``final`` is
+    untouched, so a directory at ``final`` is always complete. An existing ``final`` is replaced only
+    when :func:`claim_output` allows it (checked again here: the caller checked before its work)."""
+    final = Path(os.path.abspath(Path(final).expanduser()))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
+        mark_output(tmp, kind)
+        if final.exists() or final.is_symlink():
             if not overwrite:
                 raise KubellmError(f"{final}: already exists")
+            claim_output(final, kind)
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush every file under ``path``, then the directories themselves, to stable storage: a marker
+    written after this names only data that survives a power cut or a node crash."""
+    path = Path(path)
+    dirs = [path]
+    for base, subdirs, names in os.walk(path):
+        dirs.extend(Path(base, d) for d in subdirs)
+        for name in names:
+            fsync_path(Path(base, name))
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
+def fsync_path(path: str | Path) -> None:
+    """``fsync`` one file or directory (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

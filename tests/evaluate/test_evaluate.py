@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
+from kubellm.fsutil import mark_output
 from kubellm.tracking.base import NullTracker
 from kubellm.train.evaluate import EvalResult, evaluate, generate_answers
 
@@ -64,7 +65,7 @@ def test_adapter_against_base_side_by_side(adapter_dir: Path, base_dir: Path, in
     assert res.passed and len(res.reasons) == 2 and all(r.endswith(": pass") for r in res.reasons)
 
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["loss_curve.png", "metrics.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".kubellm-output", "loss_curve.png", "metrics.json", "report.md"]
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["passed"] is True and doc["metrics"] == pytest.approx(m) and doc["report_path"] == str(out / "report.md")
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -110,6 +111,7 @@ def test_failure_leaves_previous_output_untouched(base_dir: Path, instruct_data:
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"old": true}')
+    mark_output(out, "evaluation")  # an earlier evaluation: replaceable, but only by a finished one
 
     def broken_plot(*_a, **_k):
         raise RuntimeError("disk full")
@@ -136,10 +138,12 @@ def test_no_history_means_no_plot(instruct_data: Path, base_dir: Path, tmp_path:
 def test_clear_errors(base_dir: Path, tmp_path: Path) -> None:
     from kubellm.errors import KubellmError
 
+    not_data = tmp_path / "not-data"
+    not_data.mkdir()
     with pytest.raises(KubellmError, match="not a prepared dataset"):
-        evaluate(EvalConfig(), base_dir, tmp_path, tmp_path / "out")
+        evaluate(EvalConfig(), base_dir, not_data, tmp_path / "out")
     with pytest.raises(KubellmError, match="model directory not found"):
-        evaluate(EvalConfig(), tmp_path / "nope", tmp_path, tmp_path / "out")
+        evaluate(EvalConfig(), tmp_path / "nope", not_data, tmp_path / "out")
 
 
 def test_adapter_without_base_is_compared_with_its_recorded_base(adapter_dir: Path, base_dir: Path,

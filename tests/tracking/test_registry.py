@@ -83,3 +83,27 @@ def test_registry_errors(workdir: Path) -> None:
     assert champion_info(off, workdir) is None
     with pytest.raises(TrackingError, match="tracking.enabled is false"):
         register_model(off, workdir, workdir, run_id="x")
+
+
+def test_a_model_with_nan_weights_is_never_registered(workdir: Path, tiny_models: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """A diverged run's model must not become a candidate (and so never the champion)."""
+    import shutil
+
+    import torch
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["full"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    name = sorted(k for k in tensors if "mlp" in k)[0]
+    tensors[name][0, 0] = torch.nan
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+
+    cfg = TrackingConfig(experiment="reg", registered_model="tiny-lm")
+    refused = pytest.raises(TrackingError, match=rf"broken: 1 weight tensors hold NaN or infinite values \(e\.g\. {name}")
+    with stage_run(cfg, workdir, parent_run_id=None, stage="register") as tr, refused:
+        register_model(cfg, workdir, broken, run_id=tr.run_id)
+    client = MlflowClient(resolve_tracking_uri(cfg, workdir))
+    assert client.search_model_versions("name='tiny-lm'") == []

@@ -97,7 +97,7 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory, pretrain_data: Path)
                        tokenizer_dir=pretrain_data / TOKENIZER_DIR)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sigterm_at():
     """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
     from kubellm.tracking.base import NullTracker

@@ -15,6 +15,7 @@ import torch
 
 from kubellm.cli import main
 from kubellm.config.train import PretrainConfig
+from kubellm.fsutil import OUTPUT_MARKER
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.loop import HISTORY_FILE, RESULT_FILE
 from kubellm.train.pretrain import pretrain
@@ -140,7 +141,7 @@ def test_torchrun_two_processes_train_like_one_and_only_rank_0_writes(pretrain_d
     assert proc.stdout.count("output:") == 1  # one report, from rank 0
     history = [json.loads(x) for x in (out / HISTORY_FILE).read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4, 6]  # written once, not once per rank
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER]  # no temp files
     result = json.loads((out / RESULT_FILE).read_text())
     assert result["steps"] == 6 and result["tokens_seen"] == 6 * 2 * 2 * 32
 

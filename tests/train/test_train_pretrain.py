@@ -13,6 +13,7 @@ import torch
 
 from kubellm.config.train import PretrainConfig
 from kubellm.errors import TrainingError
+from kubellm.fsutil import OUTPUT_MARKER, OutputError
 from kubellm.tracking.base import NullTracker
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.loop import HISTORY_FILE, RESULT_FILE, TrainingInterrupted, TrainResult
@@ -55,7 +56,7 @@ def test_pretrain_learns_and_writes_a_complete_model_dir(pretrain_data: Path, tm
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", HISTORY_FILE,
             RESULT_FILE} <= names
-    assert not list(out.glob(".*")), "no staging leftovers"
+    assert [p.name for p in out.glob(".*")] == [OUTPUT_MARKER], "no staging leftovers"
     assert ckpt.complete_checkpoints(out) == []  # a finished run keeps no step checkpoints
     assert tracker.last("loss") == history[-1]["loss"] and tracker.last("grad_norm") is not None
     assert [s for s, m in tracker.metrics if "lr" in m] == [5, 10, 15, 20, 25, 30]
@@ -142,5 +143,5 @@ def test_auto_precision_and_loader_workers_keep_the_same_run(pretrain_data: Path
 
 def test_output_dir_that_holds_something_else_is_refused(pretrain_data: Path, tmp_path: Path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(TrainingError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         pretrain(tiny_cfg(), pretrain_data, tmp_path)

@@ -131,13 +131,15 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
 
 @app.command(name="compile")
 def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
-             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dist"),
+             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier "
+                                               "compile's.")] = Path("dist"),
              pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="Only these pipelines "
                                                                 "(repeatable); default all.")] = None) -> None:
     """Compile every pipeline (with the config's Kubernetes placement) and component to YAML.
 
     The output is deterministic: the same config gives byte-identical files.
     """
+    from kubellm.fsutil import claim_output, mark_output
     from kubellm.log import print_table
     from kubellm.pipelines import PIPELINES
     from kubellm.pipelines._runner import compile_all
@@ -146,8 +148,12 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
     unknown = sorted(set(pipeline or []) - set(PIPELINES))
     if unknown:
         raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(PIPELINES)}")
+    # a folder compiled before outputs were marked is recognised by its pipeline files
+    claim_output(out, "compiled-pipelines", inputs=[config] if config else [],
+                 legacy=[f"{name}.yaml" for name in PIPELINES])
     t0 = time.perf_counter()
     written = compile_all(cfg, out, pipeline or None)
+    mark_output(out, "compiled-pipelines")
     print_table(f"compiled in {time.perf_counter() - t0:.2f} s",
                 [{"file": str(p), "bytes": p.stat().st_size} for p in written])
 

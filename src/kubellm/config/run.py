@@ -195,8 +195,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{p}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not UTF-8 text") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None:  # silently running on built-in defaults would hide a wrong or truncated file
+            raise ConfigError(f"{p}: the config file is empty (or only comments); write {{}} in it to run "
+                              "with the built-in defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, not {type(loaded).__name__}")
         doc = loaded

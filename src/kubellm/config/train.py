@@ -83,6 +83,10 @@ class LoopConfig(StrictModel):
     """Validation batches used for each validation loss."""
     num_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes (0 loads in the training process)."""
+    max_nonfinite_steps: int = Field(default=3, ge=1)
+    """Stop with an error after this many consecutive steps whose loss or gradient norm is NaN or
+    infinite. Each such step is skipped (no weight changes), so a rare bad batch costs one step, while a
+    diverged run stops within a few steps instead of training on, and writing, NaN weights."""
 
 
 class PretrainConfig(StrictModel):

@@ -39,7 +39,7 @@ from kubellm.data.pack import (
 )
 from kubellm.data.report import render_report
 from kubellm.errors import DataError
-from kubellm.fsutil import atomic_dir, write_json_atomic
+from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
 from kubellm.log import Progress, get_logger, is_tty
 from kubellm.tracking.base import Tracker
 
@@ -47,6 +47,7 @@ from kubellm.tracking.base import Tracker
 PREP_VERSION = 1
 SPLITS = ("train", "validation")
 _WORK = ".work"
+OUTPUT_KIND = "prepared-dataset"
 log = get_logger("kubellm.data")
 
 
@@ -334,9 +335,25 @@ def _write_heldout(text_path: Path | None, out: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------- prepare
+def _local_inputs(cfg: DataConfig, sources: list[src_mod.Source]) -> list[Path]:
+    """What prep reads from this disk: local source paths as written (a directory source must not hold
+    the output, or the next prep reads its own ``heldout.jsonl``), one file per folder of the files
+    they name (enough to tell whether the output would contain them), and a reused tokenizer."""
+    found = [Path(s.cfg.uri.strip().removeprefix("file://")) for s in sources if s.kind == "files"]
+    per_folder: dict[Path, Path] = {}
+    for s in sources:
+        for f in s.files if s.kind == "files" else ():
+            if "://" not in f.name:
+                per_folder.setdefault(Path(f.name).parent, Path(f.name))
+    return [*found, *per_folder.values(), *([Path(cfg.tokenizer.path)] if cfg.tokenizer.path else [])]
+
+
 def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
             tracker: Tracker | None = None) -> PrepResult:
     """Prepare ``cfg``'s sources into ``out_dir`` (replaced atomically) and return the result.
+
+    ``out_dir`` must be new, empty or an earlier prepared dataset (:func:`kubellm.fsutil.claim_output`),
+    and may neither contain nor lie inside a source or the tokenizer; anything else fails before work.
 
     ``tokenizer_dir`` overrides ``cfg.tokenizer.path``: instruction prep gets the pretraining dataset's
     tokenizer this way, so both share one vocabulary. With a ``tracker``, params, metrics and the
@@ -345,10 +362,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
     cfg = _effective(cfg, tokenizer_dir)
     t0 = time.perf_counter()
     sources = src_mod.resolve_all(cfg)  # bad URIs fail here, before anything is written
+    out = claim_output(out_dir, OUTPUT_KIND, inputs=_local_inputs(cfg, sources))
     fp = fingerprint(cfg, _sources=sources)
-    out = Path(out_dir)
     timings: dict[str, float] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUT_KIND) as tmp:
         work = tmp / _WORK
         work.mkdir()
         t = time.perf_counter()

@@ -84,6 +84,7 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    from kubellm.train.checkpoint import nonfinite_names
     from kubellm.train.model import is_adapter_dir, load_causal_lm
 
     model_dir = Path(model_dir)
@@ -92,6 +93,10 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     with mlflow_errors(uri, f"run {run_id}"):
         run = client.get_run(run_id)
     lm = load_causal_lm(model_dir, base_model=base_model, device="cpu", merge_adapter=True)
+    bad = nonfinite_names(dict(lm.model.named_parameters()))
+    if bad:  # a diverged run's weights: never a candidate, so never a champion either
+        raise TrackingError(f"{model_dir}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]}); "
+                            "refusing to register a broken model")
     # mlflow.transformers asks the Hub for a model card and license under the model's name_or_path; a
     # relative local path ("pretrained") looks like a Hub id and cost ~45 s of retries offline. An
     # absolute path is refused by the Hub client at once.

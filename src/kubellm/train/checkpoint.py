@@ -9,28 +9,46 @@
         trainer.pt             optimizer and LR-scheduler state
         rng.pt                 RNG states of every rank
         state.json             step, data position (rows consumed), tokens seen, the history so far
+        checksums.json         size and checksum of each file above
         COMPLETE               written last
 
-A checkpoint is written into a hidden temporary directory, the completion marker is written last, and
-only then is the directory renamed to ``step-XXXXXXXX``; a kill at any moment leaves either the previous
-checkpoints or a complete new one. :func:`latest_complete` never picks a directory without the marker
-(a half-copied PVC, a crash on a filesystem without atomic rename).
+A checkpoint is written into a hidden temporary directory; its files are checksummed, everything is
+fsynced, the completion marker is written last, and only then is the directory renamed to
+``step-XXXXXXXX``: a kill or a node crash at any moment leaves either the previous checkpoints or a
+complete new one. :func:`latest_complete` never picks a directory without the marker (a half-copied PVC,
+a crash on a filesystem without atomic rename).
+
+A marker proves the writer finished, not that the bytes are still those it wrote (a bad disk, a
+careless copy, a volume restored from a broken snapshot): random bytes in the weights resumed silently
+and turned every later loss into NaN. So :func:`load_latest_verified` checks sizes and checksums, that
+the files load, and that the weights are finite; a checkpoint that fails is named in one warning line
+and the one before it is tried (``loop.keep_checkpoints`` keeps it); only when none passes does the run
+stop, with one error line. Checksums are xxHash3-128 where the ``xxhash`` module is installed (a
+``datasets`` dependency; 19 GB/s on one core here, against 1.0 GB/s for SHA-256 — 12 s per checkpoint
+of a 1B model with its optimizer state), SHA-256 otherwise; they detect damage, not tampering.
+Checkpoints written before checksums existed are loaded with a warning rather than refused, so a run
+that was upgraded mid-way still resumes: the load and finiteness checks still apply to them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubellm.errors import TrainingError
-from kubellm.fsutil import write_json_atomic
+from kubellm.fsutil import fsync_path, fsync_tree, write_json_atomic
+from kubellm.log import get_logger
+
+log = get_logger("kubellm.train")
 
 CHECKPOINTS = "checkpoints"
 RUN_SPEC = "run.json"
@@ -39,6 +57,7 @@ WEIGHTS = "weights.safetensors"
 TRAINER = "trainer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
+CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -57,6 +76,10 @@ class TrainState:
     """The open logging window, summed over ranks: nll, target tokens, input tokens."""
     window_seconds: float = 0.0
     """Wall time the open logging window had run."""
+    nonfinite_streak: int = 0
+    """Consecutive steps, up to this one, whose loss or gradient norm was not finite (skipped)."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped over the whole run for a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -106,10 +129,15 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str
         torch.save(trainer, tmp / TRAINER)
         torch.save(rng, tmp / RNG)
         (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+        write_checksums(tmp)
+        fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
         (tmp / MARKER).write_text("ok\n", encoding="utf-8")
+        fsync_path(tmp / MARKER)
+        fsync_path(tmp)
         if final.exists():  # a rerun that reached the same step again: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,6 +149,7 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a complete checkpoint (tensors on the CPU)."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -129,10 +158,112 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         weights = load_file(str(path / WEIGHTS))
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
-        raise TrainingError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]}); delete it to "
-                            "resume from the one before") from None
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as err:
+        raise TrainingError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0]})") from None
     return Checkpoint(path, state, weights, trainer, rng)
+
+
+# ------------------------------------------------------------------------------------------ verification
+def _hasher() -> tuple[str, Callable[[], Any]]:
+    try:
+        import xxhash
+    except ImportError:
+        return "sha256", hashlib.sha256
+    return "xxh3_128", xxhash.xxh3_128
+
+
+def _digest(path: Path, make: Callable[[], Any]) -> str:
+    h = make()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt_dir: Path) -> None:
+    """Record size and checksum of every file of the checkpoint being written."""
+    algorithm, make = _hasher()
+    files = {p.name: {"bytes": p.stat().st_size, "digest": _digest(p, make)}
+             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, MARKER)}
+    (ckpt_dir / CHECKSUMS).write_text(json.dumps({"algorithm": algorithm, "files": files}, indent=1),
+                                      encoding="utf-8")
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Compare every file with its recorded size and checksum. True: all match; False: nothing to
+    compare with (written before checksums, or by a hash this machine lacks); raises
+    :class:`TrainingError` naming the first file that differs."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
+        algorithm = doc["algorithm"]
+        files = {name: (int(rec["bytes"]), str(rec["digest"])) for name, rec in doc["files"].items()}
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TrainingError(f"{path / CHECKSUMS}: unreadable ({type(err).__name__})") from None
+    name, make = _hasher()
+    if algorithm not in (name, "sha256"):
+        return False
+    make = make if algorithm == name else hashlib.sha256
+    for fname in (WEIGHTS, TRAINER, RNG, STATE):
+        if fname not in files:
+            raise TrainingError(f"{path / CHECKSUMS}: records no checksum for {fname}")
+    for fname, (size, digest) in files.items():
+        p = path / fname
+        if not p.is_file():
+            raise TrainingError(f"{p}: missing")
+        if p.stat().st_size != size:
+            raise TrainingError(f"{p}: {p.stat().st_size} bytes, {size} when written (truncated or overwritten)")
+        if _digest(p, make) != digest:
+            raise TrainingError(f"{p}: checksum mismatch (the bytes changed after the checkpoint was written)")
+    return True
+
+
+def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    import torch
+
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint that verifies, loads and holds finite weights; ``None`` when there
+    are no checkpoints (a fresh start).
+
+    Each one that fails is named in one warning line and the one before it is tried; those skipped are
+    set aside (``.step-XXXXXXXX.failed``, removed with the others when the run finishes) so they hold no
+    ``keep_checkpoints`` slot and are not tried again. When none passes, :class:`TrainingError` says so
+    and nothing is set aside: rerunning gives the same answer until someone looks.
+    """
+    found = complete_checkpoints(out_dir)
+    failed: list[tuple[Path, str]] = []
+    for _, path in reversed(found):
+        try:
+            if not verify_checkpoint(path):
+                log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
+                            "xxhash is missing here); loading it unverified", path)
+            c = load_checkpoint(path)
+            bad = nonfinite_names(c.weights)
+            if bad:
+                raise TrainingError(f"{path / WEIGHTS}: {len(bad)} of {len(c.weights)} tensors hold NaN or "
+                                    f"infinite values (e.g. {bad[0]})")
+        except TrainingError as err:
+            log.warning("skipping checkpoint: %s", err)
+            failed.append((path, str(err)))
+            continue
+        for bad_path, _ in failed:
+            aside = bad_path.with_name(f".{bad_path.name}.failed")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad_path, aside)
+        return c
+    if failed:
+        raise TrainingError(f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
+                            f"verification (newest: {failed[0][1]}); delete the directory to train from the "
+                            "start")
+    return None
 
 
 def remove_checkpoints(out_dir: str | Path) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.errors import DataError, TrainingError
-from kubellm.fsutil import atomic_dir, write_json_atomic
+from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import Tracker
 from kubellm.train.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
@@ -52,6 +52,7 @@ log = get_logger("evaluate")
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "loss_curve.png"
+OUTPUT_KIND = "evaluation"
 
 
 @dataclass(frozen=True)
@@ -289,12 +290,15 @@ def plan_for_dataset(cfg: EvalConfig, prepared: Any, tokenizer: Any, work_dir: P
 def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
              base_model: str | Path | None = None, tracker: Tracker | None = None) -> EvalResult:
     """Evaluate ``model_dir`` (a full model or a LoRA adapter) on the prepared dataset ``data_dir``,
-    against ``base_model`` when given, apply the gate and write the results to ``out_dir``."""
+    against ``base_model`` when given, apply the gate and write the results to ``out_dir`` (new, empty
+    or earlier evaluation results, and holding none of the inputs: checked before any work)."""
     from kubellm.data.format import open_prepared
     from kubellm.train.model import adapter_base, is_adapter_dir
 
     t0 = time.perf_counter()
-    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out_dir)
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    out = claim_output(out_dir, OUTPUT_KIND,
+                       inputs=[model_dir, data_dir, *([Path(base_model)] if base_model is not None else [])])
     if not model_dir.is_dir():
         raise TrainingError(f"{model_dir}: model directory not found")
     prepared = open_prepared(data_dir)
@@ -379,7 +383,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     curves = {"candidate training": read_history(model_dir)}
     if base_ref is not None and Path(base_ref).is_dir():
         curves["base training"] = read_history(base_ref)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUT_KIND) as tmp:
         has_plot = plot_loss_curves(curves, tmp / PLOT_FILE)
         sources = {"candidate": str(model_dir), **({"base": str(base_ref)} if base_ref is not None else {})}
         (tmp / REPORT_FILE).write_text(render_report(

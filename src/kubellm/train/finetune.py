@@ -15,7 +15,7 @@ from typing import Any
 from kubellm.config.train import FinetuneConfig
 from kubellm.errors import TrainingError
 from kubellm.tracking.base import Tracker
-from kubellm.train.loop import TrainJob, TrainResult, run_spec, train
+from kubellm.train.loop import TrainJob, TrainResult, claim_run_dir, run_spec, train
 
 MERGED_DIR = "merged"
 
@@ -66,6 +66,7 @@ def finetune(cfg: FinetuneConfig, base_model: str | Path, data_dir: str | Path, 
     from kubellm.train.batches import load_splits, open_training_data
     from kubellm.train.lora import check_qlora_available
 
+    out_dir = claim_run_dir(out_dir, [data_dir, base_model])  # before any work
     prepared = open_training_data(data_dir, "instruct", "finetune")
     if cfg.quantization == "4bit":
         check_qlora_available()

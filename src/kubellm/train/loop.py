@@ -19,6 +19,14 @@ the task must not count as succeeded; KFP's retry policy (and the training opera
 starts it again and the new attempt resumes from that checkpoint. Exit code 0 would mark an unfinished
 model as done.
 
+Trust. A resume starts from the newest checkpoint that passes verification (checksums, loadable,
+finite weights; :func:`kubellm.train.checkpoint.load_latest_verified`), falling back to older ones. A
+step whose loss or gradient norm is not finite (on any rank) changes no weight: its optimizer update is
+skipped with a warning, and ``loop.max_nonfinite_steps`` such steps in a row stop the run with an error
+(a diverged run, not a bad batch). A model with non-finite weights or a non-finite final loss is never
+written as an output: random bytes in a checkpoint used to give an all-NaN model, ``final_loss: NaN``
+and exit 0.
+
 Outputs (rank 0 only), in ``out_dir``: the model files (``write_outputs`` of the stage), ``history.jsonl``
 (one JSON line per logged step: ``step``, ``loss``, ``lr``, ``tokens_per_s`` and ``val_loss`` where
 computed) and ``kubellm_train.json`` (the :class:`TrainResult`). They are staged in a temporary
@@ -47,6 +55,7 @@ from typing import Any
 from kubellm.config.train import LoopConfig, OptimConfig
 from kubellm.data.format import IGNORE_INDEX
 from kubellm.errors import TrainingError
+from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.train import checkpoint as ckpt
@@ -56,6 +65,7 @@ log = get_logger("kubellm.train")
 
 RESULT_FILE = "kubellm_train.json"
 HISTORY_FILE = "history.jsonl"
+OUTPUT_KIND = "training-run"
 
 
 @dataclass(frozen=True)
@@ -139,29 +149,36 @@ def train(out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContex
     from kubellm.train.dist import init_distributed, shutdown
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    _check_out_dir(out)
+    out = claim_run_dir(out_dir)
     ctx = init_distributed()
     try:
         ckpt.check_run_spec(out, spec)
         if (out / RESULT_FILE).is_file():
             log.info("%s already holds a finished run; nothing to do", out)
-            return TrainResult.read(out)
+            return _finite_result(TrainResult.read(out))
         job = build(ctx)
         if ctx.is_main:  # only once the inputs loaded: a typo in a base model must not claim the dir
             ckpt.record_run_spec(out, spec)
+            mark_output(out, OUTPUT_KIND, track_files=False)
         return _Trainer(job, out, ctx, tracker if ctx.is_main and tracker else NullTracker(), t0).fit()
     finally:
         shutdown(ctx)
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"{out}: output path exists and is a file, not a directory")
-    ours = (out / ckpt.CHECKPOINTS / ckpt.RUN_SPEC).is_file() or (out / RESULT_FILE).is_file()
-    if out.is_dir() and not ours and any(out.iterdir()):
-        raise TrainingError(f"{out}: output directory is not empty and holds no kubellm training run; "
-                                "choose an empty or new directory")
+def claim_run_dir(out_dir: str | Path, inputs: list[str | Path] | None = None) -> Path:
+    """Check, before any work, that ``out_dir`` may hold this training run: new, empty, or a kubellm
+    training run (resumed or returned as is), and holding none of ``inputs`` (the stage's data and base
+    model). Run directories of older kubellm versions are recognised by their run spec or result."""
+    return claim_output(out_dir, OUTPUT_KIND, inputs=inputs or [],
+                        legacy=(f"{ckpt.CHECKPOINTS}/{ckpt.RUN_SPEC}", RESULT_FILE))
+
+
+def _finite_result(result: TrainResult) -> TrainResult:
+    """A stored result is returned only if its losses are finite (an older kubellm wrote NaN ones)."""
+    if not all(math.isfinite(v) for v in (result.final_loss, result.val_loss or 0.0)):
+        raise TrainingError(f"{result.output_dir}: holds a finished run whose final loss is {result.final_loss} "
+                            "(a broken model); delete the directory and train again")
+    return result
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -288,14 +305,25 @@ class _Trainer:
 
         from kubellm.train.dist import broadcast_object
 
-        latest = ckpt.latest_complete(self.out) if self.ctx.is_main else None
-        path = broadcast_object(self.ctx, str(latest) if latest else None)
-        if path is None:
+        # Rank 0 verifies and picks; every rank learns the outcome, an error included (a rank left
+        # waiting on a broadcast would hang the job until the collective timeout).
+        c, found, error = None, None, None
+        if self.ctx.is_main:
+            try:
+                c = ckpt.load_latest_verified(self.out)
+                found = str(c.path) if c else None
+            except TrainingError as err:
+                error = err
+        found, message = broadcast_object(self.ctx, (found, str(error) if error else None))
+        if message is not None:
+            raise error or TrainingError(message)
+        if found is None:
             # Dropout differs between ranks, the model init (seeded in build) does not.
             torch.manual_seed(self.loop.seed + 1 + self.ctx.rank)
             random.seed(self.loop.seed + self.ctx.rank)
             return
-        c = ckpt.load_checkpoint(path)
+        path = Path(found)
+        c = c or ckpt.load_checkpoint(path)
         if set(c.weights) != set(self.named_trainable):
             raise TrainingError(f"{path}: checkpoint weights do not match the model being trained "
                                 f"({len(c.weights)} tensors saved, {len(self.named_trainable)} trainable)")
@@ -454,21 +482,46 @@ class _Trainer:
         # max_norm=inf measures the norm and clips nothing
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip or math.inf))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        finite = self._finite_step(nll_sum / max(targets, 1), grad_norm)
+        if finite:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.samples_seen += world * self.loop.micro_batch_size * self.loop.grad_accum_steps
-        for i, v in enumerate((nll_sum, targets, tokens)):
+        for i, v in enumerate((nll_sum, targets, tokens) if finite else (0.0, 0, tokens)):
             self.window[i] += v
         return tokens, grad_norm, lr
+
+    def _finite_step(self, loss: float, grad_norm: float) -> bool:
+        """Whether this step's loss and gradient norm are finite on every rank. A step that is not keeps
+        the weights (its update is skipped, the schedule moves on); ``loop.max_nonfinite_steps`` of them
+        in a row stop the run: the weights have diverged, and continuing would only write NaN."""
+        from kubellm.train.dist import any_rank
+
+        if not any_rank(self.ctx, not (math.isfinite(loss) and math.isfinite(grad_norm))):
+            self.state.nonfinite_streak = 0
+            return True
+        self.state.nonfinite_streak += 1
+        self.state.skipped_steps += 1
+        step, streak, limit = self.state.step + 1, self.state.nonfinite_streak, self.loop.max_nonfinite_steps
+        log.warning("step %d: loss %.4g, gradient norm %.4g: not finite, optimizer step skipped (%d in a row, "
+                    "stop at %d)", step, loss, grad_norm, streak, limit)
+        if streak >= limit:
+            raise TrainingError(
+                f"{self.job.stage}: the loss or gradient norm was not finite for {streak} consecutive steps "
+                f"({step - streak + 1}-{step}, loop.max_nonfinite_steps={limit}): training diverged; no model "
+                f"was written; lower optim.lr, check the data or the checkpoints under {self.out / ckpt.CHECKPOINTS}, "
+                "then rerun")
+        return False
 
     def _log(self, step: int, lr: float, grad_norm: float, evaluate: bool) -> dict[str, Any]:
         """Close the logging window: one history line, tracker metrics; returns what progress shows."""
         from kubellm.train.dist import all_reduce_sum
 
         nll_sum, n_targets, n_tokens = all_reduce_sum(self.ctx, self.window)
-        record: dict[str, Any] = {"step": step, "loss": nll_sum / max(n_targets, 1), "lr": lr,
+        # a window of only skipped steps has no loss to show (not 0)
+        record: dict[str, Any] = {"step": step, "loss": nll_sum / n_targets if n_targets else math.nan, "lr": lr,
                                   "tokens_per_s": n_tokens / max(time.perf_counter() - self.t_window, 1e-9)}
         val = self._val_loss() if evaluate else None
         if val is not None:
@@ -497,6 +550,7 @@ class _Trainer:
     def _finish(self, tokens_per_s: float) -> TrainResult:
         history = self.state.history
         last_val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+        self._check_finite(history[-1]["loss"] if history else math.nan, last_val)
         result = TrainResult(
             output_dir=self.out, steps=self.state.step, final_loss=history[-1]["loss"] if history else math.nan,
             val_loss=last_val, tokens_seen=self.state.tokens_seen,
@@ -526,6 +580,17 @@ class _Trainer:
                  result.final_loss, f"val_loss {last_val:.4f}" if last_val is not None else "no validation",
                  tokens_per_s, self.out)
         return result
+
+    def _check_finite(self, final_loss: float, val_loss: float | None) -> None:
+        """Every rank refuses to finish with NaN or infinite weights or losses: no output is written."""
+        bad = ckpt.nonfinite_names(dict(self.model.named_parameters()))
+        if bad or not math.isfinite(final_loss) or not math.isfinite(val_loss or 0.0):
+            what = (f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})" if bad
+                    else f"final loss {final_loss}, validation loss {val_loss}")
+            raise TrainingError(f"{self.job.stage}: {what}; no model was written to {self.out}")
+        if self.state.skipped_steps:
+            log.warning("optimizer steps skipped for a non-finite loss or gradient norm: %d",
+                        self.state.skipped_steps)
 
 
 def _publish(staged: Path, out: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from kubellm.config.train import PretrainConfig
 from kubellm.errors import ConfigError
 from kubellm.tracking.base import Tracker
-from kubellm.train.loop import TrainJob, TrainResult, run_spec, train
+from kubellm.train.loop import TrainJob, TrainResult, claim_run_dir, run_spec, train
 
 
 def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
@@ -26,6 +26,7 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
     """
     from kubellm.train.batches import load_splits, open_training_data
 
+    out_dir = claim_run_dir(out_dir, [data_dir])  # before any work
     prepared = open_training_data(data_dir, "pretrain", "pretrain")
     m = prepared.manifest
     positions = cfg.model.max_position_embeddings
