@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
+from kubellm.config.secrets import Uri
 
 # DNS-1035 label: InferenceService and Deployment names become Service names.
 _K8S_NAME = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -26,11 +27,11 @@ class ServeConfig(StrictModel):
     model_name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
     """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``); in a run config it
     defaults to ``tracking.registered_model``."""
-    model: str | None = None
+    model: Uri | None = None
     """What to serve: a local directory (a merged Hugging Face model or a LoRA adapter directory), a
     ``models:/name@alias`` MLflow URI, or ``/mnt/models`` (what KServe's storage initializer fills in a
     pod). ``None``: ``models:/<tracking.registered_model>@champion``."""
-    base_model: str | None = None
+    base_model: Uri | None = None
     """Base model of a LoRA adapter (a directory or a Hub id); ``None`` takes the base recorded in the
     adapter's ``adapter_config.json``."""
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -77,7 +78,7 @@ class DeployConfig(StrictModel):
     """``kubellm``: our predictor image (``platform.serving_image`` running ``kubellm serve``; serves a
     merged model or a LoRA adapter, KServe V1/V2 and an OpenAI-compatible API). ``huggingface``: KServe's
     own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only."""
-    storage_uri: str | None = None
+    storage_uri: Uri | None = None
     """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
     ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered
     model's location; ``kubellm deploy --storage-uri`` overrides this."""
@@ -144,12 +145,12 @@ class PlaygroundConfig(StrictModel):
     """Bind address; loopback by default, ``0.0.0.0`` only inside a container."""
     port: int = Field(default=7860, ge=1, le=65535)
     """HTTP port."""
-    endpoint: str | None = None
+    endpoint: Uri | None = None
     """OpenAI-compatible base URL of model A. A bare ``http://host:port`` gets KServe's ``/openai/v1``
     prefix. ``None``: the local predictor, ``http://127.0.0.1:<serve.port>/openai/v1``."""
     model: str | None = None
     """Model name at ``endpoint``; ``None`` takes the first one the endpoint lists."""
-    compare_endpoint: str | None = None
+    compare_endpoint: Uri | None = None
     """Base URL of model B, shown side by side on the same prompt (e.g. the base model); ``None``: A only."""
     compare_model: str | None = None
     """Model name at ``compare_endpoint``; ``None`` takes the first one it lists."""
