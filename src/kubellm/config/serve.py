@@ -15,6 +15,8 @@ from kubellm.config.secrets import Uri
 
 # DNS-1035 label: InferenceService and Deployment names become Service names.
 _K8S_NAME = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+# DNS-1123 subdomain: a Secret's name.
+_K8S_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class ServeConfig(StrictModel):
@@ -154,6 +156,17 @@ class PlaygroundConfig(StrictModel):
     """Base URL of model B, shown side by side on the same prompt (e.g. the base model); ``None``: A only."""
     compare_model: str | None = None
     """Model name at ``compare_endpoint``; ``None`` takes the first one it lists."""
+    editable_endpoints: bool = True
+    """Let the page's user type any endpoint URL (a laptop, on 127.0.0.1). ``false`` locks the page to
+    ``endpoint``, ``compare_endpoint`` and ``allowed_endpoints``, checked on the server, so whoever reaches
+    the page cannot make its host call other URLs (server-side request forgery). The cluster's playground
+    pod is always locked."""
+    allowed_endpoints: list[Uri] = []
+    """Further OpenAI-compatible base URLs a locked page offers to choose from."""
+    auth_secret: str | None = Field(default=None, pattern=_K8S_SECRET_NAME)
+    """Kubernetes Secret (keys ``username`` and ``password``) holding the login the cluster's playground
+    asks for; the pod gets them as ``KUBELLM_PLAYGROUND_USERNAME``/``PASSWORD`` (so does a laptop's
+    ``kubellm playground``). ``None``: no login: reach the page only through ``kubectl port-forward``."""
     system_prompt: str = "You are a helpful assistant."
     """System prompt the page starts with."""
     temperature: float = Field(default=0.7, ge=0, le=2)
