@@ -26,11 +26,11 @@ def test_logged_configs_are_redacted(workdir: Path) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(resolve_tracking_uri(cfg, workdir))
+    params = got["runs"][stage]["params"]  # a stage logs its config as params too, the parent only the file
+    assert params["deploy.hf_args"] == '["--hf-token=***"]'
+    assert params["deploy.storage_uri"] == "s3://***@bucket/m" and params["env.API_KEY"] == "***"
+    assert params["serve.max_new_tokens"] == "16"  # ordinary values untouched
     for run_id in (parent, stage):
-        params = got["runs"][run_id]["params"]
-        assert params["deploy.hf_args"] == '["--hf-token=***"]'
-        assert params["deploy.storage_uri"] == "s3://***@bucket/m" and params["env.API_KEY"] == "***"
-        assert params["serve.max_new_tokens"] == "16"  # ordinary values untouched
         logged = client.download_artifacts(run_id, "config.json", str(workdir / run_id))
         text = Path(logged).read_text()
         assert TOKEN not in text and PASSWORD not in text and "plain-looking" not in text
