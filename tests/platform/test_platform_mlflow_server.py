@@ -66,7 +66,8 @@ def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path)
                             start_new_session=True)  # its workers are children: stop the whole group
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        # MLflow migrates the fresh PostgreSQL database first: ~15 s idle, 50-70 s on a 2-core machine at load 15.
+        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
             try:
@@ -74,7 +75,7 @@ def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path)
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "MLflow did not answer /health within 60 s"
+            assert time.monotonic() < deadline, "MLflow did not answer /health within 180 s"
             time.sleep(0.5)
         search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
         assert httpx.get(search, timeout=10).status_code == 401
