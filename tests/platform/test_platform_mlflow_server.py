@@ -78,13 +78,13 @@ def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path)
             assert time.monotonic() < deadline, "MLflow did not answer /health within 180 s"
             time.sleep(0.5)
         search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert httpx.get(search, timeout=10).status_code == 401
-        assert httpx.get(search, auth=("admin", "wrong"), timeout=10).status_code == 401
-        assert httpx.get(search, auth=("admin", PASSWORD), timeout=10).status_code == 200
-        foreign = httpx.get(search, auth=("admin", PASSWORD), headers={"Host": "evil.example.com"}, timeout=10)
+        assert httpx.get(search, timeout=30).status_code == 401
+        assert httpx.get(search, auth=("admin", "wrong"), timeout=30).status_code == 401
+        assert httpx.get(search, auth=("admin", PASSWORD), timeout=30).status_code == 200
+        foreign = httpx.get(search, auth=("admin", PASSWORD), headers={"Host": "evil.example.com"}, timeout=30)
         assert foreign.status_code in (400, 403)
         made = httpx.post(f"{base}/api/2.0/mlflow/experiments/create", json={"name": "in-postgres"},
-                          auth=("admin", PASSWORD), timeout=10)
+                          auth=("admin", PASSWORD), timeout=30)
         assert made.status_code == 200, made.text
         assert "in-postgres" in _experiments_in(db)  # the run store is the Secret's database
         assert not list(tmp_path.rglob("mlflow.db"))  # and no sqlite file beside it
