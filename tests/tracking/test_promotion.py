@@ -39,7 +39,10 @@ def make_versions(uri: str, model: str, n: int) -> list[int]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("promotion") or client.create_experiment("promotion")
+    # Beside a sqlite store, never MLflow's default ./mlruns in whatever folder the tests run from.
+    where = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+    exp = client.get_experiment_by_name("promotion") or client.create_experiment(
+        "promotion", artifact_location=where.as_uri() if where else None)
     exp_id = exp if isinstance(exp, str) else exp.experiment_id
     if not client.search_registered_models(f"name = '{model}'"):
         client.create_registered_model(model)
