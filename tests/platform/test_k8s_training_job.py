@@ -156,9 +156,8 @@ def test_hub_base_model_passes_through(cluster_cfg: RunConfig) -> None:
     (["platform.distributed.pretrain.engine=none", "platform.distributed.pretrain.shared_pvc=null"], "needs a shared PVC"),
 ])
 def test_unusable_configs_fail_before_building(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
-    cfg = load_config(LOCAL, [*cluster_overrides, *overrides])
-    with pytest.raises(ConfigError, match=needle) as info:
-        _job(cfg)
+    with pytest.raises(ConfigError, match=needle) as info:  # credentials: already when the config loads
+        _job(load_config(LOCAL, [*cluster_overrides, *overrides]))
     assert "hunter2" not in str(info.value)
 
 

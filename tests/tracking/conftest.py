@@ -1,5 +1,6 @@
 """Fixtures for the tracking tests: fresh sqlite MLflow stores, a read-back in another process, tiny
-models for the registry, and one real ``mlflow server`` shared by the integration tests."""
+models for the registry, one real ``mlflow server`` shared by the integration tests, and one on
+PostgreSQL (the cluster's backend store) for the load test."""
 
 from __future__ import annotations
 
@@ -91,16 +92,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def _server_process(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Iterator[tuple[Any, str, Path]]:
-    """Start ``mlflow server`` without waiting for it (sqlite backend already migrated, proxied
-    artifacts in a tmp dir). It forks a worker: started in its own process group, the group is stopped."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    shutil.copy(_migrated_store, root / "mlflow.db")
+@contextlib.contextmanager
+def _server(backend_store_uri: str, root: Path, workers: int = 1) -> Iterator[tuple[Any, str, Path]]:
+    """Start ``mlflow server`` on 127.0.0.1 without waiting for it (proxied artifacts under ``root``).
+    It forks workers: started in its own process group, the group is stopped."""
     port = _free_port()
-    cmd = [str(Path(PY).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+    cmd = [str(Path(PY).with_name("mlflow")), "server", "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+           "--workers", str(workers)]
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     try:
@@ -116,6 +115,34 @@ def _server_process(tmp_path_factory: pytest.TempPathFactory, _migrated_store: P
         log.close()
 
 
+def _healthy(proc: Any, uri: str, log: Path) -> str:
+    """``uri`` once the server answers ``/health``; the test fails with the server's log otherwise."""
+    # sqlite: ~6–7 s on an idle 2-core machine; a fresh PostgreSQL database is migrated first (70-90 s
+    # measured at load average 15-25). Allow for a busy machine.
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"mlflow server not healthy after 180 s: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def _server_process(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Iterator[tuple[Any, str, Path]]:
+    """``mlflow server`` on a copy of the migrated sqlite store, not yet waited for."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(_migrated_store, root / "mlflow.db")
+    with _server(f"sqlite:///{root / 'mlflow.db'}", root) as started:
+        yield started
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _early_server(request: pytest.FixtureRequest) -> None:
     """When integration tests are selected, start the server with the first tracking test, so its
@@ -128,17 +155,15 @@ def _early_server(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def mlflow_server(_server_process: tuple[Any, str, Path]) -> str:
     """The URI of a healthy ``mlflow server`` on 127.0.0.1, shared by the integration tests."""
-    proc, uri, log = _server_process
-    deadline = time.monotonic() + 90  # ~6–7 s on an idle 2-core machine; allow for a busy one
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return uri
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"mlflow server not healthy after 90 s: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    return _healthy(*_server_process)
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A healthy ``mlflow server`` on 127.0.0.1 whose backend store is a fresh PostgreSQL database
+    (dropped afterwards), with two workers like the cluster's (configs/cluster-mlflow.yaml)."""
+    from pghelpers import fresh_database
+
+    root = tmp_path_factory.mktemp("mlflow-pg")
+    with fresh_database("kubellm_tracking") as db, _server(db, root, workers=2) as started:
+        yield _healthy(*started)

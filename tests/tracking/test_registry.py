@@ -67,7 +67,7 @@ def test_register_promote_resolve(workdir: Path, tiny_models: dict[str, Path]) -
     assert resolve_model_uri(cfg, workdir, "models:/tiny-lm/2") == path  # downloaded once, then reused
     assert resolve_model_uri(cfg, workdir, str(tiny_models["full"])) == tiny_models["full"]
 
-    promote(cfg, workdir, 1)  # the alias moves: exactly one champion
+    promote(cfg, workdir, 1, force=True)  # a rollback moves the alias back: exactly one champion
     assert champion_info(cfg, workdir).version == 1
 
 

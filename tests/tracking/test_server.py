@@ -33,7 +33,7 @@ def test_stage_and_registration_over_http(mlflow_server: str, tiny_models: dict[
     end_parent_run(cfg, tmp_path, parent, "FINISHED")
 
     got = read_back(mlflow_server, "http", "http-lm")
-    assert got["runs"][parent]["status"] == "FINISHED" and got["runs"][parent]["params"] == {"a.b": "1"}
+    assert got["runs"][parent]["status"] == "FINISHED" and "config.json" in got["runs"][parent]["artifacts"]
     stage = got["runs"][stage_id]
     assert stage["status"] == "FINISHED" and stage["metrics"] == {"loss": 1.5}
     assert stage["tags"]["mlflow.parentRunId"] == parent and stage["tags"]["kfp_run_id"] == "kfp-http"

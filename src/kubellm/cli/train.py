@@ -132,12 +132,20 @@ def register(model: ModelOpt, base: BaseOpt = None,
 @app.command()
 def promote(version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
             alias: Annotated[str, typer.Option("--alias", help="Alias to point at it.")] = "champion",
+            force: Annotated[bool, typer.Option(
+                "--force", help="Roll back: move the alias even to a version older than the one holding it.")] = False,
             config: ConfigOpt = None, overrides: SetOpt = None) -> None:
-    """Point an alias (default 'champion') at a registered version."""
+    """Point an alias (default 'champion') at a registered version; only forward unless --force."""
     cfg = load(config, overrides, reads=())
+    from kubellm.tracking import TrackingError, champion_info
     from kubellm.tracking import promote as run
 
-    _print_version("promoted", run(cfg.tracking, cfg.workdir, version, alias))
+    info = run(cfg.tracking, cfg.workdir, version, alias, force=force)
+    if alias not in info.aliases:
+        holder = champion_info(cfg.tracking, cfg.workdir, alias)
+        raise TrackingError(f"{info.name}@{alias} is version {holder.version if holder else '?'}, newer than "
+                            f"{version}: not moved back; `kubellm promote --version {version} --force` rolls it back")
+    _print_version("promoted", info)
 
 
 # ---- end of evaluation and registry commands --------------------------------------------------------

@@ -7,12 +7,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
+from kubellm.config.secrets import Uri
 
 
 class SourceConfig(StrictModel):
     """One input source. Several sources are concatenated in the order given."""
 
-    uri: str
+    uri: Uri
     """Where the records are. ``builtin://stdlib`` (the Python standard library's source, a pretraining
     corpus that needs no download), ``builtin://stdlib-instruct`` (instructions derived from it: a
     function's docstring as the prompt, its code as the response), a local file, directory or glob

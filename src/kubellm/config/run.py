@@ -15,6 +15,7 @@ from kubellm.config.base import StrictModel
 from kubellm.config.data import DataConfig
 from kubellm.config.evaluate import EvalConfig
 from kubellm.config.platform import PlatformConfig
+from kubellm.config.secrets import WHERE_CREDENTIALS_GO, find_secrets
 from kubellm.config.serve import DeployConfig, PlaygroundConfig, ServeConfig
 from kubellm.config.tracking import TrackingConfig
 from kubellm.config.train import FinetuneConfig, PretrainConfig
@@ -88,6 +89,15 @@ class RunConfig(StrictModel):
     def release(self) -> ReleaseConfig:
         """The sections the deploy step reads at run time."""
         return ReleaseConfig(deploy=self.deploy, serve=self.serve, playground=self.playground)
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> RunConfig:
+        # The whole config is compiled into pipeline YAML and logged to MLflow: no secret may ride along.
+        found = find_secrets(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(f"{'; '.join(found)}: a config is compiled and logged, never put a secret in it; "
+                             f"{WHERE_CREDENTIALS_GO}")
+        return self
 
     def config_hash(self) -> str:
         """A short, stable hash of the validated config (tags runs, names pipeline versions)."""

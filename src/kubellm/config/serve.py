@@ -11,9 +11,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
+from kubellm.config.secrets import Uri
 
 # DNS-1035 label: InferenceService and Deployment names become Service names.
 _K8S_NAME = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+# DNS-1123 subdomain: a Secret's name.
+_K8S_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class ServeConfig(StrictModel):
@@ -26,11 +29,11 @@ class ServeConfig(StrictModel):
     model_name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
     """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``); in a run config it
     defaults to ``tracking.registered_model``."""
-    model: str | None = None
+    model: Uri | None = None
     """What to serve: a local directory (a merged Hugging Face model or a LoRA adapter directory), a
     ``models:/name@alias`` MLflow URI, or ``/mnt/models`` (what KServe's storage initializer fills in a
     pod). ``None``: ``models:/<tracking.registered_model>@champion``."""
-    base_model: str | None = None
+    base_model: Uri | None = None
     """Base model of a LoRA adapter (a directory or a Hub id); ``None`` takes the base recorded in the
     adapter's ``adapter_config.json``."""
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -77,7 +80,7 @@ class DeployConfig(StrictModel):
     """``kubellm``: our predictor image (``platform.serving_image`` running ``kubellm serve``; serves a
     merged model or a LoRA adapter, KServe V1/V2 and an OpenAI-compatible API). ``huggingface``: KServe's
     own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only."""
-    storage_uri: str | None = None
+    storage_uri: Uri | None = None
     """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
     ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered
     model's location; ``kubellm deploy --storage-uri`` overrides this."""
@@ -144,15 +147,26 @@ class PlaygroundConfig(StrictModel):
     """Bind address; loopback by default, ``0.0.0.0`` only inside a container."""
     port: int = Field(default=7860, ge=1, le=65535)
     """HTTP port."""
-    endpoint: str | None = None
+    endpoint: Uri | None = None
     """OpenAI-compatible base URL of model A. A bare ``http://host:port`` gets KServe's ``/openai/v1``
     prefix. ``None``: the local predictor, ``http://127.0.0.1:<serve.port>/openai/v1``."""
     model: str | None = None
     """Model name at ``endpoint``; ``None`` takes the first one the endpoint lists."""
-    compare_endpoint: str | None = None
+    compare_endpoint: Uri | None = None
     """Base URL of model B, shown side by side on the same prompt (e.g. the base model); ``None``: A only."""
     compare_model: str | None = None
     """Model name at ``compare_endpoint``; ``None`` takes the first one it lists."""
+    editable_endpoints: bool = True
+    """Let the page's user type any endpoint URL (a laptop, on 127.0.0.1). ``false`` locks the page to
+    ``endpoint``, ``compare_endpoint`` and ``allowed_endpoints``, checked on the server, so whoever reaches
+    the page cannot make its host call other URLs (server-side request forgery). The cluster's playground
+    pod is always locked."""
+    allowed_endpoints: list[Uri] = []
+    """Further OpenAI-compatible base URLs a locked page offers to choose from."""
+    auth_secret: str | None = Field(default=None, pattern=_K8S_SECRET_NAME)
+    """Kubernetes Secret (keys ``username`` and ``password``) holding the login the cluster's playground
+    asks for; the pod gets them as ``KUBELLM_PLAYGROUND_USERNAME``/``PASSWORD`` (so does a laptop's
+    ``kubellm playground``). ``None``: no login: reach the page only through ``kubectl port-forward``."""
     system_prompt: str = "You are a helpful assistant."
     """System prompt the page starts with."""
     temperature: float = Field(default=0.7, ge=0, le=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from kubellm.config.base import StrictModel
+from kubellm.config.secrets import Uri
 
 
 class TrackingConfig(StrictModel):
@@ -12,8 +13,8 @@ class TrackingConfig(StrictModel):
 
     enabled: bool = True
     """Track runs in MLflow (``false`` logs nowhere)."""
-    uri: str | None = None
-    """MLflow tracking URI. ``None``: ``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at
+    uri: Uri | None = None
+    """MLflow tracking URI (credentials come from ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, never the URI). ``None``: ``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at
     ``.kubellm/mlflow.db`` under the working directory."""
     experiment: str = "kubellm"
     """MLflow experiment of the parent runs."""

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from kubellm.config.base import StrictModel
+from kubellm.config.secrets import Uri
 
 
 class ModelConfig(StrictModel):
@@ -114,7 +115,7 @@ class LoraConfig(StrictModel):
 class FinetuneConfig(StrictModel):
     """``kubellm finetune``: LoRA fine-tuning of a causal LM on a prepared instruction dataset."""
 
-    base_model: str | None = None
+    base_model: Uri | None = None
     """A local Hugging Face model directory or a Hub id. ``None`` in a lifecycle run means the model
     the pretraining stage produced."""
     revision: str | None = None

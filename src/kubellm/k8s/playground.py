@@ -6,6 +6,10 @@ compare against). It gets the ``playground`` stage's placement and the same rest
 every kubellm pod (non-root, read-only root filesystem with emptyDir scratch space, no service-account
 token: the playground never talks to the Kubernetes API). Reach it with
 ``kubectl port-forward svc/<name>-playground 7860:80``.
+
+Its endpoints are locked to the ones given here (plus ``playground.allowed_endpoints``): the page's
+user cannot make the pod call another URL. With ``playground.auth_secret`` the page asks for the login
+held in that Secret, which reaches the pod as environment variables, never as arguments.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubellm.k8s import pods
 from kubellm.k8s.inferenceservice import isvc_name, set_args
+from kubellm.serve.playground import PASSWORD_ENV, USERNAME_ENV
 
 if TYPE_CHECKING:
     from kubellm.config.run import RunConfig
@@ -39,8 +44,9 @@ def build_playground(run_cfg: RunConfig, endpoint_url: str, compare_url: str | N
     args = ["playground", "--endpoint", endpoint_url, "--port", str(PORT)]
     if compare_url:
         args += ["--compare-endpoint", compare_url]
-    pinned = cfg.model_dump(exclude={"endpoint", "compare_endpoint", "port", "replicas"})
+    pinned = cfg.model_dump(exclude={"endpoint", "compare_endpoint", "port", "replicas", "auth_secret"})
     pinned["host"] = "0.0.0.0"
+    pinned["editable_endpoints"] = False  # in the cluster, a typed URL would be called from inside it
     # The InferenceService serves serve.model_name (see kubellm.k8s.inferenceservice).
     pinned["model"] = cfg.model or run_cfg.serve.model_name
     args += set_args("playground", pinned)
@@ -54,6 +60,9 @@ def build_playground(run_cfg: RunConfig, endpoint_url: str, compare_url: str | N
         # Gradio writes uploads and its cache under GRADIO_TEMP_DIR: the /tmp emptyDir on a read-only root.
         env={"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": "/tmp/gradio", "HF_HUB_OFFLINE": "1"},
         ports=[{"name": "http", "containerPort": PORT, "protocol": "TCP"}])
+    if cfg.auth_secret:
+        container["env"] += [{"name": env, "valueFrom": {"secretKeyRef": {"name": cfg.auth_secret, "key": key}}}
+                             for env, key in ((USERNAME_ENV, "username"), (PASSWORD_ENV, "password"))]
     # Gradio imports in ~10 s on a small CPU share: 12 × 5 s before the first liveness check counts.
     container["startupProbe"] = probe(5, 12)
     container["readinessProbe"] = probe(10, 3)

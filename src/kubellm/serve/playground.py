@@ -10,6 +10,12 @@ The Gradio Blocks are mounted on a FastAPI app (:func:`build_app`) so the same a
 ``kubellm playground`` (127.0.0.1 unless ``playground.host`` says otherwise) and in a thread for tests.
 A bare ``http://host:port`` endpoint gets KServe's ``/openai/v1`` prefix; the local default is the
 predictor that ``kubellm serve`` starts.
+
+The page's host makes the requests, so a page whose endpoints anyone can type would make a pod inside
+the cluster call any URL and show the answer (a server-side request forger). With
+``playground.editable_endpoints: false`` (always on a cluster) the endpoints are those the operator
+configured, checked on the server for every send, whatever a client posts. A login (Gradio's own) is
+read from ``KUBELLM_PLAYGROUND_USERNAME``/``PASSWORD``, which the pod takes from a Kubernetes Secret.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from kubellm.errors import ServingError
 from kubellm.log import get_logger
 
 if TYPE_CHECKING:
@@ -33,6 +40,22 @@ log = get_logger("kubellm.serve.playground")
 
 #: Marks an answer bubble that holds an error, not model text (left out of the history sent later).
 ERROR_MARK = "⚠️ "
+#: The login the page asks for (the cluster's pod sets both from ``playground.auth_secret``).
+USERNAME_ENV = "KUBELLM_PLAYGROUND_USERNAME"
+PASSWORD_ENV = "KUBELLM_PLAYGROUND_PASSWORD"
+
+
+def auth_from_env() -> tuple[str, str] | None:
+    """``(username, password)`` from the environment, None when neither is set."""
+    import os
+
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if not user and not password:
+        return None
+    if not user or not password:
+        present, missing = (USERNAME_ENV, PASSWORD_ENV) if user else (PASSWORD_ENV, USERNAME_ENV)
+        raise ServingError(f"{present} is set but {missing} is not: the playground's login needs both")
+    return user, password
 
 
 def normalize_endpoint(url: str) -> str:
@@ -138,22 +161,42 @@ def respond(prompt: str, settings: Settings, sides: list[Side], timeout_s: float
         yield [s.history for s in sides]
 
 
+def _endpoint_box(gr: Any, value: str, label: str, elem_id: str, allowed: list[str] | None) -> Any:
+    """A free text box, or for a locked page a choice among ``allowed`` (fixed when there is one)."""
+    if allowed is None:
+        return gr.Textbox(value, label=label, elem_id=elem_id)
+    # Custom values pass Gradio untouched so that the send handler's own check answers them in one line.
+    return gr.Dropdown(allowed, value=value, label=label, elem_id=elem_id, allow_custom_value=True,
+                       interactive=len([a for a in allowed if a]) > 1)
+
+
+def _refused(url: str, allowed: list[str] | None) -> bool:
+    if allowed is None or not url:
+        return False
+    return normalize_endpoint(url) not in {normalize_endpoint(a) for a in allowed if a}
+
+
 def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | None = None,
                  compare_model: str | None = None) -> Any:
     """The Gradio Blocks of the playground."""
     import gradio as gr
+
+    extra = list(cfg.allowed_endpoints)
+    locked_a = None if cfg.editable_endpoints else list(dict.fromkeys([endpoint, *extra]))
+    locked_b = None if cfg.editable_endpoints else list(dict.fromkeys(["", *([compare_endpoint] if compare_endpoint
+                                                                          else []), *extra]))
 
     with gr.Blocks(title="kubellm playground", analytics_enabled=False) as blocks:
         gr.Markdown("## kubellm playground\nOne prompt, two models side by side. Each answer streams from its "
                     "OpenAI-compatible endpoint; each side keeps its own conversation.")
         with gr.Row():
             with gr.Column():
-                endpoint_a = gr.Textbox(endpoint, label="Model A endpoint", elem_id="endpoint-a")
+                endpoint_a = _endpoint_box(gr, endpoint, "Model A endpoint", "endpoint-a", locked_a)
                 model_a = gr.Textbox(cfg.model or "", label="Model A name (empty: the endpoint's first model)",
                                      elem_id="model-a")
             with gr.Column():
-                endpoint_b = gr.Textbox(compare_endpoint or "", label="Model B endpoint (empty: A only)",
-                                        elem_id="endpoint-b")
+                endpoint_b = _endpoint_box(gr, compare_endpoint or "", "Model B endpoint (empty: A only)",
+                                           "endpoint-b", locked_b)
                 model_b = gr.Textbox(compare_model or "", label="Model B name", elem_id="model-b")
         with gr.Accordion("System prompt and generation", open=True):
             system = gr.Textbox(cfg.system_prompt, label="System prompt", lines=2, elem_id="system-prompt")
@@ -178,18 +221,24 @@ def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | N
             if not text.strip():
                 yield hist_a, hist_b, "Type a prompt first.", text
                 return
-            if not ep_a.strip():
+            ep_a, ep_b = str(ep_a or "").strip(), str(ep_b or "").strip()
+            if not ep_a:
                 yield hist_a, hist_b, f"{ERROR_MARK}Model A needs an endpoint URL.", text
                 return
+            for label, url, allowed in (("A", ep_a, locked_a), ("B", ep_b, locked_b)):
+                if _refused(url, allowed):
+                    log.warning("playground: refused a send to %s (not a configured endpoint)", url)
+                    yield hist_a, hist_b, f"{ERROR_MARK}Model {label} endpoint {url} is not one this playground may call", text
+                    return
             seed_text = str(seed_value or "").strip()
             if seed_text and not seed_text.lstrip("-").isdigit():
                 yield hist_a, hist_b, f"{ERROR_MARK}Seed must be a whole number or empty, not {seed_text!r}.", text
                 return
             settings = Settings(sys_prompt, float(temp), float(tp), max(1, int(max_tok or 1)),
                                 int(seed_text) if seed_text else None)
-            sides = [Side(ep_a.strip(), name_a.strip() or None, _history(hist_a))]
-            if ep_b.strip():
-                sides.append(Side(ep_b.strip(), name_b.strip() or None, _history(hist_b)))
+            sides = [Side(ep_a, name_a.strip() or None, _history(hist_a))]
+            if ep_b:
+                sides.append(Side(ep_b, name_b.strip() or None, _history(hist_b)))
             for histories in respond(text, settings, sides, cfg.request_timeout_s):
                 yield histories[0], histories[1] if len(histories) > 1 else hist_b, "", ""
             failed = [f"{label}: {h[-1]['content'][len(ERROR_MARK):]}" for label, h in zip("AB", histories, strict=False)
@@ -207,8 +256,9 @@ def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | N
 
 
 def build_app(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint: str | None = None,
-              port: int | None = None) -> FastAPI:
-    """A FastAPI app with the playground mounted at ``/`` (``port``: where it will listen, for Gradio's links)."""
+              port: int | None = None, auth: tuple[str, str] | None = None) -> FastAPI:
+    """A FastAPI app with the playground mounted at ``/`` (``port``: where it will listen, for Gradio's
+    links; ``auth``: the login every page and API call needs)."""
     import gradio as gr
     from fastapi import FastAPI
 
@@ -216,7 +266,8 @@ def build_app(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoi
     blocks = build_blocks(cfg, endpoint or default_endpoint(run_cfg), compare_endpoint or cfg.compare_endpoint,
                           cfg.compare_model)
     return gr.mount_gradio_app(FastAPI(title="kubellm playground"), blocks, path="", server_name=cfg.host,
-                               server_port=port or cfg.port, ssr_mode=False)
+                               server_port=port or cfg.port, ssr_mode=False, auth=auth,
+                               auth_message="kubellm playground" if auth else None)
 
 
 def launch(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint: str | None = None,
@@ -229,9 +280,12 @@ def launch(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a laptop or a pod
     cfg = run_cfg.playground
     host, port = cfg.host, port or cfg.port
-    app = build_app(run_cfg, endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)
-    log.info("playground on http://%s:%d (model A: %s%s)", host, port, endpoint or default_endpoint(run_cfg),
-             f", model B: {compare_endpoint or cfg.compare_endpoint}" if (compare_endpoint or cfg.compare_endpoint) else "")
+    auth = auth_from_env()
+    app = build_app(run_cfg, endpoint=endpoint, compare_endpoint=compare_endpoint, port=port, auth=auth)
+    log.info("playground on http://%s:%d (model A: %s%s; endpoints %s; %s)", host, port,
+             endpoint or default_endpoint(run_cfg),
+             f", model B: {compare_endpoint or cfg.compare_endpoint}" if (compare_endpoint or cfg.compare_endpoint) else "",
+             "editable" if cfg.editable_endpoints else "locked", "login required" if auth else "no login")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

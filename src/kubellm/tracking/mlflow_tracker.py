@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kubellm.config.secrets import redact
 from kubellm.config.tracking import TrackingConfig
 from kubellm.log import get_logger
 from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
@@ -211,6 +212,13 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
 
 
+def _log_config(tracker: MlflowTracker, config: Mapping[str, Any]) -> None:
+    """A config as flat params and ``config.json``, redacted: every MLflow user can read both."""
+    safe = redact(dict(config))
+    tracker.log_params(safe)
+    tracker.log_dict(safe, "config.json")
+
+
 def _context_tags(config: Mapping[str, Any] | None) -> dict[str, str]:
     tags = {}
     if config:
@@ -226,7 +234,8 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
     """Start the parent run of one lifecycle run and return its id.
 
     ``config`` (the whole run config as JSON-able data) is logged as one ``config.json`` artifact (its
-    stages log their own sections as params).
+    stages log their own sections as params), secret-like values masked
+    (:func:`kubellm.config.secrets.redact`).
     Idempotent per KFP run: when ``tags`` holds a ``kfp_run_id`` that already has a parent run (a
     retried or resumed KFP run), that run is set back to ``RUNNING`` and its id returned. With
     ``cfg.enabled`` false nothing is logged and the id is ``""`` (a KFP output cannot be None);
@@ -247,7 +256,7 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
                 log.info("re-attached to parent run %s of KFP run %s", run.info.run_id, kfp_run_id)
                 return run.info.run_id
         run = client.create_run(exp, tags=all_tags, run_name=run_name)
-        MlflowTracker(client, run.info.run_id).log_dict(config, "config.json")
+        MlflowTracker(client, run.info.run_id).log_dict(redact(config), "config.json")
     log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
     return run.info.run_id
 
@@ -386,8 +395,7 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
             steps = {}
         tracker = MlflowTracker(client, run_id, logged_steps=steps)
         if config:
-            tracker.log_params(config)
-            tracker.log_dict(config, "config.json")
+            _log_config(tracker, config)
 
     with _killed_on_sigterm(client, run_id) as kill:
         try:
