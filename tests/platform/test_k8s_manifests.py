@@ -64,7 +64,7 @@ SECRET_TEXT = [
     ("Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
     ("credentials in a URL", re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^/\s@'\"]+@")),
     ("password assignment", re.compile(r"(?im)^[ \t]*[\w.-]*(password|passwd|secret[_-]?key|api[_-]?key|token)"
-                                       r"[ \t]*[=:][ \t]*['\"]?(?!(true|false|null|\d+)\b)[^\s'\"#{$][^\s'\"]*")),
+                                       r"[ \t]*(?:=(?!=)|:)[ \t]*['\"]?(?!(true|false|null|\d+)\b)[^\s'\"#{$][^\s'\"]*")),
 ]
 
 

@@ -27,10 +27,11 @@ def test_training_jobs_carry_the_queue_on_the_job_not_its_pods(kind: str) -> Non
 
 
 def test_without_a_queue_nothing_is_labelled_and_priority_needs_a_queue() -> None:
-    job = build_job("pytorchjob", "pretrain", load_config(REPO / "configs" / "cluster-gpu.yaml"), "p/x", "r/x")
+    no_queue = ["platform.queue_name=null", "platform.priority_class=null"]
+    job = build_job("pytorchjob", "pretrain", load_config(REPO / "configs" / "cluster-gpu.yaml", no_queue), "p/x", "r/x")
     assert not any(k.startswith("kueue.x-k8s.io/") for k in job["metadata"]["labels"])
     with pytest.raises(ConfigError, match="priority_class orders workloads in a Kueue queue: set queue_name"):
-        load_config(REPO / "configs" / "cluster-gpu.yaml", ["platform.priority_class=batch-low"])
+        load_config(REPO / "configs" / "cluster-gpu.yaml", ["platform.queue_name=null"])
     with pytest.raises(ConfigError, match="queue_name"):
         load_config(REPO / "configs" / "cluster-gpu.yaml", ["platform.queue_name=Not_A_Name"])
 
