@@ -1,13 +1,14 @@
 """Deployment component: roll out on KServe, promote to ``champion``, open the prompt playground."""
 
-from kfp.dsl import Artifact, Markdown, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Output
 
 from kubellm.components._base import component
 
 
 @component
 def deploy(config: dict, tracking: dict, workdir: str, parent_run_id: str, model_uri: str, target: str,
-           manifests: Output[Artifact], report: Output[Markdown], platform: dict = {}, run_name: str = "") -> str:
+           evaluation: Input[Artifact], data: Input[Dataset], manifests: Output[Artifact], report: Output[Markdown],
+           eval_config: dict = {}, platform: dict = {}, run_name: str = "") -> str:
     """Roll out a registered model version and, when it is healthy, make it the ``champion``.
 
     On a cluster: create or patch the InferenceService (canary traffic first), wait until Ready,
@@ -23,8 +24,12 @@ def deploy(config: dict, tracking: dict, workdir: str, parent_run_id: str, model
         parent_run_id: MLflow parent run.
         model_uri: The registered version (``models:/name/version``).
         target: ``cluster`` or ``local``.
+        evaluation: The candidate's evaluation results (its benchmark scores).
+        data: The prepared instruction data the evaluation used (the benchmarks' local tasks).
         manifests: The InferenceService (and playground) manifests.
         report: Status, endpoint and aliases.
+        eval_config: The ``evaluate`` section: with ``benchmarks``, the served canary is scored on them
+            before promotion (``deploy.benchmark_gate``) and rolled back when it falls below its evaluation.
         platform: The ``platform`` section (namespace, images, placement), set at compile time.
         run_name: The run's name (names the InferenceService).
 
@@ -35,6 +40,7 @@ def deploy(config: dict, tracking: dict, workdir: str, parent_run_id: str, model
 
     ctx = StageContext.from_param(tracking, workdir, parent_run_id)
     out = deploy.deploy(config, manifests.path, ctx, target=target, model_uri=model_uri, platform=platform or None,
-                        run_name=run_name or None)
+                        run_name=run_name or None, eval_config=eval_config or None, evaluation_dir=evaluation.path,
+                        data_dir=data.path)
     publish(out, report=report.path)
     return out.values["endpoint"]

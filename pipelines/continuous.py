@@ -46,7 +46,7 @@ def build(ctx: Context) -> Any:
                         config=eval_config, data=iprep.outputs["dataset"], base_model=base,
                         candidate_results=ev.outputs["results"], **common), "evaluate", "Compare with champion")
                     with dsl.If(cmp.outputs["Output"] == True, name="beats-champion"):  # noqa: E712
-                        release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"], base=base,
+                        release(ctx, deploy_config=deploy_config, eval_config=eval_config, data=iprep.outputs["dataset"], start=start, model=ft.outputs["adapter"], base=base,
                                 evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_continuous_finetune

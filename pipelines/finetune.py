@@ -66,7 +66,7 @@ def build(ctx: Context) -> Any:
             ft, ev = tune_and_evaluate(ctx, base=base, iprep=iprep, run_name=run_name,
                                        finetune_config=finetune_config, eval_config=eval_config)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"], base=base,
+                release(ctx, deploy_config=deploy_config, eval_config=eval_config, data=iprep.outputs["dataset"], start=start, model=ft.outputs["adapter"], base=base,
                         evaluation=ev.outputs["results"], fingerprint=iprep.outputs["Output"])
 
     return llm_finetune

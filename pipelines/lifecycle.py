@@ -13,15 +13,17 @@ from kubellm.pipelines._common import Context, pipeline, require
 NAME = "llm-lifecycle"
 
 
-def release(ctx: Context, *, deploy_config: Any, start: Any, model: Any, base: Any, evaluation: Any,
-            fingerprint: Any) -> None:
-    """register → deploy (→ playground): the tail every pipeline runs once its gate passed."""
+def release(ctx: Context, *, deploy_config: Any, eval_config: Any, start: Any, model: Any, base: Any,
+            evaluation: Any, data: Any, fingerprint: Any) -> None:
+    """register → deploy (→ playground): the tail every pipeline runs once its gate passed. The deploy
+    step scores the served canary on the evaluation's benchmarks (``data``: the prepared held-out set)."""
     common = ctx.stage_args(start)
     reg = ctx.configure(registry.register(model=model, base_model=base, evaluation=evaluation,
                                           data_fingerprint=fingerprint, **common),
                         "register", "Register model (alias: candidate)")
     ctx.configure(deploy.deploy(config=deploy_config, model_uri=reg.outputs["Output"], target=ctx.target,
-                                **ctx.placed(), **common),
+                                eval_config=eval_config, evaluation=evaluation, data=data, **ctx.placed(),
+                                **common),
                   "deploy", "Deploy on KServe (champion when healthy)", retry="deploy")
 
 
@@ -60,7 +62,7 @@ def build(ctx: Context) -> Any:
                                                  model=ft.outputs["adapter"], base_model=pre.outputs["model"],
                                                  **pure), "evaluate", "Evaluate + gate", cache=True)
             with dsl.If(ev.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, deploy_config=deploy_config, start=start, model=ft.outputs["adapter"],
+                release(ctx, deploy_config=deploy_config, eval_config=eval_config, data=iprep.outputs["dataset"], start=start, model=ft.outputs["adapter"],
                         base=pre.outputs["model"], evaluation=ev.outputs["results"],
                         fingerprint=iprep.outputs["Output"])
 

@@ -49,7 +49,7 @@ def build(ctx: Context) -> Any:
                                                       metric=metric, mode=mode),
                                  "evaluate", "Select the best trial")
             with dsl.If(best.outputs["Output"] == True, name="some-trial-passed"):  # noqa: E712 (a KFP condition)
-                release(ctx, deploy_config=deploy_config, start=start, model=best.outputs["best_adapter"], base=base,
+                release(ctx, deploy_config=deploy_config, eval_config=eval_config, data=iprep.outputs["dataset"], start=start, model=best.outputs["best_adapter"], base=base,
                         evaluation=best.outputs["best_evaluation"], fingerprint=iprep.outputs["Output"])
 
     return llm_lora_sweep
