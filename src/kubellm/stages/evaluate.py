@@ -15,9 +15,13 @@ def evaluate(config: EvalConfig | dict[str, Any], model_dir: str | Path, data_di
              out_dir: str | Path, ctx: StageContext, *, base_model: str | Path | None = None,
              stage: str = "evaluate") -> StageOutput:
     """Evaluation and the gate; ``values["passed"]`` is what the pipeline's ``dsl.If`` tests."""
+    from kubellm.fsutil import claim_output
+    from kubellm.train.evaluate import OUTPUT_KIND
     from kubellm.train.evaluate import evaluate as run
 
     cfg = section(EvalConfig, config, "evaluate config")
+    # A refused output folder fails before the MLflow run opens (the library checks again).
+    claim_output(out_dir, OUTPUT_KIND, inputs=[model_dir, data_dir, *([base_model] if base_model else [])])
     with ctx.stage(stage, cfg) as tracker:
         res = run(cfg, model_dir, data_dir, out_dir, base_model=base_model, tracker=tracker)
         link = ctx.run_link(tracker.run_id)

@@ -93,10 +93,12 @@ def pretrain(config: PretrainConfig | dict[str, Any], data_dir: str | Path, out_
              ctx: StageContext, *, platform: PlatformConfig | dict[str, Any] | None = None,
              run_name: str = "kubellm") -> StageOutput:
     """Pretraining, in this process or (``platform.distributed.pretrain.engine`` set) as a training job."""
+    from kubellm.train.loop import claim_run_dir
     from kubellm.train.pretrain import pretrain as run
 
     cfg = section(PretrainConfig, config, "pretrain config")
     place = section(PlatformConfig, platform, "platform config") if platform else None
+    claim_run_dir(out_dir, [data_dir])  # a refused output fails before the MLflow run opens
     with ctx.stage("pretrain", cfg) as tracker:
         if _engine(place, "pretrain") != "none":
             res = _as_job("pretrain", cfg, place, ctx, tracker, run_name, data_dir, out_dir)
@@ -114,11 +116,13 @@ def finetune(config: FinetuneConfig | dict[str, Any], base_model: str | Path, da
     ``platform.distributed.finetune.engine`` set it runs as a training job."""
     from kubellm.config.run import trial_finetune
     from kubellm.train.finetune import finetune as run
+    from kubellm.train.loop import claim_run_dir
 
     cfg = section(FinetuneConfig, config, "finetune config")
     if trial:
         cfg = trial_finetune(cfg, trial.get("overrides", {}), f"sweep trial {trial['name']}")
     place = section(PlatformConfig, platform, "platform config") if platform else None
+    claim_run_dir(out_dir, [data_dir, base_model])  # a refused output fails before the MLflow run opens
     with ctx.stage(trial_stage("finetune", trial), cfg) as tracker:
         if _engine(place, "finetune") != "none":
             res = _as_job("finetune", cfg, place, ctx, tracker, run_name, data_dir, out_dir, base_model)
