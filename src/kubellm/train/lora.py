@@ -150,7 +150,7 @@ def _shared_dropout_class() -> type:
                 n = x.numel()
                 words = torch.randint(-2**63, 2**63 - 1, (math.ceil(n / 4),), dtype=torch.int64)
                 keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
-                out = torch.mul(x, keep).mul_(self.scale)
+                out = torch.where(keep, x, 0.0).mul_(self.scale)  # x * keep would copy keep to x's dtype
             else:
                 out = torch.nn.functional.dropout(x, self.p, training=True)
             self._last = (x, out)  # a strong reference: `is` cannot match a recycled object

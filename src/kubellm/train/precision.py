@@ -144,11 +144,26 @@ def _rotary_to_bf16(_module: Any, _args: Any, output: Any) -> Any:
     return output
 
 
+def _frozen_linear_weights(model: Any) -> list[Any]:
+    """fp32 weights of ``nn.Linear`` layers that do not train (a LoRA base), except any that is also an
+    embedding table (a tied head): a bf16 embedding would turn the fp32 residual stream into bf16."""
+    import torch
+
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return [w for i, w in weights.items()
+            if not w.requires_grad and w.dtype == torch.float32 and i not in tables]
+
+
 @contextlib.contextmanager
 def cpu_bf16_fast_path(model: Any, precision: Precision, device: str) -> Iterator[bool]:
     """Within the block, ``model`` (a transformers model, or a peft model around one) trains bf16 on a
     CPU through :func:`cpu_bf16_attention` and bf16 rotary embeddings; yields whether it applies. The
-    model's own attention setting is restored afterwards (saved configs never name this path)."""
+    model's own attention setting is restored afterwards (saved configs never name this path). Frozen
+    Linear weights (a LoRA base) are held in bf16 within the block — autocast otherwise casts each of
+    them in every forward — and get their fp32 values back afterwards (+50 % of their memory meanwhile)."""
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     usable = (precision == "bf16" and device == "cpu" and config is not None
@@ -166,9 +181,15 @@ def cpu_bf16_fast_path(model: Any, precision: Precision, device: str) -> Iterato
     casting = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)]
     for m in casting:
         m.cast_input_dtype_enabled = False
+    frozen = _frozen_linear_weights(model)
+    fp32 = [w.data for w in frozen]
+    for w in frozen:  # cast once, not in every forward: frozen weights never change
+        w.data = w.data.to(torch.bfloat16)
     try:
         yield True
     finally:
+        for w, data in zip(frozen, fp32, strict=True):
+            w.data = data
         for m in casting:
             m.cast_input_dtype_enabled = True
         for h in hooks:
