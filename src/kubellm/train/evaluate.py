@@ -161,28 +161,37 @@ def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str
 
 
 # --------------------------------------------------------------------------------------- perplexity
-def _rows(split: Any, start: int, stop: int) -> list[dict[str, Any]]:
-    cols = split[start:stop]
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"], strict=True)]
-
-
 def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None,
                 device: str) -> tuple[float, int]:
-    """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches),
-    with the training loss's masking."""
-    import torch
+    """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches'
+    rows), with the training loss's masking (:func:`kubellm.train.loop.token_nll_sum`).
 
+    Two things make batching pay (1.37× a forward per row before them): rows are batched by length, so
+    a batch pads little (the sum does not depend on the order), and the output head projects only the
+    positions whose next token is scored (``logits_to_keep``) — on instruction data the prompt is masked,
+    and the 4 k-vocabulary head of the ``small`` preset is its largest matmul.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from kubellm.data.format import IGNORE_INDEX
     from kubellm.train.batches import PadCollator
-    from kubellm.train.loop import forward_logits, token_nll_sum
 
     collate = PadCollator(pad_id)
     n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
+    lengths = [len(ids) for ids in split.select_columns("input_ids")[:n]["input_ids"]]
+    order = sorted(range(n), key=lengths.__getitem__)
     total, tokens = 0.0, 0
     with torch.inference_mode(), Progress(math.ceil(n / batch_size), "perplexity", every=50) as bar:
         for b, start in enumerate(range(0, n, batch_size), 1):
-            batch = {k: v.to(device) for k, v in collate(_rows(split, start, start + batch_size)).items()}
-            total += float(token_nll_sum(forward_logits(model, batch), batch["labels"]))
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
+            batch = {k: v.to(device) for k, v in collate(split.__getitems__(order[start:start + batch_size])).items()}
+            targets = batch["labels"][:, 1:]
+            scored = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t + 1
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                           use_cache=False, logits_to_keep=scored).logits
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                           targets[targets != IGNORE_INDEX], reduction="sum"))
+            tokens += int(scored.sum())
             bar.update(b)
     return total, tokens
 

@@ -37,6 +37,7 @@ whose weights can be loaded is complete, and one with ``kubellm_train.json`` is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -198,9 +199,11 @@ def build_optimizer(model: Any, optim: OptimConfig) -> Any:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # foreach (the default) rather than fused: fused AdamW on CPU measured no faster on these machines.
+    # Fused (one kernel over all tensors) where the parameters allow it: on the 125m preset a CPU step of
+    # AdamW took 45 ms fused against 160–380 ms with the foreach default, 5–8 % of a bf16 step.
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=(optim.beta1, optim.beta2))
+                             betas=(optim.beta1, optim.beta2), fused=fused or None)
 
 
 def token_nll_sum(logits: Any, labels: Any) -> Any:
@@ -210,13 +213,60 @@ def token_nll_sum(logits: Any, labels: Any) -> Any:
     (all micro-batches, all ranks): variable-length instruction rows then weigh every response token
     equally, as one big batch would.
     """
+    import torch
     import torch.nn.functional as F
 
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest activation of the
     # step (8 × 256 × 4 k vocab × 4 B = 33 MB for the small preset) forward and again backward.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    flat = logits.reshape(-1, logits.size(-1))
+    if flat.dtype == torch.bfloat16 and flat.device.type == "cpu":
+        return _bf16_nll().apply(flat, targets)
+    return F.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@functools.cache
+def _bf16_nll() -> Any:
+    """The autograd function below, defined on first use (this module imports without torch)."""
+    import torch
+
+    class Bf16TokenNLL(torch.autograd.Function):
+        """Cross-entropy of bf16 logits computed in fp32 row chunks, without an fp32 copy of the logits.
+
+        ``F.cross_entropy(logits.float())`` makes a full fp32 copy, a log-softmax, a zero-filled
+        gradient and a cast back: on a bf16 ``small``-preset step (2048 × 4096 logits) those were 17 %
+        of the step. Here the forward keeps only a per-row log-sum-exp, and the backward writes
+        ``softmax − one_hot`` straight into a bf16 gradient, 128 rows (2 MB of fp32) at a time. The
+        arithmetic is the same as the fp32 path's (fp32 log-sum-exp, fp32 gradient rounded to bf16).
+        """
+
+        CHUNK = 128
+
+        @staticmethod
+        def forward(ctx: Any, logits: Any, targets: Any) -> Any:
+            valid = targets != IGNORE_INDEX
+            safe = targets.clamp_min(0)
+            lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            for start in range(0, logits.shape[0], Bf16TokenNLL.CHUNK):
+                rows = slice(start, start + Bf16TokenNLL.CHUNK)
+                lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+            ctx.save_for_backward(logits, safe, valid, lse)
+            return ((lse - picked) * valid).sum()
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> tuple[Any, None]:
+            logits, safe, valid, lse = ctx.saved_tensors
+            out = torch.empty_like(logits)
+            weight = valid.float() * grad
+            for start in range(0, logits.shape[0], Bf16TokenNLL.CHUNK):
+                rows = slice(start, start + Bf16TokenNLL.CHUNK)
+                probs = logits[rows].float().sub_(lse[rows, None]).exp_()
+                probs.scatter_add_(1, safe[rows, None], torch.full_like(lse[rows, None], -1.0))
+                out[rows] = probs.mul_(weight[rows, None])
+            return out, None
+
+    return Bf16TokenNLL
 
 
 def forward_logits(model: Any, batch: dict[str, Any]) -> Any:
@@ -407,6 +457,7 @@ class _Trainer:
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         from kubellm.train.dist import all_reduce_sum, any_rank, barrier
+        from kubellm.train.precision import cpu_bf16_fast_path
 
         self._resume()
         if self.ctx.is_main:
@@ -429,7 +480,8 @@ class _Trainer:
         attempt_tokens, t_loop = 0.0, time.perf_counter()
         shown: dict[str, Any] = {}
         with Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step, logger=log,
-                      enabled=self.ctx.is_main) as progress, _StopFlag() as stop:
+                      enabled=self.ctx.is_main) as progress, _StopFlag() as stop, \
+                cpu_bf16_fast_path(self.model, self.precision, self.ctx.device):
             while self.state.step < loop.max_steps:
                 tokens, grad_norm, lr = self._step(wrapped, batches)
                 attempt_tokens += tokens

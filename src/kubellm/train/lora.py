@@ -8,6 +8,8 @@ the output head (adapting a 32 k × d head would add more parameters than the re
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 from kubellm.config.train import LoraConfig
@@ -91,4 +93,70 @@ def apply_lora(model: Any, cfg: LoraConfig, *, seed: int) -> Any:
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                              bias="none", task_type="CAUSAL_LM",
                              fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
-    return peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config)
+    share_adapter_dropout(model)
+    return model
+
+
+def share_adapter_dropout(model: Any) -> int:
+    """Give every adapter's ``nn.Dropout`` one shared module that reuses the mask for the same input.
+
+    peft draws a fresh Bernoulli mask per adapted module, 7 per Llama layer over the full
+    ``batch × length × width`` input, and on a CPU that RNG was 12–16 % of a bf16 LoRA step. q/k/v
+    (and gate/up) receive the *same* input tensor, so the shared module drops it once and hands each
+    of them the same dropped tensor — one mask per distinct input (4 per layer instead of 7), as if
+    the dropout sat on the block's input. Each adapter still sees inputs dropped with probability
+    ``p`` and rescaled by ``1/(1-p)``. On the CPU the mask is drawn as 16-bit lanes of 64-bit random
+    words (4 draws per word: 3.8× faster than ``bernoulli_``), so ``p`` is rounded to a multiple of
+    1/65536 (0.05 → 0.049988). Returns how many dropout modules were replaced."""
+    import torch
+
+    shared: dict[float, Any] = {}
+    replaced = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(dropouts.items()):
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                if dropout.p not in shared:
+                    shared[dropout.p] = _shared_dropout_class()(dropout.p)
+                dropouts[name] = shared[dropout.p]
+                replaced += 1
+    return replaced
+
+
+@functools.cache
+def _shared_dropout_class() -> type:
+    """The module class below, defined on first use (this module imports without torch)."""
+    import torch
+
+    class SharedDropout(torch.nn.Module):
+        """Dropout that returns the same dropped tensor when called again with the same input object."""
+
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 65536)  # drop where a uniform int16 lane < -32768 + threshold
+            self.scale = 1.0 / (1.0 - self.threshold / 65536)
+            self._last: tuple[Any, Any] | None = None
+
+        def forward(self, x: Any) -> Any:
+            if not self.training:
+                return x
+            if self._last is not None and self._last[0] is x:
+                return self._last[1]
+            if x.device.type == "cpu":
+                n = x.numel()
+                words = torch.randint(-2**63, 2**63 - 1, (math.ceil(n / 4),), dtype=torch.int64)
+                keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
+                out = torch.where(keep, x, 0.0).mul_(self.scale)  # x * keep would copy keep to x's dtype
+            else:
+                out = torch.nn.functional.dropout(x, self.p, training=True)
+            self._last = (x, out)  # a strong reference: `is` cannot match a recycled object
+            return out
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}, shared"
+
+    return SharedDropout
