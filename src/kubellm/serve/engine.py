@@ -296,6 +296,7 @@ class GenerationEngine:
                     except Exception as err:  # a failed step fails its requests, never the server
                         log.exception("generation failed for %d requests", len(self._batch.rows) + len(joining))
                         self._batch.fail([*joining, *(row.request for row in self._batch.rows)], err)
+                    self._batch.outbox.send()
                     self.stats.busy_s += time.perf_counter() - t0
                     joining = self._joining()
 
@@ -341,6 +342,7 @@ class _Batch:
         """``rows × columns`` attention mask of the cache: 0 for padding."""
         self.positions: Any = None
         """Position of each row's next token."""
+        self.outbox = _Outbox()
 
     def admit(self, requests: list[GenerationRequest]) -> None:
         """Score prompts that asked for it, then prefill the rest together and merge them into the batch."""
@@ -359,7 +361,7 @@ class _Batch:
         rows = []
         for r in requests:
             if r.params.max_tokens > 0:
-                rows.append(_Row(r, prompt_lps.get(r.uid), engine.device))
+                rows.append(_Row(r, self.outbox, prompt_lps.get(r.uid), engine.device))
             else:
                 r._emit("done", Completion("", "length", len(r.prompt_ids), 0, prompt_logprobs=prompt_lps.get(r.uid)))
         if not rows:
@@ -395,6 +397,7 @@ class _Batch:
         self._advance(logits, self.rows)
 
     def fail(self, requests: list[GenerationRequest], err: Exception) -> None:
+        self.outbox.send()  # what rows finished before the failure
         for request in requests:
             request._emit("error", err)
         self.rows, self.cache, self.mask, self.positions = [], None, None, None
@@ -452,6 +455,35 @@ class _Batch:
                 layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
 
 
+class _Outbox:
+    """What a step has for the requests' event loops, sent with one wake-up per loop and step.
+
+    Waking the serving loop once per token and request (8 rows: 8 wake-ups per step) cost the worker
+    thread the GIL that often; the events of a request keep their order.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[GenerationRequest, str, Any]] = []
+
+    def add(self, request: GenerationRequest, kind: str, value: Any) -> None:
+        self.events.append((request, kind, value))
+
+    def send(self) -> None:
+        if not self.events:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, str, Any]]] = {}
+        for event in self.events:
+            by_loop.setdefault(event[0].loop, []).append(event)
+        self.events = []
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, events)
+
+
+def _deliver(events: list[tuple[GenerationRequest, str, Any]]) -> None:
+    for request, kind, value in events:
+        request._events.put_nowait((kind, value))
+
+
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
     """``tensor`` with zero columns prepended along ``dim`` up to ``width`` (masked padding)."""
     import torch
@@ -502,14 +534,15 @@ def _sample(scores: Any, params: SamplingParams, generator: Any) -> Any:
 class _Row:
     """One request in the batch: its tokens, its text so far, and its stream."""
 
-    __slots__ = ("request", "prompt_logprobs", "generator", "tokens", "last", "text", "sent", "prefix_offset",
-                 "read_offset", "done", "steps", "logprobs")
+    __slots__ = ("request", "outbox", "prompt_logprobs", "generator", "tokens", "last", "text", "sent",
+                 "prefix_offset", "read_offset", "done", "steps", "logprobs")
 
-    def __init__(self, request: GenerationRequest, prompt_lps: list[TokenLogprob | None] | None,
+    def __init__(self, request: GenerationRequest, outbox: _Outbox, prompt_lps: list[TokenLogprob | None] | None,
                  device: str) -> None:
         import torch
 
         self.request = request
+        self.outbox = outbox
         self.prompt_logprobs = prompt_lps
         self.generator = None
         if not request.params.greedy:
@@ -537,7 +570,7 @@ class _Row:
         request = self.request
         if request.cancelled:
             self.done = True
-            request._emit("error", EngineStopped("request cancelled"))
+            self.outbox.add(request, "error", EngineStopped("request cancelled"))
             return 0
         if self.steps == 0:
             engine.observer.first_token(time.perf_counter() - request.submitted)
@@ -562,7 +595,7 @@ class _Row:
             return 1
         safe = len(self.text) - _held_back(self.text, stop)
         if safe > self.sent:
-            request._emit("delta", self.text[self.sent:safe])
+            self.outbox.add(request, "delta", self.text[self.sent:safe])
             self.sent = safe
         return 1
 
@@ -583,10 +616,11 @@ class _Row:
                 self.text = full
         request = self.request
         if len(self.text) > self.sent:
-            request._emit("delta", self.text[self.sent:])
+            self.outbox.add(request, "delta", self.text[self.sent:])
             self.sent = len(self.text)
-        request._emit("done", Completion(self.text, reason, len(request.prompt_ids), len(self.tokens), self.logprobs,
-                                         self.prompt_logprobs))
+        done = Completion(self.text, reason, len(request.prompt_ids), len(self.tokens), self.logprobs,
+                          self.prompt_logprobs)
+        self.outbox.add(request, "done", done)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
