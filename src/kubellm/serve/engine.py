@@ -1,7 +1,7 @@
 """The batching engine: requests generate together and join a running batch at every decode step.
 
-Decoding a small model is overhead-bound: a batch of 8 rows costs ~1.2× one row per decode step on these
-CPUs, so a batch of 8 gives ~5× the tokens/s of batch 1 (``make bench``, ``bench_serve``). Static
+Decoding a small model is overhead-bound: a decode step of 8 rows costs 1.2-1.4× a step of one on these
+CPUs, so a batch of 8 gives ~6× the tokens/s of batch 1 (``make bench``, ``bench_serve``). Static
 batching (one ``generate`` call per batch) made a request that arrived while a batch was generating wait
 for the whole batch: with 8 closed-loop clients the p99 latency was 1.89× that of a request alone. So
 the engine runs its own decode loop over one batched KV cache and lets requests join between steps
@@ -283,8 +283,9 @@ class GenerationEngine:
 
         while (joining := self._wait()) is not None:
             # One autocast context per busy period: autocast keeps the bf16 copies of the weights it
-            # casts until its context ends, and casting them again at every step made a decode step
-            # ~20 % slower (plain generate holds one context for the whole call); they are freed when idle.
+            # casts until its context ends (half the fp32 weights' memory), and casting them again at
+            # every step made a batch-1 decode step 20-40 % slower (plain generate holds one context for
+            # the whole call); the copies are freed when the engine goes idle.
             with torch.inference_mode(), autocast(self.precision, self.device):
                 while joining or self._batch.rows:
                     t0 = time.perf_counter()
