@@ -1,5 +1,5 @@
-"""The batching engine and the predictor model in-process: batching, limits, stop strings, streaming,
-seeds, the bounded queue, adapters and where models are found."""
+"""The batching engine and the predictor model in-process: batching, requests joining a running batch,
+limits, stop strings, streaming, seeds, the bounded queue, adapters and where models are found."""
 
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ def _run(engine: GenerationEngine, coro_fn):
     return asyncio.run(main())
 
 
-def _reference(model: LLMModel, prompt: str, max_tokens: int) -> str:
+def _reference(model: LLMModel, prompt: str, max_tokens: int, min_tokens: int = 0) -> str:
     """The answer of a plain ``generate`` on batch 1, outside the engine."""
     import torch
 
     ids = torch.tensor([model.encode_prompt(prompt)])
     with torch.inference_mode():
         out = model.engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=max_tokens, do_sample=False)
+                                          max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=False)
     return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -62,6 +62,74 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(model: LLMModel) ->
     assert [r.text for r in results] == [alone[PROMPTS[i % 3]] for i in range(4)]
     assert engine.stats.batch_sizes[batches_before:] == [4]
     assert all(r.finish_reason == "length" and r.completion_tokens == 12 for r in results)
+
+
+async def _join_while_decoding(engine: GenerationEngine, model: LLMModel) -> tuple[list[str], list[str]]:
+    """A long request decodes; three short ones arrive meanwhile. Returns the answers (long first) and the
+    order in which they finished."""
+    finished: list[str] = []
+
+    async def answer(name: str, request) -> str:
+        text = (await request.result()).text
+        finished.append(name)
+        return text
+
+    # The long row has the shortest prompt: the newcomers' longer prompts left-pad its cache when they
+    # join, and the padding is cut again when they leave.
+    long = engine.submit(model.encode_prompt(PROMPTS[1]), SamplingParams(max_tokens=200, min_tokens=200))
+    stream = long.stream()
+    await stream.__anext__()  # the long row is decoding now
+    shorts = [engine.submit(model.encode_prompt(p), SamplingParams(max_tokens=6)) for p in PROMPTS]
+    rest = asyncio.ensure_future(answer("long", _Rest(stream)))
+    texts = await asyncio.gather(*(answer(f"short{i}", r) for i, r in enumerate(shorts)))
+    return [await rest, *texts], finished
+
+
+class _Rest:
+    """The completion at the end of an already started stream."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    async def result(self) -> Completion:
+        async for item in self.stream:
+            if isinstance(item, Completion):
+                return item
+        raise AssertionError("the stream ended without a completion")
+
+
+def test_requests_join_a_running_batch_and_finish_first_with_the_same_answers(model: LLMModel) -> None:
+    engine = model.engine
+    alone = [_reference(model, PROMPTS[1], 200, 200), *(_reference(model, p, 6) for p in PROMPTS)]
+    before = len(engine.stats.batch_sizes)
+    texts, finished = _run(engine, lambda: _join_while_decoding(engine, model))
+    assert texts == alone  # the completion holds the whole text, the streamed head included
+    assert finished[-1] == "long"  # the short requests did not wait for the long one
+    assert engine.stats.batch_sizes[before:] == [1, 3]  # one join of three while the long row ran
+
+    engine.batching = "static"
+    try:
+        texts, finished = _run(engine, lambda: _join_while_decoding(engine, model))
+    finally:
+        engine.batching = "continuous"
+    assert texts == alone
+    assert finished[0] == "long"  # static batching: the newcomers waited for the whole batch
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(model: LLMModel) -> None:
+    engine = model.engine
+    ids = model.encode_prompt(PROMPTS[0])
+    sampled = SamplingParams(max_tokens=10, min_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+
+    async def go():
+        alone = await engine.submit(ids, sampled).result()
+        crowd = [engine.submit(model.encode_prompt(p), SamplingParams(max_tokens=10)) for p in PROMPTS]
+        together = engine.submit(ids, sampled)
+        await asyncio.gather(*(r.result() for r in crowd))
+        return alone.text, (await together.result()).text
+
+    alone, together = _run(engine, go)
+    assert alone == together
 
 
 def test_streamed_deltas_add_up_to_the_text_and_stop_strings_cut(model: LLMModel) -> None:

@@ -186,8 +186,10 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(predictor) -> N
     before = engine.stats.generated_tokens
     body = {"model": "kubellm", "prompt": ["The cat", "The dog", "The bird", "Who"], "max_tokens": 256,
             "min_tokens": 256}
+    # The client leaves after 0.1 s: the engine's own decode loop generates the tiny model's tokens at
+    # ~1,800/s here, so within 0.5 s the first prompt had finished and the second run half-way.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/openai/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        httpx.post(f"{url}/openai/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.1))
     deadline = time.monotonic() + 30
     while (engine.running or engine.queued) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -42,10 +42,15 @@ class ServeConfig(StrictModel):
     """``auto``: bf16 where the hardware runs it natively (generation is 1.5–1.75× faster in bf16 on
     these CPUs), fp32 elsewhere. Greedy answers can differ slightly between batch sizes in bf16."""
     max_batch_size: int = Field(default=8, ge=1, le=256)
-    """Concurrent requests generated together in one batch."""
+    """Most requests generating together (rows of the batch); more wait in the queue."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """``continuous``: a waiting request joins the running batch at the next decode step; ``static``: it
+    waits until the whole batch has finished (kept for comparison: with 8 closed-loop clients its p99
+    latency was 1.89× a request alone, see the README's serving benchmark)."""
     batch_wait_ms: float = Field(default=10.0, ge=0, le=1000)
-    """How long a new batch waits for more requests, at most, before it starts short of
-    ``max_batch_size`` (clients of a finished batch come back within a few ms)."""
+    """When nothing is generating, how long the first request waits, at most, for others to start with it
+    (clients of a finished batch come back within a few ms, and one prefill for all of them costs about
+    one decode step; while a batch runs, requests join at the next step without waiting)."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting beyond this many get a 503; one request with more prompts than this can never
     fit and gets a 400."""

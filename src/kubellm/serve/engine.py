@@ -1,44 +1,60 @@
-"""The batching engine: concurrent requests generated together, one batch at a time, off the event loop.
+"""The batching engine: requests generate together and join a running batch at every decode step.
 
-Decoding a small model is overhead-bound: a static batch of 8 gives ~5× the tokens/s of batch 1 on these
-CPUs (measured with `make bench`, `bench_serve`). So requests are not generated one by one:
+Decoding a small model is overhead-bound: a decode step of 8 rows costs 1.2-1.4× a step of one on these
+CPUs, so a batch of 8 gives ~6× the tokens/s of batch 1 (``make bench``, ``bench_serve``). Static
+batching (one ``generate`` call per batch) made a request that arrived while a batch was generating wait
+for the whole batch: with 8 closed-loop clients the p99 latency was 1.89× that of a request alone. So
+the engine runs its own decode loop over one batched KV cache and lets requests join between steps
+(continuous batching):
 
 - ``submit_all`` tokenizes nothing and checks nothing (the API layer did both); it puts a request's
-  prompts on a **bounded** ``asyncio.Queue`` all together or not at all, and fails at once with
+  prompts on a **bounded** waiting line all together or not at all, and fails at once with
   :class:`EngineOverloaded` (a 503) when they do not fit, so a refused request leaves nothing queued.
-- One collector task takes the first waiting request and up to ``max_batch_size - 1`` more, waiting up
-  to ``batch_wait_ms`` for them unless the batch is full. The clients of a finished batch send their
-  next request within a few ms, and waiting for them keeps the batch full: without the wait, 8
-  closed-loop clients fell apart into batches of 1 + 7 and served about half the tokens/s of a static
-  batch of 8. A lone client pays the wait once per request (10 ms by default, against the hundreds of
-  ms of a generation).
-- The batch runs on one dedicated worker thread (torch releases the GIL, so the event loop keeps
-  answering health checks and accepting requests meanwhile). Prompts are left-padded into one
-  ``generate`` call per sampling group: greedy requests share a call whatever their lengths and stop
-  strings; sampled requests share one when temperature and top_p agree; a seeded sampled request runs
-  alone so that the same seed gives the same text.
-- Per-row limits live in a stopping criterion that ``generate`` calls after every step: it records each
-  row's new token, decodes it incrementally (a window of the last few tokens, so the cost per step does
-  not grow with the text), applies the row's ``max_tokens`` and ``stop`` strings, and streams the new
-  text to the row's request on the event loop. A row that is done stops counting; the call ends when
-  every row is done. ``min_tokens`` (to fix generation lengths in benchmarks) masks EOS per row.
+- One worker thread owns the model (torch releases the GIL, so the event loop keeps answering health
+  checks and accepting requests meanwhile). Before every decode step it takes waiting requests, up to
+  ``max_batch_size`` rows in all, prefills them together (left-padded, one forward pass that also gives
+  their first token) and merges their KV cache into the running batch: the narrower of the two caches
+  is left-padded with masked columns, so every row's newest token stays in the last column. Rows that
+  finish leave the batch at once, and columns that are padding in every remaining row are cut off.
+- When nothing is generating, the first request waits up to ``batch_wait_ms`` for others (10 ms by
+  default, against the hundreds of ms of a generation): the clients of a batch that just finished come
+  back within a few ms, and one prefill for all of them costs about one decode step, where eight
+  separate joins would cost eight.
+- Positions come from each row's own token count, the attention mask hides the padding, and each row
+  picks its token from its own logits: greedy rows take the argmax, sampled rows apply their own
+  temperature and top-p (as ``generate`` does, top-k off) and draw from their own ``torch.Generator``,
+  so greedy and seeded requests share a batch with anything, and greedy answers are those of the
+  request alone (checked against plain ``generate`` in ``tests/serve``; in bf16 a different batch can
+  change a near tie).
+- Per row: ``max_tokens``, ``stop`` strings, ``min_tokens`` (EOS masked below it) and incremental
+  detokenization (a window of the last few tokens, so the cost per step does not grow with the text);
+  new text is streamed to the request's event loop after every step. A cancelled request (its client
+  went away) leaves the batch at the next step; one still waiting is dropped.
 - Log-probabilities (:mod:`kubellm.serve.logprobs`) are only computed for the requests that ask: the
-  prompt's in one extra forward pass before generating (``max_tokens`` 0 stops there), the generated
-  tokens' by a logits processor that sees the raw logits of each step.
-- An :class:`EngineObserver` hears of every batch, first token and token count (the predictor's
+  prompt's in one extra forward pass when the request joins (``max_tokens`` 0 stops there), the
+  generated tokens' from the raw logits of each step, before ``min_tokens`` masks EOS.
+- ``batching="static"`` admits new requests only when the batch is empty (the behaviour before, kept
+  for the benchmark's comparison). A long prompt's prefill stalls the running rows for its duration
+  (no chunked prefill).
+- An :class:`EngineObserver` hears of every join, first token and token count (the predictor's
   Prometheus metrics); the engine itself keeps no history beyond :class:`EngineStats`.
+
+``transformers`` ships a continuous-batching path (``generate_batch``, ``ContinuousBatchingManager``);
+it is not used: on these CPUs it took 34-50 s for 8 requests of 32 tokens that plain ``generate`` serves
+one by one in 2.4 s (paged cache sized to 60 % of RAM, per-step bookkeeping), and it has no per-request
+``min_tokens``, seeds, stop strings or top-k log-probabilities.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
+import collections
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kubellm.errors import KubellmError
 from kubellm.log import get_logger
@@ -46,6 +62,7 @@ from kubellm.serve.logprobs import StepLogprobs, TokenLogprob, prompt_logprobs
 
 log = get_logger("kubellm.serve.engine")
 
+Batching = Literal["continuous", "static"]
 
 class EngineOverloaded(KubellmError):
     """The request queue is full (the API answers 503 and the client may retry)."""
@@ -80,14 +97,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def group_key(self, uid: int) -> tuple:
-        """Requests with equal keys can share one ``generate`` call."""
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", uid)  # alone: the same seed must give the same text
-        return ("sample", self.temperature, self.top_p)
-
 
 @dataclass
 class Completion:
@@ -111,13 +120,13 @@ class EngineObserver:
     """
 
     def batch(self, size: int) -> None:
-        """A batch of ``size`` requests starts."""
+        """Requests joined: ``size`` requests now generate together."""
 
     def first_token(self, seconds: float) -> None:
         """A request got its first token ``seconds`` after it was submitted."""
 
     def tokens(self, prompt: int, generated: int) -> None:
-        """A generation group ended: its prompts' tokens and the tokens it generated."""
+        """Prompt tokens of requests that joined, or tokens generated by a step."""
 
 
 _uids = itertools.count()
@@ -176,19 +185,22 @@ class EngineStats:
     """Counters for logs, tests and the benchmark."""
 
     batches: int = 0
+    """Joins: times waiting requests were taken into the batch."""
     requests: int = 0
     generated_tokens: int = 0
     max_batch: int = 0
+    """Most requests generating together."""
     busy_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    """Requests taken in by each join."""
 
 
 class GenerationEngine:
-    """Batches concurrent requests into ``generate`` calls on one worker thread (see the module doc)."""
+    """Continuous batching of concurrent requests on one worker thread (see the module doc)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str = "cpu", precision: str = "fp32",
                  max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
-                 observer: EngineObserver | None = None) -> None:
+                 batching: Batching = "continuous", observer: EngineObserver | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -196,43 +208,50 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.batching = batching
         self.stats = EngineStats()
         self.observer = observer or EngineObserver()
-        self.running = 0
-        """Requests of the batch being generated now."""
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = _pad_id(tokenizer, self.eos_ids)
-        self._queue: asyncio.Queue[GenerationRequest] | None = None
-        self._collector: asyncio.Task | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._batch = _Batch(self)
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
-    # --- lifecycle (on the serving event loop) ---
+    # --- lifecycle and submission (on the serving event loop) ---
 
     async def start(self) -> None:
-        """Start the collector on the running loop and the worker thread."""
-        if self._collector is not None:
+        """Start the worker thread."""
+        if self._thread is not None:
             return
-        self._queue = asyncio.Queue(maxsize=self.max_queue)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubellm-generate")
-        self._collector = asyncio.get_running_loop().create_task(self._collect(), name="kubellm-batcher")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="kubellm-generate", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Stop collecting; waiting requests fail with :class:`EngineStopped`; the running batch finishes."""
-        if self._collector is None:
+        """Stop taking requests; waiting ones fail with :class:`EngineStopped`; running ones finish."""
+        if self._thread is None:
             return
-        self._collector.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._collector
-        self._collector = None
-        assert self._queue is not None and self._executor is not None
-        while not self._queue.empty():
-            self._queue.get_nowait()._emit("error", EngineStopped("the server is shutting down"))
-        self._executor.shutdown(wait=True)
-        self._executor = None
+        with self._wake:
+            self._stopping = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self._wake.notify_all()
+        for request in dropped:
+            request._emit("error", EngineStopped("the server is shutting down"))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests waiting to join the batch."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests generating now."""
+        return len(self._batch.rows)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationRequest:
         """Queue a request (call on the serving loop). Raises :class:`EngineOverloaded` when full."""
@@ -240,136 +259,302 @@ class GenerationEngine:
 
     def submit_all(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationRequest]:
         """Queue every job or none (call on the serving loop): :class:`EngineOverloaded` when they do not
-        all fit. No ``await`` between the check and the puts, so nothing else takes the room meanwhile."""
-        if self._queue is None or self._collector is None:
-            raise EngineStopped("the generation engine is not running")
-        free = self.max_queue - self._queue.qsize()
-        if len(jobs) > free:
-            need = "" if len(jobs) == 1 else f", room for {free} of this request's {len(jobs)} prompts"
-            raise EngineOverloaded(f"server busy: {self._queue.qsize()} requests already waiting{need}; retry later")
+        all fit. The check and the appends hold the lock, so nothing else takes the room meanwhile."""
         loop = asyncio.get_running_loop()
         requests = [GenerationRequest(list(ids), params, loop) for ids, params in jobs]
-        for request in requests:
-            self._queue.put_nowait(request)
+        with self._wake:
+            if self._thread is None or self._stopping:
+                raise EngineStopped("the generation engine is not running")
+            waiting = len(self._waiting)
+            free = self.max_queue - waiting
+            if len(jobs) > free:
+                need = "" if len(jobs) == 1 else f", room for {free} of this request's {len(jobs)} prompts"
+                raise EngineOverloaded(f"server busy: {waiting} requests already waiting{need}; retry later")
+            self._waiting.extend(requests)
+            self._wake.notify()
         return requests
 
-    async def _collect(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            batch = [r for r in batch if not r.cancelled]
-            if not batch:
-                continue
-            try:
-                await loop.run_in_executor(self._executor, self.run_batch, batch)
-            except Exception as err:  # a failed batch fails its requests, never the server
-                log.exception("generation failed for a batch of %d", len(batch))
-                for request in batch:
-                    request._emit("error", err)
+    # --- the worker thread ---
 
-    # --- generation (on the worker thread) ---
-
-    def run_batch(self, batch: list[GenerationRequest]) -> None:
-        """Generate every request of ``batch``: one ``generate`` call per sampling group."""
-        t0 = time.perf_counter()
-        # Counted before generating: a client may read the stats as soon as its answer arrives.
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        self.stats.batch_sizes.append(len(batch))
-        self.observer.batch(len(batch))
-        self.running = len(batch)
-        groups: dict[tuple, list[GenerationRequest]] = {}
-        for request in batch:
-            groups.setdefault(request.params.group_key(request.uid), []).append(request)
-        try:
-            for members in groups.values():
-                self._score_and_generate(members)
-        finally:
-            self.running = 0
-        self.stats.busy_s += time.perf_counter() - t0
-
-    def _score_and_generate(self, requests: list[GenerationRequest]) -> None:
-        """Prompt log-probabilities for those who asked, then generation for those with ``max_tokens``."""
-        scored = [r for r in requests if r.params.prompt_logprobs is not None]
-        prompt_lps: dict[int, list[TokenLogprob | None]] = {}
-        if scored:
-            values = prompt_logprobs(self.model, [r.prompt_ids for r in scored],
-                                     [r.params.prompt_logprobs or 0 for r in scored], device=self.device,
-                                     precision=self.precision)
-            prompt_lps = {r.uid: v for r, v in zip(scored, values, strict=True)}
-        generating = []
-        for r in requests:
-            if r.params.max_tokens > 0:
-                generating.append(r)
-            else:
-                r._emit("done", Completion("", "length", len(r.prompt_ids), 0, prompt_logprobs=prompt_lps.get(r.uid)))
-        if generating:
-            self._generate(generating, prompt_lps)
-        self.observer.tokens(sum(len(r.prompt_ids) for r in requests), 0)
-
-    def _generate(self, requests: list[GenerationRequest],
-                  prompt_lps: dict[int, list[TokenLogprob | None]]) -> None:
+    def _work(self) -> None:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         from kubellm.train.precision import autocast
 
-        params = requests[0].params
-        width = max(len(r.prompt_ids) for r in requests)
-        # Left padding: every row's last prompt token sits in the last column, where generation starts;
-        # the attention mask hides the padding and generate derives position ids from it.
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, r in enumerate(requests):
-            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[row, width - len(r.prompt_ids):] = 1
-        wanted = [r.params.logprobs for r in requests]
-        step_lps = StepLogprobs(wanted) if any(k is not None for k in wanted) else None
-        tracker = _BatchTracker(requests, self.tokenizer, self.eos_ids, step_lps, prompt_lps, self.observer)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max(r.params.max_tokens for r in requests),
-            do_sample=not params.greedy,
-            pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids) or None,
-            **({"temperature": params.temperature, "top_p": params.top_p, "top_k": 0} if not params.greedy else {}),
-        )
-        # The log-probabilities come first: they are of the raw logits, before min_tokens masks EOS.
-        chain = [p for p in (step_lps, tracker.min_tokens_processor() if tracker.needs_min_tokens else None) if p]
-        processors = LogitsProcessorList(chain) if chain else None
-        if not params.greedy and params.seed is not None:
-            torch.manual_seed(params.seed)
-        with torch.inference_mode(), autocast(self.precision, self.device):
-            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                generation_config=gen_cfg, stopping_criteria=StoppingCriteriaList([tracker]),
-                                logits_processor=processors)
-        tracker.finish_all()
-        self.stats.generated_tokens += tracker.generated
-        self.observer.tokens(0, tracker.generated)
+        while (joining := self._wait()) is not None:
+            # One autocast context per busy period: autocast keeps the bf16 copies of the weights it
+            # casts until its context ends (half the fp32 weights' memory), and casting them again at
+            # every step made a batch-1 decode step 20-40 % slower (plain generate holds one context for
+            # the whole call); the copies are freed when the engine goes idle.
+            with torch.inference_mode(), autocast(self.precision, self.device):
+                while joining or self._batch.rows:
+                    t0 = time.perf_counter()
+                    try:
+                        if joining:
+                            self._batch.admit(joining)
+                        if self._batch.rows:
+                            self._batch.step()
+                    except Exception as err:  # a failed step fails its requests, never the server
+                        log.exception("generation failed for %d requests", len(self._batch.rows) + len(joining))
+                        self._batch.fail([*joining, *(row.request for row in self._batch.rows)], err)
+                    self._batch.outbox.send()
+                    self.stats.busy_s += time.perf_counter() - t0
+                    joining = self._joining()
+
+    def _wait(self) -> list[GenerationRequest] | None:
+        """Sleep until a request comes, then give its fellows ``batch_wait_ms`` to come too; ``None`` when
+        the engine stops."""
+        with self._wake:
+            while not self._waiting and not self._stopping:
+                self._wake.wait()
+            deadline = time.monotonic() + self.batch_wait_s
+            while (len(self._waiting) < self.max_batch_size and not self._stopping
+                   and (left := deadline - time.monotonic()) > 0):
+                self._wake.wait(left)
+            if self._stopping:
+                return None
+            return self._pop(self.max_batch_size)
+
+    def _joining(self) -> list[GenerationRequest]:
+        """Requests that join the running batch before its next step (none while static batching runs)."""
+        if self._batch.rows and self.batching == "static":
+            return []
+        with self._wake:
+            return self._pop(self.max_batch_size - len(self._batch.rows))
+
+    def _pop(self, room: int) -> list[GenerationRequest]:
+        taken: list[GenerationRequest] = []
+        while self._waiting and len(taken) < room:
+            request = self._waiting.popleft()
+            if not request.cancelled:
+                taken.append(request)
+        return taken
+
+
+class _Batch:
+    """The running rows and their KV cache, left-padded to one width (worker thread only)."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        """A ``DynamicCache`` of ``len(rows)`` rows."""
+        self.mask: Any = None
+        """``rows × columns`` attention mask of the cache: 0 for padding."""
+        self.positions: Any = None
+        """Position of each row's next token."""
+        self.outbox = _Outbox()
+
+    def admit(self, requests: list[GenerationRequest]) -> None:
+        """Score prompts that asked for it, then prefill the rest together and merge them into the batch."""
+        engine = self.engine
+        engine.stats.batches += 1
+        engine.stats.requests += len(requests)
+        engine.stats.batch_sizes.append(len(requests))
+        engine.observer.tokens(sum(len(r.prompt_ids) for r in requests), 0)
+        scored = [r for r in requests if r.params.prompt_logprobs is not None]
+        prompt_lps: dict[int, list[TokenLogprob | None]] = {}
+        if scored:
+            values = prompt_logprobs(engine.model, [r.prompt_ids for r in scored],
+                                     [r.params.prompt_logprobs or 0 for r in scored], device=engine.device,
+                                     precision=engine.precision)
+            prompt_lps = {r.uid: v for r, v in zip(scored, values, strict=True)}
+        rows = []
+        for r in requests:
+            if r.params.max_tokens > 0:
+                rows.append(_Row(r, self.outbox, prompt_lps.get(r.uid), engine.device))
+            else:
+                r._emit("done", Completion("", "length", len(r.prompt_ids), 0, prompt_logprobs=prompt_lps.get(r.uid)))
+        if not rows:
+            return
+        engine.stats.max_batch = max(engine.stats.max_batch, len(self.rows) + len(rows))
+        engine.observer.batch(len(self.rows) + len(rows))
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(row.request.prompt_ids) for row in rows)
+        # Left padding: every row's last prompt token sits in the last column, where generation goes on.
+        ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.request.prompt_ids
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        self._merge(rows, cache, mask, positions[:, -1] + 1)
+        self._advance(logits, rows)
+
+    def step(self) -> None:
+        """One decode step of every row: feed its last token, pick the next."""
+        import torch
+
+        last = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self._forward(last, self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+        self._advance(logits, self.rows)
+
+    def fail(self, requests: list[GenerationRequest], err: Exception) -> None:
+        self.outbox.send()  # what rows finished before the failure
+        for request in requests:
+            request._emit("error", err)
+        self.rows, self.cache, self.mask, self.positions = [], None, None, None
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+
+        from kubellm.train.precision import autocast
+
+        with autocast(self.engine.precision, self.engine.device):
+            out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: Any, positions: Any) -> None:
+        """Append ``rows`` (with their prefilled ``cache``) to the batch, left-padding the narrower side."""
+        import torch
+
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.rows = self.rows + rows
+
+    def _advance(self, logits: Any, rows: list[_Row]) -> None:
+        """Pick each row's next token, hand it to the row, and drop the rows that are done."""
+        engine = self.engine
+        tokens, logprobs = _pick(logits, rows, sorted(engine.eos_ids))
+        generated = sum(row.advance(token, lp, engine) for row, token, lp in zip(rows, tokens, logprobs, strict=True))
+        engine.stats.generated_tokens += generated
+        engine.observer.tokens(0, generated)
+        if any(row.done for row in self.rows):
+            self._drop_done()
+
+    def _drop_done(self) -> None:
+        import torch
+
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        # Columns that are padding in every remaining row (the left part of a long row that left).
+        cut = int(self.mask.any(dim=0).int().argmax())
+        if cut:
+            self.mask = self.mask[:, cut:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+
+class _Outbox:
+    """What a step has for the requests' event loops, sent with one wake-up per loop and step.
+
+    Waking the serving loop once per token and request (8 rows: 8 wake-ups per step) cost the worker
+    thread the GIL that often; the events of a request keep their order.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[GenerationRequest, str, Any]] = []
+
+    def add(self, request: GenerationRequest, kind: str, value: Any) -> None:
+        self.events.append((request, kind, value))
+
+    def send(self) -> None:
+        if not self.events:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationRequest, str, Any]]] = {}
+        for event in self.events:
+            by_loop.setdefault(event[0].loop, []).append(event)
+        self.events = []
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, events)
+
+
+def _deliver(events: list[tuple[GenerationRequest, str, Any]]) -> None:
+    for request, kind, value in events:
+        request._events.put_nowait((kind, value))
+
+
+def _pad_left(tensor: Any, width: int, dim: int) -> Any:
+    """``tensor`` with zero columns prepended along ``dim`` up to ``width`` (masked padding)."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _pick(logits: Any, rows: list[_Row], eos: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Each row's next token from its ``logits`` row, and its log-probability entry if it asked for one."""
+    import torch
+
+    wanted = [row.request.params.logprobs for row in rows]
+    step_lps = StepLogprobs(wanted) if any(k is not None for k in wanted) else None
+    if step_lps is not None:
+        step_lps(None, logits)  # the raw logits, before min_tokens masks EOS
+    short = [i for i, row in enumerate(rows) if len(row.tokens) < row.request.params.min_tokens]
+    if short and eos:
+        logits[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if not row.request.params.greedy:
+            tokens[i] = _sample(logits[i], row.request.params, row.generator)
+    chosen = tokens.tolist()
+    lps = [step_lps.take(i, t) if step_lps is not None and wanted[i] is not None else None
+           for i, t in enumerate(chosen)]
+    return chosen, lps
+
+
+def _sample(scores: Any, params: SamplingParams, generator: Any) -> Any:
+    """One token drawn as ``generate`` draws it: temperature, then top-p (nucleus), then softmax."""
+    import torch
+
+    scores = scores / params.temperature
+    if params.top_p < 1.0:
+        # transformers' TopPLogitsWarper: drop the least likely tokens whose mass stays within 1 - top_p.
+        ordered, order = torch.sort(scores)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p
+        drop[-1] = False
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[0]
 
 
 class _Row:
-    """Per-request state inside one ``generate`` call."""
+    """One request in the batch: its tokens, its text so far, and its stream."""
 
-    __slots__ = ("request", "tokens", "text", "sent", "prefix_offset", "read_offset", "done", "reason", "steps",
-                 "logprobs")
+    __slots__ = ("request", "outbox", "prompt_logprobs", "generator", "tokens", "last", "text", "sent",
+                 "prefix_offset", "read_offset", "done", "steps", "logprobs")
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, outbox: _Outbox, prompt_lps: list[TokenLogprob | None] | None,
+                 device: str) -> None:
+        import torch
+
         self.request = request
+        self.outbox = outbox
+        self.prompt_logprobs = prompt_lps
+        self.generator = None
+        if not request.params.greedy:
+            self.generator = torch.Generator(device=device)
+            if request.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(request.params.seed)
         self.tokens: list[int] = []
+        self.last = 0
+        """The token fed at the next step (EOS never is: the row is done)."""
         self.steps = 0
         self.logprobs: list[TokenLogprob] | None = [] if request.params.logprobs is not None else None
         self.text = ""
@@ -380,110 +565,63 @@ class _Row:
         self.prefix_offset = 0
         self.read_offset = 0
         self.done = False
-        self.reason = ""
 
-
-class _BatchTracker:
-    """A ``StoppingCriteria`` that keeps every row's text, limits and stream (see the module doc)."""
-
-    def __init__(self, requests: list[GenerationRequest], tokenizer: Any, eos_ids: set[int],
-                 step_lps: StepLogprobs | None, prompt_lps: dict[int, list[TokenLogprob | None]],
-                 observer: EngineObserver) -> None:
-        self.rows = [_Row(r) for r in requests]
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self.step_lps = step_lps
-        self.prompt_lps = prompt_lps
-        self.observer = observer
-        self.generated = 0
-        self.needs_min_tokens = bool(eos_ids) and any(r.params.min_tokens > 0 for r in requests)
-
-    def __call__(self, input_ids: Any, scores: Any = None, **kwargs: Any) -> Any:
-        import torch
-
-        last = input_ids[:, -1].tolist()
-        for i, (row, token) in enumerate(zip(self.rows, last, strict=True)):
-            if not row.done:
-                self._step(i, row, token)
-        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
-
-    def _step(self, i: int, row: _Row, token: int) -> None:
-        request = row.request
+    def advance(self, token: int, logprob: TokenLogprob | None, engine: GenerationEngine) -> int:
+        """Take the row's next token: stream new text, apply its limits. Returns the tokens it added (0/1)."""
+        request = self.request
         if request.cancelled:
-            row.done, row.reason = True, "cancelled"
-            return
-        if row.steps == 0:
-            self.observer.first_token(time.perf_counter() - request.submitted)
-        row.steps += 1
-        if row.logprobs is not None and self.step_lps is not None:
-            row.logprobs.append(self.step_lps.take(i, token))  # EOS too, as vLLM reports it
-        if token in self.eos_ids:
-            self._finish(row, "stop")
-            return
-        row.tokens.append(token)
-        self.generated += 1
-        self._decode(row)
+            self.done = True
+            self.outbox.add(request, "error", EngineStopped("request cancelled"))
+            return 0
+        if self.steps == 0:
+            engine.observer.first_token(time.perf_counter() - request.submitted)
+        self.steps += 1
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)  # EOS too, as vLLM reports it
+        if token in engine.eos_ids:
+            self._finish("stop", engine.tokenizer)
+            return 0
+        self.tokens.append(token)
+        self.last = token
+        self._decode(engine.tokenizer)
         stop = request.params.stop
         if stop:
-            cut = _find_stop(row.text, stop, start=max(0, row.sent - max(map(len, stop))))
+            cut = _find_stop(self.text, stop, start=max(0, self.sent - max(map(len, stop))))
             if cut is not None:
-                row.text = row.text[:cut]
-                self._finish(row, "stop", flush=False)
-                return
-        if len(row.tokens) >= request.params.max_tokens:
-            self._finish(row, "length")
-            return
-        safe = len(row.text) - _held_back(row.text, stop)
-        if safe > row.sent:
-            request._emit("delta", row.text[row.sent:safe])
-            row.sent = safe
+                self.text = self.text[:cut]
+                self._finish("stop", engine.tokenizer, flush=False)
+                return 1
+        if len(self.tokens) >= request.params.max_tokens:
+            self._finish("length", engine.tokenizer)
+            return 1
+        safe = len(self.text) - _held_back(self.text, stop)
+        if safe > self.sent:
+            self.outbox.add(request, "delta", self.text[self.sent:safe])
+            self.sent = safe
+        return 1
 
-    def _decode(self, row: _Row) -> None:
-        decode = self.tokenizer.decode
-        before = decode(row.tokens[row.prefix_offset:row.read_offset], skip_special_tokens=True)
-        after = decode(row.tokens[row.prefix_offset:], skip_special_tokens=True)
+    def _decode(self, tokenizer: Any) -> None:
+        before = tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            row.text += after[len(before):]
-            row.prefix_offset = row.read_offset
-            row.read_offset = len(row.tokens)
+            self.text += after[len(before):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
 
-    def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
-        row.done, row.reason = True, reason
+    def _finish(self, reason: str, tokenizer: Any, flush: bool = True) -> None:
+        self.done = True
         if flush:
             # Whatever the window held back (an incomplete character at the very end) comes out now.
-            full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            if full.startswith(row.text):
-                row.text = full
-        request = row.request
-        if len(row.text) > row.sent:
-            request._emit("delta", row.text[row.sent:])
-            row.sent = len(row.text)
-        request._emit("done", Completion(row.text, reason, len(request.prompt_ids), len(row.tokens), row.logprobs,
-                                         self.prompt_lps.get(request.uid)))
-
-    def finish_all(self) -> None:
-        """Rows still open when ``generate`` returned hit the call's length limit."""
-        for row in self.rows:
-            if not row.done:
-                self._finish(row, "length")
-            elif row.reason == "cancelled":
-                row.request._emit("error", EngineStopped("request cancelled"))
-
-    def min_tokens_processor(self) -> _MinTokens:
-        return _MinTokens(self.rows, sorted(self.eos_ids))
-
-
-class _MinTokens:
-    """A logits processor masking EOS for the rows still below their ``min_tokens``."""
-
-    def __init__(self, rows: list[_Row], eos: list[int]) -> None:
-        self.rows, self.eos = rows, eos
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        for i, row in enumerate(self.rows):
-            if not row.done and len(row.tokens) < row.request.params.min_tokens:
-                scores[i, self.eos] = float("-inf")
-        return scores
+            full = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if full.startswith(self.text):
+                self.text = full
+        request = self.request
+        if len(self.text) > self.sent:
+            self.outbox.add(request, "delta", self.text[self.sent:])
+            self.sent = len(self.text)
+        done = Completion(self.text, reason, len(request.prompt_ids), len(self.tokens), self.logprobs,
+                          self.prompt_logprobs)
+        self.outbox.add(request, "done", done)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

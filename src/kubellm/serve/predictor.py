@@ -170,7 +170,7 @@ class LLMModel(kserve.Model):
         self.engine = GenerationEngine(
             loaded.model, loaded.tokenizer, device=device, precision="fp32" if on_gpu else precision,
             max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
-            batch_wait_ms=self.cfg.batch_wait_ms, observer=observer)
+            batch_wait_ms=self.cfg.batch_wait_ms, batching=self.cfg.batching, observer=observer)
         log.info("loaded %s on %s (%s)", loaded.source, device, "bf16" if precision == "bf16" else "fp32")
         self.ready = True
         return True
