@@ -26,7 +26,7 @@ def test_preempted_training_exits_143_for_the_retry_policy(tmp_path: Path, monke
     cfg = load_config(REPO / "configs" / "local.yaml", ["tracking.enabled=false"])
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     with pytest.raises(SystemExit) as info:
-        train.pretrain(to_param(cfg.pretrain), str(tmp_path), str(tmp_path / "out"), ctx)
+        train.pretrain(to_param(cfg.pretrain), str(tmp_path / "data"), str(tmp_path / "out"), ctx)
     assert info.value.code == 143
 
 
