@@ -87,7 +87,9 @@ def test_32_concurrent_requests_answer_as_alone(predictor, client) -> None:
 
     assert asyncio.run(burst()) == [alone[PROMPTS[i % 4]] for i in range(32)]
     sizes = model.engine.stats.batch_sizes[batches_before:]
-    assert sum(sizes) == 32 and max(sizes) == 8  # batched, never beyond serve.max_batch_size
+    # batched, never beyond serve.max_batch_size (how full a batch gets depends on arrival timing: rows join
+    # a running batch at step boundaries)
+    assert sum(sizes) == 32 and 1 < max(sizes) <= 8
 
 
 def test_kserve_v1_and_v2(predictor, client) -> None:

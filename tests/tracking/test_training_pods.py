@@ -100,7 +100,7 @@ def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: 
     from mlflow import MlflowClient
 
     from kubellm.components.train import pretrain as component
-    from kubellm.config import load_config
+    from kubellm.config import default_config_path, load_config
     from kubellm.tracking import resolve_tracking_uri, start_parent_run
 
     overrides = [*(s for s in SETS if s != "--set"), f"workdir={workdir}"]
@@ -109,7 +109,7 @@ def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: 
                          timeout=240)
     assert cli.returncode == 0, cli.stderr[-3000:]
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(default_config_path(), overrides)  # what the CLI reads without --config
     parent = start_parent_run(cfg.tracking, workdir, pipeline="llm-lifecycle", run_name="t", config={},
                               tags={"kfp_run_id": "kfp-1"})
     artifact = SimpleNamespace(path=str(tmp_path / "kfp" / "model"), metadata={})

@@ -335,6 +335,13 @@ def _write_heldout(text_path: Path | None, out: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------- prepare
+def claim_prepared_output(cfg: DataConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """The check :func:`prepare` makes first (sources resolve, ``out_dir`` may receive a prepared dataset
+    and holds none of the inputs), for callers that must refuse before doing anything else."""
+    cfg = _effective(cfg, tokenizer_dir)
+    return claim_output(out_dir, OUTPUT_KIND, inputs=_local_inputs(cfg, src_mod.resolve_all(cfg)))
+
+
 def _local_inputs(cfg: DataConfig, sources: list[src_mod.Source]) -> list[Path]:
     """What prep reads from this disk: local source paths as written (a directory source must not hold
     the output, or the next prep reads its own ``heldout.jsonl``), one file per folder of the files

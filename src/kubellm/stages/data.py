@@ -21,15 +21,14 @@ def prep(config: DataConfig | dict[str, Any], out_dir: str | Path, ctx: StageCon
     library's :class:`~kubellm.data.prepare.PrepareResult`.
     """
     from kubellm.data.format import REPORT
-    from kubellm.data.prepare import OUTPUT_KIND, fingerprint, prepare
-    from kubellm.fsutil import claim_output
+    from kubellm.data.prepare import claim_prepared_output, fingerprint, prepare
 
     cfg = section(DataConfig, config, f"{stage} config")
     if source_uri:
         cfg = cfg.model_copy(deep=True)
         cfg.sources[0].uri = source_uri
     # A refused output folder fails before the MLflow run opens (the library checks again, inputs too).
-    claim_output(out_dir, OUTPUT_KIND, inputs=[tokenizer_dir] if tokenizer_dir else [])
+    claim_prepared_output(cfg, out_dir, tokenizer_dir)
     with ctx.stage(stage, cfg) as tracker:
         res = prepare(cfg, out_dir, tokenizer_dir=tokenizer_dir, tracker=tracker)
         data_fp = res.manifest.fingerprint if tokenizer_dir is None and cfg.tokenizer.path is None else fingerprint(cfg)
