@@ -78,6 +78,31 @@ def stage_of(component_name: str, arguments: dict[str, Any]) -> str | None:
     return trial_stage(stage, arguments.get("trial") or None) if stage else None
 
 
+#: Artifacts whose content lives in the executor output's metadata: the local runner writes no file.
+_METADATA_ONLY = ("system.Metrics", "system.ClassificationMetrics", "system.SlicedClassificationMetrics")
+
+
+def _artifact(doc: dict[str, Any]) -> dsl.Artifact:
+    """An artifact of a cache entry, as the runner hands it on. KFP's own ``LocalCache`` treats every
+    artifact without a file as deleted, Metrics included, which would make every step with metrics a miss."""
+    from kfp.dsl import executor
+
+    uri = doc.get("uri", "")
+    if uri and doc.get("schema_title") not in _METADATA_ONLY and not Path(uri).exists():
+        raise FileNotFoundError(uri)
+    return executor.create_artifact_instance({"name": doc.get("name", ""), "uri": uri,
+                                              "metadata": doc.get("metadata") or {},
+                                              "type": {"schemaTitle": doc.get("schema_title", "system.Artifact")}})
+
+
+def _output(value: Any) -> Any:
+    if isinstance(value, dict) and value.get(kfp_cache._ARTIFACT_MARKER):
+        return _artifact(value)
+    if isinstance(value, dict) and value.get(kfp_cache._ARTIFACT_LIST_MARKER):
+        return [_artifact(a) for a in value.get("artifacts", [])]
+    return value
+
+
 class ResumeCache(kfp_cache.LocalCache):
     """KFP's local task cache with our key, writing ``run``'s index and reading ``resume_from``'s."""
 
@@ -89,6 +114,7 @@ class ResumeCache(kfp_cache.LocalCache):
         self.hits: dict[str, str] = {}  # stage → the run whose outputs it reused
         self._fingerprints: dict[str, str] = {}
         self._stage: dict[str, str | None] = {}
+        self._inputs: dict[str, dict[str, Any]] = {}
         self._local = threading.local()
         if resume_from is not None and not (self.runs_dir / resume_from / "cache").is_dir():
             known = sorted(p.parent.name for p in self.runs_dir.glob("*/cache"))
@@ -121,6 +147,9 @@ class ResumeCache(kfp_cache.LocalCache):
         key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
         with self._lock:
             self._stage[key] = stage_of(component_name, arguments)
+            # what the key was made of (but the command, the component's source): explains a miss
+            self._inputs[key] = {k: v for k, v in doc.items() if k != "command"} | {
+                "command_sha256": hashlib.sha256(json.dumps(doc["command"]).encode()).hexdigest()}
         return key
 
     # the index ----------------------------------------------------------------------------------------
@@ -132,8 +161,8 @@ class ResumeCache(kfp_cache.LocalCache):
         path = self.runs_dir / self.resume_from / "cache" / f"{key}.json"
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-            outputs = self._deserialize_outputs(entry["outputs"])
-        except (OSError, ValueError, KeyError, kfp_cache._MissingArtifactError):
+            outputs = {name: _output(value) for name, value in entry["outputs"].items()}
+        except (OSError, ValueError, KeyError, FileNotFoundError):
             return None  # no entry, or RUN's artifacts were deleted since: run the task
         origin = entry.get("origin") or self.resume_from
         self._record(key, entry["outputs"], origin)
@@ -149,7 +178,8 @@ class ResumeCache(kfp_cache.LocalCache):
 
     def _record(self, key: str, outputs: dict[str, Any], origin: str) -> None:
         write_json_atomic(Path(self.cache_root) / f"{key}.json",
-                          {"outputs": outputs, "stage": self._stage.get(key), "origin": origin})
+                          {"outputs": outputs, "stage": self._stage.get(key), "origin": origin,
+                           "key": self._inputs.get(key)})
 
     def begin_task(self) -> None:
         """Forget this thread's last hit: a task that is not cacheable never calls :meth:`get`."""

@@ -151,7 +151,7 @@ class Monitor:
 
         table = Table(box=None, show_edge=False, pad_edge=False)
         for col in ("task", "status", "s", "latest"):
-            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=None if col != "latest" else 70)
+            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width={"task": 28, "latest": 70}.get(col))
         with self._lock:
             rows = list(self.tasks.values())
         for t in rows:

@@ -116,6 +116,17 @@ def _deployment(deploy_run: Any) -> dict[str, Any] | None:
     return out
 
 
+def add_failed_tasks(summary: dict[str, Any], failed_tasks: list[dict[str, Any]]) -> None:
+    """Add what the runner saw fail: a task that failed before opening its MLflow run (a refused
+    parameter, say) leaves no error in MLflow, so its row would otherwise read "not run"."""
+    summary["failed_tasks"] = failed_tasks
+    for task in failed_tasks:
+        row = next((r for r in summary["stages"] if r["stage"] == task["task"] and r["status"] == NOT_RUN), None)
+        if row is not None:
+            row.update(status="FAILED", error=(task["last_lines"] or ["see " + task["log"]])[-1])
+        summary["failed_stage"] = summary["failed_stage"] or task["task"]
+
+
 def write(summary: dict[str, Any], out_dir: str | Path) -> Path:
     path = Path(out_dir) / "summary.json"
     write_json_atomic(path, summary)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import Dataset, Input, Metrics, Output
 
 from kubellm.pipelines._cache import content_fingerprint
 from kubellm.pipelines._runner import run_pipeline
@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
-def make(n: int, ran: str, out: Output[Dataset], note: str = "") -> str:
-    """A pure step: writes ``n`` bytes (and says so on stdout); ``note`` changes its key, not its bytes."""
+def make(n: int, ran: str, out: Output[Dataset], metrics: Output[Metrics], note: str = "") -> str:
+    """A pure step: writes ``n`` bytes (and says so on stdout); ``note`` changes its key, not its bytes.
+    Its metrics have no file (the runner keeps them in metadata): that must not make it a miss."""
+    metrics.log_metric("bytes", n)
     with open(ran, "a") as f:
         f.write("make\n")
     print(f"making {n} bytes", flush=True)

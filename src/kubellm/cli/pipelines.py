@@ -118,9 +118,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
                           stages=STAGES.get(pipeline, []), wall_seconds=done.wall_seconds, cached=cached)
     result["resumed_from"] = resume
     result["logs"] = str(done.logs)
-    result["failed_tasks"] = done.failed
-    if done.failed and not result["failed_stage"]:  # failed before opening its MLflow run (e.g. a bad parameter)
-        result["failed_stage"] = done.failed[0]["task"]
+    summ.add_failed_tasks(result, done.failed)
     path = summ.write(result, out_dir)
     print_table(f"{pipeline} · {run_name}", summ.table_rows(result))
     print(summ.headline(result))
