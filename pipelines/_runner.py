@@ -22,7 +22,7 @@ from kfp import compiler, local
 from kubellm.components import data, deploy, evaluate, registry, tracking, train
 from kubellm.config import RunConfig
 from kubellm.pipelines import PIPELINES, build
-from kubellm.pipelines._cache import ResumeCache, installed
+from kubellm.pipelines._cache import STAGE_OF, ResumeCache, installed
 from kubellm.pipelines._console import Mode, Monitor
 from kubellm.stages import KFP_RUN_ENV
 
@@ -115,6 +115,16 @@ class LocalRun:
     """Each task that started: done, FAILED or cached (RUN)."""
 
 
+#: The MLflow stage a task logs, where its name differs (``prepare-data`` of the lifecycle logs ``prep``).
+TASK_STAGE = {**STAGE_OF, "check-data": "check_data", "compare-with-champion": "evaluate_champion"}
+
+
+def task_stage(label: str) -> str:
+    """``prepare-instructions`` → ``prep_instruct``; ``deploy`` → ``deploy`` (``#2``: a loop's later task)."""
+    name = label.split("#")[0]
+    return TASK_STAGE.get(name, name.replace("-", "_"))
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str) -> Iterator[None]:
     saved = os.environ.get(name)
@@ -161,7 +171,7 @@ def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir
     t0 = time.perf_counter()
     with _env(KFP_RUN_ENV, run_id), installed(cache), monitor.running(cache):
         pipeline(**params)
-    failed = [{"task": t.label, "log": str(t.log), "last_lines": [ln.strip() for ln in t.tail]}
-              for t in monitor.failed()]
+    failed = [{"task": t.label, "stage": task_stage(t.label), "error": t.latest, "log": str(t.log),
+               "last_lines": [ln.strip() for ln in t.tail]} for t in monitor.failed()]
     return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed,
                     {t.label: t.status for t in monitor.tasks.values()})

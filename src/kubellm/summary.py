@@ -121,10 +121,10 @@ def add_failed_tasks(summary: dict[str, Any], failed_tasks: list[dict[str, Any]]
     parameter, say) leaves no error in MLflow, so its row would otherwise read "not run"."""
     summary["failed_tasks"] = failed_tasks
     for task in failed_tasks:
-        row = next((r for r in summary["stages"] if r["stage"] == task["task"] and r["status"] == NOT_RUN), None)
+        row = next((r for r in summary["stages"] if r["stage"] == task["stage"] and r["status"] == NOT_RUN), None)
         if row is not None:
-            row.update(status="FAILED", error=(task["last_lines"] or ["see " + task["log"]])[-1])
-        summary["failed_stage"] = summary["failed_stage"] or task["task"]
+            row.update(status="FAILED", error=task["error"] or f"see {task['log']}")
+        summary["failed_stage"] = summary["failed_stage"] or task["stage"]
 
 
 def write(summary: dict[str, Any], out_dir: str | Path) -> Path:

@@ -160,6 +160,7 @@ def test_resume_after_a_failure_in_deploy_reruns_only_register_and_deploy(lifecy
     assert failed["status"] == "FAILED" and failed["failed_stage"] == "deploy"
     assert "smoke_max_tokens" in out and f"full log: {workdir}/runs/{failed['run_name']}/logs/deploy.log" in out
     assert [t["task"] for t in failed["failed_tasks"]] == ["deploy"]
+    assert stage(failed, "deploy")["status"] == "FAILED" and "smoke_max_tokens" in stage(failed, "deploy")["error"]
 
     code, s, out = kubellm_run(workdir, "--resume", failed["run_name"])
     assert code == 0, out[-3000:]
