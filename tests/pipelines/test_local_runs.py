@@ -43,7 +43,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 def _result(code: int, stdout: str, stderr: str) -> tuple[int, dict | None, str]:
     """Exit code, the summary.json the run printed the path of, and the whole output."""
-    paths = re.findall(r"^summary: (.+)$", stdout, flags=re.M)
+    paths = re.findall(r"^\s*summary: (.+)$", stdout, flags=re.M)
     return code, json.loads(Path(paths[-1]).read_text()) if paths else None, stdout + stderr
 
 

@@ -106,8 +106,16 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     write_json_atomic(out_dir / "run.json", {"pipeline": pipeline, "run_name": run_name, "resumed_from": resume})
     log.info("running %s as %s%s (task logs: %s)", pipeline, run_name, f", resuming {resume}" if resume else "",
              out_dir / "logs")
-    done = run_local(pipeline, cfg, params={"run_name": run_name, **extra}, run_id=run_name, runs_dir=runs_dir,
-                     pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
+    import builtins
+
+    real_print = builtins.print
+    try:
+        done = run_local(pipeline, cfg, params={"run_name": run_name, **extra}, run_id=run_name, runs_dir=runs_dir,
+                         pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
+    finally:
+        # kfp 2.17's local runner indents output by swapping builtins.print; inside a ParallelFor it can
+        # leave the swapped one behind, which indented this command's own summary by 4 spaces.
+        builtins.print = real_print
     if not cfg.tracking.enabled:
         log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", pipeline,
                  done.wall_seconds)
