@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm import markdown
-from kubellm.config import EvalConfig
+from kubellm.config import EvalConfig, GateConfig
 from kubellm.stages.base import StageContext, StageOutput, section
 
 
@@ -47,7 +47,9 @@ def compare_to_champion(config: EvalConfig | dict[str, Any], candidate_results: 
         return StageOutput({"better": 1.0}, markdown.section("Champion comparison", "No champion yet: the candidate wins."),
                            {"passed": True})
     cfg = section(EvalConfig, config, "evaluate config").model_copy(deep=True)
-    cfg.gate = cfg.gate.model_validate({"max_perplexity_ratio": None})  # plain measurement, no gate
+    # A plain measurement: every gate rule off (the verdict here is beats_champion's, not the gate's).
+    cfg.gate = GateConfig(max_perplexity_ratio=None, max_empty_answer_rate=None, max_generation_drop=None,
+                          max_benchmark_drop=None)
     champ_dir = resolve_model(model_uri(ctx.tracking.registered_model, alias=CHAMPION), ctx)
     with ctx.stage("evaluate_champion", cfg) as tracker:
         res = run(cfg, champ_dir, data_dir, out_dir, base_model=base_model, tracker=tracker)

@@ -51,8 +51,13 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
     dep = _latest(children, "deploy")
     if dep is not None:
         head["deployment"] = dep.data.tags.get("deploy.status", "?")
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+    if metrics:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     head.update(metrics)
     client.set_tag(run_id, NOTE_TAG, _note(parent, head, summary or {}))
     return head
