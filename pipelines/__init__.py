@@ -1,4 +1,5 @@
-"""KFP pipelines: composition only (installed as ``kubellm.pipelines``).
+"""KFP pipelines: composition only (installed as ``kubellm.pipelines``); ``api`` is the public API for
+users' own pipelines.
 
 ``PIPELINES`` maps each pipeline's name to the function that builds it from a run config and a target
 (``local`` for KFP's local runner, ``cluster`` for a compiled pipeline with Kubernetes placement).

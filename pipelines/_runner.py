@@ -24,6 +24,7 @@ from kubellm.config import RunConfig
 from kubellm.pipelines import PIPELINES, build
 from kubellm.pipelines._cache import STAGE_OF, ResumeCache, installed
 from kubellm.pipelines._console import Mode, Monitor
+from kubellm.pipelines.api import Builder, is_pipeline_file, load_file
 from kubellm.stages import KFP_RUN_ENV
 
 #: Every component, by the file name its YAML gets under ``dist/components/``.
@@ -79,26 +80,47 @@ def _check_yaml(path: Path) -> None:
         raise RuntimeError(f"{path}: compiled output is not a KFP pipeline spec")
 
 
+def build_for_cluster(cfg: RunConfig, names: list[str] | None = None, *,
+                      caching: bool = True) -> list[tuple[str, Any]]:
+    """(file name, pipeline) of each pipeline ``names`` (built-in names or pipeline files; default every
+    built-in) built for a cluster: everything that can fail on the config, before any file is written."""
+    built = []
+    for name in names if names is not None else sorted(PIPELINES):
+        if is_pipeline_file(name):  # a user's pipeline file (kubellm.pipelines.api)
+            builder = Builder(cfg, "cluster", caching=caching)
+            pipeline = load_file(name, builder)
+            built.append((f"{builder.name}.yaml", pipeline))
+        else:
+            built.append((f"{name}.yaml", build(name, cfg, "cluster", caching=caching)))
+    return built
+
+
 def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = None, *,
-                components: bool = True, caching: bool = True) -> list[Path]:
-    """Compile the pipelines (for a cluster, with ``cfg``'s placement) and every component to
-    ``out_dir`` (``<name>.yaml`` and ``components/<name>.yaml``). Deterministic: the same config gives
-    the same bytes. ``caching=False`` compiles every step uncached."""
+                components: bool = True, caching: bool = True,
+                built: list[tuple[str, Any]] | None = None) -> list[Path]:
+    """Compile the pipelines (for a cluster, with ``cfg``'s placement; ``built``: those of
+    :func:`build_for_cluster`) and every component to ``out_dir`` (``<name>.yaml`` and
+    ``components/<name>.yaml``). Deterministic: the same config gives the same bytes. ``caching=False``
+    compiles every step uncached."""
+    pipelines = built if built is not None else build_for_cluster(cfg, names, caching=caching)
     out = Path(out_dir)
     (out / "components").mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name in names or sorted(PIPELINES):
-        path = out / f"{name}.yaml"
-        compiler.Compiler().compile(build(name, cfg, "cluster", caching=caching), str(path))
-        _stable_header(path)
-        _check_yaml(path)
-        written.append(path)
+    written = [compile_pipeline(pipeline, out / file) for file, pipeline in pipelines]
     for name, comp in sorted(COMPONENTS.items()) if components else ():
         path = out / "components" / f"{name}.yaml"
         compiler.Compiler().compile(comp, str(path))
         _stable_header(path)
         written.append(path)
     return written
+
+
+def compile_pipeline(pipeline: Any, path: Path) -> Path:
+    """Compile one pipeline to ``path``: stable bytes, checked to parse back as a pipeline spec."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, str(path))
+    _stable_header(path)
+    _check_yaml(path)
+    return path
 
 
 @dataclass
@@ -136,17 +158,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
-
-
-def run_local(name: str, cfg: RunConfig, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
-              pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines") -> LocalRun:
-    """Run pipeline ``name`` on KFP's local runner in this Python environment (see :func:`run_pipeline`).
-
-    The run's success or failure is read afterwards from MLflow (see :mod:`kubellm.summary`): the
-    local runner reports a failed task by logging, not by raising, once ``raise_on_error`` is off.
-    """
-    return run_pipeline(build(name, cfg, "local", run_id=run_id), params=params, run_id=run_id, runs_dir=runs_dir,
-                        pipeline_root=pipeline_root, resume=resume, output=output)
 
 
 def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,

@@ -237,10 +237,10 @@ def test_multi_user_schedule_is_idempotent_in_the_namespace(team, capsys) -> Non
     assert rr["namespace"] == "team-a" and model_problems(_body(rr), "V2beta1RecurringRun") == []
     assert _cli(*args) == 0 and list(team.state.recurring.values()) == [rr]
     assert "unchanged" in capsys.readouterr().out
-    assert _cli(*args, "--param", "dataset_uri=s3://new") == 0  # a changed spec replaces it
+    assert _cli(*args, "--param", "instruct_dataset_uri=s3://new") == 0  # a changed spec replaces it
     (rr2,) = team.state.recurring.values()
     assert rr2["recurring_run_id"] != rr["recurring_run_id"]
-    assert rr2["runtime_config"]["parameters"]["dataset_uri"] == "s3://new"
+    assert rr2["runtime_config"]["parameters"]["instruct_dataset_uri"] == "s3://new"
 
 
 def test_schedule_finds_its_own_recurring_run_past_the_first_page(team, capsys) -> None:
@@ -334,3 +334,28 @@ def test_cache_is_chosen_per_run_by_the_version_it_runs(kfp) -> None:
     assert _cacheable_tasks(st.packages[plain]) == _cacheable_tasks(st.packages[recurring]) == set()
     assert _cacheable_tasks(st.packages[cached]) == {"prepare-data", "pretrain", "prepare-instructions", "finetune",
                                                      "evaluate"}
+
+
+def test_an_unknown_parameter_is_refused_before_anything_is_uploaded(kfp, capsys) -> None:
+    assert _cli("submit", *LOCAL, "--param", "datset_uri=s3://x") == 2
+    assert "--param datset_uri: llm-lifecycle has no such parameter; its parameters are data_config" in (
+        _one_line_error(capsys))
+    assert not kfp.state.pipelines and not kfp.state.runs
+
+
+def test_a_pipeline_file_is_submitted_under_its_own_name_and_an_edit_is_a_new_version(kfp, tmp_path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "own_data"
+    mine = tmp_path / "mine.py"
+    mine.write_text((example / "pipeline.py").read_text(encoding="utf-8"), encoding="utf-8")
+    args = ("submit", "--config", str(example / "config.yaml"), "--pipeline", str(mine),
+            "--param", "questions_uri=s3://team/qa.csv")
+    assert _cli(*args) == 0
+    (pipeline,) = kfp.state.pipelines.values()
+    assert pipeline["display_name"] == "own-data"
+    versions = len(kfp.state.versions)
+    (run,) = kfp.state.runs.values()
+    assert run["runtime_config"]["parameters"]["questions_uri"] == "s3://team/qa.csv"
+    assert run["runtime_config"]["parameters"]["run_name"].startswith("own-data-")
+    mine.write_text(mine.read_text(encoding="utf-8").replace('"Report card"', '"Scores"'), encoding="utf-8")
+    assert _cli(*args) == 0
+    assert len(kfp.state.versions) == versions + 1 and len(kfp.state.pipelines) == 1

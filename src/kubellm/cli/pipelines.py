@@ -7,6 +7,7 @@ point that sits above all three layers, while the library modules themselves nev
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,9 @@ from kubellm.cli.app import ConfigOpt, SetOpt, app, load
 from kubellm.errors import ConfigError
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
-                                          "llm-lora-sweep or llm-continuous-finetune.")]
+                                          "llm-lora-sweep, llm-continuous-finetune, or your own pipeline file "
+                                          "FILE.py[:FUNC] (a build(builder) function; see "
+                                          "examples/own_data/pipeline.py).")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Set a pipeline run parameter, e.g. "
                                                     "--param base_model=/models/base (repeatable).")]
 
@@ -43,6 +46,11 @@ def _run_help() -> str:
             "when the promotion gate closed. --resume RUN re-runs a failed run: the cacheable steps (prep, "
             "fetch, pretrain, finetune, evaluate) whose inputs are unchanged reuse RUN's outputs.\n\n"
             + help_text())
+
+
+def _is_file(pipeline: str) -> bool:
+    """``--pipeline`` names a pipeline file (``FILE.py`` or ``FILE.py:FUNC``; see kubellm.pipelines.api)."""
+    return pipeline.split(":", 1)[0].endswith(".py")
 
 
 def new_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
@@ -82,10 +90,12 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     from kubellm.pipeline_params import PIPELINE_PARAMS, unknown_params
 
     cfg = load(config, overrides)
-    if pipeline not in PIPELINE_PARAMS:
-        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINE_PARAMS)}")
+    from_file = _is_file(pipeline)
+    if not from_file and pipeline not in PIPELINE_PARAMS:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINE_PARAMS)} "
+                          "or a pipeline file (FILE.py)")
     extra = parse_params(params)
-    bad = unknown_params(pipeline, list(extra))
+    bad = None if from_file else unknown_params(pipeline, list(extra))
     if bad:
         raise ConfigError(bad)
     mode = _output_mode(quiet, verbose)
@@ -94,41 +104,59 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     runs_dir = workdir / "runs"
     if resume is not None and not (runs_dir / resume).is_dir():
         raise ConfigError(f"--resume {resume}: no run of that name under {runs_dir}")
-    if pipeline != "llm-lifecycle" and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model)):
+    if (not from_file and pipeline != "llm-lifecycle"
+            and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model))):
         raise ConfigError(f"{pipeline} starts from an existing model: pass --param base_model=DIR "
                           "(or set finetune.base_model)")
     from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
-    from kubellm.pipelines._runner import run_local
+    from kubellm.pipelines._runner import run_pipeline
+    from kubellm.pipelines.api import Builder, load_file, pipeline_parameters
 
-    build(pipeline, cfg, "local")  # a config this pipeline cannot run fails here, before the run's folder exists
+    def built(run_id: str | None) -> tuple[object, str, list[str], list[str]]:
+        """(pipeline, its name, its stages, its parameters) for this config."""
+        if from_file:
+            builder = Builder(cfg, "local", run_id=run_id)
+            func = load_file(pipeline, builder)
+            return func, str(builder.name), builder.stages, pipeline_parameters(func)
+        return build(pipeline, cfg, "local", run_id=run_id), pipeline, STAGES[pipeline], PIPELINE_PARAMS[pipeline]
+
+    # a config or a pipeline file that cannot build fails here, before the run's folder exists
+    _, name, _, valid = built(None)
+    if from_file and set(extra) - set(valid):
+        raise ConfigError(f"--param {', '.join(sorted(set(extra) - set(valid)))}: {name} ({pipeline}) has no such "
+                          f"parameter; its parameters are {', '.join(valid)}")
     run_name, out_dir = new_run_dir(runs_dir, cfg.name)
-    write_json_atomic(out_dir / "run.json", {"pipeline": pipeline, "run_name": run_name, "resumed_from": resume})
-    log.info("running %s as %s%s (task logs: %s)", pipeline, run_name, f", resuming {resume}" if resume else "",
+    func, name, stages, valid = built(run_name)
+    if "run_name" in valid:
+        extra = {"run_name": run_name, **extra}
+    write_json_atomic(out_dir / "run.json", {"pipeline": name, "run_name": run_name, "resumed_from": resume,
+                                              **({"file": str(Path(pipeline).resolve())} if from_file else {})})
+    log.info("running %s as %s%s (task logs: %s)", name, run_name, f", resuming {resume}" if resume else "",
              out_dir / "logs")
     import builtins
 
     real_print = builtins.print
     try:
-        done = run_local(pipeline, cfg, params={"run_name": run_name, **extra}, run_id=run_name, runs_dir=runs_dir,
-                         pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
+        done = run_pipeline(func, params=extra, run_id=run_name, runs_dir=runs_dir,
+                            pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
     finally:
         # kfp 2.17's local runner indents output by swapping builtins.print; inside a ParallelFor it can
         # leave the swapped one behind, which indented this command's own summary by 4 spaces.
         builtins.print = real_print
     if not cfg.tracking.enabled:
-        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", pipeline,
+        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", name,
                  done.wall_seconds)
         return
     origins = original_stage_runs(runs_dir, resume) if resume else {}
     cached = {s: {"from_run": r, "run_id": origins.get(s)} for s, r in done.cached.items()}
-    result = summ.collect(cfg.tracking, workdir, pipeline=pipeline, run_name=run_name,
-                          stages=STAGES.get(pipeline, []), wall_seconds=done.wall_seconds, cached=cached)
+    result = summ.collect(cfg.tracking, workdir, pipeline=name, run_name=run_name,
+                          stages=stages, wall_seconds=done.wall_seconds, cached=cached)
     result["resumed_from"] = resume
     result["logs"] = str(done.logs)
     summ.add_failed_tasks(result, done.failed)
     path = summ.write(result, out_dir)
-    print_table(f"{pipeline} · {run_name}", summ.table_rows(result))
+    print_table(f"{name} · {run_name}", summ.table_rows(result))
     print(summ.headline(result))
     print(f"summary: {path}")
     if result["status"] != "FINISHED" or result["failed_stage"]:
@@ -140,7 +168,8 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
              out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier "
                                                "compile's.")] = Path("dist"),
              pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="Only these pipelines "
-                                                                "(repeatable); default all.")] = None) -> None:
+                                                                "(repeatable), built-in or a pipeline file "
+                                                                "FILE.py[:FUNC]; default all built-in.")] = None) -> None:
     """Compile every pipeline (with the config's Kubernetes placement) and component to YAML.
 
     The output is deterministic: the same config gives byte-identical files.
@@ -148,17 +177,19 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
     from kubellm.fsutil import claim_output, mark_output
     from kubellm.log import print_table
     from kubellm.pipelines import PIPELINES
-    from kubellm.pipelines._runner import compile_all
+    from kubellm.pipelines._runner import build_for_cluster, compile_all
 
     cfg = load(config, overrides)
-    unknown = sorted(set(pipeline or []) - set(PIPELINES))
+    unknown = sorted(p for p in set(pipeline or []) - set(PIPELINES) if not _is_file(p))
     if unknown:
         raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(PIPELINES)}")
-    # a folder compiled before outputs were marked is recognised by its pipeline files
-    claim_output(out, "compiled-pipelines", inputs=[config] if config else [],
-                 legacy=[f"{name}.yaml" for name in PIPELINES])
     t0 = time.perf_counter()
-    written = compile_all(cfg, out, pipeline or None)
+    built = build_for_cluster(cfg, pipeline or None)  # a pipeline that cannot build fails before any output
+    files = [p.split(":", 1)[0] for p in pipeline or [] if _is_file(p)]
+    # a folder compiled before outputs were marked is recognised by its pipeline files
+    claim_output(out, "compiled-pipelines", inputs=([config] if config else []) + files,
+                 legacy=[f"{name}.yaml" for name in PIPELINES])
+    written = compile_all(cfg, out, built=built)
     mark_output(out, "compiled-pipelines")
     print_table(f"compiled in {time.perf_counter() - t0:.2f} s",
                 [{"file": str(p), "bytes": p.stat().st_size} for p in written])
@@ -190,11 +221,27 @@ ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP exp
 NO_CACHE_SUFFIX = "-nocache"
 
 
-def _compiled(cfg, pipeline: str, caching: bool) -> tuple[Path, str, str]:  # (package, version name, description)
+@dataclass(frozen=True)
+class Compiled:
+    """A pipeline compiled for the cluster, as ``submit`` and ``schedule`` upload it."""
+
+    package: Path
+    name: str
+    """The pipeline's name (a file pipeline's from its ``@builder.pipeline``)."""
+    version: str
+    description: str
+    parameters: list[str]
+
+
+def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     """Compiled for the cluster, as its own version: KFP (v2beta1) takes caching from the pipeline version's
     spec — a run from an uploaded version cannot switch it — so a run that must not reuse anything runs
-    the version compiled with no step cacheable (its name ends in ``-nocache``)."""
+    the version compiled with no step cacheable (its name ends in ``-nocache``). A pipeline file's content
+    is part of the version name: an edited file is a new version even before it is committed."""
+    import hashlib
     import tempfile
+
+    import yaml
 
     from kubellm import __version__
     from kubellm.pipelines import PIPELINES
@@ -202,16 +249,32 @@ def _compiled(cfg, pipeline: str, caching: bool) -> tuple[Path, str, str]:  # (p
     from kubellm.pipelines.submit import version_name
     from kubellm.tracking.mlflow_tracker import git_revision
 
-    if pipeline not in PIPELINES:
-        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)}")
+    if pipeline not in PIPELINES and not _is_file(pipeline):
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)} or a pipeline "
+                          "file (FILE.py)")
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
     package = compile_all(cfg, out, [pipeline], components=False, caching=caching)[0]
-    import yaml
-
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
-    description = spec["pipelineInfo"].get("description", pipeline)
-    version = version_name(__version__, git_revision(), cfg.config_hash()) + ("" if caching else NO_CACHE_SUFFIX)
-    return package, version, description
+    name = spec["pipelineInfo"]["name"]
+    description = spec["pipelineInfo"].get("description", name)
+    config_hash = cfg.config_hash()
+    if _is_file(pipeline):
+        source = Path(pipeline.split(":", 1)[0]).read_bytes()
+        config_hash = hashlib.sha256(config_hash.encode() + source).hexdigest()[:12]
+    version = version_name(__version__, git_revision(), config_hash) + ("" if caching else NO_CACHE_SUFFIX)
+    params = list(spec["root"].get("inputDefinitions", {}).get("parameters", {}))
+    return Compiled(package, name, version, description, params)
+
+
+def _run_params(compiled: Compiled, run_name: str, params: list[str] | None) -> dict[str, object]:
+    """The run's parameters: ``run_name`` where the pipeline has it, then ``--param``s it has (one line
+    naming the others otherwise)."""
+    extra = parse_params(params)
+    bad = sorted(set(extra) - set(compiled.parameters))
+    if bad:
+        raise ConfigError(f"--param {', '.join(bad)}: {compiled.name} has no such parameter; its parameters are "
+                          f"{', '.join(sorted(compiled.parameters))}")
+    return ({"run_name": run_name} if "run_name" in compiled.parameters else {}) | extra
 
 
 @app.command()
@@ -235,14 +298,14 @@ def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: Pipelin
 
     cfg = load(config, overrides)
     log = get_logger("submit")
-    package, version, description = _compiled(cfg, pipeline, caching=cache)
-    server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
-    pipeline_id, version_id = server.upload(package, pipeline, version, description)
-    exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
+    built = _compiled(cfg, pipeline, caching=cache)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = server.start_run(run_name, exp_id, pipeline_id, version_id, {"run_name": run_name, **parse_params(params)},
-                           cfg.platform.service_account)
-    print(f"submitted {pipeline} version {version} as run {run_id}"
+    arguments = _run_params(built, run_name, params)
+    server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
+    pipeline_id, version_id = server.upload(built.package, built.name, built.version, built.description)
+    exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
+    run_id = server.start_run(run_name, exp_id, pipeline_id, version_id, arguments, cfg.platform.service_account)
+    print(f"submitted {built.name} version {built.version} as run {run_id}"
           f"{f' in {server.namespace}' if server.namespace else ''}: {server.run_url(run_id)}")
     if wait:
         state, message = server.wait(run_id, timeout_s=timeout, poll_s=poll,
@@ -265,12 +328,13 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
     cron = check_cron(cron)  # before compiling or connecting
     cfg = load(config, overrides)
     # A recurring run exists to pick up new data behind the same URIs: it never reuses a cached step.
-    package, version, description = _compiled(cfg, pipeline, caching=False)
+    built = _compiled(cfg, pipeline, caching=False)
+    name = f"{cfg.name}-{built.name}"
+    arguments = _run_params(built, name, params)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
-    pipeline_id, version_id = server.upload(package, pipeline, version, description)
-    name = f"{cfg.name}-{pipeline}"
+    pipeline_id, version_id = server.upload(built.package, built.name, built.version, built.description)
     spec = Schedule(name, cron, server.ensure_experiment(experiment or cfg.tracking.experiment), pipeline_id,
-                    version_id, {"run_name": name, **parse_params(params)}, cfg.platform.service_account)
+                    version_id, arguments, cfg.platform.service_account)
     rr_id, changed = server.ensure_schedule(spec)
     print(f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}"
-          f"{f' in {server.namespace}' if server.namespace else ''}: {pipeline} {version}, cron '{cron}'")
+          f"{f' in {server.namespace}' if server.namespace else ''}: {built.name} {built.version}, cron '{cron}'")
