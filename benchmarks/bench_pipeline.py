@@ -1,12 +1,15 @@
 """Orchestration overhead of a local lifecycle run, and compile time.
 
 - ``kubellm run`` of ``llm-lifecycle`` in a fresh working directory, on the embedded default
-  (``configs/local.yaml``) and with 10× the training steps (``quick``: tiny settings only): total wall
-  time against the sum of the stages' own compute time, as each stage's MLflow run measured it
-  (reported per stage). The difference is what orchestration costs: one Python process per task
-  (start-up and the imports of torch/transformers/peft/mlflow/kfp, ~3–4 s a task on these machines),
-  KFP's local runner, artifact hand-over. It is a fixed cost per task, so its share falls as stages
-  grow. Goal: under 20 % of the wall time.
+  (``configs/local.yaml``) and with 600 pretraining + 300 LoRA steps (10× the 60 + 30 of the default the
+  goals were set on; ``quick``: tiny settings only): total wall time against the sum of the stages' own
+  compute time, as each stage's MLflow run measured it (reported per stage). The difference is what
+  orchestration costs: one Python process per task (start-up, KFP's executor, the imports of
+  mlflow — ~1 s, plus ~0.7 s for its sqlite store locally — and, in the steps that use them,
+  torch/transformers/peft), KFP's local runner, artifact hand-over, MLflow run bookkeeping. It is a
+  fixed cost per task, so its share falls as stages grow. Goals: under 20 % of the wall time and at most
+  1.5 s per task process on the default; under 10 % at 10× the steps. ``tests/unit/test_import_budget.py``
+  and the own-data pipeline test pin what each command and task imports.
 - ``kubellm compile``: all pipelines and components, wall seconds (in-process, after imports).
 """
 
@@ -33,6 +36,9 @@ def _row(measure: str, kubellm: float | None, baseline: float | None, goal: str 
             "note": note}
 
 
+#: 10× the training steps of the embedded default the overhead goals were set on (60 pretraining and 30
+#: LoRA steps); today's default trains 500 and 150 steps, so its own row is already ~8× that.
+SCALED_LABEL = "600 + 300 training steps"
 SCALED = ["pretrain.loop.max_steps=600", "pretrain.loop.checkpoint_every=200", "finetune.loop.max_steps=300",
           "finetune.loop.checkpoint_every=100"]
 
@@ -55,17 +61,24 @@ def _lifecycle(label: str, overrides: list[str], per_stage: bool) -> list[dict]:
             for r in s["stages"]:
                 rows.append(_row(f"{label}: stage {r['stage']} (s)", r["seconds"], None, note=r["status"]))
         overhead = (wall - compute) / wall
-        tasks = len(s["stages"]) + 2  # + the start-run and finish-run tasks
-        rows.append(_row(f"{label}: wall (s) vs sum of stage compute (s)", wall, compute, "overhead < 20 %",
-                         overhead < 0.20, f"overhead {overhead:.0%} of wall: {wall - compute:.1f} s, "
-                         f"~{(wall - compute) / tasks:.1f} s per task process"))
+        ran = [r for r in s["stages"] if r["seconds"] is not None]
+        tasks = len(ran) + 2  # + the start-run and finish-run tasks
+        goal = 0.20 if label != SCALED_LABEL else 0.10
+        rows.append(_row(f"{label}: wall (s) vs sum of stage compute (s)", wall, compute,
+                         f"overhead < {goal:.0%}", overhead < goal,
+                         f"overhead {overhead:.0%} of wall: {wall - compute:.1f} s over {tasks} task processes"))
+        if label != SCALED_LABEL:
+            per_task = (wall - compute) / tasks
+            rows.append(_row(f"{label}: orchestration per task process (s)", per_task, None, "<= 1.5 s",
+                             per_task <= 1.5, "process start, imports (mlflow ~1 s, its sqlite store ~0.7 s "
+                             "locally, torch/transformers in training steps), MLflow run bookkeeping"))
     return rows
 
 
 def run(quick: bool) -> list[dict]:
     rows = _lifecycle("embedded default" if not quick else "tiny", QUICK if quick else [], per_stage=True)
     if not quick:
-        rows += _lifecycle("10x training steps", SCALED, per_stage=False)
+        rows += _lifecycle(SCALED_LABEL, SCALED, per_stage=False)
 
     sys.path.insert(0, str(REPO / "src"))
     from kubellm.config import load_config

@@ -93,6 +93,8 @@ FENCED = "Sure.\n```python\nx = [1,\n     2]\n```\nand ```inline``` text"
     ("```python\n```", "", 0.0),                                   # an empty block
     ("x = 1\x00", "x = 1\x00", 0.0),                              # ast.parse raises ValueError, not SyntaxError
     ("The answer is 42.", "The answer is 42.", 0.0),
+    ("#\n#\n#\n#", "#\n#\n#\n#", 0.0),                           # comments only: parses, but is no code
+    ("print(x)", "print(x)", 0.0),                                 # a lone expression is not an answer's code
 ])
 def test_code_parses(answer: str, code: str, parses: float) -> None:
     assert extract_code(answer) == code

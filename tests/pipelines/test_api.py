@@ -5,12 +5,14 @@ outside the repository."""
 
 # No `from __future__ import annotations`: a pipeline defined here needs real annotations (see lifecycle.py).
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from importtime import heavy, modules
 
 from kubellm.errors import ConfigError
 from kubellm.pipelines.api import Builder, load_file
@@ -21,9 +23,9 @@ PIPELINE = str(EXAMPLE / "pipeline.py")
 CONFIG = str(EXAMPLE / "config.yaml")
 
 
-def _kubellm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _kubellm(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kubellm.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def _builder(target: str = "cluster", overrides: tuple[str, ...] = ()) -> Builder:
@@ -141,7 +143,8 @@ def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path
     made = subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), str(tmp_path)], capture_output=True,
                           text=True, check=True)
     assert made.stdout.split() == [str(tmp_path / "corpus.parquet"), str(tmp_path / "qa.csv")]
-    proc = _kubellm("run", "--config", CONFIG, "--pipeline", PIPELINE, cwd=tmp_path)
+    # every task process reports what it imports (python -X importtime) into its log
+    proc = _kubellm("run", "--config", CONFIG, "--pipeline", PIPELINE, cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (summary_path,) = (tmp_path / ".kubellm" / "runs").glob("own-data-*/summary.json")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -156,3 +159,33 @@ def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path
     (card,) = (tmp_path / ".kubellm" / "pipeline-root").glob("own-data-*/report-card/report")
     assert card.read_text(encoding="utf-8").startswith("# Report card: gate ")
     assert ("register" in stages) == summary["evaluation"]["gate_passed"]
+    _check_task_import_budgets(tmp_path / ".kubellm" / "runs")
+
+
+#: Per task: the most modules its process may import (measured on the own-data run: start/finish 2,295,
+#: prep 2,845, pretrain 4,985, finetune 5,222, register 5,130, evaluate 5,354; ~10 % headroom) and the
+#: heavy libraries it must not import. The tracking-only tasks load MLflow (its client drags in pandas,
+#: pyarrow, scipy) but never torch; data preparation needs tokenizers and transformers' tokenizer class,
+#: not torch; a user's own component pays for kfp only.
+TASK_BUDGETS: dict[str, tuple[int, set[str]]] = {
+    "start-run": (2_500, {"torch", "transformers", "peft", "datasets", "tokenizers"}),
+    "finish-run": (2_500, {"torch", "transformers", "peft", "datasets", "tokenizers"}),
+    "prepare-data": (3_100, {"torch", "peft"}),
+    "prepare-instructions": (3_100, {"torch", "peft"}),
+    "pretrain": (5_500, {"peft", "lm_eval"}),
+    "finetune": (5_700, {"lm_eval"}),
+    "register": (5_700, {"lm_eval"}),
+    "evaluate": (5_900, set()),
+    "report-card": (2_000, {"torch", "transformers", "mlflow", "pandas"}),
+}
+
+
+def _check_task_import_budgets(runs: Path) -> None:
+    (logs,) = runs.glob("own-data-*/logs")
+    counted = {}
+    for task, (budget, forbidden) in TASK_BUDGETS.items():
+        mods = modules((logs / f"{task}.log").read_text(encoding="utf-8", errors="replace"))
+        counted[task] = len(mods)
+        assert len(mods) > 50, f"{task}: no import profile in its log"
+        assert not heavy(mods) & forbidden, f"{task} imports {sorted(heavy(mods) & forbidden)}"
+        assert len(mods) <= budget, f"{task} imports {len(mods)} modules (budget {budget})"

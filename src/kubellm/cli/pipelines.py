@@ -174,12 +174,12 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
 
     The output is deterministic: the same config gives byte-identical files.
     """
+    cfg = load(config, overrides)  # a bad config fails before kfp's imports
     from kubellm.fsutil import claim_output, mark_output
     from kubellm.log import print_table
     from kubellm.pipelines import PIPELINES
     from kubellm.pipelines._runner import build_for_cluster, compile_all
 
-    cfg = load(config, overrides)
     unknown = sorted(p for p in set(pipeline or []) - set(PIPELINES) if not _is_file(p))
     if unknown:
         raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(PIPELINES)}")
@@ -293,10 +293,10 @@ def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: Pipelin
     source and config reuse one version (a version compiled with no step cacheable, ``…-nocache``, unless
     --cache). On a multi-user Kubeflow the pipeline, experiment and run live in --namespace.
     """
+    cfg = load(config, overrides)  # a bad config fails before kfp's imports
     from kubellm.log import get_logger
     from kubellm.pipelines.submit import Endpoint, Pipelines
 
-    cfg = load(config, overrides)
     log = get_logger("submit")
     built = _compiled(cfg, pipeline, caching=cache)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -323,10 +323,10 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
              namespace: NamespaceOpt = None, token: TokenOpt = None, cookie: CookieOpt = None,
              ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None) -> None:
     """Create or update the recurring run of a pipeline (never a duplicate): max_concurrency 1, no catch-up."""
+    cfg = load(config, overrides)  # a bad config fails before kfp's imports
     from kubellm.pipelines.submit import Endpoint, Pipelines, Schedule, check_cron
 
     cron = check_cron(cron)  # before compiling or connecting
-    cfg = load(config, overrides)
     # A recurring run exists to pick up new data behind the same URIs: it never reuses a cached step.
     built = _compiled(cfg, pipeline, caching=False)
     name = f"{cfg.name}-{built.name}"

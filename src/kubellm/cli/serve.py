@@ -24,9 +24,10 @@ def serve(
     port: PortOpt = None,
 ) -> None:
     """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
+    cfg = load(config, overrides, reads=("serve",))  # a bad config fails before the server's imports
     from kubellm.serve.app import serve as run_server
 
-    run_server(load(config, overrides, reads=("serve",)), model_ref=model, base_model=base, port=port)
+    run_server(cfg, model_ref=model, base_model=base, port=port)
 
 
 @app.command()
@@ -86,6 +87,7 @@ def playground(
     port: PortOpt = None,
 ) -> None:
     """The prompt playground (Gradio) on 127.0.0.1 unless playground.host says otherwise."""
+    cfg = load(config, overrides, reads=("playground", "serve"))
     from kubellm.serve.playground import launch
 
-    launch(load(config, overrides, reads=("playground", "serve")), endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)
+    launch(cfg, endpoint=endpoint, compare_endpoint=compare_endpoint, port=port)

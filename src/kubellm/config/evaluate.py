@@ -69,7 +69,8 @@ class EvalConfig(StrictModel):
     """Tokens generated per held-out prompt (and per ``kubellm_complete`` example). An answer cut off
     mid-function does not parse, so this bounds ``code_parse_rate``."""
     code_metric: Literal["auto", "on", "off"] = "auto"
-    """``code_parse_rate``: the share of answers whose code parses with ``ast.parse``. ``auto`` measures it
+    """``code_parse_rate``: the share of answers whose code parses with ``ast.parse`` and holds a statement
+    (comments alone do not count). ``auto`` measures it
     when at least 80 % of the held-out reference answers are Python code (the built-in
     ``builtin://stdlib-instruct`` data's are all functions)."""
     num_samples_in_report: int = Field(default=3, ge=0)

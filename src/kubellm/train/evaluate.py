@@ -7,7 +7,7 @@
   chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
   and ROUGE-L (:mod:`kubellm.train.metrics`), for the candidate and the base model on the same prompts.
 * With code answers (``evaluate.code_metric``), ``code_parse_rate`` is the share of answers whose code
-  parses with :func:`ast.parse`; ``empty_answer_rate`` is the share of blank answers.
+  parses with :func:`ast.parse` and holds a statement; ``empty_answer_rate`` is the share of blank answers.
 * ``evaluate.benchmarks`` run through lm-evaluation-harness on the same loaded models
   (:mod:`kubellm.train.benchmarks`): ``bench.<task>.<metric>``.
 * The gate (``evaluate.gate``) checks every rule that is set; a rule whose metric could not be

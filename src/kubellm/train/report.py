@@ -23,7 +23,7 @@ _REPORT_METRICS = (
     ("rouge_l", "ROUGE-L F1 of greedy answers"),
     ("token_f1", "token F1 of greedy answers"),
     ("exact_match", "exact-match rate of greedy answers"),
-    ("code_parse_rate", "share of greedy answers whose code parses (ast.parse)"),
+    ("code_parse_rate", "share of greedy answers that are Python code (ast.parse, a statement)"),
     ("empty_answer_rate", "share of empty greedy answers (lower is better)"),
 )
 
