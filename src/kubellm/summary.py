@@ -147,10 +147,15 @@ def headline(summary: dict[str, Any]) -> str:
     if summary.get("failed_stage"):
         parts.append(f"failed at {summary['failed_stage']}")
     if ev["gate_passed"] is not None:
-        ppl = ev["metrics"].get("perplexity")
-        base = ev["metrics"].get("base_perplexity")
+        m = ev["metrics"]
+        figures = []
+        if m.get("perplexity") and m.get("base_perplexity"):
+            figures.append(f"perplexity {m['perplexity']:.3g} vs base {m['base_perplexity']:.3g}")
+        if m.get("code_parse_rate") is not None and m.get("base_code_parse_rate") is not None:
+            figures.append(f"answers that are Python code {m['code_parse_rate']:.0%} vs base "
+                           f"{m['base_code_parse_rate']:.0%}")
         parts.append(f"gate {'passed' if ev['gate_passed'] else 'failed'}"
-                     + (f" (perplexity {ppl:.3g} vs base {base:.3g})" if ppl and base else ""))
+                     + (f" ({'; '.join(figures)})" if figures else ""))
     if model:
         parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]")
     return "; ".join(parts)

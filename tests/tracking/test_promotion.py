@@ -128,5 +128,7 @@ def test_concurrent_promotions_end_on_the_newest(mlflow_server: str, tmp_path: P
     for gap_ms in (13, 0):
         results = promote_concurrently(mlflow_server, "race-lm", versions, gap_ms, tmp_path / str(gap_ms))
         assert champion_info(cfg, tmp_path).version == max(versions), (gap_ms, results)
-        # each run's answer says the truth: only the newest holds the alias
-        assert [r["version"] for r in results if "champion" in r["aliases"]] == [max(versions)]
+        # the newest run's answer says it holds the alias; an older run may truthfully have held it for a
+        # moment before the newest claimed it (its answer is then stale, never wrong at the time)
+        newest = next(r for r in results if r["version"] == max(versions))
+        assert "champion" in newest["aliases"], (gap_ms, results)
