@@ -71,7 +71,9 @@ def test_metrics_move_under_load(tiny_model_dir: Path, tmp_path: Path, start_ser
     assert delta("kubellm_time_to_first_token_seconds_count") == 9
     # 9 generation requests in batches of at most 2: at least 5 batches, never one above 2.
     batches = delta("kubellm_batch_size_count")
-    assert batches >= 5 and delta("kubellm_batch_size_sum") == 9
+    # each observation is the batch a request joined (running rows + the joining ones, at most 2 here):
+    # every one of the 9 requests is counted at least once; a row still running when another joins, again
+    assert batches >= 5 and 9 <= delta("kubellm_batch_size_sum") <= 2 * batches
     assert delta("kubellm_batch_size_bucket", le="2.0") == batches
     assert max(queue_seen) >= 1  # requests waited while a batch generated
     assert _value(after, "kubellm_queue_requests") == 0 and _value(after, "kubellm_running_requests") == 0
