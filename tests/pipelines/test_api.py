@@ -189,3 +189,12 @@ def _check_task_import_budgets(runs: Path) -> None:
         assert len(mods) > 50, f"{task}: no import profile in its log"
         assert not heavy(mods) & forbidden, f"{task} imports {sorted(heavy(mods) & forbidden)}"
         assert len(mods) <= budget, f"{task} imports {len(mods)} modules (budget {budget})"
+
+
+def test_every_kubellm_component_is_a_step_the_builder_knows() -> None:
+    from kubellm.pipelines._runner import COMPONENTS
+    from kubellm.pipelines.api import STEPS
+
+    tracked_by_the_builder = {"start_run", "finish_run"}  # Builder.tracked() adds these two
+    names = {c.python_func.__name__ for c in COMPONENTS.values()}
+    assert names - tracked_by_the_builder == set(STEPS)
