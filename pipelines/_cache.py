@@ -35,11 +35,11 @@ from kfp.local import cache as kfp_cache
 
 from kubellm.errors import ConfigError
 from kubellm.fsutil import write_json_atomic
+from kubellm.pipelines.api import STEPS
 
 #: Components whose task logs an MLflow stage run of this name (a sweep trial adds ``.<trial>``); the
 #: run summary marks these stages "cached". ``fetch_model`` logs none.
-STAGE_OF = {"prepare-data": "prep", "prepare-instructions": "prep_instruct", "pretrain": "pretrain",
-            "finetune": "finetune", "evaluate": "evaluate"}
+STAGE_OF = {fname.replace("_", "-"): step.logs for fname, step in STEPS.items() if step.cache and step.logs}
 
 _CHUNK = 1 << 20
 

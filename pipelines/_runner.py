@@ -21,10 +21,11 @@ from kfp import compiler, local
 
 from kubellm.components import data, deploy, evaluate, registry, tracking, train
 from kubellm.config import RunConfig
+from kubellm.pipeline_params import is_pipeline_file
 from kubellm.pipelines import PIPELINES, build
-from kubellm.pipelines._cache import STAGE_OF, ResumeCache, installed
+from kubellm.pipelines._cache import ResumeCache, installed
 from kubellm.pipelines._console import Mode, Monitor
-from kubellm.pipelines.api import Builder, is_pipeline_file, load_file
+from kubellm.pipelines.api import STEPS, Builder, load_file
 from kubellm.stages import KFP_RUN_ENV
 
 #: Every component, by the file name its YAML gets under ``dist/components/``.
@@ -138,7 +139,7 @@ class LocalRun:
 
 
 #: The MLflow stage a task logs, where its name differs (``prepare-data`` of the lifecycle logs ``prep``).
-TASK_STAGE = {**STAGE_OF, "check-data": "check_data", "compare-with-champion": "evaluate_champion"}
+TASK_STAGE = {fname.replace("_", "-"): step.logs for fname, step in STEPS.items() if step.logs}
 
 
 def task_stage(label: str) -> str:

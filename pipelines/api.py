@@ -54,7 +54,7 @@ from kfp import dsl
 from kfp.dsl.types import type_annotations
 
 from kubellm.config import RunConfig
-from kubellm.config.params import to_param
+from kubellm.config.params import NULLS, to_param
 from kubellm.config.run import apply_overrides, default_config_path, load_config, validate_section
 from kubellm.errors import ConfigError
 from kubellm.pipeline_params import PARAM_DOCS
@@ -77,7 +77,9 @@ class Step:
     """The MLflow stage run it leaves under the parent run (None: none)."""
 
 
-#: Every kubellm component a pipeline can call, by its function's name.
+#: Every kubellm component a pipeline can call, by its function's name: the one table of each step's
+#: placement key, display name, retries, cacheability and MLflow stage (``_cache`` and ``_runner`` read
+#: the stages from it).
 STEPS: dict[str, Step] = {
     "fetch_model": Step("finetune", "Fetch base model", cache=True),
     "check_data": Step("prep_instruct", "Data changed since the champion?", "instruct_data", logs="check_data"),
@@ -162,11 +164,13 @@ class Builder:
         if not overrides:
             return current
         doc = current.model_dump(mode="json")
+        overrides = dict(overrides)
+        nulls = overrides.pop(NULLS, [])  # a parameter dict (Builder.param) lists its None values here
         nested = {k: v for k, v in overrides.items() if "." not in k and "[" not in k}
         _merge(doc, nested)
-        dotted = [k for k in overrides if k not in nested]
-        for key in dotted:
-            _set_dotted(doc, key, overrides[key], name)
+        dotted = {k: v for k, v in overrides.items() if k not in nested} | dict.fromkeys(nulls)
+        for key, value in dotted.items():
+            _set_dotted(doc, key, value, name)
         return validate_section(type(current), doc, f"{name} (pipeline overrides)")
 
     def param(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -263,8 +267,6 @@ class Builder:
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"step {fname}: config must be a dict of overrides on the {section} section "
                               f"or a pipeline parameter, not {type(value).__name__}")
-        if value and "__null__" in value:
-            return value  # already a parameter dict (Builder.param)
         return self.param(section or "", value)
 
     def place(self, task: Any, stage: str, display_name: str, *, retry: str = "default",
@@ -304,14 +306,11 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any, section: str) -> None
 
 # --- pipeline files -------------------------------------------------------------------------------
 
-def is_pipeline_file(ref: str) -> bool:
-    """``--pipeline`` names a file (``my_pipeline.py`` or ``my_pipeline.py:build``), not a built-in."""
-    return ref.split(":", 1)[0].endswith(".py")
-
-
-def load_file(ref: str, builder: Builder) -> Any:
-    """The pipeline that ``FILE.py[:FUNC]``'s ``build`` (or ``FUNC``) makes with ``builder``."""
+def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
+    """The function of pipeline file ``FILE.py[:FUNC]`` (``build`` by default) that makes its pipeline
+    from a builder, the file executed once; calling it checks that a pipeline came back."""
     path_str, _, func_name = ref.partition(":")
+    func_name = func_name or "build"
     path = Path(path_str)
     if not path.is_file():
         raise ConfigError(f"--pipeline {ref}: no such file")
@@ -321,14 +320,23 @@ def load_file(ref: str, builder: Builder) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     spec.loader.exec_module(module)
-    func = getattr(module, func_name or "build", None)
+    func = getattr(module, func_name, None)
     if not callable(func):
-        raise ConfigError(f"--pipeline {ref}: {path} defines no function {func_name or 'build'}(builder)")
-    pipeline = func(builder)
-    if builder.name is None or not hasattr(pipeline, "pipeline_spec"):
-        raise ConfigError(f"--pipeline {ref}: {func_name or 'build'}(builder) must return a pipeline made with "
-                          "@builder.pipeline(name, description)")
-    return pipeline
+        raise ConfigError(f"--pipeline {ref}: {path} defines no function {func_name}(builder)")
+
+    def make(builder: Builder) -> Any:
+        pipeline = func(builder)
+        if builder.name is None or not hasattr(pipeline, "pipeline_spec"):
+            raise ConfigError(f"--pipeline {ref}: {func_name}(builder) must return a pipeline made with "
+                              "@builder.pipeline(name, description)")
+        return pipeline
+
+    return make
+
+
+def load_file(ref: str, builder: Builder) -> Any:
+    """The pipeline that pipeline file ``ref`` makes with ``builder``."""
+    return pipeline_loader(ref)(builder)
 
 
 def pipeline_parameters(pipeline: Any) -> list[str]:

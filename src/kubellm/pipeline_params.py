@@ -36,14 +36,22 @@ PIPELINE_PARAMS: dict[str, list[str]] = {
 }
 
 
-def unknown_params(pipeline: str, names: list[str]) -> str | None:
-    """One line naming the parameters ``pipeline`` does not have and those it has; None when all exist."""
-    valid = PIPELINE_PARAMS[pipeline]
-    bad = [n for n in names if n not in valid]
+def is_pipeline_file(ref: str) -> bool:
+    """``--pipeline`` names a user's pipeline file (``FILE.py`` or ``FILE.py:FUNC``; see
+    ``kubellm.pipelines.api``), not a built-in pipeline."""
+    return ref.split(":", 1)[0].endswith(".py")
+
+
+def unknown_params(pipeline: str, names: list[str], valid: list[str] | None = None) -> str | None:
+    """One line naming the parameters ``pipeline`` does not have and those it has; None when all exist.
+    ``valid``: a pipeline's own parameters (a pipeline file's); by default the built-in's."""
+    builtin = valid is None
+    valid = PIPELINE_PARAMS[pipeline] if valid is None else valid
+    bad = sorted(n for n in names if n not in valid)
     if not bad:
         return None
     return (f"--param {', '.join(bad)}: {pipeline} has no such parameter; its parameters are "
-            f"{', '.join(valid)} (kubellm run --help says what each means)")
+            f"{', '.join(valid)}" + (" (kubellm run --help says what each means)" if builtin else ""))
 
 
 def help_text() -> str:

@@ -106,6 +106,8 @@ def test_overrides_take_dotted_or_nested_keys_and_a_null_survives_compilation(tm
     doc = b.param("finetune", {"optim.grad_clip": None, "lora": {"r": 4}, "loop.max_steps": 7})
     assert doc["lora"] == {**doc["lora"], "r": 4, "alpha": 32}  # nested: merged, not replaced
     assert doc["loop"]["max_steps"] == 7 and "optim.grad_clip" in doc["__null__"]
+    again = b.section("finetune", doc)  # a parameter dict given back as config: its nulls restored, validated
+    assert again.optim.grad_clip is None and again.lora.r == 4 and again.loop.max_steps == 7
 
     @b.pipeline("nulls", "A step whose config turns gradient clipping off.")
     def nulls(base: str = "models:/m@champion") -> None:

@@ -15,6 +15,7 @@ import typer
 
 from kubellm.cli.app import ConfigOpt, SetOpt, app, load
 from kubellm.errors import ConfigError
+from kubellm.pipeline_params import is_pipeline_file
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
                                           "llm-lora-sweep, llm-continuous-finetune, or your own pipeline file "
@@ -46,11 +47,6 @@ def _run_help() -> str:
             "when the promotion gate closed. --resume RUN re-runs a failed run: the cacheable steps (prep, "
             "fetch, pretrain, finetune, evaluate) whose inputs are unchanged reuse RUN's outputs.\n\n"
             + help_text())
-
-
-def _is_file(pipeline: str) -> bool:
-    """``--pipeline`` names a pipeline file (``FILE.py`` or ``FILE.py:FUNC``; see kubellm.pipelines.api)."""
-    return pipeline.split(":", 1)[0].endswith(".py")
 
 
 def new_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
@@ -90,7 +86,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     from kubellm.pipeline_params import PIPELINE_PARAMS, unknown_params
 
     cfg = load(config, overrides)
-    from_file = _is_file(pipeline)
+    from_file = is_pipeline_file(pipeline)
     if not from_file and pipeline not in PIPELINE_PARAMS:
         raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINE_PARAMS)} "
                           "or a pipeline file (FILE.py)")
@@ -111,21 +107,23 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
     from kubellm.pipelines._runner import run_pipeline
-    from kubellm.pipelines.api import Builder, load_file, pipeline_parameters
+    from kubellm.pipelines.api import Builder, pipeline_loader, pipeline_parameters
+
+    make = pipeline_loader(pipeline) if from_file else None  # the user's file, executed once
 
     def built(run_id: str | None) -> tuple[object, str, list[str], list[str]]:
         """(pipeline, its name, its stages, its parameters) for this config."""
-        if from_file:
+        if make is not None:
             builder = Builder(cfg, "local", run_id=run_id)
-            func = load_file(pipeline, builder)
+            func = make(builder)
             return func, str(builder.name), builder.stages, pipeline_parameters(func)
         return build(pipeline, cfg, "local", run_id=run_id), pipeline, STAGES[pipeline], PIPELINE_PARAMS[pipeline]
 
     # a config or a pipeline file that cannot build fails here, before the run's folder exists
     _, name, _, valid = built(None)
-    if from_file and set(extra) - set(valid):
-        raise ConfigError(f"--param {', '.join(sorted(set(extra) - set(valid)))}: {name} ({pipeline}) has no such "
-                          f"parameter; its parameters are {', '.join(valid)}")
+    bad = unknown_params(f"{name} ({pipeline})", list(extra), valid) if from_file else None
+    if bad:
+        raise ConfigError(bad)
     run_name, out_dir = new_run_dir(runs_dir, cfg.name)
     func, name, stages, valid = built(run_name)
     if "run_name" in valid:
@@ -180,12 +178,12 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
     from kubellm.pipelines import PIPELINES
     from kubellm.pipelines._runner import build_for_cluster, compile_all
 
-    unknown = sorted(p for p in set(pipeline or []) - set(PIPELINES) if not _is_file(p))
+    unknown = sorted(p for p in set(pipeline or []) - set(PIPELINES) if not is_pipeline_file(p))
     if unknown:
         raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(PIPELINES)}")
     t0 = time.perf_counter()
     built = build_for_cluster(cfg, pipeline or None)  # a pipeline that cannot build fails before any output
-    files = [p.split(":", 1)[0] for p in pipeline or [] if _is_file(p)]
+    files = [p.split(":", 1)[0] for p in pipeline or [] if is_pipeline_file(p)]
     # a folder compiled before outputs were marked is recognised by its pipeline files
     claim_output(out, "compiled-pipelines", inputs=([config] if config else []) + files,
                  legacy=[f"{name}.yaml" for name in PIPELINES])
@@ -249,7 +247,7 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     from kubellm.pipelines.submit import version_name
     from kubellm.tracking.mlflow_tracker import git_revision
 
-    if pipeline not in PIPELINES and not _is_file(pipeline):
+    if pipeline not in PIPELINES and not is_pipeline_file(pipeline):
         raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)} or a pipeline "
                           "file (FILE.py)")
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
@@ -258,7 +256,7 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     name = spec["pipelineInfo"]["name"]
     description = spec["pipelineInfo"].get("description", name)
     config_hash = cfg.config_hash()
-    if _is_file(pipeline):
+    if is_pipeline_file(pipeline):
         source = Path(pipeline.split(":", 1)[0]).read_bytes()
         config_hash = hashlib.sha256(config_hash.encode() + source).hexdigest()[:12]
     version = version_name(__version__, git_revision(), config_hash) + ("" if caching else NO_CACHE_SUFFIX)
@@ -269,11 +267,12 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
 def _run_params(compiled: Compiled, run_name: str, params: list[str] | None) -> dict[str, object]:
     """The run's parameters: ``run_name`` where the pipeline has it, then ``--param``s it has (one line
     naming the others otherwise)."""
+    from kubellm.pipeline_params import unknown_params
+
     extra = parse_params(params)
-    bad = sorted(set(extra) - set(compiled.parameters))
+    bad = unknown_params(compiled.name, list(extra), compiled.parameters)
     if bad:
-        raise ConfigError(f"--param {', '.join(bad)}: {compiled.name} has no such parameter; its parameters are "
-                          f"{', '.join(sorted(compiled.parameters))}")
+        raise ConfigError(bad)
     return ({"run_name": run_name} if "run_name" in compiled.parameters else {}) | extra
 
 
