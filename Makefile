@@ -17,14 +17,22 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+SETUP_LOG := $(VENV)/setup.log
+EXTRAS := [dev,ray,eval]
+# $(call quietly,WHAT,COMMAND): one line of progress; pip's and setuptools' output goes to SETUP_LOG,
+# whose tail (and name) is printed when the step fails.
+quietly = printf '  %s\n' "$(1)"; $(2) >>$(SETUP_LOG) 2>&1 || { echo "error: $(1) failed (full log: $(SETUP_LOG)):" >&2; tail -n 15 $(SETUP_LOG) >&2; exit 1; }
+
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (kubellm needs Python 3.11)" >&2; exit 1; }
+	@echo "setting up $(VENV) (kubellm and its pinned stack; a few minutes the first time)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,ray,eval]' torch==2.13.0
+	@: > $(SETUP_LOG)
+	@# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
+	@$(call quietly,torch 2.13 (CPU),$(BIN)/python -m pip install torch==2.13.0)
+	@$(call quietly,kubellm with its dev/ray/eval extras (editable),$(BIN)/python -m pip install -e '.$(EXTRAS)' torch==2.13.0)
 	@touch $@
+	@echo "  done: $(VENV) is ready"
 
 setup: $(STAMP)  ## create .venv with kubellm and its dev tools
 
@@ -34,11 +42,16 @@ system-deps:  ## Debian packages the browser tests need (Chromium + ChromeDriver
 run: $(STAMP)  ## run the main job on the embedded default (configs/local.yaml)
 	$(BIN)/kubellm run --config $(CONFIG)
 
-test: $(STAMP) system-deps  ## run the test suite (unit, pipeline, integration, browser)
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+# Both cores: pytest-xdist, a module's tests on one worker (its module fixtures built once), serial tests
+# alone (tests/conftest.py). --durations shows the slowest tests on every run.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
-test-fast: $(STAMP)  ## only the fast unit tests
-	$(BIN)/python -m pytest -q -m "not slow and not integration and not browser and not gpu" $(PYTEST_ARGS)
+test: $(STAMP) system-deps  ## run the whole test suite (unit, pipeline, integration, browser) on both cores
+	$(PYTEST) -m "not gpu" --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## the inner loop: everything but pipeline runs, servers, browsers, Ray and PostgreSQL
+	$(PYTEST) -m "not slow and not integration and not browser and not gpu and not serial" --durations=5 $(PYTEST_ARGS)
 
 compile: $(STAMP)  ## compile every pipeline and component to dist/ (deterministic)
 	$(BIN)/kubellm compile --config $(CONFIG) --out dist

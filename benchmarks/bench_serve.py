@@ -314,6 +314,51 @@ def _row(measure: str, kubellm: float, baseline: float, goal: str, note: str) ->
             "goal": goal, "ok": ok, "note": note}
 
 
+def _health_probes(url: str, seconds: float) -> list[float]:
+    """Latencies (s) of back-to-back readiness probes for ``seconds``."""
+    import httpx
+
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    with httpx.Client(timeout=10) as http:
+        while time.monotonic() < deadline:
+            t = time.perf_counter()
+            http.get(f"{url}/v2/health/ready")
+            latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def _health_under_abuse(url: str, seconds: float) -> tuple[list[float], list[float]]:
+    """Readiness latencies idle, then while 3 clients keep sending 20 MB bodies (refused with 413):
+    what a kubelet's probe sees while the predictor is abused (tests/serve/test_limits.py checks that
+    the probe never fails; this measures how fast it stays)."""
+    import threading
+
+    import httpx
+
+    idle = _health_probes(url, seconds)
+    stop = threading.Event()
+    body = b'{"model": "kubellm", "prompt": "' + b"a" * (20 * 2**20) + b'"}'
+
+    def abuse() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):  # the server may close a refused upload early
+                    http.post(f"{url}/openai/v1/completions", content=body,
+                              headers={"content-type": "application/json"})
+
+    workers = [threading.Thread(target=abuse, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        busy = _health_probes(url, seconds)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    return idle, busy
+
+
 def _open_loop_rows(share: float, runs: dict[str, _Load], note: str) -> list[dict]:
     cont, static, single = runs["continuous"], runs["static"], runs["one-at-a-time"]
     at = f"open loop {share:.0%} of capacity"
@@ -369,6 +414,7 @@ def _run(quick: bool) -> list[dict]:
             capacity = max(load.requests_per_s for load in closed["continuous"])
             open_runs = {share: _open_loop_rounds(urls, base.prompts, n, share * capacity, open_count)
                          for share in OPEN_LOOP_LOADS}
+            idle_probes, busy_probes = _health_under_abuse(cont_url, 2 if quick else 5)
     load_avg = f"load avg {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     note = f"small preset, {n} tokens/request, {base.precision}, {THREADS} thread, {load_avg}"
     closed_note = f"{note}, {CLIENTS} clients x {per_client}, best of {ROUNDS} rounds"
@@ -395,4 +441,11 @@ def _run(quick: bool) -> list[dict]:
         rows += _open_loop_rows(share, runs, f"{note}, {open_count} Poisson arrivals at {share * capacity:.1f}/s, "
                                              f"best of {ROUNDS} rounds")
     rows.append(_row("process start to ready (s) vs plain transformers load", startup, plain_start, "info", note))
+    probe_note = f"{load_avg}, {len(idle_probes)} idle and {len(busy_probes)} abused probes, 3 clients x 20 MB bodies"
+    rows += [
+        _row("readiness probe p50 (s), during 20 MB-body abuse vs idle", statistics.median(busy_probes),
+             statistics.median(idle_probes), "<= 10x", probe_note),
+        _row("readiness probe max (s), during 20 MB-body abuse vs idle", max(busy_probes), max(idle_probes), "info",
+             probe_note),
+    ]
     return rows

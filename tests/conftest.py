@@ -1,8 +1,30 @@
-"""Shared test settings: offline, deterministic, CPU-only, nothing written outside tmp dirs."""
+"""Shared test settings: offline, deterministic, CPU-only, nothing written outside tmp dirs.
+
+The suite runs on both cores (``make test`` = pytest-xdist, two workers). Three rules keep that safe:
+
+- ``@pytest.mark.serial``: the test runs alone. It takes an exclusive lock that every other test holds
+  shared (``fcntl.flock`` on one file in pytest's base temp dir, seen by every worker), so the other
+  worker finishes its current test and waits. For tests that measure or race processes, or drive both
+  cores themselves.
+- A module's tests run on one worker (``--dist loadscope``), so a module fixture (one pipeline run that
+  several tests read) is built once; a module that would hold one worker for long is split in two.
+- ``build_once(name, build)``: an expensive input (a pretrained tiny model, say) made once per run and
+  shared, read-only, by every worker.
+- Modules with a slow test are handed out first (longest work first), so no worker is left with a long
+  module at the end while the other idles.
+
+Every test has a time limit: 120 s (pyproject: ``timeout``), :data:`SLOW_TIMEOUT_S` for a ``slow`` one
+(real processes and servers take three times longer beside a CPU hog than on an idle machine); a test
+that needs more says so with ``@pytest.mark.timeout(N)`` and a comment giving the reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,8 +36,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# `mlflow server` otherwise starts a job runner and ~10 huey consumer processes (GenAI jobs no test uses),
+# each importing MLflow: ~20 CPU-seconds per server started, on a 2-core machine.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: The time limit of a ``slow`` test that names none of its own.
+SLOW_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +57,64 @@ def _isolated_cwd_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "KFP_HOST", "KFP_TOKEN", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+def _shared_root(config: pytest.Config) -> Path:
+    """pytest's base temp dir of this run, the same for every xdist worker (a worker's own base temp
+    dir is a child of it)."""
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def build_once(request: pytest.FixtureRequest) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``build_once(name, build) -> folder``: ``build(folder)`` runs once per test run, whichever worker
+    asks first (the others wait for it); a build that fails leaves nothing behind, and the next test that
+    asks tries again. Tests must treat the folder as read-only: every worker shares it."""
+    root = _shared_root(request.config)
+
+    def get(name: str, build: Callable[[Path], None]) -> Path:
+        out = root / f"shared-{name}"
+        with _flock(root / f"shared-{name}.lock", fcntl.LOCK_EX):
+            if not out.is_dir():
+                partial = root / f"shared-{name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+                build(partial)
+                partial.rename(out)
+        return out
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _serial_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Shared for every test, exclusive for ``serial`` ones (see the module docstring)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield  # one process: every test already runs alone
+        return
+    exclusive = request.node.get_closest_marker("serial") is not None
+    with _flock(_shared_root(request.config) / "serial.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+        yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that hold a slow test first (stable otherwise: a module's tests stay together, in their
+    order, so module fixtures are built once); slow tests' time limit."""
+    slow_modules = {item.module.__name__ for item in items  # type: ignore[attr-defined]
+                    if item.get_closest_marker("slow") and getattr(item, "module", None)}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in slow_modules)
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))

@@ -141,6 +141,7 @@ def test_cli_names_a_wrong_parameter_and_a_failed_build_leaves_no_output(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a whole pipeline run: ~10 task processes, 60 s idle, 3x that beside a CPU hog
 def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path: Path) -> None:
     made = subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), str(tmp_path)], capture_output=True,
                           text=True, check=True)

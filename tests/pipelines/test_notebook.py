@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(600)  # a Jupyter kernel runs a whole pipeline (as test_api's example run)
 def test_quickstart_notebook_runs_and_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbformat
     from nbclient import NotebookClient

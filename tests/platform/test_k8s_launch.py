@@ -164,7 +164,7 @@ def test_timeout_fails_clearly_and_leaves_the_job(fake_api, job: dict) -> None:
                                            r"a retried step re-attaches"):
         launch(job, NS, api_client=fake_api.api_client(), timeout_s=0.5, poll_s=POLL)
     operator.finish()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10  # gave up after its 0.5 s, not minutes later
     assert len(fake_api.emulator.objects) == 1
 
 

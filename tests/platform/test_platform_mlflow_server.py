@@ -19,7 +19,8 @@ import pytest
 import yaml
 from pghelpers import fresh_database
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# MLflow's migrations on a fresh PostgreSQL database: 30 s idle, 70-90 s on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
 PASSWORD = "test-only-" + "x" * 12  # plays the Secret's value
 

@@ -229,7 +229,7 @@ def test_update_never_ready_times_out_and_rolls_back(fake_api, kserve, make_cfg)
     assert _roll(fake_api, build_inferenceservice(cfg, "s3://models/kubellm/1"), smoke).status == "promoted"
     t0 = time.monotonic()
     result = _roll(fake_api, build_inferenceservice(cfg, "s3://models/kubellm/2"), smoke, timeout_s=0.5)
-    assert 0.5 <= time.monotonic() - t0 < 3
+    assert 0.5 <= time.monotonic() - t0 < 10  # it waited its 0.5 s, then gave up (not minutes later)
     assert result.status == "rolled_back" and result.reason.startswith("not Ready within 0.5 s")
     assert len(smoke.urls) == 1  # the stale Ready=True of revision 1 was not taken for revision 2
     assert _storage_uri(_live(fake_api)) == "s3://models/kubellm/1"
@@ -240,7 +240,7 @@ def test_first_deployment_that_fails_to_load_is_failed_fast(fake_api, kserve, ma
     t0 = time.monotonic()
     result = _roll(fake_api, build_inferenceservice(make_cfg(), "s3://models/broken"),
                    Smoke(fake_api.api_client(), "local"), timeout_s=30)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # failed on the first failure it saw, not at the 30 s timeout
     assert result.status == "failed"
     assert "RevisionFailed" in result.reason and "container exited with code 1" in result.reason
     assert _live(fake_api)["metadata"]["name"] == "local"  # left in place for `kubectl describe`

@@ -147,6 +147,8 @@ def _server_process(tmp_path_factory: pytest.TempPathFactory, _migrated_store: P
 def _early_server(request: pytest.FixtureRequest) -> None:
     """When integration tests are selected, start the server with the first tracking test, so its
     ~6 s of start-up overlaps the other tests instead of adding to them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a worker does not know which tests it will be handed: start the server when first asked
     if any(item.get_closest_marker("integration") and "mlflow_server" in getattr(item, "fixturenames", ())
            for item in request.session.items):
         request.getfixturevalue("_server_process")

@@ -80,6 +80,7 @@ def _run_stages(uri: str, parent: str, tmp: Path) -> tuple[list[dict], float]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # MLflow's migrations on a fresh PostgreSQL database: 70-90 s on a busy machine
 def test_concurrent_stage_runs_on_postgres(pg_mlflow_server: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

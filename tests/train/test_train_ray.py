@@ -30,7 +30,8 @@ from kubellm.errors import TrainingError
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.loop import HISTORY_FILE
 
-pytestmark = pytest.mark.slow
+# A local Ray cluster per run, a killed and a resubmitted run: 80 s idle, 3x that beside a CPU hog.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
 STEPS = 60
