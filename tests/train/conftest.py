@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kubellm.tracking.base import NullTracker
+
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 NAMES = ["alice", "bob", "carol", "dave"]
 FRUITS = ["apples", "pears", "plums", "figs"]
@@ -97,19 +99,19 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory, pretrain_data: Path)
                        tokenizer_dir=pretrain_data / TOKENIZER_DIR)
 
 
+class SigtermAt(NullTracker):
+    """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, step)
+        if step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
 @pytest.fixture(scope="session")
 def sigterm_at():
-    """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
-    from kubellm.tracking.base import NullTracker
-
-    class SigtermAt(NullTracker):
-        def __init__(self, step: int) -> None:
-            super().__init__()
-            self.step = step
-
-        def log_metrics(self, metrics, step=None):
-            super().log_metrics(metrics, step)
-            if step == self.step:
-                signal.raise_signal(signal.SIGTERM)
-
     return SigtermAt

@@ -45,8 +45,8 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
                             pad_token_id=m.pad_token_id, seed=cfg.loop.seed)
         train_split, val_split = load_splits(prepared)
 
-        def write_outputs(trained: Any, dst: Path) -> None:
-            trained.save_pretrained(str(dst))
+        def write_outputs(trained: Any, dst: Path, state_dict: dict[str, Any] | None) -> None:
+            trained.save_pretrained(str(dst), state_dict=state_dict)
             tokenizer.save_pretrained(str(dst))
 
         n = count_parameters(model)
