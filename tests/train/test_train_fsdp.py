@@ -69,6 +69,8 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
     from kubellm.train.model import load_causal_lm
 
     lora = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "optim": {"lr": 5e-3, "warmup_steps": 2}}
+    from kubellm.train.memory import Plan, estimate, model_shape
+
     runs = {name: tmp_path / name for name in ("ddp", "fsdp", "lora_ddp", "lora_fsdp")}
     torchrun([
         {"stage": "pretrain", "config": {"loop": LOOP}, "data": pretrain_data, "out": runs["ddp"]},
@@ -80,6 +82,7 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
          "data": instruct_data, "base": runs["ddp"], "out": runs["lora_fsdp"]},
     ], tmp_path)
 
+    shape = model_shape(runs["ddp"])
     for sharded, plain in (("fsdp", "ddp"), ("lora_fsdp", "lora_ddp")):
         assert_same_curve(runs[sharded], runs[plain])
         s, p = result(runs[sharded]), result(runs[plain])
@@ -87,6 +90,11 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
         assert s["trainable_parameters"] == p["trainable_parameters"]
         # parameters + gradients + AdamW state of the fullest rank, read from its tensors (local shards)
         assert 0 < s["rank_state_bytes"] <= 0.6 * p["rank_state_bytes"], (s["rank_state_bytes"], p["rank_state_bytes"])
+        # and the memory planner's figure for them
+        for r in (s, p):
+            plan = Plan(sharded, shape, 32, 2, "fp32", r["parallelism"], 2, False, device="cpu",
+                        lora_rank=4 if sharded.startswith("lora") else None)
+            assert estimate(plan).state == pytest.approx(r["rank_state_bytes"], rel=0.15)
 
     # one consolidated Hugging Face model, the unsharded run's weights under the same names
     a, b = load_file(str(runs["fsdp"] / "model.safetensors")), load_file(str(runs["ddp"] / "model.safetensors"))

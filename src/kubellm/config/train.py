@@ -13,8 +13,9 @@ from kubellm.config.secrets import Uri
 class ModelConfig(StrictModel):
     """A decoder-only Llama-architecture model, from a size preset with optional explicit overrides."""
 
-    preset: Literal["tiny", "small", "125m", "1b"] = "tiny"
-    """``tiny`` (~0.2 M parameters with a 2 k vocabulary, trains in seconds on a CPU), ``small`` (~4 M), ``125m``, ``1b``."""
+    preset: Literal["tiny", "small", "125m", "1b", "8b"] = "tiny"
+    """``tiny`` (~0.2 M parameters with a 2 k vocabulary, trains in seconds on a CPU), ``small`` (~4 M), ``125m``,
+    ``1b``, ``8b`` (Llama 3.1 8B's shape: needs ``parallelism: fsdp`` on several GPUs)."""
     hidden_size: int | None = Field(default=None, ge=8)
     """Model width (overrides the preset)."""
     num_layers: int | None = Field(default=None, ge=1)

@@ -538,7 +538,7 @@ class _Trainer:
         self._resume()
         if self.ctx.is_main:
             self.tracker.log_params({"stage": self.job.stage, "precision": self.precision,
-                                     "world_size": self.ctx.world_size, "parameters": self.job.parameters,
+                                     "world_size": self.ctx.world_size, "parallelism": self.loop.parallelism, "parameters": self.job.parameters,
                                      "trainable_parameters": self.job.trainable_parameters})
             self._write_history(self.out / HISTORY_FILE)
         wrapped = self.model
@@ -710,6 +710,8 @@ class _Trainer:
         _readable(self.out / RESULT_FILE)
         ckpt.remove_checkpoints(self.out)
         self.tracker.log_metrics({"final_loss": result.final_loss, "tokens_seen": float(result.tokens_seen),
+                                  **({"rank_state_bytes": float(result.rank_state_bytes)}
+                                     if result.rank_state_bytes is not None else {}),
                                   **({"final_val_loss": last_val} if last_val is not None else {})},
                                  step=result.steps)
         log.info("%s done: %d steps, loss %.4f, %s, %.0f tokens/s -> %s", self.job.stage, result.steps,

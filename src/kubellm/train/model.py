@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 # Sizes chosen so each preset has a job: `tiny` (~0.22 M parameters with a 2 k vocabulary) trains in
 # seconds on a CPU for tests and `make run`; `small` (~4 M with a 4 k vocabulary) is the training
-# benchmark's model (`make bench`); `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8).
+# benchmark's model (`make bench`); `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8);
+# `8b` Llama 3.1 8B's (untied head; 8.0 B parameters with its 128 k vocabulary, 7.2 B with a 32 k one).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 176},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 704},
     "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12, "intermediate_size": 2048},
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 8192},
+    "8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 14336},
 }
 # Tied input/output embeddings halve the embedding share, which dominates the small presets.
 _TIED = {"tiny", "small", "1b"}
