@@ -121,3 +121,17 @@ def test_an_impossible_plan_is_refused_in_one_line_before_any_job_is_created(tmp
         "micro_batch_size": 1, "precision": "bf16", "parallelism": "fsdp"}}})
     e, text = check_stage(fits, "pretrain")
     assert e is not None and e.total <= 80 * GIB and text.endswith("fits 80 GiB GPUs")
+
+
+def test_the_8b_cluster_config_fits_and_its_header_states_the_planners_estimate(capsys):
+    path = Path(__file__).resolve().parents[2] / "configs" / "cluster-8b.yaml"
+    with pytest.raises(SystemExit) as done:
+        main(["check", "--config", str(path)])
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    header = path.read_text().split("\nname:")[0]
+    for stage in ("pretrain", "finetune"):
+        found = re.search(rf"memory: {stage}: ~([\d.]+) GiB per GPU .*fsdp on 16 processes.*fits 80 GiB GPUs", out)
+        assert found, out
+        stated = re.search(rf"#\s+{stage}: ~(\d+) GiB", header)
+        assert stated and int(stated.group(1)) == round(float(found.group(1)))
