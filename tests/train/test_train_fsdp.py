@@ -28,7 +28,7 @@ from kubellm.train.pretrain import pretrain
 BIN = Path(sys.executable).parent
 RUNS = Path(__file__).with_name("dist_runs.py")
 LOSS_RTOL = 1e-5
-LOOP = {"max_steps": 30, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 5, "precision": "fp32",
+LOOP = {"max_steps": 30, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 30, "precision": "fp32",
         "eval_batches": 3}
 
 
@@ -126,7 +126,7 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
 @pytest.mark.serial
 def test_sharded_checkpoints_resume_on_another_world_size_and_skip_a_truncated_shard(
         pretrain_data: Path, tmp_path: Path, sigterm_at, caplog: pytest.LogCaptureFixture):
-    loop = {**LOOP, "global_batch_size": 4, "parallelism": "fsdp"}
+    loop = {**LOOP, "checkpoint_every": 10, "global_batch_size": 4, "parallelism": "fsdp"}
     cfg = PretrainConfig.model_validate({"loop": loop})
     one_to_two, two_to_one, full = tmp_path / "one_to_two", tmp_path / "two_to_one", tmp_path / "full"
     # 1 process, stopped by SIGTERM at step 15: checkpoints at 10 and 15, written by one rank
