@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from kubellm.config.train import FinetuneConfig, PretrainConfig
 from kubellm.train.checkpoint import CHECKPOINTS, SHARDS
-from kubellm.train.loop import HISTORY_FILE, RESULT_FILE, TrainingInterrupted
+from kubellm.train.loop import HISTORY_FILE, RESULT_FILE, TrainingInterrupted, grad_accum_steps
 from kubellm.train.pretrain import pretrain
 
 BIN = Path(sys.executable).parent
@@ -173,6 +173,12 @@ def test_fsdp_settings_are_checked_with_one_line_naming_the_field(pretrain_data:
         PretrainConfig.model_validate({"loop": {"global_batch_size": 8, "grad_accum_steps": 2}})
     with pytest.raises(ValidationError, match="fsdp cannot shard 4-bit"):
         FinetuneConfig.model_validate({"quantization": "4bit", "loop": {"parallelism": "fsdp"}})
+    # a global batch that fits the config but not this attempt's process count: refused when it starts
+    loop = PretrainConfig.model_validate({"loop": {"global_batch_size": 8, "micro_batch_size": 2}}).loop
+    assert [grad_accum_steps(loop, n, "pretrain") for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(TrainingError, match=r"pretrain\.loop\.global_batch_size \(8\) is not a multiple of "
+                                            r"micro_batch_size × processes \(2 × 3\)"):
+        grad_accum_steps(loop, 3, "pretrain")
     # a run directory keeps its parallelism: the checkpoint formats differ
     out = tmp_path / "run"
     pretrain(PretrainConfig.model_validate({"loop": {**LOOP, "max_steps": 2}}), pretrain_data, out)

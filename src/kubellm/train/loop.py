@@ -9,10 +9,12 @@ parameters, gradients and optimizer state with ``loop.parallelism: fsdp`` (:mod:
 Self-healing. Every ``checkpoint_every`` steps (and at the last step) rank 0 writes a checkpoint with the
 trainable weights, optimizer, scheduler, every rank's RNG state and the data position
 (:mod:`kubellm.train.checkpoint`); under FSDP every rank writes its own shard of the weights and optimizer
-state (torch.distributed.checkpoint), and the run resumes on any number of processes. Running again with the same output directory resumes from the newest
-complete checkpoint and continues the same LR curve and the same data order, so a resumed run ends with
-the weights an uninterrupted one would have (bit for bit in fp32 on a CPU). No checkpoint: a fresh
-start. A finished output directory: nothing to do, the stored result is returned.
+state (torch.distributed.checkpoint), and the run resumes on any number of processes. Running again with
+the same output directory resumes from the newest complete checkpoint and continues the same LR curve and
+the same data order, so a resumed run ends with the weights an uninterrupted one would have (bit for bit
+in fp32 on a CPU; with ``loop.global_batch_size`` also on another number of processes, to the order of
+floating-point sums). No checkpoint: a fresh start. A finished output directory: nothing to do, the
+stored result is returned.
 
 Preemption. Kubernetes stops a pod with SIGTERM and a grace period (30 s by default). The loop then
 finishes the current optimizer step, writes a checkpoint and raises :class:`TrainingInterrupted`, whose
@@ -538,7 +540,8 @@ class _Trainer:
         self._resume()
         if self.ctx.is_main:
             self.tracker.log_params({"stage": self.job.stage, "precision": self.precision,
-                                     "world_size": self.ctx.world_size, "parallelism": self.loop.parallelism, "parameters": self.job.parameters,
+                                     "world_size": self.ctx.world_size, "parallelism": self.loop.parallelism,
+                                     "parameters": self.job.parameters,
                                      "trainable_parameters": self.job.trainable_parameters})
             self._write_history(self.out / HISTORY_FILE)
         wrapped = self.model
@@ -613,7 +616,7 @@ class _Trainer:
         finite = self._finite_step(nll_sum / max(targets, 1), grad_norm)
         if finite:
             self.optimizer.step()
-        if self.rank_state_bytes is None:  # measured once per attempt, while gradients and state exist
+        if self.rank_state_bytes is None and finite:  # once per attempt, while gradients and state exist
             (self.rank_state_bytes,) = all_reduce_max(self.ctx, [sum(sharding.state_bytes(
                 self.model, self.optimizer).values())])
         self.scheduler.step()
