@@ -185,3 +185,28 @@ def test_fsdp_settings_are_checked_with_one_line_naming_the_field(pretrain_data:
     with pytest.raises(TrainingError, match=r"loop\.parallelism"):
         pretrain(PretrainConfig.model_validate({"loop": {**LOOP, "max_steps": 2, "parallelism": "fsdp"}}),
                  pretrain_data, out)
+
+
+def test_ranks_share_the_checksum_reading_and_together_find_a_changed_shard(tmp_path: Path):
+    from kubellm.errors import TrainingError
+    from kubellm.train.checkpoint import file_records, verify_checkpoint, write_checksums
+
+    ckpt = tmp_path / "step-00000010"
+    (ckpt / SHARDS).mkdir(parents=True)
+    for name in ("trainer.pt", "rng.pt", "state.json", f"{SHARDS}/.metadata", f"{SHARDS}/__0_0.distcp",
+                 f"{SHARDS}/__1_0.distcp"):
+        (ckpt / name).write_bytes(os.urandom(256))
+    write_checksums(ckpt, file_records(sorted((ckpt / SHARDS).iterdir()), ckpt))  # as the ranks record them
+    assert all(verify_checkpoint(ckpt, (i, 2)) for i in range(2))
+
+    shard = ckpt / SHARDS / "__1_0.distcp"
+    shard.write_bytes(bytes(b ^ 1 for b in shard.read_bytes()))  # same size, other bytes
+    failed = []
+    for i in range(2):
+        try:
+            verify_checkpoint(ckpt, (i, 2))
+        except TrainingError as err:
+            failed.append(str(err))
+    assert len(failed) == 1 and "__1_0.distcp: checksum mismatch" in failed[0]  # read by exactly one rank
+    with pytest.raises(TrainingError, match="checksum mismatch"):
+        verify_checkpoint(ckpt)
