@@ -361,7 +361,8 @@ class _Trainer:
         self.loop, self.optim = job.loop, job.optim
         self.precision = resolve_precision(self.loop.precision, ctx.device)
         self.model = job.model
-        if not getattr(self.model, "is_loaded_in_4bit", False):  # bitsandbytes weights cannot move
+        # bitsandbytes weights cannot move; an empty (meta) copy is filled when sharded, below
+        if not getattr(self.model, "is_loaded_in_4bit", False) and not sharding.on_meta(self.model):
             self.model.to(ctx.device)
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
@@ -372,8 +373,11 @@ class _Trainer:
         self.accum = grad_accum_steps(self.loop, ctx.world_size, job.stage)
         self.sharded = self.loop.parallelism == "fsdp"
         if self.sharded and ctx.distributed:  # one process: nothing to shard, the checkpoints are DCP still
+            full = self.model.state_dict() if ctx.is_main else {}  # rank 0's weights; the others are empty
             sharding.shard(self.model, bf16_weights=sharding.uses_bf16_weights(
                 self.precision, self.loop.precision, ctx.device))
+            sharding.materialise(self.model, full, ctx.device)
+            del full
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -137,6 +137,23 @@ def load_tokenizer(ref: str | Path, *, revision: str | None = None, trust_remote
     return _from_pretrained(AutoTokenizer, str(ref), "tokenizer", **_hub_kwargs(revision, trust_remote_code))
 
 
+def empty_causal_lm(ref: str | Path, *, revision: str | None = None,
+                    trust_remote_code: bool = False) -> LoadedModel:
+    """The model ``ref`` names, built from its config on the meta device (no weights read or allocated),
+    in training mode, with its tokenizer: what the ranks other than 0 of a sharded run start from."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hub = _hub_kwargs(revision, trust_remote_code)
+    config = _from_pretrained(AutoConfig, str(ref), "model config", **hub)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.train()
+    tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
+    return LoadedModel(model, tokenizer, "meta", f"{ref} (empty, on the meta device)")
+
+
 def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, device: str = "auto",
                    dtype: torch.dtype | None = None, revision: str | None = None,
                    trust_remote_code: bool = False, merge_adapter: bool = False,

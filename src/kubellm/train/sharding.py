@@ -8,6 +8,11 @@ activation is stored, more than an 80 GB GPU. FSDP2 (``torch.distributed.fsdp.fu
 blocks' gathered weights. On 2 CPU processes the ``tiny`` preset's parameters, gradients and AdamW
 state per process measured 0.5× DDP's (the test holds it to ≤ 0.6×).
 
+Building. Only rank 0 builds or loads the model's weights (the base model of a LoRA run too); the other
+ranks build an empty copy on the meta device (:func:`builds_empty`). After sharding, rank 0 sends each
+rank its shards (:func:`materialise`), so a 7 B model takes ~28 GB of CPU memory once per node instead
+of once per GPU, and no rank ever holds another's shards.
+
 How. Each decoder block (the classes a transformers model lists in ``_no_split_modules``, the unit
 accelerate's FSDP auto-wrap uses too) becomes one FSDP unit, then the root (embeddings, final norm and
 head; a tied head shares the embedding's unit). FSDP2 replaces parameters by ``DTensor`` shards in
@@ -52,6 +57,33 @@ def decoder_blocks(model: Any) -> list[Any]:
                             f"{type(base).__name__} (its _no_split_modules is {sorted(names) or 'empty'}); "
                             "use parallelism ddp")
     return blocks
+
+
+def builds_empty(loop: Any, ctx: Any) -> bool:
+    """Whether this rank builds its model on the meta device: a sharded multi-process run's ranks but 0."""
+    return loop.parallelism == "fsdp" and ctx.distributed and not ctx.is_main
+
+
+def on_meta(model: Any) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def materialise(model: Any, full: dict[str, Any], device: str) -> None:
+    """Give every rank of a sharded ``model`` its shards of rank 0's weights ``full`` (an empty dict on
+    the other ranks), then rank 0's buffers (rotary frequencies and other non-persistent ones are
+    computed at init, which the meta device skipped). Every rank calls this (it is a collective)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    kept = {n: b.detach().clone() for n, b in model.named_buffers()} if dist.get_rank() == 0 else {}
+    model.to_empty(device=device)  # fresh storage for every shard and buffer, on every rank
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in kept:
+                buffer.copy_(kept[name])
+            dist.broadcast(buffer, src=0)
 
 
 def uses_bf16_weights(precision: str, setting: str, device: str) -> bool:
