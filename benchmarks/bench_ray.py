@@ -42,7 +42,7 @@ def _sets(steps: int, log_every: int) -> list[str]:
     return [f"pretrain.loop.{k}={v}" for k, v in loop.items()] + ["tracking.enabled=false"]
 
 
-def _seconds_per_step(out: Path) -> float:
+def seconds_per_step(out: Path) -> float:
     """Steady-state seconds per step from the history windows (tokens/s of each window), warm-up dropped."""
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     windows = history[1:] or history
@@ -51,16 +51,28 @@ def _seconds_per_step(out: Path) -> float:
     return sorted(per_step)[len(per_step) // 2]  # median window
 
 
-def _torchrun(data: Path, out: Path, sets: list[str]) -> float:
+#: Runs a command and prints the peak resident set of its largest descendant (a torchrun worker), in KiB.
+_MAX_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def torchrun(data: Path, out: Path, sets: list[str]) -> tuple[float, int]:
+    """``kubellm pretrain`` under ``torchrun --nproc_per_node 2``: wall seconds, and the peak RSS (KiB)
+    of its largest process."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"),
-                           "pretrain", "--data", str(data), "--out", str(out), *[a for s in sets for a in ("--set", s)]],
+    proc = subprocess.run([sys.executable, "-c", _MAX_RSS, str(BIN / "torchrun"), "--standalone", "--nproc_per_node",
+                           "2", str(BIN / "kubellm"), "pretrain", "--data", str(data), "--out", str(out),
+                           *[a for s in sets for a in ("--set", s)]],
                           cwd=out.parent, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed: {proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, int(proc.stderr.strip().splitlines()[-1])
+
+
+def _torchrun_wall(data: Path, out: Path, sets: list[str]) -> float:
+    return torchrun(data, out, sets)[0]
 
 
 def _ray(data: Path, out: Path, sets: list[str]) -> float:
@@ -96,11 +108,11 @@ def run(quick: bool) -> list[dict]:
         init_s = time.perf_counter() - t0
         try:
             for r in range(rounds):
-                for name, launch in (("torchrun", _torchrun), ("ray", _ray)):
+                for name, launch in (("torchrun", _torchrun_wall), ("ray", _ray)):
                     out = work / f"{name}-{r}"
                     wall = launch(pre, out, sets)
                     loop_s = json.loads((out / "kubellm_train.json").read_text())["seconds"]
-                    measured = {"step": _seconds_per_step(out), "startup": wall - loop_s}
+                    measured = {"step": seconds_per_step(out), "startup": wall - loop_s}
                     for k, v in measured.items():
                         best[name][k] = min(best[name].get(k, float("inf")), v)
         finally:

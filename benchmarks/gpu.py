@@ -1,6 +1,6 @@
 """One command for the day a GPU is lent: bf16 training throughput and MFU, a QLoRA step, the predictor.
 
-    python benchmarks/gpu.py                      # one CUDA GPU, under 5 minutes; prints a table
+    python benchmarks/gpu.py                      # CUDA GPUs, under 10 minutes; prints a table
     python benchmarks/gpu.py --json gpu.json      # also write the rows
     python benchmarks/gpu.py --device cpu --tiny  # the same code on tiny shapes: a dry run, no figures
 
@@ -16,7 +16,14 @@ What it measures, each with the pieces kubellm's training loop and predictor use
   with ``finetune.quantization: 4bit``'s settings, LoRA on every projection, tokens/s of training steps;
   skipped with the reason when bitsandbytes or CUDA is missing;
 - **the predictor**: ``kubellm.serve.engine.GenerationEngine`` serving the ``125m`` model in bf16 to 64
-  concurrent greedy requests of 128 new tokens: generated tokens/s and the median request latency.
+  concurrent greedy requests of 128 new tokens: generated tokens/s and the median request latency;
+- **sharded pretraining** (``loop.parallelism: fsdp``): ``torchrun`` over every visible GPU, FSDP2 on each
+  block and the root with bf16 gathered weights and fp32 reduction (:mod:`kubellm.train.sharding`), the
+  largest preset the memory planner fits (``8b`` on 8 × 80 GB, ``1b`` on one GPU), with and without
+  ``torch.compile`` per block: tokens/s per GPU and MFU of the nominal peak, printed beside torchtitan's
+  published Llama-3.1-8B figures on 8 × H100 (FSDP 5,762 tokens/s per GPU, + compile 6,667; MFU 33–39 %).
+  The model is built on the meta device and materialised shard by shard, so no rank ever holds all of it.
+  This part has never run on a GPU: only its ``--tiny`` dry run on 2 CPU processes (gloo, no compile) has.
 
 It is not part of ``make bench`` (CPU ratios against plain loops) and CI skips it: the ``gpu``-marked test
 runs it only where ``nvidia-smi`` is present; a quick test runs ``--device cpu --tiny``.
@@ -28,7 +35,9 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +45,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: torchtitan's Llama-3.1-8B pretraining on 8 × H100 (benchmarks/llama3_h100_202412_torchtitan.md):
+#: tokens/s per GPU, and the MFU range it reports without Float8.
+TORCHTITAN_8B = {"fsdp": 5762.0, "fsdp+compile": 6667.0}
+TORCHTITAN_MFU = "33–39 %"
 #: Nominal dense bf16 peaks (TFLOP/s, no sparsity) by a substring of ``torch.cuda.get_device_name``.
 NOMINAL_PEAKS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
                  "A10": 125.0}
@@ -136,6 +149,7 @@ def train_rate(model: Any, shape: Shape, batch: int, device: str) -> float:
     from kubellm.config.train import OptimConfig
     from kubellm.train.loop import build_optimizer, forward_logits, token_nll_sum
     from kubellm.train.precision import autocast, cpu_bf16_fast_path
+    from kubellm.train.sharding import clip_grad_norm
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, OptimConfig())
@@ -146,12 +160,106 @@ def train_rate(model: Any, shape: Shape, batch: int, device: str) -> float:
         with autocast("bf16", device):
             logits = forward_logits(model, {"input_ids": ids})
         (token_nll_sum(logits, ids) / ids.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     with cpu_bf16_fast_path(model, "bf16", device):
         return batch * shape.seq / _timed(device, step, shape.warmup, shape.steps)
+
+
+def _fits(preset: str, shape: Shape, gpus: int, batch: int, gib: float) -> bool:
+    """Whether the memory planner fits an fsdp bf16 pretraining step with checkpointing on these GPUs."""
+    from kubellm.config.train import ModelConfig
+    from kubellm.train.memory import GIB, ModelShape, Plan, estimate
+    from kubellm.train.model import _TIED, model_dimensions
+
+    d = model_dimensions(ModelConfig(preset=preset, **shape.presets.get(preset, {})))
+    dims = ModelShape(shape.vocab, d["hidden_size"], d["num_layers"], d["num_heads"], d["num_kv_heads"],
+                      d["intermediate_size"], preset in _TIED)
+    return estimate(Plan("pretrain", dims, shape.seq, batch, "bf16", "fsdp", gpus, True)).total <= gib * GIB
+
+
+def sharded(shape: Shape, device: str, tiny: bool, peaks: dict[str, float | None]) -> list[dict[str, Any]]:
+    """FSDP (+ compile) pretraining rows from a ``torchrun`` over the visible GPUs (2 CPU processes on a
+    dry run), beside torchtitan's published 8 B figures."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    gpus = torch.cuda.device_count() if cuda else 2
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else float("inf")
+    preset, batch = next(((p, b) for p in ("8b", "1b", "125m") for b in (4, 2, 1) if _fits(p, shape, gpus, b, gib)),
+                         ("125m", 1))
+    if tiny:
+        preset = "1b"  # at toy width
+    rows = []
+    for variant in ("fsdp", "fsdp+compile"):
+        rows.append(_row(f"torchtitan Llama-3.1-8B {variant} tokens/s per GPU (published, 8 × H100)",
+                         TORCHTITAN_8B[variant], "tokens/s", f"not measured here; MFU {TORCHTITAN_MFU}, "
+                         "8192-token sequences"))
+        if variant == "fsdp+compile" and not cuda:
+            rows.append(_row(f"pretrain {preset} {variant} bf16 tokens/s per GPU: SKIPPED", None, "tokens/s",
+                             "inductor on a CPU compiles for minutes; make bench measures compile on CPU"))
+            continue
+        with tempfile.TemporaryDirectory(prefix="kubellm-fsdp-") as tmp:
+            spec = Path(tmp) / "spec.json"
+            spec.write_text(json.dumps({"preset": preset, "batch": batch, "compile": variant.endswith("compile"),
+                                        "device": device, "shape": dataclasses.asdict(shape)}))
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                   "--nproc_per_node", str(gpus), __file__, "--fsdp-worker", str(spec)],
+                                  env=env, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"fsdp worker failed: {proc.stderr[-2000:]}")
+            got = json.loads((Path(tmp) / "result.json").read_text())
+        note = (f"{gpus} {'GPUs' if cuda else 'CPU processes'}, {batch} × {shape.seq} tokens per GPU, "
+                f"gradient checkpointing, {got['flops'] / 1e9:.1f} GFLOP/token")
+        rows.append(_row(f"pretrain {preset} {variant} bf16 tokens/s per GPU", got["rate"], "tokens/s", note))
+        for name, peak in peaks.items():
+            if peak:
+                rows.append(_row(f"MFU pretrain {preset} {variant} bf16 (of the {name} peak)",
+                                 got["rate"] * got["flops"] / 1e12 / peak, "fraction", note))
+    return rows
+
+
+def fsdp_worker(spec_path: Path) -> None:
+    """One rank of :func:`sharded`: build on the meta device, shard, materialise, time training steps."""
+    import torch
+    import torch.distributed as dist
+
+    from kubellm.train import sharding
+    from kubellm.train.dist import init_distributed, shutdown
+
+    spec = json.loads(spec_path.read_text())
+    shape = Shape(**spec["shape"])
+    if not dist.is_initialized():  # one GPU: a group of one, so FSDP's code path runs all the same
+        dist.init_process_group("nccl" if spec["device"].startswith("cuda") else "gloo")
+    ctx = init_distributed()
+    device = ctx.device if spec["device"].startswith("cuda") else "cpu"
+    try:
+        model = build(spec["preset"], shape, "meta")
+        flops = 6 * matmul_params(model) + 12 * model.config.num_hidden_layers * shape.seq * model.config.hidden_size
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if spec["compile"]:
+            sharding.compile_blocks(model)
+        sharding.shard(model, bf16_weights=True)
+        model.to_empty(device=device)
+        with torch.no_grad():  # random weights: the figures do not depend on their values
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+            # the rotary frequencies are buffers computed at init: compute them again for real
+            for name, buffer in type(model.model.rotary_emb)(model.config).named_buffers():
+                model.model.rotary_emb.get_buffer(name).copy_(buffer)
+        rate = train_rate(model, shape, spec["batch"], device)
+        if ctx.is_main:
+            spec_path.with_name("result.json").write_text(json.dumps({"rate": rate, "flops": flops}))
+    finally:
+        shutdown(ctx)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pretraining(shape: Shape, device: str, peaks: dict[str, float | None]) -> list[dict[str, Any]]:
@@ -269,6 +377,7 @@ def run(device: str, tiny: bool, peak_override: float | None) -> list[dict[str, 
     with tempfile.TemporaryDirectory(prefix="kubellm-gpu-") as tmp:
         rows.append(qlora(shape, device, Path(tmp)))
     rows += predictor(shape, device)
+    rows += sharded(shape, device, tiny, {"nominal": nominal, "measured matmul": measured})
     if tiny:
         for row in rows:
             row["note"] = f"dry run (--tiny on {device}): figures mean nothing; " + row["note"]
@@ -281,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="toy shapes: checks the code path, measures nothing")
     ap.add_argument("--peak-tflops", type=float, help="nominal dense bf16 peak of this GPU (default: by name)")
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
+    ap.add_argument("--fsdp-worker", type=Path, help=argparse.SUPPRESS)  # one torchrun rank of the FSDP rows
     args = ap.parse_args(argv)
+    if args.fsdp_worker:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+        fsdp_worker(args.fsdp_worker)
+        return 0
     if args.device == "cpu" and not args.tiny:
         ap.error("--device cpu only runs the --tiny dry run (the full shapes need a GPU)")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))

@@ -57,6 +57,7 @@ class _Prober(threading.Thread):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it measures the server's resident memory and how long readiness probes take
 def test_abuse_neither_stalls_health_nor_keeps_memory(tiny_model_dir: Path, tmp_path: Path, start_serve) -> None:
     """Real ``kubellm serve`` process, real concurrent clients: 20 MB bodies (declared and chunked), a
     message just under the body limit, too many prompts, and health probed throughout."""

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kubellm.tracking.base import NullTracker
+
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 NAMES = ["alice", "bob", "carol", "dave"]
 FRUITS = ["apples", "pears", "plums", "figs"]
@@ -46,18 +48,22 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def toy_section(root: Path, kind: str, records: list[dict], *, block_size: int, packed: bool = False) -> dict:
+    """The data config section of ``records`` written to a local JSONL file under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    # variable-length instruction rows unless packed, so padding and masking are exercised
+    return {"kind": kind, "sources": [{"uri": str(_jsonl(root / f"{kind}.jsonl", records))}],
+            "block_size": block_size, "tokenizer": {"vocab_size": 330}, "split": {"validation_fraction": 0.1},
+            "pack_instructions": packed, "cleaning": {"min_chars": 1}}
+
+
 def prepare_toy(root: Path, kind: str, records: list[dict], *, block_size: int,
-                tokenizer_dir: Path | None = None) -> Path:
+                tokenizer_dir: Path | None = None, packed: bool = False) -> Path:
     """A prepared dataset made by the real ``kubellm.data.prepare.prepare`` from a local JSONL file."""
     from kubellm.config.data import DataConfig
     from kubellm.data.prepare import prepare
 
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = DataConfig.model_validate({
-        "kind": kind, "sources": [{"uri": str(_jsonl(root / f"{kind}.jsonl", records))}],
-        "block_size": block_size, "tokenizer": {"vocab_size": 330}, "split": {"validation_fraction": 0.1},
-        # variable-length instruction rows, so padding and masking are exercised
-        "pack_instructions": False, "cleaning": {"min_chars": 1}})
+    cfg = DataConfig.model_validate(toy_section(root, kind, records, block_size=block_size, packed=packed))
     return prepare(cfg, root / "prepared", tokenizer_dir=tokenizer_dir).path
 
 
@@ -97,19 +103,36 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory, pretrain_data: Path)
                        tokenizer_dir=pretrain_data / TOKENIZER_DIR)
 
 
+class SigtermAt(NullTracker):
+    """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, step)
+        if step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
 @pytest.fixture(scope="session")
 def sigterm_at():
-    """A tracker that sends this process a real SIGTERM when the loop logs a given step (preemption)."""
-    from kubellm.tracking.base import NullTracker
-
-    class SigtermAt(NullTracker):
-        def __init__(self, step: int) -> None:
-            super().__init__()
-            self.step = step
-
-        def log_metrics(self, metrics, step=None):
-            super().log_metrics(metrics, step)
-            if step == self.step:
-                signal.raise_signal(signal.SIGTERM)
-
     return SigtermAt
+
+
+@pytest.fixture(scope="session")
+def packed_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """Pretraining and packed instruction data in 128-token blocks (every row full: the memory planner's
+    sequence length), and their config sections."""
+    from kubellm.data.format import TOKENIZER_DIR
+
+    root = tmp_path_factory.mktemp("packed")
+    docs = [{"text": t} for t in toy_documents(1500, seed=2)]
+    pairs = [{"prompt": p, "response": r} for p, r in toy_pairs(800, seed=4)]
+    pre = prepare_toy(root / "pretrain", "pretrain", docs, block_size=128)
+    ins = prepare_toy(root / "instruct", "instruct", pairs, block_size=128, tokenizer_dir=pre / TOKENIZER_DIR,
+                      packed=True)
+    sections = {"pretrain": toy_section(root / "pretrain", "pretrain", docs, block_size=128),
+                "instruct": toy_section(root / "instruct", "instruct", pairs, block_size=128, packed=True)}
+    return pre, ins, sections

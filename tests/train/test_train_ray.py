@@ -157,3 +157,24 @@ def test_ray_train_matches_torchrun_and_only_rank_0_logs(resumed_run, pretrain_d
     assert [m.value for m in losses] == pytest.approx([h["loss"] for h in history], abs=1e-9)
     assert client.get_run(run_id).data.params["world_size"] == "2"
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_an_fsdp_stage_under_ray_train_shards_and_trains_as_one_process_does(ray_cluster, pretrain_data: Path,
+                                                                             tmp_path: Path) -> None:
+    """``loop.parallelism: fsdp`` through TorchTrainer's own process group: 2 workers hold half the state
+    each, write sharded checkpoints, and follow the loss curve of one process reading the same rows."""
+    from kubellm.train.pretrain import pretrain
+    from kubellm.train.ray_train import run
+
+    loop = {**LOOP, "max_steps": 12, "log_every": 2, "checkpoint_every": 6, "parallelism": "fsdp",
+            "global_batch_size": 4}
+    cfg = load_config(default_config_path(), [*[f"pretrain.loop.{k}={v}" for k, v in loop.items()],
+                                              f"workdir={tmp_path}", "tracking.enabled=false"])
+    sharded = run("pretrain", cfg, pretrain_data, tmp_path / "ray", workers=2, storage_path=tmp_path / "ray-run")
+    single = pretrain(cfg.pretrain, pretrain_data, tmp_path / "single")  # 1 process: 2 micro-batches a step
+    ha, hb = _history(sharded.output_dir), _history(single.output_dir)
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == list(range(2, 13, 2))
+    for x, y in zip(ha, hb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert ha[-1]["loss"] < ha[0]["loss"]
+    assert sharded.parallelism == "fsdp" and sharded.rank_state_bytes <= 0.6 * single.rank_state_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,7 +34,8 @@ def check(
 ) -> None:
     """Check manifests against Pod Security 'restricted' plus a read-only root filesystem, including the
     pod specs inside PyTorchJobs, TrainJobs, RayJobs and InferenceServices, and those custom resources
-    against their CRD schemas (shipped with kubellm, offline). Exits 1 when anything is found."""
+    against their CRD schemas (shipped with kubellm, offline); without paths, also the per-GPU memory
+    of each training stage against its placement's GPUs. Exits 1 when anything is found."""
     from kubellm.k8s.manifests import generated_manifests, shipped_manifests
     from kubellm.k8s.podsecurity import check_all, load_manifests
     from kubellm.k8s.schema import validate_custom_resources
@@ -44,9 +45,12 @@ def check(
                                             if p.is_dir() else [p])]
         named = [(f"{f}#{i}", doc) for f in files for i, doc in enumerate(load_manifests(f))]
     else:
-        named = shipped_manifests() + generated_manifests(load(config, overrides))
+        cfg = load(config, overrides)
+        named = shipped_manifests() + generated_manifests(cfg)
     findings, pod_count = check_all(named)
     findings += validate_custom_resources(named)
+    if not paths:
+        findings += _memory_findings(cfg)
     for finding in findings:
         print(finding)
     print(f"checked {len(named)} manifests, {pod_count} pod specs: {len(findings)} findings")
@@ -92,6 +96,22 @@ def train_job(
         {"measure": "replaced a failed job", "value": "yes" if outcome.restarted else "no"},
         {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
     ])
+
+
+def _memory_findings(cfg: Any) -> list[str]:
+    """One line per training stage of run config ``cfg`` from the memory planner; refusals are findings."""
+    from kubellm.errors import ConfigError
+    from kubellm.train.memory import check_stage
+
+    found = []
+    for stage in ("pretrain", "finetune"):
+        if getattr(cfg, stage) is None:
+            continue
+        try:
+            print(f"memory: {check_stage(cfg, stage)[1]}")
+        except ConfigError as err:
+            found.append(f"memory: {err}")
+    return found
 
 
 def _fingerprint(data_dir: str) -> str | None:

@@ -73,6 +73,9 @@ class Resources(StrictModel):
     """``nvidia.com/gpu`` limit."""
     accelerator: str | None = None
     """Node accelerator type (the ``cloud.google.com/gke-accelerator``-style label value)."""
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory of one GPU, for the memory planner (``kubellm check``, and before a training job is
+    created). ``None``: read from ``accelerator`` (``nvidia-h100-80gb`` → 80, ``nvidia-l4`` → 24)."""
 
 
 class Placement(StrictModel):

@@ -13,8 +13,9 @@ from kubellm.config.secrets import Uri
 class ModelConfig(StrictModel):
     """A decoder-only Llama-architecture model, from a size preset with optional explicit overrides."""
 
-    preset: Literal["tiny", "small", "125m", "1b"] = "tiny"
-    """``tiny`` (~0.2 M parameters with a 2 k vocabulary, trains in seconds on a CPU), ``small`` (~4 M), ``125m``, ``1b``."""
+    preset: Literal["tiny", "small", "125m", "1b", "8b"] = "tiny"
+    """``tiny`` (~0.2 M parameters with a 2 k vocabulary, trains in seconds on a CPU), ``small`` (~4 M), ``125m``,
+    ``1b``, ``8b`` (Llama 3.1 8B's shape: needs ``parallelism: fsdp`` on several GPUs)."""
     hidden_size: int | None = Field(default=None, ge=8)
     """Model width (overrides the preset)."""
     num_layers: int | None = Field(default=None, ge=1)
@@ -65,6 +66,21 @@ class LoopConfig(StrictModel):
     """Sequences per forward pass per process."""
     grad_accum_steps: int = Field(default=1, ge=1)
     """Micro-batches accumulated into one optimizer step."""
+    global_batch_size: int | None = Field(default=None, ge=1)
+    """Sequences per optimizer step over all processes. Set, it replaces ``grad_accum_steps``: each
+    attempt accumulates ``global_batch_size / (micro_batch_size × processes)`` micro-batches, so a run
+    resumed on another number of processes (a 4-GPU job continued on 2) takes the same optimizer steps
+    over the same rows and continues the same loss curve. ``None``: ``grad_accum_steps`` per process."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """How the processes of a multi-process run hold the model. ``ddp``: each holds all of it, its
+    gradients and both AdamW moments (~16 bytes per trained parameter: a 7 B model needs ~112 GB, more
+    than one 80 GB GPU). ``fsdp``: FSDP2 shards parameters, gradients and optimizer state over the
+    processes (~16/N bytes each) and gathers one decoder block at a time; checkpoints are sharded
+    (torch.distributed.checkpoint) and resume on another number of processes. Fixed for a run."""
+    compile_blocks: bool = False
+    """``torch.compile`` each decoder block's forward. Off by default: on 2 CPU processes it made FSDP
+    steps 1.47× slower (``make bench``), and on a GPU it has not been measured yet (``benchmarks/gpu.py``
+    does; torchtitan reports +16 % tokens/s for Llama-3.1 8B on H100s)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto`` picks bf16 autocast where the hardware runs it natively (CUDA with bf16, or a CPU with
     AVX512-BF16/AMX: about 1.7× faster than fp32 on these machines), fp32 elsewhere."""
@@ -88,6 +104,16 @@ class LoopConfig(StrictModel):
     """Stop with an error after this many consecutive steps whose loss or gradient norm is NaN or
     infinite. Each such step is skipped (no weight changes), so a rare bad batch costs one step, while a
     diverged run stops within a few steps instead of training on, and writing, NaN weights."""
+
+    @model_validator(mode="after")
+    def _batch(self) -> LoopConfig:
+        if self.global_batch_size is not None:
+            if self.grad_accum_steps != 1:
+                raise ValueError("set either grad_accum_steps or global_batch_size, not both")
+            if self.global_batch_size % self.micro_batch_size:
+                raise ValueError(f"global_batch_size ({self.global_batch_size}) is not a multiple of "
+                                 f"micro_batch_size ({self.micro_batch_size})")
+        return self
 
 
 class PretrainConfig(StrictModel):
@@ -134,6 +160,9 @@ class FinetuneConfig(StrictModel):
     def _remote_code(self) -> FinetuneConfig:
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code needs a pinned revision (set finetune.revision)")
+        if self.quantization == "4bit" and self.loop.parallelism == "fsdp":
+            raise ValueError("loop.parallelism fsdp cannot shard 4-bit (bitsandbytes) weights; use "
+                             "quantization none (fsdp already spreads the base over the GPUs) or parallelism ddp")
         if self.merge and self.quantization == "4bit":
             # Folding an adapter into 4-bit weights rounds it away; merge into the full-precision base
             # instead (load_causal_lm(adapter, merge_adapter=True) does that).

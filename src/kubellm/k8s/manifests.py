@@ -37,7 +37,8 @@ def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, di
 
 def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: the three training-job kinds
-    for each training stage the config has, the InferenceService on both runtimes and the playground."""
+    for each training stage the config has, the InferenceService on both runtimes and the playground.
+    The memory planner is not applied here: ``kubellm check`` reports its verdict as a finding."""
     from kubellm.k8s.training_job import build_job
 
     out: list[tuple[str, dict[str, Any]]] = []
@@ -52,7 +53,7 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
         base = EXAMPLE_BASE if stage == "finetune" else None
         for kind in ("pytorchjob", "trainjob", "rayjob"):
             out.append((f"generated {kind} ({stage})",
-                        build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base)))
+                        build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base, plan_memory=False)))
     out += _inferenceservices(run_cfg)
     out += _playground(run_cfg)
     return out

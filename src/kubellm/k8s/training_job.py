@@ -75,7 +75,7 @@ _KINDS: dict[str, dict[str, Any]] = {
 
 def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str,
               base_model: str | None = None, *, data_fingerprint: str | None = None,
-              env: Mapping[str, str] | None = None) -> dict[str, Any]:
+              env: Mapping[str, str] | None = None, plan_memory: bool = True) -> dict[str, Any]:
     """The PyTorchJob or TrainJob manifest that runs ``kubellm <stage>`` under torchrun, or the RayJob
     that runs it under Ray Train.
 
@@ -84,7 +84,9 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
     when absolute, otherwise passed on as given. ``data_fingerprint`` (the prepared dataset's manifest
     fingerprint) makes the job name change when the data does; without it the data path stands in.
     ``env`` adds plain variables (an MLflow parent run id, say) that do not take part in the name, so a
-    retry with a fresh value still re-attaches. Raises :class:`ConfigError` for an unusable config.
+    retry with a fresh value still re-attaches. Raises :class:`ConfigError` for an unusable config,
+    including a stage the memory planner (:mod:`kubellm.train.memory`) finds too big for its GPUs —
+    before the job could wait for them (``plan_memory=False``: the caller reports that itself).
     """
     if kind not in _KINDS:
         raise ConfigError(f"training job kind {kind!r}: expected one of {sorted(_KINDS)}")
@@ -95,6 +97,10 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
     if not dist.shared_pvc:
         raise ConfigError(f"platform.distributed.{stage}.shared_pvc: a training job needs a shared PVC for data "
                           f"and checkpoints")
+    if plan_memory:
+        from kubellm.train.memory import check_stage
+
+        check_stage(run_cfg, stage)
     data = shared_path(data_dir, "data_dir")
     out = shared_path(out_dir, "out_dir")
     base = None

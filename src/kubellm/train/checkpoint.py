@@ -12,6 +12,15 @@
         checksums.json         size and checksum of each file above
         COMPLETE               written last
 
+A run with ``loop.parallelism: fsdp`` writes the trainable weights and the optimizer state with
+``torch.distributed.checkpoint`` (DCP) instead of ``weights.safetensors`` and ``trainer.pt``'s optimizer
+part: ``dcp/__<rank>_0.distcp`` from every rank (its own shard, keyed by parameter name and offset) and
+``dcp/.metadata`` from rank 0, which says which slice of which tensor lives in which file. Reading
+goes through that index, so a checkpoint written by 4 processes resumes on 2 or on 1 (and one written
+by 1 on 2). Every rank fsyncs and checksums its own shard and hands the record to rank 0, which writes
+the rest, ``checksums.json`` over all of it and the marker: a checkpoint counts only once every rank's
+shard is complete and recorded; a truncated or missing shard fails verification like any other file.
+
 A checkpoint is written into a hidden temporary directory; its files are checksummed, everything is
 fsynced, the completion marker is written last, and only then is the directory renamed to
 ``step-XXXXXXXX``: a kill or a node crash at any moment leaves either the previous checkpoints or a
@@ -32,6 +41,7 @@ that was upgraded mid-way still resumes: the load and finiteness checks still ap
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +49,8 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +69,9 @@ TRAINER = "trainer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 CHECKSUMS = "checksums.json"
+SHARDS = "dcp"
+"""Sub-directory of a sharded checkpoint holding the DCP files."""
+_DCP_INDEX = f"{SHARDS}/.metadata"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -117,52 +131,159 @@ def latest_complete(out_dir: str | Path) -> Path | None:
 def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str, Any],
                     trainer: dict[str, Any], rng: list[Any], keep: int) -> Path:
     """Write a complete checkpoint for ``state.step`` and keep only the newest ``keep``."""
-    import torch
     from safetensors.torch import save_file
 
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    final, tmp = _begin(out_dir, state)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        torch.save(trainer, tmp / TRAINER)
-        torch.save(rng, tmp / RNG)
-        (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
-        write_checksums(tmp)
-        fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
-        (tmp / MARKER).write_text("ok\n", encoding="utf-8")
-        fsync_path(tmp / MARKER)
-        fsync_path(tmp)
-        if final.exists():  # a rerun that reached the same step again: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
+        _seal(tmp, final, state, trainer, rng, {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for _, old in complete_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(out_dir, keep)
     return final
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a complete checkpoint (tensors on the CPU)."""
+def save_sharded_checkpoint(out_dir: str | Path, state: TrainState, ctx: Any, *, train_state: dict[str, Any],
+                            trainer: dict[str, Any], rng: list[Any], keep: int) -> Path:
+    """Write a sharded checkpoint for ``state.step``: every rank calls this (it is a collective).
+
+    ``train_state`` is :func:`kubellm.train.sharding.train_state`'s ``{"model", "optimizer"}``; every rank
+    writes its own shard of it with DCP, then fsyncs and checksums the files it wrote. Rank 0 collects
+    those records, writes ``trainer`` (the scheduler), ``rng``, the state, the checksums and the marker.
+    A failure on any rank removes the unfinished directory and raises on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from kubellm.train.dist import broadcast_object, gather_objects
+
+    final = checkpoint_root(out_dir) / f"step-{state.step:08d}"
+    made = error = None
+    if ctx.is_main:  # one directory for all ranks (on a shared volume across nodes)
+        try:
+            made = str(_begin(out_dir, state)[1])
+        except OSError as err:
+            error = f"rank 0: {type(err).__name__}: {err}"
+    made, error = broadcast_object(ctx, (made, error))
+    if error:
+        raise TrainingError(f"{final}: sharded checkpoint not written ({error})")
+    tmp = Path(made)
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        with _alone_is_intended():
+            dcp.save(train_state, storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True, thread_count=1))
+        mine = sorted((tmp / SHARDS).glob(f"__{ctx.rank}_*.distcp"))
+        if ctx.is_main:
+            mine.append(tmp / _DCP_INDEX)
+        records = file_records(mine, tmp)
+    except Exception as err:  # reported to every rank below, then raised on all of them
+        error = f"rank {ctx.rank}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    outcomes = gather_objects(ctx, (records, error))
+    errors = [e for _, e in outcomes if e]
+    if not errors and ctx.is_main:
+        try:
+            _seal(tmp, final, state, trainer, rng,
+                  {k: v for recs, _ in outcomes for k, v in recs.items()})
+        except BaseException as err:
+            errors.append(f"rank 0: {type(err).__name__}: {err}")
+    errors = broadcast_object(ctx, errors)
+    if errors:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"{final}: sharded checkpoint not written ({errors[0]})")
+    if ctx.is_main:
+        _prune(out_dir, keep)
+    return final
+
+
+@contextlib.contextmanager
+def _alone_is_intended() -> Iterator[None]:
+    """DCP warns on every save and load of a one-process run (no process group) that it assumes one
+    process: that is what such a run is, so the warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _begin(out_dir: str | Path, state: TrainState) -> tuple[Path, Path]:
+    """The final directory of ``state.step`` and a fresh hidden one to write it into."""
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    return final, Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+
+
+def file_records(paths: list[Path], base: Path) -> dict[str, dict[str, Any]]:
+    """Size and checksum of files (fsynced first), keyed by their path under ``base``."""
+    _, make = _hasher()
+    out = {}
+    for p in paths:
+        fsync_path(p)
+        out[p.relative_to(base).as_posix()] = {"bytes": p.stat().st_size, "digest": _digest(p, make)}
+    return out
+
+
+def _seal(tmp: Path, final: Path, state: TrainState, trainer: dict[str, Any], rng: list[Any],
+          shards: dict[str, dict[str, Any]]) -> None:
+    """Write the rank-0 files, the checksums (``shards``: records made by the ranks), fsync everything,
+    then the marker, and rename ``tmp`` to ``final``."""
+    import torch
+
+    torch.save(trainer, tmp / TRAINER)
+    torch.save(rng, tmp / RNG)
+    (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+    write_checksums(tmp, shards)
+    fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
+    (tmp / MARKER).write_text("ok\n", encoding="utf-8")
+    fsync_path(tmp / MARKER)
+    fsync_path(tmp)
+    if final.exists():  # a rerun that reached the same step again: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def _prune(out_dir: str | Path, keep: int) -> None:
+    for _, old in complete_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path, train_state: dict[str, Any] | None = None) -> Checkpoint:
+    """Read a complete checkpoint (tensors on the CPU).
+
+    A sharded one needs ``train_state`` (:func:`kubellm.train.sharding.train_state` of the model being
+    trained): DCP loads into it in place, each rank reading the slices of its own shards, whatever the
+    number of ranks that wrote them. It is a collective then: every rank calls it."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
     try:
         state = TrainState(**json.loads((path / STATE).read_text(encoding="utf-8")))
-        weights = load_file(str(path / WEIGHTS))
+        if is_sharded(path):
+            if train_state is None:
+                raise TrainingError(f"{path}: a sharded checkpoint (loop.parallelism fsdp) needs the model to load into")
+            import torch.distributed.checkpoint as dcp
+
+            with _alone_is_intended():
+                dcp.load(train_state, storage_reader=dcp.FileSystemReader(path / SHARDS))
+            weights = train_state["model"]
+        else:
+            weights = load_file(str(path / WEIGHTS))
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
     except (OSError, ValueError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as err:
+            SafetensorError, CheckpointException) as err:
         raise TrainingError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
-                            f"{(str(err).splitlines() or [''])[0]})") from None
+                            f"{(str(err).strip().splitlines() or [''])[0]})") from None
     return Checkpoint(path, state, weights, trainer, rng)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` was written with DCP (``loop.parallelism: fsdp``)."""
+    return (Path(path) / SHARDS).is_dir()
 
 
 # ------------------------------------------------------------------------------------------ verification
@@ -182,19 +303,23 @@ def _digest(path: Path, make: Callable[[], Any]) -> str:
     return h.hexdigest()
 
 
-def write_checksums(ckpt_dir: Path) -> None:
-    """Record size and checksum of every file of the checkpoint being written."""
+def write_checksums(ckpt_dir: Path, recorded: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record size and checksum of every file of the checkpoint being written; ``recorded`` adds files
+    other processes wrote and checksummed (the shards of a sharded checkpoint)."""
     algorithm, make = _hasher()
     files = {p.name: {"bytes": p.stat().st_size, "digest": _digest(p, make)}
              for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, MARKER)}
+    files.update(recorded or {})
     (ckpt_dir / CHECKSUMS).write_text(json.dumps({"algorithm": algorithm, "files": files}, indent=1),
                                       encoding="utf-8")
 
 
-def verify_checkpoint(path: str | Path) -> bool:
+def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> bool:
     """Compare every file with its recorded size and checksum. True: all match; False: nothing to
     compare with (written before checksums, or by a hash this machine lacks); raises
-    :class:`TrainingError` naming the first file that differs."""
+    :class:`TrainingError` naming the first file that differs. ``part=(i, n)`` reads only every n-th
+    file from the i-th (n ranks share the reading of a sharded checkpoint; all of them check that every
+    file is recorded, present and of its size)."""
     path = Path(path)
     try:
         doc = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
@@ -208,16 +333,16 @@ def verify_checkpoint(path: str | Path) -> bool:
     if algorithm not in (name, "sha256"):
         return False
     make = make if algorithm == name else hashlib.sha256
-    for fname in (WEIGHTS, TRAINER, RNG, STATE):
+    for fname in (_DCP_INDEX if is_sharded(path) else WEIGHTS, TRAINER, RNG, STATE):
         if fname not in files:
             raise TrainingError(f"{path / CHECKSUMS}: records no checksum for {fname}")
-    for fname, (size, digest) in files.items():
+    for i, (fname, (size, digest)) in enumerate(sorted(files.items())):
         p = path / fname
         if not p.is_file():
             raise TrainingError(f"{p}: missing")
         if p.stat().st_size != size:
             raise TrainingError(f"{p}: {p.stat().st_size} bytes, {size} when written (truncated or overwritten)")
-        if _digest(p, make) != digest:
+        if i % part[1] == part[0] and _digest(p, make) != digest:
             raise TrainingError(f"{p}: checksum mismatch (the bytes changed after the checkpoint was written)")
     return True
 
@@ -226,7 +351,10 @@ def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
     import torch
 
-    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    from kubellm.train.sharding import local
+
+    return [n for n, t in tensors.items()
+            if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())]
 
 
 def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
@@ -242,28 +370,88 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
     failed: list[tuple[Path, str]] = []
     for _, path in reversed(found):
         try:
-            if not verify_checkpoint(path):
-                log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
-                            "xxhash is missing here); loading it unverified", path)
+            _verify_or_warn(path)
             c = load_checkpoint(path)
-            bad = nonfinite_names(c.weights)
-            if bad:
-                raise TrainingError(f"{path / WEIGHTS}: {len(bad)} of {len(c.weights)} tensors hold NaN or "
-                                    f"infinite values (e.g. {bad[0]})")
+            _check_weights_finite(c)
         except TrainingError as err:
             log.warning("skipping checkpoint: %s", err)
             failed.append((path, str(err)))
             continue
-        for bad_path, _ in failed:
-            aside = bad_path.with_name(f".{bad_path.name}.failed")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(bad_path, aside)
+        _set_aside(failed)
         return c
+    _none_passes(out_dir, failed)
+    return None
+
+
+def load_latest_verified_sharded(out_dir: str | Path, ctx: Any,
+                                 train_state: Callable[[], dict[str, Any]]) -> Checkpoint | None:
+    """:func:`load_latest_verified` for sharded checkpoints: every rank calls it (a collective).
+
+    The ranks share the reading of the checksummed files (an 8 B model's checkpoint is ~96 GB); then
+    every rank loads its part (DCP reshards to this run's number of ranks) and checks it is finite. A checkpoint that fails on any rank is skipped
+    on all of them and the one before it tried, as for unsharded ones. ``train_state()`` gives the
+    structure to load into, and receives the weights and optimizer state of the checkpoint returned; it
+    is called only when there is a checkpoint to load (DCP's optimizer state dict of a fresh optimizer
+    takes an empty step, which would shift AdamW's bias correction of a fresh start by one step)."""
+    from kubellm.train.dist import broadcast_object, gather_objects
+
+    names = broadcast_object(ctx, [str(p) for _, p in reversed(complete_checkpoints(out_dir))]
+                             if ctx.is_main else None)
+    failed: list[tuple[Path, str]] = []
+    target: dict[str, Any] | None = None
+    for name in names:
+        path, problem, c = Path(name), None, None
+        try:
+            _verify_or_warn(path, (ctx.rank, ctx.world_size), warn=ctx.is_main)
+        except TrainingError as err:
+            problem = str(err)
+        problem = next((p for p in gather_objects(ctx, problem) if p), None)
+        if problem is None:
+            try:
+                target = target or train_state()
+                c = load_checkpoint(path, target)
+                _check_weights_finite(c)
+            except TrainingError as err:
+                problem = str(err)
+            problem = next((p for p in gather_objects(ctx, problem) if p), None)
+        if problem is not None:
+            if ctx.is_main:
+                log.warning("skipping checkpoint: %s", problem)
+            failed.append((path, problem))
+            continue
+        if ctx.is_main:
+            _set_aside(failed)
+        return c
+    _none_passes(out_dir, failed)
+    return None
+
+
+def _verify_or_warn(path: Path, part: tuple[int, int] = (0, 1), warn: bool = True) -> None:
+    if not verify_checkpoint(path, part) and warn:
+        log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
+                    "xxhash is missing here); loading it unverified", path)
+
+
+def _check_weights_finite(c: Checkpoint) -> None:
+    bad = nonfinite_names(c.weights)
+    if bad:
+        what = SHARDS if is_sharded(c.path) else WEIGHTS
+        raise TrainingError(f"{c.path / what}: {len(bad)} of {len(c.weights)} tensors hold NaN or "
+                            f"infinite values (e.g. {bad[0]})")
+
+
+def _set_aside(failed: list[tuple[Path, str]]) -> None:
+    for bad_path, _ in failed:
+        aside = bad_path.with_name(f".{bad_path.name}.failed")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(bad_path, aside)
+
+
+def _none_passes(out_dir: str | Path, failed: list[tuple[Path, str]]) -> None:
     if failed:
         raise TrainingError(f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
                             f"verification (newest: {failed[0][1]}); delete the directory to train from the "
                             "start")
-    return None
 
 
 def remove_checkpoints(out_dir: str | Path) -> None:

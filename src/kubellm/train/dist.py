@@ -74,13 +74,22 @@ def barrier(ctx: DistContext) -> None:
 
 def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (float64, so token counts stay exact)."""
+    return _all_reduce(ctx, values, "SUM")
+
+
+def all_reduce_max(ctx: DistContext, values: list[float]) -> list[float]:
+    """The largest of each value over all ranks (e.g. the fullest rank's memory)."""
+    return _all_reduce(ctx, values, "MAX")
+
+
+def _all_reduce(ctx: DistContext, values: list[float], op: str) -> list[float]:
     if not ctx.distributed:
         return list(values)
     import torch
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
 
 

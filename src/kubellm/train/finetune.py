@@ -80,13 +80,17 @@ def finetune(cfg: FinetuneConfig, base_model: str | Path, data_dir: str | Path, 
         import torch
 
         from kubellm.train.lora import apply_lora, quantization_config
-        from kubellm.train.model import count_parameters, load_causal_lm
+        from kubellm.train.model import count_parameters, empty_causal_lm, load_causal_lm
+        from kubellm.train.sharding import builds_empty
 
         qlora = cfg.quantization == "4bit"
-        loaded = load_causal_lm(base, device=ctx.device, revision=cfg.revision,
-                                trust_remote_code=cfg.trust_remote_code, for_training=True,
-                                dtype=None if qlora else torch.float32,
-                                quantization_config=quantization_config() if qlora else None)
+        if builds_empty(cfg.loop, ctx):  # sharded: rank 0 loads the base and hands the others their shards
+            loaded = empty_causal_lm(base, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        else:
+            loaded = load_causal_lm(base, device=ctx.device, revision=cfg.revision,
+                                    trust_remote_code=cfg.trust_remote_code, for_training=True,
+                                    dtype=None if qlora else torch.float32,
+                                    quantization_config=quantization_config() if qlora else None)
         tokenizer = prepared.load_tokenizer()
         _check_tokenizers(loaded.tokenizer, tokenizer, loaded.model.get_input_embeddings().num_embeddings,
                           base, prepared.path)
@@ -100,11 +104,15 @@ def finetune(cfg: FinetuneConfig, base_model: str | Path, data_dir: str | Path, 
         model.peft_config["default"].base_model_name_or_path = base
         train_split, val_split = load_splits(prepared)
 
-        def write_outputs(trained: Any, dst: Path) -> None:
-            trained.save_pretrained(str(dst))
+        def write_outputs(trained: Any, dst: Path, state_dict: dict[str, Any] | None) -> None:
+            trained.save_pretrained(str(dst), state_dict=state_dict)
             tokenizer.save_pretrained(str(dst))
             if cfg.merge:  # last: merging folds the adapter into the base weights in place
-                merged = trained.merge_and_unload()
+                # A sharded model cannot merge in place: the adapter just written goes onto a plain
+                # copy of the base, on rank 0 only.
+                merged = trained.merge_and_unload() if state_dict is None else load_causal_lm(
+                    dst, base_model=base, device="cpu", dtype=torch.float32, revision=cfg.revision,
+                    trust_remote_code=cfg.trust_remote_code, merge_adapter=True).model
                 merged.save_pretrained(str(dst / MERGED_DIR))
                 tokenizer.save_pretrained(str(dst / MERGED_DIR))
 

@@ -3,14 +3,18 @@
 A plain PyTorch loop (the HF Trainer adds nothing here; a plain fp32 loop reaches ~65 % of the CPU's
 matmul peak): AdamW without weight decay on norms and biases, linear warmup then cosine decay to
 ``min_lr_ratio``, gradient accumulation, global-norm clipping, bf16 autocast where the hardware has it,
-optional gradient checkpointing, DDP under torchrun (gloo on CPU, nccl on CUDA).
+optional gradient checkpointing, DDP under torchrun (gloo on CPU, nccl on CUDA), or FSDP2 sharding of
+parameters, gradients and optimizer state with ``loop.parallelism: fsdp`` (:mod:`kubellm.train.sharding`).
 
 Self-healing. Every ``checkpoint_every`` steps (and at the last step) rank 0 writes a checkpoint with the
 trainable weights, optimizer, scheduler, every rank's RNG state and the data position
-(:mod:`kubellm.train.checkpoint`). Running again with the same output directory resumes from the newest
-complete checkpoint and continues the same LR curve and the same data order, so a resumed run ends with
-the weights an uninterrupted one would have (bit for bit in fp32 on a CPU). No checkpoint: a fresh
-start. A finished output directory: nothing to do, the stored result is returned.
+(:mod:`kubellm.train.checkpoint`); under FSDP every rank writes its own shard of the weights and optimizer
+state (torch.distributed.checkpoint), and the run resumes on any number of processes. Running again with
+the same output directory resumes from the newest complete checkpoint and continues the same LR curve and
+the same data order, so a resumed run ends with the weights an uninterrupted one would have (bit for bit
+in fp32 on a CPU; with ``loop.global_batch_size`` also on another number of processes, to the order of
+floating-point sums). No checkpoint: a fresh start. A finished output directory: nothing to do, the
+stored result is returned.
 
 Preemption. Kubernetes stops a pod with SIGTERM and a grace period (30 s by default). The loop then
 finishes the current optimizer step, writes a checkpoint and raises :class:`TrainingInterrupted`, whose
@@ -60,6 +64,7 @@ from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.train import checkpoint as ckpt
+from kubellm.train import sharding
 from kubellm.train.dist import DistContext
 
 log = get_logger("kubellm.train")
@@ -90,6 +95,10 @@ class TrainResult:
     precision: str
     parameters: int
     trainable_parameters: int
+    parallelism: str = "ddp"
+    rank_state_bytes: int | None = None
+    """Bytes of parameters (frozen ones included), gradients and optimizer state held by the fullest
+    process after this attempt's first optimizer step, read from its tensors (local shards under fsdp)."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "output_dir": str(self.output_dir)}
@@ -126,8 +135,10 @@ class TrainJob:
     pad_token_id: int
     loop: LoopConfig
     optim: OptimConfig
-    write_outputs: Callable[[Any, Path], None]
-    """Writes the final model files (model or adapter, tokenizer, …) into the given directory."""
+    write_outputs: Callable[[Any, Path, dict[str, Any] | None], None]
+    """Writes the final model files (model or adapter, tokenizer, …) into the given directory; the third
+    argument, when not ``None``, is the full trainable state to save instead of the model's own (the
+    model is sharded then: ``save_pretrained(dir, state_dict=…)``)."""
     parameters: int
     trainable_parameters: int
 
@@ -137,6 +148,11 @@ def run_spec(loop: LoopConfig, optim: OptimConfig, **stage: Any) -> dict[str, An
     weights it produces. Intervals, precision, workers and the process count may change between
     attempts (a retried pod may land on other hardware)."""
     schedule = loop.model_dump(include={"max_steps", "micro_batch_size", "grad_accum_steps", "seed"})
+    # Recorded only when set, so run directories of earlier versions still resume: a global batch
+    # size fixes the steps' rows whatever the process count; fsdp fixes the checkpoint format.
+    schedule.update(loop.model_dump(include={"global_batch_size"}, exclude_none=True))
+    if loop.parallelism != "ddp":
+        schedule["parallelism"] = loop.parallelism
     return {**stage, "optim": optim.model_dump(), "loop": schedule}
 
 
@@ -180,6 +196,18 @@ def _finite_result(result: TrainResult) -> TrainResult:
         raise TrainingError(f"{result.output_dir}: holds a finished run whose final loss is {result.final_loss} "
                             "(a broken model); delete the directory and train again")
     return result
+
+
+def grad_accum_steps(loop: LoopConfig, world_size: int, stage: str) -> int:
+    """Micro-batches per optimizer step on each of ``world_size`` processes (see ``global_batch_size``)."""
+    if loop.global_batch_size is None:
+        return loop.grad_accum_steps
+    per_micro = loop.micro_batch_size * world_size
+    if loop.global_batch_size % per_micro:
+        raise TrainingError(f"{stage}.loop.global_batch_size ({loop.global_batch_size}) is not a multiple of "
+                            f"micro_batch_size × processes ({loop.micro_batch_size} × {world_size}); pick a "
+                            f"micro_batch_size or a process count that divides it")
+    return loop.global_batch_size // per_micro
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -333,12 +361,23 @@ class _Trainer:
         self.loop, self.optim = job.loop, job.optim
         self.precision = resolve_precision(self.loop.precision, ctx.device)
         self.model = job.model
-        if not getattr(self.model, "is_loaded_in_4bit", False):  # bitsandbytes weights cannot move
+        # bitsandbytes weights cannot move; an empty (meta) copy is filled when sharded, below
+        if not getattr(self.model, "is_loaded_in_4bit", False) and not sharding.on_meta(self.model):
             self.model.to(ctx.device)
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
         if self.loop.gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.loop.compile_blocks:
+            sharding.compile_blocks(self.model)
+        self.accum = grad_accum_steps(self.loop, ctx.world_size, job.stage)
+        self.sharded = self.loop.parallelism == "fsdp"
+        if self.sharded and ctx.distributed:  # one process: nothing to shard, the checkpoints are DCP still
+            full = self.model.state_dict() if ctx.is_main else {}  # rank 0's weights; the others are empty
+            sharding.shard(self.model, bf16_weights=sharding.uses_bf16_weights(
+                self.precision, self.loop.precision, ctx.device))
+            sharding.materialise(self.model, full, ctx.device)
+            del full
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -348,6 +387,7 @@ class _Trainer:
             min_ratio=self.optim.min_lr_ratio))
         self.state = ckpt.TrainState(world_size=ctx.world_size)
         self.resumed_from: int | None = None
+        self.rank_state_bytes: int | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -355,6 +395,9 @@ class _Trainer:
 
         from kubellm.train.dist import broadcast_object
 
+        if self.sharded:
+            self._resume_sharded()
+            return
         # Rank 0 verifies and picks; every rank learns the outcome, an error included (a rank left
         # waiting on a broadcast would hang the job until the collective timeout).
         c, found, error = None, None, None
@@ -368,9 +411,7 @@ class _Trainer:
         if message is not None:
             raise error or TrainingError(message)
         if found is None:
-            # Dropout differs between ranks, the model init (seeded in build) does not.
-            torch.manual_seed(self.loop.seed + 1 + self.ctx.rank)
-            random.seed(self.loop.seed + self.ctx.rank)
+            self._fresh_start()
             return
         path = Path(found)
         c = c or ckpt.load_checkpoint(path)
@@ -381,6 +422,36 @@ class _Trainer:
             for name, p in self.named_trainable.items():
                 p.copy_(c.weights[name])
         self.optimizer.load_state_dict(c.trainer["optimizer"])
+        self._resumed(c)
+
+    def _fresh_start(self) -> None:
+        import torch
+
+        # Dropout differs between ranks, the model init (seeded in build) does not.
+        torch.manual_seed(self.loop.seed + 1 + self.ctx.rank)
+        random.seed(self.loop.seed + self.ctx.rank)
+
+    def _resume_sharded(self) -> None:
+        """Every rank loads its part of the newest verified sharded checkpoint (DCP reshards it to this
+        run's number of processes)."""
+        target: dict[str, Any] = {}
+
+        def structure() -> dict[str, Any]:
+            target.update(sharding.train_state(self.model, self.optimizer))
+            return target
+
+        c = ckpt.load_latest_verified_sharded(self.out, self.ctx, structure)
+        if c is None:
+            self._fresh_start()
+            return
+        sharding.set_train_state(self.model, self.optimizer, target)
+        self._resumed(c)
+
+    def _resumed(self, c: ckpt.Checkpoint) -> None:
+        """Scheduler, RNG and loop state of checkpoint ``c``, once its weights and optimizer are in."""
+        import torch
+
+        path = c.path
         self.scheduler.load_state_dict(c.trainer["scheduler"])
         if len(c.rng) == self.ctx.world_size:
             _set_rng_state(c.rng[self.ctx.rank])
@@ -399,7 +470,13 @@ class _Trainer:
         rngs = gather_objects(self.ctx, _rng_state())
         self.state.window = all_reduce_sum(self.ctx, self.window)
         self.state.window_seconds = time.perf_counter() - self.t_window
-        if self.ctx.is_main:
+        if self.sharded:
+            path = ckpt.save_sharded_checkpoint(
+                self.out, self.state, self.ctx, train_state=sharding.train_state(self.model, self.optimizer),
+                trainer={"scheduler": self.scheduler.state_dict()}, rng=rngs, keep=self.loop.keep_checkpoints)
+            if self.ctx.is_main:
+                log.info("checkpoint %s", path)
+        elif self.ctx.is_main:
             path = ckpt.save_checkpoint(
                 self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
                 trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
@@ -437,19 +514,24 @@ class _Trainer:
             return None
         collate, mbs = PadCollator(self.job.pad_token_id), self.loop.micro_batch_size
         nll = count = 0.0
+        # The same first `eval_batches` batches every time, split round-robin over the ranks, so the
+        # figure does not depend on the number of processes.
+        batches = min(self.loop.eval_batches, math.ceil(len(val) / mbs))
+        mine = list(range(self.ctx.rank, batches, self.ctx.world_size))
+        # A sharded forward is a collective: every rank runs as many as the busiest one, those past its
+        # own batches on its first one again, not counted.
+        rounds = math.ceil(batches / self.ctx.world_size) if self.sharded else len(mine)
         self.model.eval()
         with torch.no_grad():
-            # The same first `eval_batches` batches every time, split round-robin over the ranks, so
-            # the figure does not depend on the number of processes.
-            for b in range(self.ctx.rank, self.loop.eval_batches, self.ctx.world_size):
+            for i in range(rounds):
+                b = mine[i] if i < len(mine) else mine[0] if mine else 0
                 rows = list(range(b * mbs, min((b + 1) * mbs, len(val))))
-                if not rows:
-                    break
                 batch = {k: v.to(self.ctx.device) for k, v in collate(val.__getitems__(rows)).items()}
                 with autocast(self.precision, self.ctx.device):
                     logits = forward_logits(self.model, batch)
-                nll += token_nll_sum(logits, batch["labels"]).item()
-                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                if i < len(mine):
+                    nll += token_nll_sum(logits, batch["labels"]).item()
+                    count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.model.train()
         nll, count = all_reduce_sum(self.ctx, [nll, count])
         return nll / count if count else None
@@ -462,11 +544,12 @@ class _Trainer:
         self._resume()
         if self.ctx.is_main:
             self.tracker.log_params({"stage": self.job.stage, "precision": self.precision,
-                                     "world_size": self.ctx.world_size, "parameters": self.job.parameters,
+                                     "world_size": self.ctx.world_size, "parallelism": self.loop.parallelism,
+                                     "parameters": self.job.parameters,
                                      "trainable_parameters": self.job.trainable_parameters})
             self._write_history(self.out / HISTORY_FILE)
         wrapped = self.model
-        if self.ctx.distributed:
+        if self.ctx.distributed and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(
@@ -507,24 +590,24 @@ class _Trainer:
     def _step(self, wrapped: Any, batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns (input tokens of this rank,
         gradient norm before clipping, the learning rate used)."""
-        import torch
-
-        from kubellm.train.dist import all_reduce_sum
+        from kubellm.train.dist import all_reduce_max, all_reduce_sum
         from kubellm.train.precision import autocast
 
         device, world = self.ctx.device, self.ctx.world_size
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                 for _ in range(self.loop.grad_accum_steps)]
+                 for _ in range(self.accum)]
         targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in micro)
         # The step's loss is the mean over every target token of every micro-batch of every rank; DDP
-        # averages gradients over the ranks, hence × world.
+        # and FSDP average gradients over the ranks, hence × world.
         (step_targets,) = all_reduce_sum(self.ctx, [targets])
         scale = world / max(step_targets, 1)
         nll_sum = 0.0
         for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or not self.ctx.distributed
+            # FSDP reduce-scatters every micro-batch's gradients into the sharded ones: holding them
+            # unsharded until the last would cost the memory sharding saves.
+            sync = i == len(micro) - 1 or not self.ctx.distributed or self.sharded
             with contextlib.nullcontext() if sync else wrapped.no_sync():
                 with autocast(self.precision, device):
                     logits = forward_logits(wrapped, batch)
@@ -532,15 +615,18 @@ class _Trainer:
                 (nll * scale).backward()
             nll_sum += nll.item()
         # max_norm=inf measures the norm and clips nothing
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.optim.grad_clip or math.inf))
+        grad_norm = sharding.clip_grad_norm(self.params, self.optim.grad_clip or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
         finite = self._finite_step(nll_sum / max(targets, 1), grad_norm)
         if finite:
             self.optimizer.step()
+        if self.rank_state_bytes is None and finite:  # once per attempt, while gradients and state exist
+            (self.rank_state_bytes,) = all_reduce_max(self.ctx, [sum(sharding.state_bytes(
+                self.model, self.optimizer).values())])
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.samples_seen += world * self.loop.micro_batch_size * self.loop.grad_accum_steps
+        self.state.samples_seen += world * self.loop.micro_batch_size * self.accum
         for i, v in enumerate((nll_sum, targets, tokens) if finite else (0.0, 0, tokens)):
             self.window[i] += v
         return tokens, grad_norm, lr
@@ -608,14 +694,19 @@ class _Trainer:
             val_loss=last_val, tokens_seen=self.state.tokens_seen,
             seconds=round(time.perf_counter() - self.t0, 3), tokens_per_s=tokens_per_s,
             resumed_from_step=self.resumed_from, precision=self.precision,
-            parameters=self.job.parameters, trainable_parameters=self.job.trainable_parameters)
+            parameters=self.job.parameters, trainable_parameters=self.job.trainable_parameters,
+            parallelism=self.loop.parallelism,
+            rank_state_bytes=int(self.rank_state_bytes) if self.rank_state_bytes is not None else None)
+        # Sharded weights are gathered once, tensor by tensor, into rank 0's CPU memory (every rank takes
+        # part): the exported model is one consolidated Hugging Face directory, as DDP writes it.
+        full = sharding.gather_trainable(self.model) if self.sharded and self.ctx.distributed else None
         if not self.ctx.is_main:
             return result
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = True
         stage_dir = Path(tempfile.mkdtemp(prefix=".outputs.tmp-", dir=self.out))
         try:
-            self.job.write_outputs(self.model, stage_dir)
+            self.job.write_outputs(self.model, stage_dir, full)
             self._write_history(stage_dir / HISTORY_FILE)
             _publish(stage_dir, self.out)
         finally:
@@ -626,6 +717,8 @@ class _Trainer:
         _readable(self.out / RESULT_FILE)
         ckpt.remove_checkpoints(self.out)
         self.tracker.log_metrics({"final_loss": result.final_loss, "tokens_seen": float(result.tokens_seen),
+                                  **({"rank_state_bytes": float(result.rank_state_bytes)}
+                                     if result.rank_state_bytes is not None else {}),
                                   **({"final_val_loss": last_val} if last_val is not None else {})},
                                  step=result.steps)
         log.info("%s done: %d steps, loss %.4f, %s, %.0f tokens/s -> %s", self.job.stage, result.steps,
@@ -635,7 +728,10 @@ class _Trainer:
 
     def _check_finite(self, final_loss: float, val_loss: float | None) -> None:
         """Every rank refuses to finish with NaN or infinite weights or losses: no output is written."""
-        bad = ckpt.nonfinite_names(dict(self.model.named_parameters()))
+        from kubellm.train.dist import gather_objects
+
+        mine = ckpt.nonfinite_names(dict(self.model.named_parameters()))
+        bad = list(dict.fromkeys(n for names in gather_objects(self.ctx, mine) for n in names))
         if bad or not math.isfinite(final_loss) or not math.isfinite(val_loss or 0.0):
             what = (f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})" if bad
                     else f"final loss {final_loss}, validation loss {val_loss}")

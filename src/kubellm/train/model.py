@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 # Sizes chosen so each preset has a job: `tiny` (~0.22 M parameters with a 2 k vocabulary) trains in
 # seconds on a CPU for tests and `make run`; `small` (~4 M with a 4 k vocabulary) is the training
-# benchmark's model (`make bench`); `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8).
+# benchmark's model (`make bench`); `125m` is GPT-2-small-sized; `1b` follows Llama 3.2 1B's shape (GQA 32/8);
+# `8b` Llama 3.1 8B's (untied head; 8.0 B parameters with its 128 k vocabulary, 7.2 B with a 32 k one).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 176},
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 704},
     "125m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12, "intermediate_size": 2048},
     "1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 8192},
+    "8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 14336},
 }
 # Tied input/output embeddings halve the embedding share, which dominates the small presets.
 _TIED = {"tiny", "small", "1b"}
@@ -133,6 +135,23 @@ def load_tokenizer(ref: str | Path, *, revision: str | None = None, trust_remote
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, str(ref), "tokenizer", **_hub_kwargs(revision, trust_remote_code))
+
+
+def empty_causal_lm(ref: str | Path, *, revision: str | None = None,
+                    trust_remote_code: bool = False) -> LoadedModel:
+    """The model ``ref`` names, built from its config on the meta device (no weights read or allocated),
+    in training mode, with its tokenizer: what the ranks other than 0 of a sharded run start from."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hub = _hub_kwargs(revision, trust_remote_code)
+    config = _from_pretrained(AutoConfig, str(ref), "model config", **hub)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.train()
+    tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
+    return LoadedModel(model, tokenizer, "meta", f"{ref} (empty, on the meta device)")
 
 
 def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, device: str = "auto",

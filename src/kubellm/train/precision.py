@@ -146,13 +146,14 @@ def _rotary_to_bf16(_module: Any, _args: Any, output: Any) -> Any:
 
 def _frozen_linear_weights(model: Any) -> list[Any]:
     """fp32 weights of ``nn.Linear`` layers that do not train (a LoRA base), except any that is also an
-    embedding table (a tied head): a bf16 embedding would turn the fp32 residual stream into bf16."""
+    embedding table (a tied head): a bf16 embedding would turn the fp32 residual stream into bf16. FSDP
+    shards are left alone: their storage is FSDP's, and its policy decides the dtype they are gathered in."""
     import torch
 
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     return [w for i, w in weights.items()
-            if not w.requires_grad and w.dtype == torch.float32 and i not in tables]
+            if not w.requires_grad and w.dtype == torch.float32 and i not in tables and not hasattr(w, "to_local")]
 
 
 @contextlib.contextmanager

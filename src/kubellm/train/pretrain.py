@@ -36,17 +36,24 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
     spec = run_spec(cfg.loop, cfg.optim, stage="pretrain", model=cfg.model.model_dump(),
                     data=m.fingerprint)
 
-    def build(_ctx: Any) -> TrainJob:
+    def build(ctx: Any) -> TrainJob:
+        import contextlib
+
+        import torch
+
         from kubellm.train.model import build_model, count_parameters
+        from kubellm.train.sharding import builds_empty
 
         tokenizer = prepared.load_tokenizer()
-        model = build_model(cfg.model, vocab_size=max(m.vocab_size, len(tokenizer)), block_size=m.block_size,
-                            bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-                            pad_token_id=m.pad_token_id, seed=cfg.loop.seed)
+        # sharded: rank 0 initialises the weights and hands the other ranks their shards
+        with torch.device("meta") if builds_empty(cfg.loop, ctx) else contextlib.nullcontext():
+            model = build_model(cfg.model, vocab_size=max(m.vocab_size, len(tokenizer)), block_size=m.block_size,
+                                bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
+                                pad_token_id=m.pad_token_id, seed=cfg.loop.seed)
         train_split, val_split = load_splits(prepared)
 
-        def write_outputs(trained: Any, dst: Path) -> None:
-            trained.save_pretrained(str(dst))
+        def write_outputs(trained: Any, dst: Path, state_dict: dict[str, Any] | None) -> None:
+            trained.save_pretrained(str(dst), state_dict=state_dict)
             tokenizer.save_pretrained(str(dst))
 
         n = count_parameters(model)
