@@ -79,9 +79,9 @@ class InvalidRequest(ServingError):
     """A request the client must fix: answered with ``status`` (4xx) and an OpenAI-style error body."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.headers = status, param, code, headers
 
 
 def resolve_model(ref: str, *, tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm") -> str:
@@ -176,7 +176,9 @@ class LLMModel(kserve.Model):
         return True
 
     async def healthy(self) -> bool:
-        return bool(self.ready and self.engine is not None)
+        """Whether the model can answer: loaded, and its engine generating (see
+        :attr:`GenerationEngine.accepting`)."""
+        return bool(self.ready and self.engine is not None and self.engine.accepting)
 
     # --- requests, shared by every protocol ---
 
