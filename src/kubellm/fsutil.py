@@ -31,10 +31,18 @@ class OutputError(KubellmError):
     """An output path kubellm must not write to (it holds a user's files, or an input of the command)."""
 
 
+def user_path(path: str | Path) -> Path:
+    """A path as a user wrote it, ``~`` and ``~user`` expanded: how every command reads a path (the CLI's
+    path options parse through this, and so does every helper here). A quoted ``'~'`` reaches kubellm
+    unexpanded by the shell; ``prep --out '~'`` made a folder named ``~`` while the other commands read
+    it as the home directory. A pod without a home keeps ``~`` as it is (``Path.expanduser`` raises)."""
+    return Path(os.path.expanduser(path))
+
+
 def resolve_output(path: str | Path, root: str | Path | None = None) -> Path:
     """Resolve an output path, refusing one that escapes ``root`` (``../`` tricks, absolute paths
     outside it). With ``root=None`` any path is accepted."""
-    p = Path(path)
+    p = user_path(path)
     if root is None:
         return p.resolve()
     root_p = Path(root).resolve()
@@ -71,7 +79,7 @@ def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = 
     absolute. Call it before any work: it raises :class:`OutputError` with one line naming the path and
     the reason. ``inputs`` are the command's input files and folders; ``legacy`` names files (relative
     to ``path``) that identify an output of ``kind`` written before markers existed."""
-    out = Path(os.path.abspath(Path(path).expanduser()))
+    out = Path(os.path.abspath(user_path(path)))
     real = out.resolve()
     for what, special in _special_dirs():
         if real == special or real in special.parents:
@@ -98,7 +106,7 @@ def _special_dirs() -> Iterator[tuple[str, Path]]:
 
 def _check_inputs(shown: str | Path, real: Path, inputs: Iterable[str | Path]) -> None:
     for item in inputs:
-        inp = Path(item).expanduser()
+        inp = user_path(item)
         if not inp.exists():
             continue  # a Hub id, a remote URI: nothing on this disk to overwrite
         inp = inp.resolve()
@@ -158,7 +166,7 @@ def atomic_dir(final: str | Path, kind: str = "output", *, overwrite: bool = Tru
     when the block succeeds. On any exception the temporary directory is removed and ``final`` is
     untouched, so a directory at ``final`` is always complete. An existing ``final`` is replaced only
     when :func:`claim_output` allows it (checked again here: the caller checked before its work)."""
-    final = Path(os.path.abspath(Path(final).expanduser()))
+    final = Path(os.path.abspath(user_path(final)))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

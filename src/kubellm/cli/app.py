@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from kubellm.errors import KubellmError
+from kubellm.fsutil import user_path
 
 app = typer.Typer(
     name="kubellm",
@@ -27,7 +28,7 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML run config (see configs/; `kubellm init` writes a starter); "
                  "default: the embedded default that ships with kubellm (configs/local.yaml in the repository).",
-                 dir_okay=False),
+                 parser=user_path),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -115,7 +116,8 @@ STARTER_HEADER = """\
 
 
 @app.command()
-def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = Path("kubellm.yaml")) -> None:
+def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.", parser=user_path)]
+         = Path("kubellm.yaml")) -> None:
     """Write a commented starter run config (the embedded default) to edit for your own data."""
     from kubellm.config import default_config_path, load_config
 

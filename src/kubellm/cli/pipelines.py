@@ -15,6 +15,7 @@ import typer
 
 from kubellm.cli.app import ConfigOpt, SetOpt, app, load
 from kubellm.errors import ConfigError
+from kubellm.fsutil import user_path
 from kubellm.pipeline_params import is_pipeline_file
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
@@ -164,7 +165,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
 @app.command(name="compile")
 def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
              out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier "
-                                               "compile's.")] = Path("dist"),
+                                               "compile's.", parser=user_path)] = Path("dist"),
              pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="Only these pipelines "
                                                                 "(repeatable), built-in or a pipeline file "
                                                                 "FILE.py[:FUNC]; default all built-in.")] = None) -> None:
@@ -210,7 +211,8 @@ CookieOpt = Annotated[str | None, typer.Option(
     "--cookie", envvar="KFP_COOKIE", show_default=False,
     help="Session cookie for Dex/OIDC, e.g. oauth2_proxy_kubeflow=… (prefer the env var).")]
 CaBundleOpt = Annotated[Path | None, typer.Option(
-    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.")]
+    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.",
+    parser=user_path)]
 ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: the "
                                                    "tracking experiment name).")]
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+from kubellm.fsutil import user_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -28,7 +29,8 @@ class Kind(StrEnum):
 def check(
     paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders (*.yaml, *.yml, "
                                                        "*.json). None: configs/cluster-*.yaml and every "
-                                                       "manifest generated from the config.")] = None,
+                                                       "manifest generated from the config.",
+                                                  parser=user_path)] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:

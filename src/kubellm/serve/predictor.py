@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubellm.errors import ServingError
+from kubellm.fsutil import user_path
 from kubellm.log import get_logger
 from kubellm.serve.engine import (
     Completion,
@@ -96,7 +97,7 @@ def resolve_model(ref: str, *, tracking: TrackingConfig | None = None, workdir: 
         from kubellm.tracking.registry import resolve_model_uri
 
         return str(resolve_model_uri(tracking or TrackingConfig(), workdir, ref))
-    path = Path(ref)
+    path = user_path(ref)
     if path.is_dir():
         return str(find_model_dir(path))
     if path.exists():
