@@ -36,6 +36,21 @@ SetOpt = Annotated[
 ]
 
 
+def no_secrets(ctx: typer.Context, param: typer.CallbackParam, value: str | list[str] | None) -> str | list[str] | None:
+    """Callback of every option that takes a URI, a model reference or a header: a credential in it is
+    refused as a config's fields are (:func:`kubellm.config.secrets.secret_in`), in one line that names the
+    option and never the value. A ``--set`` is checked as part of the config."""
+    from kubellm.config.secrets import WHERE_CREDENTIALS_GO, secret_in
+    from kubellm.errors import ConfigError
+
+    for item in [value] if isinstance(value, str) else value or []:
+        kind = secret_in(item)
+        if kind is not None:
+            raise ConfigError(f"{param.opts[0]}: holds {kind}; a command line is logged and shown (shell history, "
+                              f"ps, pod specs), never put a secret in it; {WHERE_CREDENTIALS_GO}")
+    return value
+
+
 
 #: Sections every command reads (where it runs and where it logs).
 COMMON_SECTIONS = ("name", "workdir", "tracking")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets, require
 from kubellm.fsutil import user_path
 
 
@@ -42,7 +42,7 @@ def prep(
                                                    "dataset's) instead of training one.", parser=user_path)] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Read this file, directory, glob or URI instead of the section's sources "
-        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…")] = None,
+        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…", callback=no_secrets)] = None,
     text_field: Annotated[str | None, typer.Option(help="Field holding the text (pretraining data).")] = None,
     prompt_field: Annotated[str | None, typer.Option(help="Field holding the prompt (instruction data; "
                                                      "implies --section instruct_data).")] = None,

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets
 from kubellm.errors import ConfigError
 from kubellm.fsutil import user_path
 from kubellm.pipeline_params import is_pipeline_file
@@ -23,7 +23,8 @@ PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycl
                                           "FILE.py[:FUNC] (a build(builder) function; see "
                                           "examples/own_data/pipeline.py).")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Set a pipeline run parameter, e.g. "
-                                                    "--param base_model=/models/base (repeatable).")]
+                                                    "--param base_model=/models/base (repeatable).",
+                                                    callback=no_secrets)]
 
 
 def parse_params(items: list[str] | None) -> dict[str, object]:
@@ -199,7 +200,7 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
 HostOpt = Annotated[str | None, typer.Option(
     "--host", envvar=["KF_PIPELINES_ENDPOINT", "KFP_HOST"],
     help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline (inside a pod: "
-         "http://ml-pipeline-ui.kubeflow).")]
+         "http://ml-pipeline-ui.kubeflow).", callback=no_secrets)]
 NamespaceOpt = Annotated[str | None, typer.Option(
     "--namespace", "-n", envvar="KFP_NAMESPACE",
     help="Profile namespace on a multi-user Kubeflow (default: the kube context's, else the pod's own).")]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets, require
 from kubellm.fsutil import user_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -60,9 +60,10 @@ def check(
 def train_job(
     stage: Annotated[Stage, typer.Option(help="Training stage the job runs.")],
     data: Annotated[str, typer.Option(help="Prepared dataset on the shared PVC (relative paths are under "
-                                      "/mnt/kubellm).")],
-    out: Annotated[str, typer.Option(help="Output directory on the shared PVC.")],
-    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.")] = None,
+                                      "/mnt/kubellm).", callback=no_secrets)],
+    out: Annotated[str, typer.Option(help="Output directory on the shared PVC.", callback=no_secrets)],
+    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.",
+                                             callback=no_secrets)] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     kind: Annotated[Kind | None, typer.Option(help="Job kind; default: platform.distributed.<stage>.engine.")] = None,

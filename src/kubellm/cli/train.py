@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets
 from kubellm.fsutil import user_path
 
 # ---- training: pretrain, finetune ----------------------------------------------------------------
@@ -58,7 +58,7 @@ def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: SetOpt = None,
              base: Annotated[str | None, typer.Option(
                  "--base", help="Base model: a local model directory or a Hub id (default: "
-                 "finetune.base_model).")] = None) -> None:
+                 "finetune.base_model).", callback=no_secrets)] = None) -> None:
     """LoRA fine-tune a causal LM on a prepared instruction dataset (loss on responses only).
 
     Writes the adapter (and merged/ with finetune.merge=true); resumes, checkpoints on SIGTERM like pretrain.
@@ -86,7 +86,8 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 ModelOpt = Annotated[Path, typer.Option("--model", help="A model directory or LoRA adapter directory.",
                                         parser=user_path)]
 BaseOpt = Annotated[str | None, typer.Option(
-    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).")]
+    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).",
+    callback=no_secrets)]
 
 
 def _print_version(title: str, info) -> None:  # info: ModelVersionInfo

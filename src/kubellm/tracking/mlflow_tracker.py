@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from kubellm.config.secrets import redact
 from kubellm.config.tracking import TrackingConfig
@@ -66,16 +67,36 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
 
     The sqlite default is ``sqlite:///<absolute workdir>/mlflow.db`` (the directory is created), the
     file ``make mlflow-ui`` opens. A server's credentials come from MLflow's own environment variables
-    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself.
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself;
+    a ``$MLFLOW_TRACKING_URI`` of ``https://user:password@host`` is turned into those first
+    (:func:`_credentials_to_env`).
     """
     if cfg.uri:
         return cfg.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return _credentials_to_env(env)
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which go to ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (unless
+    those are set) and out of ``$MLFLOW_TRACKING_URI`` itself, for this process and the ones it starts.
+
+    MLflow builds the "View run at" lines it prints from the tracking URI, password included, and
+    kubellm's own messages name the URI; both now show the host only. The config's ``tracking.uri``
+    refuses user-info at validation; only the environment can still carry it.
+    """
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -91,7 +112,7 @@ def git_revision() -> str | None:
     ``git describe`` of the checkout kubellm runs from (``-dirty`` when it has local edits), else None."""
     env = os.environ.get("KUBELLM_GIT_REVISION")
     if env:
-        return env
+        return _credentials_to_env(env)
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
