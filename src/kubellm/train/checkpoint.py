@@ -26,26 +26,33 @@ and the one before it is tried (``loop.keep_checkpoints`` keeps it); only when n
 stop, with one error line. Checksums are xxHash3-128 where the ``xxhash`` module is installed (a
 ``datasets`` dependency; 19 GB/s on one core here, against 1.0 GB/s for SHA-256 — 12 s per checkpoint
 of a 1B model with its optimizer state), SHA-256 otherwise; they detect damage, not tampering.
-Checkpoints written before checksums existed are loaded with a warning rather than refused, so a run
-that was upgraded mid-way still resumes: the load and finiteness checks still apply to them.
+A checkpoint without checksums (written by an older kubellm, or copied without its ``checksums.json``)
+cannot be told from a damaged one: altered but finite weights resumed from it with only a warning. It
+is skipped like a damaged one; when nothing else passes, the error line says how to proceed:
+``KUBELLM_RESUME_UNVERIFIED=1`` resumes from it all the same (after the load and finiteness checks), for
+a run upgraded mid-way whose checkpoints are known to be intact.
+
+A save that fails for want of space, quota or permission (torch reports a full disk as ``unexpected
+pos``) is one line naming the checkpoint and the cause (:func:`kubellm.fsutil.io_errors`); the half
+written directory is removed and the checkpoints before it are kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubellm.errors import TrainingError
-from kubellm.fsutil import fsync_path, fsync_tree, write_json_atomic
+from kubellm.fsutil import fsync_path, fsync_tree, io_errors, verify_checksums, write_json_atomic
+from kubellm.fsutil import write_checksums as write_file_checksums
 from kubellm.log import get_logger
 
 log = get_logger("kubellm.train")
@@ -58,6 +65,8 @@ TRAINER = "trainer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 CHECKSUMS = "checksums.json"
+#: Set to 1 to resume from a checkpoint that has no checksums (see the module doc).
+RESUME_UNVERIFIED_ENV = "KUBELLM_RESUME_UNVERIFIED"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -121,26 +130,30 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str
     from safetensors.torch import save_file
 
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        torch.save(trainer, tmp / TRAINER)
-        torch.save(rng, tmp / RNG)
-        (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
-        write_checksums(tmp)
-        fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
-        (tmp / MARKER).write_text("ok\n", encoding="utf-8")
-        fsync_path(tmp / MARKER)
-        fsync_path(tmp)
-        if final.exists():  # a rerun that reached the same step again: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    kept = latest_complete(out_dir)
+    then = (f"; the checkpoint {kept.name} is kept: make room and rerun with the same output directory to "
+            "resume from it" if kept else "; no checkpoint was written yet")
+    with io_errors(final, "cannot write the checkpoint", then):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            torch.save(trainer, tmp / TRAINER)
+            torch.save(rng, tmp / RNG)
+            (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+            write_checksums(tmp)
+            fsync_tree(tmp)  # the data reaches the disk before the marker that vouches for it
+            (tmp / MARKER).write_text("ok\n", encoding="utf-8")
+            fsync_path(tmp / MARKER)
+            fsync_path(tmp)
+            if final.exists():  # a rerun that reached the same step again: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_path(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for _, old in complete_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -166,29 +179,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------ verification
-def _hasher() -> tuple[str, Callable[[], Any]]:
-    try:
-        import xxhash
-    except ImportError:
-        return "sha256", hashlib.sha256
-    return "xxh3_128", xxhash.xxh3_128
-
-
-def _digest(path: Path, make: Callable[[], Any]) -> str:
-    h = make()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(ckpt_dir: Path) -> None:
     """Record size and checksum of every file of the checkpoint being written."""
-    algorithm, make = _hasher()
-    files = {p.name: {"bytes": p.stat().st_size, "digest": _digest(p, make)}
-             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, MARKER)}
-    (ckpt_dir / CHECKSUMS).write_text(json.dumps({"algorithm": algorithm, "files": files}, indent=1),
-                                      encoding="utf-8")
+    write_file_checksums(ckpt_dir, [p.name for p in ckpt_dir.iterdir() if p.is_file()
+                                    and p.name not in (CHECKSUMS, MARKER)], ckpt_dir / CHECKSUMS)
 
 
 def verify_checkpoint(path: str | Path) -> bool:
@@ -196,30 +190,7 @@ def verify_checkpoint(path: str | Path) -> bool:
     compare with (written before checksums, or by a hash this machine lacks); raises
     :class:`TrainingError` naming the first file that differs."""
     path = Path(path)
-    try:
-        doc = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
-        algorithm = doc["algorithm"]
-        files = {name: (int(rec["bytes"]), str(rec["digest"])) for name, rec in doc["files"].items()}
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise TrainingError(f"{path / CHECKSUMS}: unreadable ({type(err).__name__})") from None
-    name, make = _hasher()
-    if algorithm not in (name, "sha256"):
-        return False
-    make = make if algorithm == name else hashlib.sha256
-    for fname in (WEIGHTS, TRAINER, RNG, STATE):
-        if fname not in files:
-            raise TrainingError(f"{path / CHECKSUMS}: records no checksum for {fname}")
-    for fname, (size, digest) in files.items():
-        p = path / fname
-        if not p.is_file():
-            raise TrainingError(f"{p}: missing")
-        if p.stat().st_size != size:
-            raise TrainingError(f"{p}: {p.stat().st_size} bytes, {size} when written (truncated or overwritten)")
-        if _digest(p, make) != digest:
-            raise TrainingError(f"{p}: checksum mismatch (the bytes changed after the checkpoint was written)")
-    return True
+    return verify_checksums(path, path / CHECKSUMS, TrainingError, required=(WEIGHTS, TRAINER, RNG, STATE))
 
 
 def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
@@ -240,11 +211,15 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
     """
     found = complete_checkpoints(out_dir)
     failed: list[tuple[Path, str]] = []
+    unverified = os.environ.get(RESUME_UNVERIFIED_ENV) == "1"
     for _, path in reversed(found):
         try:
             if not verify_checkpoint(path):
-                log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
-                            "xxhash is missing here); loading it unverified", path)
+                if not unverified:
+                    raise TrainingError(f"{path}: has no checksums to verify it against (written by an older "
+                                        "kubellm, copied without checksums.json, or xxhash is missing here)")
+                log.warning("%s: has no checksums; resuming from it unverified (%s=1)", path,
+                            RESUME_UNVERIFIED_ENV)
             c = load_checkpoint(path)
             bad = nonfinite_names(c.weights)
             if bad:
@@ -260,9 +235,11 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
             os.replace(bad_path, aside)
         return c
     if failed:
+        trust = (f", or set {RESUME_UNVERIFIED_ENV}=1 to resume from a checkpoint without checksums that you know "
+                 "is intact" if any("has no checksums" in why for _, why in failed) else "")
         raise TrainingError(f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
                             f"verification (newest: {failed[0][1]}); delete the directory to train from the "
-                            "start")
+                            f"start{trust}")
     return None
 
 
