@@ -14,6 +14,15 @@ Steps fail in three ways and none leaves a run stuck ``RUNNING``:
 Everything goes through ``MlflowClient`` with explicit run ids (never mlflow's global "active run"),
 so nesting is explicit and a component may hold several runs at once. mlflow is imported inside the
 functions: importing this module costs nothing and opens no connection.
+
+A local sqlite store is created (or migrated) once, under an inter-process lock beside it
+(:func:`prepare_sqlite_store`): MLflow's tracking and registry stores each create the tables of an empty
+database without one, so two ``kubellm run`` started together in a new folder collided in the schema
+migration (``duplicate column name: step``, ``table _alembic_tmp_latest_metrics already exists``), both
+failed, and a store left half-migrated broke every later command there. A half-migrated store is
+repaired under the same lock (leftover ``_alembic_tmp_*`` copies dropped, the migration resumed, on a
+backup copy kept beside it) or, when that fails, put back as it was and refused in one line that says
+how to recover.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -128,7 +138,95 @@ def mlflow_client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(cfg, workdir)
+    prepare_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+_READY_STORES: set[str] = set()
+# A first migration takes ~2 s on an idle machine and ~10 s on two busy cores: waiting for another
+# process's is normal, waiting this long is not.
+_STORE_LOCK_S = 300.0
+
+
+def prepare_sqlite_store(uri: str) -> None:
+    """Create, or bring up to date, the sqlite store at ``uri`` once per process, holding an exclusive
+    lock (``<db>.lock``) so that concurrent processes never migrate it together (see the module doc).
+    Other URIs are left to MLflow."""
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(db.with_name(f"{db.name}.lock"), _STORE_LOCK_S):
+        _bring_up_to_date(db, uri)
+    _READY_STORES.add(uri)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), waited for at most ``timeout_s``."""
+    import fcntl
+
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(f"{path}: another process has held this lock for over {timeout_s:g} s; "
+                                        "if none is running, remove the file and rerun") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _bring_up_to_date(db: Path, uri: str) -> None:
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        if utils._is_empty_database(engine):
+            utils._initialize_tables(engine)
+        elif not (utils._all_tables_exist(engine)
+                  and utils._get_schema_version(engine) == utils._get_latest_schema_revision()):
+            _repair(db, uri, engine)
+    finally:
+        engine.dispose()
+
+
+def _repair(db: Path, uri: str, engine: Any) -> None:
+    """Finish a migration an earlier process left half done, on the store itself with a copy kept
+    beside it; put the copy back and refuse in one line when that fails."""
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    backup = db.with_name(f"{db.name}.before-repair-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(db, backup)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        with engine.begin() as connection:
+            # A batch migration copies a table into _alembic_tmp_<table>, then swaps them: a copy whose
+            # table still exists is a partial leftover, and the migration that made it starts again.
+            for leftover in sorted(t for t in tables if t.startswith("_alembic_tmp_")
+                                   and t.removeprefix("_alembic_tmp_") in tables):
+                connection.execute(sqlalchemy.text(f'DROP TABLE "{leftover}"'))
+        if utils._all_tables_exist(engine):
+            utils._upgrade_db(engine)
+        else:
+            utils._initialize_tables(engine)
+    except Exception as err:  # whatever the migration hit, the store goes back to how it was found
+        engine.dispose()
+        os.replace(backup, db)
+        raise TrackingError(f"{db}: the MLflow store was left half-migrated by an earlier process and could not "
+                            f"be repaired ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); it is "
+                            f"unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
+                            f"repair it with `mlflow db upgrade {uri}`") from None
+    log.warning("%s: finished the MLflow schema migration an earlier process left half done; the store as "
+                "it was is kept at %s", db, backup)
 
 
 @contextlib.contextmanager
