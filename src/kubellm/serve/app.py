@@ -349,15 +349,16 @@ class _JsonDepth:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        messages, body = [], b""
+        messages, chunks = [], []
         while True:
             message = await receive()
             messages.append(message)
             if message["type"] != "http.request":
                 break
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
         # A V2 binary request is a JSON header of this many bytes, then raw tensor bytes.
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
         document = body[:int(header)] if header.isdigit() else body
