@@ -45,7 +45,7 @@ run: $(STAMP)  ## run the main job on the embedded default (configs/local.yaml)
 # Both cores: pytest-xdist, a module's tests on one worker (its module fixtures built once), serial tests
 # alone (tests/conftest.py). --durations shows the slowest tests on every run.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP) system-deps  ## run the whole test suite (unit, pipeline, integration, browser) on both cores
 	$(PYTEST) -m "not gpu" --durations=15 $(PYTEST_ARGS)

@@ -94,13 +94,14 @@ class Context:
 
     @property
     def tracking(self) -> dict[str, Any]:
-        """The tracking section as a task argument; locally with the sqlite URI made absolute, so every
-        task process (whatever its working directory) writes to the same store."""
+        """The tracking section as a task argument; locally with the URI resolved (the sqlite store's made
+        absolute, so every task process, whatever its working directory, writes to the same store; a
+        ``$MLFLOW_TRACKING_URI``'s password moved out of it, as task arguments are shown)."""
         t = self.cfg.tracking.model_copy()
         if self.target == "local" and t.enabled and t.uri is None:
-            import os
+            from kubellm.tracking import resolve_tracking_uri
 
-            t.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(self.workdir) / 'mlflow.db'}"
+            t.uri = resolve_tracking_uri(t, self.workdir)
         return to_param(t)
 
     def placed(self) -> dict[str, Any]:

@@ -11,7 +11,8 @@ The suite runs on both cores (``make test`` = pytest-xdist, two workers). Three 
 - ``build_once(name, build)``: an expensive input (a pretrained tiny model, say) made once per run and
   shared, read-only, by every worker.
 - Modules with a slow test are handed out first (longest work first), so no worker is left with a long
-  module at the end while the other idles.
+  module at the end while the other idles (``--no-loadscope-reorder``: xdist would otherwise hand out the
+  modules with the most tests first, which leaves the one-test pipeline runs for last).
 
 Every test has a time limit: 120 s (pyproject: ``timeout``), :data:`SLOW_TIMEOUT_S` for a ``slow`` one
 (real processes and servers take three times longer beside a CPU hog than on an idle machine); a test

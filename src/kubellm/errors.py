@@ -38,5 +38,10 @@ class ServingError(KubellmError):
     """A model that cannot be served or deployed."""
 
 
+class StorageError(KubellmError):
+    """A file or folder that cannot be written or read: a full disk, a quota, a file-size limit, missing
+    permission, a read-only volume (names the path and the cause)."""
+
+
 class ClusterError(KubellmError):
     """A Kubernetes or Kubeflow API call that failed (unreachable host, rejected token, failed job)."""

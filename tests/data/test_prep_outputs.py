@@ -131,3 +131,27 @@ def test_a_second_prep_replaces_its_own_output_but_not_a_file_added_to_it(tmp_pa
     assert code == 2 and "holds files kubellm did not write (notes.md)" in err
     assert (out / "notes.md").read_text() == "my notes on this dataset"
     assert json.loads((out / "stats.json").read_text()) == second
+
+
+def test_a_quoted_tilde_is_the_home_directory_for_every_command(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 24: `prep --out '~'` made a folder named "~" in the working directory, while the other
+    # commands read '~' as the home directory and refused it.
+    home, work = tmp_path / "home", tmp_path / "work"
+    user_folder(home)
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    cfg = config(tmp_path, write_jsonl(tmp_path / "in" / "docs.jsonl", DOCS))
+    code, err = cli("--config", str(cfg), "--out", "~")
+    assert code == 2 and err == (f"error: {home}: is your home directory; an output directory is replaced as a "
+                                 "whole: choose a new or empty directory")
+    assert list(work.iterdir()) == []
+    assert cli("--config", "~/../run.yaml", "--out", "~/prepared", work_allowed=True)[0] == 0
+    assert read_marker(home / "prepared")["kind"] == "prepared-dataset" and list(work.iterdir()) == []
+    # Inputs are read the same way: pretrain's --data, evaluate's --model (both missing here).
+    for argv, missing in ((["pretrain", "--data", "~/no-data", "--out", "~/run"], "no-data"),
+                          (["evaluate", "--model", "~/no-model", "--data", "~/prepared", "--out", "~/eval"], "no-model")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--set", "tracking.enabled=false"])
+        assert error_lines(capsys.readouterr().err).startswith(f"error: {home / missing}: ")

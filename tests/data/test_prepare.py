@@ -214,7 +214,7 @@ def test_outputs_stats_report_and_tracking(tmp_path: Path) -> None:
     result = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])), tmp_path / "o",
                      tracker=tracker)
     names = sorted(p.name for p in result.path.iterdir())
-    assert names == [".kubellm-output", "dataset", "manifest.json", "report.md", "stats.json", "tokenizer"]
+    assert names == [".kubellm-output", "checksums.json", "dataset", "manifest.json", "report.md", "stats.json", "tokenizer"]
     on_disk = fmt.open_prepared(result.path)
     assert on_disk.manifest == result.manifest and on_disk.stats() == json.loads(json.dumps(result.stats))
     report = (result.path / "report.md").read_text()

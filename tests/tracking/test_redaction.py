@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from trackhelpers import read_back
 
 from kubellm.config.tracking import TrackingConfig
@@ -36,3 +37,29 @@ def test_logged_configs_are_redacted(workdir: Path) -> None:
         assert TOKEN not in text and PASSWORD not in text and "plain-looking" not in text
         assert json.loads(text)["serve"] == {"max_new_tokens": 16}
     assert config["env"]["API_KEY"] == "plain-looking"  # the caller's dict is left alone
+
+
+def test_a_password_in_the_tracking_uri_moves_to_mlflows_variables(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://admin:{PASSWORD}@mlflow.example.com:5000/base")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "https://mlflow.example.com:5000/base"
+    import os
+
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("admin", PASSWORD)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com:5000/base"  # for the tasks it starts
+
+
+@pytest.mark.integration
+def test_mlflows_view_run_lines_never_show_the_password(mlflow_server: str, workdir: Path, monkeypatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    # Issue 24: MLflow prints "View run … at: <tracking URI>/#/…" after every run, password included.
+    # The test server has no authentication: it ignores the credentials.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://admin:{PASSWORD}@"))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with stage_run(TrackingConfig(experiment="view-run"), workdir, parent_run_id=None, stage="prep") as tr:
+        tr.log_metrics({"loss": 1.0}, step=1)
+    out, err = capfd.readouterr()
+    assert "View run" in out and f"{mlflow_server}/#/experiments/" in out
+    assert PASSWORD not in out + err

@@ -141,28 +141,45 @@ def test_truncated_weights_are_one_warning_line_not_a_traceback(
     assert json.loads((run_dir / RESULT_FILE).read_text())["resumed_from_step"] == 4
 
 
-def test_checkpoints_without_checksums_still_load_but_unreadable_ones_are_skipped(
-        run_dir: Path, pretrain_data: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Checkpoints of an older kubellm carry no checksums: loaded with a warning (a run upgraded mid-way
-    still resumes); one that does not load is skipped like one that fails its checksum."""
+def test_checkpoints_without_checksums_are_refused_unless_trusted_by_name(
+        run_dir: Path, pretrain_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24: a checkpoint without checksums (an older kubellm's, or copied without checksums.json) whose
+    weights were altered resumed with only a warning. It cannot be told from an intact one, so it is
+    refused with one line saying how to proceed; KUBELLM_RESUME_UNVERIFIED=1 resumes from it, and one
+    that does not load is still skipped like one that fails its checksum."""
     for _, path in ckpt.complete_checkpoints(run_dir):
         (path / ckpt.CHECKSUMS).unlink()
+    from safetensors.torch import load_file, save_file
+
+    altered = {k: v * 2 for k, v in load_file(str(weights_file(run_dir, 6))).items()}  # finite, not the same
+    save_file(altered, str(weights_file(run_dir, 6)))
+    monkeypatch.delenv(ckpt.RESUME_UNVERIFIED_ENV, raising=False)
+    with pytest.raises(TrainingError) as refused:
+        pretrain(CFG, pretrain_data, run_dir)
+    message = str(refused.value)
+    assert "none of the 2 checkpoints passes verification" in message and "has no checksums" in message
+    assert f"set {ckpt.RESUME_UNVERIFIED_ENV}=1 to resume from a checkpoint without checksums" in message
+    assert [s for s, _ in ckpt.complete_checkpoints(run_dir)] == [4, 6]  # nothing set aside or deleted
+
+    monkeypatch.setenv(ckpt.RESUME_UNVERIFIED_ENV, "1")
     os.truncate(weights_file(run_dir, 6), 100)
     with caplog.at_level(logging.WARNING, logger="kubellm"):
         res = pretrain(CFG, pretrain_data, run_dir)
     text = caplog.text
-    assert "step-00000006: has no checksums" in text and "unreadable checkpoint (SafetensorError" in text
+    assert "step-00000006: has no checksums; resuming from it unverified" in text
+    assert "unreadable checkpoint (SafetensorError" in text
     assert res.resumed_from_step == 4 and math.isfinite(res.final_loss)
 
 
 def test_a_run_that_keeps_producing_nan_stops_with_an_error_and_writes_no_model(
         run_dir: Path, pretrain_data: Path, config_file: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Finite but absurd weights (an older, unchecksummed checkpoint scaled by a bad tool): they load
-    and pass every check, and every loss from then on is NaN."""
+    """Finite but absurd weights (an older, unchecksummed checkpoint scaled by a bad tool, resumed from as
+    its user asked): they load and pass every check, and every loss from then on is NaN."""
     from safetensors.torch import load_file, save_file
 
     (weights_file(run_dir, 6).parent / ckpt.CHECKSUMS).unlink()
+    monkeypatch.setenv(ckpt.RESUME_UNVERIFIED_ENV, "1")
     tensors = load_file(str(weights_file(run_dir, 6)))
     save_file({k: torch.full_like(v, 3e38) if "embed" in k else v for k, v in tensors.items()},
               str(weights_file(run_dir, 6)))

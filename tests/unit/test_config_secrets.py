@@ -4,6 +4,9 @@ refused when the config is validated (so they are neither compiled into pipeline
 
 from __future__ import annotations
 
+import json
+import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +73,74 @@ def test_compile_refuses_credentials(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().startswith(f"error: {LOCAL}: invalid config: tracking.uri: credentials in the URI")
     assert PASSWORD not in out.stderr + out.stdout and not (tmp_path / "dist").exists()
+
+
+# Issue 24: three shapes that slipped through, each into 4 compiled YAML files. Built at run time, so no
+# secret-looking literal sits in the repository.
+AWS_SECRET = "".join(random.Random(24).choices(string.ascii_letters + string.digits + "+/", k=40))
+JWT = "eyJhbGciOiJIUzI1NiJ9" + ".eyJzdWIiOiJhZG1pbiJ9" + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+SHAPES = {
+    "raw key under a neutral key": ("platform.default.annotations={note: " + AWS_SECRET + "}", AWS_SECRET,
+                                    "platform.default.annotations.note: holds a random-looking key"),
+    "password in a URI query": (f"deploy.storage_uri=https://host.example.com/m?password={PASSWORD}", PASSWORD,
+                                "deploy.storage_uri: holds credentials in a URI query"),
+    "Authorization header": ("deploy.hf_args=['--header=Authorization: Bearer " + JWT + "']", JWT,
+                             "deploy.hf_args.0: holds a JSON Web Token"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_three_shapes_are_refused_in_a_config_file_and_a_set(shape: str, tmp_path: Path) -> None:
+    override, secret, message = SHAPES[shape]
+    with pytest.raises(ConfigError) as by_set:
+        load_config(LOCAL, [override])
+    import yaml
+
+    from kubellm.config.run import apply_overrides
+
+    doc = yaml.safe_load(LOCAL.read_text())
+    apply_overrides(doc, [override])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as by_file:
+        load_config(tmp_path / "run.yaml")
+    for err in (str(by_set.value), str(by_file.value)):
+        assert message in err and secret not in err and "\n" not in err
+    assert secret not in json.dumps(redact({"x": override}))
+
+
+def test_hashes_hub_ids_and_paths_are_no_secrets() -> None:
+    import hashlib
+    import uuid
+
+    ordinary = ["HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                "s3://My-Bucket/Models/Llama3/Checkpoints/Step1000", "/home/User/Projects/Kubellm2/data/Prepared",
+                "gs://Company-ML-Data/Tokenizers/BPE_32000_v2/Tokenizer.json", hashlib.sha256(b"x").hexdigest(),
+                "sha256:" + hashlib.sha256(b"y").hexdigest(), uuid.uuid4().hex, "a" * 40 + "0" * 8,
+                "http://mlflow.kubellm.svc:5000/?experiment=3", "Be the bearer of good news.",
+                "Qwen2_5OmniToken2WavBigVGANModel"]
+    assert find_secrets({"values": ordinary}) == []
+    assert redact({"values": ordinary}) == {"values": ordinary}
+
+
+@pytest.mark.parametrize(("argv", "secret"), [
+    (["serve", "--model", f"http://user:{PASSWORD}@host.example.com/m"], PASSWORD),
+    (["playground", "--compare-endpoint", f"http://user:{PASSWORD}@host.example.com:8080"], PASSWORD),
+    (["serve", "--model", f"https://host.example.com/m?token={PASSWORD}"], PASSWORD),
+    (["deploy", "--dry-run", "--storage-uri", f"s3://bucket/m?X-Amz-Signature={PASSWORD}"], PASSWORD),
+    (["prep", "--out", "x", "--source", f"https://host.example.com/d.jsonl?access_token={PASSWORD}"], PASSWORD),
+    (["run", "--param", f"base_model={AWS_SECRET}"], AWS_SECRET),
+    (["finetune", "--data", "d", "--out", "o", "--base", f"Authorization: Bearer {JWT}"], JWT),
+])
+def test_flags_that_take_a_uri_or_header_refuse_credentials(argv: list[str], secret: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from kubellm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    flag = next(a for a in argv if a.startswith("--") and a not in ("--dry-run", "--out", "--data"))
+    assert info.value.code == 2 and err.startswith(f"error: {flag}: holds ") and err.count("\n") == 1
+    assert secret not in out + err and list(tmp_path.iterdir()) == []

@@ -174,3 +174,32 @@ def test_cli_with_an_empty_config_exits_2_in_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == ("error: empty.yaml: the config file is empty (or only "
                                                     "comments); write {} in it to run with the built-in defaults")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
+
+
+def test_io_failures_are_named_by_their_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from kubellm.errors import StorageError
+    from kubellm.fsutil import io_cause, io_errors
+
+    assert io_cause(OSError(errno.ENOSPC, "x"), tmp_path) == "no space left on device"
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = PermissionError(errno.EACCES, "denied")
+    assert io_cause(wrapped, tmp_path) == "permission denied"
+    # safetensors and torch report the system's words as text
+    assert io_cause(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                 '"No space left on device" })'), tmp_path) == "no space left on device"
+    assert io_cause(ValueError("a bug"), tmp_path) is None
+    assert io_cause(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64"), tmp_path) is None
+
+    class Full:  # torch's zip writer on a full volume says only "unexpected pos"
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full)
+    assert io_cause(RuntimeError("unexpected pos 64"), tmp_path) == "no space left on device"
+    full = f"^{tmp_path / 'x'}: cannot write x: no space left on device; later$"
+    with pytest.raises(StorageError, match=full), io_errors(tmp_path / "x", "cannot write x", "; later"):
+        raise RuntimeError("unexpected pos 64")
+    with pytest.raises(ValueError, match="a bug"), io_errors(tmp_path, "cannot write"):
+        raise ValueError("a bug")

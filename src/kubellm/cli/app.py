@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from kubellm.errors import KubellmError
+from kubellm.fsutil import user_path
 
 app = typer.Typer(
     name="kubellm",
@@ -27,12 +28,27 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML run config (see configs/; `kubellm init` writes a starter); "
                  "default: the embedded default that ships with kubellm (configs/local.yaml in the repository).",
-                 dir_okay=False),
+                 parser=user_path),
 ]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config field, e.g. --set data.max_docs=1000 (repeatable)."),
 ]
+
+
+def no_secrets(ctx: typer.Context, param: typer.CallbackParam, value: str | list[str] | None) -> str | list[str] | None:
+    """Callback of every option that takes a URI, a model reference or a header: a credential in it is
+    refused as a config's fields are (:func:`kubellm.config.secrets.secret_in`), in one line that names the
+    option and never the value. A ``--set`` is checked as part of the config."""
+    from kubellm.config.secrets import WHERE_CREDENTIALS_GO, secret_in
+    from kubellm.errors import ConfigError
+
+    for item in [value] if isinstance(value, str) else value or []:
+        kind = secret_in(item)
+        if kind is not None:
+            raise ConfigError(f"{param.opts[0]}: holds {kind}; a command line is logged and shown (shell history, "
+                              f"ps, pod specs), never put a secret in it; {WHERE_CREDENTIALS_GO}")
+    return value
 
 
 
@@ -115,7 +131,8 @@ STARTER_HEADER = """\
 
 
 @app.command()
-def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = Path("kubellm.yaml")) -> None:
+def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.", parser=user_path)]
+         = Path("kubellm.yaml")) -> None:
     """Write a commented starter run config (the embedded default) to edit for your own data."""
     from kubellm.config import default_config_path, load_config
 

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets, require
+from kubellm.fsutil import user_path
 
 
 class Section(StrEnum):
@@ -32,16 +33,16 @@ def _with_fields(data_cfg, section: Section, fields: dict[str, str]):  # -> Data
 @app.command()
 def prep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (replaced atomically when done); "
-                                      "relative paths must stay inside the current directory.")],
+                                      "relative paths must stay inside the current directory.", parser=user_path)],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     section: Annotated[Section, typer.Option(help="Config section to prepare: the pretraining corpus "
                                              "(data) or the instruction data (instruct_data).")] = Section.data,
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse this tokenizer directory (or a prepared "
-                                                   "dataset's) instead of training one.")] = None,
+                                                   "dataset's) instead of training one.", parser=user_path)] = None,
     source: Annotated[list[str] | None, typer.Option(
         "--source", help="Read this file, directory, glob or URI instead of the section's sources "
-        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…")] = None,
+        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…", callback=no_secrets)] = None,
     text_field: Annotated[str | None, typer.Option(help="Field holding the text (pretraining data).")] = None,
     prompt_field: Annotated[str | None, typer.Option(help="Field holding the prompt (instruction data; "
                                                      "implies --section instruct_data).")] = None,

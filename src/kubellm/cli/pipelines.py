@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets
 from kubellm.errors import ConfigError
+from kubellm.fsutil import user_path
 from kubellm.pipeline_params import is_pipeline_file
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
@@ -22,7 +23,8 @@ PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycl
                                           "FILE.py[:FUNC] (a build(builder) function; see "
                                           "examples/own_data/pipeline.py).")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Set a pipeline run parameter, e.g. "
-                                                    "--param base_model=/models/base (repeatable).")]
+                                                    "--param base_model=/models/base (repeatable).",
+                                                    callback=no_secrets)]
 
 
 def parse_params(items: list[str] | None) -> dict[str, object]:
@@ -164,7 +166,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
 @app.command(name="compile")
 def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
              out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier "
-                                               "compile's.")] = Path("dist"),
+                                               "compile's.", parser=user_path)] = Path("dist"),
              pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="Only these pipelines "
                                                                 "(repeatable), built-in or a pipeline file "
                                                                 "FILE.py[:FUNC]; default all built-in.")] = None) -> None:
@@ -198,7 +200,7 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
 HostOpt = Annotated[str | None, typer.Option(
     "--host", envvar=["KF_PIPELINES_ENDPOINT", "KFP_HOST"],
     help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline (inside a pod: "
-         "http://ml-pipeline-ui.kubeflow).")]
+         "http://ml-pipeline-ui.kubeflow).", callback=no_secrets)]
 NamespaceOpt = Annotated[str | None, typer.Option(
     "--namespace", "-n", envvar="KFP_NAMESPACE",
     help="Profile namespace on a multi-user Kubeflow (default: the kube context's, else the pod's own).")]
@@ -210,7 +212,8 @@ CookieOpt = Annotated[str | None, typer.Option(
     "--cookie", envvar="KFP_COOKIE", show_default=False,
     help="Session cookie for Dex/OIDC, e.g. oauth2_proxy_kubeflow=… (prefer the env var).")]
 CaBundleOpt = Annotated[Path | None, typer.Option(
-    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.")]
+    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.",
+    parser=user_path)]
 ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: the "
                                                    "tracking experiment name).")]
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load, require
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets, require
+from kubellm.fsutil import user_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -28,7 +29,8 @@ class Kind(StrEnum):
 def check(
     paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders (*.yaml, *.yml, "
                                                        "*.json). None: configs/cluster-*.yaml and every "
-                                                       "manifest generated from the config.")] = None,
+                                                       "manifest generated from the config.",
+                                                  parser=user_path)] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -62,9 +64,10 @@ def check(
 def train_job(
     stage: Annotated[Stage, typer.Option(help="Training stage the job runs.")],
     data: Annotated[str, typer.Option(help="Prepared dataset on the shared PVC (relative paths are under "
-                                      "/mnt/kubellm).")],
-    out: Annotated[str, typer.Option(help="Output directory on the shared PVC.")],
-    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.")] = None,
+                                      "/mnt/kubellm).", callback=no_secrets)],
+    out: Annotated[str, typer.Option(help="Output directory on the shared PVC.", callback=no_secrets)],
+    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.",
+                                             callback=no_secrets)] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     kind: Annotated[Kind | None, typer.Option(help="Job kind; default: platform.distributed.<stage>.engine.")] = None,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets
 
 PortOpt = Annotated[int | None, typer.Option("--port", "-p", help="Port to listen on (default: from the config).",
                                              min=1, max=65535)]
@@ -18,9 +18,10 @@ def serve(
     overrides: SetOpt = None,
     model: Annotated[str | None, typer.Option(help="Model to serve: a directory (merged model or LoRA adapter), "
                                               "models:/name@alias, or a Hub id. Default: serve.model, else "
-                                              "models:/<tracking.registered_model>@champion.")] = None,
+                                              "models:/<tracking.registered_model>@champion.",
+                                              callback=no_secrets)] = None,
     base: Annotated[str | None, typer.Option(help="Base model of a LoRA adapter (default: the base the "
-                                             "adapter records).")] = None,
+                                             "adapter records).", callback=no_secrets)] = None,
     port: PortOpt = None,
 ) -> None:
     """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
@@ -35,7 +36,8 @@ def deploy(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     storage_uri: Annotated[str | None, typer.Option(help="Model location KServe downloads into /mnt/models "
-                                                    "(s3://, gs://, pvc://, hf://); default: deploy.storage_uri.")] = None,
+                                                    "(s3://, gs://, pvc://, hf://); default: deploy.storage_uri.",
+                                                    callback=no_secrets)] = None,
     model_version: Annotated[int | None, typer.Option(min=1, help="Registry version being deployed: labelled on the "
                                                       "InferenceService and given deploy.promote_alias "
                                                       "(champion) after a healthy rollout.")] = None,
@@ -81,9 +83,10 @@ def playground(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     endpoint: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL of model A (default: "
-                                                 "playground.endpoint, else the local predictor).")] = None,
+                                                 "playground.endpoint, else the local predictor).",
+                                                 callback=no_secrets)] = None,
     compare_endpoint: Annotated[str | None, typer.Option(help="Base URL of model B, answered side by side "
-                                                         "(e.g. the base model).")] = None,
+                                                         "(e.g. the base model).", callback=no_secrets)] = None,
     port: PortOpt = None,
 ) -> None:
     """The prompt playground (Gradio) on 127.0.0.1 unless playground.host says otherwise."""

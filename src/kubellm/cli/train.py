@@ -7,16 +7,18 @@ from typing import Annotated
 
 import typer
 
-from kubellm.cli.app import ConfigOpt, SetOpt, app, load
+from kubellm.cli.app import ConfigOpt, SetOpt, app, load, no_secrets
+from kubellm.fsutil import user_path
 
 # ---- training: pretrain, finetune ----------------------------------------------------------------
 # Both validate the config before any heavy import or work, call the same stage function the KFP
 # component calls (tracked in MLflow per the config's tracking section; inside a training job's pod,
 # rank 0 logs into the launching step's run), and exit 143 after a SIGTERM checkpoint (rerun to resume).
 
-DataOpt = Annotated[Path, typer.Option("--data", help="A prepared dataset directory (`kubellm prep --out`).")]
+DataOpt = Annotated[Path, typer.Option("--data", help="A prepared dataset directory (`kubellm prep --out`).",
+                                       parser=user_path)]
 OutOpt = Annotated[Path, typer.Option(
-    "--out", help="Output directory; rerunning with the same one resumes from its last checkpoint.")]
+    "--out", help="Output directory; rerunning with the same one resumes from its last checkpoint.", parser=user_path)]
 
 
 def _context(cfg):  # -> StageContext
@@ -56,7 +58,7 @@ def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: SetOpt = None,
              base: Annotated[str | None, typer.Option(
                  "--base", help="Base model: a local model directory or a Hub id (default: "
-                 "finetune.base_model).")] = None) -> None:
+                 "finetune.base_model).", callback=no_secrets)] = None) -> None:
     """LoRA fine-tune a causal LM on a prepared instruction dataset (loss on responses only).
 
     Writes the adapter (and merged/ with finetune.merge=true); resumes, checkpoints on SIGTERM like pretrain.
@@ -81,9 +83,11 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 # `evaluate` logs to its own MLflow run (tracking.*; --set tracking.enabled=false logs nowhere) and exits
 # 0 whether the gate passes or not: the gate's verdict is data, printed and written to metrics.json.
 
-ModelOpt = Annotated[Path, typer.Option("--model", help="A model directory or LoRA adapter directory.")]
+ModelOpt = Annotated[Path, typer.Option("--model", help="A model directory or LoRA adapter directory.",
+                                        parser=user_path)]
 BaseOpt = Annotated[str | None, typer.Option(
-    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).")]
+    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).",
+    callback=no_secrets)]
 
 
 def _print_version(title: str, info) -> None:  # info: ModelVersionInfo
@@ -95,9 +99,10 @@ def _print_version(title: str, info) -> None:  # info: ModelVersionInfo
 
 @app.command()
 def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
-                 "--data", help="The prepared dataset (validation split and held-out prompts).")],
+                 "--data", help="The prepared dataset (validation split and held-out prompts).", parser=user_path)],
              out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, report.md, "
-                                                             "loss_curve.png (replaced atomically).")],
+                                                             "loss_curve.png (replaced atomically).",
+                                                        parser=user_path)],
              base: BaseOpt = None, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     """Held-out perplexity and generation metrics, base vs candidate, and the promotion gate."""
     cfg = load(config, overrides, reads=("evaluate",))

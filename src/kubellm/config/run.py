@@ -196,7 +196,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         origin = str(p)
         if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+            raise ConfigError(f"{p}: {'a directory, not a config file' if p.is_dir() else 'config file not found'}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:

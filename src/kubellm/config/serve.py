@@ -67,6 +67,12 @@ class ServeConfig(StrictModel):
     """Upper bound of a request's ``max_tokens`` (larger gets a 400)."""
     default_max_tokens: int = Field(default=128, ge=1)
     """Tokens generated when a request does not say (``max_tokens`` absent)."""
+    model_repository_api: bool = False
+    """Answer KServe's model-repository routes, ``POST /v2/repository/models/<name>/load|unload`` (stop and
+    restart the generation engine; readiness is false while unloaded). Off: they answer 404, as anyone
+    who can reach the pod could otherwise take the model offline. On: each call needs ``Authorization:
+    Bearer <token>`` with the token from the environment variable ``KUBELLM_SERVE_ADMIN_TOKEN`` (a
+    Kubernetes Secret through ``platform.*.secret_env``), and the server refuses to start without it."""
 
     @model_validator(mode="after")
     def _token_limits(self) -> ServeConfig:

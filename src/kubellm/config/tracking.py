@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from kubellm.config.base import StrictModel
@@ -20,3 +22,9 @@ class TrackingConfig(StrictModel):
     """MLflow experiment of the parent runs."""
     registered_model: str = Field(default="kubellm", min_length=1, max_length=200)
     """Model Registry name; new versions get the ``candidate`` alias, ``champion`` after promotion."""
+    when_unreachable: Literal["buffer", "fail"] = "buffer"
+    """What a running stage does when the MLflow server stops answering. ``buffer``: training goes on; its
+    metrics wait in memory (at most 100,000 points; more are dropped and counted) and are sent once the
+    server answers again, with one warning line when tracking degrades and one when it recovers; the run
+    is closed by the next run of the stage if the server is still away at the end. ``fail``: the stage
+    stops with one error line, for teams whose audit needs every point."""

@@ -11,9 +11,16 @@
                        (messages end with the user turn; reference is the expected assistant answer)
       stats.json       records in/out, dropped by reason, duplicates, tokens, blocks, padding fraction
       report.md        the same, for a person
+      checksums.json   size and checksum of every file under dataset/ (datasets prepared before it
+                       existed have none and are read unverified)
 
 Pretraining rows are packed blocks of exactly ``block_size`` tokens whose labels equal input_ids.
 Instruction rows are at most ``block_size`` tokens; prompt tokens (and padding) carry label -100.
+
+A split is verified against ``checksums.json`` before it is read, as checkpoints are: a truncated or empty
+``.arrow`` shard used to end in ~100 lines of pyarrow traceback that did not name the file; now it is one
+line naming the shard (exit 2). A split that fails to load anyway (no checksums to compare) is named the
+same way.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kubellm.errors import DataError
+from kubellm.fsutil import verify_checksums, write_checksums
 
 MANIFEST = "manifest.json"
 DATASET_DIR = "dataset"
@@ -31,6 +39,7 @@ TOKENIZER_DIR = "tokenizer"
 HELDOUT = "heldout.jsonl"
 STATS = "stats.json"
 REPORT = "report.md"
+CHECKSUMS = "checksums.json"
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
 
@@ -71,13 +80,26 @@ class PreparedDataset:
         return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
 
     def load_split(self, split: str) -> Any:
-        """A ``datasets.Dataset`` (memory-mapped Arrow) for ``split``."""
+        """A ``datasets.Dataset`` (memory-mapped Arrow) for ``split``, its files verified first."""
+        import pyarrow
         from datasets import load_from_disk
 
-        dd = load_from_disk(str(self.path / DATASET_DIR))
-        if split not in dd:
-            raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {sorted(dd)})")
-        return dd[split]
+        where = self.path / DATASET_DIR / split
+        if not (where / "state.json").is_file():
+            have = sorted(p.name for p in (self.path / DATASET_DIR).glob("*/state.json"))
+            raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {have})")
+        again = f"the prepared dataset {self.path} is corrupt: prepare it again (kubellm prep)"
+        try:
+            verify_checksums(self.path, self.path / CHECKSUMS, DataError, prefix=f"{DATASET_DIR}/{split}/",
+                             what="dataset", when="prepared")
+        except DataError as err:
+            raise DataError(f"{err}; {again}") from None
+        try:
+            return load_from_disk(str(where))
+        except (OSError, ValueError, pyarrow.ArrowException) as err:
+            where, err = _unreadable_shard(where) or (where, err)
+            raise DataError(f"{where}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+                            f"{again}") from None
 
     def heldout(self) -> list[dict[str, Any]]:
         """Held-out instruction examples (empty for pretraining data)."""
@@ -89,6 +111,25 @@ class PreparedDataset:
 
     def stats(self) -> dict[str, Any]:
         return json.loads((self.path / STATS).read_text(encoding="utf-8"))
+
+
+def _unreadable_shard(dataset_dir: Path) -> tuple[Path, Exception] | None:
+    """The first ``.arrow`` shard under ``dataset_dir`` that does not read whole, and why."""
+    import pyarrow
+
+    for shard in sorted(dataset_dir.rglob("*.arrow")):
+        try:
+            with pyarrow.memory_map(str(shard)) as source:
+                pyarrow.ipc.open_stream(source).read_all()
+        except (OSError, ValueError, pyarrow.ArrowException) as err:
+            return shard, err
+    return None
+
+
+def write_dataset_checksums(root: Path) -> None:
+    """Record every file under ``root/dataset`` in ``root/checksums.json`` (by ``kubellm prep``)."""
+    files = [p.relative_to(root).as_posix() for p in (root / DATASET_DIR).rglob("*") if p.is_file()]
+    write_checksums(root, files, root / CHECKSUMS)
 
 
 def open_prepared(path: str | Path) -> PreparedDataset:

@@ -412,6 +412,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
             fingerprint=fp, splits=splits, stop_token_ids=tok_mod.stop_token_ids(tok))
         stats = _final_stats(cfg, stats, split_stats, manifest, trained, n_heldout, timings)
+        fmt.write_dataset_checksums(tmp)
         write_json_atomic(tmp / fmt.STATS, stats)
         (tmp / fmt.REPORT).write_text(render_report(cfg, stats, manifest, tok, tmp), encoding="utf-8")
         write_json_atomic(tmp / fmt.MANIFEST, manifest.to_json())  # last: its presence means complete

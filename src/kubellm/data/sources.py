@@ -27,6 +27,7 @@ from typing import IO, Any
 from kubellm.config.data import DataConfig, SourceConfig
 from kubellm.data import builtin
 from kubellm.errors import DataError, SourceError
+from kubellm.fsutil import user_path
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
@@ -143,7 +144,7 @@ def _readable(name: str, fmt: str) -> bool:
 
 
 def _local_files(spec: str, cfg: SourceConfig, where: str) -> list[InputFile]:
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if _has_magic(spec):
         base = Path(*[p for p in path.parts[: next(i for i, p in enumerate(path.parts) if _has_magic(p))]])
         matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))

@@ -222,8 +222,8 @@ class GenerationEngine:
     # --- lifecycle and submission (on the serving event loop) ---
 
     async def start(self) -> None:
-        """Start the worker thread."""
-        if self._thread is not None:
+        """Start the worker thread (again, after :meth:`stop` or a worker that died)."""
+        if self._thread is not None and self._thread.is_alive():
             return
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="kubellm-generate", daemon=True)
@@ -242,6 +242,14 @@ class GenerationEngine:
             request._emit("error", EngineStopped("the server is shutting down"))
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a submitted request will be generated: the worker runs and is not stopping. Readiness
+        (``/v2/health/ready``) is this: a dead worker used to leave the server "ready" while every
+        request waited forever."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
 
     @property
     def queued(self) -> int:
@@ -263,7 +271,7 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         requests = [GenerationRequest(list(ids), params, loop) for ids, params in jobs]
         with self._wake:
-            if self._thread is None or self._stopping:
+            if not self.accepting:
                 raise EngineStopped("the generation engine is not running")
             waiting = len(self._waiting)
             free = self.max_queue - waiting
@@ -277,6 +285,19 @@ class GenerationEngine:
     # --- the worker thread ---
 
     def _work(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:
+            # Not a failed step (those fail their requests and the loop goes on): the loop itself broke.
+            # Nothing will generate any more, so whatever waits or runs fails now and readiness drops.
+            log.exception("the generation engine stopped")
+            with self._wake:
+                self._stopping = True
+                pending = [*self._waiting, *(row.request for row in self._batch.rows)]
+                self._waiting.clear()
+            self._batch.fail(pending, EngineStopped(f"the generation engine stopped: {err}"))
+
+    def _loop(self) -> None:
         import torch
 
         from kubellm.train.precision import autocast

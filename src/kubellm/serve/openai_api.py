@@ -23,6 +23,7 @@ Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``:
 request                                 status  code
 ======================================  ======  ==============================
 body is not JSON / not an object        400     ``invalid_json``
+body nested deeper than 64 levels       400     ``invalid_json``
 a field has the wrong type / is missing 400     ``invalid_value``
 prompt longer than max_prompt_tokens    400     ``context_length_exceeded``
 body over max_request_bytes             413     ``request_too_large``

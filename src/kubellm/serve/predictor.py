@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubellm.errors import ServingError
+from kubellm.fsutil import user_path
 from kubellm.log import get_logger
 from kubellm.serve.engine import (
     Completion,
@@ -79,9 +80,9 @@ class InvalidRequest(ServingError):
     """A request the client must fix: answered with ``status`` (4xx) and an OpenAI-style error body."""
 
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+        self.status, self.param, self.code, self.headers = status, param, code, headers
 
 
 def resolve_model(ref: str, *, tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm") -> str:
@@ -96,7 +97,7 @@ def resolve_model(ref: str, *, tracking: TrackingConfig | None = None, workdir: 
         from kubellm.tracking.registry import resolve_model_uri
 
         return str(resolve_model_uri(tracking or TrackingConfig(), workdir, ref))
-    path = Path(ref)
+    path = user_path(ref)
     if path.is_dir():
         return str(find_model_dir(path))
     if path.exists():
@@ -176,7 +177,9 @@ class LLMModel(kserve.Model):
         return True
 
     async def healthy(self) -> bool:
-        return bool(self.ready and self.engine is not None)
+        """Whether the model can answer: loaded, and its engine generating (see
+        :attr:`GenerationEngine.accepting`)."""
+        return bool(self.ready and self.engine is not None and self.engine.accepting)
 
     # --- requests, shared by every protocol ---
 

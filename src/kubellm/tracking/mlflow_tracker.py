@@ -4,6 +4,15 @@ One *parent* run per lifecycle run (a KFP pipeline run, or one ``kubellm run``) 
 run per step. Every run carries the tags ``pipeline``, ``kfp_run_id`` (when there is one),
 ``config_hash`` and ``git_revision``; stage runs carry ``stage`` too, so the MLflow UI can filter them.
 
+Tracking cannot stall training (``tracking.when_unreachable``). Each call to a server is bounded:
+unless the environment says otherwise, MLflow's HTTP client gets 10 s per request and 2 retries
+(``MLFLOW_HTTP_REQUEST_TIMEOUT``/``MAX_RETRIES``; its defaults of 120 s and 7 retries with exponential
+backoff kept a training loop silent for ~10 minutes when the server died). While the server is away,
+:class:`MlflowTracker` buffers metrics and tries again at most every ``_RETRY_S`` seconds, so a step
+pays for one bounded call at most that often; the points go out once the server answers. A run the
+server never heard end is closed (``KILLED``) by the next run of the same stage on the same host once
+its process is gone.
+
 Steps fail in three ways and none leaves a run stuck ``RUNNING``:
 
 * an exception ends the stage run ``FAILED`` (with the error as the ``error`` tag);
@@ -14,6 +23,15 @@ Steps fail in three ways and none leaves a run stuck ``RUNNING``:
 Everything goes through ``MlflowClient`` with explicit run ids (never mlflow's global "active run"),
 so nesting is explicit and a component may hold several runs at once. mlflow is imported inside the
 functions: importing this module costs nothing and opens no connection.
+
+A local sqlite store is created (or migrated) once, under an inter-process lock beside it
+(:func:`prepare_sqlite_store`): MLflow's tracking and registry stores each create the tables of an empty
+database without one, so two ``kubellm run`` started together in a new folder collided in the schema
+migration (``duplicate column name: step``, ``table _alembic_tmp_latest_metrics already exists``), both
+failed, and a store left half-migrated broke every later command there. A half-migrated store is
+repaired under the same lock (leftover ``_alembic_tmp_*`` copies dropped, the migration resumed, on a
+backup copy kept beside it) or, when that fails, put back as it was and refused in one line that says
+how to recover.
 """
 
 from __future__ import annotations
@@ -24,14 +42,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from kubellm.config.secrets import redact
 from kubellm.config.tracking import TrackingConfig
@@ -49,6 +70,8 @@ TAG_STAGE = "stage"
 TAG_RUN_KIND = "run_kind"  # "parent" | "stage"
 TAG_ERROR = "error"
 TAG_ATTEMPT = "attempt"  # 2, 3, … on a run a retried step re-attached to
+TAG_HOST = "kubellm.host"  # where the stage's process runs, and its pid: a later run of the stage on the
+TAG_PID = "kubellm.pid"  # same host closes the run of a process that is gone
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under its parent
 
 # MLflow's batch limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch call.
@@ -66,16 +89,36 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
 
     The sqlite default is ``sqlite:///<absolute workdir>/mlflow.db`` (the directory is created), the
     file ``make mlflow-ui`` opens. A server's credentials come from MLflow's own environment variables
-    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself.
+    (``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``), which MLflow reads itself;
+    a ``$MLFLOW_TRACKING_URI`` of ``https://user:password@host`` is turned into those first
+    (:func:`_credentials_to_env`).
     """
     if cfg.uri:
         return cfg.uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return _credentials_to_env(env)
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _credentials_to_env(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which go to ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (unless
+    those are set) and out of ``$MLFLOW_TRACKING_URI`` itself, for this process and the ones it starts.
+
+    MLflow builds the "View run at" lines it prints from the tracking URI, password included, and
+    kubellm's own messages name the URI; both now show the host only. The config's ``tracking.uri``
+    refuses user-info at validation; only the environment can still carry it.
+    """
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -91,7 +134,7 @@ def git_revision() -> str | None:
     ``git describe`` of the checkout kubellm runs from (``-dirty`` when it has local edits), else None."""
     env = os.environ.get("KUBELLM_GIT_REVISION")
     if env:
-        return env
+        return _credentials_to_env(env)
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
@@ -102,12 +145,107 @@ def git_revision() -> str | None:
     return rev if out.returncode == 0 and rev else None
 
 
+# Per request to an MLflow server: seconds and retries (see the module doc); the environment overrides.
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def mlflow_client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
     """An ``MlflowClient`` for the resolved tracking URI (the registry at the same place), and the URI."""
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(cfg, workdir)
+    prepare_sqlite_store(uri)
+    for name, value in _HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+_READY_STORES: set[str] = set()
+# A first migration takes ~2 s on an idle machine and ~10 s on two busy cores: waiting for another
+# process's is normal, waiting this long is not.
+_STORE_LOCK_S = 300.0
+
+
+def prepare_sqlite_store(uri: str) -> None:
+    """Create, or bring up to date, the sqlite store at ``uri`` once per process, holding an exclusive
+    lock (``<db>.lock``) so that concurrent processes never migrate it together (see the module doc).
+    Other URIs are left to MLflow."""
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(db.with_name(f"{db.name}.lock"), _STORE_LOCK_S):
+        _bring_up_to_date(db, uri)
+    _READY_STORES.add(uri)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), waited for at most ``timeout_s``."""
+    import fcntl
+
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(f"{path}: another process has held this lock for over {timeout_s:g} s; "
+                                        "if none is running, remove the file and rerun") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _bring_up_to_date(db: Path, uri: str) -> None:
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        if utils._is_empty_database(engine):
+            utils._initialize_tables(engine)
+        elif not (utils._all_tables_exist(engine)
+                  and utils._get_schema_version(engine) == utils._get_latest_schema_revision()):
+            _repair(db, uri, engine)
+    finally:
+        engine.dispose()
+
+
+def _repair(db: Path, uri: str, engine: Any) -> None:
+    """Finish a migration an earlier process left half done, on the store itself with a copy kept
+    beside it; put the copy back and refuse in one line when that fails."""
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    backup = db.with_name(f"{db.name}.before-repair-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(db, backup)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        with engine.begin() as connection:
+            # A batch migration copies a table into _alembic_tmp_<table>, then swaps them: a copy whose
+            # table still exists is a partial leftover, and the migration that made it starts again.
+            for leftover in sorted(t for t in tables if t.startswith("_alembic_tmp_")
+                                   and t.removeprefix("_alembic_tmp_") in tables):
+                connection.execute(sqlalchemy.text(f'DROP TABLE "{leftover}"'))
+        if utils._all_tables_exist(engine):
+            utils._upgrade_db(engine)
+        else:
+            utils._initialize_tables(engine)
+    except Exception as err:  # whatever the migration hit, the store goes back to how it was found
+        engine.dispose()
+        os.replace(backup, db)
+        raise TrackingError(f"{db}: the MLflow store was left half-migrated by an earlier process and could not "
+                            f"be repaired ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); it is "
+                            f"unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
+                            f"repair it with `mlflow db upgrade {uri}`") from None
+    log.warning("%s: finished the MLflow schema migration an earlier process left half done; the store as "
+                "it was is kept at %s", db, backup)
 
 
 @contextlib.contextmanager
@@ -161,15 +299,40 @@ def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
                                    order_by=["attributes.start_time DESC"]))
 
 
-class MlflowTracker(Tracker):
-    """A :class:`Tracker` writing to one MLflow run through ``MlflowClient``."""
+# While the server is away: how often a call is tried again, and how many metric points wait for it.
+_RETRY_S = 30.0
+_MAX_BUFFERED = 100_000
 
-    def __init__(self, client: Any, run_id: str, *, logged_steps: Mapping[str, int] | None = None) -> None:
+
+def unreachable(err: BaseException) -> bool:
+    """Whether ``err`` means the tracking server did not answer (down, restarting, overloaded), rather
+    than refusing the request itself."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, OSError):  # requests' ConnectionError and Timeout are OSErrors
+        return True
+    return isinstance(err, MlflowException) and err.error_code in (
+        "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+
+
+class MlflowTracker(Tracker):
+    """A :class:`Tracker` writing to one MLflow run through ``MlflowClient``.
+
+    With ``when_unreachable="buffer"`` metrics wait in memory while the server is away (see the module
+    doc); :meth:`flush` sends what waits and says in one line what could not be sent.
+    """
+
+    def __init__(self, client: Any, run_id: str, *, logged_steps: Mapping[str, int] | None = None,
+                 when_unreachable: str = "fail", uri: str = "") -> None:
         self.client = client
         self.run_id = run_id
         # Per metric, the last step already in the run: a re-attached run (a retried step, a restarted
         # training pod) re-runs the steps since its last checkpoint, and those must not appear twice.
         self._logged_steps = dict(logged_steps or {})
+        self.when_unreachable, self.uri = when_unreachable, uri
+        self._waiting: list[Any] = []
+        self.dropped = 0
+        self._retry_at = 0.0
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (nested) config as flat params. Params are immutable in MLflow: on a re-attached run a
@@ -194,22 +357,75 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                  if v is not None and (step is None or step > self._logged_steps.get(k, -1))]
-        for i in range(0, len(items), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+        room = _MAX_BUFFERED - len(self._waiting)
+        self.dropped += max(0, len(items) - room)
+        self._waiting += items[:max(room, 0)]
+        if time.monotonic() >= self._retry_at:
+            self._send_waiting()
+
+    def _send_waiting(self) -> bool:
+        """Send the metrics that wait; False (and they keep waiting) when the server does not answer."""
+        try:
+            while self._waiting:
+                self.client.log_batch(self.run_id, metrics=self._waiting[:_METRICS_PER_BATCH])
+                del self._waiting[:_METRICS_PER_BATCH]
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            if self.when_unreachable != "buffer":
+                raise TrackingError(f"MLflow at {self.uri or '?'} does not answer "
+                                    f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); the stage stops "
+                                    "(tracking.when_unreachable: fail)") from None
+            if not self._retry_at:
+                log.warning("tracking degraded: MLflow at %s does not answer (%s); training goes on, metrics wait "
+                            "in memory and are sent when it is back", self.uri or "?",
+                            (str(err).splitlines() or [type(err).__name__])[0][:200])
+            self._retry_at = time.monotonic() + _RETRY_S
+            return False
+        if self._retry_at:
+            log.warning("tracking recovered: MLflow at %s answers again; the metrics that waited were sent",
+                        self.uri or "?")
+            self._retry_at = 0.0
+        return True
+
+    def flush(self) -> bool:
+        """Send what waits, now; one warning line says how many points are lost when that fails."""
+        sent = self._send_waiting()
+        if not sent or self.dropped:
+            log.warning("run %s: %d metric points could not be sent to MLflow at %s (server away%s); they are "
+                        "in the stage's own files (history.jsonl)", self.run_id, len(self._waiting) + self.dropped,
+                        self.uri or "?", f", {self.dropped} beyond the buffer" if self.dropped else "")
+        return sent
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        log_one = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._or_skip(f"artifact {path.name}", lambda: log_one(self.run_id, str(path), artifact_path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:_MAX_TAG_VALUE]) for k, v in tags.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+
+        def send() -> None:
+            for i in range(0, len(items), _PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+
+        self._or_skip(f"tags {', '.join(sorted(tags))}", send)
+
+    def _or_skip(self, what: str, call: Callable[[], Any]) -> None:
+        """``call()``; while the server is away (buffer mode) ``what`` is skipped with one line instead of
+        failing the stage, without a call while it is known to be away: an artifact is not kept in memory."""
+        if self.when_unreachable == "buffer" and time.monotonic() < self._retry_at:
+            log.warning("run %s: %s not logged, MLflow at %s does not answer", self.run_id, what, self.uri or "?")
+            return
+        try:
+            call()
+        except Exception as err:
+            if self.when_unreachable != "buffer" or not unreachable(err):
+                raise
+            self._retry_at = time.monotonic() + _RETRY_S
+            log.warning("run %s: %s not logged, MLflow at %s does not answer", self.run_id, what, self.uri or "?")
 
 
 def _log_config(tracker: MlflowTracker, config: Mapping[str, Any]) -> None:
@@ -297,7 +513,11 @@ def attached_run(cfg: TrackingConfig, workdir: str | Path, run_id: str) -> Itera
         steps = _logged_steps(client, run)
     log.info("logging into run %s (stage %s)%s", run_id, run.data.tags.get(TAG_STAGE, "?"),
              f", continuing after step {max(steps.values())}" if steps else "")
-    yield MlflowTracker(client, run_id, logged_steps=steps)
+    tracker = MlflowTracker(client, run_id, logged_steps=steps, when_unreachable=cfg.when_unreachable, uri=uri)
+    try:
+        yield tracker
+    finally:
+        tracker.flush()
 
 
 @dataclass
@@ -377,6 +597,7 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
             run = _reattachable(client, exp, parent_run_id, stage)
         else:
             exp, inherited, run = _experiment_id(client, cfg.experiment, uri), {}, None
+            _close_stale(client, exp, stage)
         if run is not None:
             run_id = run.info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -388,12 +609,13 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
                      run.info.status)
             steps = _logged_steps(client, run)
         else:
-            tags = {**inherited, **_context_tags(config), TAG_STAGE: stage, TAG_RUN_KIND: "stage"}
+            tags = {**inherited, **_context_tags(config), TAG_STAGE: stage, TAG_RUN_KIND: "stage",
+                    TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
             if parent_run_id:
                 tags[PARENT_TAG] = parent_run_id
             run_id = client.create_run(exp, tags=tags, run_name=stage).info.run_id
             steps = {}
-        tracker = MlflowTracker(client, run_id, logged_steps=steps)
+        tracker = MlflowTracker(client, run_id, logged_steps=steps, when_unreachable=cfg.when_unreachable, uri=uri)
         if config:
             _log_config(tracker, config)
 
@@ -406,10 +628,49 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
                 if status != "FINISHED":
                     with contextlib.suppress(Exception):
                         tracker.set_tags({TAG_ERROR: f"{type(err).__name__}: {err}"})
-                client.set_terminated(run_id, status)
+                _end_run(tracker, status)
             raise
         if not kill.killed:
-            client.set_terminated(run_id, "FINISHED")
+            _end_run(tracker, "FINISHED")
+
+
+def _end_run(tracker: MlflowTracker, status: EndStatus) -> None:
+    """Send what waits and end the run. A server still away leaves the stage's own verdict alone (its
+    outputs are complete): one line says so, and the next run of the stage closes the run."""
+    try:
+        if not tracker.flush() and tracker.when_unreachable == "buffer":
+            raise OSError("the tracking server does not answer")
+        tracker.client.set_terminated(tracker.run_id, status)
+    except Exception as err:
+        if tracker.when_unreachable != "buffer" or not unreachable(err):
+            raise
+        log.warning("run %s: could not be marked %s, MLflow at %s does not answer; the next run of this stage "
+                    "closes it", tracker.run_id, status, tracker.uri or "?")
+
+
+def _close_stale(client: Any, experiment_id: str, stage: str) -> None:
+    """Mark KILLED the runs of ``stage`` still RUNNING whose process on this host is gone: a stage that
+    ended while the server was away, or was SIGKILLed, and is run again (not re-attached: commands run
+    without a parent run)."""
+    host = socket.gethostname()
+    runs = _search(client, experiment_id, f"tags.{TAG_STAGE} = '{stage}' and attributes.status = 'RUNNING' "
+                                          f"and tags.`{TAG_HOST}` = '{_check_filter_value(host, 'host')}'")
+    for run in runs:
+        pid = run.data.tags.get(TAG_PID, "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.warning("stage run %s (%s) was still RUNNING, its process %s is gone: marked KILLED",
+                        run.info.run_id, stage, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,

@@ -35,8 +35,15 @@ and the one before it is tried (``loop.keep_checkpoints`` keeps it); only when n
 stop, with one error line. Checksums are xxHash3-128 where the ``xxhash`` module is installed (a
 ``datasets`` dependency; 19 GB/s on one core here, against 1.0 GB/s for SHA-256 — 12 s per checkpoint
 of a 1B model with its optimizer state), SHA-256 otherwise; they detect damage, not tampering.
-Checkpoints written before checksums existed are loaded with a warning rather than refused, so a run
-that was upgraded mid-way still resumes: the load and finiteness checks still apply to them.
+A checkpoint without checksums (written by an older kubellm, or copied without its ``checksums.json``)
+cannot be told from a damaged one: altered but finite weights resumed from it with only a warning. It
+is skipped like a damaged one; when nothing else passes, the error line says how to proceed:
+``KUBELLM_RESUME_UNVERIFIED=1`` resumes from it all the same (after the load and finiteness checks), for
+a run upgraded mid-way whose checkpoints are known to be intact.
+
+A save that fails for want of space, quota or permission (torch reports a full disk as ``unexpected
+pos``) is one line naming the checkpoint and the cause (:func:`kubellm.fsutil.io_errors`); the half
+written directory is removed and the checkpoints before it are kept.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.errors import TrainingError
-from kubellm.fsutil import fsync_path, fsync_tree, write_json_atomic
+from kubellm.fsutil import fsync_path, fsync_tree, io_errors, write_json_atomic
 from kubellm.log import get_logger
 
 log = get_logger("kubellm.train")
@@ -69,6 +76,9 @@ TRAINER = "trainer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 CHECKSUMS = "checksums.json"
+#: Set to 1 to resume from a checkpoint that has no checksums (see the module doc).
+RESUME_UNVERIFIED_ENV = "KUBELLM_RESUME_UNVERIFIED"
+
 SHARDS = "dcp"
 """Sub-directory of a sharded checkpoint holding the DCP files."""
 _DCP_INDEX = f"{SHARDS}/.metadata"
@@ -133,13 +143,18 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str
     """Write a complete checkpoint for ``state.step`` and keep only the newest ``keep``."""
     from safetensors.torch import save_file
 
-    final, tmp = _begin(out_dir, state)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        _seal(tmp, final, state, trainer, rng, {})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = checkpoint_root(out_dir) / f"step-{state.step:08d}"
+    kept = latest_complete(out_dir)
+    then = (f"; the checkpoint {kept.name} is kept: make room and rerun with the same output directory to "
+            "resume from it" if kept else "; no checkpoint was written yet")
+    with io_errors(final, "cannot write the checkpoint", then):
+        final, tmp = _begin(out_dir, state)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            _seal(tmp, final, state, trainer, rng, {})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _prune(out_dir, keep)
     return final
 
@@ -370,7 +385,7 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
     failed: list[tuple[Path, str]] = []
     for _, path in reversed(found):
         try:
-            _verify_or_warn(path)
+            _verify_or_refuse(path)
             c = load_checkpoint(path)
             _check_weights_finite(c)
         except TrainingError as err:
@@ -402,7 +417,7 @@ def load_latest_verified_sharded(out_dir: str | Path, ctx: Any,
     for name in names:
         path, problem, c = Path(name), None, None
         try:
-            _verify_or_warn(path, (ctx.rank, ctx.world_size), warn=ctx.is_main)
+            _verify_or_refuse(path, (ctx.rank, ctx.world_size), warn=ctx.is_main)
         except TrainingError as err:
             problem = str(err)
         problem = next((p for p in gather_objects(ctx, problem) if p), None)
@@ -426,10 +441,16 @@ def load_latest_verified_sharded(out_dir: str | Path, ctx: Any,
     return None
 
 
-def _verify_or_warn(path: Path, part: tuple[int, int] = (0, 1), warn: bool = True) -> None:
-    if not verify_checkpoint(path, part) and warn:
-        log.warning("%s: has no checksums this machine can check (written by an older kubellm, or "
-                    "xxhash is missing here); loading it unverified", path)
+def _verify_or_refuse(path: Path, part: tuple[int, int] = (0, 1), warn: bool = True) -> None:
+    """Raise unless ``path`` verifies against its checksums; one without checksums passes only when the
+    user vouches for it (``KUBELLM_RESUME_UNVERIFIED=1``)."""
+    if verify_checkpoint(path, part):
+        return
+    if os.environ.get(RESUME_UNVERIFIED_ENV) != "1":
+        raise TrainingError(f"{path}: has no checksums to verify it against (written by an older kubellm, "
+                            "copied without checksums.json, or xxhash is missing here)")
+    if warn:
+        log.warning("%s: has no checksums; resuming from it unverified (%s=1)", path, RESUME_UNVERIFIED_ENV)
 
 
 def _check_weights_finite(c: Checkpoint) -> None:
@@ -449,9 +470,11 @@ def _set_aside(failed: list[tuple[Path, str]]) -> None:
 
 def _none_passes(out_dir: str | Path, failed: list[tuple[Path, str]]) -> None:
     if failed:
+        trust = (f", or set {RESUME_UNVERIFIED_ENV}=1 to resume from a checkpoint without checksums that you "
+                 "know is intact" if any("has no checksums" in why for _, why in failed) else "")
         raise TrainingError(f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
                             f"verification (newest: {failed[0][1]}); delete the directory to train from the "
-                            "start")
+                            f"start{trust}")
 
 
 def remove_checkpoints(out_dir: str | Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from kubellm.config.train import FinetuneConfig
 from kubellm.errors import TrainingError
+from kubellm.fsutil import user_path
 from kubellm.tracking.base import Tracker
 from kubellm.train.loop import TrainJob, TrainResult, claim_run_dir, run_spec, train
 
@@ -24,7 +25,7 @@ def resolve_base(base_model: str | Path) -> str:
     """A checked local model directory (absolute path) or a Hub id, as recorded in the adapter."""
     from kubellm.train.model import check_local_weights, is_adapter_dir
 
-    path = Path(base_model).expanduser()
+    path = user_path(base_model)
     if not path.exists():
         text = str(base_model)
         if text.startswith(("/", ".", "~")) or text.count("/") > 1:

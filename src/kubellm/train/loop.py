@@ -59,7 +59,7 @@ from typing import Any
 
 from kubellm.config.train import LoopConfig, OptimConfig
 from kubellm.data.format import IGNORE_INDEX
-from kubellm.errors import TrainingError
+from kubellm.errors import KubellmError, TrainingError
 from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import NullTracker, Tracker
@@ -465,25 +465,31 @@ class _Trainer:
         log.info("resuming from %s (step %d of %d)", path, c.state.step, self.loop.max_steps)
 
     def _checkpoint(self) -> None:
-        from kubellm.train.dist import all_reduce_sum, barrier, gather_objects
+        from kubellm.train.dist import all_reduce_sum, gather_objects
 
         rngs = gather_objects(self.ctx, _rng_state())
         self.state.window = all_reduce_sum(self.ctx, self.window)
         self.state.window_seconds = time.perf_counter() - self.t_window
-        if self.sharded:
-            path = ckpt.save_sharded_checkpoint(
-                self.out, self.state, self.ctx, train_state=sharding.train_state(self.model, self.optimizer),
-                trainer={"scheduler": self.scheduler.state_dict()}, rng=rngs, keep=self.loop.keep_checkpoints)
-            if self.ctx.is_main:
+        error = None
+        try:
+            if self.sharded:  # every rank writes its shard
+                path = ckpt.save_sharded_checkpoint(
+                    self.out, self.state, self.ctx, train_state=sharding.train_state(self.model, self.optimizer),
+                    trainer={"scheduler": self.scheduler.state_dict()}, rng=rngs, keep=self.loop.keep_checkpoints)
+                if self.ctx.is_main:
+                    log.info("checkpoint %s", path)
+            elif self.ctx.is_main:
+                path = ckpt.save_checkpoint(
+                    self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
+                    trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
                 log.info("checkpoint %s", path)
-        elif self.ctx.is_main:
-            path = ckpt.save_checkpoint(
-                self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
-                trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
-            log.info("checkpoint %s", path)
+        except KubellmError as err:  # a full disk: every rank stops with the same line
+            error = err
         # Nobody moves on (or exits on SIGTERM) before the checkpoint is on disk: torchrun tears down
         # the remaining workers as soon as one of them exits.
-        barrier(self.ctx)
+        messages = [m for m in gather_objects(self.ctx, str(error) if error else None) if m is not None]
+        if messages:
+            raise error or TrainingError(messages[0])
 
     # -- data ----------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -704,14 +710,18 @@ class _Trainer:
             return result
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = True
-        stage_dir = Path(tempfile.mkdtemp(prefix=".outputs.tmp-", dir=self.out))
-        try:
-            self.job.write_outputs(self.model, stage_dir, full)
-            self._write_history(stage_dir / HISTORY_FILE)
-            _publish(stage_dir, self.out)
-        finally:
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        from kubellm.fsutil import write_json_atomic
+        from kubellm.fsutil import io_errors, write_json_atomic
+
+        kept = ckpt.latest_complete(self.out)
+        then = f"; the checkpoint {kept.name} is kept: make room and rerun to write the model" if kept else ""
+        with io_errors(self.out, "cannot write the trained model", then):
+            stage_dir = Path(tempfile.mkdtemp(prefix=".outputs.tmp-", dir=self.out))
+            try:
+                self.job.write_outputs(self.model, stage_dir, full)
+                self._write_history(stage_dir / HISTORY_FILE)
+                _publish(stage_dir, self.out)
+            finally:
+                shutil.rmtree(stage_dir, ignore_errors=True)
 
         write_json_atomic(self.out / RESULT_FILE, result.to_json())
         _readable(self.out / RESULT_FILE)
