@@ -250,20 +250,30 @@ def _digest(path: Path, make: Callable[[], Any]) -> str:
     return h.hexdigest()
 
 
-def write_checksums(root: Path, files: Iterable[str], dest: Path) -> None:
-    """Record size and checksum of each of ``files`` (relative to ``root``, '/'-separated) in ``dest``."""
+def checksum_record(path: Path) -> dict[str, Any]:
+    """Size and checksum of one file, as :func:`write_checksums` records them."""
+    return {"bytes": path.stat().st_size, "digest": _digest(path, _hasher()[1])}
+
+
+def write_checksums(root: Path, files: Iterable[str], dest: Path,
+                    recorded: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record size and checksum of each of ``files`` (relative to ``root``, '/'-separated) in ``dest``;
+    ``recorded`` adds records made elsewhere (by other processes, with :func:`checksum_record`)."""
     algorithm, make = _hasher()
     records = {name: {"bytes": (root / name).stat().st_size, "digest": _digest(root / name, make)}
                for name in sorted(files)}
+    records.update(recorded or {})
     dest.write_text(json.dumps({"algorithm": algorithm, "files": records}, indent=1), encoding="utf-8")
 
 
 def verify_checksums(root: Path, checksums: Path, error: type[KubellmError], *, required: Iterable[str] = (),
-                     prefix: str = "", what: str = "checkpoint", when: str = "written") -> bool:
+                     prefix: str = "", what: str = "checkpoint", when: str = "written",
+                     part: tuple[int, int] = (0, 1)) -> bool:
     """Compare the files recorded in ``checksums`` (those whose name starts with ``prefix``) with their
     size and checksum. True: all match; False: nothing to compare with (no such file, or a hash this
     machine lacks); raises ``error`` naming the first file that differs ("the bytes changed after the
-    ``what`` was ``when``")."""
+    ``what`` was ``when``"). ``part=(i, n)`` reads only every n-th file from the i-th (n processes share
+    the reading; every one of them checks that each file is present and of its size)."""
     try:
         doc = json.loads(checksums.read_text(encoding="utf-8"))
         algorithm = doc["algorithm"]
@@ -279,15 +289,14 @@ def verify_checksums(root: Path, checksums: Path, error: type[KubellmError], *, 
     for fname in required:
         if fname not in files:
             raise error(f"{checksums}: records no checksum for {fname}")
-    for fname, (size, digest) in files.items():
-        if not fname.startswith(prefix):
-            continue
+    mine = sorted((name, rec) for name, rec in files.items() if name.startswith(prefix))
+    for i, (fname, (size, digest)) in enumerate(mine):
         p = root / fname
         if not p.is_file():
             raise error(f"{p}: missing")
         if p.stat().st_size != size:
             raise error(f"{p}: {p.stat().st_size} bytes, {size} when {when} (truncated or overwritten)")
-        if _digest(p, make) != digest:
+        if i % part[1] == part[0] and _digest(p, make) != digest:
             raise error(f"{p}: checksum mismatch (the bytes changed after the {what} was {when})")
     return True
 

@@ -49,7 +49,6 @@ written directory is removed and the checkpoints before it are kept.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -63,7 +62,15 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.errors import TrainingError
-from kubellm.fsutil import fsync_path, fsync_tree, io_errors, write_json_atomic
+from kubellm.fsutil import (
+    checksum_record,
+    fsync_path,
+    fsync_tree,
+    io_errors,
+    verify_checksums,
+    write_json_atomic,
+)
+from kubellm.fsutil import write_checksums as write_file_checksums
 from kubellm.log import get_logger
 
 log = get_logger("kubellm.train")
@@ -230,11 +237,10 @@ def _begin(out_dir: str | Path, state: TrainState) -> tuple[Path, Path]:
 
 def file_records(paths: list[Path], base: Path) -> dict[str, dict[str, Any]]:
     """Size and checksum of files (fsynced first), keyed by their path under ``base``."""
-    _, make = _hasher()
     out = {}
     for p in paths:
         fsync_path(p)
-        out[p.relative_to(base).as_posix()] = {"bytes": p.stat().st_size, "digest": _digest(p, make)}
+        out[p.relative_to(base).as_posix()] = checksum_record(p)
     return out
 
 
@@ -302,31 +308,11 @@ def is_sharded(path: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ verification
-def _hasher() -> tuple[str, Callable[[], Any]]:
-    try:
-        import xxhash
-    except ImportError:
-        return "sha256", hashlib.sha256
-    return "xxh3_128", xxhash.xxh3_128
-
-
-def _digest(path: Path, make: Callable[[], Any]) -> str:
-    h = make()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(ckpt_dir: Path, recorded: dict[str, dict[str, Any]] | None = None) -> None:
     """Record size and checksum of every file of the checkpoint being written; ``recorded`` adds files
     other processes wrote and checksummed (the shards of a sharded checkpoint)."""
-    algorithm, make = _hasher()
-    files = {p.name: {"bytes": p.stat().st_size, "digest": _digest(p, make)}
-             for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, MARKER)}
-    files.update(recorded or {})
-    (ckpt_dir / CHECKSUMS).write_text(json.dumps({"algorithm": algorithm, "files": files}, indent=1),
-                                      encoding="utf-8")
+    write_file_checksums(ckpt_dir, [p.name for p in ckpt_dir.iterdir() if p.is_file()
+                                    and p.name not in (CHECKSUMS, MARKER)], ckpt_dir / CHECKSUMS, recorded)
 
 
 def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> bool:
@@ -336,30 +322,8 @@ def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> bool:
     file from the i-th (n ranks share the reading of a sharded checkpoint; all of them check that every
     file is recorded, present and of its size)."""
     path = Path(path)
-    try:
-        doc = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
-        algorithm = doc["algorithm"]
-        files = {name: (int(rec["bytes"]), str(rec["digest"])) for name, rec in doc["files"].items()}
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise TrainingError(f"{path / CHECKSUMS}: unreadable ({type(err).__name__})") from None
-    name, make = _hasher()
-    if algorithm not in (name, "sha256"):
-        return False
-    make = make if algorithm == name else hashlib.sha256
-    for fname in (_DCP_INDEX if is_sharded(path) else WEIGHTS, TRAINER, RNG, STATE):
-        if fname not in files:
-            raise TrainingError(f"{path / CHECKSUMS}: records no checksum for {fname}")
-    for i, (fname, (size, digest)) in enumerate(sorted(files.items())):
-        p = path / fname
-        if not p.is_file():
-            raise TrainingError(f"{p}: missing")
-        if p.stat().st_size != size:
-            raise TrainingError(f"{p}: {p.stat().st_size} bytes, {size} when written (truncated or overwritten)")
-        if i % part[1] == part[0] and _digest(p, make) != digest:
-            raise TrainingError(f"{p}: checksum mismatch (the bytes changed after the checkpoint was written)")
-    return True
+    required = (_DCP_INDEX if is_sharded(path) else WEIGHTS, TRAINER, RNG, STATE)
+    return verify_checksums(path, path / CHECKSUMS, TrainingError, required=required, part=part)
 
 
 def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
