@@ -10,7 +10,7 @@ The suite runs on both cores (``make test`` = pytest-xdist, two workers). Three 
   several tests read) is built once; a module that would hold one worker for long is split in two.
 - ``build_once(name, build)``: an expensive input (a pretrained tiny model, say) made once per run and
   shared, read-only, by every worker.
-- Modules with a slow test are handed out first (longest work first), so no worker is left with a long
+- Modules are handed out longest first (by their longest time limit), so no worker is left with a long
   module at the end while the other idles (``--no-loadscope-reorder``: xdist would otherwise hand out the
   modules with the most tests first, which leaves the one-test pipeline runs for last).
 
@@ -111,11 +111,19 @@ def _serial_lock(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules that hold a slow test first (stable otherwise: a module's tests stay together, in their
-    order, so module fixtures are built once); slow tests' time limit."""
-    slow_modules = {item.module.__name__ for item in items  # type: ignore[attr-defined]
-                    if item.get_closest_marker("slow") and getattr(item, "module", None)}
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in slow_modules)
+    """Slow tests' time limit; then the modules in order of their longest time limit, longest first (a
+    test's limit is what it was judged to need, so this hands out the longest work first; stable
+    otherwise: a module's tests stay together, in their order, so module fixtures are built once)."""
+    default = float(config.getini("timeout") or 0)
+    limit: dict[str, float] = {}
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        mark = item.get_closest_marker("timeout")
+        seconds = float(mark.args[0]) if mark and mark.args else default
+        limit[_module(item)] = max(limit.get(_module(item), 0.0), seconds)
+    items.sort(key=lambda item: -limit[_module(item)])
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
