@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -52,14 +53,23 @@ def test_metrics_move_under_load(tiny_model_dir: Path, tmp_path: Path, start_ser
         codes = asyncio.run(load())
         stop.set()
         watcher.join(30)
-        after = _scrape(url)
+        # A request is counted when its response has been sent, so a client can read its answer a moment
+        # before the server counts it: wait (bounded) until all 10 completions requests are counted.
+        route = {"route": COMPLETIONS, "method": "POST"}
+        deadline = time.monotonic() + 30
+        while True:
+            after = _scrape(url)
+            counted = (_value(after, "kubellm_request_duration_seconds_count", **route)
+                       - _value(before, "kubellm_request_duration_seconds_count", **route))
+            if counted >= 10 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
 
     assert sorted(codes) == [200] * 9 + [400, 413]
 
     def delta(name: str, **labels: str) -> float:
         return _value(after, name, **labels) - _value(before, name, **labels)
 
-    route = {"route": COMPLETIONS, "method": "POST"}
     assert delta("kubellm_requests_total", status="200", **route) == 8
     assert delta("kubellm_requests_total", status="400", **route) == 1
     assert delta("kubellm_requests_total", status="413", **route) == 1  # refused before routing, still by route
