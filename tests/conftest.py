@@ -60,10 +60,10 @@ def _isolated_cwd_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 
-def _shared_root(config: pytest.Config) -> Path:
+def _shared_root(factory: pytest.TempPathFactory) -> Path:
     """pytest's base temp dir of this run, the same for every xdist worker (a worker's own base temp
     dir is a child of it)."""
-    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    base = factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
@@ -79,11 +79,11 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def build_once(request: pytest.FixtureRequest) -> Callable[[str, Callable[[Path], None]], Path]:
+def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
     """``build_once(name, build) -> folder``: ``build(folder)`` runs once per test run, whichever worker
     asks first (the others wait for it); a build that fails leaves nothing behind, and the next test that
     asks tries again. Tests must treat the folder as read-only: every worker shares it."""
-    root = _shared_root(request.config)
+    root = _shared_root(tmp_path_factory)
 
     def get(name: str, build: Callable[[Path], None]) -> Path:
         out = root / f"shared-{name}"
@@ -100,13 +100,13 @@ def build_once(request: pytest.FixtureRequest) -> Callable[[str, Callable[[Path]
 
 
 @pytest.fixture(autouse=True)
-def _serial_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+def _serial_lock(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Shared for every test, exclusive for ``serial`` ones (see the module docstring)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield  # one process: every test already runs alone
         return
     exclusive = request.node.get_closest_marker("serial") is not None
-    with _flock(_shared_root(request.config) / "serial.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+    with _flock(_shared_root(tmp_path_factory) / "serial.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
         yield
 
 
