@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup run test test-fast compile bench lint clean serve playground mlflow-ui submit schedule images system-deps
+.PHONY: help setup run test test-fast compile docs bench lint clean serve playground mlflow-ui submit schedule images system-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ test-fast: $(STAMP)  ## the inner loop: everything but pipeline runs, servers, b
 
 compile: $(STAMP)  ## compile every pipeline and component to dist/ (deterministic)
 	$(BIN)/kubellm compile --config $(CONFIG) --out dist
+
+docs: $(STAMP)  ## regenerate docs/config.md and docs/components.md from the config models and components
+	@$(BIN)/kubellm config --markdown > docs/config.md && echo "wrote docs/config.md"
+	@$(BIN)/python -m kubellm.pipelines.reference .
 
 bench: $(STAMP)  ## benchmarks side by side against plain baselines (ratios, not absolute times)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)

@@ -45,6 +45,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from kfp.dsl.types import type_annotations
 
 from kubellm.config import RunConfig
 from kubellm.config.params import NULLS, to_param
+from kubellm.config.reference import did_you_mean
 from kubellm.config.run import apply_overrides, default_config_path, load_config, validate_section
 from kubellm.errors import ConfigError
 from kubellm.pipeline_params import PARAM_DOCS
@@ -157,8 +159,8 @@ class Builder:
         elif name in RunConfig.model_fields:
             current = getattr(self.cfg, name)
         else:
-            raise ConfigError(f"no config section {name!r}; expected one of release, "
-                              f"{', '.join(RunConfig.model_fields)}")
+            raise ConfigError(f"no config section {name!r}{did_you_mean(name, ['release', *RunConfig.model_fields]) or ';'}"
+                              f" expected one of release, {', '.join(RunConfig.model_fields)}")
         if current is None:
             raise ConfigError(f"the run config has no {name} section; add one to the config file")
         if not overrides:
@@ -215,29 +217,42 @@ class Builder:
     # --- steps ------------------------------------------------------------------------------------
 
     def step(self, component: Any, display_name: str | None = None, *, cache: bool | None = None,
-             **arguments: Any) -> Any:
-        """A task of kubellm ``component`` with the arguments it needs from the run config filled in.
+             placement: str | None = None, **arguments: Any) -> Any:
+        """A task of ``component`` with the arguments it needs from the run config filled in.
 
         ``config`` (and ``eval_config`` of ``deploy``): left out → the config file's section; a dict →
         overrides on that section, validated now; a pipeline parameter → passed as is. ``tracking``,
         ``workdir``, ``parent_run_id``, ``platform``, ``run_name`` and ``target`` are filled in unless
         given. ``cache`` overrides whether a pure step may be reused (``kubellm run --resume``, KFP's cache).
+
+        Your own component (made with :func:`component`) is a step too: ``placement`` names the
+        ``platform.stages`` entry it runs with; it gets the same filled-in arguments it declares (with
+        ``tracking``, ``workdir`` and ``parent_run_id`` it can open its own nested MLflow run:
+        ``StageContext.from_param(tracking, workdir, parent_run_id).stage("<its function name>")``), and
+        a row in the run summary under its function's name.
         """
         fname = _function_name(component)
         if fname not in STEPS:
-            raise ConfigError(f"{fname} is not a kubellm component; give your own component's task its "
-                              "placement with Builder.place(task, stage)")
-        spec = STEPS[fname]
+            if placement is None:
+                raise ConfigError(f"{fname} is not a kubellm component: say where your own step runs with "
+                                  f"placement=STAGE (a platform.stages key, e.g. evaluate)")
+            spec = Step(placement, display_name or fname.replace("_", " ").capitalize(), logs=fname)
+        elif placement is not None:
+            raise ConfigError(f"step {fname}: a kubellm component's placement is its own "
+                              f"({STEPS[fname].stage}); set platform.stages.{STEPS[fname].stage} instead")
+        else:
+            spec = STEPS[fname]
         params = inspect.signature(component.python_func).parameters
         inputs = [p for p, v in params.items() if not _is_output(v.annotation)]
         unknown = sorted(set(arguments) - set(inputs))
         if unknown:
-            raise ConfigError(f"step {fname}: no argument {', '.join(unknown)}; its arguments are "
+            hint = did_you_mean(unknown[0], inputs) if len(unknown) == 1 else ""
+            raise ConfigError(f"step {fname}: no argument {', '.join(unknown)}{hint or ';'} its arguments are "
                               f"{', '.join(inputs)}")
         args = dict(arguments)
-        if "config" in params:
+        if "config" in params and fname in STEPS:
             args["config"] = self._config_arg(fname, spec.section, args.get("config"))
-        if "eval_config" in params:
+        if "eval_config" in params and fname in STEPS:
             args["eval_config"] = self._config_arg(fname, "evaluate", args.get("eval_config"))
         filled: dict[str, Any] = {"tracking": self.ctx.tracking, "workdir": self.ctx.workdir,
                                   "target": self.target, **self.ctx.placed()}
@@ -258,8 +273,13 @@ class Builder:
             task.after(self._start)  # a pure step finds the parent run by run id: it must exist first
         if spec.logs and spec.logs not in self.stages:
             self.stages.append(spec.logs)
-        return self.ctx.configure(task, spec.stage, display_name or spec.display_name, spec.retry,
-                                  cache=spec.cache if cache is None else cache)
+        return self._configure(task, spec.stage, display_name or spec.display_name, spec.retry,
+                               cache=spec.cache if cache is None else cache)
+
+    def _configure(self, task: Any, stage: str, display_name: str, retry: str, *, cache: bool) -> Any:
+        if self.target == "cluster":
+            _refuse_installs(task)
+        return self.ctx.configure(task, stage, display_name, retry, cache=cache)
 
     def _config_arg(self, fname: str, section: str | None, value: Any) -> Any:
         if value is not None and not _is_constant(value):
@@ -276,13 +296,62 @@ class Builder:
         secrets, security context) for a task of your own component."""
         if retry not in ("default", "train", "deploy"):
             raise ConfigError(f"retry {retry!r}: expected default, train or deploy")
-        return self.ctx.configure(task, stage, display_name, retry, cache=cache)
+        row = task.component_spec.name.replace("-", "_")
+        if row not in self.stages:
+            self.stages.append(row)  # its row in the run summary
+        return self._configure(task, stage, display_name, retry, cache=cache)
 
     def compile(self, pipeline: Any, path: str | Path) -> Path:
         """Compile ``pipeline`` to ``path`` (deterministic bytes for the same config)."""
         from kubellm.pipelines._runner import compile_pipeline
 
         return compile_pipeline(pipeline, Path(path))
+
+
+def component(func: Callable[..., Any] | None = None, *, packages: tuple[str, ...] | list[str] = ()) -> Any:
+    """``@component`` for a step of your own: a KFP lightweight component on kubellm's runtime image with
+    nothing installed when its pod starts (pods run with a read-only root filesystem, often without a
+    package index). ``packages``: what the step imports beyond the standard library, each checked now to
+    be installed beside kubellm (the runtime image is built from the same pinned stack); one that is not
+    is a one-line ConfigError, and needs an image of your own (``platform.image``)."""
+
+    def wrap(f: Callable[..., Any]) -> Any:
+        missing = [p for p in packages if not _installed(p)]
+        if missing:
+            raise ConfigError(f"component {f.__name__}: {', '.join(missing)} not installed beside kubellm, so "
+                              "not in its runtime image: install it here and build an image from kubellm's "
+                              "(platform.image), or drop the import")
+        from kubellm.components._base import component as kubellm_component
+
+        return kubellm_component(f)
+
+    return wrap(func) if func is not None else wrap
+
+
+def _installed(requirement: str) -> bool:
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        raise ConfigError(f"packages: {requirement!r} is not a requirement (name[==version])") from None
+    try:
+        return req.specifier.contains(metadata.version(req.name), prereleases=True)
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _refuse_installs(task: Any) -> None:
+    """A task whose component pip-installs when its pod starts cannot run on kubellm's pods (read-only
+    root filesystem): refused when compiling for a cluster, in one line."""
+    container = task.component_spec.implementation.container
+    command = " ".join([*(container.command or []), *(container.args or [])])
+    if "pip install" in command:
+        raise ConfigError(f"step {task.component_spec.name}: its component installs packages when its pod "
+                          "starts (a plain @dsl.component), which kubellm's read-only pods cannot do: decorate "
+                          "it with kubellm.pipelines.api.component (packages=[...] to check what it imports)")
 
 
 def _is_output(annotation: Any) -> bool:
@@ -319,7 +388,10 @@ def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    with warnings.catch_warnings():
+        # kfp's notice that its default base image changes in 2027: noise for a step placed on kubellm's image
+        warnings.filterwarnings("ignore", category=FutureWarning, message="The default base_image")
+        spec.loader.exec_module(module)
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(f"--pipeline {ref}: {path} defines no function {func_name}(builder)")

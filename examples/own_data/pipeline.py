@@ -2,7 +2,7 @@
 
 A parquet corpus → pretrain a small model → a CSV of question/answer pairs → LoRA → evaluate → and,
 when the promotion gate passes, register the model; then one step of *your own*: a component that
-writes a short "report card" from the evaluation, placed like kubellm's own steps.
+writes a short "report card" from the evaluation, placed, tracked and summarised like kubellm's own steps.
 
     python examples/own_data/make_data.py mydata && cd mydata
     kubellm run     --config ../examples/own_data/config.yaml --pipeline ../examples/own_data/pipeline.py
@@ -19,21 +19,29 @@ from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Output
 
 from kubellm.components import data, evaluate, registry, train
-from kubellm.pipelines.api import Builder, gate_passed
+from kubellm.pipelines.api import Builder, component, gate_passed
 
 
-@dsl.component(base_image="ghcr.io/kubellm/kubellm:0.1.0", install_kfp_package=False)
-def report_card(evaluation: Input[Artifact], report: Output[Markdown]) -> float:
-    """Your own step: the evaluation's headline figures as a Markdown table (the UI renders it)."""
+@component
+def report_card(tracking: dict, workdir: str, parent_run_id: str, evaluation: Input[Artifact],
+                report: Output[Markdown]) -> float:
+    """Your own step: the evaluation's headline figures as a Markdown table (the UI renders it), logged as
+    its own nested MLflow run under the pipeline's parent run."""
     import json
     from pathlib import Path
 
+    from kubellm.stages import StageContext
+
     doc = json.loads((Path(evaluation.path) / "metrics.json").read_text(encoding="utf-8"))
     keys = ["perplexity", "base_perplexity", "perplexity_ratio", "code_parse_rate", "empty_answer_rate"]
-    rows = [f"| {k} | {doc['metrics'][k]:.4g} |" for k in keys if k in doc["metrics"]]
+    figures = {k: doc["metrics"][k] for k in keys if k in doc["metrics"]}
     verdict = "passed" if doc["passed"] else "failed"
     Path(report.path).write_text(f"# Report card: gate {verdict}\n\n| metric | value |\n|---|---|\n"
-                                 + "\n".join(rows) + "\n", encoding="utf-8")
+                                 + "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items()) + "\n",
+                                 encoding="utf-8")
+    with StageContext.from_param(tracking, workdir, parent_run_id).stage("report_card") as tracker:
+        tracker.log_metrics({f"card_{k}": v for k, v in figures.items()})
+        tracker.log_artifact(Path(report.path), "report_card")
     return float(doc["metrics"]["perplexity"])
 
 
@@ -57,7 +65,7 @@ def build(b: Builder):
                           base_model=model.outputs["model"])
             ev = b.step(evaluate.evaluate, data=questions.outputs["dataset"], model=lora.outputs["adapter"],
                         base_model=model.outputs["model"])
-            b.place(report_card(evaluation=ev.outputs["results"]), "evaluate", "Report card")
+            b.step(report_card, "Report card", placement="evaluate", evaluation=ev.outputs["results"])
             with dsl.If(gate_passed(ev), name="gate-passed"):
                 b.step(registry.register, model=lora.outputs["adapter"], base_model=model.outputs["model"],
                        evaluation=ev.outputs["results"], data_fingerprint=questions.outputs["Output"])

@@ -50,7 +50,10 @@ def unknown_params(pipeline: str, names: list[str], valid: list[str] | None = No
     bad = sorted(n for n in names if n not in valid)
     if not bad:
         return None
-    return (f"--param {', '.join(bad)}: {pipeline} has no such parameter; its parameters are "
+    from kubellm.config.reference import did_you_mean
+
+    hint = did_you_mean(bad[0], valid) if len(bad) == 1 else ""
+    return (f"--param {', '.join(bad)}: {pipeline} has no such parameter{hint or ';'} its parameters are "
             f"{', '.join(valid)}" + (" (kubellm run --help says what each means)" if builtin else ""))
 
 

@@ -7,12 +7,14 @@ and a stage that failed shows up with its error while stages that never ran say 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from kubellm.config import TrackingConfig
 from kubellm.errors import KubellmError
 from kubellm.fsutil import write_json_atomic
+from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG
 
 #: Shown for a stage with no MLflow run: it never started (an earlier stage failed, or a gate closed).
 NOT_RUN = "not run"
@@ -60,6 +62,7 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
             ordered.append(name)
     ordered += sorted(s for s in by_stage if s not in ordered)
     rows, failed = [], None
+    closed = _closed_by([by_stage[s] for s in ordered if s in by_stage])
     for stage in ordered:
         run = by_stage.get(stage)
         if stage in reused:
@@ -67,7 +70,8 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
                          "cached_from": reused[stage]["from_run"]})
             continue
         if run is None:
-            rows.append({"stage": stage, "status": NOT_RUN, "seconds": None})
+            reason = f"{failed} failed" if failed else closed
+            rows.append({"stage": stage, "status": NOT_RUN, "seconds": None, **({"reason": reason} if reason else {})})
             continue
         end = run.info.end_time or run.info.start_time
         row = {"stage": stage, "status": run.info.status, "seconds": round((end - run.info.start_time) / 1000, 2),
@@ -87,12 +91,39 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
         "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         "stages": rows,
         "evaluation": {"metrics": metrics,
-                       "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"])},
-        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": parent.info.run_id},
+                       "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"]),
+                       "rules": _gate_rules(evaluation),
+                       "gate_failure": evaluation.data.tags.get(CLOSES_TAG) if evaluation is not None else None},
+        "closed_by": closed,
+        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": exp.experiment_id,
+                   "parent_run_id": parent.info.run_id},
         "model": _registered(client, cfg.registered_model, by_stage.get("register")),
         "deployment": _deployment(by_stage.get("deploy")),
     }
     return summary
+
+
+def _closed_by(runs: list[Any]) -> str | None:
+    """Why the stages after a closing one did not run: the first stage that said so (the data check, the
+    gate); in a sweep, every trial's gate failing."""
+    reasons = [(r.data.tags.get("stage", ""), r.data.tags[CLOSES_TAG]) for r in runs if CLOSES_TAG in r.data.tags]
+    own = [why for stage, why in reasons if ".trial-" not in stage]
+    if own:
+        return own[0]
+    trials = [r for r in runs if ".trial-" in r.data.tags.get("stage", "") and "gate_passed" in r.data.metrics]
+    if trials and not any(r.data.metrics["gate_passed"] for r in trials):
+        return "no trial passed the gate (" + "; ".join(f"{stage}: {why}" for stage, why in reasons) + ")"
+    return None
+
+
+def _gate_rules(evaluation: Any) -> list[dict[str, Any]]:
+    """The gate's rules as the evaluation recorded them (empty for a run from before they were)."""
+    raw = evaluation.data.tags.get(GATE_RULES_TAG) if evaluation is not None else None
+    try:
+        rules = json.loads(raw) if raw else []
+    except ValueError:  # cut at MLflow's tag length: the report still has them all
+        return []
+    return rules if isinstance(rules, list) else []
 
 
 def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | None:
@@ -127,6 +158,16 @@ def add_failed_tasks(summary: dict[str, Any], failed_tasks: list[dict[str, Any]]
         summary["failed_stage"] = summary["failed_stage"] or task["stage"]
 
 
+def add_task_states(summary: dict[str, Any], tasks: dict[str, str], stage_of: Any) -> None:
+    """A step that logs no MLflow run of its own (a user's component, say) but that the runner saw finish
+    reads "FINISHED" with a note, not "not run". ``stage_of``: task label → its row's stage."""
+    done = {stage_of(label) for label, state in tasks.items() if state == "done"}
+    for row in summary["stages"]:
+        if row["status"] == NOT_RUN and row["stage"] in done:
+            row.pop("reason", None)
+            row.update(status="FINISHED", note="no MLflow run of its own")
+
+
 def write(summary: dict[str, Any], out_dir: str | Path) -> Path:
     path = Path(out_dir) / "summary.json"
     write_json_atomic(path, summary)
@@ -137,7 +178,8 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-stage table ``kubellm run`` prints."""
     return [{"stage": r["stage"], "status": r["status"],
              "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
-             "note": (r.get("error") or (f"outputs of {r['cached_from']}" if r.get("cached_from") else ""))[:100]}
+             "note": (r.get("error") or (f"outputs of {r['cached_from']}" if r.get("cached_from") else "")
+                      or r.get("reason") or r.get("note") or "")[:100]}
             for r in summary["stages"]]
 
 
@@ -154,9 +196,31 @@ def headline(summary: dict[str, Any]) -> str:
         if m.get("code_parse_rate") is not None and m.get("base_code_parse_rate") is not None:
             figures.append(f"answers that are Python code {m['code_parse_rate']:.0%} vs base "
                            f"{m['base_code_parse_rate']:.0%}")
-        parts.append(f"gate {'passed' if ev['gate_passed'] else 'failed'}"
-                     + (f" ({'; '.join(figures)})" if figures else ""))
+        if ev["gate_passed"]:
+            parts.append("gate passed" + (f" ({'; '.join(figures)})" if figures else ""))
+        else:  # the failed rules first: a better perplexity beside "failed" reads as a contradiction
+            parts += [ev.get("gate_failure") or "gate failed", *figures]
+    elif summary.get("closed_by"):
+        parts.append(summary["closed_by"])
     if model:
         parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]")
     return "; ".join(parts)
 
+
+
+def next_steps(summary: dict[str, Any], config_arg: str | None = None) -> list[str]:
+    """What a person does after a run, as commands that work for a ``pip install``ed kubellm: open the run
+    in MLflow, serve the version it registered."""
+    mlflow, lines = summary["mlflow"], []
+    uri, parent = str(mlflow["tracking_uri"]), mlflow.get("parent_run_id")
+    if uri.startswith("sqlite:///"):
+        lines.append(f"MLflow: mlflow ui --backend-store-uri {uri} --port 5000   (then http://127.0.0.1:5000)")
+    elif uri.startswith(("http://", "https://")) and parent and mlflow.get("experiment_id"):
+        lines.append(f"MLflow: {uri.rstrip('/')}/#/experiments/{mlflow['experiment_id']}/runs/{parent}")
+    else:
+        lines.append(f"MLflow: {uri} (experiment {mlflow['experiment']})")
+    model = summary.get("model")
+    if model:
+        config = f" --config {config_arg}" if config_arg else ""
+        lines.append(f"serve it: kubellm serve{config} --model models:/{model['name']}/{model['version']}")
+    return lines

@@ -14,6 +14,7 @@ from datahelpers import data_cfg, make_docs
 
 from kubellm.data import builtin
 from kubellm.data.sources import iter_examples, resolve_all
+from kubellm.errors import DataError
 
 DOCS = make_docs(6)
 
@@ -92,6 +93,21 @@ def test_chat_messages_field(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"messages": conv, "extra": 1}) + "\n")
     assert _texts(data_cfg(path, kind="instruct", source={"messages_field": "messages"})) == [conv]
+
+
+def test_a_messages_column_is_detected_without_a_setting(tmp_path: Path) -> None:
+    """TRL's convention: a record with a ``messages`` list and no prompt column is a conversation."""
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"prompt": "p", "response": "r",
+                                                                        "messages": "not a conversation"}) + "\n")
+    assert _texts(data_cfg(path, kind="instruct")) == [
+        conv, [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: messages must end with an assistant message"):
+        _texts(data_cfg(bad, kind="instruct"))
 
 
 def test_fsspec_uri_with_an_installed_backend(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.fsutil import mark_output
-from kubellm.tracking.base import NullTracker
+from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG, NullTracker
 from kubellm.train.evaluate import EvalResult, evaluate, generate_answers
 
 
@@ -94,10 +94,21 @@ def test_batched_left_padded_generation_equals_one_by_one(base_dir: Path, instru
 
 
 def test_gate_rule_not_evaluable_without_base(base_dir: Path, instruct_data: Path, tmp_path: Path) -> None:
-    cfg = EvalConfig(num_prompts=0, gate=GateConfig(max_perplexity_ratio=0.95, min_rouge_l=0.1))
-    res = evaluate(cfg, base_dir, instruct_data, tmp_path / "out")
+    cfg = EvalConfig(num_prompts=0, gate=GateConfig(max_perplexity_ratio=0.95, min_rouge_l=0.1, max_perplexity=1e9))
+    tracker = NullTracker()
+    res = evaluate(cfg, base_dir, instruct_data, tmp_path / "out", tracker=tracker)
     assert not res.passed
-    assert res.reasons == [
+    # every rule with its threshold and value, for summary.json; the failed ones in the one line a headline shows
+    rules = json.loads(tracker.tags[GATE_RULES_TAG])
+    assert rules == res.rules == json.loads((tmp_path / "out" / "metrics.json").read_text())["rules"]
+    assert [(r["rule"], r["passed"]) for r in rules] == [
+        ("max_perplexity_ratio", False), ("max_perplexity", True), ("min_rouge_l", False),
+        ("max_empty_answer_rate", False), ("max_generation_drop", False)]
+    assert rules[1]["value"] == pytest.approx(res.metrics["perplexity"]) and rules[1]["threshold"] == 1e9
+    assert tracker.tags[CLOSES_TAG].startswith(
+        "gate failed on max_perplexity_ratio not evaluable (no base model to compare with: pass --base (base_model))")
+    assert "max_perplexity " not in tracker.tags[CLOSES_TAG]  # a passing rule is not named
+    assert [r for r in res.reasons if not r.startswith("max_perplexity:")] == [
         "max_perplexity_ratio: not evaluable (no base model to compare with: pass --base (base_model)): FAIL",
         "min_rouge_l: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
         "max_empty_answer_rate: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",

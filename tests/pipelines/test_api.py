@@ -162,6 +162,15 @@ def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path
     (card,) = (tmp_path / ".kubellm" / "pipeline-root").glob("own-data-*/report-card/report")
     assert card.read_text(encoding="utf-8").startswith("# Report card: gate ")
     assert ("register" in stages) == summary["evaluation"]["gate_passed"]
+    # the own step is first-class: its row in the summary, its own nested MLflow run with its figures
+    card_row = next(r for r in summary["stages"] if r["stage"] == "report_card")
+    assert card_row["status"] == "FINISHED" and card_row["run_id"]
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"])
+    card_run = client.get_run(card_row["run_id"])
+    assert card_run.data.tags["mlflow.parentRunId"] == summary["mlflow"]["parent_run_id"]
+    assert card_run.data.metrics["card_perplexity"] == pytest.approx(summary["evaluation"]["metrics"]["perplexity"])
     _check_task_import_budgets(tmp_path / ".kubellm" / "runs")
 
 
@@ -169,7 +178,7 @@ def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path
 #: prep 2,845, pretrain 4,985, finetune 5,222, register 5,130, evaluate 5,354; ~10 % headroom) and the
 #: heavy libraries it must not import. The tracking-only tasks load MLflow (its client drags in pandas,
 #: pyarrow, scipy) but never torch; data preparation needs tokenizers and transformers' tokenizer class,
-#: not torch; a user's own component pays for kfp only.
+#: not torch; a user's own component that logs its own MLflow run pays what the tracking tasks pay.
 TASK_BUDGETS: dict[str, tuple[int, set[str]]] = {
     "start-run": (2_500, {"torch", "transformers", "peft", "datasets", "tokenizers"}),
     "finish-run": (2_500, {"torch", "transformers", "peft", "datasets", "tokenizers"}),
@@ -179,7 +188,7 @@ TASK_BUDGETS: dict[str, tuple[int, set[str]]] = {
     "finetune": (5_700, {"lm_eval"}),
     "register": (5_700, {"lm_eval"}),
     "evaluate": (5_900, set()),
-    "report-card": (2_000, {"torch", "transformers", "mlflow", "pandas"}),
+    "report-card": (2_500, {"torch", "transformers", "peft", "datasets", "tokenizers"}),
 }
 
 
@@ -201,3 +210,83 @@ def test_every_kubellm_component_is_a_step_the_builder_knows() -> None:
     tracked_by_the_builder = {"start_run", "finish_run"}  # Builder.tracked() adds these two
     names = {c.python_func.__name__ for c in COMPONENTS.values()}
     assert names - tracked_by_the_builder == set(STEPS)
+
+
+PLAIN_STEP = '''
+from kfp import dsl
+
+from kubellm.components import data
+from kubellm.pipelines.api import Builder
+
+
+@dsl.component
+def count_rows(dataset: dsl.Input[dsl.Dataset]) -> int:
+    return 1
+
+
+def build(b: Builder):
+    @b.pipeline("plain-step", "A kubellm step and a plain @dsl.component of the user's.")
+    def plain_step() -> None:
+        with b.tracked():
+            prep = b.step(data.prepare_data, source_uri="builtin://stdlib")
+            b.step(count_rows, placement="prep", dataset=prep.outputs["dataset"])
+
+    return plain_step
+'''
+
+
+def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_every_executor(tmp_path: Path) -> None:
+    # the example's own step (kubellm.pipelines.api.component) compiles for a cluster and passes the check
+    comp = _kubellm("compile", "--config", CONFIG, "--pipeline", PIPELINE, "--out", "dist", cwd=tmp_path)
+    assert comp.returncode == 0, comp.stderr
+    assert "FutureWarning" not in comp.stderr
+    check = _kubellm("check", "dist/own-data.yaml", cwd=tmp_path)
+    assert check.returncode == 0, check.stdout
+    executors = len(next(yaml.safe_load_all((tmp_path / "dist" / "own-data.yaml").read_text()))
+                    ["deploymentSpec"]["executors"])
+    assert f"{executors} pipeline executors: 0 findings" in check.stdout and executors >= 8
+    # a plain @dsl.component pip-installs kfp when its pod starts: refused at compile, in one line
+    plain = tmp_path / "plain.py"
+    plain.write_text(PLAIN_STEP)
+    refused = _kubellm("compile", "--config", CONFIG, "--pipeline", str(plain), "--out", "dist2", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
+    assert "step count-rows: its component installs packages when its pod starts" in line
+    assert "kubellm.pipelines.api.component" in line and not (tmp_path / "dist2").exists()
+    # a pipeline compiled elsewhere with such a step is found by the check, executor by executor
+    spec = next(yaml.safe_load_all((tmp_path / "dist" / "own-data.yaml").read_text()))  # without its platform spec
+    spec["deploymentSpec"]["executors"]["exec-report-card"]["container"]["command"] = [
+        "sh", "-c", "python3 -m pip install --quiet kfp==2.17.0 && python3 -m kfp.dsl.executor_main"]
+    (tmp_path / "elsewhere.yaml").write_text(yaml.safe_dump(spec))
+    found = _kubellm("check", "elsewhere.yaml", cwd=tmp_path)
+    assert found.returncode == 1
+    assert "exec-report-card.command: installs packages when the pod starts" in found.stdout
+    assert "platforms.kubernetes" in found.stdout  # no platform spec: no security context for any executor
+
+
+def test_own_component_declares_what_it_imports_and_is_checked_now() -> None:
+    from kubellm.pipelines.api import component
+
+    def uses_numpy(x: int) -> int:
+        return x
+
+    assert component(packages=["numpy>=1"])(uses_numpy).component_spec.implementation.container.image == (
+        "ghcr.io/kubellm/kubellm:0.1.0")
+    with pytest.raises(ConfigError, match=r"component uses_numpy: surely-not-installed not installed beside "
+                                          r"kubellm, so not in its runtime image"):
+        component(packages=["surely-not-installed"])(uses_numpy)
+
+
+def test_an_own_step_needs_a_placement_and_a_kubellm_step_keeps_its_own() -> None:
+    from kubellm.components import data
+    from kubellm.pipelines.api import component
+
+    @component
+    def mine(n: int) -> int:
+        return n
+
+    b = Builder.load(CONFIG, target="cluster")
+    with pytest.raises(ConfigError, match="mine is not a kubellm component: say where your own step runs"):
+        b.step(mine, n=1)
+    with pytest.raises(ConfigError, match=r"step prepare_data: a kubellm component's placement is its own \(prep\)"):
+        b.step(data.prepare_data, placement="evaluate", source_uri="x")

@@ -24,8 +24,8 @@ def test_an_unknown_parameter_is_one_line_naming_the_valid_ones(tmp_path: Path) 
                     "--pipeline", "llm-finetune", "--param", "dataset_uri=data.jsonl", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --param dataset_uri: llm-finetune has no such parameter; its parameters are "
-        + ", ".join(PIPELINE_PARAMS["llm-finetune"]) + " (kubellm run --help says what each means)"]
+        "error: --param dataset_uri: llm-finetune has no such parameter; did you mean `instruct_dataset_uri`? "
+        "its parameters are " + ", ".join(PIPELINE_PARAMS["llm-finetune"]) + " (kubellm run --help says what each means)"]
     assert not (tmp_path / "runs").exists()  # nothing started
 
 

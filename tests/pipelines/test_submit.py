@@ -338,7 +338,8 @@ def test_cache_is_chosen_per_run_by_the_version_it_runs(kfp) -> None:
 
 def test_an_unknown_parameter_is_refused_before_anything_is_uploaded(kfp, capsys) -> None:
     assert _cli("submit", *LOCAL, "--param", "datset_uri=s3://x") == 2
-    assert "--param datset_uri: llm-lifecycle has no such parameter; its parameters are data_config" in (
+    assert ("--param datset_uri: llm-lifecycle has no such parameter; did you mean `dataset_uri` or "
+            "`instruct_dataset_uri`? its parameters are data_config") in (
         _one_line_error(capsys))
     assert not kfp.state.pipelines and not kfp.state.runs
 

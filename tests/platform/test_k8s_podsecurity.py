@@ -195,7 +195,7 @@ def test_cli_check_reports_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert info.value.code == 1
     assert f"{folder / 'bad.yaml'}#1 Deployment/d: {POD}.hostNetwork: shares the host's namespace" in out
-    assert "checked 3 manifests, 2 pod specs: 1 findings" in out
+    assert "checked 3 manifests, 2 pod specs, 0 pipeline executors: 1 findings" in out
     with pytest.raises(SystemExit) as info:
         main(["check", str(folder / "good.yml")])
     assert info.value.code == 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kubellm.summary import headline
+from types import SimpleNamespace
+
+from kubellm.summary import _closed_by, headline
+from kubellm.tracking.base import CLOSES_TAG
 
 
 def _summary(metrics: dict, gate: bool | None = True, model: dict | None = None) -> dict:
@@ -20,5 +23,35 @@ def test_headline_shows_perplexity_and_the_code_metric_against_the_base() -> Non
 
 def test_headline_without_a_code_metric_or_a_gate() -> None:
     assert headline(_summary({"perplexity": 310.0, "base_perplexity": 520.0}, gate=False)) == (
-        "llm-lifecycle local-1: FINISHED; gate failed (perplexity 310 vs base 520)")
+        "llm-lifecycle local-1: FINISHED; gate failed; perplexity 310 vs base 520")
     assert headline(_summary({}, gate=None)) == "llm-lifecycle local-1: FINISHED"
+
+
+def test_a_failed_gate_names_the_rule_before_the_figures_that_improved() -> None:
+    summary = _summary({"perplexity": 544.0, "base_perplexity": 1130.0}, gate=False)
+    summary["evaluation"]["gate_failure"] = "gate failed on empty_answer_rate 0.913 (needs <= 0.5)"
+    assert headline(summary) == ("llm-lifecycle local-1: FINISHED; gate failed on empty_answer_rate 0.913 "
+                                 "(needs <= 0.5); perplexity 544 vs base 1.13e+03")
+
+
+def test_a_run_closed_before_evaluation_says_why() -> None:
+    summary = _summary({}, gate=None)
+    summary["closed_by"] = "data unchanged since champion v3 was trained (fingerprint ab12): nothing to do"
+    assert headline(summary).endswith("; data unchanged since champion v3 was trained (fingerprint ab12): "
+                                      "nothing to do")
+
+
+def _run(stage: str, tags: dict | None = None, metrics: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(data=SimpleNamespace(tags={"stage": stage, **(tags or {})}, metrics=metrics or {}))
+
+
+def test_stages_that_did_not_run_say_which_stage_closed_the_run() -> None:
+    gate = _run("evaluate", {CLOSES_TAG: "gate failed on perplexity_ratio 1.2 (needs <= 0.95)"})
+    assert _closed_by([_run("prepare"), gate]) == "gate failed on perplexity_ratio 1.2 (needs <= 0.95)"
+    assert _closed_by([_run("prepare"), _run("evaluate")]) is None
+    trials = [_run(f"evaluate.trial-{i}", {CLOSES_TAG: f"gate failed on rule {i}"}, {"gate_passed": 0.0})
+              for i in (1, 2)]
+    assert _closed_by(trials) == ("no trial passed the gate (evaluate.trial-1: gate failed on rule 1; "
+                                  "evaluate.trial-2: gate failed on rule 2)")
+    passed = _run("evaluate.trial-3", metrics={"gate_passed": 1.0})
+    assert _closed_by([*trials, passed]) is None

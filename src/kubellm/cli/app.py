@@ -117,31 +117,104 @@ def version() -> None:
 
 
 STARTER_HEADER = """\
-# kubellm run config — written by `kubellm init` from the embedded default; edit it for your own data.
-#
+# kubellm run config, written by `kubellm init` from the embedded default; edit it for your own data.
+{schema}
 #   kubellm prep --config {name} --out prepared            # the `data` section below
 #   kubellm run  --config {name}                           # the whole lifecycle on this machine
+#   kubellm config [SECTION]                                # every field: type, default, meaning
 #
 # Your own data: replace `builtin://stdlib` under data.sources with a path, glob or URI
 # (corpus/*.parquet, hf://owner/name, s3://bucket/docs/*.jsonl.gz) and name its text column with
 # `text_field`; for instruction data set `prompt_field`/`response_field` (or `messages_field`) under
-# instruct_data.sources. Every field is documented in kubellm's config reference (README, "Configs").
+# instruct_data.sources. Runs are tracked in a sqlite MLflow store under `workdir`; the end of
+# `kubellm run` prints the command that opens it in the MLflow UI.
 #
 """
+
+
+def _without_leading_comments(text: str) -> str:
+    """The embedded default minus its own header (written for the repository: `make run`, configs/)."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")), len(lines))
+    return "".join(lines[start:])
 
 
 @app.command()
 def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.", parser=user_path)]
          = Path("kubellm.yaml")) -> None:
-    """Write a commented starter run config (the embedded default) to edit for your own data."""
+    """Write a commented starter run config (the embedded default) to edit for your own data, and the
+    config's JSON Schema beside it (editors with the YAML language server complete and check fields)."""
     from kubellm.config import default_config_path, load_config
+    from kubellm.config.reference import SCHEMA_COMMENT, SCHEMA_FILE, json_schema
+    from kubellm.fsutil import write_json_atomic
 
     if path.exists():
         raise KubellmError(f"{path}: already exists; kubellm init never overwrites a file (choose another path)")
-    text = STARTER_HEADER.format(name=path) + default_config_path().read_text(encoding="utf-8")
+    schema_path = path.parent / SCHEMA_FILE
+    # An existing schema file is kubellm's own (a newer init refreshes it); anything else there is the user's.
+    if schema_path.exists() and not _is_our_schema(schema_path):
+        raise KubellmError(f"{schema_path}: exists and is not a kubellm config schema; kubellm init never "
+                           "overwrites a file (move it, or write the config elsewhere)")
+    text = (STARTER_HEADER.format(name=path, schema=SCHEMA_COMMENT + "\n#")
+            + _without_leading_comments(default_config_path().read_text(encoding="utf-8")))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    load_config(tmp)  # what we write must load
+    try:
+        load_config(tmp)  # what we write must load
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    write_json_atomic(schema_path, json_schema())
     tmp.replace(path)
-    print(f"wrote {path}: edit data.sources / instruct_data.sources, then `kubellm run --config {path}`")
+    print(f"wrote {path} (and {schema_path} for editors): edit data.sources / instruct_data.sources, then "
+          f"`kubellm run --config {path}`")
+
+
+def _is_our_schema(path: Path) -> bool:
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("$comment", "")).startswith("kubellm ")
+
+
+@app.command(name="config")
+def config_reference(
+    sections: Annotated[list[str] | None, typer.Argument(
+        help="Only these sections or fields (deploy, pretrain.loop, serve.max_prompt_tokens); default all.")] = None,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the config's JSON Schema instead.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown table (for docs) instead of text.")] = False,
+) -> None:
+    """Every config field with its type, default and meaning, from the config models themselves."""
+    import json
+
+    from kubellm.config.reference import did_you_mean, fields
+
+    if schema:
+        from kubellm.config.reference import json_schema
+
+        print(json.dumps(json_schema(), indent=2, sort_keys=True))
+        return
+    rows = list(fields())
+    wanted = [s.strip().strip(".") for s in sections or []]
+    for want in wanted:
+        if not any(r.path == want or r.path.startswith(want + ".") or r.path.startswith(want + "[]")
+                   for r in rows):
+            raise KubellmError(f"config has no section or field {want!r}"
+                               + did_you_mean(want, sorted({r.path for r in rows})))
+    if wanted:
+        rows = [r for r in rows if any(r.path == w or r.path.startswith((w + ".", w + "[]")) for w in wanted)]
+    if markdown:
+        from kubellm.config.reference import markdown as render
+
+        print(render(rows, header=not wanted), end="")
+        return
+    import textwrap
+
+    for r in rows:
+        print(f"{r.path}  ({r.type}, default {r.default})")
+        if r.doc:
+            print(textwrap.fill(r.doc, width=100, initial_indent="    ", subsequent_indent="    "))

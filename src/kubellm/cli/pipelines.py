@@ -108,7 +108,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
                           "(or set finetune.base_model)")
     from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
-    from kubellm.pipelines._runner import run_pipeline
+    from kubellm.pipelines._runner import run_pipeline, task_stage
     from kubellm.pipelines.api import Builder, pipeline_loader, pipeline_parameters
 
     make = pipeline_loader(pipeline) if from_file else None  # the user's file, executed once
@@ -155,10 +155,13 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     result["resumed_from"] = resume
     result["logs"] = str(done.logs)
     summ.add_failed_tasks(result, done.failed)
+    summ.add_task_states(result, done.tasks, task_stage)
     path = summ.write(result, out_dir)
     print_table(f"{name} · {run_name}", summ.table_rows(result))
     print(summ.headline(result))
     print(f"summary: {path}")
+    for line in summ.next_steps(result, str(config) if config else None):
+        print(line)
     if result["status"] != "FINISHED" or result["failed_stage"]:
         raise typer.Exit(1)
 

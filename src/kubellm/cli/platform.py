@@ -36,26 +36,40 @@ def check(
 ) -> None:
     """Check manifests against Pod Security 'restricted' plus a read-only root filesystem, including the
     pod specs inside PyTorchJobs, TrainJobs, RayJobs and InferenceServices, and those custom resources
-    against their CRD schemas (shipped with kubellm, offline); without paths, also the per-GPU memory
-    of each training stage against its placement's GPUs. Exits 1 when anything is found."""
+    against their CRD schemas (shipped with kubellm, offline); compiled pipelines (`kubellm compile`'s
+    output) executor by executor: image, installs at start, security context. Without paths, also the
+    per-GPU memory of each training stage against its placement's GPUs. Exits 1 when anything is found."""
     from kubellm.k8s.manifests import generated_manifests, shipped_manifests
+    from kubellm.k8s.pipelinespec import check_pipeline_file, is_pipeline_spec
     from kubellm.k8s.podsecurity import check_all, load_manifests
     from kubellm.k8s.schema import validate_custom_resources
 
+    findings, executors, skipped = [], 0, []
     if paths:
         files = [f for p in paths for f in (sorted(q for q in p.rglob("*") if q.suffix in MANIFEST_SUFFIXES)
                                             if p.is_dir() else [p])]
-        named = [(f"{f}#{i}", doc) for f in files for i, doc in enumerate(load_manifests(f))]
+        named = []
+        for f in files:
+            docs = load_manifests(f)
+            found, count = check_pipeline_file(docs, str(f))
+            findings += found
+            executors += count
+            named += [(f"{f}#{i}", d) for i, d in enumerate(docs) if "kind" in d]
+            skipped += [f"{f}#{i}" for i, d in enumerate(docs)
+                        if "kind" not in d and not is_pipeline_spec(d) and "platforms" not in d]
     else:
         cfg = load(config, overrides)
         named = shipped_manifests() + generated_manifests(cfg)
-    findings, pod_count = check_all(named)
-    findings += validate_custom_resources(named)
+    found, pod_count = check_all(named)
+    findings += found + validate_custom_resources(named)
     if not paths:
         findings += _memory_findings(cfg)
     for finding in findings:
         print(finding)
-    print(f"checked {len(named)} manifests, {pod_count} pod specs: {len(findings)} findings")
+    if skipped:  # say plainly what was not inspected rather than count it as clean
+        print(f"not inspected (neither a Kubernetes object nor a compiled pipeline): {', '.join(skipped)}")
+    print(f"checked {len(named)} manifests, {pod_count} pod specs, {executors} pipeline executors: "
+          f"{len(findings)} findings")
     if findings:
         raise typer.Exit(1)
 

@@ -34,7 +34,8 @@ class SourceConfig(StrictModel):
     """Column holding the answer (instruction data, when ``messages_field`` is not set)."""
 
     messages_field: str | None = None
-    """Column holding chat ``messages`` (a list of ``{"role", "content"}``); overrides prompt/response."""
+    """Column holding chat ``messages`` (a list of ``{"role", "content"}``); overrides prompt/response. A
+    record without ``prompt_field`` but with a ``messages`` list is read as chat messages without it."""
 
     hub_split: str = "train"
     """Split to read from a Hub dataset."""

@@ -112,7 +112,7 @@ def trial_finetune(base: FinetuneConfig, overrides: dict[str, Any], origin: str)
         apply_overrides(doc, [f"{k}={json.dumps(v)}" for k, v in overrides.items()], origin)
         return FinetuneConfig.model_validate(doc)
     except ValidationError as err:
-        raise ValueError(format_validation_error(err, origin).replace(": invalid config", "")) from None
+        raise ValueError(format_validation_error(err, origin, FinetuneConfig).replace(": invalid config", "")) from None
     except ConfigError as err:
         raise ValueError(str(err)) from None
 
@@ -162,14 +162,18 @@ def override_key(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key.strip())
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One line per problem: ``origin: field.path: reason``; joined with '; '."""
+def format_validation_error(err: ValidationError, origin: str, model: type[StrictModel] | None = None) -> str:
+    """One line per problem: ``origin: field.path: reason``; joined with '; '. With the ``model`` that was
+    validated, an unknown field gets a "did you mean" from the fields of its section."""
+    from kubellm.config.reference import unknown_field_hint
+
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the config reference in README)"
+            hint = unknown_field_hint(model, e["loc"]) if model is not None else ""
+            msg = f"unknown field{hint or ' (check the spelling)'} (every field: `kubellm config`)"
         problems.append(f"{loc}: {msg}")
     return f"{origin}: invalid config: " + "; ".join(problems)
 
@@ -179,7 +183,7 @@ def validate_section(model: type[StrictModel], doc: Any, origin: str) -> Any:
     try:
         return model.model_validate(doc)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, origin)) from None
+        raise ConfigError(format_validation_error(err, origin, model)) from None
 
 
 def default_config_path() -> Path:

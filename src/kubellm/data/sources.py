@@ -424,6 +424,10 @@ def _field(rec: dict[str, Any], name: str, origin: str, where: str, setting: str
     return value
 
 
+#: The column a record of chat messages is found in without ``messages_field`` (as TRL detects it).
+CHAT_FIELD = "messages"
+
+
 def _messages(value: Any, origin: str, name: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{origin}: field {name!r} must be a non-empty list of messages")
@@ -454,6 +458,9 @@ def to_example(rec: Any, src: Source, kind: str, origin: str) -> str | list[dict
             raise DataError(f"{origin}: no field {c.messages_field!r} (fields: {fields}); name the right one "
                             f"with --set {src.where}.messages_field=FIELD (or `kubellm prep --messages-field FIELD`)")
         return _messages(rec[c.messages_field], origin, c.messages_field)
+    if c.prompt_field not in rec and isinstance(rec.get(CHAT_FIELD), list):
+        # A conversational record (TRL's convention: a ``messages`` column) needs no setting.
+        return _messages(rec[CHAT_FIELD], origin, CHAT_FIELD)
     prompt = _field(rec, c.prompt_field, origin, src.where, "prompt_field")
     response = _field(rec, c.response_field, origin, src.where, "response_field")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

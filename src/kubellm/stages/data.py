@@ -9,6 +9,7 @@ from typing import Any
 from kubellm import markdown
 from kubellm.config import DataConfig
 from kubellm.stages.base import StageContext, StageOutput, log, numeric, section
+from kubellm.tracking.base import CLOSES_TAG
 
 
 def prep(config: DataConfig | dict[str, Any], out_dir: str | Path, ctx: StageContext, *, stage: str = "prep",
@@ -54,14 +55,14 @@ def data_changed(config: DataConfig | dict[str, Any], ctx: StageContext, *,
         champ = champion_info(ctx.tracking, ctx.workdir) if ctx.tracking.enabled else None
         seen = (champ.tags or {}).get("data_fingerprint") if champ is not None else None
         changed = fp != seen
+        if champ is None:
+            why = "no champion yet: training the first one"
+        elif changed:
+            why = f"data changed since champion v{champ.version} was trained (fingerprint {seen} → {fp})"
+        else:
+            why = f"data unchanged since champion v{champ.version} was trained (fingerprint {fp}): nothing to do"
         tracker.log_metrics({"data_changed": float(changed)})
-        tracker.set_tags({"data_fingerprint": fp})
-    if champ is None:
-        why = "no champion yet: training the first one"
-    elif changed:
-        why = f"data changed since champion v{champ.version} was trained (fingerprint {seen} → {fp})"
-    else:
-        why = f"data unchanged since champion v{champ.version} was trained (fingerprint {fp}): nothing to do"
+        tracker.set_tags({"data_fingerprint": fp, **({} if changed else {CLOSES_TAG: why})})
     log.info(why)
     return StageOutput({"changed": float(changed), "seconds": time.perf_counter() - t0},
                        markdown.section("Data check", why),

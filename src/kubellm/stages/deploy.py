@@ -126,11 +126,19 @@ class _BenchmarkGate:
 
         evaluated = EvalResult.read(self.evaluation_dir).metrics
         prepared = open_prepared(self.data_dir)
+        limit = self.cfg.serve.max_prompt_tokens
         with tempfile.TemporaryDirectory(prefix="kubellm-served-bench-") as work:
             plan = plan_for_dataset(self.eval_cfg, prepared, prepared.load_tokenizer(), Path(work))
-            served = run_benchmarks_served(plan, base_url=url, model_name=self.cfg.serve.model_name,
-                                           tokenizer_dir=prepared.tokenizer_dir, batch_size=self.eval_cfg.batch_size,
-                                           max_length=self.cfg.serve.max_prompt_tokens)
+            try:
+                served = run_benchmarks_served(plan, base_url=url, model_name=self.cfg.serve.model_name,
+                                               tokenizer_dir=prepared.tokenizer_dir,
+                                               batch_size=self.eval_cfg.batch_size, max_length=limit)
+            except AssertionError as err:  # lm-eval's checks, raised deep in its request loop
+                raise ConfigError(
+                    f"the served benchmark gate could not score {', '.join(b.task for b in plan.benchmarks)}: lm-evaluation-harness "
+                    f"says {str(err) or 'an internal check failed'!r} with serve.max_prompt_tokens={limit} "
+                    "(the longest context + answer it may send); raise serve.max_prompt_tokens or set "
+                    "deploy.benchmark_gate=false") from None
         self.served = served["scores"]
         self.lines, passed = served_drops(evaluated, served, self.cfg.deploy.max_served_benchmark_drop)
         if not passed:

@@ -22,6 +22,13 @@ class TrackingError(KubellmError):
     unreachable server)."""
 
 
+#: Tag a stage run sets when it decides that the stages after it do not run (the gate failed, the data is
+#: unchanged): one line the run's summary shows beside each stage that did not run.
+CLOSES_TAG = "closes"
+#: The evaluation's gate rules as JSON: rule, metric, op, threshold, value, passed (summary.json reads it).
+GATE_RULES_TAG = "gate.rules"
+
+
 class Tracker(ABC):
     """One stage's run: params, metrics, artifacts, tags."""
 

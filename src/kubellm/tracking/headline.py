@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubellm.tracking.base import CLOSES_TAG
+
 #: Metrics of the (last) evaluation stage copied to the parent run, in report order.
 HEADLINE_METRICS = ("perplexity", "base_perplexity", "perplexity_ratio", "gate_passed", "code_parse_rate",
                     "rouge_l", "token_f1")
@@ -35,6 +37,8 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
     ev = _latest(children, "evaluate")
     if ev is not None:
         metrics.update({k: ev.data.metrics[k] for k in HEADLINE_METRICS if k in ev.data.metrics})
+        if CLOSES_TAG in ev.data.tags:
+            head["gate_failure"] = ev.data.tags[CLOSES_TAG]
     reg = _latest(children, "register")
     if reg is not None:
         versions = client.search_model_versions(f"run_id = '{reg.info.run_id}'")
@@ -67,7 +71,8 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
     from kubellm import markdown
 
     gate = head.get("gate_passed")
-    verdict = "not evaluated" if gate is None else ("passed" if gate else "closed: nothing registered")
+    verdict = "not evaluated" if gate is None else (
+        "passed" if gate else f"{head.get('gate_failure', 'failed')}: nothing registered")
     ratio = head.get("perplexity_ratio")
     rows = {
         "pipeline": parent.data.tags.get("pipeline", "?"),

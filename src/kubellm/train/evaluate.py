@@ -42,10 +42,10 @@ from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.errors import DataError, TrainingError
 from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
 from kubellm.log import Progress, get_logger
-from kubellm.tracking.base import Tracker
+from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG, Tracker
 from kubellm.train.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
 from kubellm.train.metrics import is_code, mean_scores, score
-from kubellm.train.report import GateRule, plot_loss_curves, read_history, render_report
+from kubellm.train.report import GateRule, gate_failure, plot_loss_curves, read_history, render_report
 
 log = get_logger("evaluate")
 
@@ -74,6 +74,9 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)
     """Per held-out prompt: ``prompt``, ``reference``, ``candidate`` (and ``base``) answers and the
     candidate's ``exact_match``/``token_f1``/``rouge_l``."""
+    rules: list[dict] = field(default_factory=list)
+    """Every gate rule that is set: ``rule``, ``metric``, ``op``, ``threshold``, ``value`` (None when not
+    evaluable, with a ``note`` saying why) and ``passed``."""
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -93,7 +96,7 @@ class EvalResult:
             raise DataError(f"{path}: not an evaluation result ({type(err).__name__})") from None
         return cls(metrics=dict(doc["metrics"]), passed=bool(doc["passed"]), reasons=list(doc.get("reasons", [])),
                    report_path=out / REPORT_FILE, plot_path=out / PLOT_FILE if doc.get("plot_path") else None,
-                   samples=list(doc.get("samples", [])))
+                   samples=list(doc.get("samples", [])), rules=list(doc.get("rules", [])))
 
 
 # ------------------------------------------------------------------------------------------- the gate
@@ -400,12 +403,14 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
             num_samples=cfg.num_samples_in_report, plot_name=PLOT_FILE if has_plot else None, sources=sources),
             encoding="utf-8")
         result = EvalResult(metrics=metrics, passed=passed, reasons=reasons, report_path=out / REPORT_FILE,
-                            plot_path=out / PLOT_FILE if has_plot else None, samples=samples)
+                            plot_path=out / PLOT_FILE if has_plot else None, samples=samples,
+                            rules=[r.to_json() for r in rules])
         write_json_atomic(tmp / METRICS_FILE, result.to_json())
     log.info("gate %s in %.1f s: %s", "PASSED" if passed else "FAILED", time.perf_counter() - t0, "; ".join(reasons))
 
     if tracker is not None:
         tracker.log_metrics({**metrics, "gate_passed": float(passed)})
-        tracker.set_tags({"gate": "passed" if passed else "failed"})
+        tracker.set_tags({"gate": "passed" if passed else "failed", GATE_RULES_TAG: json.dumps(result.rules),
+                          **({} if passed else {CLOSES_TAG: gate_failure(rules)})})
         tracker.log_artifact(out, "evaluation")
     return result

@@ -47,6 +47,22 @@ class GateRule:
         return (f"{self.rule}: {self.metric} {self.value:.4g} {self.op} {self.threshold:g}: "
                 f"{'pass' if self.passed else 'FAIL'}")
 
+    def shortfall(self) -> str:
+        """What a failed rule missed, for a headline: ``empty_answer_rate 0.913 (needs <= 0.5)``."""
+        if self.value is None:
+            return f"{self.rule} not evaluable ({self.note})"
+        return f"{self.metric} {self.value:.4g} (needs {self.op} {self.threshold:g})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "metric": self.metric, "op": self.op, "threshold": self.threshold,
+                "value": self.value, "passed": self.passed, **({"note": self.note} if self.note else {})}
+
+
+def gate_failure(rules: Sequence[GateRule]) -> str:
+    """One line naming every failed rule with its value and threshold (what a headline shows)."""
+    failed = [r.shortfall() for r in rules if not r.passed]
+    return "gate failed on " + ("; ".join(failed) or "no rule (none is set)")
+
 
 def read_history(model_dir: str | Path) -> list[dict[str, Any]]:
     """The ``history.jsonl`` a training stage left in ``model_dir`` (empty when there is none)."""
