@@ -11,7 +11,8 @@ def start_run(run_config: dict, tracking: dict, workdir: str, pipeline_name: str
     """Start the MLflow parent run of this pipeline run.
 
     Creates one parent run in the configured experiment, tagged with the pipeline name, the KFP run id,
-    the config hash and the git revision, with the flattened run config as params. A retried task
+    the config hash and the git revision, with the whole run config as its ``config.json`` artifact
+    (each stage logs its own section as params). A retried task
     re-attaches to the run it created instead of making a second one.
 
     Args:

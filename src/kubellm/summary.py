@@ -158,6 +158,25 @@ def add_failed_tasks(summary: dict[str, Any], failed_tasks: list[dict[str, Any]]
         summary["failed_stage"] = summary["failed_stage"] or task["stage"]
 
 
+def show_reused(cfg: TrackingConfig, workdir: str | Path, summary: dict[str, Any]) -> None:
+    """On a resumed run's MLflow parent, the stages it reused: the reused evaluation's verdict and figures
+    in its headline, and links to the runs that made them (:func:`kubellm.tracking.headline.show_reused`)."""
+    reused = {r["stage"]: r["run_id"] for r in summary["stages"] if r["status"] == CACHED and r.get("run_id")}
+    if not reused:
+        return
+    from kubellm.tracking.headline import show_reused as annotate
+    from kubellm.tracking.mlflow_tracker import mlflow_client, mlflow_errors
+
+    client, uri = mlflow_client(cfg, workdir)
+    try:
+        with mlflow_errors(uri, "linking the reused stages from the parent run"):
+            annotate(client, summary["mlflow"]["parent_run_id"], reused)
+    except KubellmError as err:  # the run itself is done and recorded: this is its description only
+        from kubellm.log import get_logger
+
+        get_logger("run").warning("%s", err)
+
+
 def add_task_states(summary: dict[str, Any], tasks: dict[str, str], stage_of: Any) -> None:
     """A step that logs no MLflow run of its own (a user's component, say) but that the runner saw finish
     reads "FINISHED" with a note, not "not run". ``stage_of``: task label → its row's stage."""

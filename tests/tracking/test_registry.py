@@ -39,12 +39,13 @@ def test_register_promote_resolve(workdir: Path, tiny_models: dict[str, Path]) -
     assert champion_info(cfg, workdir) is None  # no registered model at all yet
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
     with stage_run(cfg, workdir, parent_run_id=parent, stage="register") as tr:
-        v1 = register_model(cfg, workdir, tiny_models["full"], run_id=tr.run_id, metrics={"perplexity": 12.5},
+        v1 = register_model(cfg, workdir, tiny_models["full"], run_id=tr.run_id, metrics={"perplexity": 12.5, "eval_tokens": 900.0, "bench.x.acc": 0.5},
                             tags={"data_fingerprint": "fp-1"})
         v2 = register_model(cfg, workdir, tiny_models["adapter"], run_id=tr.run_id, base_model=tiny_models["full"])
         run_id = tr.run_id
     assert (v1.version, v1.aliases, v1.uri) == (1, ["candidate"], "models:/tiny-lm/1")
     assert v1.tags["metric.perplexity"] == "12.5" and v1.tags["data_fingerprint"] == "fp-1"
+    assert not {"metric.eval_tokens", "metric.bench.x.acc"} & set(v1.tags)  # a handful of headline figures only
     assert (v2.version, v2.aliases) == (2, ["candidate"])
     assert v2.tags["adapter"] == "true" and v2.tags["base_model"] == str(tiny_models["full"])
     assert champion_info(cfg, workdir) is None  # registered, but nothing promoted

@@ -152,6 +152,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     cached = {s: {"from_run": r, "run_id": origins.get(s)} for s, r in done.cached.items()}
     result = summ.collect(cfg.tracking, workdir, pipeline=name, run_name=run_name,
                           stages=stages, wall_seconds=done.wall_seconds, cached=cached)
+    summ.show_reused(cfg.tracking, workdir, result)
     result["resumed_from"] = resume
     result["logs"] = str(done.logs)
     summ.add_failed_tasks(result, done.failed)

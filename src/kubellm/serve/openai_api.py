@@ -50,9 +50,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from kubellm.log import get_logger
 from kubellm.serve.engine import Completion, GenerationRequest
 from kubellm.serve.logprobs import TokenLogprob
 from kubellm.serve.predictor import InvalidRequest, results_of
+
+log = get_logger("serve")
 
 if TYPE_CHECKING:
     from kubellm.serve.predictor import LLMModel
@@ -335,6 +338,8 @@ async def _guarded(requests: list[GenerationRequest], events: AsyncIterator[str]
     except InvalidRequest as err:  # pragma: no cover - validation happens before streaming starts
         yield _sse({"error": {"message": str(err), "type": "invalid_request_error"}})
     except Exception as err:  # headers are sent: the error can only travel in the stream
+        # ... and to the server's log, where the operator looks (with the traceback the client never sees)
+        log.exception("streamed generation failed after the response started: %s", err)
         yield _sse({"error": {"message": f"generation failed: {err}", "type": "server_error"}})
     finally:
         for r in requests:

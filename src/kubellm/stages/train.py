@@ -49,13 +49,29 @@ def fetch_model(ref: str, out_dir: str | Path, ctx: StageContext) -> str:
 
                 snapshot_download(ref, local_dir=str(tmp),
                                   allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"])
-            except Exception as err:  # offline, unknown id, gated repo: one line either way
+            except Exception as err:  # offline, unknown id, gated repo: one line either way, saying which
                 raise TrainingError(f"base model {ref!r}: not a local directory and not downloadable from "
-                                    f"the Hugging Face Hub here ({type(err).__name__})") from None
+                                    f"the Hugging Face Hub here: {hub_error(err)}") from None
         if not any(p.suffix == ".safetensors" for p in tmp.iterdir()):
             raise TrainingError(f"base model {ref}: no *.safetensors weights")
     log.info("fetched base model %s → %s", ref, out_dir)
     return f"{ref} → {out_dir}"
+
+
+def hub_error(err: BaseException) -> str:
+    """What a Hub download failure means for the user, in one line (not just ``HfHubHTTPError``)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    kind = type(err).__name__
+    if status == 401:
+        return f"401 unauthorized ({kind}): a gated or private model needs HF_TOKEN with access to it"
+    if status == 403:
+        return f"403 forbidden ({kind}): HF_TOKEN has no access to this model (accept its terms on the Hub)"
+    if status == 404 or kind in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+        return f"not found on the Hub ({kind}): check the model id and revision"
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(err, OSError):
+        return f"no network or HF_HUB_OFFLINE=1 ({kind}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{kind}: {first}" if first else kind
 
 
 def _output(res: Any, link: str, title: str) -> StageOutput:

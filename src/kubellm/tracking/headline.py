@@ -27,8 +27,9 @@ def _latest(children: list[Any], stage: str) -> Any | None:
 
 
 def write_headline(client: Any, parent: Any, children: list[Any], *, status: str,
-                   summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Put the stages' headline on ``parent``; returns what was written (for tests and the CLI)."""
+                   summary: dict[str, Any] | None = None, link_model: bool = True) -> dict[str, Any]:
+    """Put the stages' headline on ``parent``; returns what was written (for tests and the CLI).
+    ``link_model``: also record the registered version's logged model as the run's output (once)."""
     from mlflow.entities import LoggedModelOutput
 
     run_id = parent.info.run_id
@@ -50,7 +51,7 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
             # leaves ``model_id`` unset on the version itself).
             model_id = getattr(mv, "model_id", None) or (
                 mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
-            if model_id:
+            if model_id and link_model:
                 client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
     dep = _latest(children, "deploy")
     if dep is not None:
@@ -65,6 +66,26 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
     head.update(metrics)
     client.set_tag(run_id, NOTE_TAG, _note(parent, head, summary or {}))
     return head
+
+
+def show_reused(client: Any, parent_run_id: str, reused: dict[str, str]) -> dict[str, Any]:
+    """A resumed run's parent, once the run is over: the stages it took from earlier runs (``reused``:
+    stage → that stage's run id) count as its own for the headline — the reused evaluation's verdict and
+    figures, beside the version this run registered — and are linked from the run (``reused.<stage>``
+    tags and the description)."""
+    parent = client.get_run(parent_run_id)
+    runs = {stage: client.get_run(run_id) for stage, run_id in reused.items() if run_id}
+    for stage, run in runs.items():
+        # a stage of the earlier run counts as finished here: it is what this run used
+        run.data.tags.setdefault("stage", stage)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
+    for stage, run in runs.items():
+        client.set_tag(parent_run_id, f"reused.{stage}", run.info.run_id)
+    return write_headline(client, parent, [*children, *runs.values()], status=parent.info.status,
+                          summary={"reused": {stage: (run.info.experiment_id, run.info.run_id)
+                                              for stage, run in runs.items()}},
+                          link_model=False)  # ending the run linked it already
 
 
 def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -85,5 +106,8 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
     }
     if summary.get("error"):
         rows["error"] = str(summary["error"])[:300]
+    if summary.get("reused"):
+        rows["reused from earlier runs"] = ", ".join(
+            f"[{stage}](#/experiments/{exp}/runs/{run_id})" for stage, (exp, run_id) in summary["reused"].items())
     return markdown.section(parent.info.run_name or "kubellm run", markdown.fields(rows),
                             "The whole config is the `config.json` artifact; every stage is a nested run.")

@@ -277,13 +277,19 @@ def _sqlite_artifact_root(uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces, no runs in sight);
+# kubellm's experiments are model development: they open on their runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_sqlite_artifact_root(uri))
+            return client.create_experiment(name, artifact_location=_sqlite_artifact_root(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by a parallel step
             exp = client.get_experiment_by_name(name)
             if exp is None:

@@ -27,6 +27,7 @@ from kubellm.config.tracking import TrackingConfig
 from kubellm.fsutil import atomic_dir
 from kubellm.log import get_logger
 from kubellm.tracking.base import TrackingError
+from kubellm.tracking.headline import HEADLINE_METRICS
 from kubellm.tracking.mlflow_tracker import _check_filter_value, mlflow_client, mlflow_errors
 
 log = get_logger("tracking.registry")
@@ -81,7 +82,8 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
                    tags: dict[str, str] | None = None) -> ModelVersionInfo:
     """Log ``model_dir`` (a full model or a LoRA adapter, merged into ``base_model`` or the base its
     config records) under run ``run_id``, register it as a new version of ``cfg.registered_model`` and
-    give it the ``candidate`` alias. ``metrics`` and ``tags`` become version tags (``metric.<name>``)."""
+    give it the ``candidate`` alias. ``tags`` and the headline ``metrics`` (:data:`HEADLINE_METRICS`)
+    become version tags (``metric.<name>``)."""
     _require_enabled(cfg, "registering a model")
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -106,8 +108,11 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(), **(tags or {})}
     if base_model is not None or adapter:
         version_tags["base_model"] = str(base_model) if base_model is not None else lm.source.split(" + ")[0]
+    # a handful of headline figures, not every metric (25 tags filled a screen per version); the version's
+    # run (its ``run_id``, linked by the UI) holds them all
     for key, value in (metrics or {}).items():
-        version_tags[f"metric.{key}"] = f"{float(value):.6g}"
+        if key in HEADLINE_METRICS:
+            version_tags[f"metric.{key}"] = f"{float(value):.6g}"
 
     with mlflow_errors(uri, f"registering {model_dir} as {cfg.registered_model!r}"):
         if adapter:
@@ -122,14 +127,25 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
             info = mlflow.transformers.log_model(
                 {"model": lm.model, "tokenizer": lm.tokenizer}, name=MODEL_ARTIFACT, task="text-generation",
                 pip_requirements=_pip_requirements(), run_id=run_id, model_id=logged.model_id)
-            with contextlib.suppress(Exception):  # exists already (the usual case)
-                client.create_registered_model(cfg.registered_model)
+            _ensure_registered_model(client, cfg.registered_model)
             mv = client.create_model_version(cfg.registered_model, source=info.model_uri, run_id=run_id,
                                              tags=version_tags, model_id=info.model_id)
         client.set_registered_model_alias(cfg.registered_model, CANDIDATE, mv.version)
         mv = client.get_model_version(cfg.registered_model, mv.version)
     log.info("registered %s version %s (%s) from %s", mv.name, mv.version, CANDIDATE, model_dir)
     return _info(mv)
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    """Create registered model ``name`` unless it exists (the usual case). Only "already exists" is
+    expected: an auth or connection failure is the user's to see, named by :func:`mlflow_errors`."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def promote(cfg: TrackingConfig, workdir: str | Path, version: int, alias: str = CHAMPION, *,

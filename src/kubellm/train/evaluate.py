@@ -179,6 +179,7 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
 
     from kubellm.data.format import IGNORE_INDEX
     from kubellm.train.batches import PadCollator
+    from kubellm.train.loop import nll_sum
 
     collate = PadCollator(pad_id)
     n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
@@ -192,8 +193,7 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
             scored = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t + 1
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            use_cache=False, logits_to_keep=scored).logits
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                           targets[targets != IGNORE_INDEX], reduction="sum"))
+            total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[targets != IGNORE_INDEX]))
             tokens += int(scored.sum())
             bar.update(b)
     return total, tokens

@@ -241,16 +241,24 @@ def token_nll_sum(logits: Any, labels: Any) -> Any:
     (all micro-batches, all ranks): variable-length instruction rows then weigh every response token
     equally, as one big batch would.
     """
-    import torch
     import torch.nn.functional as F
 
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest activation of the
     # step (8 × 256 × 4 k vocab × 4 B = 33 MB for the small preset) forward and again backward.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    flat = logits.reshape(-1, logits.size(-1))
-    if flat.dtype == torch.bfloat16 and flat.device.type == "cpu":
-        return _bf16_nll().apply(flat, targets)
-    return F.cross_entropy(flat.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll_sum(logits.reshape(-1, logits.size(-1)), targets)
+
+
+def nll_sum(flat_logits: Any, targets: Any) -> Any:
+    """The one definition of the token loss: summed negative log-likelihood of ``targets`` (one per row of
+    ``flat_logits``; -100 rows skipped), in fp32 whatever the logits' dtype. Training reaches it through
+    :func:`token_nll_sum`; evaluation's perplexity calls it on the positions it scored."""
+    import torch
+    import torch.nn.functional as F
+
+    if flat_logits.dtype == torch.bfloat16 and flat_logits.device.type == "cpu":
+        return _bf16_nll().apply(flat_logits, targets)
+    return F.cross_entropy(flat_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @functools.cache
