@@ -70,6 +70,7 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
     from kubellm.data.format import open_prepared
     from kubellm.k8s.shared_volume import collect_output, stage_inputs
     from kubellm.k8s.training_job import SHARED_MOUNT, run_training_job
+    from kubellm.tracking.kfp_plugin import client_env
     from kubellm.train.loop import TrainResult
 
     run_cfg = RunConfig(name=run_name, workdir=ctx.workdir, tracking=ctx.tracking, platform=platform,
@@ -78,7 +79,7 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
     shared = stage_inputs(SHARED_MOUNT, run_name, stage, fp, data_dir, base_model)
     outcome = run_training_job(stage, run_cfg, str(shared.data), str(shared.out),
                                str(shared.base) if shared.base is not None else None, data_fingerprint=fp,
-                               env={STAGE_RUN_ENV: tracker.run_id or ""})
+                               env={**client_env(), STAGE_RUN_ENV: tracker.run_id or ""})
     tracker.set_tags({f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)})
     collect_output(shared, out_dir)
     return TrainResult.read(out_dir)
