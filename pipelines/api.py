@@ -189,7 +189,7 @@ class Builder:
             if params and not func.__doc__:
                 func.__doc__ = description + "\n\nArgs:\n" + "".join(f"    {p}: {PARAM_DOCS[p]}\n" for p in params)
             self.name = name
-            return dsl.pipeline(name=name, description=description)(func)
+            return dsl.pipeline(name=name, description=description, pipeline_config=self.ctx.pipeline_config())(func)
 
         return wrap
 
