@@ -45,13 +45,13 @@ import importlib.util
 import inspect
 import json
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kfp import dsl
-from kfp.dsl.types import type_annotations
 
 from kubellm.config import RunConfig
 from kubellm.config.params import NULLS, to_param
@@ -285,9 +285,15 @@ class Builder:
         return compile_pipeline(pipeline, Path(path))
 
 
+#: The marker ``dsl.Output[...]`` puts in its ``Annotated`` metadata, found through the public ``dsl.Output``.
+_OUTPUT_MARKER = typing.get_args(dsl.Output[dsl.Artifact])[1]
+
+
 def _is_output(annotation: Any) -> bool:
     """An output artifact, or the exit handler's status: the runtime supplies both, never the caller."""
-    return type_annotations.is_artifact_wrapped_in_Output(annotation) or annotation is dsl.PipelineTaskFinalStatus
+    if annotation is dsl.PipelineTaskFinalStatus:
+        return True
+    return typing.get_origin(annotation) is typing.Annotated and _OUTPUT_MARKER in typing.get_args(annotation)[1:]
 
 
 def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> None:
