@@ -94,13 +94,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(backend_store_uri: str, root: Path, workers: int = 1) -> Iterator[tuple[Any, str, Path]]:
+def _server(backend_store_uri: str, root: Path, workers: int = 1,
+            extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, str, Path]]:
     """Start ``mlflow server`` on 127.0.0.1 without waiting for it (proxied artifacts under ``root``).
     It forks workers: started in its own process group, the group is stopped."""
     port = _free_port()
     cmd = [str(Path(PY).with_name("mlflow")), "server", "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers)]
+           "--workers", str(workers), *extra]
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     try:
@@ -159,6 +160,15 @@ def _early_server(request: pytest.FixtureRequest) -> None:
 def mlflow_server(_server_process: tuple[Any, str, Path]) -> str:
     """The URI of a healthy ``mlflow server`` on 127.0.0.1, shared by the integration tests."""
     return _healthy(*_server_process)
+
+
+@pytest.fixture(scope="session")
+def workspaces_mlflow_server(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Iterator[str]:
+    """A healthy ``mlflow server --enable-workspaces`` (MLflow 3's multi-tenancy) on a fresh sqlite store."""
+    root = tmp_path_factory.mktemp("mlflow-workspaces")
+    shutil.copy(_migrated_store, root / "mlflow.db")
+    with _server(f"sqlite:///{root / 'mlflow.db'}", root, extra=("--enable-workspaces",)) as started:
+        yield _healthy(*started)
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,47 @@ def test_a_local_run_under_the_plugin_is_one_tree_with_the_headline_on_the_plugi
     versions = client.search_model_versions(f"name = '{model}'")
     assert versions and {v.run_id for v in versions} <= {by_stage["register"].info.run_id}
     assert s["status"] == "FINISHED" and s["mlflow"]["parent_run_id"] == parent
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_mlflow_workspace_keeps_a_teams_runs_and_models_apart(workspaces_mlflow_server: str, tmp_path: Path,
+                                                             tiny_models: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_WORKSPACE, as the plugin sets it, reaches every client kubellm makes (MLflow sends it as the
+    X-MLFLOW-WORKSPACE header): a stage run and the version it registers land in that workspace and another
+    team's workspace sees neither; a training job launched from the step is handed the same settings."""
+    from mlflow import MlflowClient
+
+    from kubellm.config import TrackingConfig
+    from kubellm.tracking import register_model, stage_run
+    from kubellm.tracking.kfp_plugin import client_env
+
+    admin = MlflowClient(workspaces_mlflow_server)
+    for team in ("team-a", "team-b"):
+        admin.create_workspace(team)
+    monkeypatch.setenv("MLFLOW_WORKSPACE", "team-a")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", workspaces_mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "my-sso-plugin")  # an auth plugin the pods can use too
+    assert client_env() == {"MLFLOW_WORKSPACE": "team-a", "MLFLOW_TRACKING_URI": workspaces_mlflow_server,
+                            "MLFLOW_TRACKING_AUTH": "my-sso-plugin"}
+    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "kubernetes-namespaced")  # needs a token training pods lack
+    assert client_env() == {"MLFLOW_WORKSPACE": "team-a", "MLFLOW_TRACKING_URI": workspaces_mlflow_server}
+    monkeypatch.delenv("MLFLOW_TRACKING_AUTH")  # no Kubernetes here to take a token from
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    cfg = TrackingConfig(uri=workspaces_mlflow_server, experiment="ws-exp", registered_model="ws-lm")
+    with stage_run(cfg, tmp_path, parent_run_id=None, stage="register") as tracker:
+        tracker.log_metrics({"perplexity": 3.5})
+        version = register_model(cfg, tmp_path, tiny_models["full"], run_id=tracker.run_id)
+
+    def seen_by(team: str) -> tuple[bool, list[str]]:
+        monkeypatch.setenv("MLFLOW_WORKSPACE", team)
+        client = MlflowClient(workspaces_mlflow_server)
+        return client.get_experiment_by_name("ws-exp") is not None, [m.name for m in client.search_registered_models()]
+
+    assert seen_by("team-a") == (True, ["ws-lm"])
+    assert seen_by("team-b") == (False, [])
+    monkeypatch.setenv("MLFLOW_WORKSPACE", "team-a")
+    client = MlflowClient(workspaces_mlflow_server)
+    assert client.get_run(tracker.run_id).data.metrics["perplexity"] == 3.5
+    assert client.get_model_version("ws-lm", str(version.version)).run_id == tracker.run_id

@@ -29,8 +29,13 @@ What the pinned MLflow (3.17.2) does with the rest, by itself, in every ``Mlflow
 
 A training job's pods are not KFP tasks: the plugin gives them nothing. The step that launches them
 passes on what its own client uses (:func:`client_env`) and the run to log into
-(``KUBELLM_STAGE_RUN_ID``). KServe's predictor pod makes no MLflow client on a cluster (its storage
-initializer fetches the model from the deployed storage URI), so it gets none of these.
+(``KUBELLM_STAGE_RUN_ID``) — but not the ``kubernetes`` auth modes: kubellm's training pods mount no
+service-account token (``automountServiceAccountToken: false``, least privilege), so MLflow's Kubernetes
+auth could not find one there. Under those modes the pods need MLflow credentials of their own
+(``platform.stages.<stage>.secret_env``: ``MLFLOW_TRACKING_TOKEN``), or the stage trains in the step's
+own pod (``platform.distributed.<stage>.engine: none``); the launching step says so in one warning line.
+KServe's predictor pod makes no MLflow client on a cluster (its storage initializer fetches the model
+from the deployed storage URI), so it gets none of these.
 """
 
 from __future__ import annotations
@@ -64,9 +69,16 @@ def handed_experiment_id() -> str | None:
     return value or None
 
 
+def kubernetes_auth() -> bool:
+    """Whether MLflow authenticates with this pod's service-account token (``kubernetes``,
+    ``kubernetes-namespaced``)."""
+    return os.environ.get(AUTH_ENV, "").strip().startswith("kubernetes")
+
+
 def client_env() -> dict[str, str]:
     """The MLflow client settings of this process (URI, workspace, auth mode) that are set: passed to a
-    training job's pods so rank 0 reaches the same server, in the same workspace, the same way. Never
-    the run id (pods attach to the step's run by ``KUBELLM_STAGE_RUN_ID``) nor any credential (those come
-    from the platform's ``secret_env`` or the pod's own service account)."""
-    return {name: os.environ[name] for name in _CLIENT_ENV if os.environ.get(name, "").strip()}
+    training job's pods so rank 0 reaches the same server, in the same workspace. Never the run id (pods
+    attach to the step's run by ``KUBELLM_STAGE_RUN_ID``), nor any credential, nor a ``kubernetes`` auth
+    mode (the pods have no token for it: see the module doc)."""
+    return {name: os.environ[name] for name in _CLIENT_ENV if os.environ.get(name, "").strip()
+            and not (name == AUTH_ENV and kubernetes_auth())}
