@@ -71,10 +71,13 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
     from kubellm.data.format import open_prepared
     from kubellm.k8s.shared_volume import collect_output, stage_inputs
     from kubellm.k8s.training_job import SHARED_MOUNT, run_training_job
-    from kubellm.tracking.kfp_plugin import client_env, kubernetes_auth
+    from kubellm.tracking.kfp_plugin import URI_ENV, client_env, handed_run_id, kubernetes_auth
     from kubellm.train.loop import TrainResult
 
-    run_cfg = RunConfig(name=run_name, workdir=ctx.workdir, tracking=ctx.tracking, platform=platform,
+    tracking = ctx.tracking
+    if handed_run_id() and os.environ.get(URI_ENV):  # the handed run's server, forwarded, not tracking.uri
+        tracking = tracking.model_copy(update={"uri": None})
+    run_cfg = RunConfig(name=run_name, workdir=ctx.workdir, tracking=tracking, platform=platform,
                         **{stage: stage_cfg})
     if ctx.tracking.enabled and kubernetes_auth() and not any(
             s.env in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD") for s in platform.placement(stage).secret_env):
