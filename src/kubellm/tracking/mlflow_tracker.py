@@ -88,6 +88,9 @@ _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
 
 
+_WARNED_URIS: set[str] = set()  # tracking.uri values said once to be overridden by a handed run's server
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     """Where runs go: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``workdir``;
     ``$MLFLOW_TRACKING_URI`` first when ``$MLFLOW_RUN_ID`` hands this process a run (it lives there).
@@ -113,9 +116,6 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
-
-
-_WARNED_URIS: set[str] = set()
 
 
 def _credentials_to_env(uri: str) -> str:
@@ -613,11 +613,11 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
 
     Yields the stage's :class:`Tracker`. With ``$MLFLOW_RUN_ID`` set (KFP's MLflow plugin) the stage logs
     into that run instead, re-attaching to it as below when this stage logged there before, and ends it
-    the same way (as ``mlflow.start_run()`` does with that variable). A retried step re-attaches to its own earlier run (the newest
-    child of the parent with the same ``stage`` tag that is not FINISHED) instead of creating a second
-    one, so stage names must be unique among a parent's concurrently running steps. The run ends
-    FINISHED, FAILED on an exception (re-raised), or KILLED on SIGTERM/Ctrl-C. With ``cfg.enabled``
-    false it yields a :class:`NullTracker` and logs nowhere.
+    the same way (as ``mlflow.start_run()`` does with that variable). A retried step re-attaches to its
+    own earlier run (the newest child of the parent with the same ``stage`` tag that is not FINISHED)
+    instead of creating a second one, so stage names must be unique among a parent's concurrently running
+    steps. The run ends FINISHED, FAILED on an exception (re-raised), or KILLED on SIGTERM/Ctrl-C. With
+    ``cfg.enabled`` false it yields a :class:`NullTracker` and logs nowhere.
     """
     if not cfg.enabled:
         yield NullTracker()
