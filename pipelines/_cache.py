@@ -16,25 +16,25 @@ library's own code is not in the key (the runtime image is, on a cluster): resum
 failed step — the point of ``--resume`` — must not recompute the hour of training before it.
 
 KFP 2.17's local runner already consults a cache object for tasks compiled cacheable
-(``local.init(enable_caching=True)``); :class:`ResumeCache` is that object, with our key and our index.
+(``local.init(enable_caching=True)``); :class:`ResumeCache` is that object (the same three methods,
+``compute_key``/``get``/``put``), with our key and our index; the runner's internals it meets are in
+:mod:`._kfp_local`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kfp import dsl
-from kfp.local import cache as kfp_cache
 
 from kubellm.errors import ConfigError
 from kubellm.fsutil import write_json_atomic
+from kubellm.pipelines import _kfp_local
 from kubellm.pipelines.api import STEPS
 
 #: Components whose task logs an MLflow stage run of this name (a sweep trial adds ``.<trial>``); the
@@ -85,29 +85,34 @@ _METADATA_ONLY = ("system.Metrics", "system.ClassificationMetrics", "system.Slic
 def _artifact(doc: dict[str, Any]) -> dsl.Artifact:
     """An artifact of a cache entry, as the runner hands it on. KFP's own ``LocalCache`` treats every
     artifact without a file as deleted, Metrics included, which would make every step with metrics a miss."""
-    from kfp.dsl import executor
-
     uri = doc.get("uri", "")
     if uri and doc.get("schema_title") not in _METADATA_ONLY and not Path(uri).exists():
         raise FileNotFoundError(uri)
-    return executor.create_artifact_instance({"name": doc.get("name", ""), "uri": uri,
-                                              "metadata": doc.get("metadata") or {},
-                                              "type": {"schemaTitle": doc.get("schema_title", "system.Artifact")}})
+    return _kfp_local.create_artifact({"name": doc.get("name", ""), "uri": uri, "metadata": doc.get("metadata") or {},
+                                       "type": {"schemaTitle": doc.get("schema_title", "system.Artifact")}})
 
 
 def _output(value: Any) -> Any:
-    if isinstance(value, dict) and value.get(kfp_cache._ARTIFACT_MARKER):
+    artifact, artifact_list = _kfp_local.artifact_markers()
+    if isinstance(value, dict) and value.get(artifact):
         return _artifact(value)
-    if isinstance(value, dict) and value.get(kfp_cache._ARTIFACT_LIST_MARKER):
+    if isinstance(value, dict) and value.get(artifact_list):
         return [_artifact(a) for a in value.get("artifacts", [])]
     return value
 
 
-class ResumeCache(kfp_cache.LocalCache):
+#: Environment variables a task gets at run time that name this run only (KFP's MLflow plugin's run
+#: id): left out of the key, as the parent run's id is (see ``_common``), or nothing could be reused.
+_RUN_SPECIFIC_ENV = ("MLFLOW_RUN_ID",)
+
+
+class ResumeCache:
     """KFP's local task cache with our key, writing ``run``'s index and reading ``resume_from``'s."""
 
     def __init__(self, runs_dir: str | Path, run: str, resume_from: str | None = None) -> None:
-        super().__init__(str(Path(runs_dir) / run / "cache"))
+        self.cache_root = str(Path(runs_dir) / run / "cache")
+        Path(self.cache_root).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         self.runs_dir = Path(runs_dir)
         self.run = run
         self.resume_from = resume_from
@@ -141,8 +146,9 @@ class ResumeCache(kfp_cache.LocalCache):
 
     def compute_key(self, component_name: str, image: str, full_command: list[str], arguments: dict[str, Any],
                     env_vars: dict[str, str] | None = None, custom_cache_key: str | None = None) -> str:
+        env = {k: v for k, v in (env_vars or {}).items() if k not in _RUN_SPECIFIC_ENV}
         doc = {"component": _component(component_name), "image": image, "command": list(full_command),
-               "env": dict(env_vars or {}), "custom": custom_cache_key or "",
+               "env": env, "custom": custom_cache_key or "",
                "inputs": {k: self._input(v) for k, v in sorted(arguments.items())}}
         key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
         with self._lock:
@@ -174,7 +180,7 @@ class ResumeCache(kfp_cache.LocalCache):
         return outputs
 
     def put(self, key: str, outputs: dict[str, Any]) -> None:
-        self._record(key, self._serialize_outputs(outputs), self.run)
+        self._record(key, _kfp_local.serialize_outputs(outputs), self.run)
 
     def _record(self, key: str, outputs: dict[str, Any], origin: str) -> None:
         write_json_atomic(Path(self.cache_root) / f"{key}.json",
@@ -188,17 +194,6 @@ class ResumeCache(kfp_cache.LocalCache):
     def hit_in_this_thread(self) -> str | None:
         """The run whose outputs the task just handled in this thread reused (None: it ran)."""
         return getattr(self._local, "hit", None)
-
-
-@contextlib.contextmanager
-def installed(cache: ResumeCache) -> Iterator[ResumeCache]:
-    """Make KFP's local runner use ``cache`` for every task compiled cacheable, for a ``with`` block."""
-    saved = kfp_cache.get_local_cache
-    kfp_cache.get_local_cache = lambda: cache
-    try:
-        yield cache
-    finally:
-        kfp_cache.get_local_cache = saved
 
 
 def original_stage_runs(runs_dir: str | Path, run: str) -> dict[str, str]:

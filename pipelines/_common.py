@@ -63,13 +63,15 @@ RUN_ID_LABEL = "pipeline/runid"
 
 
 
-def pipeline(name: str, description: str) -> Callable[[Callable[..., None]], Any]:
-    """``@dsl.pipeline`` with the parameter descriptions filled in from :data:`PARAM_DOCS`."""
+def pipeline(name: str, description: str, ctx: Context | None = None) -> Callable[[Callable[..., None]], Any]:
+    """``@dsl.pipeline`` with the parameter descriptions filled in from :data:`PARAM_DOCS` and, compiled
+    for a cluster, ``ctx``'s run limits (:meth:`Context.pipeline_config`)."""
 
     def wrap(func: Callable[..., None]) -> Any:
         args = "\n".join(f"    {p}: {PARAM_DOCS[p]}" for p in inspect.signature(func).parameters)
         func.__doc__ = f"{description}\n\nArgs:\n{args}\n"
-        return dsl.pipeline(name=name, description=description)(func)
+        config = ctx.pipeline_config() if ctx is not None else None
+        return dsl.pipeline(name=name, description=description, pipeline_config=config)(func)
 
     return wrap
 
@@ -103,6 +105,14 @@ class Context:
 
             t.uri = resolve_tracking_uri(t, self.workdir)
         return to_param(t)
+
+    def pipeline_config(self) -> Any:
+        """KFP's pipeline-level settings from ``platform.run_limits`` (None locally, or with no limit set:
+        the compiled pipeline is then exactly as without them)."""
+        limits = self.cfg.platform.run_limits
+        if self.target != "cluster" or not limits.any():
+            return None
+        return dsl.PipelineConfig(**limits.model_dump())
 
     def placed(self) -> dict[str, Any]:
         """Arguments of a step that acts beyond its pod (training jobs, the rollout): the compile-time

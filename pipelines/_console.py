@@ -4,8 +4,8 @@ KFP's local runner prints every task's output — its own executor input JSON in
 ``make run`` — to the parent's stdout with ``print``, from the thread that dispatched the task (also for
 a ``ParallelFor``'s parallel tasks). For the run, :class:`Monitor` replaces ``sys.stdout``/``sys.stderr``
 with a router that appends each line to the log of the task running in that thread
-(``<run>/logs/<task>.log``; lines outside any task go to ``pipeline.log``), and wraps the runner's task
-executor to know when a task starts, ends, or was answered from the resume cache.
+(``<run>/logs/<task>.log``; lines outside any task go to ``pipeline.log``), and watches the runner's tasks
+(:func:`._kfp_local.watching_tasks`) to know when a task starts, ends, or was answered from the resume cache.
 
 Modes: ``live`` (a terminal: a rich table of the tasks — status, seconds, the latest progress line —
 redrawn in place), ``lines`` (off a terminal: one line per task event), ``quiet`` (nothing until the
@@ -21,13 +21,12 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from kfp.local import status as kfp_status
-from kfp.local.orchestrator import task_executor
+from kubellm.pipelines._kfp_local import watching_tasks
 
 Mode = Literal["live", "lines", "quiet", "verbose"]
 
@@ -161,25 +160,22 @@ class Monitor:
 
     # the run -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def running(self, cache: Any = None) -> Iterator[Monitor]:
-        """Route output and watch tasks for the block; print the failed tasks' ends afterwards."""
-        original = task_executor.execute_single_task
+    def running(self, cache: Any = None, task_env: Any = None) -> Iterator[Monitor]:
+        """Route output and watch tasks for the block; print the failed tasks' ends afterwards.
+        ``task_env`` (``start(label) -> env``, ``end(label, ok)``) adds to each task's environment."""
 
-        def watched(task_name: str, task_spec: Any, *args: Any, **kwargs: Any) -> Any:
-            task = self.start(task_name, task_spec.task_info.name)
+        def started(name: str, display: str) -> tuple[Task, Mapping[str, str]]:
+            task = self.start(name, display)
             if cache is not None:
                 cache.begin_task()
-            ok = False
-            try:
-                outputs, state = original(task_name, task_spec, *args, **kwargs)
-                ok = state == kfp_status.Status.SUCCESS
-                return outputs, state
-            finally:
-                self.finish(task, ok, cache.hit_in_this_thread() if cache is not None and ok else None)
+            return task, (task_env.start(task.label) if task_env is not None else {})
+
+        def ended(task: Task, ok: bool) -> None:
+            self.finish(task, ok, cache.hit_in_this_thread() if cache is not None and ok else None)
+            if task_env is not None:
+                task_env.end(task.label, ok)
 
         saved = sys.stdout, sys.stderr
-        task_executor.execute_single_task = watched
-        sys.stdout = sys.stderr = self  # type: ignore[assignment]
         live = contextlib.nullcontext()
         if self.mode == "live":
             from rich.console import Console
@@ -188,10 +184,11 @@ class Monitor:
             live = self._live = Live(console=Console(file=self.out), get_renderable=self.render,
                                      refresh_per_second=2, redirect_stdout=False, redirect_stderr=False)
         try:
-            with live:
-                yield self
+            with watching_tasks(started, ended):
+                sys.stdout = sys.stderr = self  # type: ignore[assignment]
+                with live:
+                    yield self
         finally:
-            task_executor.execute_single_task = original
             sys.stdout, sys.stderr = saved
             self._live = None
             with self._lock:

@@ -11,10 +11,10 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import yaml
 from kfp import compiler, local
@@ -23,8 +23,9 @@ from kubellm.components import data, deploy, evaluate, registry, tracking, train
 from kubellm.config import RunConfig
 from kubellm.pipeline_params import is_pipeline_file
 from kubellm.pipelines import PIPELINES, build
-from kubellm.pipelines._cache import ResumeCache, installed
+from kubellm.pipelines._cache import ResumeCache
 from kubellm.pipelines._console import Mode, Monitor
+from kubellm.pipelines._kfp_local import cache_installed
 from kubellm.pipelines.api import STEPS, Builder, load_file
 from kubellm.stages import KFP_RUN_ENV
 
@@ -161,6 +162,38 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
+class TaskEnvironment(Protocol):
+    """What a KFP backend adds to a task's container at run time, per task: KFP's MLflow plugin sets
+    ``MLFLOW_RUN_ID`` (the task's own nested run) and the server's settings. The local runner has no
+    backend; a stand-in for one (the tests' stand-in for the plugin) is registered in
+    :data:`TASK_ENVIRONMENTS`."""
+
+    def start(self, task: str) -> Mapping[str, str]:
+        """The variables task ``task`` (its label: ``evaluate``, ``evaluate#2``) gets as it starts."""
+
+    def end(self, task: str, ok: bool) -> None:
+        """Task ``task`` ended (``ok``: it succeeded)."""
+
+
+#: Per-task environments every local run applies (see :class:`TaskEnvironment`); empty by default.
+TASK_ENVIRONMENTS: list[TaskEnvironment] = []
+
+
+class _Combined:
+    def __init__(self, parts: list[TaskEnvironment]) -> None:
+        self.parts = parts
+
+    def start(self, task: str) -> Mapping[str, str]:
+        env: dict[str, str] = {}
+        for part in self.parts:
+            env.update(part.start(task))
+        return env
+
+    def end(self, task: str, ok: bool) -> None:
+        for part in self.parts:
+            part.end(task, ok)
+
+
 def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
                  pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines",
                  out: TextIO | None = None) -> LocalRun:
@@ -181,7 +214,8 @@ def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir
                raise_on_error=False, enable_caching=True)
     monitor = Monitor(run_dir / "logs", output, out)
     t0 = time.perf_counter()
-    with _env(KFP_RUN_ENV, run_id), installed(cache), monitor.running(cache):
+    task_env = _Combined(list(TASK_ENVIRONMENTS)) if TASK_ENVIRONMENTS else None
+    with _env(KFP_RUN_ENV, run_id), cache_installed(cache), monitor.running(cache, task_env):
         pipeline(**params)
     failed = [{"task": t.label, "stage": task_stage(t.label), "error": t.latest, "log": str(t.log),
                "last_lines": [ln.strip() for ln in t.tail]} for t in monitor.failed()]

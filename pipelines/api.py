@@ -45,6 +45,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 from kfp import dsl
-from kfp.dsl.types import type_annotations
 
 from kubellm.config import RunConfig
 from kubellm.config.params import NULLS, to_param
@@ -191,7 +191,7 @@ class Builder:
             if params and not func.__doc__:
                 func.__doc__ = description + "\n\nArgs:\n" + "".join(f"    {p}: {PARAM_DOCS[p]}\n" for p in params)
             self.name = name
-            return dsl.pipeline(name=name, description=description)(func)
+            return dsl.pipeline(name=name, description=description, pipeline_config=self.ctx.pipeline_config())(func)
 
         return wrap
 
@@ -352,11 +352,15 @@ def _refuse_installs(task: Any) -> None:
         raise ConfigError(f"step {task.component_spec.name}: its component installs packages when its pod "
                           "starts (a plain @dsl.component), which kubellm's read-only pods cannot do: decorate "
                           "it with kubellm.pipelines.api.component (packages=[...] to check what it imports)")
+#: The marker ``dsl.Output[...]`` puts in its ``Annotated`` metadata, found through the public ``dsl.Output``.
+_OUTPUT_MARKER = typing.get_args(dsl.Output[dsl.Artifact])[1]
 
 
 def _is_output(annotation: Any) -> bool:
     """An output artifact, or the exit handler's status: the runtime supplies both, never the caller."""
-    return type_annotations.is_artifact_wrapped_in_Output(annotation) or annotation is dsl.PipelineTaskFinalStatus
+    if annotation is dsl.PipelineTaskFinalStatus:
+        return True
+    return typing.get_origin(annotation) is typing.Annotated and _OUTPUT_MARKER in typing.get_args(annotation)[1:]
 
 
 def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> None:

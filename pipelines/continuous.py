@@ -20,7 +20,7 @@ def build(ctx: Context) -> Any:
 
     @pipeline(NAME, "For recurring runs: fingerprint the instruction data; if it is what the current champion "
               "was trained on, stop quickly and say so. Otherwise fine-tune, evaluate, compare with the champion "
-              "on the same held-out set, and promote + deploy only a better model.")
+              "on the same held-out set, and promote + deploy only a better model.", ctx)
     def llm_continuous_finetune(
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),

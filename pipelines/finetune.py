@@ -49,7 +49,7 @@ def build(ctx: Context) -> Any:
     cfg = require(ctx.cfg, "instruct_data", "finetune")
 
     @pipeline(NAME, "LoRA fine-tune an existing model on instruction data, evaluate it against the base "
-              "model, and register + deploy it when the promotion gate passes.")
+              "model, and register + deploy it when the promotion gate passes.", ctx)
     def llm_finetune(
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),

@@ -32,7 +32,7 @@ def build(ctx: Context) -> Any:
 
     @pipeline(NAME, "The whole life of a language model: prepare a corpus, pretrain, prepare instructions, "
               "LoRA fine-tune, evaluate against the base model, and — only if the promotion gate passes — "
-              "register, deploy on KServe and open a prompt playground. Tracked in MLflow.")
+              "register, deploy on KServe and open a prompt playground. Tracked in MLflow.", ctx)
     def llm_lifecycle(
         run_name: str = cfg.name,
         dataset_uri: str = cfg.data.sources[0].uri,

@@ -18,7 +18,7 @@ def build(ctx: Context) -> Any:
     cfg = require(ctx.cfg, "instruct_data", "finetune")
 
     @pipeline(NAME, "Several LoRA fine-tunes of one base model in parallel (one pod each), every one "
-              "evaluated and gated; the best by the sweep's metric is registered and deployed.")
+              "evaluated and gated; the best by the sweep's metric is registered and deployed.", ctx)
     def llm_lora_sweep(
         run_name: str = cfg.name,
         base_model: str = base_model_default(ctx),

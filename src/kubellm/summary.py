@@ -30,24 +30,31 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     "run_id": that stage's MLflow run there}``; their rows say "cached", and their metrics (the
     evaluation's, say) come from the run that made them.
     """
+    from kubellm.tracking.kfp_plugin import TAG_KUBELLM_STATUS, handed_experiment_id
     from kubellm.tracking.mlflow_tracker import mlflow_client
 
     client, uri = mlflow_client(cfg, workdir)
     exp = client.get_experiment_by_name(cfg.experiment)
-    parents = [] if exp is None else client.search_runs(
-        [exp.experiment_id],
+    experiments = [e for e in (exp.experiment_id if exp else None, handed_experiment_id()) if e]
+    # a run under KFP's MLflow plugin: its parent is the plugin's, named by the plugin, tagged by kubellm
+    parents = [] if not experiments else client.search_runs(
+        experiments,
         filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1) or client.search_runs(
+        experiments, filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and "
+                                   f"tags.kfp_run_id = '{run_name}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise KubellmError(f"no MLflow parent run named {run_name!r} for pipeline {pipeline} in {uri} "
                            "(the run failed before its first task; see the log above)")
     parent = parents[0]
-    children = client.search_runs([exp.experiment_id],
+    children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=1000)
     by_stage: dict[str, Any] = {}
     for child in sorted(children, key=lambda r: r.info.start_time or 0):
-        by_stage[child.data.tags.get("stage", child.info.run_name)] = child
+        if "stage" in child.data.tags:  # the plugin also nests a run for tasks that log no stage
+            by_stage[child.data.tags["stage"]] = child
     reused = {s: c for s, c in (cached or {}).items() if s not in by_stage}
     for stage, origin in reused.items():
         if origin.get("run_id"):
@@ -86,7 +93,7 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     summary: dict[str, Any] = {
         "pipeline": pipeline,
         "run_name": run_name,
-        "status": parent.info.status,
+        "status": parent.data.tags.get(TAG_KUBELLM_STATUS) or parent.info.status,
         "failed_stage": failed,
         "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         "stages": rows,

@@ -66,6 +66,53 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
     assert (data_on_pvc / "manifest.json").is_file()
 
 
+def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_server(
+        prepared: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """The step was handed MLFLOW_RUN_ID (KFP's MLflow plugin): the job's pods are given that run, the
+    server and workspace it lives in (not the config's tracking.uri), and no kubernetes auth mode, which
+    needs a service-account token the pods do not mount (one warning line says what to give them)."""
+    from mlflow import MlflowClient
+
+    import kubellm.k8s.training_job as tj
+    from kubellm.tracking.mlflow_tracker import prepare_sqlite_store
+    from kubellm.train.pretrain import pretrain
+
+    plugin_uri = f"sqlite:///{tmp_path}/plugin.db"
+    prepare_sqlite_store(plugin_uri)
+    client = MlflowClient(plugin_uri)
+    exp = client.create_experiment("kfp", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, run_name="kfp-run").info.run_id
+    handed = client.create_run(exp, run_name="pretrain", tags={"mlflow.parentRunId": parent}).info.run_id
+    for name, value in {"MLFLOW_TRACKING_URI": plugin_uri, "MLFLOW_RUN_ID": handed, "MLFLOW_WORKSPACE": "team-a",
+                        "MLFLOW_TRACKING_AUTH": "kubernetes"}.items():  # (a sqlite store needs no request auth)
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tj, "SHARED_MOUNT", str(tmp_path / "pvc"))
+    cfg = load_config(REPO / "configs" / "local.yaml", [
+        "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
+        "pretrain.loop.max_steps=2", "pretrain.loop.micro_batch_size=2", f"tracking.uri=sqlite:///{tmp_path}/elsewhere.db"])
+    launched = []
+
+    def operator(stage, run_cfg, data_dir, out_dir, base_model=None, **kw):
+        launched.append((run_cfg.tracking.uri, kw["env"]))
+        pretrain(run_cfg.pretrain, data_dir, out_dir)
+        return tj.JobOutcome(kind="PyTorchJob", name="pretrain-x", namespace="kubellm", created=True,
+                             restarted=False, elapsed_s=1.0, conditions=["Succeeded"])
+
+    monkeypatch.setattr(tj, "run_training_job", operator)
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
+    with caplog.at_level("WARNING"):
+        train.pretrain(to_param(cfg.pretrain), str(prepared), str(tmp_path / "o"), ctx, platform=to_param(cfg.platform))
+    (uri, env), = launched
+    assert uri is None  # the pods resolve the forwarded $MLFLOW_TRACKING_URI, not the config's
+    assert env == {"MLFLOW_TRACKING_URI": plugin_uri, "MLFLOW_WORKSPACE": "team-a", STAGE_RUN_ENV: handed}
+    assert "MLFLOW_TRACKING_AUTH=kubernetes is not passed to its pods" in caplog.text
+    run = client.get_run(handed)
+    assert run.data.tags["stage"] == "pretrain" and run.info.status == "FINISHED"
+    assert run.data.tags["pretrain.job"] == "PyTorchJob/pretrain-x"
+    assert sorted(r.info.run_id for r in client.search_runs([exp])) == sorted([parent, handed])  # none opened
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
 def test_the_engine_is_a_compile_time_platform_setting(prepared: Path, tmp_path: Path, monkeypatch) -> None:
     """The stage section no longer carries ``distributed``: a pretrain config that names it is refused,
     and without the platform section the step trains in its own pod."""

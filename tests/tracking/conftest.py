@@ -4,6 +4,7 @@ PostgreSQL (the cluster's backend store) for the load test."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -109,6 +110,15 @@ def mlflow_server(_server_process: tuple[Any, str, Path]) -> str:
 
 
 @pytest.fixture(scope="session")
+def workspaces_mlflow_server(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -> Iterator[str]:
+    """A healthy ``mlflow server --enable-workspaces`` (MLflow 3's multi-tenancy) on a fresh sqlite store."""
+    root = tmp_path_factory.mktemp("mlflow-workspaces")
+    shutil.copy(_migrated_store, root / "mlflow.db")
+    with _server(f"sqlite:///{root / 'mlflow.db'}", root, extra=("--enable-workspaces",)) as started:
+        yield _healthy(*started)
+
+
+@pytest.fixture(scope="session")
 def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A healthy ``mlflow server`` on 127.0.0.1 whose backend store is a fresh PostgreSQL database
     (dropped afterwards), with two workers like the cluster's (configs/cluster-mlflow.yaml)."""
@@ -117,3 +127,19 @@ def pg_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-pg")
     with fresh_database("kubellm_tracking") as db, _server(db, root, workers=2) as started:
         yield _healthy(*started)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small prepared pretraining corpus (the real `prepare`, 32-token blocks)."""
+    from kubellm.config.data import DataConfig
+    from kubellm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(12)) + f" {i}." for i in range(600)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    cfg = DataConfig.model_validate({"kind": "pretrain", "sources": [{"uri": str(root / "docs.jsonl")}],
+                                     "block_size": 32, "tokenizer": {"vocab_size": 300},
+                                     "cleaning": {"min_chars": 1}})
+    return prepare(cfg, root / "prepared").path

@@ -24,22 +24,6 @@ LOOP = {"max_steps": 24, "log_every": 2, "checkpoint_every": 6, "micro_batch_siz
 SETS = [a for k, v in LOOP.items() for a in ("--set", f"pretrain.loop.{k}={v}")]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small prepared pretraining corpus (the real `prepare`, 32-token blocks)."""
-    from kubellm.config.data import DataConfig
-    from kubellm.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("corpus")
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    docs = [" ".join(words[(i + j) % len(words)] for j in range(12)) + f" {i}." for i in range(600)]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    cfg = DataConfig.model_validate({"kind": "pretrain", "sources": [{"uri": str(root / "docs.jsonl")}],
-                                     "block_size": 32, "tokenizer": {"vocab_size": 300},
-                                     "cleaning": {"min_chars": 1}})
-    return prepare(cfg, root / "prepared").path
-
-
 def _loss_steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
 

@@ -106,6 +106,9 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
             and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model))):
         raise ConfigError(f"{pipeline} starts from an existing model: pass --param base_model=DIR "
                           "(or set finetune.base_model)")
+    from kubellm.pipelines import _kfp_local
+
+    _kfp_local.check()  # a kfp whose local runner kubellm does not know: one line, before anything runs
     from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
     from kubellm.pipelines._runner import run_pipeline, task_stage
@@ -134,16 +137,11 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
                                               **({"file": str(Path(pipeline).resolve())} if from_file else {})})
     log.info("running %s as %s%s (task logs: %s)", name, run_name, f", resuming {resume}" if resume else "",
              out_dir / "logs")
-    import builtins
-
-    real_print = builtins.print
-    try:
+    # kfp 2.17's local runner indents output by swapping builtins.print; inside a ParallelFor it can leave
+    # the swapped one behind, which indented this command's own summary by 4 spaces.
+    with _kfp_local.print_restored():
         done = run_pipeline(func, params=extra, run_id=run_name, runs_dir=runs_dir,
                             pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
-    finally:
-        # kfp 2.17's local runner indents output by swapping builtins.print; inside a ParallelFor it can
-        # leave the swapped one behind, which indented this command's own summary by 4 spaces.
-        builtins.print = real_print
     if not cfg.tracking.enabled:
         log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", name,
                  done.wall_seconds)

@@ -153,6 +153,27 @@ class DistributedStages(StrictModel):
     """How the fine-tuning step trains."""
 
 
+class RunLimits(StrictModel):
+    """Limits of a whole pipeline run on KFP's backend (KFP 2.17's ``dsl.PipelineConfig``, compiled into the
+    pipeline's ``platforms.kubernetes.pipelineConfig``), so that a forgotten run does not hold GPUs or
+    volumes. ``None``: no limit (KFP's backend defaults). A local run ignores them."""
+
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Seconds a run may take before KFP's backend stops it, whatever is still running (Argo's
+    ``activeDeadlineSeconds``): allow the longest training plus its retries."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Seconds a finished run's workflow (and its pods, with their logs) is kept before the backend deletes
+    it, whatever the outcome (Argo's ``ttlStrategy.secondsAfterCompletion``)."""
+    ttl_seconds_after_success: int | None = Field(default=None, ge=0)
+    """The same for a run that succeeded; overrides ``ttl_seconds_after_finished`` for it."""
+    ttl_seconds_after_failure: int | None = Field(default=None, ge=0)
+    """The same for a run that failed (keep its pods longer to read their logs); overrides
+    ``ttl_seconds_after_finished`` for it."""
+
+    def any(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
 class PlatformConfig(StrictModel):
     """Images and placement for running the pipelines on a cluster."""
 
@@ -190,6 +211,8 @@ class PlatformConfig(StrictModel):
     distributed: DistributedStages = DistributedStages()
     """Multi-node training of the pretraining and fine-tuning steps (``distributed.pretrain.engine:
     pytorchjob`` …); the default trains in the step's own pod."""
+    run_limits: RunLimits = RunLimits()
+    """Deadline and time-to-live of every pipeline run compiled with this config (see :class:`RunLimits`)."""
 
     @model_validator(mode="after")
     def _stage_names(self) -> PlatformConfig:

@@ -21,6 +21,7 @@ from kubellm.config import TrackingConfig
 from kubellm.config.params import from_param
 from kubellm.log import get_logger
 from kubellm.tracking.base import NullTracker, Tracker
+from kubellm.tracking.kfp_plugin import handed_run_id
 
 log = get_logger("stages")
 
@@ -73,7 +74,7 @@ class StageContext:
         """
         cfg = from_param(TrackingConfig, tracking, "tracking config")
         kfp_run_id = kfp_run_id or os.environ.get(KFP_RUN_ENV)
-        if not parent_run_id and kfp_run_id and cfg.enabled:
+        if not parent_run_id and kfp_run_id and cfg.enabled and not handed_run_id():  # the plugin's run: no search
             from kubellm.tracking.mlflow_tracker import find_parent_run
 
             parent_run_id = find_parent_run(cfg, workdir, kfp_run_id)

@@ -32,6 +32,9 @@ failed, and a store left half-migrated broke every later command there. A half-m
 repaired under the same lock (leftover ``_alembic_tmp_*`` copies dropped, the migration resumed, on a
 backup copy kept beside it) or, when that fails, put back as it was and refused in one line that says
 how to recover.
+
+Under KFP's MLflow plugin (or any caller that sets ``MLFLOW_RUN_ID``) kubellm opens no run of its own:
+see :mod:`kubellm.tracking.kfp_plugin`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from kubellm.config.secrets import redact
 from kubellm.config.tracking import TrackingConfig
 from kubellm.log import get_logger
 from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
+from kubellm.tracking.kfp_plugin import TAG_KUBELLM_STATUS, URI_ENV, handed_run_id
 
 log = get_logger("tracking")
 
@@ -84,8 +88,12 @@ _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
 
 
+_WARNED_URIS: set[str] = set()  # tracking.uri values said once to be overridden by a handed run's server
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
-    """Where runs go: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``workdir``.
+    """Where runs go: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store in ``workdir``;
+    ``$MLFLOW_TRACKING_URI`` first when ``$MLFLOW_RUN_ID`` hands this process a run (it lives there).
 
     The sqlite default is ``sqlite:///<absolute workdir>/mlflow.db`` (the directory is created), the
     file ``make mlflow-ui`` opens. A server's credentials come from MLflow's own environment variables
@@ -93,9 +101,16 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     a ``$MLFLOW_TRACKING_URI`` of ``https://user:password@host`` is turned into those first
     (:func:`_credentials_to_env`).
     """
+    env = os.environ.get(URI_ENV)
+    if env and handed_run_id():
+        # the handed run (KFP's MLflow plugin) exists only on the server that handed it
+        if cfg.uri and cfg.uri.rstrip("/") != env.rstrip("/") and cfg.uri not in _WARNED_URIS:
+            _WARNED_URIS.add(cfg.uri)
+            log.warning("tracking.uri %s ignored: MLFLOW_RUN_ID is set, and its run lives at $MLFLOW_TRACKING_URI",
+                        cfg.uri)
+        return _credentials_to_env(env)
     if cfg.uri:
         return cfg.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return _credentials_to_env(env)
     root = Path(workdir).resolve()
@@ -467,6 +482,16 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
         return ""
     client, uri = mlflow_client(cfg, workdir)
     all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, **(tags or {}), TAG_RUN_KIND: "parent"}
+    if handed_run_id():  # KFP's MLflow plugin made the parent: describe it, open nothing
+        with mlflow_errors(uri, f"reading the run MLFLOW_RUN_ID={handed_run_id()} hands this step"):
+            parent = _handed_parent(client)
+            MlflowTracker(client, parent.info.run_id).set_tags(
+                {k: v for k, v in all_tags.items() if not (k == TAG_CONFIG_HASH and not config)})
+            if config:
+                MlflowTracker(client, parent.info.run_id).log_dict(redact(config), "config.json")
+        log.info("parent run %s: the one MLFLOW_RUN_ID's run is nested under (KFP's MLflow plugin)",
+                 parent.info.run_id)
+        return parent.info.run_id
     with mlflow_errors(uri, f"starting the parent run of pipeline {pipeline!r}"):
         exp = _experiment_id(client, cfg.experiment, uri)
         kfp_run_id = all_tags.get(TAG_KFP_RUN_ID)
@@ -481,6 +506,14 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
         MlflowTracker(client, run.info.run_id).log_dict(redact(config), "config.json")
     log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
     return run.info.run_id
+
+
+def _handed_parent(client: Any) -> Any:
+    """The parent of the run ``$MLFLOW_RUN_ID`` hands this process (the plugin's run of the whole KFP
+    run), or that run itself when it has none."""
+    run = client.get_run(_check_filter_value(handed_run_id() or "", "MLFLOW_RUN_ID"))
+    parent_id = run.data.tags.get(PARENT_TAG)
+    return client.get_run(parent_id) if parent_id else run
 
 
 def _find_parent(client: Any, experiment_id: str, kfp_run_id: str) -> Any | None:
@@ -584,19 +617,30 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
               config: dict | None = None) -> Iterator[Tracker]:
     """Run one stage inside its own MLflow run, nested under ``parent_run_id`` when given.
 
-    Yields the stage's :class:`Tracker`. A retried step re-attaches to its own earlier run (the newest
-    child of the parent with the same ``stage`` tag that is not FINISHED) instead of creating a second
-    one, so stage names must be unique among a parent's concurrently running steps. The run ends
-    FINISHED, FAILED on an exception (re-raised), or KILLED on SIGTERM/Ctrl-C. With ``cfg.enabled``
-    false it yields a :class:`NullTracker` and logs nowhere.
+    Yields the stage's :class:`Tracker`. With ``$MLFLOW_RUN_ID`` set (KFP's MLflow plugin) the stage logs
+    into that run instead, re-attaching to it as below when this stage logged there before, and ends it
+    the same way (as ``mlflow.start_run()`` does with that variable). A retried step re-attaches to its
+    own earlier run (the newest child of the parent with the same ``stage`` tag that is not FINISHED)
+    instead of creating a second one, so stage names must be unique among a parent's concurrently running
+    steps. The run ends FINISHED, FAILED on an exception (re-raised), or KILLED on SIGTERM/Ctrl-C. With
+    ``cfg.enabled`` false it yields a :class:`NullTracker` and logs nowhere.
     """
     if not cfg.enabled:
         yield NullTracker()
         return
     _check_filter_value(stage, "stage")
     client, uri = mlflow_client(cfg, workdir)
+    handed = handed_run_id()
     with mlflow_errors(uri, f"starting stage {stage!r}"):
-        if parent_run_id:
+        if handed:  # KFP's MLflow plugin (or a caller) made this step's run: log into it, open none
+            given = client.get_run(_check_filter_value(handed, "MLFLOW_RUN_ID"))
+            parent_id = given.data.tags.get(PARENT_TAG)
+            inherited = {k: v for k, v in client.get_run(parent_id).data.tags.items()
+                         if k in (TAG_PIPELINE, TAG_KFP_RUN_ID)} if parent_id else {}
+            # this stage logged here before: a retried task (the plugin reopens its run) re-attaches
+            run = given if given.data.tags.get(TAG_STAGE) == stage else None
+            parent_run_id, exp = None, ""
+        elif parent_run_id:
             parent = client.get_run(_check_filter_value(parent_run_id, "parent run id"))
             exp = parent.info.experiment_id
             inherited = {k: v for k, v in parent.data.tags.items() if k in (TAG_PIPELINE, TAG_KFP_RUN_ID)}
@@ -606,7 +650,8 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
             _close_stale(client, exp, stage)
         if run is not None:
             run_id = run.info.run_id
-            client.update_run(run_id, status="RUNNING")
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
             attempt = int(run.data.tags.get(TAG_ATTEMPT, "1")) + 1
             client.set_tag(run_id, TAG_ATTEMPT, str(attempt))
             if TAG_ERROR in run.data.tags:  # the earlier attempt's error no longer describes this run
@@ -619,8 +664,15 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
                     TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
             if parent_run_id:
                 tags[PARENT_TAG] = parent_run_id
-            run_id = client.create_run(exp, tags=tags, run_name=stage).info.run_id
-            steps = {}
+            if handed:
+                run_id = handed
+                if given.info.status != "RUNNING":
+                    client.update_run(run_id, status="RUNNING")
+                MlflowTracker(client, run_id).set_tags(tags)
+                steps = _logged_steps(client, given)
+            else:
+                run_id = client.create_run(exp, tags=tags, run_name=stage).info.run_id
+                steps = {}
         tracker = MlflowTracker(client, run_id, logged_steps=steps, when_unreachable=cfg.when_unreachable, uri=uri)
         if config:
             _log_config(tracker, config)
@@ -684,7 +736,9 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
     """End a parent run with ``status``, logging ``summary`` (numbers and booleans as metrics, the whole
     dict as ``summary.json``). Stage runs still marked RUNNING under it belong to processes that died
     without a word (SIGKILL, out of memory): they are marked KILLED so nothing stays RUNNING forever.
-    A no-op when tracking is disabled or ``run_id`` is ``""``."""
+    A no-op when tracking is disabled or ``run_id`` is ``""``. Under KFP's MLflow plugin (``$MLFLOW_RUN_ID``
+    set) the parent and its task runs are the plugin's to close: the headline is written and ``status``
+    kept as the ``kubellm.status`` tag, and no run's status is touched."""
     if status not in _END_STATUSES:
         raise TrackingError(f"end_parent_run: status {status!r} is not one of {list(_END_STATUSES)}")
     if not cfg.enabled or not run_id:
@@ -699,6 +753,12 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
             tracker.log_metrics(numbers)
             tracker.log_dict(summary, "summary.json")
         children = _search(client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{run_id}'")
+        if handed_run_id():  # the plugin's parent: the headline and kubellm's verdict, its status left alone
+            from kubellm.tracking.headline import write_headline
+
+            client.set_tag(run_id, TAG_KUBELLM_STATUS, status)
+            write_headline(client, parent, children, status=status, summary=summary)
+            return
         for child in children:
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")

@@ -36,6 +36,10 @@ Outputs (rank 0 only), in ``out_dir``: the model files (``write_outputs`` of the
 computed) and ``kubellm_train.json`` (the :class:`TrainResult`). They are staged in a temporary
 directory and moved in with the weight files last and ``kubellm_train.json`` after them, so a directory
 whose weights can be loaded is complete, and one with ``kubellm_train.json`` is finished.
+
+Inside a Kubeflow TrainJob that offers it, rank 0 also reports progress %, the ETA, loss, learning rate
+and tokens/s into the TrainJob's ``status.trainerStatus`` (:mod:`kubellm.train.trainer_status`), from a
+thread of its own: a slow or failing endpoint never slows or fails a step.
 """
 
 from __future__ import annotations
@@ -359,6 +363,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _trainer_status(main: bool) -> Iterator[Any]:
+    """Rank 0's reporter into the TrainJob's ``status.trainerStatus`` (None outside a TrainJob that
+    offers it): :mod:`kubellm.train.trainer_status`."""
+    from kubellm.train.trainer_status import from_env
+
+    reporter = from_env() if main else None
+    try:
+        yield reporter
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
 class _Trainer:
     def __init__(self, job: TrainJob, out: Path, ctx: DistContext, tracker: Tracker, t0: float) -> None:
         import torch
@@ -578,7 +596,8 @@ class _Trainer:
         shown: dict[str, Any] = {}
         with Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step, logger=log,
                       enabled=self.ctx.is_main) as progress, _StopFlag() as stop, \
-                cpu_bf16_fast_path(self.model, self.precision, self.ctx.device):
+                cpu_bf16_fast_path(self.model, self.precision, self.ctx.device), \
+                _trainer_status(self.ctx.is_main) as status:
             while self.state.step < loop.max_steps:
                 tokens, grad_norm, lr = self._step(wrapped, batches)
                 attempt_tokens += tokens
@@ -588,6 +607,8 @@ class _Trainer:
                 if last or evaluate or step % loop.log_every == 0:
                     shown = self._log(step, lr, grad_norm, evaluate)
                 progress.update(step, **shown)
+                if status is not None:  # a TrainJob's status.trainerStatus: handed to a thread, never waited for
+                    status.update(step, loop.max_steps, progress.eta(step), shown)
                 stopping = any_rank(self.ctx, stop.signum is not None)
                 if stopping or last or step % loop.checkpoint_every == 0:
                     self._checkpoint()
