@@ -126,6 +126,12 @@ def build_tiny_model(tokenizer: Any, preset: str = "tiny") -> Any:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_builder():
+    """:func:`build_tiny_model` (``builder(tokenizer, preset)``), for tests that need another base."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A merged model directory: safetensors weights and the tokenizer with its chat template."""
     out = tmp_path_factory.mktemp("tiny-model")

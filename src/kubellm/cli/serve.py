@@ -23,9 +23,23 @@ def serve(
     base: Annotated[str | None, typer.Option(help="Base model of a LoRA adapter (default: the base the "
                                              "adapter records).", callback=no_secrets)] = None,
     port: PortOpt = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="A LoRA adapter served on the base model under its own name: NAME=URI (a directory or "
+        "models:/name@alias); repeat for more. Adds to serve.adapters.", callback=no_secrets)] = None,
 ) -> None:
     """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
+    from kubellm.errors import KubellmError
+
     cfg = load(config, overrides, reads=("serve",))  # a bad config fails before the server's imports
+    from kubellm.serve.adapters import parse_adapter_args
+
+    try:
+        adapters = parse_adapter_args(adapter or [])
+        if adapters:  # the same checks as serve.adapters in a config (names, count)
+            cfg = cfg.model_copy(update={"serve": type(cfg.serve).model_validate(
+                {**cfg.serve.model_dump(), "adapters": {**cfg.serve.adapters, **adapters}})})
+    except (KubellmError, ValueError) as err:
+        raise typer.BadParameter(" ".join(str(err).split()), param_hint="--adapter") from None
     from kubellm.serve.app import serve as run_server
 
     run_server(cfg, model_ref=model, base_model=base, port=port)

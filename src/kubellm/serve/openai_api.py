@@ -41,15 +41,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from kubellm.config.serve import SERVED_NAME
+from kubellm.errors import ServingError
+from kubellm.log import get_logger
 from kubellm.serve.engine import Completion, GenerationRequest
 from kubellm.serve.logprobs import TokenLogprob
 from kubellm.serve.predictor import InvalidRequest, results_of
@@ -57,7 +61,10 @@ from kubellm.serve.predictor import InvalidRequest, results_of
 if TYPE_CHECKING:
     from kubellm.serve.predictor import LLMModel
 
+log = get_logger("kubellm.serve")
+
 PREFIX = "/openai/v1"
+_SERVED_NAME = re.compile(SERVED_NAME)
 
 
 # Fields that would change the answer and are not implemented, with the values that change nothing (some
@@ -115,27 +122,29 @@ class ChatRequest(_Request):
     top_logprobs: StrictInt | None = None
 
 
-def router(model: LLMModel) -> APIRouter:
-    """The ``/openai/v1`` routes serving ``model``."""
+def router(base: LLMModel) -> APIRouter:
+    """The ``/openai/v1`` routes serving ``base`` and its adapters (the request's ``model`` picks one)."""
     api = APIRouter(prefix=PREFIX, tags=["OpenAI"])
     created = int(time.time())
 
-    def card() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": created, "owned_by": "kubellm"}
+    def card(m: LLMModel) -> dict[str, Any]:
+        # vLLM's model card: an adapter's root is where it was loaded from, its parent the base's name.
+        return {"id": m.name, "object": "model", "created": created, "owned_by": "kubellm",
+                "root": m.source, "parent": None if m.adapter is None else base.name,
+                "max_model_len": m.cfg.max_prompt_tokens + m.cfg.max_new_tokens}
 
     @api.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(base), *(card(v) for v in base.views.values())]}
 
     @api.get("/models/{model_id}")
     async def model_card(model_id: str) -> dict[str, Any]:
-        _check_model(model, model_id)
-        return card()
+        return card(base.lookup(model_id))
 
     @api.post("/completions", response_model=None)
     async def completions(request: Request) -> Any:
         req = await _parse(request, CompletionRequest)
-        _check_common(model, req)
+        model = _check_common(base, req)
         if req.stream and (req.echo or req.logprobs is not None):
             raise InvalidRequest("echo and logprobs are not supported with stream", param="stream")
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
@@ -169,7 +178,7 @@ def router(model: LLMModel) -> APIRouter:
     @api.post("/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
         req = await _parse(request, ChatRequest)
-        _check_common(model, req)
+        model = _check_common(base, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true", param="top_logprobs")
         if req.stream and req.logprobs:
@@ -196,7 +205,7 @@ def router(model: LLMModel) -> APIRouter:
             "usage": _usage([c]),
         }
 
-    texts = _TokenTexts(model.tokenizer)
+    texts = _TokenTexts(base.tokenizer)
     return api
 
 
@@ -283,20 +292,16 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise InvalidRequest(f"{loc}: {first['msg']}", param=loc, code="invalid_value") from None
 
 
-def _check_model(model: LLMModel, name: str | None) -> None:
-    if name is not None and name != model.name:
-        raise InvalidRequest(f"The model '{name}' does not exist (this server serves '{model.name}')",
-                             status=404, param="model", code="model_not_found")
-
-
-def _check_common(model: LLMModel, req: _Request) -> None:
-    _check_model(model, req.model)
+def _check_common(base: LLMModel, req: _Request) -> LLMModel:
+    """The model ``req`` names (404 when none), once its fields are all ones this server honours."""
+    model = base.lookup(req.model)
     for name, value in (req.model_extra or {}).items():
         allowed = _NEUTRAL.get(name)
         if allowed is not None and not _neutral(value, allowed):
             shown = " or ".join(json.dumps(v) for v in allowed if v is not None)
             raise InvalidRequest(f"{name}: not supported by this server (it would change the answer); leave it out"
                                  + (f" or send {shown}" if shown else ""), param=name, code="unsupported_field")
+    return model
 
 
 def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
@@ -376,3 +381,49 @@ async def _stream_chat(request: GenerationRequest, rid: str, name: str, include_
 
     async for event in _guarded([request], events()):
         yield event
+
+
+def lora_router(model: LLMModel, guard: Callable[[str | None], None], on: bool) -> APIRouter:
+    """vLLM's run-time LoRA routes with vLLM's bodies and answers, behind ``guard`` (the model-repository
+    routes' admin token, see :mod:`kubellm.serve.app`; ``on``: listed in the OpenAPI document):
+    ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and ``/v1/unload_lora_adapter {"lora_name"}``."""
+    api = APIRouter(tags=["LoRA adapters"])
+
+    async def body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
+        try:
+            data = json.loads(await request.body())
+        except ValueError:
+            raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+        for field in fields:
+            if not isinstance(data.get(field), str) or not data[field]:
+                raise InvalidRequest(f"{field}: a non-empty string is required", param=field)
+        return data
+
+    async def load(request: Request, authorization: str | None = Header(default=None)) -> PlainTextResponse:
+        guard(authorization)
+        data = await body(request, ("lora_name", "lora_path"))
+        name = data["lora_name"]
+        if not _SERVED_NAME.match(name):
+            raise InvalidRequest(f"lora_name: {name!r} is not a valid name (letters, digits, '-', '_', '.')",
+                                 param="lora_name")
+        if name == model.name or name in model.views:
+            raise InvalidRequest(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        try:
+            await model.load_adapter(name, data["lora_path"])
+        except ServingError as err:
+            raise InvalidRequest(str(err), param="lora_path") from None
+        log.warning("adapter %s loaded through /v1/load_lora_adapter", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(request: Request, authorization: str | None = Header(default=None)) -> PlainTextResponse:
+        guard(authorization)
+        name = (await body(request, ("lora_name",)))["lora_name"]
+        await model.unload_adapter(name)
+        log.warning("adapter %s unloaded through /v1/unload_lora_adapter", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    api.add_api_route("/v1/load_lora_adapter", load, methods=["POST"], include_in_schema=on)
+    api.add_api_route("/v1/unload_lora_adapter", unload, methods=["POST"], include_in_schema=on)
+    return api

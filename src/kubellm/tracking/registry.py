@@ -56,6 +56,24 @@ class ModelVersionInfo:
     run_id: str | None = None
 
 
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """Content fingerprint of a model directory's weights: SHA-256 over its ``*.safetensors`` files (names
+    and bytes, in name order). An adapter records its base's (``kubellm-base.json``), so a server refuses
+    to put it on another base even when the shapes match (:mod:`kubellm.serve.adapters`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise TrackingError(f"{model_dir}: no *.safetensors weights to fingerprint")
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _info(mv: Any) -> ModelVersionInfo:
     return ModelVersionInfo(name=mv.name, version=int(mv.version), aliases=sorted(mv.aliases or []),
                             uri=f"models:/{mv.name}/{mv.version}", tags=dict(mv.tags or {}),
