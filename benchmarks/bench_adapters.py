@@ -100,14 +100,7 @@ def _merged_weights_mb(adapter: Path, out: Path) -> float:
 
 
 def run(quick: bool) -> list[dict]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(bs.THREADS)
-    try:
-        return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
+    return bs.with_threads(_run, quick)
 
 
 def _run(quick: bool) -> list[dict]:

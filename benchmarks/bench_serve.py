@@ -387,12 +387,17 @@ def _open_loop_rows(share: float, runs: dict[str, _Load], note: str) -> list[dic
 
 
 def run(quick: bool) -> list[dict]:
+    return with_threads(_run, quick)
+
+
+def with_threads(fn, quick: bool) -> list[dict]:  # noqa: ANN001 - a benchmark's _run
+    """``fn(quick)`` with torch on ``THREADS`` intra-op threads (restored afterwards)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return _run(quick)
+        return fn(quick)
     finally:
         torch.set_num_threads(threads)
 
