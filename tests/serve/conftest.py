@@ -69,6 +69,13 @@ def fake_api():
         yield server
 
 
+@pytest.fixture()
+def fake_api_server():
+    """The fake API server class: ``with fake_api_server(emulator_class) as server`` runs a stricter
+    subclass of kmock's emulator."""
+    return _platform_fakes().FakeApiServer
+
+
 # --- a tiny model ------------------------------------------------------------------------------------
 
 #: The tokenizer's training text. Its alphabet is only these characters (not all 256 bytes), so whatever

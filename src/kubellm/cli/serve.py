@@ -64,9 +64,19 @@ def deploy(
     from kubellm.k8s.playground import build_playground
 
     cfg = load(config, overrides, reads=("deploy", "serve", "playground", "platform"))
+    llm = cfg.deploy.runtime == "llm-inference-service"
+    if llm and not dry_run:
+        raise typer.BadParameter("deploy.runtime llm-inference-service: only --dry-run here; an adapter is "
+                                 "released with kubellm.k8s.llmisvc.adapter_rollout", param_hint="--dry-run")
     if dry_run:
-        docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
-        if cfg.deploy.playground:
+        if llm:
+            from kubellm.k8s.llmisvc import build_llm_inference_service
+
+            docs = [build_llm_inference_service(cfg, storage_uri or cfg.deploy.storage_uri or "", {},
+                                                model_version=model_version)]
+        else:
+            docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
+        if cfg.deploy.playground and not llm:
             # KServe names the predictor's cluster-local Service <name>-predictor; the real rollout uses
             # the address the InferenceService reports.
             address = f"http://{isvc_name(cfg)}-predictor.{cfg.platform.namespace}.svc.cluster.local"

@@ -113,10 +113,20 @@ class DeployConfig(StrictModel):
 
     name: str | None = Field(default=None, pattern=_K8S_NAME)
     """InferenceService name; ``None`` uses the run name."""
-    runtime: Literal["kubellm", "huggingface"] = "kubellm"
+    runtime: Literal["kubellm", "huggingface", "llm-inference-service"] = "kubellm"
     """``kubellm``: our predictor image (``platform.serving_image`` running ``kubellm serve``; serves a
     merged model or a LoRA adapter, KServe V1/V2 and an OpenAI-compatible API). ``huggingface``: KServe's
-    own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only."""
+    own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only.
+    ``llm-inference-service``: KServe's ``LLMInferenceService`` (``serving.kserve.io/v1alpha2``, KServe
+    0.20: vLLM behind llm-d's router) serving the base model once and LoRA adapters on it
+    (``spec.model.lora``); a release adds the candidate adapter, gates it by name and moves the alias
+    (:mod:`kubellm.k8s.llmisvc`)."""
+    router_scheduler: bool = True
+    """``llm-inference-service``: route through llm-d's scheduler (the endpoint picker: load- and
+    LoRA-aware routing across replicas); ``false``: a plain HTTPRoute to the workload Service."""
+    vllm_image: str | None = None
+    """``llm-inference-service``: the vLLM image of the workload; ``None`` keeps the one of the cluster's
+    ``LLMInferenceServiceConfig`` preset."""
     storage_uri: Uri | None = None
     """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
     ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered

@@ -85,6 +85,9 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     :func:`kubellm.k8s.rollout.rollout` drops it when it creates the service for the first time.
     """
     deploy = run_cfg.deploy
+    if deploy.runtime == "llm-inference-service":
+        raise ServingError("deploy.runtime llm-inference-service deploys an LLMInferenceService, not an "
+                           "InferenceService: build it with kubellm.k8s.llmisvc.build_llm_inference_service")
     uri = storage_uri or deploy.storage_uri
     if not uri:
         raise ServingError("deploy.storage_uri: no model location to deploy (set it in the config or pass "
@@ -106,14 +109,7 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
         del predictor["containers"]
         predictor["model"] = _hf_model(run_cfg, placement, uri, served, probes)
 
-    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": "predictor",
-              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
-    if model_version is not None:
-        labels[MODEL_VERSION_LABEL] = str(model_version)
-    pod_meta = pods.pod_metadata(placement, labels)
-    predictor["labels"] = pod_meta["labels"]
-    if "annotations" in pod_meta:
-        predictor["annotations"] = pod_meta["annotations"]
+    labels = workload_labels(run_cfg, name, "predictor", model_version, placement, predictor)
     predictor["minReplicas"] = deploy.min_replicas
     predictor["maxReplicas"] = deploy.max_replicas
     predictor["scaleMetric"] = deploy.scale_metric
@@ -135,6 +131,21 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     metadata: dict[str, Any] = {"name": name, "namespace": run_cfg.platform.namespace, "labels": labels,
                                 "annotations": annotations}
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"predictor": predictor}}
+
+
+def workload_labels(run_cfg: RunConfig, name: str, component: str, model_version: str | int | None,
+                    placement: Placement, target: dict[str, Any]) -> dict[str, str]:
+    """The serving resource's labels; they and the placement's pod labels and annotations are also set
+    on ``target`` (the component or pod template KServe copies them from)."""
+    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": component,
+              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
+    if model_version is not None:
+        labels[MODEL_VERSION_LABEL] = str(model_version)
+    pod_meta = pods.pod_metadata(placement, labels)
+    target["labels"] = pod_meta["labels"]
+    if "annotations" in pod_meta:
+        target["annotations"] = pod_meta["annotations"]
+    return labels
 
 
 # Per-pod targets when the metric is not concurrency: 10 requests/s, 80 % CPU or memory utilisation.
