@@ -24,7 +24,9 @@ the engine runs its own decode loop over one batched KV cache and lets requests 
   picks its token from its own logits: greedy rows take the argmax, sampled rows apply their own
   temperature and top-p (as ``generate`` does, top-k off) and draw from their own ``torch.Generator``,
   so greedy and seeded requests share a batch with anything, and greedy answers are those of the
-  request alone (checked against plain ``generate`` in ``tests/serve``; in bf16 a different batch can
+  request alone. Before a token is picked, a row's own logit bias and repetition, frequency and presence
+  penalties change its logits (vLLM's order and formulas, :func:`_process`; checked against plain
+  ``generate`` with transformers' processors in ``tests/serve/test_sampling.py``) (checked against plain ``generate`` in ``tests/serve``; in bf16 a different batch can
   change a near tie).
 - Per row: ``max_tokens``, ``stop`` strings, ``min_tokens`` (EOS masked below it) and incremental
   detokenization (a window of the last few tokens, so the cost per step does not grow with the text);
@@ -105,6 +107,21 @@ class SamplingParams:
     """Log-probability of each prompt token with this many alternatives; ``None``: none."""
     adapter: str | None = None
     """The LoRA adapter generating this request (engines with ``per_row_adapters``); ``None``: the base."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token generated so far (once per token)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time it was generated so far."""
+    repetition_penalty: float = 1.0
+    """transformers' and vLLM's: the logit of every token of the prompt or the output so far is divided by
+    it when positive, multiplied when negative (1 disables it)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """``(token id, bias)`` added to those logits at every step (OpenAI's ``logit_bias``)."""
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before a token is picked (penalties or biases)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -635,6 +652,9 @@ def _pick(logits: Any, rows: list[_Row], eos: list[int]) -> tuple[list[int], lis
     step_lps = StepLogprobs(wanted) if any(k is not None for k in wanted) else None
     if step_lps is not None:
         step_lps(None, logits)  # the raw logits, before min_tokens masks EOS
+    for i, row in enumerate(rows):
+        if row.request.params.processed:
+            _process(logits, i, row)
     short = [i for i, row in enumerate(rows) if len(row.tokens) < row.request.params.min_tokens]
     if short and eos:
         logits[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)] = float("-inf")
@@ -646,6 +666,26 @@ def _pick(logits: Any, rows: list[_Row], eos: list[int]) -> tuple[list[int], lis
     lps = [step_lps.take(i, t) if step_lps is not None and wanted[i] is not None else None
            for i, t in enumerate(chosen)]
     return chosen, lps
+
+
+def _process(logits: Any, i: int, row: _Row) -> None:
+    """Row ``i``'s penalties and biases applied to its logits in place, in vLLM's order: the logit bias,
+    then the repetition penalty (over prompt and output), then the frequency and presence penalties (over
+    the output)."""
+    import torch
+
+    params, device = row.request.params, logits.device
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=device)
+        logits[i, ids] += torch.tensor([b for _, b in params.logit_bias], device=device, dtype=logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*row.request.prompt_ids, *row.tokens}), device=device)
+        values = logits[i, seen]
+        logits[i, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                      values * params.repetition_penalty)
+    if row.tokens and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = torch.unique(torch.tensor(row.tokens, device=device), return_counts=True)
+        logits[i, ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
 
 
 def _sample(scores: Any, params: SamplingParams, generator: Any) -> Any:

@@ -4,8 +4,10 @@ Requests go through the same model, limits and batching engine as KServe V1/V2. 
 Events (``data: {chunk}`` lines, then ``data: [DONE]``), with a final usage chunk when the request asks
 for ``stream_options: {"include_usage": true}``. Unknown request fields are ignored, as OpenAI's own
 clients send newer ones; fields that would change the answer and are not implemented (``tools``,
-``response_format``, ``logit_bias``, penalties, ``n > 1``, ``suffix`` …, see ``_NEUTRAL``) are refused
-with a 400 naming the field unless they hold the value that changes nothing.
+``response_format``, ``best_of``, ``top_k``, ``suffix`` …, see ``_NEUTRAL``) are refused with a 400
+naming the field unless they hold the value that changes nothing. ``presence_penalty``,
+``frequency_penalty``, vLLM's ``repetition_penalty``, ``logit_bias`` and ``n`` (up to 16 choices per
+prompt, not streamed on chat) are honoured as vLLM honours them (:func:`kubellm.serve.engine._process`).
 
 Log-probabilities (:mod:`kubellm.serve.logprobs`) follow OpenAI's legacy completions and vLLM, which is
 what lm-evaluation-harness's ``local-completions`` reads: completions ``logprobs: k`` gives ``tokens``,
@@ -39,6 +41,7 @@ queue full (max_queue waiting)          503     ``overloaded``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import re
@@ -54,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from kubellm.config.serve import SERVED_NAME
 from kubellm.errors import ServingError
 from kubellm.log import get_logger
-from kubellm.serve.engine import Completion, GenerationRequest
+from kubellm.serve.engine import Completion, GenerationRequest, SamplingParams
 from kubellm.serve.logprobs import TokenLogprob
 from kubellm.serve.predictor import InvalidRequest, results_of
 
@@ -70,11 +73,10 @@ _SERVED_NAME = re.compile(SERVED_NAME)
 # Fields that would change the answer and are not implemented, with the values that change nothing (some
 # clients send every field with its default): anything else is refused with a 400 naming the field.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
+    "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
     "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "top_k": (None, 0, -1), "min_p": (None, 0),
+    "top_k": (None, 0, -1), "min_p": (None, 0),
     "ignore_eos": (None, False), "stop_token_ids": (None, []), "modalities": (None, ["text"]),
     "audio": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "structured_outputs": (None,),
@@ -95,6 +97,12 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     min_tokens: int | None = None
     """vLLM's extension: suppress EOS until this many tokens (fixes generation length in benchmarks)."""
+    n: int = Field(default=1, ge=1, le=16)
+    """Choices per prompt: each is generated as its own request (a seeded one with ``seed + j``)."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Request):
@@ -151,12 +159,16 @@ def router(base: LLMModel) -> APIRouter:
             else [req.prompt]
         params = _sampling(model, req, req.max_tokens, logprobs=req.logprobs,
                            prompt_logprobs=req.logprobs if req.echo else None, allow_no_tokens=req.echo)
-        ids = await model.encode_prompts(prompts)
+        model.check_prompt_count(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        unique = await model.encode_prompts(prompts)
+        prompt_tokens = sum(map(len, unique))
+        # n choices per prompt, in OpenAI's order (prompt i's choices are i*n … i*n+n-1).
+        prompts, ids = [p for p in prompts for _ in range(req.n)], [i for i in unique for _ in range(req.n)]
         rid, name = f"cmpl-{uuid.uuid4().hex}", req.model or model.name
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             results = [Completion("", "length", len(i), 0) for i in ids]  # echo alone: nothing to compute
         else:
-            submitted = model.submit_all([(i, params) for i in ids])
+            submitted = model.submit_all(list(zip(ids, _copies(params, req.n) * len(unique), strict=True)))
             if req.stream:
                 return StreamingResponse(_stream_completions(submitted, rid, name, _usage_wanted(req)),
                                          media_type="text/event-stream")
@@ -173,7 +185,7 @@ def router(base: LLMModel) -> APIRouter:
             choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
                             "logprobs": logprobs})
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": _usage(results)}
+                "choices": choices, "usage": _usage(results, prompt_tokens)}
 
     @api.post("/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
@@ -183,12 +195,16 @@ def router(base: LLMModel) -> APIRouter:
             raise InvalidRequest("top_logprobs: needs logprobs: true", param="top_logprobs")
         if req.stream and req.logprobs:
             raise InvalidRequest("logprobs are not supported with stream", param="stream")
+        if req.stream and req.n > 1:
+            raise InvalidRequest("n: more than one choice is not supported with stream on chat", param="n")
         k = (req.top_logprobs or 0) if req.logprobs else None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         params = _sampling(model, req, req.max_completion_tokens if req.max_completion_tokens is not None
                            else req.max_tokens, logprobs=k)
-        submitted = model.submit_all([(await model.encode_chat_async(messages), params)])
+        model.check_prompt_count(req.n, "n")
+        chat_ids = await model.encode_chat_async(messages)
+        submitted = model.submit_all([(chat_ids, p) for p in _copies(params, req.n)])
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model.name
         if req.stream:
             return StreamingResponse(_stream_chat(submitted[0], rid, name, _usage_wanted(req)),
@@ -196,14 +212,13 @@ def router(base: LLMModel) -> APIRouter:
         results = await _answer(request, submitted)
         if results is None:
             return _CLIENT_GONE
-        c = results[0]
-        logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
-        return {
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": logprobs}],
-            "usage": _usage([c]),
-        }
+        choices = []
+        for j, c in enumerate(results):
+            logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
+            choices.append({"index": j, "message": {"role": "assistant", "content": c.text},
+                            "finish_reason": c.finish_reason, "logprobs": logprobs})
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": _usage(results, len(chat_ids))}
 
     texts = _TokenTexts(base.tokenizer)
     return api
@@ -314,15 +329,26 @@ def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 def _sampling(model: LLMModel, req: _Request, max_tokens: int | None, **extra: Any) -> Any:
     return model.sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop,
-                          seed=req.seed, min_tokens=req.min_tokens, **extra)
+                          seed=req.seed, min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          logit_bias=req.logit_bias, **extra)
+
+
+def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """``n`` requests for the ``n`` choices of one prompt: a seeded sampled request gets seeds ``seed``,
+    ``seed + 1`` … so that its choices differ and repeat."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
 
 
 def _usage_wanted(req: _Request) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-def _usage(results: list[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in results)
+def _usage(results: list[Completion], prompt_tokens: int | None = None) -> dict[str, int]:
+    """OpenAI's usage; ``prompt_tokens``: counted once per prompt when ``n`` choices share it."""
+    prompt = sum(c.prompt_tokens for c in results) if prompt_tokens is None else prompt_tokens
     completion = sum(c.completion_tokens for c in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -392,8 +392,10 @@ class LLMModel(kserve.Model):
     def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
                  min_tokens: int | None = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False) -> SamplingParams:
-        """Validated generation settings (the same limits on every protocol).
+                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 repetition_penalty: float | None = None, logit_bias: dict[str, Any] | None = None) -> SamplingParams:
+        """Validated generation settings (the same limits on every protocol; OpenAI's and vLLM's ranges).
 
         ``allow_no_tokens``: ``max_tokens`` 0 is valid (a completion that echoes and scores its prompt).
         """
@@ -412,6 +414,12 @@ class LLMModel(kserve.Model):
              f"must be an integer from 0 to max_tokens, got {min_tokens!r}"),
             (logprobs is None or 0 <= logprobs <= self.cfg.max_logprobs, "logprobs",
              f"must be from 0 to {self.cfg.max_logprobs} (this server's limit), got {logprobs!r}"),
+            (presence_penalty is None or (_number(presence_penalty) and -2 <= presence_penalty <= 2),
+             "presence_penalty", f"must be a number from -2 to 2, got {presence_penalty!r}"),
+            (frequency_penalty is None or (_number(frequency_penalty) and -2 <= frequency_penalty <= 2),
+             "frequency_penalty", f"must be a number from -2 to 2, got {frequency_penalty!r}"),
+            (repetition_penalty is None or (_number(repetition_penalty) and 0 < repetition_penalty <= 2),
+             "repetition_penalty", f"must be a number in (0, 2], got {repetition_penalty!r}"),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -422,7 +430,29 @@ class LLMModel(kserve.Model):
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature or 0.0),
                               top_p=float(1.0 if top_p is None else top_p), stop=tuple(stops), seed=seed,
                               min_tokens=min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                              adapter=self.adapter.name if self.adapter is not None else None)
+                              adapter=self.adapter.name if self.adapter is not None else None,
+                              presence_penalty=float(presence_penalty or 0.0),
+                              frequency_penalty=float(frequency_penalty or 0.0),
+                              repetition_penalty=float(1.0 if repetition_penalty is None else repetition_penalty),
+                              logit_bias=self._logit_bias(logit_bias))
+
+    def _logit_bias(self, bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``logit_bias`` (token id as a string → -100 to 100, at most 300) as pairs."""
+        if not bias:
+            return ()
+        if not isinstance(bias, dict) or len(bias) > 300:
+            raise InvalidRequest("logit_bias: a map of at most 300 token ids to numbers", param="logit_bias")
+        vocab = len(self.tokenizer)
+        pairs = []
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isdigit() else -1
+            if not 0 <= token < vocab:
+                raise InvalidRequest(f"logit_bias: {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+            if not _number(value) or not -100 <= value <= 100:
+                raise InvalidRequest(f"logit_bias[{key}]: must be a number from -100 to 100, got {value!r}",
+                                     param="logit_bias")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
 
     def submit(self, ids: list[int], params: SamplingParams) -> GenerationRequest:
         return self.submit_all([(ids, params)])[0]
@@ -504,7 +534,8 @@ def _v2_texts(tensor: Any) -> list[str]:
         raise InvalidRequest("text_input: not UTF-8 text", param="inputs") from None
 
 
-_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens")
+_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens", "presence_penalty",
+             "frequency_penalty", "repetition_penalty")
 
 
 def _settings(values: dict[str, Any], where: str) -> dict[str, Any]:
