@@ -299,3 +299,19 @@ def _value(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{series} not in /metrics")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kubellm_serve_with_adapter_options(start_serve, tiny_model_dir: Path, adapters: dict[str, Path],
+                                            alone: dict[str, list[str]], tmp_path: Path) -> None:
+    """``kubellm serve --adapter NAME=URI`` (twice) beside ``serve.adapters`` in the config."""
+    sets = (f"serve.adapters={{gamma: {adapters['gamma']}}}",)
+    with start_serve(tiny_model_dir, tmp_path, *sets, extra_args=(
+            "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}")) as (url, _):
+        cards = httpx.get(f"{url}/openai/v1/models", timeout=10).json()["data"]
+        assert sorted(c["id"] for c in cards) == ["alpha", "beta", "gamma", "kubellm"]
+        for name in ("alpha", "gamma"):
+            got = httpx.post(f"{url}/openai/v1/completions", timeout=60, json={
+                "model": name, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}).json()
+            assert got["choices"][0]["text"] == alone[name][0]
