@@ -315,3 +315,37 @@ def test_kubellm_serve_with_adapter_options(start_serve, tiny_model_dir: Path, a
             got = httpx.post(f"{url}/openai/v1/completions", timeout=60, json={
                 "model": name, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}).json()
             assert got["choices"][0]["text"] == alone[name][0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # lm-eval's imports and two scored runs on the shared CPUs
+def test_lm_eval_scores_an_adapter_by_name_as_alone(server: tuple[str, LLMModel], adapters: dict[str, Path],
+                                                    tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lm-evaluation-harness's ``local-completions`` (log-likelihoods of choices: ``echo`` + ``logprobs``)
+    scores adapter ``alpha`` by name on the shared base exactly as on a predictor serving it alone."""
+    from transformers import AutoTokenizer
+
+    from kubellm.config.evaluate import BenchmarkConfig
+    from kubellm.train.benchmarks import plan_benchmarks, run_benchmarks_served
+
+    url, _ = server
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sentences = ["The cat sits on the mat.", "The bird sings in the tree.", "The fox jumps over the dog.",
+                 "Who jumps over the dog?", "Where is the bird?", "What does the cat do?"]
+    heldout = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": s}],
+                "reference": s} for i, s in enumerate(sentences)]
+    plan = plan_benchmarks([BenchmarkConfig(task="kubellm_choice", limit=6)], heldout=heldout, tokenizer=tokenizer,
+                           stop_ids=[tokenizer.eos_token_id], max_new_tokens=8, seed=0, work_dir=tmp_path,
+                           data_dir=tmp_path)
+    shared = run_benchmarks_served(plan, base_url=url, model_name="alpha", tokenizer_dir=tiny_model_dir,
+                                   batch_size=4, max_length=256)
+    base = run_benchmarks_served(plan, base_url=url, model_name="kubellm", tokenizer_dir=tiny_model_dir,
+                                 batch_size=4, max_length=256)
+    single = LLMModel(_cfg(), str(adapters["alpha"]))
+    single.load()
+    with BackgroundServer(build_app(single)) as bg:
+        alone = run_benchmarks_served(plan, base_url=bg.url, model_name="kubellm", tokenizer_dir=tiny_model_dir,
+                                      batch_size=4, max_length=256)
+    assert shared["scores"] and shared["scores"] == pytest.approx(alone["scores"], abs=1e-9)
+    assert base["scores"] != shared["scores"]  # the name selected the adapter, not the base
