@@ -349,3 +349,34 @@ def test_lm_eval_scores_an_adapter_by_name_as_alone(server: tuple[str, LLMModel]
                                       batch_size=4, max_length=256)
     assert shared["scores"] and shared["scores"] == pytest.approx(alone["scores"], abs=1e-9)
     assert base["scores"] != shared["scores"]  # the name selected the adapter, not the base
+
+
+def test_gathered_lora_computes_what_peft_computes(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    """One gathered product per layer (:func:`kubellm.serve.adapters.gather_lora`) gives peft's own
+    mixed-batch logits, for rows of every adapter and of the base, ranks 2, 4 and 8 in one batch."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.serve.adapters import gather_lora
+
+    model = None
+    for name, path in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(path),
+                                              adapter_name=name)
+        else:
+            model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (5, 7), generator=torch.Generator().manual_seed(0))
+    names = ["alpha", "__base__", "gamma", "beta", "alpha"]
+    with torch.inference_mode():
+        peft_logits = model(input_ids=ids, adapter_names=names).logits
+        assert gather_lora(model, list(adapters)) == 2 * 6  # q, k, v, o, gate, down of 2 layers carry LoRA
+        ours = model(input_ids=ids, adapter_names=names).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.allclose(ours, peft_logits, atol=1e-5)
+    assert torch.allclose(ours[1], base[1], atol=1e-5)  # the base row is the base model's
+    for row in (0, 2, 3, 4):  # and every adapter row is not
+        assert not torch.allclose(ours[row], base[row], atol=1e-2), row

@@ -136,3 +136,82 @@ def parse_adapter_args(items: list[str]) -> dict[str, str]:
             raise ServingError(f"--adapter {name}: given twice")
         out[name] = uri
     return out
+
+
+class _Stacks:
+    """What :func:`gather_lora` shares between the layers of one model: adapter → index (0: the base) and
+    the per-row index tensors already built for a batch's adapter names."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.index = {BASE_ADAPTER: 0, **{name: i + 1 for i, name in enumerate(names)}}
+        self.rows: dict[tuple[str, ...], Any] = {}
+
+    def row_index(self, adapter_names: list[str], device: Any) -> Any:
+        import torch
+
+        key = tuple(adapter_names)
+        rows = self.rows.get(key)
+        if rows is None:
+            if len(self.rows) > 1024:  # batches change as requests come and go: keep the cache bounded
+                self.rows.clear()
+            rows = self.rows[key] = torch.tensor([self.index[n] for n in key], device=device)
+        return rows
+
+
+#: peft's name for "no adapter" in a mixed batch (as in :mod:`kubellm.serve.engine`).
+BASE_ADAPTER = "__base__"
+
+
+def gather_lora(model: Any, names: list[str]) -> int:
+    """Route peft's mixed-batch forward of every LoRA ``Linear`` of ``model`` through one gathered product.
+
+    peft computes a mixed batch adapter by adapter: for each adapter, select its rows, two small products,
+    add them back (three adapters: three times the work and the kernel launches of one). Here each layer
+    stacks every adapter's ``A`` and ``B`` once (ranks padded with zeros, the scaling folded into ``B``,
+    index 0 all zeros for the base), and a forward pass gathers each row's pair and runs two batched
+    products, whatever the number of adapters (the punica / S-LoRA idea). Called again after every load or
+    unload (between decode steps). A layer with a LoRA variant (DoRA …) keeps peft's own path. Returns
+    the number of layers routed.
+    """
+    import types
+
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    stacks = _Stacks(names)
+    routed = 0
+    for module in model.modules():
+        if not isinstance(module, Linear):
+            continue
+        present = [n for n in names if n in module.lora_A]
+        if any(n in getattr(module, "lora_variant", {}) for n in present):
+            module.__dict__.pop("_mixed_batch_forward", None)
+            continue
+        weight = module.get_base_layer().weight
+        rank = max((module.lora_A[n].weight.shape[0] for n in present), default=1)
+        a = torch.zeros(len(names) + 1, rank, module.in_features, device=weight.device)
+        b = torch.zeros(len(names) + 1, module.out_features, rank, device=weight.device)
+        with torch.no_grad():
+            for n in present:
+                lora_a, lora_b = module.lora_A[n].weight, module.lora_B[n].weight
+                a[stacks.index[n], :lora_a.shape[0]] = lora_a.float()
+                b[stacks.index[n], :, :lora_b.shape[1]] = lora_b.float() * module.scaling[n]
+        module._kubellm_lora = (stacks, a, b)
+        module._mixed_batch_forward = types.MethodType(_gathered_forward, module)
+        routed += 1
+    return routed
+
+
+def _gathered_forward(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    for key in [k for k, v in kwargs.items() if v is None]:  # peft's variant arguments, unused here
+        kwargs.pop(key)
+    stacks, a, b = self._kubellm_lora
+    if x.dim() != 3:  # not a (rows, tokens, features) activation: peft's own path
+        return Linear._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    rows = stacks.row_index(adapter_names, a.device)
+    down = torch.bmm(x.to(a.dtype), a.index_select(0, rows).transpose(1, 2))
+    return result + torch.bmm(down, b.index_select(0, rows).transpose(1, 2)).to(result.dtype)

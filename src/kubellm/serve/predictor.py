@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kubellm.errors import ServingError
 from kubellm.fsutil import user_path
 from kubellm.log import get_logger
-from kubellm.serve.adapters import AdapterInfo
+from kubellm.serve.adapters import AdapterInfo, gather_lora
 from kubellm.serve.engine import (
     Completion,
     EngineObserver,
@@ -277,6 +277,7 @@ class LLMModel(kserve.Model):
             engine.per_row_adapters = True
         engine.model.eval()
         view = self._views[info.name] = self.view(info)
+        gather_lora(engine.model, list(self._views))
         log.info("serving adapter %s (rank %d) from %s", info.name, info.rank, info.source)
         for listener in self.listeners:
             listener(info.name, view)
@@ -315,7 +316,11 @@ class LLMModel(kserve.Model):
             if loop.time() > deadline:
                 engine.cancel_adapter(name)
             await asyncio.sleep(0.05)
-        await engine.exclusive(lambda: engine.model.delete_adapter(name))
+        def remove() -> None:
+            engine.model.delete_adapter(name)
+            gather_lora(engine.model, list(self._views))
+
+        await engine.exclusive(remove)
         log.info("adapter %s unloaded", name)
 
     async def healthy(self) -> bool:
