@@ -76,6 +76,10 @@ def deploy(
                                                 model_version=model_version)]
         else:
             docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
+            if cfg.deploy.keda_prometheus_url:
+                from kubellm.k8s.keda import build_scaled_object
+
+                docs.append(build_scaled_object(cfg))
         if cfg.deploy.playground and not llm:
             # KServe names the predictor's cluster-local Service <name>-predictor; the real rollout uses
             # the address the InferenceService reports.

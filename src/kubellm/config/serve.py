@@ -124,6 +124,12 @@ class DeployConfig(StrictModel):
     router_scheduler: bool = True
     """``llm-inference-service``: route through llm-d's scheduler (the endpoint picker: load- and
     LoRA-aware routing across replicas); ``false``: a plain HTTPRoute to the workload Service."""
+    keda_prometheus_url: Uri | None = None
+    """``runtime: kubellm`` with ``deployment_mode: RawDeployment``: scale the predictor with KEDA on its
+    queue depth (``vllm:num_requests_waiting`` from this Prometheus, e.g.
+    ``http://prometheus.monitoring:9090``): a ``ScaledObject`` on the predictor Deployment between
+    ``min_replicas`` and ``max_replicas``, a replica per ``scale_target`` (default ``serve.max_batch_size``)
+    waiting requests, and KServe told to leave autoscaling to it. ``None``: KServe's own autoscaler."""
     vllm_image: str | None = None
     """``llm-inference-service``: the vLLM image of the workload; ``None`` keeps the one of the cluster's
     ``LLMInferenceServiceConfig`` preset."""

@@ -122,6 +122,8 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     annotations = {MODEL_NAME_ANNOTATION: served, **SCRAPE_ANNOTATIONS}
     if deploy.deployment_mode:
         annotations[MODE_ANNOTATION] = deploy.deployment_mode
+    if deploy.keda_prometheus_url and deploy.runtime == "kubellm":
+        annotations["serving.kserve.io/autoscalerClass"] = "external"  # KEDA scales it (kubellm.k8s.keda)
     if deploy.canary_traffic_percent is not None:
         # Tag routing gives the newest revision its own URL (status…traffic[tag=latest].url), so the
         # rollout's smoke request reaches the canary itself rather than a 10 % chance of it.

@@ -23,6 +23,7 @@ EXAMPLE_MODEL_URI = "s3://kubellm/models/example"
 EXAMPLE_PVC = "kubellm-shared"
 EXAMPLE_ENDPOINT = "http://example.kubellm.svc.cluster.local"
 EXAMPLE_COMPARE = "http://base.kubellm.svc.cluster.local"
+EXAMPLE_PROMETHEUS = "http://prometheus.monitoring.svc.cluster.local:9090"
 
 
 def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, dict[str, Any]]]:
@@ -76,6 +77,12 @@ def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     for runtime in ("kubellm", "huggingface"):
         cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={"runtime": runtime})})
         out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
+    build_keda = _builder("kubellm.k8s.keda", "build_scaled_object")
+    if build_keda is not None:
+        cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={
+            "runtime": "kubellm", "deployment_mode": "RawDeployment",
+            "keda_prometheus_url": run_cfg.deploy.keda_prometheus_url or EXAMPLE_PROMETHEUS})})
+        out.append(("generated keda scaledobject (kubellm runtime)", build_keda(cfg)))
     build_llm = _builder("kubellm.k8s.llmisvc", "build_llm_inference_service")
     if build_llm is not None:
         name = run_cfg.serve.model_name
