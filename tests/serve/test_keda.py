@@ -1,5 +1,6 @@
-"""The optional KEDA ScaledObject of the kubellm runtime (issue 22): queue depth from vLLM's metric name,
-validated against the vendored KEDA CRD, and KServe told to leave autoscaling to it."""
+"""Serving on a cluster beyond the kubellm runtime's own scaling (issue 22): the optional KEDA ScaledObject
+(queue depth from vLLM's metric name, validated against the vendored KEDA CRD, KServe told to leave
+autoscaling to it), and LoRA adapters on KServe's Hugging Face runtime through vLLM's own flags."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def test_scaled_object_needs_the_raw_deployment_of_the_kubellm_runtime(make_cfg)
         build_scaled_object(make_cfg(f"deploy.keda_prometheus_url={PROMETHEUS}"))
     assert "serving.kserve.io/autoscalerClass" not in build_inferenceservice(make_cfg(), "s3://m/x")["metadata"][
         "annotations"]
+
+
+def test_adapters_on_the_huggingface_runtime_use_vllms_lora_flags(make_cfg) -> None:
+    gpu = ("deploy.runtime=huggingface", "platform.default.resources.gpus=1",
+           "serve.adapters={support: /models/adapters/support, legal: org/legal-lora}")
+    isvc = build_inferenceservice(make_cfg(*gpu), "s3://m/base")
+    assert validate_against_crd(isvc) == []
+    args = isvc["spec"]["predictor"]["model"]["args"]
+    assert args[args.index("--enable-lora"):] == [
+        "--enable-lora", "--max-lora-rank=64", "--max-loras=16", "--lora-modules",
+        "support=/models/adapters/support", "legal=org/legal-lora"]
+    with pytest.raises(ServingError, match="need its vLLM backend"):
+        build_inferenceservice(make_cfg(*gpu[::2]), "s3://m/base")
+    with pytest.raises(ServingError, match=r"^serve.adapters.support: models:/support@champion cannot be loaded"):
+        build_inferenceservice(make_cfg(*gpu[:2], "serve.adapters={support: 'models:/support@champion'}"), "s3://m/b")

@@ -203,6 +203,7 @@ def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
     args = [f"--model_name={name}", f"--model_dir={MODEL_DIR}", f"--http_port={HTTP_PORT}"]
     if not placement.resources.gpus and not any(a.startswith("--backend") for a in run_cfg.deploy.hf_args):
         args.append("--backend=huggingface")
+    args += _lora_args(run_cfg, args)
     args += run_cfg.deploy.hf_args
     model: dict[str, Any] = {
         "modelFormat": {"name": "huggingface"},
@@ -217,6 +218,25 @@ def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
     if res:
         model["resources"] = res
     return model
+
+
+def _lora_args(run_cfg: RunConfig, args: list[str]) -> list[str]:
+    """``serve.adapters`` on KServe's Hugging Face runtime: its vLLM backend's own LoRA flags
+    (``--enable-lora --lora-modules name=path …``), each adapter served by name on the merged-free base.
+    vLLM loads them itself, so each must be a path inside the pod (a PVC of the deploy placement) or a
+    Hub id; the registry's ``models:/`` URIs only resolve in ``kubellm serve``."""
+    serve = run_cfg.serve
+    if not serve.adapters:
+        return []
+    if "--backend=huggingface" in args + run_cfg.deploy.hf_args:
+        raise ServingError("serve.adapters on deploy.runtime huggingface need its vLLM backend (a GPU in the deploy "
+                           "placement); the huggingface backend serves no LoRA adapters")
+    for name, uri in serve.adapters.items():
+        if "://" in uri or uri.startswith("models:/"):
+            raise ServingError(f"serve.adapters.{name}: {uri} cannot be loaded by vLLM in the pod; give a path on "
+                               "a PVC of the deploy placement or a Hub id (or use deploy.runtime kubellm)")
+    return ["--enable-lora", f"--max-lora-rank={serve.max_lora_rank}", f"--max-loras={serve.max_adapters}",
+            "--lora-modules", *(f"{name}={uri}" for name, uri in serve.adapters.items())]
 
 
 def _probes(model_name: str, startup_timeout_s: int) -> dict[str, Any]:
