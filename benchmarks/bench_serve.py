@@ -179,13 +179,20 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> Non
     raise RuntimeError(f"not ready within {timeout_s} s")
 
 
+#: Process id of each running server by URL (``bench_adapters`` reads their memory).
+SERVER_PIDS: dict[str, int] = {}
+
+
 @contextlib.contextmanager
-def _server(model_dir: Path, workdir: Path, name: str, *sets: str) -> Iterator[tuple[str, float]]:
-    """``kubellm serve`` with ``sets`` on a free port; yields its URL and its start-to-ready seconds."""
+def _server(model_dir: Path, workdir: Path, name: str, *sets: str,
+            args: tuple[str, ...] = ()) -> Iterator[tuple[str, float]]:
+    """``kubellm serve`` with ``sets`` (and more command-line ``args``) on a free port; yields its URL and
+    its start-to-ready seconds."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--set", "serve.precision=auto", "--set", "serve.model_name=kubellm", "--set", f"workdir={workdir}"]
+           "--set", "serve.precision=auto", "--set", "serve.model_name=kubellm", "--set", f"workdir={workdir}",
+           *args]
     for item in sets:
         cmd += ["--set", item]
     log = workdir / f"serve-{name}.log"
@@ -193,6 +200,7 @@ def _server(model_dir: Path, workdir: Path, name: str, *sets: str) -> Iterator[t
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)})
+    SERVER_PIDS[url] = proc.pid
     try:
         try:
             _wait_ready(url, proc)
@@ -200,6 +208,7 @@ def _server(model_dir: Path, workdir: Path, name: str, *sets: str) -> Iterator[t
             raise RuntimeError(f"{name}: {err}: {log.read_text()[-2000:]}") from None
         yield url, time.perf_counter() - t0
     finally:
+        SERVER_PIDS.pop(url, None)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
@@ -378,12 +387,17 @@ def _open_loop_rows(share: float, runs: dict[str, _Load], note: str) -> list[dic
 
 
 def run(quick: bool) -> list[dict]:
+    return with_threads(_run, quick)
+
+
+def with_threads(fn, quick: bool) -> list[dict]:  # noqa: ANN001 - a benchmark's _run
+    """``fn(quick)`` with torch on ``THREADS`` intra-op threads (restored afterwards)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return _run(quick)
+        return fn(quick)
     finally:
         torch.set_num_threads(threads)
 

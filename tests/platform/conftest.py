@@ -55,7 +55,8 @@ def cluster_cfg() -> RunConfig:
 class FakeApiServer:
     """kmock's Kubernetes emulator on 127.0.0.1 in a background thread; ``url`` for the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, emulator: Any = None) -> None:
+        self._emulator_class = emulator  # a kmock.KubernetesEmulator subclass (stricter fakes); None: kmock's
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -87,7 +88,7 @@ class FakeApiServer:
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        async with (self._emulator_class or kmock.KubernetesEmulator)() as emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()

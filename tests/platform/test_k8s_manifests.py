@@ -17,7 +17,7 @@ from kubellm.k8s.podsecurity import pod_specs
 from kubellm.k8s.schema import validate_against_crd
 
 #: Custom resources kubellm generates (validated against the vendored CRD schemas).
-CUSTOM_KINDS = {"PyTorchJob", "TrainJob", "RayJob", "InferenceService"}
+CUSTOM_KINDS = {"PyTorchJob", "TrainJob", "RayJob", "InferenceService", "LLMInferenceService", "ScaledObject"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_builtin_kinds_pass_kubernetes_validate_strict(everything: list[tuple[st
 
 def test_custom_resources_pass_their_crd_schemas(everything: list[tuple[str, dict]]) -> None:
     custom = [(src, obj) for src, obj in everything if obj["kind"] in CUSTOM_KINDS]
-    assert {"PyTorchJob", "TrainJob", "RayJob"} <= {obj["kind"] for _, obj in custom}
+    assert {"PyTorchJob", "TrainJob", "RayJob", "LLMInferenceService", "ScaledObject"} <= {obj["kind"] for _, obj in custom}
     for src, obj in custom:
         assert validate_against_crd(obj) == [], src
 

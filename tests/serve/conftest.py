@@ -69,6 +69,13 @@ def fake_api():
         yield server
 
 
+@pytest.fixture()
+def fake_api_server():
+    """The fake API server class: ``with fake_api_server(emulator_class) as server`` runs a stricter
+    subclass of kmock's emulator."""
+    return _platform_fakes().FakeApiServer
+
+
 # --- a tiny model ------------------------------------------------------------------------------------
 
 #: The tokenizer's training text. Its alphabet is only these characters (not all 256 bytes), so whatever
@@ -126,6 +133,12 @@ def build_tiny_model(tokenizer: Any, preset: str = "tiny") -> Any:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_builder():
+    """:func:`build_tiny_model` (``builder(tokenizer, preset)``), for tests that need another base."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A merged model directory: safetensors weights and the tokenizer with its chat template."""
     out = tmp_path_factory.mktemp("tiny-model")
@@ -153,7 +166,7 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 @contextlib.contextmanager
 def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | None = REPO / "configs" / "local.yaml",
-                  ready_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+                  ready_s: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """``kubellm serve --model model_dir`` on 127.0.0.1 and a free port, ready; stopped (SIGTERM, then
     SIGKILL) on leaving. Yields the base URL and the process (its output is on ``proc.stdout``)."""
     import httpx
@@ -168,6 +181,7 @@ def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | Non
         cmd[4:4] = ["--config", str(config)]
     for item in sets:
         cmd += ["--set", item]
+    cmd += list(extra_args)
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"

@@ -129,7 +129,7 @@ MALFORMED = [
     (OAI, {"model": "kubellm", "messages": CHAT, "max_tokens": 0}, 400, None, "max_tokens"),
     (OAI, {"model": "kubellm", "messages": CHAT, "max_tokens": 10**9}, 400, None, "limit"),
     (OAI, {"model": "kubellm", "messages": CHAT, "temperature": 9}, 400, None, "temperature"),
-    (OAI, {"model": "kubellm", "messages": CHAT, "n": 3}, 400, "unsupported_field", "n: not supported"),
+    (OAI, {"model": "kubellm", "messages": CHAT, "n": 17}, 400, "invalid_value", "n: Input should be less than"),
     ("/openai/v1/completions", {"model": "kubellm", "prompt": LONG}, 400, "context_length_exceeded", "limit of 64"),
     ("/openai/v1/completions", {"model": "kubellm", "prompt": [5, 99999]}, 400, None, "token ids"),
     ("/v1/models/kubellm:predict", "{not json", 400, None, "Unrecognized request format"),

@@ -23,9 +23,23 @@ def serve(
     base: Annotated[str | None, typer.Option(help="Base model of a LoRA adapter (default: the base the "
                                              "adapter records).", callback=no_secrets)] = None,
     port: PortOpt = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", help="A LoRA adapter served on the base model under its own name: NAME=URI (a directory or "
+        "models:/name@alias); repeat for more. Adds to serve.adapters.", callback=no_secrets)] = None,
 ) -> None:
     """Serve a model with KServe V1/V2 and an OpenAI-compatible API (on 127.0.0.1 unless serve.host says)."""
+    from kubellm.errors import KubellmError
+
     cfg = load(config, overrides, reads=("serve",))  # a bad config fails before the server's imports
+    from kubellm.serve.adapters import parse_adapter_args
+
+    try:
+        adapters = parse_adapter_args(adapter or [])
+        if adapters:  # the same checks as serve.adapters in a config (names, count)
+            cfg = cfg.model_copy(update={"serve": type(cfg.serve).model_validate(
+                {**cfg.serve.model_dump(), "adapters": {**cfg.serve.adapters, **adapters}})})
+    except (KubellmError, ValueError) as err:
+        raise typer.BadParameter(" ".join(str(err).split()), param_hint="--adapter") from None
     from kubellm.serve.app import serve as run_server
 
     run_server(cfg, model_ref=model, base_model=base, port=port)
@@ -50,9 +64,23 @@ def deploy(
     from kubellm.k8s.playground import build_playground
 
     cfg = load(config, overrides, reads=("deploy", "serve", "playground", "platform"))
+    llm = cfg.deploy.runtime == "llm-inference-service"
+    if llm and not dry_run:
+        raise typer.BadParameter("deploy.runtime llm-inference-service: only --dry-run here; an adapter is "
+                                 "released with kubellm.k8s.llmisvc.adapter_rollout", param_hint="--dry-run")
     if dry_run:
-        docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
-        if cfg.deploy.playground:
+        if llm:
+            from kubellm.k8s.llmisvc import build_llm_inference_service
+
+            docs = [build_llm_inference_service(cfg, storage_uri or cfg.deploy.storage_uri or "", {},
+                                                model_version=model_version)]
+        else:
+            docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
+            if cfg.deploy.keda_prometheus_url:
+                from kubellm.k8s.keda import build_scaled_object
+
+                docs.append(build_scaled_object(cfg))
+        if cfg.deploy.playground and not llm:
             # KServe names the predictor's cluster-local Service <name>-predictor; the real rollout uses
             # the address the InferenceService reports.
             address = f"http://{isvc_name(cfg)}-predictor.{cfg.platform.namespace}.svc.cluster.local"

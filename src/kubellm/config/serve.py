@@ -6,6 +6,7 @@ InferenceService around it and its rollout, ``playground`` the Gradio prompt pla
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -15,6 +16,9 @@ from kubellm.config.secrets import Uri
 
 # DNS-1035 label: InferenceService and Deployment names become Service names.
 _K8S_NAME = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
+#: A name a model or adapter is served under (OpenAI ``model``, KServe's ``/v1/models/<name>``).
+SERVED_NAME = r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$"
+_SERVED_NAME = re.compile(SERVED_NAME)
 # DNS-1123 subdomain: a Secret's name.
 _K8S_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
@@ -26,7 +30,7 @@ class ServeConfig(StrictModel):
     """Bind address; loopback by default, ``0.0.0.0`` only inside a container."""
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port."""
-    model_name: str = Field(default="kubellm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$")
+    model_name: str = Field(default="kubellm", pattern=SERVED_NAME)
     """Name under which the model is served (``/v1/models/<name>``, OpenAI ``model``); in a run config it
     defaults to ``tracking.registered_model``."""
     model: Uri | None = None
@@ -36,6 +40,16 @@ class ServeConfig(StrictModel):
     base_model: Uri | None = None
     """Base model of a LoRA adapter (a directory or a Hub id); ``None`` takes the base recorded in the
     adapter's ``adapter_config.json``."""
+    adapters: dict[str, Uri] = {}
+    """LoRA adapters served on the one base ``model`` (loaded once): name → a LoRA adapter directory or a
+    ``models:/name@alias`` URI of a registered adapter (``kubellm serve --adapter NAME=URI`` adds more). A
+    request picks one by its name (OpenAI ``model``, ``/v1/models/<name>:predict``,
+    ``/v2/models/<name>/infer``); the base is served under ``model_name``. Rows of different adapters share
+    one batch. Empty: ``model`` alone (an adapter given as ``model`` is merged into its base)."""
+    max_lora_rank: int = Field(default=64, ge=1, le=1024)
+    """Largest LoRA rank an adapter may have (vLLM's ``--max-lora-rank``); a larger one is refused."""
+    max_adapters: int = Field(default=16, ge=1, le=1024)
+    """Most adapters loaded at once (vLLM's ``--max-loras``); loading one more is refused."""
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     """``auto`` picks CUDA when present, else the CPU."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -72,13 +86,25 @@ class ServeConfig(StrictModel):
     restart the generation engine; readiness is false while unloaded). Off: they answer 404, as anyone
     who can reach the pod could otherwise take the model offline. On: each call needs ``Authorization:
     Bearer <token>`` with the token from the environment variable ``KUBELLM_SERVE_ADMIN_TOKEN`` (a
-    Kubernetes Secret through ``platform.*.secret_env``), and the server refuses to start without it."""
+    Kubernetes Secret through ``platform.*.secret_env``), and the server refuses to start without it. The
+    same switch and token guard vLLM's run-time LoRA routes, ``POST /v1/load_lora_adapter`` and
+    ``/v1/unload_lora_adapter``."""
 
     @model_validator(mode="after")
     def _token_limits(self) -> ServeConfig:
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is greater than "
                              f"max_new_tokens ({self.max_new_tokens})")
+        for name in self.adapters:
+            if not _SERVED_NAME.match(name):
+                raise ValueError(f"adapters: {name!r} is not a valid name (letters, digits, '-', '_', '.'; "
+                                 "128 characters at most)")
+            if name == self.model_name:
+                raise ValueError(f"adapters: {name!r} is the base model's name (model_name); name the adapter "
+                                 "differently")
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(f"adapters: {len(self.adapters)} adapters, more than max_adapters "
+                             f"({self.max_adapters})")
         return self
 
 
@@ -87,10 +113,26 @@ class DeployConfig(StrictModel):
 
     name: str | None = Field(default=None, pattern=_K8S_NAME)
     """InferenceService name; ``None`` uses the run name."""
-    runtime: Literal["kubellm", "huggingface"] = "kubellm"
+    runtime: Literal["kubellm", "huggingface", "llm-inference-service"] = "kubellm"
     """``kubellm``: our predictor image (``platform.serving_image`` running ``kubellm serve``; serves a
     merged model or a LoRA adapter, KServe V1/V2 and an OpenAI-compatible API). ``huggingface``: KServe's
-    own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only."""
+    own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only.
+    ``llm-inference-service``: KServe's ``LLMInferenceService`` (``serving.kserve.io/v1alpha2``, KServe
+    0.20: vLLM behind llm-d's router) serving the base model once and LoRA adapters on it
+    (``spec.model.lora``); a release adds the candidate adapter, gates it by name and moves the alias
+    (:mod:`kubellm.k8s.llmisvc`)."""
+    router_scheduler: bool = True
+    """``llm-inference-service``: route through llm-d's scheduler (the endpoint picker: load- and
+    LoRA-aware routing across replicas); ``false``: a plain HTTPRoute to the workload Service."""
+    keda_prometheus_url: Uri | None = None
+    """``runtime: kubellm`` with ``deployment_mode: RawDeployment``: scale the predictor with KEDA on its
+    queue depth (``vllm:num_requests_waiting`` from this Prometheus, e.g.
+    ``http://prometheus.monitoring:9090``): a ``ScaledObject`` on the predictor Deployment between
+    ``min_replicas`` and ``max_replicas``, a replica per ``scale_target`` (default ``serve.max_batch_size``)
+    waiting requests, and KServe told to leave autoscaling to it. ``None``: KServe's own autoscaler."""
+    vllm_image: str | None = None
+    """``llm-inference-service``: the vLLM image of the workload; ``None`` keeps the one of the cluster's
+    ``LLMInferenceServiceConfig`` preset."""
     storage_uri: Uri | None = None
     """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
     ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered

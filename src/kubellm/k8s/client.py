@@ -63,6 +63,20 @@ def api_errors(action: str) -> Iterator[None]:
                            f"{_first_line(err)})") from None
 
 
+def get_custom_object(api: Any, coords: tuple[str, str, str, str, str], where: str) -> dict | None:
+    """The custom object at ``(group, version, namespace, plural, name)`` through ``api`` (a
+    ``CustomObjectsApi``), ``None`` when it does not exist; other errors as :func:`api_errors` says."""
+    from kubernetes.client.exceptions import ApiException
+
+    with api_errors(f"get {where}"):
+        try:
+            return api.get_namespaced_custom_object(*coords)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+
 def _api_message(err: Any) -> str:
     import json
 

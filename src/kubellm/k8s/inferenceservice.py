@@ -85,6 +85,9 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     :func:`kubellm.k8s.rollout.rollout` drops it when it creates the service for the first time.
     """
     deploy = run_cfg.deploy
+    if deploy.runtime == "llm-inference-service":
+        raise ServingError("deploy.runtime llm-inference-service deploys an LLMInferenceService, not an "
+                           "InferenceService: build it with kubellm.k8s.llmisvc.build_llm_inference_service")
     uri = storage_uri or deploy.storage_uri
     if not uri:
         raise ServingError("deploy.storage_uri: no model location to deploy (set it in the config or pass "
@@ -106,14 +109,7 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
         del predictor["containers"]
         predictor["model"] = _hf_model(run_cfg, placement, uri, served, probes)
 
-    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": "predictor",
-              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
-    if model_version is not None:
-        labels[MODEL_VERSION_LABEL] = str(model_version)
-    pod_meta = pods.pod_metadata(placement, labels)
-    predictor["labels"] = pod_meta["labels"]
-    if "annotations" in pod_meta:
-        predictor["annotations"] = pod_meta["annotations"]
+    labels = workload_labels(run_cfg, name, "predictor", model_version, placement, predictor)
     predictor["minReplicas"] = deploy.min_replicas
     predictor["maxReplicas"] = deploy.max_replicas
     predictor["scaleMetric"] = deploy.scale_metric
@@ -126,6 +122,8 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     annotations = {MODEL_NAME_ANNOTATION: served, **SCRAPE_ANNOTATIONS}
     if deploy.deployment_mode:
         annotations[MODE_ANNOTATION] = deploy.deployment_mode
+    if deploy.keda_prometheus_url and deploy.runtime == "kubellm":
+        annotations["serving.kserve.io/autoscalerClass"] = "external"  # KEDA scales it (kubellm.k8s.keda)
     if deploy.canary_traffic_percent is not None:
         # Tag routing gives the newest revision its own URL (status…traffic[tag=latest].url), so the
         # rollout's smoke request reaches the canary itself rather than a 10 % chance of it.
@@ -135,6 +133,21 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     metadata: dict[str, Any] = {"name": name, "namespace": run_cfg.platform.namespace, "labels": labels,
                                 "annotations": annotations}
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"predictor": predictor}}
+
+
+def workload_labels(run_cfg: RunConfig, name: str, component: str, model_version: str | int | None,
+                    placement: Placement, target: dict[str, Any]) -> dict[str, str]:
+    """The serving resource's labels; they and the placement's pod labels and annotations are also set
+    on ``target`` (the component or pod template KServe copies them from)."""
+    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": component,
+              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
+    if model_version is not None:
+        labels[MODEL_VERSION_LABEL] = str(model_version)
+    pod_meta = pods.pod_metadata(placement, labels)
+    target["labels"] = pod_meta["labels"]
+    if "annotations" in pod_meta:
+        target["annotations"] = pod_meta["annotations"]
+    return labels
 
 
 # Per-pod targets when the metric is not concurrency: 10 requests/s, 80 % CPU or memory utilisation.
@@ -190,6 +203,7 @@ def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
     args = [f"--model_name={name}", f"--model_dir={MODEL_DIR}", f"--http_port={HTTP_PORT}"]
     if not placement.resources.gpus and not any(a.startswith("--backend") for a in run_cfg.deploy.hf_args):
         args.append("--backend=huggingface")
+    args += _lora_args(run_cfg, args)
     args += run_cfg.deploy.hf_args
     model: dict[str, Any] = {
         "modelFormat": {"name": "huggingface"},
@@ -204,6 +218,25 @@ def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
     if res:
         model["resources"] = res
     return model
+
+
+def _lora_args(run_cfg: RunConfig, args: list[str]) -> list[str]:
+    """``serve.adapters`` on KServe's Hugging Face runtime: its vLLM backend's own LoRA flags
+    (``--enable-lora --lora-modules name=path …``), each adapter served by name on the merged-free base.
+    vLLM loads them itself, so each must be a path inside the pod (a PVC of the deploy placement) or a
+    Hub id; the registry's ``models:/`` URIs only resolve in ``kubellm serve``."""
+    serve = run_cfg.serve
+    if not serve.adapters:
+        return []
+    if "--backend=huggingface" in args + run_cfg.deploy.hf_args:
+        raise ServingError("serve.adapters on deploy.runtime huggingface need its vLLM backend (a GPU in the deploy "
+                           "placement); the huggingface backend serves no LoRA adapters")
+    for name, uri in serve.adapters.items():
+        if "://" in uri or uri.startswith("models:/"):
+            raise ServingError(f"serve.adapters.{name}: {uri} cannot be loaded by vLLM in the pod; give a path on "
+                               "a PVC of the deploy placement or a Hub id (or use deploy.runtime kubellm)")
+    return ["--enable-lora", f"--max-lora-rank={serve.max_lora_rank}", f"--max-loras={serve.max_adapters}",
+            "--lora-modules", *(f"{name}={uri}" for name, uri in serve.adapters.items())]
 
 
 def _probes(model_name: str, startup_timeout_s: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ EXAMPLE_MODEL_URI = "s3://kubellm/models/example"
 EXAMPLE_PVC = "kubellm-shared"
 EXAMPLE_ENDPOINT = "http://example.kubellm.svc.cluster.local"
 EXAMPLE_COMPARE = "http://base.kubellm.svc.cluster.local"
+EXAMPLE_PROMETHEUS = "http://prometheus.monitoring.svc.cluster.local:9090"
 
 
 def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, dict[str, Any]]]:
@@ -37,7 +38,8 @@ def shipped_manifests(configs_dir: str | Path = "configs") -> list[tuple[str, di
 
 def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     """``(label, object)`` for every manifest kubellm builds from ``run_cfg``: the three training-job kinds
-    for each training stage the config has, the InferenceService on both runtimes and the playground.
+    for each training stage the config has, the InferenceService on both runtimes, the LLMInferenceService
+    (base and adapters, with and without llm-d's scheduler) and the playground.
     The memory planner is not applied here: ``kubellm check`` reports its verdict as a finding."""
     from kubellm.k8s.training_job import build_job
 
@@ -75,6 +77,21 @@ def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     for runtime in ("kubellm", "huggingface"):
         cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={"runtime": runtime})})
         out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
+    build_keda = _builder("kubellm.k8s.keda", "build_scaled_object")
+    if build_keda is not None:
+        cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={
+            "runtime": "kubellm", "deployment_mode": "RawDeployment",
+            "keda_prometheus_url": run_cfg.deploy.keda_prometheus_url or EXAMPLE_PROMETHEUS})})
+        out.append(("generated keda scaledobject (kubellm runtime)", build_keda(cfg)))
+    build_llm = _builder("kubellm.k8s.llmisvc", "build_llm_inference_service")
+    if build_llm is not None:
+        name = run_cfg.serve.model_name
+        adapters = {name: f"{EXAMPLE_MODEL_URI}-adapter-v1", f"{name}-v2": f"{EXAMPLE_MODEL_URI}-adapter-v2"}
+        for scheduler in (True, False):
+            cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(
+                update={"runtime": "llm-inference-service", "router_scheduler": scheduler})})
+            label = f"generated llminferenceservice ({'with' if scheduler else 'without'} the llm-d scheduler)"
+            out.append((label, build_llm(cfg, EXAMPLE_MODEL_URI, adapters)))
     return out
 
 

@@ -73,7 +73,7 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
     """
     from kubernetes import client
 
-    from kubellm.k8s.client import api_errors, load_api_client
+    from kubellm.k8s.client import api_errors, get_custom_object, load_api_client
 
     api = client.CustomObjectsApi(api_client or load_api_client())
     name = isvc["metadata"]["name"]
@@ -87,13 +87,7 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
     where = f"InferenceService {namespace}/{name}"
 
     def get() -> dict | None:
-        with api_errors(f"get {where}"):
-            try:
-                return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            except client.ApiException as err:
-                if err.status == 404:
-                    return None
-                raise
+        return get_custom_object(api, (GROUP, VERSION, namespace, PLURAL, name), where)
 
     def patch(body: dict, what: str) -> dict:
         log.info("%s: %s", where, what)

@@ -86,6 +86,16 @@ def build_app(model: LLMModel) -> FastAPI:
         raise ServingError(f"model {model.name} must be loaded before building the app")
     repository = ModelRepository()
     repository.update(model)
+    for view in model.views.values():
+        repository.update(view)
+
+    def follow(name: str, view: LLMModel | None) -> None:  # adapters loaded and unloaded at run time
+        if view is None:
+            repository.models.pop(name, None)
+        else:
+            repository.update(view)
+
+    model.listeners.append(follow)
     dataplane = DataPlane(model_registry=repository)
     extension = ModelRepositoryExtension(model_registry=repository)
 
@@ -106,7 +116,7 @@ def build_app(model: LLMModel) -> FastAPI:
     app.add_middleware(_Versions)
     # Added last, so outermost: it also counts the 413s of _BodyLimit.
     app.add_middleware(metrics.RequestMetrics, model_name=model.name)
-    metrics.watch_engine(model.name, model.engine)
+    metrics.watch_engine(model.name, model.engine, lambda: [model.name, *model.views])
     app.add_api_route("/", dataplane.live, methods=["GET"])
     app.add_api_route("/metrics", metrics_handler, methods=["GET"])
     _add_v2_overrides(app, model, dataplane, repository, token)
@@ -135,6 +145,8 @@ def _add_v2_overrides(app: FastAPI, model: LLMModel, dataplane: Any, repository:
     KServe's own so that they win."""
     from fastapi import Header
 
+    from kubellm.serve import openai_api
+
     errors = kserve.errors
     on = token is not None
 
@@ -146,13 +158,16 @@ def _add_v2_overrides(app: FastAPI, model: LLMModel, dataplane: Any, repository:
     async def metadata() -> dict[str, Any]:
         return {**dataplane.metadata(), "extensions": ["model_repository_extension"] if on else []}
 
-    def check(name: str, authorization: str | None) -> None:
+    def guard(authorization: str | None) -> None:
         if not on:
             raise InvalidRequest("the model repository API (load/unload) is off on this server "
                                  "(serve.model_repository_api)", status=404)
         if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
             raise InvalidRequest(f"load/unload need 'Authorization: Bearer <token>' (the token in {ADMIN_TOKEN_ENV} "
                                  "of the server)", status=401, headers={"WWW-Authenticate": "Bearer"})
+
+    def check(name: str, authorization: str | None) -> None:
+        guard(authorization)
         if name != model.name:
             raise errors.ModelNotFound(name)
 
@@ -171,6 +186,7 @@ def _add_v2_overrides(app: FastAPI, model: LLMModel, dataplane: Any, repository:
         log.warning("model %s unloaded through the model repository API", model.name)
         return {"name": model_name, "unload": True}
 
+    app.include_router(openai_api.lora_router(model, guard, on))
     app.add_api_route("/v2", metadata, methods=["GET"])
     app.add_api_route("/v2/health/ready", ready, methods=["GET"])
     app.add_api_route("/v2/repository/models/{model_name}/load", load, methods=["POST"], include_in_schema=on)
@@ -415,30 +431,34 @@ async def _discard(receive: Any) -> None:
         left -= len(message.get("body", b""))
 
 
-def load_model(run_cfg: RunConfig, model_ref: str | None = None, base_model: str | None = None) -> LLMModel:
-    """The configured model, loaded: ``model_ref`` > ``serve.model`` > ``models:/<registered>@champion``."""
+def load_model(run_cfg: RunConfig, model_ref: str | None = None, base_model: str | None = None,
+               adapters: dict[str, str] | None = None) -> LLMModel:
+    """The configured model, loaded: ``model_ref`` > ``serve.model`` > ``models:/<registered>@champion``,
+    with ``serve.adapters`` and ``adapters`` on it."""
     serve = run_cfg.serve
     ref = model_ref or serve.model or f"models:/{run_cfg.tracking.registered_model}@champion"
     from kubellm.serve.metrics import EngineMetrics
 
     model = LLMModel(serve, ref, base_model=base_model or serve.base_model, tracking=run_cfg.tracking,
-                     workdir=run_cfg.workdir)
+                     workdir=run_cfg.workdir, extra_adapters=adapters)
     model.load(observer=EngineMetrics(model.name))
     return model
 
 
 def serve(run_cfg: RunConfig, *, model_ref: str | None = None, base_model: str | None = None,
-          port: int | None = None) -> None:
-    """``kubellm serve``: load the model, then serve until SIGINT/SIGTERM."""
+          port: int | None = None, adapters: dict[str, str] | None = None) -> None:
+    """``kubellm serve``: load the model (and its adapters), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
     t0 = time.perf_counter()
-    model = load_model(run_cfg, model_ref, base_model)
+    model = load_model(run_cfg, model_ref, base_model, adapters)
     app = build_app(model)
     host, port = run_cfg.serve.host, port or run_cfg.serve.port
     log.info("serving %s as %r on http://%s:%d (loaded in %.1f s): /v1/models/%s:predict, "
              "/v2/models/%s/infer, /openai/v1/chat/completions, /metrics", model.description, model.name, host, port,
              time.perf_counter() - t0, model.name, model.name)
+    if model.views:
+        log.info("adapters on %s: %s", model.name, ", ".join(f"{n} ({v.adapter.source})" for n, v in model.views.items()))
     # Generation can take minutes: give running requests 30 s to finish on shutdown.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 

@@ -50,8 +50,11 @@ def pick(logprobs: Any, token: int, k: int) -> TokenLogprob:
 
 
 def prompt_logprobs(model: Any, prompts: list[list[int]], ks: list[int], *, device: str,
-                    precision: str) -> list[list[TokenLogprob | None]]:
-    """Per prompt: ``None`` for the first token, then each token's entry given the tokens before it."""
+                    precision: str, adapter_names: list[str] | None = None) -> list[list[TokenLogprob | None]]:
+    """Per prompt: ``None`` for the first token, then each token's entry given the tokens before it.
+
+    ``adapter_names``: each prompt's LoRA adapter in a peft model serving several (peft's mixed batch).
+    """
     out: list[list[TokenLogprob | None]] = []
     vocab = int(model.config.vocab_size)
     start = 0
@@ -60,13 +63,14 @@ def prompt_logprobs(model: Any, prompts: list[list[int]], ks: list[int], *, devi
         while end < len(prompts) and (end - start + 1) * max(width, len(prompts[end])) * vocab <= _LOGITS_BUDGET:
             width = max(width, len(prompts[end]))
             end += 1
-        out += _forward(model, prompts[start:end], ks[start:end], device, precision)
+        names = None if adapter_names is None else adapter_names[start:end]
+        out += _forward(model, prompts[start:end], ks[start:end], device, precision, names)
         start = end
     return out
 
 
 def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
-             precision: str) -> list[list[TokenLogprob | None]]:
+             precision: str, adapter_names: list[str] | None) -> list[list[TokenLogprob | None]]:
     import torch
 
     from kubellm.train.precision import autocast
@@ -78,7 +82,8 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
         ids[row, :len(p)] = torch.tensor(p, dtype=torch.long)
         mask[row, :len(p)] = 1
     with torch.inference_mode(), autocast(precision, device):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
     out: list[list[TokenLogprob | None]] = []
     with torch.inference_mode():
         for row, (p, k) in enumerate(zip(prompts, ks, strict=True)):

@@ -21,17 +21,34 @@ metric                                         type       what
 ``kubellm_time_to_first_token_seconds``        histogram  from queueing a request to its first token
 =============================================  =========  ===============================================
 
-Every series carries ``model_name`` (KServe's label). Routes are labelled by template, never by the raw
-path: a scanner probing random URLs adds one ``unmatched`` series, not one per URL. Latency buckets span
-5 ms (a health probe) to 5 min (``deploy.request_timeout_s``' default).
+Every series carries ``model_name`` (KServe's label): the engine's series the name the request was
+served under (the base's or an adapter's), the HTTP series the base's. Routes are labelled by template,
+never by the raw path: a scanner probing random URLs adds one ``unmatched`` series, not one per URL.
+Latency buckets span 5 ms (a health probe) to 5 min (``deploy.request_timeout_s``' default).
+
+**vLLM's names** too, so KEDA triggers, dashboards and llm-d's endpoint picker written for vLLM read this
+predictor unchanged, each with ``model_name`` = the base or the adapter a request was for:
+
+=============================================  =========  ===============================================
+``vllm:num_requests_running``                  gauge      requests in the batch
+``vllm:num_requests_waiting``                  gauge      requests queued for it
+``vllm:time_to_first_token_seconds``           histogram  from queueing a request to its first token
+``vllm:e2e_request_latency_seconds``           histogram  from queueing a request to its end
+``vllm:prompt_tokens_total``                   counter    prompt tokens processed
+``vllm:generation_tokens_total``               counter    tokens generated
+=============================================  =========  ===============================================
+
+The two gauges are read from the engine at scrape time, one series per served name (0 when idle, so a
+query for an adapter finds its series before its first request; an unloaded adapter's series goes).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from kubellm.serve.engine import EngineObserver, GenerationEngine
 
@@ -50,34 +67,86 @@ PROMPT_TOKENS = Counter("kubellm_prompt_tokens", "Prompt tokens processed", [_LA
 GENERATION_TOKENS = Counter("kubellm_generation_tokens", "Tokens generated", [_LABEL])
 FIRST_TOKEN_SECONDS = Histogram("kubellm_time_to_first_token_seconds", "From queueing a request to its first token",
                                 [_LABEL], buckets=_LATENCY)
+VLLM_FIRST_TOKEN_SECONDS = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds (vLLM's name)",
+                                     [_LABEL], buckets=_LATENCY)
+VLLM_E2E_SECONDS = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds (vLLM's name)",
+                             [_LABEL], buckets=_LATENCY)
+VLLM_PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed (vLLM's name)", [_LABEL])
+VLLM_GENERATION_TOKENS = Counter("vllm:generation_tokens", "Generation tokens processed (vLLM's name)", [_LABEL])
 
 
 class EngineMetrics(EngineObserver):
-    """The engine's reports as Prometheus series of one served model."""
+    """The engine's reports as Prometheus series of one served model and its adapters (an adapter's
+    requests are labelled with the adapter's name)."""
 
     def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
         self.batch_size = BATCH_SIZE.labels(model_name)
-        self.prompt_tokens = PROMPT_TOKENS.labels(model_name)
-        self.generation_tokens = GENERATION_TOKENS.labels(model_name)
-        self.first_token_seconds = FIRST_TOKEN_SECONDS.labels(model_name)
 
     def batch(self, size: int) -> None:
         self.batch_size.observe(size)
 
-    def first_token(self, seconds: float) -> None:
-        self.first_token_seconds.observe(seconds)
+    def first_token(self, seconds: float, adapter: str | None) -> None:
+        name = adapter or self.model_name
+        FIRST_TOKEN_SECONDS.labels(name).observe(seconds)
+        VLLM_FIRST_TOKEN_SECONDS.labels(name).observe(seconds)
 
-    def tokens(self, prompt: int, generated: int) -> None:
+    def tokens(self, prompt: int, generated: int, adapter: str | None) -> None:
+        name = adapter or self.model_name
         if prompt:
-            self.prompt_tokens.inc(prompt)
+            PROMPT_TOKENS.labels(name).inc(prompt)
+            VLLM_PROMPT_TOKENS.labels(name).inc(prompt)
         if generated:
-            self.generation_tokens.inc(generated)
+            GENERATION_TOKENS.labels(name).inc(generated)
+            VLLM_GENERATION_TOKENS.labels(name).inc(generated)
+
+    def finished(self, seconds: float, adapter: str | None) -> None:
+        VLLM_E2E_SECONDS.labels(adapter or self.model_name).observe(seconds)
 
 
-def watch_engine(model_name: str, engine: GenerationEngine) -> None:
-    """Queue depth and running batch read from ``engine`` at scrape time."""
+class _RequestGauges:
+    """``vllm:num_requests_running|waiting`` per served name, read from the engines at scrape time."""
+
+    def __init__(self) -> None:
+        self.engines: dict[int, tuple[str, GenerationEngine, Callable[[], list[str]]]] = {}
+        """By ``id(engine)``: ``(base name, engine, served names)``."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the batch (vLLM's name)",
+                                    labels=[_LABEL])
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name)",
+                                    labels=[_LABEL])
+        totals: dict[str, tuple[int, int]] = {}
+        for base, engine, names in list(self.engines.values()):
+            if not engine.accepting:  # stopped (unloaded): it serves nothing
+                continue
+            load = engine.load_by_adapter()
+            for name in names():
+                now, queued = load.get(None if name == base else name, (0, 0))
+                before = totals.get(name, (0, 0))
+                totals[name] = (before[0] + now, before[1] + queued)
+        for name, (now, queued) in totals.items():
+            running.add_metric([name], now)
+            waiting.add_metric([name], queued)
+        yield running
+        yield waiting
+
+    def describe(self) -> list:
+        return []  # collected at scrape time only
+
+
+_GAUGES = _RequestGauges()
+REGISTRY.register(_GAUGES)
+
+
+def watch_engine(model_name: str, engine: GenerationEngine, names: Callable[[], list[str]] | None = None) -> None:
+    """Queue depth and running batch read from ``engine`` at scrape time; ``names()`` lists the names
+    served on it (the base's first; default: ``model_name`` alone)."""
     QUEUE.labels(model_name).set_function(lambda: engine.queued)
     RUNNING.labels(model_name).set_function(lambda: engine.running)
+    _GAUGES.engines[id(engine)] = (model_name, engine, names or (lambda: [model_name]))
 
 
 class RequestMetrics:

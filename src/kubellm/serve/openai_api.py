@@ -4,8 +4,10 @@ Requests go through the same model, limits and batching engine as KServe V1/V2. 
 Events (``data: {chunk}`` lines, then ``data: [DONE]``), with a final usage chunk when the request asks
 for ``stream_options: {"include_usage": true}``. Unknown request fields are ignored, as OpenAI's own
 clients send newer ones; fields that would change the answer and are not implemented (``tools``,
-``response_format``, ``logit_bias``, penalties, ``n > 1``, ``suffix`` …, see ``_NEUTRAL``) are refused
-with a 400 naming the field unless they hold the value that changes nothing.
+``response_format``, ``best_of``, ``top_k``, ``suffix`` …, see ``_NEUTRAL``) are refused with a 400
+naming the field unless they hold the value that changes nothing. ``presence_penalty``,
+``frequency_penalty``, vLLM's ``repetition_penalty``, ``logit_bias`` and ``n`` (up to 16 choices per
+prompt, not streamed on chat) are honoured as vLLM honours them (:func:`kubellm.serve.engine._process`).
 
 Log-probabilities (:mod:`kubellm.serve.logprobs`) follow OpenAI's legacy completions and vLLM, which is
 what lm-evaluation-harness's ``local-completions`` reads: completions ``logprobs: k`` gives ``tokens``,
@@ -39,38 +41,42 @@ queue full (max_queue waiting)          503     ``overloaded``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from kubellm.config.serve import SERVED_NAME
+from kubellm.errors import ServingError
 from kubellm.log import get_logger
-from kubellm.serve.engine import Completion, GenerationRequest
+from kubellm.serve.engine import Completion, GenerationRequest, SamplingParams
 from kubellm.serve.logprobs import TokenLogprob
 from kubellm.serve.predictor import InvalidRequest, results_of
-
-log = get_logger("serve")
 
 if TYPE_CHECKING:
     from kubellm.serve.predictor import LLMModel
 
+log = get_logger("kubellm.serve")
+
 PREFIX = "/openai/v1"
+_SERVED_NAME = re.compile(SERVED_NAME)
 
 
 # Fields that would change the answer and are not implemented, with the values that change nothing (some
 # clients send every field with its default): anything else is refused with a 400 naming the field.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
+    "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
     "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "top_k": (None, 0, -1), "min_p": (None, 0),
+    "top_k": (None, 0, -1), "min_p": (None, 0),
     "ignore_eos": (None, False), "stop_token_ids": (None, []), "modalities": (None, ["text"]),
     "audio": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "structured_outputs": (None,),
@@ -91,6 +97,12 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     min_tokens: int | None = None
     """vLLM's extension: suppress EOS until this many tokens (fixes generation length in benchmarks)."""
+    n: int = Field(default=1, ge=1, le=16)
+    """Choices per prompt: each is generated as its own request (a seeded one with ``seed + j``)."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Request):
@@ -118,39 +130,45 @@ class ChatRequest(_Request):
     top_logprobs: StrictInt | None = None
 
 
-def router(model: LLMModel) -> APIRouter:
-    """The ``/openai/v1`` routes serving ``model``."""
+def router(base: LLMModel) -> APIRouter:
+    """The ``/openai/v1`` routes serving ``base`` and its adapters (the request's ``model`` picks one)."""
     api = APIRouter(prefix=PREFIX, tags=["OpenAI"])
     created = int(time.time())
 
-    def card() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": created, "owned_by": "kubellm"}
+    def card(m: LLMModel) -> dict[str, Any]:
+        # vLLM's model card: an adapter's root is where it was loaded from, its parent the base's name.
+        return {"id": m.name, "object": "model", "created": created, "owned_by": "kubellm",
+                "root": m.source, "parent": None if m.adapter is None else base.name,
+                "max_model_len": m.cfg.max_prompt_tokens + m.cfg.max_new_tokens}
 
     @api.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(base), *(card(v) for v in base.views.values())]}
 
     @api.get("/models/{model_id}")
     async def model_card(model_id: str) -> dict[str, Any]:
-        _check_model(model, model_id)
-        return card()
+        return card(base.lookup(model_id))
 
     @api.post("/completions", response_model=None)
     async def completions(request: Request) -> Any:
         req = await _parse(request, CompletionRequest)
-        _check_common(model, req)
+        model = _check_common(base, req)
         if req.stream and (req.echo or req.logprobs is not None):
             raise InvalidRequest("echo and logprobs are not supported with stream", param="stream")
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
         params = _sampling(model, req, req.max_tokens, logprobs=req.logprobs,
                            prompt_logprobs=req.logprobs if req.echo else None, allow_no_tokens=req.echo)
-        ids = await model.encode_prompts(prompts)
+        model.check_prompt_count(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        unique = await model.encode_prompts(prompts)
+        prompt_tokens = sum(map(len, unique))
+        # n choices per prompt, in OpenAI's order (prompt i's choices are i*n … i*n+n-1).
+        prompts, ids = [p for p in prompts for _ in range(req.n)], [i for i in unique for _ in range(req.n)]
         rid, name = f"cmpl-{uuid.uuid4().hex}", req.model or model.name
         if params.max_tokens == 0 and params.prompt_logprobs is None:
             results = [Completion("", "length", len(i), 0) for i in ids]  # echo alone: nothing to compute
         else:
-            submitted = model.submit_all([(i, params) for i in ids])
+            submitted = model.submit_all(list(zip(ids, _copies(params, req.n) * len(unique), strict=True)))
             if req.stream:
                 return StreamingResponse(_stream_completions(submitted, rid, name, _usage_wanted(req)),
                                          media_type="text/event-stream")
@@ -167,22 +185,26 @@ def router(model: LLMModel) -> APIRouter:
             choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
                             "logprobs": logprobs})
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": _usage(results)}
+                "choices": choices, "usage": _usage(results, prompt_tokens)}
 
     @api.post("/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
         req = await _parse(request, ChatRequest)
-        _check_common(model, req)
+        model = _check_common(base, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true", param="top_logprobs")
         if req.stream and req.logprobs:
             raise InvalidRequest("logprobs are not supported with stream", param="stream")
+        if req.stream and req.n > 1:
+            raise InvalidRequest("n: more than one choice is not supported with stream on chat", param="n")
         k = (req.top_logprobs or 0) if req.logprobs else None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         params = _sampling(model, req, req.max_completion_tokens if req.max_completion_tokens is not None
                            else req.max_tokens, logprobs=k)
-        submitted = model.submit_all([(await model.encode_chat_async(messages), params)])
+        model.check_prompt_count(req.n, "n")
+        chat_ids = await model.encode_chat_async(messages)
+        submitted = model.submit_all([(chat_ids, p) for p in _copies(params, req.n)])
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model.name
         if req.stream:
             return StreamingResponse(_stream_chat(submitted[0], rid, name, _usage_wanted(req)),
@@ -190,16 +212,15 @@ def router(model: LLMModel) -> APIRouter:
         results = await _answer(request, submitted)
         if results is None:
             return _CLIENT_GONE
-        c = results[0]
-        logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
-        return {
-            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": logprobs}],
-            "usage": _usage([c]),
-        }
+        choices = []
+        for j, c in enumerate(results):
+            logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
+            choices.append({"index": j, "message": {"role": "assistant", "content": c.text},
+                            "finish_reason": c.finish_reason, "logprobs": logprobs})
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": _usage(results, len(chat_ids))}
 
-    texts = _TokenTexts(model.tokenizer)
+    texts = _TokenTexts(base.tokenizer)
     return api
 
 
@@ -286,20 +307,16 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise InvalidRequest(f"{loc}: {first['msg']}", param=loc, code="invalid_value") from None
 
 
-def _check_model(model: LLMModel, name: str | None) -> None:
-    if name is not None and name != model.name:
-        raise InvalidRequest(f"The model '{name}' does not exist (this server serves '{model.name}')",
-                             status=404, param="model", code="model_not_found")
-
-
-def _check_common(model: LLMModel, req: _Request) -> None:
-    _check_model(model, req.model)
+def _check_common(base: LLMModel, req: _Request) -> LLMModel:
+    """The model ``req`` names (404 when none), once its fields are all ones this server honours."""
+    model = base.lookup(req.model)
     for name, value in (req.model_extra or {}).items():
         allowed = _NEUTRAL.get(name)
         if allowed is not None and not _neutral(value, allowed):
             shown = " or ".join(json.dumps(v) for v in allowed if v is not None)
             raise InvalidRequest(f"{name}: not supported by this server (it would change the answer); leave it out"
                                  + (f" or send {shown}" if shown else ""), param=name, code="unsupported_field")
+    return model
 
 
 def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
@@ -312,15 +329,26 @@ def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 def _sampling(model: LLMModel, req: _Request, max_tokens: int | None, **extra: Any) -> Any:
     return model.sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop,
-                          seed=req.seed, min_tokens=req.min_tokens, **extra)
+                          seed=req.seed, min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          logit_bias=req.logit_bias, **extra)
+
+
+def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """``n`` requests for the ``n`` choices of one prompt: a seeded sampled request gets seeds ``seed``,
+    ``seed + 1`` … so that its choices differ and repeat."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
 
 
 def _usage_wanted(req: _Request) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-def _usage(results: list[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in results)
+def _usage(results: list[Completion], prompt_tokens: int | None = None) -> dict[str, int]:
+    """OpenAI's usage; ``prompt_tokens``: counted once per prompt when ``n`` choices share it."""
+    prompt = sum(c.prompt_tokens for c in results) if prompt_tokens is None else prompt_tokens
     completion = sum(c.completion_tokens for c in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -381,3 +409,49 @@ async def _stream_chat(request: GenerationRequest, rid: str, name: str, include_
 
     async for event in _guarded([request], events()):
         yield event
+
+
+def lora_router(model: LLMModel, guard: Callable[[str | None], None], on: bool) -> APIRouter:
+    """vLLM's run-time LoRA routes with vLLM's bodies and answers, behind ``guard`` (the model-repository
+    routes' admin token, see :mod:`kubellm.serve.app`; ``on``: listed in the OpenAPI document):
+    ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and ``/v1/unload_lora_adapter {"lora_name"}``."""
+    api = APIRouter(tags=["LoRA adapters"])
+
+    async def body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
+        try:
+            data = json.loads(await request.body())
+        except ValueError:
+            raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+        for field in fields:
+            if not isinstance(data.get(field), str) or not data[field]:
+                raise InvalidRequest(f"{field}: a non-empty string is required", param=field)
+        return data
+
+    async def load(request: Request, authorization: str | None = Header(default=None)) -> PlainTextResponse:
+        guard(authorization)
+        data = await body(request, ("lora_name", "lora_path"))
+        name = data["lora_name"]
+        if not _SERVED_NAME.match(name):
+            raise InvalidRequest(f"lora_name: {name!r} is not a valid name (letters, digits, '-', '_', '.')",
+                                 param="lora_name")
+        if name == model.name or name in model.views:
+            raise InvalidRequest(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        try:
+            await model.load_adapter(name, data["lora_path"])
+        except ServingError as err:
+            raise InvalidRequest(str(err), param="lora_path") from None
+        log.warning("adapter %s loaded through /v1/load_lora_adapter", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(request: Request, authorization: str | None = Header(default=None)) -> PlainTextResponse:
+        guard(authorization)
+        name = (await body(request, ("lora_name",)))["lora_name"]
+        await model.unload_adapter(name)
+        log.warning("adapter %s unloaded through /v1/unload_lora_adapter", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    api.add_api_route("/v1/load_lora_adapter", load, methods=["POST"], include_in_schema=on)
+    api.add_api_route("/v1/unload_lora_adapter", unload, methods=["POST"], include_in_schema=on)
+    return api

@@ -34,12 +34,14 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubellm.errors import ServingError
 from kubellm.fsutil import user_path
 from kubellm.log import get_logger
+from kubellm.serve.adapters import AdapterInfo, gather_lora
 from kubellm.serve.engine import (
     Completion,
     EngineObserver,
@@ -47,6 +49,7 @@ from kubellm.serve.engine import (
     GenerationRequest,
     SamplingParams,
 )
+from kubellm.train.model import is_adapter_dir
 
 if TYPE_CHECKING:
     from kubellm.config.serve import ServeConfig
@@ -127,12 +130,19 @@ class LLMModel(kserve.Model):
     """A causal LM behind the batching engine, registered with KServe's data plane under ``cfg.model_name``.
 
     ``source`` is a directory, ``models:/name@alias`` or a Hub id (:func:`resolve_model`); a LoRA adapter
-    is merged into its base (``base_model``, else the base the adapter records) at load time, so serving
-    costs what the base model costs.
+    given alone is merged into its base (``base_model``, else the base the adapter records) at load time,
+    so serving costs what the base model costs.
+
+    With ``adapters`` (``serve.adapters`` and ``extra_adapters``: name → URI) ``source`` must be the base
+    model: it is loaded once and each adapter beside it, unmerged (:mod:`kubellm.serve.adapters`). Each
+    adapter is served under its own name by a *view* (:meth:`view`): an ``LLMModel`` sharing this one's
+    engine and tokenizer whose requests name their adapter; :meth:`lookup` finds the model a request
+    names, :meth:`load_adapter` and :meth:`unload_adapter` change the set at run time.
     """
 
     def __init__(self, cfg: ServeConfig, source: str, *, base_model: str | None = None,
-                 tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm") -> None:
+                 tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm",
+                 extra_adapters: dict[str, str] | None = None) -> None:
         super().__init__(cfg.model_name)
         self.cfg = cfg
         self.source = source
@@ -144,6 +154,20 @@ class LLMModel(kserve.Model):
         self.description = source
         self.max_prompt_chars = 0
         """Longest prompt text that might fit ``max_prompt_tokens`` (set by :meth:`load`)."""
+        self.adapter: AdapterInfo | None = None
+        """The LoRA adapter this name serves (a view); ``None``: the model itself."""
+        self.base: LLMModel = self
+        """The model whose engine generates for this name (itself, unless a view)."""
+        self.adapter_sources = {**cfg.adapters, **(extra_adapters or {})}
+        self.serves_base = False
+        """The loaded model is a full model (not an adapter merged into its base): adapters may join it."""
+        self.listeners: list[Callable[[str, LLMModel | None], None]] = []
+        """Called with ``(name, view)`` when an adapter is served, ``(name, None)`` when it is not any more."""
+        self._views: dict[str, LLMModel] = {}
+        self._pending: set[str] = set()
+        self._plain: Any = None
+        self._base_path: str | None = None
+        self._fingerprint: str | None = None
 
     # --- loading ---
 
@@ -155,6 +179,10 @@ class LLMModel(kserve.Model):
         from kubellm.train.precision import resolve_device, resolve_precision
 
         path = resolve_model(self.source, tracking=self.tracking, workdir=self.workdir)
+        self.serves_base = not (Path(path).is_dir() and is_adapter_dir(path))
+        if self.adapter_sources and not self.serves_base:
+            raise ServingError(f"serve.model: {self.source} is a LoRA adapter; with serve.adapters the model must be "
+                               "the base model (name this adapter under serve.adapters too)")
         device = resolve_device(self.cfg.device)
         precision = resolve_precision(self.cfg.precision, device)
         # On a GPU the weights themselves go to bf16 (half the memory); on a CPU they stay fp32 and
@@ -172,9 +200,128 @@ class LLMModel(kserve.Model):
             loaded.model, loaded.tokenizer, device=device, precision="fp32" if on_gpu else precision,
             max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
             batch_wait_ms=self.cfg.batch_wait_ms, batching=self.cfg.batching, observer=observer)
+        self._plain, self._base_path = loaded.model, path
         log.info("loaded %s on %s (%s)", loaded.source, device, "bf16" if precision == "bf16" else "fp32")
+        for name, uri in self.adapter_sources.items():
+            self._attach(self._prepare_adapter(name, uri))
         self.ready = True
         return True
+
+    # --- adapters on the base ---
+
+    def view(self, info: AdapterInfo) -> LLMModel:
+        """The model served under ``info.name``: this one's engine and tokenizer, requests on the adapter."""
+        view = LLMModel(self.cfg, info.source, tracking=self.tracking, workdir=self.workdir)
+        view.name = info.name
+        view.adapter, view.base, view.description = info, self, f"{self.description} + adapter {info.path}"
+        view.engine, view.tokenizer, view.max_prompt_chars = self.engine, self.tokenizer, self.max_prompt_chars
+        view.ready = True
+        return view
+
+    @property
+    def views(self) -> dict[str, LLMModel]:
+        """The adapters served now, by name (of the base; a view has none)."""
+        return dict(self.base._views)
+
+    def lookup(self, name: str | None) -> LLMModel:
+        """The model a request names (``None``: the base); an unknown name is a 404."""
+        base = self.base
+        if name is None or name == base.name:
+            return base
+        view = base._views.get(name)
+        if view is None:
+            served = ", ".join([base.name, *base._views])
+            raise InvalidRequest(f"The model '{name}' does not exist (this server serves: {served})", status=404,
+                                 param="model", code="model_not_found")
+        return view
+
+    def _prepare_adapter(self, name: str, uri: str) -> AdapterInfo:
+        """Resolve and check an adapter before it touches the model (any thread): one line when refused."""
+        from kubellm.serve.adapters import check_fingerprint, check_fits_base, inspect_adapter
+
+        if not self.serves_base:
+            raise ServingError(f"adapter {name}: this server serves {self.source}, a LoRA adapter merged into its "
+                               "base; serve the base model to add adapters")
+        if name == self.name or name in self._views:
+            raise ServingError(f"adapter {name}: the name is already served")
+        if len(self._views) >= self.cfg.max_adapters:
+            raise ServingError(f"adapter {name}: {len(self._views)} adapters are loaded, this server's limit "
+                               f"(serve.max_adapters)")
+        path = resolve_model(uri, tracking=self.tracking, workdir=self.workdir)
+        rank, recorded = inspect_adapter(name, path, self.cfg.max_lora_rank)
+        if recorded:
+            check_fingerprint(name, recorded, self.base_fingerprint())
+        check_fits_base(name, path, self._plain)
+        return AdapterInfo(name, uri, path, rank, recorded)
+
+    def base_fingerprint(self) -> str | None:
+        """Content fingerprint of the served base's weights (:func:`kubellm.tracking.registry.weights_fingerprint`),
+        computed once; ``None`` for a Hub id."""
+        if self._fingerprint is None and self._base_path and Path(self._base_path).is_dir():
+            from kubellm.tracking.registry import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self._base_path)
+        return self._fingerprint
+
+    def _attach(self, info: AdapterInfo) -> LLMModel:
+        """Load the checked adapter into the model (while no forward pass runs) and serve it."""
+        from peft import PeftModel
+
+        engine = self.engine
+        assert engine is not None
+        if engine.per_row_adapters:
+            engine.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
+        else:  # the first adapter: the base becomes a peft model, which then names each row's adapter
+            engine.model = PeftModel.from_pretrained(engine.model, info.path, adapter_name=info.name,
+                                                     is_trainable=False)
+            engine.per_row_adapters = True
+        engine.model.eval()
+        view = self._views[info.name] = self.view(info)
+        gather_lora(engine.model, list(self._views))
+        log.info("serving adapter %s (rank %d) from %s", info.name, info.rank, info.source)
+        for listener in self.listeners:
+            listener(info.name, view)
+        return view
+
+    async def load_adapter(self, name: str, uri: str) -> LLMModel:
+        """Check and load an adapter while serving (vLLM's ``/v1/load_lora_adapter``)."""
+        import asyncio
+
+        if name in self._pending:
+            raise ServingError(f"adapter {name}: already being loaded")
+        self._pending.add(name)
+        try:
+            info = await asyncio.to_thread(self._prepare_adapter, name, uri)
+            assert self.engine is not None
+            return await self.engine.exclusive(lambda: self._attach(info))
+        finally:
+            self._pending.discard(name)
+
+    async def unload_adapter(self, name: str, drain_s: float = 60.0) -> None:
+        """Stop serving an adapter: new requests for it get a 404 at once, its requests in flight finish
+        (those still running after ``drain_s`` are cancelled), then its weights leave the model."""
+        import asyncio
+
+        view = self._views.pop(name, None)
+        if view is None:
+            raise InvalidRequest(f"The lora adapter '{name}' cannot be found.", status=404, param="lora_name",
+                                 code="model_not_found")
+        for listener in self.listeners:
+            listener(name, None)
+        engine = self.engine
+        assert engine is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while engine.uses_adapter(name):
+            if loop.time() > deadline:
+                engine.cancel_adapter(name)
+            await asyncio.sleep(0.05)
+        def remove() -> None:
+            engine.model.delete_adapter(name)
+            gather_lora(engine.model, list(self._views))
+
+        await engine.exclusive(remove)
+        log.info("adapter %s unloaded", name)
 
     async def healthy(self) -> bool:
         """Whether the model can answer: loaded, and its engine generating (see
@@ -250,8 +397,10 @@ class LLMModel(kserve.Model):
     def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
                  min_tokens: int | None = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False) -> SamplingParams:
-        """Validated generation settings (the same limits on every protocol).
+                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 repetition_penalty: float | None = None, logit_bias: dict[str, Any] | None = None) -> SamplingParams:
+        """Validated generation settings (the same limits on every protocol; OpenAI's and vLLM's ranges).
 
         ``allow_no_tokens``: ``max_tokens`` 0 is valid (a completion that echoes and scores its prompt).
         """
@@ -270,6 +419,12 @@ class LLMModel(kserve.Model):
              f"must be an integer from 0 to max_tokens, got {min_tokens!r}"),
             (logprobs is None or 0 <= logprobs <= self.cfg.max_logprobs, "logprobs",
              f"must be from 0 to {self.cfg.max_logprobs} (this server's limit), got {logprobs!r}"),
+            (presence_penalty is None or (_number(presence_penalty) and -2 <= presence_penalty <= 2),
+             "presence_penalty", f"must be a number from -2 to 2, got {presence_penalty!r}"),
+            (frequency_penalty is None or (_number(frequency_penalty) and -2 <= frequency_penalty <= 2),
+             "frequency_penalty", f"must be a number from -2 to 2, got {frequency_penalty!r}"),
+            (repetition_penalty is None or (_number(repetition_penalty) and 0 < repetition_penalty <= 2),
+             "repetition_penalty", f"must be a number in (0, 2], got {repetition_penalty!r}"),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -279,7 +434,30 @@ class LLMModel(kserve.Model):
             raise InvalidRequest("stop: at most 4 non-empty strings", param="stop")
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature or 0.0),
                               top_p=float(1.0 if top_p is None else top_p), stop=tuple(stops), seed=seed,
-                              min_tokens=min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              min_tokens=min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              adapter=self.adapter.name if self.adapter is not None else None,
+                              presence_penalty=float(presence_penalty or 0.0),
+                              frequency_penalty=float(frequency_penalty or 0.0),
+                              repetition_penalty=float(1.0 if repetition_penalty is None else repetition_penalty),
+                              logit_bias=self._logit_bias(logit_bias))
+
+    def _logit_bias(self, bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``logit_bias`` (token id as a string → -100 to 100, at most 300) as pairs."""
+        if not bias:
+            return ()
+        if not isinstance(bias, dict) or len(bias) > 300:
+            raise InvalidRequest("logit_bias: a map of at most 300 token ids to numbers", param="logit_bias")
+        vocab = len(self.tokenizer)
+        pairs = []
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isdigit() else -1
+            if not 0 <= token < vocab:
+                raise InvalidRequest(f"logit_bias: {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+            if not _number(value) or not -100 <= value <= 100:
+                raise InvalidRequest(f"logit_bias[{key}]: must be a number from -100 to 100, got {value!r}",
+                                     param="logit_bias")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
 
     def submit(self, ids: list[int], params: SamplingParams) -> GenerationRequest:
         return self.submit_all([(ids, params)])[0]
@@ -288,6 +466,10 @@ class LLMModel(kserve.Model):
         """Queue every job of one request, or none (:meth:`GenerationEngine.submit_all`)."""
         if self.engine is None:
             raise ServingError(f"model {self.name} is not loaded")
+        if self.adapter is not None and self.base._views.get(self.name) is not self:
+            # Unloaded while this request was being tokenized: its weights may be gone.
+            raise InvalidRequest(f"The model '{self.name}' does not exist (unloaded)", status=404, param="model",
+                                 code="model_not_found")
         return self.engine.submit_all(jobs)
 
     # --- KServe V1 / V2 ---
@@ -357,7 +539,8 @@ def _v2_texts(tensor: Any) -> list[str]:
         raise InvalidRequest("text_input: not UTF-8 text", param="inputs") from None
 
 
-_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens")
+_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens", "presence_penalty",
+             "frequency_penalty", "repetition_penalty")
 
 
 def _settings(values: dict[str, Any], where: str) -> dict[str, Any]:

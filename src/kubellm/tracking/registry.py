@@ -11,6 +11,15 @@ local (non-Hub) base it stores the base with the adapter layers injected (``q_pr
 ``base_model_path`` it stores a path that only exists in the pod that trained it. A merged model is
 self-contained, needs no peft at serving time and runs as fast as a full model; the adapter directory
 itself is kept beside it as the run artifact ``adapter/``.
+
+:func:`register_adapter` registers the adapter *as an adapter* instead, for runtimes that serve many
+adapters on one base (``kubellm serve --adapter``, KServe's LLMInferenceService): the version stores the
+adapter files (megabytes) and ``kubellm-base.json``, naming the base version it belongs to; the base is
+registered once as a version of ``<name>-base``, found again by its content fingerprint
+(:func:`weights_fingerprint`: the tensors, not the file bytes, so a registry round trip keeps it).
+Resolving such a version fetches the base as well and checks its fingerprint. The pipeline's register
+step still registers merged versions (wiring ``register_adapter`` into the release flow is left to the
+pipeline's owners).
 """
 
 from __future__ import annotations
@@ -57,6 +66,33 @@ class ModelVersionInfo:
     run_id: str | None = None
 
 
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """Content fingerprint of a model directory's weights: SHA-256 over every tensor of its
+    ``*.safetensors`` files (name, dtype, shape and bytes, in name order), so the same weights saved again
+    (a registry round trip, other shards) keep their fingerprint. An adapter records its base's
+    (``kubellm-base.json``), so a server refuses to put it on another base even when the shapes match
+    (:mod:`kubellm.serve.adapters`)."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise TrackingError(f"{model_dir}: no *.safetensors weights to fingerprint")
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            where.update({key: path for key in fh.keys()})  # noqa: SIM118 - safe_open is not a mapping
+    digest = hashlib.sha256()
+    for key in sorted(where):
+        with safe_open(str(where[key]), framework="pt") as fh:
+            tensor = fh.get_tensor(key).contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _info(mv: Any) -> ModelVersionInfo:
     return ModelVersionInfo(name=mv.name, version=int(mv.version), aliases=sorted(mv.aliases or []),
                             uri=f"models:/{mv.name}/{mv.version}", tags=dict(mv.tags or {}),
@@ -79,11 +115,12 @@ def _pip_requirements() -> list[str]:
 
 def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Path, *, run_id: str,
                    base_model: str | Path | None = None, metrics: dict | None = None,
-                   tags: dict[str, str] | None = None) -> ModelVersionInfo:
+                   tags: dict[str, str] | None = None, alias: str | None = CANDIDATE) -> ModelVersionInfo:
     """Log ``model_dir`` (a full model or a LoRA adapter, merged into ``base_model`` or the base its
     config records) under run ``run_id``, register it as a new version of ``cfg.registered_model`` and
-    give it the ``candidate`` alias. ``tags`` and the headline ``metrics`` (:data:`HEADLINE_METRICS`)
-    become version tags (``metric.<name>``)."""
+    give it the ``candidate`` alias (``alias``; ``None``: none). ``tags`` and the headline ``metrics``
+    (:data:`HEADLINE_METRICS`) become version tags (``metric.<name>``); ``storage_bytes`` records what
+    the version stores."""
     _require_enabled(cfg, "registering a model")
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -105,7 +142,8 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     # relative local path ("pretrained") looks like a Hub id and cost ~45 s of retries offline. An
     # absolute path is refused by the Hub client at once.
     lm.model.name_or_path = lm.model.config._name_or_path = str(model_dir.resolve())
-    version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(), **(tags or {})}
+    version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(),
+                    "storage_bytes": str(_parameter_bytes(lm.model)), **(tags or {})}
     if base_model is not None or adapter:
         version_tags["base_model"] = str(base_model) if base_model is not None else lm.source.split(" + ")[0]
     # a handful of headline figures, not every metric (25 tags filled a screen per version); the version's
@@ -130,9 +168,95 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
             _ensure_registered_model(client, cfg.registered_model)
             mv = client.create_model_version(cfg.registered_model, source=info.model_uri, run_id=run_id,
                                              tags=version_tags, model_id=info.model_id)
+        if alias:
+            client.set_registered_model_alias(cfg.registered_model, alias, mv.version)
+        mv = client.get_model_version(cfg.registered_model, mv.version)
+    log.info("registered %s version %s (%s) from %s", mv.name, mv.version, alias or "no alias", model_dir)
+    return _info(mv)
+
+
+def _parameter_bytes(model: Any) -> int:
+    """Bytes of a model's weights (tied weights once): what a merged version stores."""
+    seen = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+#: The registered model holding the bases adapters of ``<name>`` are trained on: ``<name>-base``.
+BASE_SUFFIX = "-base"
+#: Version tag of a base version: its :func:`weights_fingerprint`.
+FINGERPRINT_TAG = "fingerprint"
+ADAPTER_BASE_RECORD = "kubellm-base.json"
+# What an adapter version stores (the weights, the config, the tokenizer the fine-tune saved).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "chat_template.jinja", "README.md")
+
+
+def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str | Path, *, run_id: str,
+                     base_model: str | Path, metrics: dict | None = None,
+                     tags: dict[str, str] | None = None) -> ModelVersionInfo:
+    """Register the LoRA adapter at ``adapter_dir`` *as an adapter* (megabytes, not a merged copy): a new
+    version of ``cfg.registered_model`` with the ``candidate`` alias, recording the base version it
+    belongs to (tags ``base_name``, ``base_version``, ``base_fingerprint``, and ``kubellm-base.json``
+    inside the version, which ``kubellm serve`` checks).
+
+    ``base_model`` is the local base directory; it is registered once, as a version of
+    ``<registered_model>-base`` found again by its content fingerprint (:func:`weights_fingerprint`), so
+    every adapter of one base points at the same base version. Resolving an adapter version
+    (:func:`resolve_model_uri`) brings its base too. Aliases and promotion work per adapter model as for
+    merged versions (:func:`register_model` keeps those for runtimes that need them).
+    """
+    import json
+    import tempfile
+
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from kubellm.train.checkpoint import nonfinite_names
+    from kubellm.train.model import is_adapter_dir
+
+    _require_enabled(cfg, "registering an adapter")
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_model)
+    if not is_adapter_dir(adapter_dir):
+        raise TrackingError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
+    if not base_dir.is_dir():
+        raise TrackingError(f"{base_model}: the base of an adapter version must be a local model directory")
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise TrackingError(f"{adapter_dir}: no adapter_model.safetensors")
+    bad = nonfinite_names(load_file(str(weights)))
+    if bad:
+        raise TrackingError(f"{adapter_dir}: {len(bad)} adapter tensors hold NaN or infinite values (e.g. {bad[0]}); "
+                            "refusing to register a broken adapter")
+    fingerprint = weights_fingerprint(base_dir)
+    base = _base_version(cfg, workdir, base_dir, fingerprint, run_id)
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"run {run_id}"):
+        run = client.get_run(run_id)
+    record = {"name": base.name, "version": base.version, "uri": base.uri, "fingerprint": fingerprint}
+    version_tags = {"source": str(adapter_dir), "adapter": "true", "kind": "adapter", "base_name": base.name,
+                    "base_version": str(base.version), "base_fingerprint": fingerprint,
+                    "storage_bytes": str(weights.stat().st_size),
+                    "merged_storage_bytes": base.tags.get("storage_bytes", ""), **(tags or {})}
+    for key, value in (metrics or {}).items():
+        version_tags[f"metric.{key}"] = f"{float(value):.6g}"
+    with tempfile.TemporaryDirectory(prefix="kubellm-adapter-") as tmp, \
+            mlflow_errors(uri, f"registering adapter {adapter_dir} as {cfg.registered_model!r}"):
+        for name in _ADAPTER_FILES:
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, Path(tmp) / name)
+        (Path(tmp) / ADAPTER_BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        logged = client.create_logged_model(run.info.experiment_id, name="adapter", source_run_id=run_id,
+                                            tags=version_tags)
+        client.log_model_artifacts(logged.model_id, tmp)
+        client.finalize_logged_model(logged.model_id, "READY")
+        _ensure_registered_model(client, cfg.registered_model)
+        with _use_tracking_uri(uri):  # the registry resolves the source with the process-wide URI
+            mv = client.create_model_version(cfg.registered_model, source=f"models:/{logged.model_id}",
+                                             run_id=run_id, tags=version_tags, model_id=logged.model_id)
         client.set_registered_model_alias(cfg.registered_model, CANDIDATE, mv.version)
         mv = client.get_model_version(cfg.registered_model, mv.version)
-    log.info("registered %s version %s (%s) from %s", mv.name, mv.version, CANDIDATE, model_dir)
+    log.info("registered adapter %s version %s (%s) on base %s", mv.name, mv.version, CANDIDATE, base.uri)
     return _info(mv)
 
 
@@ -146,6 +270,21 @@ def _ensure_registered_model(client: Any, name: str) -> None:
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _base_version(cfg: TrackingConfig, workdir: str | Path, base_dir: Path, fingerprint: str,
+                  run_id: str) -> ModelVersionInfo:
+    """The version of ``<registered_model>-base`` holding the weights with ``fingerprint``, registered now
+    if there is none yet."""
+    name = cfg.registered_model + BASE_SUFFIX
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"looking up {name}"):
+        found = client.search_model_versions(f"name = '{_check_filter_value(name, 'registered model')}' and "
+                                             f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'")
+    if found:
+        return _info(min(found, key=lambda mv: int(mv.version)))
+    return register_model(cfg.model_copy(update={"registered_model": name}), workdir, base_dir, run_id=run_id,
+                          tags={FINGERPRINT_TAG: fingerprint, "kind": "base"}, alias=None)
 
 
 def promote(cfg: TrackingConfig, workdir: str | Path, version: int, alias: str = CHAMPION, *,
@@ -302,7 +441,11 @@ def champion_info(cfg: TrackingConfig, workdir: str | Path, alias: str = CHAMPIO
 
 def _assemble(downloaded: Path, out: Path) -> None:
     """MLflow's transformers layout (``model/`` weights, ``components/tokenizer/``) → one Hugging Face
-    model directory with the tokenizer beside the weights, as ``load_causal_lm`` expects."""
+    model directory with the tokenizer beside the weights, as ``load_causal_lm`` expects. An adapter
+    version is such a directory already."""
+    if (downloaded / ADAPTER_BASE_RECORD).is_file():
+        shutil.move(str(downloaded), str(out))
+        return
     weights = downloaded / "model"
     tokenizer = downloaded / "components" / "tokenizer"
     if not (weights / "config.json").is_file():
@@ -350,7 +493,27 @@ def resolve_model_uri(cfg: TrackingConfig, workdir: str | Path, uri: str) -> Pat
             source = client.get_model_version_download_uri(name, str(mv.version))
             got = download_artifacts(artifact_uri=source, dst_path=str(tmp / "mlflow"), tracking_uri=tracking_uri)
             _assemble(Path(got), tmp / "model")
-            shutil.rmtree(tmp / "mlflow")
+            if (tmp / "mlflow").exists():
+                shutil.rmtree(tmp / "mlflow")
+            if (tmp / "model" / ADAPTER_BASE_RECORD).is_file():
+                _attach_base(cfg, workdir, tmp / "model")
             (tmp / _COMPLETE).write_text(f"models:/{name}/{mv.version}\n", encoding="utf-8")
     log.info("%s → version %s at %s", uri, mv.version, dest / "model")
     return dest / "model"
+
+
+def _attach_base(cfg: TrackingConfig, workdir: str | Path, adapter: Path) -> None:
+    """Fetch the base an adapter version records, check it is the same weights, and point the local
+    adapter's config at it (the recorded path is the training pod's)."""
+    import json
+
+    record = json.loads((adapter / ADAPTER_BASE_RECORD).read_text(encoding="utf-8"))
+    base = resolve_model_uri(cfg, workdir, record["uri"])
+    got = weights_fingerprint(base)
+    if got != record["fingerprint"]:
+        raise TrackingError(f"{record['uri']}: its weights' fingerprint {got[:12]} is not the {record['fingerprint'][:12]} "
+                            "the adapter was registered with")
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(base)
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

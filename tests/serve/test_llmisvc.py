@@ -1,0 +1,369 @@
+"""KServe's LLMInferenceService (issue 22): the manifest against the vendored v1alpha2 CRD and Pod Security,
+and the adapter rollout against a fake API server that is as strict as a real one where the rollout
+depends on it, with the tests playing KServe's controller (status conditions ``WorkloadsReady``,
+``RouterReady``, ``Ready``).
+
+kmock's emulator neither bumps ``metadata.generation`` nor checks ``metadata.resourceVersion``; the real
+API server does both, and the rollout relies on both (waiting for the reconciled generation; no lost
+update when two releases edit the adapter list). :class:`StrictEmulator` adds them."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from kubellm.k8s import podsecurity
+from kubellm.k8s.inferenceservice import MODEL_NAME_ANNOTATION
+from kubellm.k8s.llmisvc import (
+    CHAMPION_VERSION_ANNOTATION,
+    GROUP,
+    PLURAL,
+    VERSION,
+    adapter_rollout,
+    build_llm_inference_service,
+    candidate_name,
+)
+from kubellm.k8s.schema import validate_against_crd
+
+NS = "serving"
+POLL = 0.02
+BASE = "s3://models/base-v1"
+URIS = {v: f"s3://models/adapter-v{v}" for v in range(1, 5)}
+
+
+def _cfg(make_cfg, *overrides: str):
+    return make_cfg("deploy.runtime=llm-inference-service", "deploy.name=chat", "serve.model_name=support",
+                    *overrides)
+
+
+# --- the manifest ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", [True, False])
+def test_manifest_validates_against_the_crd_and_pod_security(make_cfg, scheduler: bool) -> None:
+    cfg = _cfg(make_cfg, f"deploy.router_scheduler={str(scheduler).lower()}", "deploy.min_replicas=1",
+               "deploy.max_replicas=3", "platform.default.resources.gpus=1", "deploy.vllm_image=vllm/vllm-openai:v0.11")
+    obj = build_llm_inference_service(cfg, BASE, {"support": URIS[1], "support-v2": URIS[2]}, max_rank=16,
+                                      champion_version=1)
+    assert validate_against_crd(obj) == []
+    assert podsecurity.check(obj) == []
+    spec = obj["spec"]
+    assert obj["apiVersion"] == "serving.kserve.io/v1alpha2" and obj["kind"] == "LLMInferenceService"
+    assert spec["model"]["uri"] == BASE and spec["model"]["name"] == "support-base"
+    assert spec["model"]["lora"] == {"adapters": [{"name": "support", "uri": URIS[1]},
+                                                  {"name": "support-v2", "uri": URIS[2]}],
+                                     "maxRank": 16, "maxAdapters": 16}
+    assert spec["scaling"] == {"minReplicas": 1, "maxReplicas": 3} and "replicas" not in spec
+    assert ("scheduler" in spec["router"]) is scheduler and {"route", "gateway"} <= set(spec["router"])
+    main = spec["template"]["containers"][0]
+    assert main["name"] == "main" and main["image"] == "vllm/vllm-openai:v0.11"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    assert main["startupProbe"]["httpGet"] == {"path": "/health", "port": 8000, "scheme": "HTTPS"}
+    assert spec["template"]["tolerations"][0]["key"] == "dedicated"  # the deploy stage's placement
+    assert obj["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "1"
+
+
+def test_fixed_replicas_and_the_preset_image(make_cfg) -> None:
+    obj = build_llm_inference_service(_cfg(make_cfg, "deploy.min_replicas=2", "deploy.max_replicas=2"), BASE, {})
+    assert obj["spec"]["replicas"] == 2 and "scaling" not in obj["spec"]
+    assert "image" not in obj["spec"]["template"]["containers"][0]  # KServe's preset provides it
+    assert obj["spec"]["model"]["lora"]["maxRank"] == 64  # serve.max_lora_rank when the ranks are unknown
+    assert validate_against_crd(obj) == []
+
+
+def test_the_schema_catches_what_the_api_server_would_refuse(make_cfg) -> None:
+    obj = build_llm_inference_service(_cfg(make_cfg), BASE, {"support": URIS[1]})
+    obj["spec"]["model"]["lora"]["maxRanks"] = 8  # a typo
+    obj["spec"]["router"]["scheduler"]["replicas"] = "two"
+    errors = validate_against_crd(obj)
+    assert any(e.startswith("spec.model.lora: ") and "maxRanks" in e for e in errors), errors
+    assert any(e.startswith("spec.router.scheduler.replicas: ") for e in errors), errors
+
+
+def test_kubellm_check_validates_the_generated_service(make_cfg) -> None:
+    from kubellm.k8s.manifests import generated_manifests
+    from kubellm.k8s.schema import validate_custom_resources
+
+    named = [(label, obj) for label, obj in generated_manifests(make_cfg()) if obj["kind"] == "LLMInferenceService"]
+    assert [label for label, _ in named] == ["generated llminferenceservice (with the llm-d scheduler)",
+                                             "generated llminferenceservice (without the llm-d scheduler)"]
+    findings, pods = podsecurity.check_all(named)
+    assert findings == [] and pods == 2
+    assert validate_custom_resources(named) == []
+    broken = [(label, {**obj, "spec": {**obj["spec"], "replicas": -1}}) for label, obj in named[:1]]
+    assert any("spec.replicas" in str(f) for f in validate_custom_resources(broken))
+
+
+# --- a stricter fake API server and KServe's controller -----------------------------------------------
+
+
+def strict_emulator() -> Any:
+    """kmock's emulator plus what the real API server does and the rollout relies on: ``resourceVersion``
+    on every change and as a precondition of updates (409 when stale), ``generation`` bumped when the
+    spec changes."""
+    import kmock
+    from kmock._internal.k8s import KubernetesObjectConflictError
+
+    versions = itertools.count(1)
+
+    class StrictEmulator(kmock.KubernetesEmulator):
+        async def _handle(self, request: Any) -> Any:
+            if request.resource is not None and isinstance(request.data, dict):
+                meta = request.data.setdefault("metadata", {})
+                if request.action == kmock.action.CREATE:
+                    meta.update(resourceVersion=str(next(versions)), generation=1)
+                elif request.action == kmock.action.UPDATE and request.name is not None:
+                    key = (request.resource, request.namespace, request.name)
+                    obj = self._objects[key] if key in self._objects else None  # noqa: SIM401 - no .get()
+                    if obj is not None and not obj.deleted:
+                        live = obj.raw
+                        wanted = meta.get("resourceVersion")
+                        if wanted is not None and wanted != live["metadata"].get("resourceVersion"):
+                            raise KubernetesObjectConflictError()
+                        meta["resourceVersion"] = str(next(versions))
+                        if request.subresource != "status" and "spec" in request.data:
+                            meta["generation"] = live["metadata"].get("generation", 1) + 1
+            return await super()._handle(request)
+
+    return StrictEmulator
+
+
+@pytest.fixture()
+def api(fake_api_server):
+    """A strict fake API server (see :func:`strict_emulator`) and its client."""
+    with fake_api_server(strict_emulator()) as server:
+        yield server.api_client()
+
+
+class FakeLLMKServe(threading.Thread):
+    """Plays KServe's LLMInferenceService controller: a new generation is first reported not ready, then
+    ``WorkloadsReady``, ``RouterReady`` and ``Ready`` True with ``observedGeneration``, unless an adapter in
+    ``broken`` is in the spec (its workloads never become ready, as when vLLM cannot load it)."""
+
+    def __init__(self, api_client: Any, name: str, broken: set[str] = frozenset()) -> None:
+        super().__init__(daemon=True)
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.name, self.broken = name, set(broken)
+        self.seen: list[list[str]] = []
+        """The adapter names of every generation reconciled."""
+        self._stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        last = None
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    obj = self.api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, self.name)
+                except ApiException as err:
+                    if err.status != 404:
+                        raise
+                    obj = None
+                if obj is not None and obj["metadata"]["generation"] != last:
+                    last = obj["metadata"]["generation"]
+                    self._reconcile(obj, last)
+                time.sleep(POLL)
+        except BaseException as err:  # reported by finish()
+            self.error = err
+
+    def _status(self, status: dict) -> None:
+        self.api.patch_namespaced_custom_object_status(GROUP, VERSION, NS, PLURAL, self.name, {"status": status})
+
+    def _reconcile(self, obj: dict, generation: int) -> None:
+        names = [a["name"] for a in obj["spec"]["model"]["lora"]["adapters"]]
+        self.seen.append(names)
+        self._status({"observedGeneration": generation, "conditions": [
+            {"type": "WorkloadsReady", "status": "False", "reason": "Progressing"},
+            {"type": "RouterReady", "status": "True"}, {"type": "Ready", "status": "False", "reason": "Progressing"}]})
+        time.sleep(POLL * 3)
+        broken = sorted(self.broken & set(names))
+        workloads = ({"type": "WorkloadsReady", "status": "False", "reason": "MinimumReplicasUnavailable",
+                      "message": f"vLLM failed to load adapter {broken[0]}"} if broken
+                     else {"type": "WorkloadsReady", "status": "True"})
+        ready = "False" if broken else "True"
+        self._status({"observedGeneration": generation, "url": f"http://{self.name}.{NS}.example.com",
+                      "conditions": [workloads, {"type": "RouterReady", "status": "True"},
+                                     {"type": "Ready", "status": ready}]})
+
+    def finish(self) -> None:
+        self._stop_event.set()
+        self.join(10)
+        assert self.error is None, self.error
+
+
+class Gate:
+    """A smoke or benchmark check recording ``(url, adapter)`` calls and the adapter list live at the time;
+    raises for the adapters in ``failing``."""
+
+    def __init__(self, api_client: Any, failing: set[str] = frozenset(), delay_s: float = 0.0) -> None:
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+        self.failing, self.delay_s = set(failing), delay_s
+        self.calls: list[tuple[str, str]] = []
+        self.live: list[list[str]] = []
+
+    def __call__(self, url: str, adapter: str) -> None:
+        self.calls.append((url, adapter))
+        obj = self.api.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "chat")
+        self.live.append([a["name"] for a in obj["spec"]["model"]["lora"]["adapters"]])
+        time.sleep(self.delay_s)
+        if adapter in self.failing:
+            raise RuntimeError(f"HTTP 500 from {adapter}")
+
+
+def _existing(api_client: Any, make_cfg) -> dict:
+    """The service as a previous release left it: the alias serving version 1."""
+    from kubernetes import client
+
+    desired = build_llm_inference_service(_cfg(make_cfg), BASE, {"support": URIS[1]}, champion_version=1)
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL,
+                                                                        {**desired, "metadata": {**desired["metadata"], "namespace": NS}})
+    return desired
+
+
+def _live(api_client: Any) -> dict:
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "chat")
+
+
+def _release(api_client: Any, desired: dict, version: int, smoke: Gate, gate: Gate | None = None,
+             timeout_s: float = 10.0):
+    return adapter_rollout(desired, candidate_uri=URIS[version], version=version, namespace=NS,
+                           api_client=api_client, timeout_s=timeout_s, poll_s=POLL, smoke=smoke, gate=gate)
+
+
+def _adapters(obj: dict) -> list[tuple[str, str]]:
+    return [(a["name"], a["uri"]) for a in obj["spec"]["model"]["lora"]["adapters"]]
+
+
+@pytest.mark.integration
+def test_healthy_candidate_is_gated_by_name_and_promoted(api, make_cfg) -> None:
+    desired = _existing(api, make_cfg)
+    kserve = FakeLLMKServe(api, "chat")
+    kserve.start()
+    smoke, bench = Gate(api), Gate(api)
+    try:
+        result = _release(api, desired, 2, smoke, bench)
+    finally:
+        kserve.finish()
+    assert result.status == "promoted", result.reason
+    url = "http://chat.serving.example.com"
+    assert smoke.calls == [(url, "support-v2")] and bench.calls == [(url, "support-v2")]
+    assert smoke.live == [["support", "support-v2"]]  # gated while the champion kept serving
+    live = _live(api)
+    assert _adapters(live) == [("support", URIS[2])] and result.adapters == ["support"]
+    assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "2"
+    assert live["spec"]["model"]["uri"] == BASE  # the base was never touched
+    assert validate_against_crd({**live, "status": {}}) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("failing", ["smoke", "benchmark"])
+def test_failing_gate_removes_the_candidate_and_leaves_the_champion(api, make_cfg, failing: str) -> None:
+    desired = _existing(api, make_cfg)
+    kserve = FakeLLMKServe(api, "chat")
+    kserve.start()
+    smoke = Gate(api, {"support-v2"} if failing == "smoke" else set())
+    bench = Gate(api, {"support-v2"} if failing == "benchmark" else set())
+    try:
+        result = _release(api, desired, 2, smoke, bench)
+    finally:
+        kserve.finish()
+    assert result.status == "rolled_back"
+    assert result.reason == f"{failing} {'test' if failing == 'smoke' else 'gate'} of adapter support-v2 failed: " \
+                            "HTTP 500 from support-v2"
+    live = _live(api)
+    assert _adapters(live) == [("support", URIS[1])]
+    assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "1"
+    assert kserve.seen[-1] == ["support"]
+
+
+@pytest.mark.integration
+def test_a_candidate_that_never_gets_ready_is_rolled_back(api, make_cfg) -> None:
+    desired = _existing(api, make_cfg)
+    kserve = FakeLLMKServe(api, "chat", broken={"support-v2"})
+    kserve.start()
+    smoke = Gate(api)
+    try:
+        result = _release(api, desired, 2, smoke, timeout_s=1.0)
+    finally:
+        kserve.finish()
+    assert result.status == "rolled_back" and smoke.calls == []
+    assert "not Ready within 1 s" in result.reason and "WorkloadsReady=False MinimumReplicasUnavailable" in result.reason
+    assert _adapters(_live(api)) == [("support", URIS[1])]
+
+
+@pytest.mark.integration
+def test_first_release_creates_the_service(api, make_cfg) -> None:
+    desired = build_llm_inference_service(_cfg(make_cfg), BASE, {})
+    kserve = FakeLLMKServe(api, "chat")
+    kserve.start()
+    try:
+        result = _release(api, desired, 1, Gate(api))
+        failed = _release(api, desired, 2, Gate(api, {"support-v2"}))
+    finally:
+        kserve.finish()
+    assert result.status == "promoted" and failed.status == "rolled_back"
+    live = _live(api)
+    assert _adapters(live) == [("support", URIS[1])]
+    assert live["metadata"]["annotations"][MODEL_NAME_ANNOTATION] == "support"
+
+
+@pytest.mark.integration
+def test_first_release_that_fails_reports_failed(api, make_cfg) -> None:
+    desired = build_llm_inference_service(_cfg(make_cfg), BASE, {})
+    kserve = FakeLLMKServe(api, "chat")
+    kserve.start()
+    try:
+        result = _release(api, desired, 1, Gate(api, {"support-v1"}))
+    finally:
+        kserve.finish()
+    assert result.status == "failed" and _adapters(_live(api)) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("v2_passes", [False, True])
+def test_two_candidates_racing(api, make_cfg, v2_passes: bool) -> None:
+    """Versions 2 and 3 are released at once: both are added (no lost update), each is gated by its own
+    name, each removes only itself, and the alias ends on the newest version that passed."""
+    desired = _existing(api, make_cfg)
+    kserve = FakeLLMKServe(api, "chat")
+    kserve.start()
+    # Slow smoke checks keep both candidates in the list at the same time.
+    smoke = Gate(api, set() if v2_passes else {candidate_name("support", 2)}, delay_s=0.3)
+    results: dict[int, Any] = {}
+    barrier = threading.Barrier(2)
+
+    def release(version: int) -> None:
+        barrier.wait()
+        results[version] = _release(api, desired, version, smoke)
+
+    threads = [threading.Thread(target=release, args=(v,)) for v in (2, 3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        kserve.finish()
+    assert sorted(results) == [2, 3]
+    assert sorted(a for _, a in smoke.calls) == ["support-v2", "support-v3"]
+    assert any({"support-v2", "support-v3"} <= set(names) for names in kserve.seen), kserve.seen
+    assert results[3].status == "promoted"
+    assert results[2].status == ("rolled_back" if not v2_passes else results[2].status)
+    if v2_passes:
+        assert results[2].status in ("promoted", "superseded")
+    live = _live(api)
+    assert _adapters(live) == [("support", URIS[3])]
+    assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "3"
