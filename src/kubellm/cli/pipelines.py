@@ -98,7 +98,7 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
         raise ConfigError(bad)
     mode = _output_mode(quiet, verbose)
     log = get_logger("run")
-    workdir = Path(cfg.workdir).resolve()
+    workdir = user_path(cfg.workdir).resolve()
     runs_dir = workdir / "runs"
     if resume is not None and not (runs_dir / resume).is_dir():
         raise ConfigError(f"--resume {resume}: no run of that name under {runs_dir}")

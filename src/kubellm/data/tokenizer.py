@@ -16,6 +16,7 @@ from typing import Any
 from kubellm.config.data import TokenizerConfig
 from kubellm.data.format import MANIFEST, TOKENIZER_DIR
 from kubellm.errors import DataError
+from kubellm.fsutil import user_path
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -87,7 +88,7 @@ def wrap(tok: Any) -> Any:
 
 def tokenizer_source(path: str | Path) -> Path:
     """The tokenizer directory for ``path``: a tokenizer directory, or a prepared dataset's ``tokenizer/``."""
-    p = Path(path)
+    p = user_path(path)
     if (p / MANIFEST).is_file() and (p / TOKENIZER_DIR).is_dir():
         p = p / TOKENIZER_DIR
     if not p.is_dir():

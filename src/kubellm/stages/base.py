@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from kubellm.config import TrackingConfig
 from kubellm.config.params import from_param
+from kubellm.fsutil import user_path
 from kubellm.log import get_logger
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.tracking.kfp_plugin import handed_run_id
@@ -62,6 +63,11 @@ class StageContext:
     attach_run_id: str | None = None
     rank: int = 0
     """The process's rank under torchrun (``RANK``): only rank 0 tracks; the others log nowhere."""
+
+    def __post_init__(self) -> None:
+        # ``workdir: ~/kubellm`` in a config means the same folder for every command and step (on the
+        # machine or pod that runs it), as ``~`` in a path flag does
+        object.__setattr__(self, "workdir", str(user_path(self.workdir)))  # a frozen dataclass
 
     @classmethod
     def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *,
