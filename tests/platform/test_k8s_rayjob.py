@@ -168,7 +168,7 @@ def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_pa
     where = f"{tmp_path / 'rayjob.yaml'}#0 RayJob/{job['metadata']['name']}"
     assert f"{where}: spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)" in out
     assert f"{where}: spec.rayClusterSpec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'" in out
-    assert "checked 1 manifests, 2 pod specs: 2 findings" in out
+    assert "checked 1 manifests, 2 pod specs, 0 pipeline executors: 2 findings" in out
 
 
 def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
