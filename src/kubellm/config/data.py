@@ -133,3 +133,21 @@ class DataConfig(StrictModel):
     """Records per tokenization batch."""
     max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Refuse a single input line/record larger than this (a clear error instead of a blow-up)."""
+    engine: Literal["local", "ray"] = "local"
+    """Where preparation runs: ``local`` (this process, ``num_proc`` encoder processes) or ``ray`` (Ray
+    Data across the workers of a Ray cluster: the RayJob that ``kubellm prep`` creates on a cluster, or
+    a local Ray started on this machine). Both give byte-identical output."""
+    workers: int | None = Field(default=None, ge=1, le=4096)
+    """Ray engine: at most this many tasks of each Ray Data step at once (``None``: as many as the
+    cluster's CPUs allow). Changes speed, never the output."""
+    shard_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
+    """Characters of kept text per output shard (a split's records, in source order, are cut into
+    shards of about this size). Each shard is tokenized and packed on its own, checksummed, and skipped
+    by a resumed prep when it verifies; ~128 MB of text gives ~250 MB Arrow shards."""
+
+    @model_validator(mode="after")
+    def _engine(self) -> DataConfig:
+        if self.engine == "ray" and self.cleaning.near_dedup.enabled:
+            raise ValueError("cleaning.near_dedup is not available with engine: ray (MinHash removal keeps the "
+                             "first of each near pair in one sequential pass; use engine: local for it)")
+        return self

@@ -13,6 +13,8 @@
       report.md        the same, for a person
       checksums.json   size and checksum of every file under dataset/ (datasets prepared before it
                        existed have none and are read unverified)
+      shards.json      one entry per output shard: split, index, file, records, rows, tokens, its pack
+                       statistics, size and checksum (what a resumed prep re-uses when it verifies)
 
 Pretraining rows are packed blocks of exactly ``block_size`` tokens whose labels equal input_ids.
 Instruction rows are at most ``block_size`` tokens; prompt tokens (and padding) carry label -100.
@@ -40,6 +42,7 @@ HELDOUT = "heldout.jsonl"
 STATS = "stats.json"
 REPORT = "report.md"
 CHECKSUMS = "checksums.json"
+SHARDS = "shards.json"
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
 
