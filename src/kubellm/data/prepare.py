@@ -32,6 +32,7 @@ from kubellm.data.pack import Encoder, PackStats, write_split_metadata
 from kubellm.data.report import render_report
 from kubellm.data.shards import (
     SPLITS,
+    TEXT_DIR,
     ShardJob,
     TextShard,
     TextShards,
@@ -59,7 +60,6 @@ from kubellm.tracking.base import Tracker
 #: Bumped whenever a change here changes the prepared bytes, so old fingerprints stop matching.
 PREP_VERSION = 2
 _WORK = ".work"
-TEXT_DIR = "text"
 TEXT_CHECKSUMS = "text-checksums.json"
 COLLECTED = "collected.json"
 SHARD_RECORDS = "shards"

@@ -45,6 +45,8 @@ from kubellm.data.pack import (
 from kubellm.fsutil import checksum_record, write_json_atomic
 
 SPLITS = ("train", "validation")
+TEXT_DIR = "text"
+"""Where the text shards go, under the work directory."""
 #: Text per tokenization batch. A batch's Encoding objects cost ~100 bytes per token (ids, offsets,
 #: token strings), so 4 MB of text (~1.2 M tokens) peaks near 150 MB whatever the corpus size, and is
 #: still enough documents to keep every core of the tokenizer's thread pool busy.
