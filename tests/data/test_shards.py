@@ -1,0 +1,129 @@
+"""Sharded prep (local engine): per-shard checksums, a damaged shard named by training and re-made alone by
+a resumed prep, a driver killed mid-prep resumed from its verified shards, and the training reader over
+the memory-mapped shards (same rows as ``load_from_disk``, a resumed stream identical to an uninterrupted
+one, ranks that together read the single-process stream)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datahelpers import data_cfg, leftovers, make_docs, write_jsonl
+
+from kubellm.data import format as fmt
+from kubellm.data import prepare as prep_mod
+from kubellm.data.prepare import fingerprint, prepare
+from kubellm.errors import DataError
+from kubellm.train.batches import ShardedRows, StreamSampler, load_splits, open_training_data
+
+BIN = Path(sys.executable).parent
+
+
+def _corpus(tmp_path: Path, n: int = 400) -> Path:
+    docs = make_docs(n)
+    return write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs + docs[:40]])  # 40 duplicates
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the output shards this process makes (the local engine calls make_shard in-process)."""
+    names: list[str] = []
+    real = prep_mod.make_shard
+
+    def counting(cfg, tok, encoder, job, root, work):  # noqa: ANN001, ANN202
+        names.append(job.name)
+        return real(cfg, tok, encoder, job, root, work)
+
+    monkeypatch.setattr(prep_mod, "make_shard", counting)
+    return names
+
+
+def test_a_truncated_shard_is_named_by_training_and_re_made_alone(tmp_path: Path, made: list[str]) -> None:
+    cfg = data_cfg(_corpus(tmp_path), shard_bytes=4000)
+    first = prepare(cfg, tmp_path / "out")
+    listed = json.loads((first.path / fmt.SHARDS).read_text())["shards"]
+    n_shards = sum(first.stats["shards"].values())
+    assert len(made) == n_shards >= 8 and first.stats["duplicates"] == 40
+    # Every kept record is in exactly one shard: the shards' record counts add up to the records kept.
+    assert sum(s["records"] for s in listed) == first.stats["records_out"] == 400
+    assert sum(s["rows"] for s in listed if s["split"] == "train") == first.manifest.splits["train"]
+    before = (first.path / fmt.CHECKSUMS).read_bytes()
+
+    victim = first.path / listed[3]["file"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    prepared = open_training_data(first.path, "pretrain", "pretrain")
+    with pytest.raises(DataError) as info:
+        load_splits(prepared)
+    message = str(info.value)
+    assert "\n" not in message and str(victim) in message and "truncated" in message
+
+    made.clear()
+    again = prepare(cfg, tmp_path / "out")
+    assert made == [f"{listed[3]['split']}/{victim.name}"]  # only the damaged shard was made again
+    assert (again.path / fmt.CHECKSUMS).read_bytes() == before and again.manifest == first.manifest
+    assert again.stats["records_out"] == first.stats["records_out"]
+    assert leftovers(tmp_path) == ["c.jsonl", "out"]
+
+
+def test_a_killed_prep_resumes_from_its_verified_shards(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path, 3000)
+    sets = ["--set", f"data.sources=[{{\"uri\": \"{corpus}\"}}]", "--set", "data.shard_bytes=2000",
+            "--set", "data.block_size=32", "--set", "data.tokenizer.vocab_size=320",
+            "--set", "data.split.validation_fraction=0.2", "--set", "data.cleaning.min_chars=4"]
+    cfg = data_cfg(corpus, shard_bytes=2000)
+    staging = tmp_path / f".out.prep-{fingerprint(cfg)}"
+    proc = subprocess.Popen([str(BIN / "kubellm"), "prep", "--out", str(tmp_path / "out"), *sets], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((staging / ".work" / "shards").glob("*.json")):
+        assert proc.poll() is None, f"prep ended before any shard was made: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, "no shard made within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # the driver dies without any clean-up
+    proc.wait(timeout=30)
+    assert not (tmp_path / "out").exists()
+    done_before = len(list((staging / ".work" / "shards").glob("*.json")))
+
+    t = time.perf_counter()
+    resumed = prepare(cfg, tmp_path / "out")
+    seconds = time.perf_counter() - t
+    fresh = prepare(cfg, tmp_path / "fresh")
+    assert (resumed.path / fmt.CHECKSUMS).read_bytes() == (fresh.path / fmt.CHECKSUMS).read_bytes()
+    assert resumed.stats["records_out"] == fresh.stats["records_out"] == 3000
+    assert not staging.exists()
+    print(f"resumed with {done_before} of {sum(fresh.stats['shards'].values())} shards verified in {seconds:.1f} s")
+
+
+def test_training_reads_the_shards_in_a_resumable_rank_sharded_order(tmp_path: Path) -> None:
+    result = prepare(data_cfg(_corpus(tmp_path), shard_bytes=4000), tmp_path / "out")
+    prepared = fmt.open_prepared(result.path)
+    rows, _ = load_splits(prepared)
+    assert isinstance(rows, ShardedRows) and len(rows.files) == result.stats["shards"]["train"] > 1
+    ds = prepared.load_split("train")
+    assert len(rows) == len(ds) == result.manifest.splits["train"]
+    every = rows.__getitems__(list(range(len(rows))))
+    assert [r["input_ids"].tolist() for r in every] == ds["input_ids"]
+    assert [r["labels"].tolist() for r in every] == ds["labels"]
+
+    def stream(start: int, steps: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+        sampler = StreamSampler(len(rows), 4, seed=3, rank=rank, world_size=world, start=start)
+        it = iter(sampler)
+        return [r["input_ids"].tolist() for _ in range(steps) for r in rows.__getitems__(next(it))]
+
+    # Two epochs' worth: a resumed reader at position 40 reads exactly what the uninterrupted one read next.
+    whole = stream(0, 2 * len(rows) // 4)
+    assert stream(40, len(whole) // 4 - 10) == whole[40:]
+    # Two ranks read disjoint halves of each global micro-batch: together the single-process stream.
+    r0, r1 = stream(0, 20, 0, 2), stream(0, 20, 1, 2)
+    merged = [row for k in range(20) for row in r0[4 * k:4 * k + 4] + r1[4 * k:4 * k + 4]]
+    assert merged == whole[:160]
+    # Picklable for DataLoader workers: a copy reads the same rows.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(rows))
+    assert [r["input_ids"].tolist() for r in copy.__getitems__([0, len(rows) - 1])] == [ds["input_ids"][0], ds["input_ids"][-1]]
