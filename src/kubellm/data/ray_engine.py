@@ -74,6 +74,17 @@ def init() -> Any:
 
 
 @contextlib.contextmanager
+def _keep_message() -> Iterator[None]:
+    """In a task: a kubellm error keeps its own message in an attribute (Ray Data appends advice to the
+    message of an exception from a task; the attribute travels with the pickled exception)."""
+    try:
+        yield
+    except KubellmError as err:
+        err.kubellm_message = str(err)  # type: ignore[attr-defined]
+        raise
+
+
+@contextlib.contextmanager
 def _one_line() -> Iterator[None]:
     """A kubellm error raised in a Ray task, re-raised as itself: one line, not Ray's wrapped traceback."""
     try:
@@ -82,7 +93,7 @@ def _one_line() -> Iterator[None]:
         cause = _kubellm_cause(err)
         if cause is None:
             raise
-        raise type(cause)(*cause.args) from None
+        raise type(cause)(getattr(cause, "kubellm_message", None) or str(cause).splitlines()[0]) from None
 
 
 def _kubellm_cause(err: BaseException) -> KubellmError | None:
@@ -116,8 +127,9 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
     plan = units(sources)
 
     def read(batch: Any) -> Iterator[Any]:
-        for unit, si in zip(batch["unit"].to_pylist(), batch["source"].to_pylist(), strict=True):
-            yield from read_unit(cfg, sources[si], unit, plan[unit][2])
+        with _keep_message():
+            for unit, si in zip(batch["unit"].to_pylist(), batch["source"].to_pylist(), strict=True):
+                yield from read_unit(cfg, sources[si], unit, plan[unit][2])
 
     with _one_line():
         items = [{"unit": u, "source": si} for u, si, _ in plan]
@@ -212,11 +224,12 @@ def make_shards(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -
 
     def run(batch: Any) -> dict[str, list[str]]:
         done = []
-        for row in batch.to_pylist():
-            job = ShardJob(**row)
-            tok = _tokenizer(root)
-            make_shard(cfg, tok, Encoder(tok_mod.backend(tok), 1), job, root, work)
-            done.append(job.name)
+        with _keep_message():
+            for row in batch.to_pylist():
+                job = ShardJob(**row)
+                tok = _tokenizer(root)
+                make_shard(cfg, tok, Encoder(tok_mod.backend(tok), 1), job, root, work)
+                done.append(job.name)
         return {"shard": done}
 
     with _one_line():
