@@ -103,12 +103,12 @@ def fingerprint(cfg: DataConfig, *, tokenizer_dir: str | Path | None = None,
 
     Input files are hashed by content (streamed), Hub datasets by their resolved revision, an existing
     tokenizer by its files (``tokenizer_dir`` overrides ``cfg.tokenizer.path`` as in :func:`prepare`);
-    ``num_proc``, ``engine`` and ``workers`` are left out (they change speed, not bytes). It equals ``manifest.fingerprint`` of a prep
+    ``num_proc``, ``engine``, ``workers`` and ``cluster`` are left out (they change speed, not bytes). It equals ``manifest.fingerprint`` of a prep
     with the same config and tokenizer, so a pipeline can skip unchanged data.
     """
     cfg = _effective(cfg, tokenizer_dir)
     h = hashlib.sha256(f"kubellm-prep/{PREP_VERSION}/{fmt.FORMAT_VERSION}\0".encode())
-    doc = cfg.model_dump(mode="json", exclude={"num_proc", "sources", "engine", "workers"})
+    doc = cfg.model_dump(mode="json", exclude={"num_proc", "sources", "engine", "workers", "cluster"})
     if cfg.tokenizer.path is not None:
         doc["tokenizer"]["path"] = _hash_tokenizer(tok_mod.tokenizer_source(cfg.tokenizer.path))
     h.update(json.dumps(doc, sort_keys=True).encode())
