@@ -135,18 +135,24 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         items = [{"unit": u, "source": si} for u, si, _ in plan]
         records = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read, batch_size=1, batch_format="pyarrow", **_remote_args(cfg)).materialize()
-        per_unit = _counts(records, "unit")
+        counts = _counts(records)
+        per_unit: dict[int, int] = {}
+        for (unit, _), n in counts.items():
+            per_unit[unit] = per_unit.get(unit, 0) + n
         allowed = _caps(cfg, plan, per_unit)
         if allowed is not None:
             cap = np.asarray(allowed, dtype=np.int64)
             records = records.map_batches(lambda t: t.filter(t["record"].to_numpy() < cap[t["unit"].to_numpy()]),
                                           batch_format="pyarrow").materialize()
+            counts = _counts(records)
         else:
             allowed = [per_unit.get(u, 0) for u, _, _ in plan]
         per_source = [0] * len(sources)
         for (_, si, _), n in zip(plan, allowed, strict=True):
             per_source[si] += n
-        dropped = _counts(records, "drop")
+        dropped: dict[str, int] = {}
+        for (_, reason), n in counts.items():
+            dropped[reason] = dropped.get(reason, 0) + n
         n_kept = dropped.pop("", 0)
         kept = records.map_batches(_kept, batch_format="pyarrow")
         if cfg.cleaning.dedup:
@@ -189,18 +195,17 @@ def _caps(cfg: DataConfig, plan: list[tuple[int, int, Any]], per_unit: dict[int,
     return out
 
 
-def _counts(records: Any, column: str) -> dict[Any, int]:
-    """Rows per value of ``column``: counted per block on the workers, summed here (no shuffle: the
-    values are few, the rows many)."""
+def _counts(records: Any) -> dict[tuple[int, str], int]:
+    """Records per ``(unit, drop reason)`` (``""``: kept): counted per block on the workers, summed here
+    (no shuffle: the pairs are few, the records many)."""
     def count(t: Any) -> Any:
-        import pyarrow as pa
 
-        values, counts = np.unique(t[column].to_numpy(zero_copy_only=False), return_counts=True)
-        return pa.table({"value": pa.array(values.tolist(), type=t.schema.field(column).type), "n": counts})
+        return t.group_by(["unit", "drop"]).aggregate([("record", "count")])
 
-    out: dict[Any, int] = {}
+    out: dict[tuple[int, str], int] = {}
     for row in records.map_batches(count, batch_format="pyarrow", batch_size=None).take_all():
-        out[row["value"]] = out.get(row["value"], 0) + int(row["n"])
+        key = (int(row["unit"]), str(row["drop"]))
+        out[key] = out.get(key, 0) + int(row["record_count"])
     return out
 
 
