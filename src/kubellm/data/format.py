@@ -107,8 +107,9 @@ class PreparedDataset:
             verify_checksums(self.path, self.path / CHECKSUMS, DataError, prefix=f"{DATASET_DIR}/{split}/",
                              what="dataset", when="prepared")
         except DataError as err:
+            # (a new prep of the same data re-makes only the damaged shards)
             raise DataError(f"{err}; the prepared dataset {self.path} is corrupt: prepare it again "
-                            "(kubellm prep, which re-makes only the damaged shards)") from None
+                            "(kubellm prep)") from None
         return where
 
     def shard_files(self, split: str) -> list[Path] | None:

@@ -114,8 +114,9 @@ class ShardedRows:
     shards again).
     """
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], again: str = "prepare it again (kubellm prep)") -> None:
         self.files = list(files)
+        self.again = again
         self._open()
 
     def _open(self) -> None:
@@ -128,15 +129,15 @@ class ShardedRows:
                 tables.append(pa.ipc.open_stream(pa.memory_map(str(f))).read_all())
             except (OSError, pa.ArrowException) as err:
                 raise DataError(f"{f}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
-                                "prepare it again (kubellm prep)") from None
+                                f"{self.again}") from None
         self._tables = tables
         self._starts = np.cumsum([0] + [t.num_rows for t in tables])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"files": self.files}
+        return {"files": self.files, "again": self.again}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.files = state["files"]
+        self.files, self.again = state["files"], state["again"]
         self._open()
 
     def __len__(self) -> int:
@@ -170,7 +171,9 @@ class ShardedRows:
 def open_split(prepared: PreparedDataset, split: str) -> Any:
     """A split for training: :class:`ShardedRows` for a sharded prep, else ``datasets``' memory map."""
     files = prepared.shard_files(split)
-    return prepared.load_split(split) if files is None else ShardedRows(files)
+    if files is None:
+        return prepared.load_split(split)
+    return ShardedRows(files, f"the prepared dataset {prepared.path} is corrupt: prepare it again (kubellm prep)")
 
 
 def load_splits(prepared: PreparedDataset) -> tuple[Any, Any | None]:
