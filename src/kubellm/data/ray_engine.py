@@ -8,11 +8,13 @@ Pass 1 (read, clean, de-duplicate, split), as a Ray Data plan:
    :func:`kubellm.data.shards.read_unit` on each, on as many workers as ``data.workers`` allows; a row
    comes out per record read, dropped ones included (so the caps ``max_docs``/``max_records`` and the
    drop counts are applied exactly as the local engine applies them: by record id);
-2. exact de-duplication is global: ``groupby(key)`` hash-partitions the kept records by their
-   normalised-text key across the cluster and keeps, per key, the record with the smallest id (the first
-   in source order, the one the local engine keeps);
-3. ``sort(rid)`` puts the survivors in source order and the driver streams them into the text shards
-   (:class:`~kubellm.data.shards.TextShards`; bounded memory, one pass over the kept text).
+2. exact de-duplication is global: ``groupby(key)`` hash-partitions the kept records' ``(key, id)``
+   pairs across the cluster and keeps, per key, the record with the smallest id (the first in source
+   order, the one the local engine keeps); the others' ids are the duplicates;
+3. the read records are already in id order (units in order, ``preserve_order``): the driver streams
+   them into the text shards (:class:`~kubellm.data.shards.TextShards`; one pass over the kept text),
+   skipping the dropped ones and the duplicates. Only ``(key, id)`` pairs are shuffled for step 2, and
+   only the duplicates' ids (8 bytes each) come back to the driver; the text is not shuffled at all.
 
 Pass 3 (tokenize and pack): one Ray Data row per text shard → ``map_batches`` runs
 :func:`kubellm.data.shards.make_shard`, each task writing its output shard straight to the staging
@@ -153,22 +155,29 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         dropped: dict[str, int] = {}
         for (_, reason), n in counts.items():
             dropped[reason] = dropped.get(reason, 0) + n
-        n_kept = dropped.pop("", 0)
-        kept = records.map_batches(_kept, batch_format="pyarrow")
+        dropped.pop("", 0)  # kept, not dropped
+        duplicates = np.empty(0, dtype=np.int64)
         if cfg.cleaning.dedup:
+            # Only (key, id) pairs cross the cluster: the text stays in its block until the driver reads it.
             partitions = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            kept = kept.groupby("key", num_partitions=partitions).map_groups(_first, batch_format="pyarrow")
-            kept = kept.materialize()
-            dropped["duplicate"] = n_kept - kept.count()
+            later = records.map_batches(_keys, batch_format="pyarrow").groupby(
+                "key", num_partitions=partitions).map_groups(_later, batch_format="pyarrow")
+            found = [b["rid"].to_numpy() for b in later.iter_batches(batch_format="pyarrow", batch_size=None)]
+            duplicates = np.sort(np.concatenate(found)) if found else duplicates
+            dropped["duplicate"] = len(duplicates)
         sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
         last = -1
-        for batch in kept.sort("rid").iter_batches(batch_format="pyarrow", batch_size=cfg.batch_size):
+        # The read records are in id order (units in order, preserve_order): the driver streams the kept
+        # ones into the text shards, skipping dropped records and the duplicates found above.
+        for batch in records.iter_batches(batch_format="pyarrow", batch_size=None):
             ids = batch["rid"].to_numpy()
             if len(ids) and (ids[0] <= last or (np.diff(ids) <= 0).any()):
-                raise RuntimeError("Ray Data returned the sorted records out of order")  # never expected
+                raise RuntimeError("Ray Data returned the read records out of order")  # never expected
             last = int(ids[-1]) if len(ids) else last
-            for split, text, origin in zip(batch["split"].to_pylist(), batch["text"].to_pylist(),
-                                           batch["origin"].to_pylist(), strict=True):
+            keep = (batch["drop"].to_numpy(zero_copy_only=False) == "") & ~np.isin(ids, duplicates)
+            rows = batch.filter(keep)
+            for split, text, origin in zip(rows["split"].to_pylist(), rows["text"].to_pylist(),
+                                           rows["origin"].to_pylist(), strict=True):
                 sinks.add(split, text, origin)
     read_total = sum(allowed)
     log.info("prep (ray): read %d records from %d units", read_total, len(plan))
@@ -209,15 +218,17 @@ def _counts(records: Any) -> dict[tuple[int, str], int]:
     return out
 
 
-def _kept(t: Any) -> Any:
+def _keys(t: Any) -> Any:
+    """``(key, rid)`` of the kept records of a block."""
     import pyarrow.compute as pc
 
-    return t.filter(pc.equal(t["drop"], "")).select(["rid", "key", "split", "text", "origin"])
+    return t.filter(pc.equal(t["drop"], "")).select(["key", "rid"])
 
 
-def _first(group: Any) -> Any:
-    """Of the records sharing one key, the first in source order (smallest id)."""
-    return group.take([int(np.argmin(group["rid"].to_numpy()))])
+def _later(group: Any) -> Any:
+    """Of the records sharing one key, the ids of all but the first in source order (the duplicates)."""
+    ids = group["rid"].to_numpy()
+    return group.filter(ids != ids.min()).select(["rid"])
 
 
 # --------------------------------------------------------------------------------------------- pass 3
