@@ -4,8 +4,9 @@ imports Ray (``kubellm[ray]``).
 
 Pass 1 (read, clean, de-duplicate, split), as a Ray Data plan:
 
-1. one row per *unit* (an input file, or a Hub dataset) → ``map_batches`` runs
-   :func:`kubellm.data.shards.read_unit` on each, on as many workers as ``data.workers`` allows; a row
+1. one row per *unit* (an input file, or a Hub dataset), consecutive units in blocks (up to four per
+   worker) → ``map_batches`` runs :func:`kubellm.data.shards.read_unit` on each unit of a block, on as
+   many workers as ``data.workers`` allows; a row
    comes out per record read, dropped ones included (so the caps ``max_docs``/``max_records`` and the
    drop counts are applied exactly as the local engine applies them: by record id);
 2. exact de-duplication is global: ``groupby(key)`` hash-partitions the kept records' ``(key, id)``
@@ -135,8 +136,11 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
 
     with _one_line():
         items = [{"unit": u, "source": si} for u, si, _ in plan]
-        records = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read, batch_size=1, batch_format="pyarrow", **_remote_args(cfg)).materialize()
+        # A task per block of consecutive units: one per unit for a few large files, a handful per worker
+        # for thousands of small ones (each Ray task costs milliseconds of scheduling).
+        parallel = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        records = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * parallel)).map_batches(
+            read, batch_size=None, batch_format="pyarrow", **_remote_args(cfg)).materialize()
         counts = _counts(records)
         per_unit: dict[int, int] = {}
         for (unit, _), n in counts.items():
@@ -159,9 +163,8 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         duplicates = np.empty(0, dtype=np.int64)
         if cfg.cleaning.dedup:
             # Only (key, id) pairs cross the cluster: the text stays in its block until the driver reads it.
-            partitions = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
             later = records.map_batches(_keys, batch_format="pyarrow").groupby(
-                "key", num_partitions=partitions).map_groups(_later, batch_format="pyarrow")
+                "key", num_partitions=parallel).map_groups(_later, batch_format="pyarrow")
             found = [b["rid"].to_numpy() for b in later.iter_batches(batch_format="pyarrow", batch_size=None)]
             duplicates = np.sort(np.concatenate(found)) if found else duplicates
             dropped["duplicate"] = len(duplicates)
