@@ -1,30 +1,32 @@
 """``data.engine: ray`` on a real local Ray cluster (2 CPUs, :func:`rayhelpers.local_ray`): the prepared
 output is byte-identical to the local engine's and to itself with 1 and 2 workers, on a folder of 22
 Parquet and JSONL files and on the built-in corpus; a worker killed mid-read costs a retried task, not a
-record; bad input in a Ray task is one line.
+record; a killed driver's resubmitted prep re-uses the verified shards; bad input in a Ray task is one line.
 
 Each Ray prep takes 20-40 s on a busy 2-core machine (Ray Data's per-step scheduling, not the data), so
-the module keeps to four of them.
+the module keeps to six of them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from datahelpers import data_cfg, leftovers, make_docs, write_jsonl
+from datahelpers import data_cfg, kill_prep_after_a_shard, killable, leftovers, make_docs, write_jsonl
 from rayhelpers import local_ray
 
 from kubellm.data import format as fmt
 from kubellm.data import sources as src_mod
-from kubellm.data.prepare import prepare
+from kubellm.data.prepare import fingerprint, prepare
 from kubellm.errors import DataError
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and four Ray preps
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and six Ray preps
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,24 @@ def test_bad_input_in_a_ray_task_is_one_line(ray_cluster, tmp_path: Path) -> Non
     assert str(info.value) == f"{folder / 'f04.jsonl'}:17: invalid JSON (Expecting property name enclosed in " \
                               "double quotes at column 2)"
     assert leftovers(tmp_path) == ["corpus"]
+
+
+def test_a_killed_driver_resubmitted_reuses_the_verified_shards(ray_cluster, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    cfg, sets = killable(tmp_path)
+    ray_cfg = cfg.model_copy(update={"engine": "ray", "workers": 2})
+    staging = tmp_path / f".out.prep-{fingerprint(cfg)}"
+    # The first driver joins this cluster (as a RayJob's driver joins its own) and is killed mid-tokenization.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    done_before = kill_prep_after_a_shard(tmp_path, tmp_path / "out", staging,
+                                          [*sets, "data.engine=ray", "data.workers=2"], env, shards=100)
+    t = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="kubellm.data"):
+        resumed = prepare(ray_cfg, tmp_path / "out")
+    seconds = time.perf_counter() - t
+    assert "re-using the cleaned text of an earlier attempt (3000 records)" in caplog.text
+    total = sum(resumed.stats["shards"].values())
+    assert f"{done_before} of {total} shards verified from an earlier attempt" in caplog.text
+    fresh = prepare(cfg, tmp_path / "fresh")  # the local engine, from scratch
+    _same(fresh.path, resumed.path)
+    print(f"resubmitted prep: {done_before} of {total} shards re-used, {seconds:.1f} s")

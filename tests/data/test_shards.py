@@ -6,22 +6,17 @@ one, ranks that together read the single-process stream)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from datahelpers import data_cfg, leftovers, make_docs, write_jsonl
+from datahelpers import data_cfg, kill_prep_after_a_shard, killable, leftovers, make_docs, write_jsonl
 
 from kubellm.data import format as fmt
 from kubellm.data import prepare as prep_mod
 from kubellm.data.prepare import fingerprint, prepare
 from kubellm.errors import DataError
 from kubellm.train.batches import ShardedRows, StreamSampler, load_splits, open_training_data
-
-BIN = Path(sys.executable).parent
 
 
 def _corpus(tmp_path: Path, n: int = 400) -> Path:
@@ -71,23 +66,9 @@ def test_a_truncated_shard_is_named_by_training_and_re_made_alone(tmp_path: Path
 
 
 def test_a_killed_prep_resumes_from_its_verified_shards(tmp_path: Path) -> None:
-    corpus = _corpus(tmp_path, 3000)
-    sets = ["--set", f"data.sources=[{{\"uri\": \"{corpus}\"}}]", "--set", "data.shard_bytes=2000",
-            "--set", "data.block_size=32", "--set", "data.tokenizer.vocab_size=320",
-            "--set", "data.split.validation_fraction=0.2", "--set", "data.cleaning.min_chars=4"]
-    cfg = data_cfg(corpus, shard_bytes=2000)
+    cfg, sets = killable(tmp_path)
     staging = tmp_path / f".out.prep-{fingerprint(cfg)}"
-    proc = subprocess.Popen([str(BIN / "kubellm"), "prep", "--out", str(tmp_path / "out"), *sets], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not list((staging / ".work" / "shards").glob("*.json")):
-        assert proc.poll() is None, f"prep ended before any shard was made: {proc.stdout.read()}"
-        assert time.monotonic() < deadline, "no shard made within 240 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # the driver dies without any clean-up
-    proc.wait(timeout=30)
-    assert not (tmp_path / "out").exists()
-    done_before = len(list((staging / ".work" / "shards").glob("*.json")))
+    done_before = kill_prep_after_a_shard(tmp_path, tmp_path / "out", staging, sets)
 
     t = time.perf_counter()
     resumed = prepare(cfg, tmp_path / "out")
