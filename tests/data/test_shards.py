@@ -24,17 +24,21 @@ def _corpus(tmp_path: Path, n: int = 400) -> Path:
     return write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs + docs[:40]])  # 40 duplicates
 
 
-@pytest.fixture
-def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the output shards this process makes (the local engine calls make_shard in-process)."""
-    names: list[str] = []
+def _counting(names: list[str]):  # noqa: ANN202
     real = prep_mod.make_shard
 
     def counting(cfg, tok, encoder, job, root, work):  # noqa: ANN001, ANN202
         names.append(job.name)
         return real(cfg, tok, encoder, job, root, work)
 
-    monkeypatch.setattr(prep_mod, "make_shard", counting)
+    return counting
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the output shards this process makes (the local engine calls make_shard in-process)."""
+    names: list[str] = []
+    monkeypatch.setattr(prep_mod, "make_shard", _counting(names))
     return names
 
 
@@ -108,3 +112,31 @@ def test_training_reads_the_shards_in_a_resumable_rank_sharded_order(tmp_path: P
 
     copy = pickle.loads(pickle.dumps(rows))
     assert [r["input_ids"].tolist() for r in copy.__getitems__([0, len(rows) - 1])] == [ds["input_ids"][0], ds["input_ids"][-1]]
+
+
+def test_a_failed_prep_is_resumed_and_a_damaged_leftover_is_redone(tmp_path: Path, made: list[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = data_cfg(_corpus(tmp_path), shard_bytes=4000)
+
+    def full_disk(*a: object, **k: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prep_mod, "render_report", full_disk)
+    with pytest.raises(OSError):
+        prepare(cfg, tmp_path / "out")
+    staging = tmp_path / f".out.prep-{fingerprint(cfg)}"
+    assert not (tmp_path / "out").exists() and not (staging / fmt.MANIFEST).exists()
+    n = len(made)
+    # Damage one cleaned-text shard and one output shard of the failed attempt.
+    text = sorted((staging / ".work" / "text").glob("train-*.arrow"))[1]
+    text.write_bytes(text.read_bytes()[:100])
+    shard = sorted((staging / "dataset" / "train").glob("data-*.arrow"))[2]
+    shard.write_bytes(b"")
+    monkeypatch.undo()
+    made.clear()
+    monkeypatch.setattr(prep_mod, "make_shard", _counting(made))
+    resumed = prepare(cfg, tmp_path / "out")
+    # The text is cleaned again (one shard was damaged); only the damaged output shard is made again.
+    assert made == [f"train/{shard.name}"] and n > 5
+    fresh = prepare(cfg, tmp_path / "fresh")
+    assert (resumed.path / fmt.CHECKSUMS).read_bytes() == (fresh.path / fmt.CHECKSUMS).read_bytes()

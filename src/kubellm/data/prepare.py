@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -332,7 +333,7 @@ def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Pa
     t = time.perf_counter()
     done = work / COLLECTED
     collected = _read_json(done)
-    if collected is not None and verify_checksums(work, work / TEXT_CHECKSUMS, DataError, what="text shard"):
+    if collected is not None and _text_verified(work):
         shards, stats = text_shards_from_json(collected["shards"]), collected["stats"]
         log.info("prep: re-using the cleaned text of an earlier attempt (%d records)", stats["records_out"])
     else:
@@ -415,6 +416,15 @@ def _engine(cfg: DataConfig) -> Any:
     return ray_engine
 
 
+def _text_verified(work: Path) -> bool:
+    """The text shards of an earlier attempt are all there, whole (else pass 1 runs again)."""
+    try:
+        return verify_checksums(work, work / TEXT_CHECKSUMS, DataError, what="text shard")
+    except DataError as err:
+        log.warning("prep: %s; cleaning the sources again", err)
+        return False
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -438,7 +448,11 @@ def _reuse(job: ShardJob, fp: str, out: Path, tmp: Path, work: Path) -> bool:
         return False
     dest = tmp / job.out
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)  # same volume: no copy (the old output is replaced as a whole, never written)
+    except OSError:
+        shutil.copyfile(src, dest)
     write_json_atomic(work / job.sidecar, {"stats": rec["stats"], "records": job.records, "file": checksum_record(dest)})
     return True
 
