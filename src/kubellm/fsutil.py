@@ -174,23 +174,29 @@ def atomic_dir(final: str | Path, kind: str = "output", *, overwrite: bool = Tru
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        mark_output(tmp, kind)
-        if final.exists() or final.is_symlink():
-            if not overwrite:
-                raise KubellmError(f"{final}: already exists")
-            claim_output(final, kind)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            if old.is_symlink():
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        install_dir(tmp, final, kind, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install_dir(tmp: Path, final: Path, kind: str, *, overwrite: bool = True) -> None:
+    """Mark the finished directory ``tmp`` as ``kind`` and move it to ``final`` (beside it), replacing
+    what is there only when :func:`claim_output` allows it."""
+    mark_output(tmp, kind)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise KubellmError(f"{final}: already exists")
+        claim_output(final, kind)
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
 
 
 def fsync_tree(path: str | Path) -> None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from kubellm.config.data import DataConfig
+
+BIN = Path(sys.executable).parent
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "river", "stone", "cloud", "tree", "light", "shadow", "number", "letter"]
 
@@ -38,3 +44,31 @@ def data_cfg(uri: str | Path, **kw: Any) -> DataConfig:
 def leftovers(parent: Path) -> list[str]:
     """Anything a failed prep left beside its output (there must be nothing)."""
     return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def kill_prep_after_a_shard(cwd: Path, out: Path, staging: Path, sets: list[str],
+                            env: dict[str, str] | None = None, shards: int = 1) -> int:
+    """Run ``kubellm prep --out out`` with ``sets`` and SIGKILL it (no clean-up at all) as soon as
+    ``shards`` output shards are recorded in ``staging``; return the number recorded by then."""
+    args = [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.Popen([str(BIN / "kubellm"), "prep", "--out", str(out), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(list((staging / ".work" / "shards").glob("*.json"))) < shards:
+        assert proc.poll() is None, f"prep ended before {shards} shard(s) were made: {proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"not {shards} shard(s) made within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+    return len(list((staging / ".work" / "shards").glob("*.json")))
+
+
+def killable(root: Path, n: int = 3000) -> tuple[DataConfig, list[str]]:
+    """A corpus of ``n`` documents and 40 duplicates cut into many small shards: its config, and the same
+    as ``kubellm prep`` ``--set`` arguments."""
+    docs = make_docs(n)
+    corpus = write_jsonl(root / "c.jsonl", [{"text": d} for d in docs + docs[:40]])
+    sets = [f"data.sources=[{{\"uri\": \"{corpus}\"}}]", "data.shard_bytes=2000", "data.block_size=32",
+            "data.tokenizer.vocab_size=320", "data.split.validation_fraction=0.2", "data.cleaning.min_chars=4"]
+    return data_cfg(corpus, shard_bytes=2000), sets

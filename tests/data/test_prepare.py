@@ -214,7 +214,8 @@ def test_outputs_stats_report_and_tracking(tmp_path: Path) -> None:
     result = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])), tmp_path / "o",
                      tracker=tracker)
     names = sorted(p.name for p in result.path.iterdir())
-    assert names == [".kubellm-output", "checksums.json", "dataset", "manifest.json", "report.md", "stats.json", "tokenizer"]
+    assert names == [".kubellm-output", "checksums.json", "dataset", "manifest.json", "report.md", "shards.json",
+                     "stats.json", "tokenizer"]
     on_disk = fmt.open_prepared(result.path)
     assert on_disk.manifest == result.manifest and on_disk.stats() == json.loads(json.dumps(result.stats))
     report = (result.path / "report.md").read_text()
@@ -236,7 +237,10 @@ def test_a_failure_late_in_prep_leaves_the_previous_output_intact(tmp_path: Path
     with pytest.raises(RuntimeError):
         prepare(cfg.model_copy(update={"block_size": 16}), out)
     assert fmt.open_prepared(out).manifest == good.manifest
-    assert leftovers(out.parent) == ["prepared"]
+    # The finished part of the failed prep stays, hidden and without a manifest, for a resumed prep.
+    kept = fingerprint(cfg.model_copy(update={"block_size": 16}))
+    assert leftovers(out.parent) == [f".prepared.prep-{kept}", "prepared"]
+    assert not (out.parent / f".prepared.prep-{kept}" / "manifest.json").exists()
 
 
 def test_parallel_tokenization_gives_the_same_rows(tmp_path: Path, shared_tokenizer: Path) -> None:

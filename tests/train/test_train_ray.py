@@ -4,26 +4,22 @@ uninterrupted 2-process torchrun run does (loss curve and weights within 1e-5), 
 logged each step once into the stage's MLflow run. One interrupted run instead of a second, uninterrupted
 one keeps the module near a minute on an idle 2-core machine: each Ray fit starts fresh worker processes.
 
-One Ray cluster (2 CPUs, 127.0.0.1, no dashboard) serves the module and is shut down by its finaliser; Ray's
-session files go to a temporary directory. Token authentication (Ray 2.60's default for a new local cluster)
-is turned off for this loopback-only, test-lived cluster: it would write a token to ~/.ray/auth_token, and a
-token given in the environment after ray was imported is not picked up by the driver.
+One Ray cluster (2 CPUs, :func:`rayhelpers.local_ray`) serves the module and is shut down by its finaliser.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from rayhelpers import local_ray
 
 from kubellm.config import default_config_path, load_config
 from kubellm.errors import TrainingError
@@ -43,23 +39,8 @@ SETS = [f"pretrain.loop.{k}={v}" for k, v in LOOP.items()]
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray", reason="the kubellm[ray] extra is not installed")
-    temp = tempfile.mkdtemp(prefix="kray-")  # short: Ray's socket paths must stay under 107 characters
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-                 log_to_driver=False, configure_logging=False)
+    with local_ray(num_cpus=2) as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _history(out: Path) -> list[dict]:

@@ -49,6 +49,8 @@ def prep(
     response_field: Annotated[str | None, typer.Option(help="Field holding the answer (instruction data).")] = None,
     messages_field: Annotated[str | None, typer.Option(help="Field holding a chat as a list of "
                                                        "{role, content} (instruction data).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With <section>.cluster.nodes > 0: print the "
+                                          "prep RayJob as YAML, create nothing.")] = False,
 ) -> None:
     """Read sources, clean, de-duplicate, split, tokenize and pack into a prepared dataset directory.
 
@@ -71,6 +73,9 @@ def prep(
     cfg = load(config, [*sources, *(overrides or [])], reads=(section.value,))
     data_cfg = _with_fields(getattr(cfg, section.value), section, fields)
     require(data_cfg, section.value, config)
+    if data_cfg.cluster.nodes:
+        _prep_rayjob(cfg, section.value, str(out), tokenizer, dry_run)
+        return
     target = Path(out) if Path(out).is_absolute() else resolve_output(out, root=Path.cwd())
     ctx = StageContext.for_command(cfg.tracking, cfg.workdir)
     name = "prep" if section is Section.data else "prep_instruct"
@@ -89,3 +94,25 @@ def prep(
         {"measure": "output", "value": str(result.path)},
     ]
     print_table(f"kubellm prep ({data_cfg.kind})", rows)
+
+
+def _prep_rayjob(cfg, section: str, out: str, tokenizer: Path | None, dry_run: bool) -> None:  # cfg: RunConfig
+    """``cluster.nodes > 0``: create the prep RayJob (``--out`` and ``--tokenizer`` are paths on the shared
+    PVC, relative ones under /mnt/kubellm) and wait for it, or print it with ``--dry-run``."""
+    import yaml
+
+    from kubellm.k8s.rayjob import build_prep_rayjob
+    from kubellm.k8s.training_job import launch
+    from kubellm.log import print_table
+
+    job = build_prep_rayjob(cfg, section, out, str(tokenizer) if tokenizer else None)
+    if dry_run:
+        print(yaml.safe_dump(job, sort_keys=False), end="")
+        return
+    outcome = launch(job, cfg.platform.namespace, timeout_s=getattr(cfg, section).cluster.timeout_seconds)
+    print_table("kubellm prep (RayJob)", [
+        {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
+        {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
+        {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
+        {"measure": "output", "value": job["spec"]["entrypoint"].split("--out ", 1)[1].split(" ", 1)[0]},
+    ])

@@ -112,6 +112,29 @@ class TokenizerConfig(StrictModel):
     of it). BPE merges settle long before 100 MB, while training time grows with the bytes seen."""
 
 
+class PrepClusterConfig(StrictModel):
+    """``engine: ray`` on Kubernetes: the KubeRay RayJob in which ``kubellm prep`` (and the pipeline's
+    prep step) prepares the data. Pods take the ``prep`` (``prep_instruct``) stage's placement, the
+    restricted security context, ``platform.image`` and Kueue's queue labels, as training RayJobs do."""
+
+    nodes: int = Field(default=0, ge=0, le=1024)
+    """Ray worker pods. ``0``: prepare in this process (a local Ray, or the Ray cluster ``RAY_ADDRESS``
+    names); ``N``: create a RayJob with ``N`` worker pods and wait for it."""
+    shared_pvc: str | None = None
+    """ReadWriteMany PVC, mounted at ``/mnt/kubellm`` in every pod, where the sources may live and the
+    output goes (the workers write the shards, the driver the rest)."""
+    timeout_seconds: int = Field(default=24 * 3600, ge=60)
+    """The RayJob's ``activeDeadlineSeconds`` and how long ``kubellm prep`` waits for it."""
+    ttl_seconds_after_finished: int = Field(default=300, ge=0)
+    """Seconds KubeRay keeps the finished Ray cluster (pods, logs) before deleting it."""
+
+    @model_validator(mode="after")
+    def _pvc(self) -> PrepClusterConfig:
+        if self.nodes and not self.shared_pvc:
+            raise ValueError("nodes > 0 creates a RayJob, which needs shared_pvc for its sources and output")
+        return self
+
+
 class DataConfig(StrictModel):
     """Everything ``kubellm prep`` needs to turn sources into a prepared dataset directory."""
 
@@ -134,3 +157,26 @@ class DataConfig(StrictModel):
     """Records per tokenization batch."""
     max_record_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Refuse a single input line/record larger than this (a clear error instead of a blow-up)."""
+    engine: Literal["local", "ray"] = "local"
+    """Where preparation runs: ``local`` (this process, ``num_proc`` encoder processes) or ``ray`` (Ray
+    Data across the workers of a Ray cluster: the RayJob that ``kubellm prep`` creates on a cluster, or
+    a local Ray started on this machine). Both give byte-identical output."""
+    workers: int | None = Field(default=None, ge=1, le=4096)
+    """Ray engine: at most this many tasks of each Ray Data step at once (``None``: as many as the
+    cluster's CPUs allow). Changes speed, never the output."""
+    shard_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
+    """Characters of kept text per output shard (a split's records, in source order, are cut into
+    shards of about this size). Each shard is tokenized and packed on its own, checksummed, and skipped
+    by a resumed prep when it verifies; ~128 MB of text gives ~250 MB Arrow shards."""
+
+    cluster: PrepClusterConfig = PrepClusterConfig()
+    """Where the Ray engine runs (``cluster.nodes > 0``: a RayJob on Kubernetes)."""
+
+    @model_validator(mode="after")
+    def _engine(self) -> DataConfig:
+        if self.cluster.nodes and self.engine != "ray":
+            raise ValueError("cluster.nodes > 0 runs the prep as a RayJob: set engine: ray")
+        if self.engine == "ray" and self.cleaning.near_dedup.enabled:
+            raise ValueError("cleaning.near_dedup is not available with engine: ray (MinHash removal keeps the "
+                             "first of each near pair in one sequential pass; use engine: local for it)")
+        return self

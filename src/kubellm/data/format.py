@@ -13,6 +13,8 @@
       report.md        the same, for a person
       checksums.json   size and checksum of every file under dataset/ (datasets prepared before it
                        existed have none and are read unverified)
+      shards.json      one entry per output shard: split, index, file, records, rows, tokens, its pack
+                       statistics, size and checksum (what a resumed prep re-uses when it verifies)
 
 Pretraining rows are packed blocks of exactly ``block_size`` tokens whose labels equal input_ids.
 Instruction rows are at most ``block_size`` tokens; prompt tokens (and padding) carry label -100.
@@ -40,6 +42,7 @@ HELDOUT = "heldout.jsonl"
 STATS = "stats.json"
 REPORT = "report.md"
 CHECKSUMS = "checksums.json"
+SHARDS = "shards.json"
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
 
@@ -84,22 +87,39 @@ class PreparedDataset:
         import pyarrow
         from datasets import load_from_disk
 
-        where = self.path / DATASET_DIR / split
-        if not (where / "state.json").is_file():
-            have = sorted(p.name for p in (self.path / DATASET_DIR).glob("*/state.json"))
-            raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {have})")
+        where = self.verified_split(split)
         again = f"the prepared dataset {self.path} is corrupt: prepare it again (kubellm prep)"
-        try:
-            verify_checksums(self.path, self.path / CHECKSUMS, DataError, prefix=f"{DATASET_DIR}/{split}/",
-                             what="dataset", when="prepared")
-        except DataError as err:
-            raise DataError(f"{err}; {again}") from None
         try:
             return load_from_disk(str(where))
         except (OSError, ValueError, pyarrow.ArrowException) as err:
             where, err = _unreadable_shard(where) or (where, err)
             raise DataError(f"{where}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
                             f"{again}") from None
+
+    def verified_split(self, split: str) -> Path:
+        """The directory of ``split``, its files checked against ``checksums.json`` (one line naming the
+        first missing, truncated or changed shard otherwise)."""
+        where = self.path / DATASET_DIR / split
+        if not (where / "state.json").is_file():
+            have = sorted(p.name for p in (self.path / DATASET_DIR).glob("*/state.json"))
+            raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {have})")
+        try:
+            verify_checksums(self.path, self.path / CHECKSUMS, DataError, prefix=f"{DATASET_DIR}/{split}/",
+                             what="dataset", when="prepared")
+        except DataError as err:
+            # (a new prep of the same data re-makes only the damaged shards)
+            raise DataError(f"{err}; the prepared dataset {self.path} is corrupt: prepare it again "
+                            "(kubellm prep)") from None
+        return where
+
+    def shard_files(self, split: str) -> list[Path] | None:
+        """The output shards of ``split`` in order, verified, for a sharded prep (``shards.json``);
+        ``None`` for a dataset prepared before shards existed."""
+        if not (self.path / SHARDS).is_file():
+            return None
+        where = self.verified_split(split)
+        state = json.loads((where / "state.json").read_text(encoding="utf-8"))
+        return [where / f["filename"] for f in state["_data_files"]]
 
     def heldout(self) -> list[dict[str, Any]]:
         """Held-out instruction examples (empty for pretraining data)."""

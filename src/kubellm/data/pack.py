@@ -127,16 +127,21 @@ class ArrowSink:
     Writing the final files directly, instead of ``Dataset.from_file(...).save_to_disk(...)``, avoids a
     second copy that reads every row back through a memory map: those pages count as resident memory,
     so peak RSS would grow with the corpus (~1.2 GB per 150 M tokens).
+
+    With ``path`` the sink writes exactly that one file (one shard of a sharded prep, which names the
+    files and writes the metadata itself with :func:`write_split_metadata`); ``close`` then needs no
+    fingerprint.
     """
 
-    def __init__(self, split_dir: Path, max_shard_bytes: int = 500 * 1024 * 1024) -> None:
+    def __init__(self, split_dir: Path, max_shard_bytes: int = 500 * 1024 * 1024, *, path: Path | None = None) -> None:
         import pyarrow as pa
 
         self._pa = pa
         self.dir = split_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.schema = row_features().arrow_schema
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes if path is None else float("inf")
+        self._path = path
         self._shards: list[Path] = []
         self._writer: Any = None
         self._shard_bytes = 0
@@ -186,32 +191,43 @@ class ArrowSink:
         if self._writer is not None:
             self._writer.close()
         path = self.dir / f".shard-{len(self._shards):05d}"
+        if self._path is not None:
+            path = self._path.with_name(f".{self._path.name}.part")
         self._shards.append(path)
         self._writer = self._pa.ipc.new_stream(str(path), self.schema)
         self._shard_bytes = 0
 
-    def close(self, fingerprint: str) -> None:
+    def close(self, fingerprint: str = "") -> None:
         """Name the shards as ``save_to_disk`` does and write its metadata (``fingerprint`` is the
-        datasets cache fingerprint of the split)."""
-        import json
-        from dataclasses import asdict
-
-        from datasets import DatasetInfo
-
+        datasets cache fingerprint of the split); in one-file mode, move the file into place."""
         self._flush_pending()
         if self._writer is None:
             self._next_shard()  # an empty split still needs a readable (empty) shard
         self._writer.close()
+        if self._path is not None:
+            self._shards[0].replace(self._path)
+            return
         names = [f"data-{i:05d}-of-{len(self._shards):05d}.arrow" for i in range(len(self._shards))]
         for path, name in zip(self._shards, names, strict=True):
             path.rename(self.dir / name)
-        state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
-                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-                 "_output_all_columns": False, "_split": None}
-        (self.dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        info = asdict(DatasetInfo(features=row_features()))
-        (self.dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
-                                                    encoding="utf-8")
+        write_split_metadata(self.dir, names, fingerprint)
+
+
+def write_split_metadata(split_dir: Path, names: list[str], fingerprint: str) -> None:
+    """The ``state.json`` and ``dataset_info.json`` with which ``load_from_disk`` reads the Arrow files
+    ``names`` (in this order) of ``split_dir`` as one split."""
+    import json
+    from dataclasses import asdict
+
+    from datasets import DatasetInfo
+
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+             "_output_all_columns": False, "_split": None}
+    (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(DatasetInfo(features=row_features()))
+    (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
+                                                 encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -235,6 +251,17 @@ class PackStats:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "padding_fraction": self.padding_fraction}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PackStats:
+        return cls(**{k: v for k, v in doc.items() if k != "padding_fraction"})
+
+    def add(self, other: PackStats) -> None:
+        """Add the counts of ``other`` (another shard of the same split)."""
+        for name in ("examples", "tokens", "rows", "padding", "dropped_tail_tokens", "truncated"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
 def pack_documents(encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSink,

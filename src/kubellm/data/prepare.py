@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,25 +29,41 @@ from kubellm.data import format as fmt
 from kubellm.data import sources as src_mod
 from kubellm.data import tokenizer as tok_mod
 from kubellm.data.clean import Cleaner
-from kubellm.data.pack import (
-    ArrowSink,
-    Encoder,
-    InstructPacker,
-    PackStats,
-    answer_spans,
-    label_tokens,
-    pack_documents,
-)
+from kubellm.data.pack import Encoder, PackStats, write_split_metadata
 from kubellm.data.report import render_report
-from kubellm.errors import DataError
-from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
+from kubellm.data.shards import (
+    SPLITS,
+    TEXT_DIR,
+    ShardJob,
+    TextShard,
+    TextShards,
+    as_text,
+    make_shard,
+    read_texts,
+    recorded,
+    shard_file,
+    split_of,
+    text_shards_from_json,
+    text_shards_to_json,
+)
+from kubellm.errors import DataError, SourceError
+from kubellm.fsutil import (
+    checksum_record,
+    claim_output,
+    install_dir,
+    verify_checksums,
+    write_checksums,
+    write_json_atomic,
+)
 from kubellm.log import Progress, get_logger, is_tty
 from kubellm.tracking.base import Tracker
 
 #: Bumped whenever a change here changes the prepared bytes, so old fingerprints stop matching.
-PREP_VERSION = 1
-SPLITS = ("train", "validation")
+PREP_VERSION = 2
 _WORK = ".work"
+TEXT_CHECKSUMS = "text-checksums.json"
+COLLECTED = "collected.json"
+SHARD_RECORDS = "shards"
 OUTPUT_KIND = "prepared-dataset"
 log = get_logger("kubellm.data")
 
@@ -87,12 +104,12 @@ def fingerprint(cfg: DataConfig, *, tokenizer_dir: str | Path | None = None,
 
     Input files are hashed by content (streamed), Hub datasets by their resolved revision, an existing
     tokenizer by its files (``tokenizer_dir`` overrides ``cfg.tokenizer.path`` as in :func:`prepare`);
-    ``num_proc`` is left out (it changes speed, not bytes). It equals ``manifest.fingerprint`` of a prep
+    ``num_proc``, ``engine``, ``workers`` and ``cluster`` are left out (they change speed, not bytes). It equals ``manifest.fingerprint`` of a prep
     with the same config and tokenizer, so a pipeline can skip unchanged data.
     """
     cfg = _effective(cfg, tokenizer_dir)
     h = hashlib.sha256(f"kubellm-prep/{PREP_VERSION}/{fmt.FORMAT_VERSION}\0".encode())
-    doc = cfg.model_dump(mode="json", exclude={"num_proc", "sources"})
+    doc = cfg.model_dump(mode="json", exclude={"num_proc", "sources", "engine", "workers", "cluster"})
     if cfg.tokenizer.path is not None:
         doc["tokenizer"]["path"] = _hash_tokenizer(tok_mod.tokenizer_source(cfg.tokenizer.path))
     h.update(json.dumps(doc, sort_keys=True).encode())
@@ -126,68 +143,10 @@ class _Tenths:
 
 
 # --------------------------------------------------------------------------------------------- pass 1
-#: Text per tokenization batch. A batch's Encoding objects cost ~100 bytes per token (ids, offsets,
-#: token strings), so 4 MB of text (~1.2 M tokens) peaks near 150 MB whatever the corpus size, and is
-#: still enough documents to keep every core of the tokenizer's thread pool busy.
-BATCH_TEXT_BYTES = 4 * 1024 * 1024
-
-
-class _TextSink:
-    """Cleaned examples of one split, batched into an Arrow stream file (``text`` and ``origin``);
-    a batch ends at ``batch`` records or :data:`BATCH_TEXT_BYTES` characters, whichever comes first."""
-
-    def __init__(self, path: Path, batch: int) -> None:
-        import pyarrow as pa
-
-        self._pa, self.path, self.batch = pa, path, batch
-        self.schema = pa.schema([("text", pa.large_string()), ("origin", pa.string())])
-        self._writer = pa.ipc.new_stream(str(path), self.schema)
-        self._texts: list[str] = []
-        self._origins: list[str] = []
-        self._chars = 0
-        self.count = 0
-        self.chars = 0
-
-    def add(self, text: str, origin: str) -> None:
-        self._texts.append(text)
-        self._origins.append(origin)
-        self.count += 1
-        self._chars += len(text)
-        if len(self._texts) >= self.batch or self._chars >= BATCH_TEXT_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._texts:
-            self._writer.write_batch(self._pa.record_batch([self._texts, self._origins], schema=self.schema))
-            self.chars += self._chars
-            self._texts, self._origins, self._chars = [], [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-
-
-def _read_batches(path: Path) -> Iterator[tuple[list[str], list[str]]]:
-    import pyarrow as pa
-
-    # Plain reads, not a memory map: mapped pages stay resident and peak RSS would grow with the corpus.
-    with pa.OSFile(str(path)) as f:
-        for batch in pa.ipc.open_stream(f):
-            yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
-
-
-def _split_of(key: int, seed: int, fraction: float) -> str:
-    """``validation`` for a stable, seeded ``fraction`` of keys (the same record always lands alike)."""
-    if fraction <= 0:
-        return "train"
-    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=8, key=seed.to_bytes(8, "little", signed=True))
-    return "validation" if int.from_bytes(digest.digest(), "little") / 2**64 < fraction else "train"
-
-
-def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Pass 1: read, clean, de-duplicate and split into one Arrow text file per split."""
+def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
+    """Pass 1 (local engine): read, clean, de-duplicate and split into text shards, in one sequential pass."""
     cleaner = Cleaner(cfg.cleaning, seed=cfg.split.seed)
-    sinks = {s: _TextSink(work / f"{s}.text.arrow", cfg.batch_size) for s in SPLITS}
+    sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
     per_source: list[int] = [0] * len(sources)
     n_files = sum(max(1, len(s.files)) for s in sources)
     read = 0
@@ -210,33 +169,37 @@ def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tupl
             if admitted is None:
                 continue
             cleaned, key = admitted
-            text = cleaned if isinstance(cleaned, str) else json.dumps(cleaned, ensure_ascii=False)
-            sinks[_split_of(key, cfg.split.seed, cfg.split.validation_fraction)].add(text, origin)
-    for s in sinks.values():
-        s.close()
-    kept = sinks["train"].count + sinks["validation"].count
-    dropped = dict(sorted(cleaner.dropped.items()))
+            sinks.add(split_of(key, cfg.split.seed, cfg.split.validation_fraction), as_text(cleaned), origin)
+    return sinks.close(), collect_stats(cfg, sources, read, per_source, dict(cleaner.dropped), sinks.done)
+
+
+def collect_stats(cfg: DataConfig, sources: list[src_mod.Source], read: int, per_source: list[int],
+                  dropped: dict[str, int], shards: dict[str, list[TextShard]]) -> dict[str, Any]:
+    """Pass 1's statistics, refusing a corpus that leaves nothing to train on (both engines)."""
+    records = {s: sum(t.records for t in shards[s]) for s in SPLITS}
+    kept = sum(records.values())
+    dropped = dict(sorted((k, v) for k, v in dropped.items() if v))
     if read == 0:
         raise DataError(f"{cfg.sources[0].uri}: no records read from the sources")
     if kept == 0:
         why = ", ".join(f"{k}={v}" for k, v in dropped.items())
         raise DataError(f"{cfg.sources[0].uri}: every record was dropped by cleaning (read {read}: {why}); "
                         "check data.cleaning.min_chars/max_chars")
-    if sinks["train"].count == 0:
+    if records["train"] == 0:
         raise DataError(f"{cfg.sources[0].uri}: all {kept} kept records fell into validation; lower "
                         "data.split.validation_fraction or add data")
-    stats = {
+    return {
         "records_in": read, "records_out": kept, "dropped": dropped,
         "duplicates": dropped.get("duplicate", 0), "near_duplicates": dropped.get("near_duplicate", 0),
         "sources": [{"uri": s.cfg.uri, "files": len(s.files), "records": n} for s, n in zip(sources, per_source, strict=True)],
-        "split_records": {s: sinks[s].count for s in SPLITS},
-        "split_chars": {s: sinks[s].chars for s in SPLITS},
+        "split_records": records,
+        "split_chars": {s: sum(t.chars for t in shards[s]) for s in SPLITS},
+        "shards": {s: len(shards[s]) for s in SPLITS},
     }
-    return {s: sinks[s].path for s in SPLITS if sinks[s].count}, stats
 
 
 # --------------------------------------------------------------------------------------------- pass 2
-def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int) -> tuple[Any, bool]:
+def _tokenizer(cfg: DataConfig, work: Path, train: list[TextShard], n_train: int, train_chars: int) -> tuple[Any, bool]:
     if cfg.tokenizer.path is not None:
         return tok_mod.load_tokenizer(cfg.tokenizer.path), False
     budget = cfg.tokenizer.max_train_bytes
@@ -246,17 +209,18 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int
 
     def texts(report: _Tenths) -> Iterator[str]:
         i = 0
-        for batch, _ in _read_batches(train_text):
-            for rec in batch:
-                take = int((i + 1) * fraction) > int(i * fraction)
-                i += 1
-                if not take:
-                    continue
-                if cfg.kind == "pretrain":
-                    yield rec
-                else:
-                    yield from (m["content"] for m in json.loads(rec))
-            report(i)
+        for shard in train:
+            for batch, _ in read_texts(work / shard.path):
+                for rec in batch:
+                    take = int((i + 1) * fraction) > int(i * fraction)
+                    i += 1
+                    if not take:
+                        continue
+                    if cfg.kind == "pretrain":
+                        yield rec
+                    else:
+                        yield from (m["content"] for m in json.loads(rec))
+                report(i)
 
     # The trainer counts words while it reads (the slow part, reported here); merges take seconds.
     with _Tenths(n_train, "prep: train tokenizer (reading)") as report:
@@ -265,72 +229,30 @@ def _tokenizer(cfg: DataConfig, train_text: Path, n_train: int, train_chars: int
 
 
 # --------------------------------------------------------------------------------------------- pass 3
-def _tokenize_split(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path, split_dir: Path,
-                    n_records: int, split: str, fingerprint: str) -> PackStats:
-    sink = ArrowSink(split_dir)
-    with _Tenths(n_records, f"prep: tokenize {split}") as report:
+def _make_local(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -> None:
+    """Pass 3 (local engine): the shards one after the other, each encoded by ``num_proc`` processes."""
+    if not jobs:
+        return
+    tok = tok_mod.load_tokenizer(root / fmt.TOKENIZER_DIR)
+    with Encoder(tok_mod.backend(tok), cfg.num_proc) as encoder, \
+            _Tenths(sum(j.records for j in jobs), "prep: tokenize") as report:
         done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
+        for job in jobs:
+            make_shard(cfg, tok, encoder, job, root, work)
+            done += job.records
             report(done)
 
-        try:
-            if cfg.kind == "pretrain":
-                sizes: list[int] = []
 
-                def texts() -> Iterator[list[str]]:
-                    for batch, _ in _read_batches(text_path):
-                        sizes.append(len(batch))
-                        yield batch
-
-                stats = pack_documents(encoder.docs(texts(), tok.eos_token_id), cfg.block_size, sink,
-                                       on_batch=lambda: tick(sizes.pop(0)))
-                stats.examples = n_records
-            else:
-                stats = _tokenize_instruct(cfg, tok, encoder, text_path, sink, tick)
-        finally:
-            sink.close(hashlib.sha256(f"{fingerprint}/{split}".encode()).hexdigest()[:16])
-    return stats
-
-
-def _tokenize_instruct(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: Path, sink: ArrowSink,
-                       tick: Any) -> PackStats:
-    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    packer = InstructPacker(cfg.block_size, tok.pad_token_id, sink, pack=cfg.pack_instructions,
-                            window=cfg.batch_size)
-    pending: list[list[tuple[int, int]]] = []
-
-    def rendered() -> Iterator[list[str]]:
-        for batch, origins in _read_batches(text_path):
-            texts = []
-            for conv, origin in zip(batch, origins, strict=True):
-                full, spans = answer_spans(render, json.loads(conv), origin)
-                texts.append(full)
-                pending.append(spans)
-            yield texts
-
-    for encoded in encoder.offsets(rendered()):
-        for ids, starts in encoded:
-            packer.add(ids, label_tokens(ids, starts, pending.pop(0)))
-        tick(len(encoded))
-    return packer.close()
-
-
-def _write_heldout(text_path: Path | None, out: Path) -> int:
+def _write_heldout(work: Path, shards: list[TextShard], out: Path) -> int:
     n = 0
     with (out / fmt.HELDOUT).open("w", encoding="utf-8") as f:
-        if text_path is None:
-            return 0
-        for batch, _ in _read_batches(text_path):
-            for conv in batch:
-                messages = json.loads(conv)
-                f.write(json.dumps({"messages": messages[:-1], "reference": messages[-1]["content"]},
-                                   ensure_ascii=False) + "\n")
-                n += 1
+        for shard in shards:
+            for batch, _ in read_texts(work / shard.path):
+                for conv in batch:
+                    messages = json.loads(conv)
+                    f.write(json.dumps({"messages": messages[:-1], "reference": messages[-1]["content"]},
+                                       ensure_ascii=False) + "\n")
+                    n += 1
     return n
 
 
@@ -365,72 +287,186 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
     ``tokenizer_dir`` overrides ``cfg.tokenizer.path``: instruction prep gets the pretraining dataset's
     tokenizer this way, so both share one vocabulary. With a ``tracker``, params, metrics and the
     ``stats.json``/``report.md`` artifacts are logged.
+
+    Work happens in a hidden staging directory beside ``out_dir`` named by the fingerprint
+    (``.<name>.prep-<fingerprint>``). Bad input removes it; any other failure (a killed driver, a full
+    disk) leaves it, and the next prep of the same data resumes from it: pass 1's text shards, the
+    tokenizer and every output shard that still verifies are kept, the rest is made again. Output shards
+    of an earlier complete prep in ``out_dir`` with the same fingerprint are re-used the same way, so a
+    damaged shard there is re-made alone.
     """
     cfg = _effective(cfg, tokenizer_dir)
     t0 = time.perf_counter()
     sources = src_mod.resolve_all(cfg)  # bad URIs fail here, before anything is written
     out = claim_output(out_dir, OUTPUT_KIND, inputs=_local_inputs(cfg, sources))
     fp = fingerprint(cfg, _sources=sources)
-    timings: dict[str, float] = {}
-    with atomic_dir(out, OUTPUT_KIND) as tmp:
-        work = tmp / _WORK
-        work.mkdir()
-        t = time.perf_counter()
-        text_paths, stats = _collect(cfg, sources, work)
-        timings["read_clean"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        tok, trained = _tokenizer(cfg, text_paths["train"], stats["split_records"]["train"],
-                                  stats["split_chars"]["train"])
-        tok.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
-        timings["tokenizer"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        split_stats: dict[str, PackStats] = {}
-        with Encoder(tok_mod.backend(tok), cfg.num_proc) as encoder:
-            for split, path in text_paths.items():
-                split_stats[split] = _tokenize_split(cfg, tok, encoder, path, tmp / fmt.DATASET_DIR / split,
-                                                     stats["split_records"][split], split, fp)
-        timings["tokenize_pack"] = time.perf_counter() - t
-        if split_stats["train"].rows == 0:
-            train = split_stats["train"]
-            if cfg.kind == "instruct":
-                raise DataError(f"{cfg.sources[0].uri}: no training example keeps any answer token within "
-                                f"data.block_size={cfg.block_size} ({train.dropped}); raise data.block_size")
-            raise DataError(f"{cfg.sources[0].uri}: the training split has {train.dropped_tail_tokens} tokens, "
-                            f"fewer than one block of data.block_size={cfg.block_size}; add data or lower it")
-
-        t = time.perf_counter()
-        splits = _finish_dataset(split_stats, tmp / fmt.DATASET_DIR)
-        n_heldout = _write_heldout(text_paths.get("validation"), tmp) if cfg.kind == "instruct" else 0
-        shutil.rmtree(work)
-        timings["save"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-
-        manifest = fmt.Manifest(
-            kind=cfg.kind, block_size=cfg.block_size, vocab_size=tok_mod.vocab_size(tok),
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-            fingerprint=fp, splits=splits, stop_token_ids=tok_mod.stop_token_ids(tok))
-        stats = _final_stats(cfg, stats, split_stats, manifest, trained, n_heldout, timings)
-        fmt.write_dataset_checksums(tmp)
-        write_json_atomic(tmp / fmt.STATS, stats)
-        (tmp / fmt.REPORT).write_text(render_report(cfg, stats, manifest, tok, tmp), encoding="utf-8")
-        write_json_atomic(tmp / fmt.MANIFEST, manifest.to_json())  # last: its presence means complete
+    staging = out.parent / f".{out.name}.prep-{fp}"
+    if staging.is_dir():
+        log.info("resuming the prep of %s from %s", out, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest, stats = _prepare_in(cfg, sources, fp, staging, out, t0)
+    except (DataError, SourceError):
+        shutil.rmtree(staging, ignore_errors=True)  # bad input: a resumed prep could not do better
+        raise
+    except BaseException:
+        log.error("prep of %s stopped; its finished parts stay in %s for the next prep of the same data",
+                  out, staging)
+        raise
+    install_dir(staging, out, OUTPUT_KIND)
+    for stale in out.parent.glob(f".{out.name}.prep-*"):  # our own staging of other data, now superseded
+        shutil.rmtree(stale, ignore_errors=True)
     log.info("prepared %s: %d records → %d rows, %d tokens in %.1f s", out, stats["records_out"],
-             stats["rows"], stats["tokens"], timings["total"])
+             stats["rows"], stats["tokens"], stats["seconds"]["total"])
     if tracker is not None:
         _track(tracker, cfg, stats, out)
     return PrepResult(out, manifest, stats)
 
 
-def _finish_dataset(split_stats: dict[str, PackStats], dest: Path) -> dict[str, int]:
-    """Drop empty splits and write the ``DatasetDict`` index (the splits are already in place)."""
+def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Path, out: Path,
+                t0: float) -> tuple[fmt.Manifest, dict[str, Any]]:
+    work = tmp / _WORK
+    work.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+    engine = _engine(cfg)
+
+    t = time.perf_counter()
+    done = work / COLLECTED
+    collected = _read_json(done)
+    if collected is not None and _text_verified(work):
+        shards, stats = text_shards_from_json(collected["shards"]), collected["stats"]
+        log.info("prep: re-using the cleaned text of an earlier attempt (%d records)", stats["records_out"])
+    else:
+        shutil.rmtree(work / TEXT_DIR, ignore_errors=True)
+        shards, stats = engine.collect(cfg, sources, work) if engine else _collect(cfg, sources, work)
+        write_checksums(work, [t.path for v in shards.values() for t in v], work / TEXT_CHECKSUMS)
+        write_json_atomic(done, {"shards": text_shards_to_json(shards), "stats": stats})
+    timings["read_clean"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tok_done = work / "tokenizer.json"
+    trained = (_read_json(tok_done) or {}).get("trained")
+    if trained is None or not (tmp / fmt.TOKENIZER_DIR / "tokenizer.json").is_file():
+        tok, trained = _tokenizer(cfg, work, shards["train"], stats["split_records"]["train"],
+                                  stats["split_chars"]["train"])
+        shutil.rmtree(tmp / fmt.TOKENIZER_DIR, ignore_errors=True)
+        tok.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
+        write_json_atomic(tok_done, {"trained": trained})
+    tok = tok_mod.load_tokenizer(tmp / fmt.TOKENIZER_DIR)
+    timings["tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    jobs = [ShardJob(split, t_.index, len(shards[split]), t_.records, t_.path, shard_file(split, t_.index, len(shards[split])),
+                     f"{SHARD_RECORDS}/{split}-{t_.index:05d}.json")
+            for split in SPLITS for t_ in shards[split]]
+    todo = [j for j in jobs if recorded(tmp, work, j) is None and not _reuse(j, fp, out, tmp, work)]
+    if len(todo) < len(jobs):
+        log.info("prep: %d of %d shards verified from an earlier attempt; making %d", len(jobs) - len(todo),
+                 len(jobs), len(todo))
+    if engine:
+        engine.make_shards(cfg, todo, tmp, work)
+    else:
+        _make_local(cfg, todo, tmp, work)
+    split_stats: dict[str, PackStats] = {s: PackStats() for s in SPLITS if shards[s]}
+    per_shard = []
+    for job in jobs:
+        rec = recorded(tmp, work, job)
+        if rec is None:
+            raise DataError(f"{tmp / job.out}: shard missing or damaged after it was made")
+        split_stats[job.split].add(PackStats.from_json(rec["stats"]))
+        per_shard.append({"split": job.split, "index": job.index, "file": job.out, "records": job.records,
+                          "rows": rec["stats"]["rows"], "tokens": rec["stats"]["tokens"], "stats": rec["stats"],
+                          **rec["file"]})
+    timings["tokenize_pack"] = time.perf_counter() - t
+    if split_stats["train"].rows == 0:
+        train = split_stats["train"]
+        if cfg.kind == "instruct":
+            raise DataError(f"{cfg.sources[0].uri}: no training example keeps any answer token within "
+                            f"data.block_size={cfg.block_size} ({train.dropped}); raise data.block_size")
+        raise DataError(f"{cfg.sources[0].uri}: the training split has {train.dropped_tail_tokens} tokens, "
+                        f"fewer than one block of data.block_size={cfg.block_size}; add data or lower it")
+
+    t = time.perf_counter()
+    splits = _finish_dataset(split_stats, jobs, fp, tmp / fmt.DATASET_DIR)
+    n_heldout = _write_heldout(work, shards["validation"], tmp) if cfg.kind == "instruct" else 0
+    timings["save"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    manifest = fmt.Manifest(
+        kind=cfg.kind, block_size=cfg.block_size, vocab_size=tok_mod.vocab_size(tok),
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        fingerprint=fp, splits=splits, stop_token_ids=tok_mod.stop_token_ids(tok))
+    stats = _final_stats(cfg, stats, split_stats, manifest, trained, n_heldout, timings)
+    stats["engine"] = cfg.engine
+    write_json_atomic(tmp / fmt.SHARDS, {"shards": [r for r in per_shard if r["split"] in splits]})
+    fmt.write_dataset_checksums(tmp)
+    write_json_atomic(tmp / fmt.STATS, stats)
+    (tmp / fmt.REPORT).write_text(render_report(cfg, stats, manifest, tok, tmp), encoding="utf-8")
+    shutil.rmtree(work)
+    write_json_atomic(tmp / fmt.MANIFEST, manifest.to_json())  # last: its presence means complete
+    return manifest, stats
+
+
+def _engine(cfg: DataConfig) -> Any:
+    """The Ray engine module for ``engine: ray`` (imported only then: it imports Ray), else ``None``."""
+    if cfg.engine != "ray":
+        return None
+    from kubellm.data import ray_engine
+
+    return ray_engine
+
+
+def _text_verified(work: Path) -> bool:
+    """The text shards of an earlier attempt are all there, whole (else pass 1 runs again)."""
+    try:
+        return verify_checksums(work, work / TEXT_CHECKSUMS, DataError, what="text shard")
+    except DataError as err:
+        log.warning("prep: %s; cleaning the sources again", err)
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _reuse(job: ShardJob, fp: str, out: Path, tmp: Path, work: Path) -> bool:
+    """Copy ``job``'s shard from an earlier complete prep of the same data in ``out`` when it verifies."""
+    manifest = _read_json(out / fmt.MANIFEST)
+    if manifest is None or manifest.get("fingerprint") != fp:
+        return False
+    listed = {r["file"]: r for r in (_read_json(out / fmt.SHARDS) or {}).get("shards", [])}
+    rec = listed.get(job.out)
+    src = out / job.out
+    if rec is None or "stats" not in rec or not src.is_file() or src.stat().st_size != rec.get("bytes"):
+        return False
+    if checksum_record(src) != {"bytes": rec["bytes"], "digest": rec["digest"]}:
+        log.warning("prep: %s does not match its checksum; making it again", src)
+        return False
+    dest = tmp / job.out
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)  # same volume: no copy (the old output is replaced as a whole, never written)
+    except OSError:
+        shutil.copyfile(src, dest)
+    write_json_atomic(work / job.sidecar, {"stats": rec["stats"], "records": job.records, "file": checksum_record(dest)})
+    return True
+
+
+def _finish_dataset(split_stats: dict[str, PackStats], jobs: list[ShardJob], fp: str, dest: Path) -> dict[str, int]:
+    """Drop empty splits and write each split's ``load_from_disk`` metadata and the ``DatasetDict`` index."""
     splits = {}
     for split, st in split_stats.items():
         if st.rows:
             splits[split] = st.rows
+            names = [Path(j.out).name for j in jobs if j.split == split]
+            write_split_metadata(dest / split, names, hashlib.sha256(f"{fp}/{split}".encode()).hexdigest()[:16])
         else:
-            shutil.rmtree(dest / split)
+            shutil.rmtree(dest / split, ignore_errors=True)
     write_json_atomic(dest / "dataset_dict.json", {"splits": list(splits)})
     return splits
 

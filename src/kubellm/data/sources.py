@@ -66,19 +66,24 @@ class Source:
 
     def records(self, max_record_bytes: int, on_file: Callable[[], None] | None = None) -> Iterator[Raw]:
         """Raw records in order; ``on_file`` is called after each file (progress)."""
-        if self.kind == "hub":
+        for f in self.units():
+            yield from self.file_records(f, max_record_bytes)
+            if on_file:
+                on_file()
+
+    def units(self) -> list[InputFile | None]:
+        """What can be read independently, in order: each file, or the whole Hub dataset (``None``)."""
+        return [None] if self.kind == "hub" else list(self.files)
+
+    def file_records(self, f: InputFile | None, max_record_bytes: int) -> Iterator[Raw]:
+        """Raw records of one unit of :meth:`units`."""
+        if f is None:
             yield from _hub_records(self.cfg)
-            if on_file:
-                on_file()
-            return
-        for f in self.files:
-            if self.kind == "builtin":
-                read = (builtin.iter_stdlib if self.cfg.uri == "builtin://stdlib" else builtin.iter_stdlib_instruct)
-                yield from read([self.builtin_root / f.rel], self.builtin_root)  # type: ignore[operator,arg-type]
-            else:
-                yield from read_file(f, file_format(f.name, self.cfg.format), self.cfg, max_record_bytes)
-            if on_file:
-                on_file()
+        elif self.kind == "builtin":
+            read = (builtin.iter_stdlib if self.cfg.uri == "builtin://stdlib" else builtin.iter_stdlib_instruct)
+            yield from read([self.builtin_root / f.rel], self.builtin_root)  # type: ignore[operator,arg-type]
+        else:
+            yield from read_file(f, file_format(f.name, self.cfg.format), self.cfg, max_record_bytes)
 
     def fingerprint(self, h: Any) -> None:
         """Feed this source's identity and content into the hash ``h`` (streaming, 1 MiB at a time)."""
@@ -482,13 +487,18 @@ def iter_examples(cfg: DataConfig, sources: list[Source], on_file: Callable[[], 
                 return
             if src.cfg.max_records is not None and n >= src.cfg.max_records:
                 break
-            example = to_example(rec, src, cfg.kind, origin)
-            size = len(example) if isinstance(example, str) else sum(len(m["content"]) for m in example)
-            # Characters are at most 4 UTF-8 bytes: only encode when the cheap bound is inconclusive.
-            if size * 4 > cfg.max_record_bytes and _nbytes(example) > cfg.max_record_bytes:
-                raise DataError(f"{origin}: record larger than max_record_bytes ({cfg.max_record_bytes} bytes)")
             total += 1
-            yield origin, example, index
+            yield origin, checked_example(cfg, rec, src, origin), index
+
+
+def checked_example(cfg: DataConfig, rec: Any, src: Source, origin: str) -> str | list[dict[str, str]]:
+    """:func:`to_example`, refusing an example larger than ``max_record_bytes``."""
+    example = to_example(rec, src, cfg.kind, origin)
+    size = len(example) if isinstance(example, str) else sum(len(m["content"]) for m in example)
+    # Characters are at most 4 UTF-8 bytes: only encode when the cheap bound is inconclusive.
+    if size * 4 > cfg.max_record_bytes and _nbytes(example) > cfg.max_record_bytes:
+        raise DataError(f"{origin}: record larger than max_record_bytes ({cfg.max_record_bytes} bytes)")
+    return example
 
 
 def _nbytes(example: str | list[dict[str, str]]) -> int:

@@ -56,8 +56,25 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
         for kind in ("pytorchjob", "trainjob", "rayjob"):
             out.append((f"generated {kind} ({stage})",
                         build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base, plan_memory=False)))
+    out += _prep_rayjobs(run_cfg)
     out += _inferenceservices(run_cfg)
     out += _playground(run_cfg)
+    return out
+
+
+def _prep_rayjobs(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The prep RayJob of each data section whose engine is Ray (``data.engine: ray``)."""
+    from kubellm.k8s.rayjob import PREP_STAGES, build_prep_rayjob
+
+    out = []
+    for section in PREP_STAGES:
+        data = getattr(run_cfg, section, None)
+        if data is None or data.engine != "ray":
+            continue
+        if not data.cluster.nodes:  # prepares in place: show the job it would create with one worker
+            cluster = data.cluster.model_copy(update={"nodes": 1, "shared_pvc": data.cluster.shared_pvc or EXAMPLE_PVC})
+            run_cfg = run_cfg.model_copy(update={section: data.model_copy(update={"cluster": cluster})})
+        out.append((f"generated rayjob ({PREP_STAGES[section]})", build_prep_rayjob(run_cfg, section, EXAMPLE_DATA)))
     return out
 
 

@@ -134,3 +134,55 @@ def status_lines(obj: Mapping[str, Any]) -> list[str]:
         line += f" (Ray job {status['jobStatus']})"
     detail = " ".join(str(x) for x in (status.get("reason"), status.get("message")) if x)
     return [f"{line}: {detail}" if detail else line]
+
+
+# --------------------------------------------------------------------------------------------- data prep
+#: The run-config sections a prep RayJob prepares, and the stage whose placement its pods take.
+PREP_STAGES = {"data": "prep", "instruct_data": "prep_instruct"}
+
+
+def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
+                      data_fingerprint: str | None = None) -> dict[str, Any]:
+    """The RayJob in which ``kubellm prep`` prepares ``section`` (``data``/``instruct_data``) on Ray Data.
+
+    The Ray cluster is the training RayJob's (:func:`rayjob_spec`): a head that runs the driver (``num-cpus:
+    0``: no Ray Data task there) and ``<section>.cluster.nodes`` worker pods, with the prep stage's placement,
+    the restricted security context, the shared PVC at ``/mnt/kubellm`` and Kueue's queue labels on the job.
+    The entrypoint is ``kubellm prep`` with the run's sections inline (``--set``, as for training) and
+    ``cluster.nodes=0``, so the driver prepares in place on the cluster it runs in (``RAY_ADDRESS``), and
+    MLflow is written from the driver. ``out_dir`` and ``tokenizer_dir`` are paths on the shared PVC. The
+    name is a hash of the spec and ``data_fingerprint``, so a retried step re-attaches, and a resubmitted
+    job after a failure resumes from the shards already verified on the PVC.
+    """
+    from kubellm.k8s.training_job import _job_placement, _set_args, job_name, shared_path
+
+    if section not in PREP_STAGES:
+        raise ConfigError(f"prep section {section!r}: expected one of {sorted(PREP_STAGES)}")
+    data = getattr(run_cfg, section, None)
+    if data is None or data.engine != "ray" or not data.cluster.nodes:
+        raise ConfigError(f"{section}: a prep RayJob needs {section}.engine: ray and {section}.cluster.nodes ≥ 1")
+    stage = PREP_STAGES[section]
+    cl = data.cluster
+    dist = DistributedConfig(engine="rayjob", nodes=cl.nodes, shared_pvc=cl.shared_pvc,
+                             timeout_seconds=cl.timeout_seconds, ttl_seconds_after_finished=cl.ttl_seconds_after_finished)
+    placement = _job_placement(run_cfg.platform.placement(stage), dist, stage)
+    if placement.resources.gpus:
+        placement = placement.model_copy(update={"resources": placement.resources.model_copy(
+            update={"gpus": 0, "accelerator": None})})  # tokenizing is CPU work
+    spec = rayjob_spec(run_cfg, stage, dist, placement, [])
+    argv = ["kubellm", "prep", "--out", shared_path(out_dir, "out_dir"), "--section", section,
+            *(["--tokenizer", shared_path(tokenizer_dir, "tokenizer_dir")] if tokenizer_dir else []),
+            *_set_args(run_cfg, section), "--set", f"{section}.cluster.nodes=0"]
+    spec["entrypoint"] = shlex.join(argv)
+    name = job_name(stage, run_cfg.name, {"kind": "RayJob", "spec": spec, "data": data_fingerprint or argv[3]})
+    annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
+    if data_fingerprint:
+        annotations["kubellm.io/data-fingerprint"] = data_fingerprint
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": run_cfg.platform.namespace,
+                     "labels": {**job_labels(run_cfg, stage), **run_cfg.platform.queue_labels()},
+                     "annotations": annotations},
+        "spec": spec,
+    }

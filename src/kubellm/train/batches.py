@@ -103,7 +103,80 @@ def open_training_data(data_dir: str | Path, kind: str, command: str) -> Prepare
     return prepared
 
 
+class ShardedRows:
+    """The rows of one split of a sharded prep, read from its memory-mapped Arrow shards.
+
+    Nothing is loaded up front: each shard is mapped (the operating system pages in what is read and
+    may drop it again), so a corpus far larger than memory trains from a volume. Row ``i`` of the split
+    is row ``i - start`` of the shard that holds it; a micro-batch is one ``take`` per shard it touches,
+    returned as NumPy views of the shard's buffers (``datasets``' ``load_from_disk`` reads the same
+    files but converts every row to Python lists). Picklable (DataLoader worker processes map the
+    shards again).
+    """
+
+    def __init__(self, files: list[Path], again: str = "prepare it again (kubellm prep)") -> None:
+        self.files = list(files)
+        self.again = again
+        self._open()
+
+    def _open(self) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        tables = []
+        for f in self.files:
+            try:
+                tables.append(pa.ipc.open_stream(pa.memory_map(str(f))).read_all())
+            except (OSError, pa.ArrowException) as err:
+                raise DataError(f"{f}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+                                f"{self.again}") from None
+        self._tables = tables
+        self._starts = np.cumsum([0] + [t.num_rows for t in tables])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"files": self.files, "again": self.again}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.files, self.again = state["files"], state["again"]
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        import numpy as np
+
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"row index out of range 0..{len(self) - 1}")
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        rows: list[dict[str, Any]] = [{}] * len(idx)
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            taken = self._tables[s].take(idx[where] - self._starts[s])
+            cols = {}
+            for name in ("input_ids", "labels"):
+                arr = taken.column(name).combine_chunks()
+                # writable: the batch was copied out of the map by take; torch refuses read-only arrays
+                offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False, writable=True)
+                cols[name] = [values[offsets[k]:offsets[k + 1]] for k in range(len(where))]
+            for k, pos in enumerate(where):
+                rows[pos] = {"input_ids": cols["input_ids"][k], "labels": cols["labels"][k]}
+        return rows
+
+
+def open_split(prepared: PreparedDataset, split: str) -> Any:
+    """A split for training: :class:`ShardedRows` for a sharded prep, else ``datasets``' memory map."""
+    files = prepared.shard_files(split)
+    if files is None:
+        return prepared.load_split(split)
+    return ShardedRows(files, f"the prepared dataset {prepared.path} is corrupt: prepare it again (kubellm prep)")
+
+
 def load_splits(prepared: PreparedDataset) -> tuple[Any, Any | None]:
     """The train split and, where the dataset has one, the validation split."""
-    val = prepared.load_split("validation") if prepared.manifest.splits.get("validation") else None
-    return prepared.load_split("train"), val
+    val = open_split(prepared, "validation") if prepared.manifest.splits.get("validation") else None
+    return open_split(prepared, "train"), val

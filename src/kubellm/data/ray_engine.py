@@ -1,0 +1,268 @@
+"""The Ray engine of ``kubellm prep`` (``data.engine: ray``): the same steps as the local engine, run as
+Ray Data transformations across a Ray cluster's workers. The only module of :mod:`kubellm.data` that
+imports Ray (``kubellm[ray]``).
+
+Pass 1 (read, clean, de-duplicate, split), as a Ray Data plan:
+
+1. one row per *unit* (an input file, or a Hub dataset), consecutive units in blocks (up to four per
+   worker) → ``map_batches`` runs :func:`kubellm.data.shards.read_unit` on each unit of a block, on as
+   many workers as ``data.workers`` allows; a row
+   comes out per record read, dropped ones included (so the caps ``max_docs``/``max_records`` and the
+   drop counts are applied exactly as the local engine applies them: by record id);
+2. exact de-duplication is global: ``groupby(key)`` hash-partitions the kept records' ``(key, id)``
+   pairs across the cluster and keeps, per key, the record with the smallest id (the first in source
+   order, the one the local engine keeps); the others' ids are the duplicates;
+3. the read records are already in id order (units in order, ``preserve_order``): the driver streams
+   them into the text shards (:class:`~kubellm.data.shards.TextShards`; one pass over the kept text),
+   skipping the dropped ones and the duplicates. Only ``(key, id)`` pairs are shuffled for step 2, and
+   only the duplicates' ids (8 bytes each) come back to the driver; the text is not shuffled at all.
+
+Pass 3 (tokenize and pack): one Ray Data row per text shard → ``map_batches`` runs
+:func:`kubellm.data.shards.make_shard`, each task writing its output shard straight to the staging
+directory (a shared volume on a cluster) under a temporary name, renamed when complete, and its checksum
+sidecar last. Ray retries a task whose worker died (``max_retries``), so a killed worker costs only its
+in-flight units or shards; a killed driver leaves the staging directory for the next prep to resume.
+
+Pass 2 (the tokenizer) stays on the driver: it reads an evenly spaced sample of at most
+``tokenizer.max_train_bytes`` (100 MB by default) whatever the corpus size.
+
+Not distributed: MinHash near-duplicate removal (a greedy pass in record order; refused with this
+engine by the config), and the driver's single stream of kept text into text shards (one sequential
+read and write of the kept text, cheap beside tokenization; a corpus whose text the driver's volume
+cannot stream at the needed rate would want that step distributed too).
+
+``ray.init`` joins the cluster named by ``RAY_ADDRESS`` (what a RayJob's entrypoint gets), reuses an
+already connected Ray, or else starts a local one on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kubellm.config.data import DataConfig
+from kubellm.data import sources as src_mod
+from kubellm.data import tokenizer as tok_mod
+from kubellm.data.pack import Encoder
+from kubellm.data.shards import TEXT_DIR, ShardJob, TextShard, TextShards, make_shard, read_unit, units
+from kubellm.errors import KubellmError
+from kubellm.log import get_logger
+
+log = get_logger("kubellm.data")
+#: A task whose worker process or node died is run again this many times (application errors are not
+#: retried: bad input fails the same way every time).
+MAX_RETRIES = 3
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def init() -> Any:
+    """The ``ray`` module, connected: to ``RAY_ADDRESS`` when set, to a Ray already initialised in this
+    process, or to a new local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own lines report each phase
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # blocks reach the driver in dataset order
+    return ray
+
+
+@contextlib.contextmanager
+def _keep_message() -> Iterator[None]:
+    """In a task: a kubellm error keeps its own message in an attribute (Ray Data appends advice to the
+    message of an exception from a task; the attribute travels with the pickled exception)."""
+    try:
+        yield
+    except KubellmError as err:
+        err.kubellm_message = str(err)  # type: ignore[attr-defined]
+        raise
+
+
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    """A kubellm error raised in a Ray task, re-raised as itself: one line, not Ray's wrapped traceback."""
+    try:
+        yield
+    except Exception as err:
+        cause = _kubellm_cause(err)
+        if cause is None:
+            raise
+        raise type(cause)(getattr(cause, "kubellm_message", None) or str(cause).splitlines()[0]) from None
+
+
+def _kubellm_cause(err: BaseException) -> KubellmError | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, KubellmError) and not isinstance(cause, BaseException):
+            return e
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
+
+
+def _remote_args(cfg: DataConfig) -> dict[str, Any]:
+    import ray
+
+    return {"compute": ray.data.TaskPoolStrategy(size=cfg.workers), "num_cpus": 1, "max_retries": MAX_RETRIES,
+            "retry_exceptions": False}
+
+
+# --------------------------------------------------------------------------------------------- pass 1
+def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
+    """Pass 1 on Ray Data: the text shards and pass-1 statistics, equal to the local engine's."""
+    from kubellm.data.prepare import collect_stats
+
+    ray = init()
+    plan = units(sources)
+
+    def read(batch: Any) -> Iterator[Any]:
+        with _keep_message():
+            for unit, si in zip(batch["unit"].to_pylist(), batch["source"].to_pylist(), strict=True):
+                yield from read_unit(cfg, sources[si], unit, plan[unit][2])
+
+    with _one_line():
+        items = [{"unit": u, "source": si} for u, si, _ in plan]
+        # A task per block of consecutive units: one per unit for a few large files, a handful per worker
+        # for thousands of small ones (each Ray task costs milliseconds of scheduling).
+        parallel = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        records = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * parallel)).map_batches(
+            read, batch_size=None, batch_format="pyarrow", **_remote_args(cfg)).materialize()
+        counts = _counts(records)
+        per_unit: dict[int, int] = {}
+        for (unit, _), n in counts.items():
+            per_unit[unit] = per_unit.get(unit, 0) + n
+        allowed = _caps(cfg, plan, per_unit)
+        if allowed is not None:
+            cap = np.asarray(allowed, dtype=np.int64)
+            records = records.map_batches(lambda t: t.filter(t["record"].to_numpy() < cap[t["unit"].to_numpy()]),
+                                          batch_format="pyarrow").materialize()
+            counts = _counts(records)
+        else:
+            allowed = [per_unit.get(u, 0) for u, _, _ in plan]
+        per_source = [0] * len(sources)
+        for (_, si, _), n in zip(plan, allowed, strict=True):
+            per_source[si] += n
+        dropped: dict[str, int] = {}
+        for (_, reason), n in counts.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        dropped.pop("", 0)  # kept, not dropped
+        duplicates = np.empty(0, dtype=np.int64)
+        if cfg.cleaning.dedup:
+            # Only (key, id) pairs cross the cluster: the text stays in its block until the driver reads it.
+            later = records.map_batches(_keys, batch_format="pyarrow").groupby(
+                "key", num_partitions=parallel).map_groups(_later, batch_format="pyarrow")
+            found = [b["rid"].to_numpy() for b in later.iter_batches(batch_format="pyarrow", batch_size=None)]
+            duplicates = np.sort(np.concatenate(found)) if found else duplicates
+            dropped["duplicate"] = len(duplicates)
+        sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
+        last = -1
+        # The read records are in id order (units in order, preserve_order): the driver streams the kept
+        # ones into the text shards, skipping dropped records and the duplicates found above.
+        for batch in records.iter_batches(batch_format="pyarrow", batch_size=None):
+            ids = batch["rid"].to_numpy()
+            if len(ids) and (ids[0] <= last or (np.diff(ids) <= 0).any()):
+                raise RuntimeError("Ray Data returned the read records out of order")  # never expected
+            last = int(ids[-1]) if len(ids) else last
+            keep = (batch["drop"].to_numpy(zero_copy_only=False) == "") & ~np.isin(ids, duplicates)
+            rows = batch.filter(keep)
+            for split, text, origin in zip(rows["split"].to_pylist(), rows["text"].to_pylist(),
+                                           rows["origin"].to_pylist(), strict=True):
+                sinks.add(split, text, origin)
+    read_total = sum(allowed)
+    log.info("prep (ray): read %d records from %d units", read_total, len(plan))
+    return sinks.close(), collect_stats(cfg, sources, read_total, per_source, dropped, sinks.done)
+
+
+def _caps(cfg: DataConfig, plan: list[tuple[int, int, Any]], per_unit: dict[int, int]) -> list[int] | None:
+    """Records to keep from each unit under ``max_docs`` and the sources' ``max_records`` (the first ones
+    in source order, as the local engine reads them), or ``None`` without caps."""
+    caps = [s.max_records for s in cfg.sources]
+    if cfg.max_docs is None and all(c is None for c in caps):
+        return None
+    out, total, per_source = [], 0, [0] * len(cfg.sources)
+    for unit, si, _ in plan:
+        n = per_unit.get(unit, 0)
+        if cfg.max_docs is not None:
+            n = min(n, cfg.max_docs - total)
+        if caps[si] is not None:
+            n = min(n, caps[si] - per_source[si])  # type: ignore[operator]
+        n = max(n, 0)
+        out.append(n)
+        total += n
+        per_source[si] += n
+    return out
+
+
+def _counts(records: Any) -> dict[tuple[int, str], int]:
+    """Records per ``(unit, drop reason)`` (``""``: kept): counted per block on the workers, summed here
+    (no shuffle: the pairs are few, the records many)."""
+    def count(t: Any) -> Any:
+
+        return t.group_by(["unit", "drop"]).aggregate([("record", "count")])
+
+    out: dict[tuple[int, str], int] = {}
+    for row in records.map_batches(count, batch_format="pyarrow", batch_size=None).take_all():
+        key = (int(row["unit"]), str(row["drop"]))
+        out[key] = out.get(key, 0) + int(row["record_count"])
+    return out
+
+
+def _keys(t: Any) -> Any:
+    """``(key, rid)`` of the kept records of a block."""
+    import pyarrow.compute as pc
+
+    return t.filter(pc.equal(t["drop"], "")).select(["key", "rid"])
+
+
+def _later(group: Any) -> Any:
+    """Of the records sharing one key, the ids of all but the first in source order (the duplicates)."""
+    ids = group["rid"].to_numpy()
+    return group.filter(ids != ids.min()).select(["rid"])
+
+
+# --------------------------------------------------------------------------------------------- pass 3
+def make_shards(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -> None:
+    """Tokenize and pack ``jobs`` on the cluster's workers, each writing its own output shard."""
+    if not jobs:
+        return
+    ray = init()
+
+    def run(batch: Any) -> dict[str, list[str]]:
+        done = []
+        with _keep_message():
+            for row in batch.to_pylist():
+                job = ShardJob(**row)
+                tok = _tokenizer(root)
+                make_shard(cfg, tok, Encoder(tok_mod.backend(tok), 1), job, root, work)
+                done.append(job.name)
+        return {"shard": done}
+
+    with _one_line():
+        items = [asdict(j) for j in jobs]
+        made = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            run, batch_size=1, batch_format="pyarrow", **_remote_args(cfg),
+            # one encoding thread per task: each task already has its CPU
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}).take_all()
+    log.info("prep (ray): made %d shards", len(made))
+
+
+def _tokenizer(root: Path) -> Any:
+    """The staged tokenizer, loaded once per worker process."""
+    key = str(root)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = tok_mod.load_tokenizer(root / "tokenizer")
+    return _TOKENIZERS[key]
