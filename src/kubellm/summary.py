@@ -234,15 +234,24 @@ def headline(summary: dict[str, Any]) -> str:
 
 
 
+def run_page(experiment_id: str | None, run_id: str | None) -> str:
+    """The MLflow UI's page of a run (``#/…``), in its model-training view: MLflow 3's UI otherwise opens
+    in its GenAI view, whose experiment page shows traces and no runs."""
+    if not experiment_id or not run_id:
+        return ""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def next_steps(summary: dict[str, Any], config_arg: str | None = None) -> list[str]:
     """What a person does after a run, as commands that work for a ``pip install``ed kubellm: open the run
     in MLflow, serve the version it registered."""
     mlflow, lines = summary["mlflow"], []
     uri, parent = str(mlflow["tracking_uri"]), mlflow.get("parent_run_id")
+    page = run_page(mlflow.get("experiment_id"), parent)
     if uri.startswith("sqlite:///"):
-        lines.append(f"MLflow: mlflow ui --backend-store-uri {uri} --port 5000   (then http://127.0.0.1:5000)")
-    elif uri.startswith(("http://", "https://")) and parent and mlflow.get("experiment_id"):
-        lines.append(f"MLflow: {uri.rstrip('/')}/#/experiments/{mlflow['experiment_id']}/runs/{parent}")
+        lines.append(f"MLflow: mlflow ui --backend-store-uri {uri} --port 5000, then http://127.0.0.1:5000/{page}")
+    elif uri.startswith(("http://", "https://")) and page:
+        lines.append(f"MLflow: {uri.rstrip('/')}/{page}")
     else:
         lines.append(f"MLflow: {uri} (experiment {mlflow['experiment']})")
     model = summary.get("model")

@@ -161,6 +161,8 @@ def test_mlflow_ui_tells_the_story_of_the_runs(lifecycle, tmp_path: Path) -> Non
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from kubellm.summary import run_page
+
     workdir, _ = lifecycle
     store = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(store)
@@ -192,11 +194,15 @@ def test_mlflow_ui_tells_the_story_of_the_runs(lifecycle, tmp_path: Path) -> Non
             uri = healthy(*started)
             driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
             try:
-                driver.get(f"{uri}/#/experiments/{exp.experiment_id}")
+                # the model-training view (the link `kubellm run` prints says so: summary.run_page)
+                driver.get(f"{uri}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
                 names = [r.info.run_name for r in parents[:3]]
                 page_text(driver, *names)  # the runs, not an empty GenAI overview
                 driver.save_screenshot(str(tmp_path / "experiment.png"))
-                driver.get(f"{uri}/#/experiments/{exp.experiment_id}/runs/{resumed.info.run_id}")
+                driver.get(f"{uri}/{run_page(exp.experiment_id, resumed.info.run_id)}")
+                page_text(driver, "Description", "reused.evaluate")
+                for more in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
+                    more.click()  # the whole description (the UI folds long ones)
                 text = page_text(driver, "reused from earlier runs", "passed", "kubellm-local v")
                 driver.save_screenshot(str(tmp_path / "resumed-parent.png"))
             finally:
