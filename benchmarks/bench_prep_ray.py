@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from bench_prep import _peak_rss_mb  # one measurement of a command's peak memory for both prep benches
 
 BLOCK = 256
 VOCAB = 2048
@@ -93,18 +93,6 @@ def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path]:
             f"{sum(local.stats['shards'].values())} shards; outputs {'identical' if same else 'DIFFER'}; {_load()}")
     return [_row("prep seconds, ray (2 workers) vs local (num_proc=2)", t_ray, t_local, "<= 1.25x",
                  same and t_ray <= 1.25 * t_local, note)], local.path
-
-
-def _peak_rss_mb(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Peak RSS (MB) of ``cmd`` and its waited-for children, and wall seconds (a fresh wrapper process)."""
-    probe = ("import resource, subprocess, sys, time; t = time.time(); "
-             "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t, rc)")
-    out = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=cwd, capture_output=True, text=True, check=True)
-    kb, secs, rc = out.stdout.split()
-    if rc != "0":
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}")
-    return int(kb) / 1024, float(secs)
 
 
 def _memory(work: Path, small: float) -> list[dict]:
