@@ -116,16 +116,20 @@ def test_a_broken_adapter_is_never_registered(workdir: Path, tiny_models: dict[s
 
 
 def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champion(
-        workdir: Path, tiny_models: dict[str, Path]) -> None:
+        workdir: Path, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The pipeline's register step (issue 22): a LoRA fine-tune becomes an adapter version, its storage
     beside a merged copy's in the report; ``tracking.register_merged`` keeps merged versions; ``kubellm
-    serve`` with no ``--model`` serves the champion adapter version, asked with the real openai client."""
+    serve`` with no ``--model`` serves the champion adapter version, asked with the real openai client;
+    fine-tuning from it fetches it merged; a cluster deploy that could not load it is refused up front."""
     import openai
 
     from kubellm.config import RunConfig
+    from kubellm.errors import ServingError
     from kubellm.serve.app import BackgroundServer, build_app, load_model
     from kubellm.stages import StageContext
+    from kubellm.stages.deploy import deploy
     from kubellm.stages.registry import register
+    from kubellm.stages.train import fetch_model
 
     cfg = TrackingConfig(experiment="adapters", registered_model="tiny-lm")
     out = register(tiny_models["adapter"], StageContext.for_command(cfg, str(workdir)), base_model=tiny_models["full"])
@@ -147,4 +151,16 @@ def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champio
         client = openai.OpenAI(base_url=bg.url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)
         got = client.completions.create(model=run_cfg.serve.model_name, prompt=PROMPT, max_tokens=8,
                                         temperature=0).choices[0].text
-    assert got == _answer(str(tiny_models["adapter"]), cfg, workdir)
+    want = _answer(str(tiny_models["adapter"]), cfg, workdir)
+    assert got == want
+
+    ctx = StageContext.for_command(cfg, str(workdir))
+    fetched = tmp_path / "base"  # finetune.base_model: models:/tiny-lm@champion
+    fetch_model("models:/tiny-lm@champion", fetched, ctx)
+    assert (fetched / "config.json").is_file() and not (fetched / "adapter_config.json").exists()
+    assert _answer(str(fetched), cfg, workdir) == want
+
+    with pytest.raises(ServingError, match=r"models:/tiny-lm/1 is an adapter version \(base models:/tiny-lm-base/1\): "
+                                           r"the kubellm predictor pod cannot fetch its base"):
+        deploy(run_cfg, tmp_path / "deploy", ctx, target="cluster", model_uri="models:/tiny-lm/1")
+    assert not (tmp_path / "deploy" / "inferenceservice.yaml").exists()
