@@ -136,7 +136,8 @@ def _gate_rules(evaluation: Any) -> list[dict[str, Any]]:
 def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | None:
     if register_run is None:
         return None
-    versions = client.search_model_versions(f"run_id = '{register_run.info.run_id}'")
+    # the run's version of ``name``, not the base an adapter version's step may have registered with it
+    versions = [v for v in client.search_model_versions(f"run_id = '{register_run.info.run_id}'") if v.name == name]
     if not versions:
         return None
     from kubellm.tracking.registry import storage_figures
