@@ -137,7 +137,7 @@ def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champio
     assert out.values["uri"] == "models:/tiny-lm/1" and out.values["info"].tags["kind"] == "adapter"
     assert storage["kind"] == "adapter" and storage["base"] == "models:/tiny-lm-base/1"
     assert storage["storage_factor"] == round(storage["merged_storage_bytes"] / storage["storage_bytes"], 2) > 5
-    assert f"({storage['storage_factor']:.3g}x less)" in out.report
+    assert f"({storage['storage_factor']:.3g}x less)" in out.report_md
 
     merged_ctx = StageContext.for_command(cfg.model_copy(update={"register_merged": True}), str(workdir))
     merged = register(tiny_models["adapter"], merged_ctx, base_model=tiny_models["full"]).values
