@@ -8,7 +8,9 @@ from kubellm.components._base import component
 @component
 def register(tracking: dict, workdir: str, parent_run_id: str, model: Input[Model], base_model: Input[Model],
              evaluation: Input[Artifact], data_fingerprint: str, report: Output[Markdown]) -> str:
-    """Log the model with MLflow and register a new version with the alias ``candidate``.
+    """Log the model with MLflow and register a new version with the alias ``candidate``: a LoRA adapter
+    as an adapter version recording its base version (the base registered once, as ``<name>-base``), or
+    merged into its base with ``tracking.register_merged`` (a runtime that cannot load adapters).
 
     Runs only after the promotion gate passed. ``champion`` is set later, by the deploy step, once the
     new version serves healthy traffic.

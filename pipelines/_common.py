@@ -99,7 +99,7 @@ class Context:
         """The tracking section as a task argument; locally with the URI resolved (the sqlite store's made
         absolute, so every task process, whatever its working directory, writes to the same store; a
         ``$MLFLOW_TRACKING_URI``'s password moved out of it, as task arguments are shown)."""
-        t = self.cfg.tracking.model_copy()
+        t = self.cfg.tracking.model_copy(update={"register_merged": self.cfg.merged_versions(self.target)})
         if self.target == "local" and t.enabled and t.uri is None:
             from kubellm.tracking import resolve_tracking_uri
 

@@ -136,11 +136,16 @@ def _gate_rules(evaluation: Any) -> list[dict[str, Any]]:
 def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | None:
     if register_run is None:
         return None
-    versions = client.search_model_versions(f"run_id = '{register_run.info.run_id}'")
+    # the run's version of ``name``, not the base an adapter version's step may have registered with it
+    versions = [v for v in client.search_model_versions(f"run_id = '{register_run.info.run_id}'") if v.name == name]
     if not versions:
         return None
+    from kubellm.tracking.registry import storage_figures
+
     mv = client.get_model_version(name, max(versions, key=lambda v: int(v.version)).version)
-    return {"name": mv.name, "version": int(mv.version), "aliases": sorted(mv.aliases or [])}
+    # what the version stores: an adapter version's bytes beside a merged copy's (storage_factor)
+    return {"name": mv.name, "version": int(mv.version), "aliases": sorted(mv.aliases or []),
+            **storage_figures(dict(mv.tags or {}))}
 
 
 def _deployment(deploy_run: Any) -> dict[str, Any] | None:
@@ -229,7 +234,11 @@ def headline(summary: dict[str, Any]) -> str:
     elif summary.get("closed_by"):
         parts.append(summary["closed_by"])
     if model:
-        parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]")
+        from kubellm.tracking.registry import storage_line
+
+        stored = storage_line(model)
+        parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]"
+                     + (f": {stored}" if stored else ""))
     return "; ".join(parts)
 
 

@@ -61,7 +61,7 @@ def test_two_first_runs_in_an_empty_folder_both_finish_and_the_newest_is_champio
     assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
 
 
-def test_lifecycle_runs_end_to_end_and_registers(lifecycle) -> None:
+def test_lifecycle_runs_end_to_end_and_registers(lifecycle, first_runs) -> None:
     workdir, s = lifecycle
     assert s["status"] == "FINISHED" and s["failed_stage"] is None
     assert [r["stage"] for r in s["stages"]][:7] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
@@ -83,6 +83,14 @@ def test_lifecycle_runs_end_to_end_and_registers(lifecycle) -> None:
     parent = client.get_run(s["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["pipeline"] == "llm-lifecycle" and parent.data.tags["kfp_run_id"]
+    # the release is an adapter version recording its base version, and the summary says what that saves
+    model = s["model"]
+    mv = client.get_model_version("kubellm-local", str(model["version"]))
+    assert model["kind"] == "adapter" and mv.tags["kind"] == "adapter" and mv.tags["base_fingerprint"]
+    assert model["base"] == f"models:/kubellm-local-base/{mv.tags['base_version']}"
+    assert client.get_model_version("kubellm-local-base", mv.tags["base_version"]).tags["kind"] == "base"
+    assert model["storage_factor"] > 2 and model["merged_storage_bytes"] > 2 * model["storage_bytes"]
+    assert f"({model['storage_factor']:.3g}x less)" in first_runs[1][0][2]  # printed in the headline
 
 
 def test_a_failing_stage_stops_the_run_and_is_named(lifecycle, tmp_path: Path) -> None:

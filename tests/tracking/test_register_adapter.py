@@ -113,3 +113,54 @@ def test_a_broken_adapter_is_never_registered(workdir: Path, tiny_models: dict[s
         register_adapter(cfg, workdir, broken, run_id=tr.run_id, base_model=tiny_models["full"])
     with pytest.raises(TrackingError, match="not a LoRA adapter"):
         register_adapter(cfg, workdir, tiny_models["full"], run_id="x", base_model=tiny_models["full"])
+
+
+def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champion(
+        workdir: Path, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The pipeline's register step (issue 22): a LoRA fine-tune becomes an adapter version, its storage
+    beside a merged copy's in the report; ``tracking.register_merged`` keeps merged versions; ``kubellm
+    serve`` with no ``--model`` serves the champion adapter version, asked with the real openai client;
+    fine-tuning from it fetches it merged; a cluster deploy that could not load it is refused up front."""
+    import openai
+
+    from kubellm.config import RunConfig
+    from kubellm.errors import ServingError
+    from kubellm.serve.app import BackgroundServer, build_app, load_model
+    from kubellm.stages import StageContext
+    from kubellm.stages.deploy import deploy
+    from kubellm.stages.registry import register
+    from kubellm.stages.train import fetch_model
+
+    cfg = TrackingConfig(experiment="adapters", registered_model="tiny-lm")
+    out = register(tiny_models["adapter"], StageContext.for_command(cfg, str(workdir)), base_model=tiny_models["full"])
+    storage = out.values["storage"]
+    assert out.values["uri"] == "models:/tiny-lm/1" and out.values["info"].tags["kind"] == "adapter"
+    assert storage["kind"] == "adapter" and storage["base"] == "models:/tiny-lm-base/1"
+    assert storage["storage_factor"] == round(storage["merged_storage_bytes"] / storage["storage_bytes"], 2) > 5
+    assert f"({storage['storage_factor']:.3g}x less)" in out.report_md
+
+    merged_ctx = StageContext.for_command(cfg.model_copy(update={"register_merged": True}), str(workdir))
+    merged = register(tiny_models["adapter"], merged_ctx, base_model=tiny_models["full"]).values
+    assert merged["uri"] == "models:/tiny-lm/2" and merged["info"].tags["adapter"] == "true"
+    assert merged["storage"] == {"kind": "merged", "storage_bytes": storage["merged_storage_bytes"]}
+
+    promote(cfg, workdir, 1)
+    run_cfg = RunConfig(workdir=str(workdir), tracking=cfg, serve={"precision": "fp32"})
+    model = load_model(run_cfg)  # no --model: models:/tiny-lm@champion, the adapter version and its base
+    with BackgroundServer(build_app(model)) as bg:
+        client = openai.OpenAI(base_url=bg.url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)
+        got = client.completions.create(model=run_cfg.serve.model_name, prompt=PROMPT, max_tokens=8,
+                                        temperature=0).choices[0].text
+    want = _answer(str(tiny_models["adapter"]), cfg, workdir)
+    assert got == want
+
+    ctx = StageContext.for_command(cfg, str(workdir))
+    fetched = tmp_path / "base"  # finetune.base_model: models:/tiny-lm@champion
+    fetch_model("models:/tiny-lm@champion", fetched, ctx)
+    assert (fetched / "config.json").is_file() and not (fetched / "adapter_config.json").exists()
+    assert _answer(str(fetched), cfg, workdir) == want
+
+    with pytest.raises(ServingError, match=r"models:/tiny-lm/1 is an adapter version \(base models:/tiny-lm-base/1\): "
+                                           r"the kubellm predictor pod cannot fetch its base"):
+        deploy(run_cfg, tmp_path / "deploy", ctx, target="cluster", model_uri="models:/tiny-lm/1")
+    assert not (tmp_path / "deploy" / "inferenceservice.yaml").exists()

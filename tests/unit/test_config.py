@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_dotted() -> None:
         (["data.sources.7.uri=x"], "not a valid list index"),
         (["data.max_docs"], "expected KEY=VALUE"),
         (["platform.stages.nonsense.timeout_seconds=5"], "unknown stage"),
+        (["deploy.runtime=huggingface", "tracking.register_merged=false"], "cannot load an adapter version"),
     ],
 )
 def test_invalid_config_names_the_field(overrides: list[str], needle: str) -> None:
@@ -67,6 +68,17 @@ def test_invalid_config_names_the_field(overrides: list[str], needle: str) -> No
     msg = str(info.value)
     assert needle in msg
     assert "\n" not in msg
+
+
+def test_the_register_step_stores_adapter_versions_unless_the_deployment_needs_merged_ones() -> None:
+    cfg = load_config("configs/local.yaml")
+    assert cfg.tracking.register_merged is None
+    assert cfg.merged_versions("local") is False  # make run: adapter versions
+    assert cfg.merged_versions("cluster") is True  # the kubellm predictor pod cannot fetch the base
+    assert load_config("configs/local.yaml", ["serve.base_model=/mnt/base"]).merged_versions("cluster") is False
+    assert load_config("configs/local.yaml", ["deploy.runtime=huggingface"]).merged_versions("local") is True
+    assert load_config("configs/local.yaml", ["tracking.register_merged=true"]).merged_versions("local") is True
+    assert load_config("configs/local.yaml", ["tracking.register_merged=false"]).merged_versions("cluster") is False
 
 
 def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:

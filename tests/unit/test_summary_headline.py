@@ -21,6 +21,20 @@ def test_headline_shows_perplexity_and_the_code_metric_against_the_base() -> Non
                     "Python code 16% vs base 0%); model kubellm-local v1 [candidate, champion]")
 
 
+def test_headline_shows_what_an_adapter_version_stores_beside_a_merged_copy() -> None:
+    from kubellm.tracking.registry import storage_figures
+
+    tags = {"kind": "adapter", "base_name": "kubellm-local-base", "base_version": "1",
+            "storage_bytes": str(1_200_000), "merged_storage_bytes": str(5_000_000)}
+    model = {"name": "kubellm-local", "version": 2, "aliases": ["candidate"], **storage_figures(tags)}
+    assert model["storage_factor"] == 4.17 and model["base"] == "models:/kubellm-local-base/1"
+    assert headline(_summary({}, gate=None, model=model)).endswith(
+        "model kubellm-local v2 [candidate]: adapter 1.14 MiB vs 4.77 MiB merged (4.17x less), on "
+        "models:/kubellm-local-base/1")
+    merged = storage_figures({"adapter": "true", "storage_bytes": "5000000"})
+    assert merged == {"kind": "merged", "storage_bytes": 5_000_000}
+
+
 def test_headline_without_a_code_metric_or_a_gate() -> None:
     assert headline(_summary({"perplexity": 310.0, "base_perplexity": 520.0}, gate=False)) == (
         "llm-lifecycle local-1: FINISHED; gate failed; perplexity 310 vs base 520")

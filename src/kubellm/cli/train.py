@@ -122,13 +122,15 @@ def register(model: ModelOpt, base: BaseOpt = None,
              run_id: Annotated[str | None, typer.Option(
                  "--run-id", help="MLflow run to log the model under (default: a new 'register' run).")] = None,
              config: ConfigOpt = None, overrides: SetOpt = None) -> None:
-    """Register a model (an adapter is merged into its base) as a new version with alias 'candidate'."""
+    """Register a model as a new version with alias 'candidate': a LoRA adapter with a local --base as an
+    adapter version recording its base version, or merged into its base (tracking.register_merged)."""
     cfg = load(config, overrides, reads=())
     from dataclasses import replace
 
     from kubellm.stages import registry
 
     ctx = _context(cfg)
+    ctx = replace(ctx, tracking=cfg.tracking.model_copy(update={"register_merged": cfg.merged_versions()}))
     if run_id:
         ctx = replace(ctx, attach_run_id=run_id)
     _print_version("registered", registry.register(model, ctx, base_model=base).values["info"])

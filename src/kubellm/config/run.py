@@ -84,7 +84,19 @@ class RunConfig(StrictModel):
         if "model_name" not in self.serve.model_fields_set and _SERVED_NAME.match(self.tracking.registered_model):
             # Clients see the model under the registry's name (``model: kubellm-local``), not "kubellm".
             self.serve.model_name = self.tracking.registered_model
+        if self.tracking.register_merged is False and self.deploy.runtime == "huggingface":
+            raise ValueError("tracking.register_merged: false with deploy.runtime huggingface: KServe's Hugging Face "
+                             "runtime cannot load an adapter version; set tracking.register_merged: true")
         return self
+
+    def merged_versions(self, target: str = "local") -> bool:
+        """Whether the register step stores merged versions (``tracking.register_merged``; ``None`` decided
+        here for ``target``, ``local`` or ``cluster``)."""
+        if self.tracking.register_merged is not None:
+            return self.tracking.register_merged
+        if self.deploy.runtime == "huggingface":
+            return True
+        return target == "cluster" and self.deploy.runtime == "kubellm" and self.serve.base_model is None
 
     def release(self) -> ReleaseConfig:
         """The sections the deploy step reads at run time."""

@@ -52,6 +52,8 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
     with ctx.stage("deploy") as tracker:
         storage = storage_uri or cfg.deploy.storage_uri
         if storage is None and version is not None and ctx.tracking.enabled:
+            if target == "cluster":
+                _loadable_in_pod(cfg, registry.version_info(ctx.tracking, ctx.workdir, version))
             storage = registry.download_uri(ctx.tracking, ctx.workdir, version)
         isvc = build_inferenceservice(cfg, storage, model_version=version)
         manifest = out / "inferenceservice.yaml"
@@ -89,6 +91,22 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
     return StageOutput({"healthy": 1.0, "seconds": seconds}, report,
                        {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases,
                         "status": status, "detail": detail})
+
+
+def _loadable_in_pod(cfg: RunConfig, info: Any) -> None:
+    """Refuse, before anything is applied, an adapter version the predictor pod could not start with: KServe
+    downloads one storage URI (the adapter's files), and the pod has no registry access to fetch the base
+    the adapter records; ``runtime: kubellm`` with ``serve.base_model`` (the base's location in the pod)
+    can. Adapters on a shared base on a cluster: ``runtime: llm-inference-service``."""
+    if info.tags.get("kind") != "adapter":
+        return
+    base = f"models:/{info.tags.get('base_name')}/{info.tags.get('base_version')}"
+    if cfg.deploy.runtime == "kubellm" and cfg.serve.base_model:
+        return
+    raise ServingError(f"{info.uri} is an adapter version (base {base}): the {cfg.deploy.runtime} predictor pod cannot "
+                       "fetch its base from the registry; register merged versions (tracking.register_merged: true)"
+                       + (" or set serve.base_model to the base's location in the pod" if cfg.deploy.runtime == "kubellm"
+                          else ""))
 
 
 def _run_config(config: RunConfig | ReleaseConfig | dict[str, Any], platform: PlatformConfig | dict[str, Any] | None,

@@ -36,7 +36,7 @@ def compare_to_champion(config: EvalConfig | dict[str, Any], candidate_results: 
     """Evaluate the current champion on the same held-out data; ``passed`` when the candidate beats it
     (:func:`~kubellm.train.compare.beats_champion`) or there is no champion."""
     from kubellm.stages.registry import resolve_model
-    from kubellm.tracking.registry import CHAMPION, champion_info, model_uri
+    from kubellm.tracking.registry import ADAPTER_BASE_RECORD, CHAMPION, champion_info, model_uri
     from kubellm.train.compare import CHAMPION_METRICS, beats_champion
     from kubellm.train.evaluate import EvalResult
     from kubellm.train.evaluate import evaluate as run
@@ -51,8 +51,11 @@ def compare_to_champion(config: EvalConfig | dict[str, Any], candidate_results: 
     cfg.gate = GateConfig(max_perplexity_ratio=None, max_empty_answer_rate=None, max_generation_drop=None,
                           max_benchmark_drop=None)
     champ_dir = resolve_model(model_uri(ctx.tracking.registered_model, alias=CHAMPION), ctx)
+    # an adapter version runs on the base it records (fetched with it), not on this run's base: that may be
+    # another one (a fine-tune of the champion itself, say)
+    champ_base = None if (Path(champ_dir) / ADAPTER_BASE_RECORD).is_file() else base_model
     with ctx.stage("evaluate_champion", cfg) as tracker:
-        res = run(cfg, champ_dir, data_dir, out_dir, base_model=base_model, tracker=tracker)
+        res = run(cfg, champ_dir, data_dir, out_dir, base_model=champ_base, tracker=tracker)
         passed = beats_champion(cand, res.metrics)
         tracker.log_metrics({"candidate_better": float(passed)})
     rows = [(k, cand.get(k), res.metrics.get(k)) for k in CHAMPION_METRICS if k in cand or k in res.metrics]

@@ -39,7 +39,15 @@ def fetch_model(ref: str, out_dir: str | Path, ctx: StageContext) -> str:
 
     src = Path(resolve_model(ref, ctx)) if ref.startswith("models:/") else Path(ref)
     with atomic_dir(out_dir) as tmp:
-        if src.is_dir():
+        if ref.startswith("models:/") and (src / "adapter_config.json").is_file():
+            # an adapter version (a champion, say): its base lies in this process's workdir only, so the
+            # base the next steps train on is the adapter merged into it, a self-contained model
+            from kubellm.train.model import load_causal_lm
+
+            lm = load_causal_lm(src, device="cpu", merge_adapter=True)
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+        elif src.is_dir():
             shutil.copytree(src, tmp, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "checkpoints"))
         elif src.exists():

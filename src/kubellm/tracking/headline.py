@@ -42,7 +42,9 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
             head["gate_failure"] = ev.data.tags[CLOSES_TAG]
     reg = _latest(children, "register")
     if reg is not None:
-        versions = client.search_model_versions(f"run_id = '{reg.info.run_id}'")
+        # not the base an adapter version's register step may have registered in the same run
+        versions = [v for v in client.search_model_versions(f"run_id = '{reg.info.run_id}'")
+                    if (v.tags or {}).get("kind") != "base"]
         if versions:
             mv = max(versions, key=lambda v: int(v.version))
             head["registered"] = f"{mv.name} v{mv.version}"

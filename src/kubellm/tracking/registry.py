@@ -18,8 +18,7 @@ adapter files (megabytes) and ``kubellm-base.json``, naming the base version it 
 registered once as a version of ``<name>-base``, found again by its content fingerprint
 (:func:`weights_fingerprint`: the tensors, not the file bytes, so a registry round trip keeps it).
 Resolving such a version fetches the base as well and checks its fingerprint. The pipeline's register
-step still registers merged versions (wiring ``register_adapter`` into the release flow is left to the
-pipeline's owners).
+step registers adapter versions unless ``tracking.register_merged`` (:mod:`kubellm.stages.registry`).
 """
 
 from __future__ import annotations
@@ -239,7 +238,8 @@ def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str 
                     "storage_bytes": str(weights.stat().st_size),
                     "merged_storage_bytes": base.tags.get("storage_bytes", ""), **(tags or {})}
     for key, value in (metrics or {}).items():
-        version_tags[f"metric.{key}"] = f"{float(value):.6g}"
+        if key in HEADLINE_METRICS:  # as register_model: the version's run holds them all
+            version_tags[f"metric.{key}"] = f"{float(value):.6g}"
     with tempfile.TemporaryDirectory(prefix="kubellm-adapter-") as tmp, \
             mlflow_errors(uri, f"registering adapter {adapter_dir} as {cfg.registered_model!r}"):
         for name in _ADAPTER_FILES:
@@ -258,6 +258,35 @@ def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str 
         mv = client.get_model_version(cfg.registered_model, mv.version)
     log.info("registered adapter %s version %s (%s) on base %s", mv.name, mv.version, CANDIDATE, base.uri)
     return _info(mv)
+
+
+def storage_figures(tags: dict[str, str]) -> dict[str, Any]:
+    """What a version stores, from its tags: ``kind`` (``adapter`` or ``merged``), ``storage_bytes``, and
+    for an adapter version its ``base`` (``models:/<name>-base/<version>``), ``merged_storage_bytes`` (what
+    a merged copy stores: its base's weights) and ``storage_factor`` (merged / adapter). Versions registered
+    before these tags existed give what they have."""
+    out: dict[str, Any] = {"kind": "adapter" if tags.get("kind") == "adapter" else "merged"}
+    for key in ("storage_bytes", "merged_storage_bytes"):
+        if tags.get(key, "").isdigit():
+            out[key] = int(tags[key])
+    if out["kind"] == "adapter":
+        out["base"] = f"models:/{tags.get('base_name')}/{tags.get('base_version')}"
+        if out.get("storage_bytes") and out.get("merged_storage_bytes"):
+            out["storage_factor"] = round(out["merged_storage_bytes"] / out["storage_bytes"], 2)
+    return out
+
+
+def storage_line(storage: dict[str, Any]) -> str:
+    """``adapter 1.1 MiB vs 4.8 MiB merged (4.2x less), on models:/x-base/1``, or a merged version's size."""
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.3g} MiB"
+
+    if "storage_factor" in storage:
+        return (f"adapter {mib(storage['storage_bytes'])} vs {mib(storage['merged_storage_bytes'])} merged "
+                f"({storage['storage_factor']:.3g}x less), on {storage['base']}")
+    if "storage_bytes" in storage:
+        return f"{storage['kind']} {mib(storage['storage_bytes'])}"
+    return ""
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
@@ -417,6 +446,14 @@ def version_aliases(cfg: TrackingConfig, workdir: str | Path, version: int) -> l
     with mlflow_errors(uri, f"reading the aliases of {cfg.registered_model} version {version}"):
         mv = _get_version(client, cfg.registered_model, str(version), uri)
     return sorted(mv.aliases or [])
+
+
+def version_info(cfg: TrackingConfig, workdir: str | Path, version: int) -> ModelVersionInfo:
+    """Version ``version`` of the configured model, with its tags (``kind`` says adapter or merged)."""
+    _require_enabled(cfg, "reading a model version")
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"reading {cfg.registered_model} version {version}"):
+        return _info(_get_version(client, cfg.registered_model, str(version), uri))
 
 
 def download_uri(cfg: TrackingConfig, workdir: str | Path, version: int) -> str:
