@@ -102,7 +102,7 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
                        "rules": _gate_rules(evaluation),
                        "gate_failure": evaluation.data.tags.get(CLOSES_TAG) if evaluation is not None else None},
         "closed_by": closed,
-        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": exp.experiment_id,
+        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": parent.info.experiment_id,
                    "parent_run_id": parent.info.run_id},
         "model": _registered(client, cfg.registered_model, by_stage.get("register")),
         "deployment": _deployment(by_stage.get("deploy")),

@@ -278,6 +278,10 @@ def test_failing_gate_removes_the_candidate_and_leaves_the_champion(api, make_cf
     bench = Gate(api, {"support-v2"} if failing == "benchmark" else set())
     try:
         result = _release(api, desired, 2, smoke, bench)
+        # the rollback's edit is reconciled by the controller's next poll: wait for it (bounded)
+        deadline = time.monotonic() + 30
+        while (not kserve.seen or kserve.seen[-1] != ["support"]) and time.monotonic() < deadline:
+            time.sleep(POLL)
     finally:
         kserve.finish()
     assert result.status == "rolled_back"

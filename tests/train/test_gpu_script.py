@@ -28,7 +28,9 @@ def test_dry_run_on_cpu_measures_every_part_and_says_qlora_was_skipped(tmp_path:
     by = {r["measure"]: r for r in rows}
     for preset in ("125m", "1b"):
         assert by[f"pretrain {preset} bf16 tokens/s"]["value"] > 0
-        assert 0 < by[f"MFU pretrain {preset} bf16 (of the measured matmul peak)"]["value"] < 1
+        # > 0 only: on a loaded CPU the measured matmul "peak" can come out below the training step's own
+        # rate (MFU 2.07 seen at load 3); the ratio is a figure for `make bench` on a GPU, not a test
+        assert by[f"MFU pretrain {preset} bf16 (of the measured matmul peak)"]["value"] > 0
     skipped = by["QLoRA 1b: SKIPPED (LoRA without 4-bit measured instead)"]
     assert skipped["value"] > 0 and "no CUDA device" in skipped["note"]
     assert by["predictor generated tokens/s"]["value"] > 0
