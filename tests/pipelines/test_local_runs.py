@@ -171,15 +171,17 @@ def test_mlflow_ui_tells_the_story_of_the_runs(lifecycle, tmp_path: Path) -> Non
 
     from kubellm.summary import run_page
 
-    workdir, _ = lifecycle
+    workdir, done = lifecycle
+    # its own resumed run (every pure step reused), not another test's: no test reads another's side effects
+    code, resumed_summary, out = kubellm_run(workdir, "--resume", done["run_name"])
+    assert code == 0, out[-3000:]
     store = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("kubellm-local")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     parents = client.search_runs([exp.experiment_id], "tags.run_kind = 'parent'", order_by=["attributes.start_time DESC"])
-    resumed = next((r for r in parents if "reused.evaluate" in r.data.tags), None)
-    if resumed is None:
-        pytest.skip("no resumed run in this module's store (run the whole module)")
+    resumed = client.get_run(resumed_summary["mlflow"]["parent_run_id"])
+    assert "reused.evaluate" in resumed.data.tags
 
     def page_text(driver, *needles: str) -> str:
         try:
