@@ -122,7 +122,6 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     the version stores."""
     _require_enabled(cfg, "registering a model")
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from kubellm.train.checkpoint import nonfinite_names
     from kubellm.train.model import is_adapter_dir, load_causal_lm
@@ -207,8 +206,6 @@ def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str 
     import json
     import tempfile
 
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     from kubellm.train.checkpoint import nonfinite_names
     from kubellm.train.model import is_adapter_dir
 
@@ -287,6 +284,20 @@ def storage_line(storage: dict[str, Any]) -> str:
     if "storage_bytes" in storage:
         return f"{storage['kind']} {mib(storage['storage_bytes'])}"
     return ""
+
+
+def _use_tracking_uri(uri: str) -> Any:
+    """MLflow's private ``_use_tracking_uri`` (the process-wide URI, scoped to a block): ``log_model`` and
+    the registry's source resolution read only that. The one place kubellm reaches it: a renamed or moved
+    name fails in one line naming the installed MLflow, not as an ImportError deep in registration."""
+    from importlib import metadata
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri as scoped
+    except ImportError:
+        raise TrackingError(f"mlflow {metadata.version('mlflow')}: no mlflow.tracking._tracking_service.utils."
+                            "_use_tracking_uri, which kubellm's registration needs (tested with mlflow 3.17)") from None
+    return scoped(uri)
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
