@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml
 	@: > $(SETUP_LOG)
 	@# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on a CPU machine.
 	@$(call quietly,torch 2.13 (CPU),$(BIN)/python -m pip install torch==2.13.0)
-	@$(call quietly,kubellm with its dev/ray/eval extras (editable),$(BIN)/python -m pip install -e '.$(EXTRAS)' torch==2.13.0)
+	@# The rest with uv (same resolution as pip, ~10x faster: ~1 min instead of ~5 on 2 cores); bytecode
+	@# compiled at install, since PYTHONDONTWRITEBYTECODE would otherwise recompile every import every time.
+	@$(call quietly,uv (the installer),$(BIN)/python -m pip install 'uv>=0.9,<1')
+	@$(call quietly,kubellm with its dev/ray/eval extras (editable),$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.$(EXTRAS)' torch==2.13.0)
 	@touch $@
 	@echo "  done: $(VENV) is ready"
 
