@@ -19,6 +19,7 @@ help:  ## list the targets
 
 SETUP_LOG := $(VENV)/setup.log
 EXTRAS := [dev,ray,eval]
+UV_REQ := uv>=0.9,<1
 # $(call quietly,WHAT,COMMAND): one line of progress; pip's and setuptools' output goes to SETUP_LOG,
 # whose tail (and name) is printed when the step fails.
 quietly = printf '  %s\n' "$(1)"; $(2) >>$(SETUP_LOG) 2>&1 || { echo "error: $(1) failed (full log: $(SETUP_LOG)):" >&2; tail -n 15 $(SETUP_LOG) >&2; exit 1; }
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml
 	@$(call quietly,torch 2.13 (CPU),$(BIN)/python -m pip install torch==2.13.0)
 	@# The rest with uv (same resolution as pip, ~10x faster: ~1 min instead of ~5 on 2 cores); bytecode
 	@# compiled at install, since PYTHONDONTWRITEBYTECODE would otherwise recompile every import every time.
-	@$(call quietly,uv (the installer),$(BIN)/python -m pip install 'uv>=0.9,<1')
+	@$(call quietly,uv (the installer),$(BIN)/python -m pip install '$(UV_REQ)')
 	@$(call quietly,kubellm with its dev/ray/eval extras (editable),$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.$(EXTRAS)' torch==2.13.0)
 	@touch $@
 	@echo "  done: $(VENV) is ready"
