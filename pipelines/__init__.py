@@ -1,42 +1,15 @@
 """KFP pipelines: composition only (installed as ``kubellm.pipelines``); ``api`` is the public API for
-users' own pipelines.
+users' own pipelines, and the built-in pipelines are written with it.
 
-``PIPELINES`` maps each pipeline's name to the function that builds it from a run config and a target
-(``local`` for KFP's local runner, ``cluster`` for a compiled pipeline with Kubernetes placement).
+A built-in pipeline is one file here: a public module with ``NAME`` and ``build(b: Builder)`` that
+returns the function it decorates with ``@b.pipeline(NAME, description)`` — exactly what a pipeline file
+of your own holds (``kubellm run --pipeline FILE.py``). Nothing lists them:
+:func:`kubellm.pipeline_params.builtin_pipelines` finds them in this package's folders (its parameters
+for ``kubellm run --help`` included) without importing kfp, ``kubellm compile`` compiles every one, and
+the run summary's stages are those the builder recorded while building (``Builder.stages``). Each step's
+display name, placement, retries, caching and MLflow stage come from ``api.STEPS``; ``_blocks`` holds the
+pieces several built-ins share.
+
+Importing this package imports nothing else (no kfp): the command line reads the pipelines' names and
+parameters through it before deciding to build one.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-from kubellm.config import RunConfig
-from kubellm.errors import ConfigError
-from kubellm.pipelines import continuous, finetune, lifecycle, sweep
-from kubellm.pipelines._common import Context, Target
-
-PIPELINES: dict[str, Callable[[Context], Any]] = {
-    lifecycle.NAME: lifecycle.build,
-    finetune.NAME: finetune.build,
-    sweep.NAME: sweep.build,
-    continuous.NAME: continuous.build,
-}
-
-#: Stages of each pipeline in the order they run (the run summary lists them in this order);
-#: ``finetune.*`` stands for every trial of a sweep. The playground has no stage of its own: the deploy
-#: stage opens it.
-STAGES: dict[str, list[str]] = {
-    lifecycle.NAME: ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy"],
-    finetune.NAME: ["prep_instruct", "finetune", "evaluate", "register", "deploy"],
-    sweep.NAME: ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy"],
-    continuous.NAME: ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion", "register",
-                      "deploy"],
-}
-
-
-def build(name: str, cfg: RunConfig, target: Target, *, run_id: str | None = None, caching: bool = True) -> Any:
-    """The pipeline function ``name`` built for ``target`` from ``cfg`` (validated before anything).
-    ``run_id``: a local run's id; ``caching=False``: no step cacheable (see :class:`Context`)."""
-    if name not in PIPELINES:
-        raise ConfigError(f"unknown pipeline {name!r}; expected one of {sorted(PIPELINES)}")
-    return PIPELINES[name](Context(cfg, target, run_id, caching))

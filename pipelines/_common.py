@@ -1,12 +1,15 @@
 """What every kubellm pipeline shares: compile-time settings applied from the run config.
 
-One helper, :func:`configure`, gives a task its display name, retry policy, caching choice and — when
-compiling for a cluster — its Kubernetes placement (image, resources, accelerators, node selector,
+One helper, :meth:`Context.configure`, gives a task its display name, retry policy, caching choice and —
+when compiling for a cluster — its Kubernetes placement (image, resources, accelerators, node selector,
 tolerations, PVCs, secrets, pull secrets, timeout, labels, security context) with kfp-kubernetes.
 Locally the placement is skipped: KFP's local runner ignores kfp-kubernetes settings anyway, and the
 runtime image is the current Python environment.
 
-Caching: exactly the pure steps are cacheable (``configure(..., cache=True)``, pinned by a compile test):
+The pipelines reach it through :class:`kubellm.pipelines.api.Builder`, which reads each step's
+settings from the one table of steps (``api.STEPS``).
+
+Caching: exactly the pure steps are cacheable (``cache=True`` in ``api.STEPS``, pinned by a compile test):
 ``fetch_model``, ``prepare_data``, ``prepare_instructions``, ``pretrain``, ``finetune`` and ``evaluate``.
 Their outputs depend only on their inputs — the stage's config, the source URI or base model reference,
 and the input artifacts (a dataset's content carries its data fingerprint) — and none of their inputs is
@@ -26,9 +29,6 @@ runs no code, so it leaves no stage run under the new parent run; the original r
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,6 @@ from kubellm.config import RunConfig
 from kubellm.config.params import to_param
 from kubellm.k8s.security import RUNTIME_GID, RUNTIME_UID, WRITABLE_PATHS
 from kubellm.k8s.training_job import SHARED_MOUNT
-from kubellm.pipeline_params import PARAM_DOCS
 from kubellm.stages.base import KFP_RUN_ENV
 
 Target = Literal["local", "cluster"]
@@ -59,21 +58,6 @@ CLUSTER_WORKDIR = "/tmp/kubellm"
 #: The label KFP's backend puts on every pod of a run, holding the run's id (equal to
 #: ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, which tags the MLflow parent run).
 RUN_ID_LABEL = "pipeline/runid"
-
-
-
-
-def pipeline(name: str, description: str, ctx: Context | None = None) -> Callable[[Callable[..., None]], Any]:
-    """``@dsl.pipeline`` with the parameter descriptions filled in from :data:`PARAM_DOCS` and, compiled
-    for a cluster, ``ctx``'s run limits (:meth:`Context.pipeline_config`)."""
-
-    def wrap(func: Callable[..., None]) -> Any:
-        args = "\n".join(f"    {p}: {PARAM_DOCS[p]}" for p in inspect.signature(func).parameters)
-        func.__doc__ = f"{description}\n\nArgs:\n{args}\n"
-        config = ctx.pipeline_config() if ctx is not None else None
-        return dsl.pipeline(name=name, description=description, pipeline_config=config)(func)
-
-    return wrap
 
 
 @dataclass(frozen=True)
@@ -119,29 +103,6 @@ class Context:
         ``platform`` section and the config's name (it names Kubernetes objects), as constants — the
         Kubeflow UI does not offer them as run parameters, since they also shape the compiled graph."""
         return {"platform": to_param(self.cfg.platform), "run_name": self.cfg.name}
-
-    @contextlib.contextmanager
-    def tracked(self, pipeline_name: str, run_name: Any) -> Iterator[Any]:
-        """The MLflow parent run around a pipeline's tasks: the exit handler records the final state,
-        the first task starts the run. Yields the start task (its output is the parent run id)."""
-        from kubellm.components import tracking
-
-        ids = {"pipeline_name": pipeline_name, "run_name": run_name,
-               "kfp_run_id": self.run_id or dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-        exit_task = self.configure(tracking.finish_run(tracking=self.tracking, workdir=self.workdir, **ids),
-                                   "register", "Record final status in MLflow")
-        with dsl.ExitHandler(exit_task, name=pipeline_name.removeprefix("llm-")):
-            yield self.configure(tracking.start_run(run_config=to_param(self.cfg), tracking=self.tracking,
-                                                    workdir=self.workdir, **ids), "register", "Start MLflow run")
-
-    def stage_args(self, start: Any) -> dict[str, Any]:
-        """The arguments of a step with side effects: where and under which parent run to log."""
-        return {"tracking": self.tracking, "workdir": self.workdir, "parent_run_id": start.output}
-
-    def pure_args(self) -> dict[str, Any]:
-        """The arguments of a cacheable step: where to log, but not the parent run (found at run time by
-        KFP run id, so that no run-specific value enters the cache key). Order it ``.after(start)``."""
-        return {"tracking": self.tracking, "workdir": self.workdir}
 
     def configure(self, task: Any, stage: str, display_name: str, retry: str = "default", *,
                   cache: bool = False) -> Any:
@@ -209,13 +170,3 @@ def apply_placement(task: Any, stage: str, cfg: RunConfig) -> Any:
     for name, path in WRITABLE_PATHS.items():
         kubernetes.empty_dir_mount(task, volume_name=f"kubellm-{name}", mount_path=path, size_limit="8Gi")
     return task
-
-
-def require(cfg: RunConfig, *sections: str) -> RunConfig:
-    """Fail before compiling when the config lacks a section this pipeline needs."""
-    from kubellm.errors import ConfigError
-
-    missing = [s for s in sections if getattr(cfg, s) is None]
-    if missing:
-        raise ConfigError(f"the run config has no {', '.join(missing)} section(s), which this pipeline needs")
-    return cfg

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
 import os
+import pkgutil
 import re
 import time
 import warnings
@@ -18,33 +20,34 @@ from typing import Any, Protocol, TextIO
 
 import yaml
 from kfp import compiler, local
+from kfp.dsl.base_component import BaseComponent
 
-from kubellm.components import data, deploy, evaluate, registry, tracking, train
+from kubellm import components as components_package
 from kubellm.config import RunConfig
-from kubellm.pipeline_params import is_pipeline_file
-from kubellm.pipelines import PIPELINES, build
+from kubellm.pipeline_params import builtin_pipelines
 from kubellm.pipelines._cache import ResumeCache
 from kubellm.pipelines._console import Mode, Monitor
 from kubellm.pipelines._kfp_local import cache_installed
 from kubellm.pipelines.api import STEPS, Builder, load_file
 from kubellm.stages import KFP_RUN_ENV
 
+
+def _components() -> dict[str, Any]:
+    """Every component of ``kubellm.components``, by the file name its YAML gets under ``dist/components/``
+    (``prepare-data``), in the order of the step table (``api.STEPS``); one it lacks comes last (and a
+    test fails: every component is a step)."""
+    found: dict[str, Any] = {}
+    for module in pkgutil.iter_modules(components_package.__path__):
+        if not module.name.startswith("_"):
+            mod = importlib.import_module(f"{components_package.__name__}.{module.name}")
+            found |= {c.python_func.__name__: c for c in vars(mod).values()
+                      if isinstance(c, BaseComponent) and hasattr(c, "python_func")}
+    order = [*STEPS, *sorted(set(found) - set(STEPS))]
+    return {name.replace("_", "-"): found[name] for name in order if name in found}
+
+
 #: Every component, by the file name its YAML gets under ``dist/components/``.
-COMPONENTS = {
-    "start-run": tracking.start_run,
-    "finish-run": tracking.finish_run,
-    "check-data": data.check_data,
-    "prepare-data": data.prepare_data,
-    "prepare-instructions": data.prepare_instructions,
-    "fetch-model": train.fetch_model,
-    "pretrain": train.pretrain,
-    "finetune": train.finetune,
-    "evaluate": evaluate.evaluate,
-    "compare-with-champion": evaluate.compare_with_champion,
-    "select-best": evaluate.select_best,
-    "register": registry.register,
-    "deploy": deploy.deploy,
-}
+COMPONENTS = _components()
 
 
 _DEFAULT_COMMENT = re.compile(r"^(#\s+\w+: (?:dict|list) \[Default: )(.*)(\])$")
@@ -87,13 +90,10 @@ def build_for_cluster(cfg: RunConfig, names: list[str] | None = None, *,
     """(file name, pipeline) of each pipeline ``names`` (built-in names or pipeline files; default every
     built-in) built for a cluster: everything that can fail on the config, before any file is written."""
     built = []
-    for name in names if names is not None else sorted(PIPELINES):
-        if is_pipeline_file(name):  # a user's pipeline file (kubellm.pipelines.api)
-            builder = Builder(cfg, "cluster", caching=caching)
-            pipeline = load_file(name, builder)
-            built.append((f"{builder.name}.yaml", pipeline))
-        else:
-            built.append((f"{name}.yaml", build(name, cfg, "cluster", caching=caching)))
+    for name in names if names is not None else builtin_pipelines():
+        builder = Builder(cfg, "cluster", caching=caching)
+        pipeline = load_file(name, builder)
+        built.append((f"{builder.name}.yaml", pipeline))
     return built
 
 

@@ -36,7 +36,9 @@ compiles it for a cluster::
         return my_finetune
 
 ``examples/own_data/pipeline.py`` is a complete one on a parquet corpus and a CSV with their own column
-names; the built-in pipelines use the same machinery (:class:`~kubellm.pipelines._common.Context`).
+names. The built-in pipelines (``lifecycle.py``, ``finetune.py``, ``sweep.py``, ``continuous.py``) are
+written with the same calls, and :data:`STEPS` is the one table of every step's display name, placement,
+retries, caching and MLflow stage; a new file like them in ``pipelines/`` is a new built-in pipeline.
 """
 # No `from __future__ import annotations` (see lifecycle.py): KFP reads pipeline annotations as types.
 
@@ -59,7 +61,7 @@ from kubellm.config.params import NULLS, to_param
 from kubellm.config.reference import did_you_mean
 from kubellm.config.run import apply_overrides, default_config_path, load_config, validate_section
 from kubellm.errors import ConfigError
-from kubellm.pipeline_params import PARAM_DOCS
+from kubellm.pipeline_params import PARAM_DOCS, builtin, is_pipeline_file
 from kubellm.pipelines._common import Context, Target
 
 
@@ -70,24 +72,31 @@ class Step:
     stage: str
     """Placement and retry key (``platform.stages.<stage>``) and the MLflow stage it logs (``logs``)."""
     display_name: str
+    """Its name in the Kubeflow UI; a sweep's trial (a step given ``trial``) adds " (trial)"."""
     section: str | None = None
     """The run-config section its ``config`` argument takes (``release``: deploy + serve + playground)."""
     retry: str = "default"
     cache: bool = False
     """A pure step (see ``_common``): cacheable, and it finds the parent run by the KFP run id."""
     logs: str | None = None
-    """The MLflow stage run it leaves under the parent run (None: none)."""
+    """The MLflow stage run it leaves under the parent run (None: none); a sweep's trial logs
+    ``<logs>.<trial>`` (``<logs>.*`` in :attr:`Builder.stages`)."""
+    parent_run: bool = False
+    """Starts or ends the MLflow parent run: :meth:`Builder.tracked` adds it, never :meth:`Builder.step`."""
 
 
-#: Every kubellm component a pipeline can call, by its function's name: the one table of each step's
-#: placement key, display name, retries, cacheability and MLflow stage (``_cache`` and ``_runner`` read
-#: the stages from it).
+#: Every kubellm component, by its function's name, in the order the pipelines run them: the one table
+#: of each step's placement key, display name, retries, cacheability and MLflow stage. The built-in
+#: pipelines and yours read it through :meth:`Builder.step`; ``_cache`` and ``_runner`` read the stages
+#: from it, and ``_runner.COMPONENTS`` (the compiled components, ``docs/components.md``) its order.
 STEPS: dict[str, Step] = {
-    "fetch_model": Step("finetune", "Fetch base model", cache=True),
+    "start_run": Step("register", "Start MLflow run", parent_run=True),
+    "finish_run": Step("register", "Record final status in MLflow", parent_run=True),
     "check_data": Step("prep_instruct", "Data changed since the champion?", "instruct_data", logs="check_data"),
     "prepare_data": Step("prep", "Prepare corpus", "data", cache=True, logs="prep"),
     "prepare_instructions": Step("prep_instruct", "Prepare instructions", "instruct_data", cache=True,
                                  logs="prep_instruct"),
+    "fetch_model": Step("finetune", "Fetch base model", cache=True),
     "pretrain": Step("pretrain", "Pretrain", "pretrain", retry="train", cache=True, logs="pretrain"),
     "finetune": Step("finetune", "LoRA fine-tune", "finetune", retry="train", cache=True, logs="finetune"),
     "evaluate": Step("evaluate", "Evaluate + gate", "evaluate", cache=True, logs="evaluate"),
@@ -130,6 +139,8 @@ class Builder:
         self.stages: list[str] = []
         """The MLflow stages the pipeline's steps log, in the order they were added (the run summary's rows)."""
         self._start: Any = None
+        self._ordered: set[str] = set()
+        """The tasks that run after the parent run has started (the start task and its descendants)."""
 
     @classmethod
     def load(cls, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -207,12 +218,23 @@ class Builder:
             raise ConfigError(f"{self.name}: one tracked block per pipeline")
         if run_name is None:
             run_name = self.ctx.run_id or self.cfg.name
-        with self.ctx.tracked(self.name, run_name) as start:
-            self._start = start
+        from kubellm.components import tracking
+
+        ids = {"pipeline_name": self.name, "run_name": run_name,
+               "kfp_run_id": self.ctx.run_id or dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        finish = self._parent_run_step(tracking.finish_run, **ids)
+        with dsl.ExitHandler(finish, name=self.name.removeprefix("llm-")):
+            start = self._parent_run_step(tracking.start_run, run_config=to_param(self.cfg), **ids)
+            self._start, self._ordered = start, {start.name}
             try:
                 yield start
             finally:
                 self._start = None
+
+    def _parent_run_step(self, component: Any, **arguments: Any) -> Any:
+        spec = STEPS[_function_name(component)]
+        task = component(tracking=self.ctx.tracking, workdir=self.ctx.workdir, **arguments)
+        return self._configure(task, spec.stage, spec.display_name, spec.retry, cache=spec.cache)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -224,6 +246,12 @@ class Builder:
         overrides on that section, validated now; a pipeline parameter → passed as is. ``tracking``,
         ``workdir``, ``parent_run_id``, ``platform``, ``run_name`` and ``target`` are filled in unless
         given. ``cache`` overrides whether a pure step may be reused (``kubellm run --resume``, KFP's cache).
+        ``trial`` (``finetune``, ``evaluate``: a ``dsl.ParallelFor`` item) makes the task one trial of a
+        sweep: " (trial)" in its display name, its stage logged per trial (``finetune.*`` in :attr:`stages`).
+
+        A step that logs under the parent run without taking it as an input (a pure step finds it by the
+        KFP run id) is ordered after the parent run's start, unless one of its inputs already comes from
+        a task that is.
 
         Your own component (made with :func:`component`) is a step too: ``placement`` names the
         ``platform.stages`` entry it runs with; it gets the same filled-in arguments it declares (with
@@ -240,6 +268,9 @@ class Builder:
         elif placement is not None:
             raise ConfigError(f"step {fname}: a kubellm component's placement is its own "
                               f"({STEPS[fname].stage}); set platform.stages.{STEPS[fname].stage} instead")
+        elif STEPS[fname].parent_run:
+            raise ConfigError(f"step {fname}: Builder.tracked() adds the MLflow parent run's start and end; "
+                              "put your steps inside `with builder.tracked():`")
         else:
             spec = STEPS[fname]
         params = inspect.signature(component.python_func).parameters
@@ -269,12 +300,24 @@ class Builder:
             raise ConfigError(f"step {fname}: missing {', '.join(missing)} (its inputs: "
                               f"{', '.join(p for p in inputs if p not in _FILLED)})")
         task = component(**args)
-        if spec.cache and self._start is not None and "parent_run_id" not in params:
-            task.after(self._start)  # a pure step finds the parent run by run id: it must exist first
-        if spec.logs and spec.logs not in self.stages:
-            self.stages.append(spec.logs)
-        return self._configure(task, spec.stage, display_name or spec.display_name, spec.retry,
-                               cache=spec.cache if cache is None else cache)
+        if (spec.logs and self._start is not None and "tracking" in params and "parent_run_id" not in params
+                and not self._runs_after_start(task)):
+            task.after(self._start)  # it finds the parent run by run id: the run must exist first
+        self._note_order(task)
+        trial = args.get("trial") is not None
+        logs = f"{spec.logs}.*" if trial and spec.logs else spec.logs
+        if logs and logs not in self.stages:
+            self.stages.append(logs)
+        name = display_name or (f"{spec.display_name} (trial)" if trial else spec.display_name)
+        return self._configure(task, spec.stage, name, spec.retry, cache=spec.cache if cache is None else cache)
+
+    def _runs_after_start(self, task: Any) -> bool:
+        """Whether ``task`` waits for the parent run's start: an input of it comes from a task that does."""
+        return any(getattr(c, "task_name", None) in self._ordered for c in task.channel_inputs)
+
+    def _note_order(self, task: Any) -> None:
+        if self._start is not None and (self._start.name in task.dependent_tasks or self._runs_after_start(task)):
+            self._ordered.add(task.name)
 
     def _configure(self, task: Any, stage: str, display_name: str, retry: str, *, cache: bool) -> Any:
         if self.target == "cluster":
@@ -299,6 +342,7 @@ class Builder:
         row = task.component_spec.name.replace("-", "_")
         if row not in self.stages:
             self.stages.append(row)  # its row in the run summary
+        self._note_order(task)
         return self._configure(task, stage, display_name, retry, cache=cache)
 
     def compile(self, pipeline: Any, path: str | Path) -> Path:
@@ -380,8 +424,35 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any, section: str) -> None
 # --- pipeline files -------------------------------------------------------------------------------
 
 def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
-    """The function of pipeline file ``FILE.py[:FUNC]`` (``build`` by default) that makes its pipeline
-    from a builder, the file executed once; calling it checks that a pipeline came back."""
+    """The function that makes pipeline ``ref`` from a builder: a built-in pipeline's name (its module's
+    ``build``) or a pipeline file ``FILE.py[:FUNC]`` (``build`` by default), the file executed once.
+    Calling it checks that a pipeline came back (a built-in's named its ``NAME``)."""
+    with warnings.catch_warnings():
+        # kfp's notice that its default base image changes in 2027: noise for a step placed on kubellm's image
+        warnings.filterwarnings("ignore", category=FutureWarning, message="The default base_image")
+        name: str | None = None  # a built-in's: its NAME
+        if is_pipeline_file(ref):
+            func, func_name = _file_function(ref), ref.partition(":")[2] or "build"
+        else:
+            found = builtin(ref)
+            name, func_name = found.name, "build"
+            func = importlib.import_module(found.module).build
+
+    def make(builder: Builder) -> Any:
+        pipeline = func(builder)
+        if builder.name is None or not hasattr(pipeline, "pipeline_spec"):
+            raise ConfigError(f"--pipeline {ref}: {func_name}(builder) must return a pipeline made with "
+                              "@builder.pipeline(name, description)")
+        if name is not None and builder.name != name:
+            raise ConfigError(f"pipeline {name}: its module's build() names its pipeline {builder.name!r}; "
+                              "decorate it with @b.pipeline(NAME, description)")
+        return pipeline
+
+    return make
+
+
+def _file_function(ref: str) -> Callable[[Builder], Any]:
+    """Function ``FUNC`` of pipeline file ``FILE.py[:FUNC]``, the file executed as a module of its own."""
     path_str, _, func_name = ref.partition(":")
     func_name = func_name or "build"
     path = Path(path_str)
@@ -392,29 +463,19 @@ def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    with warnings.catch_warnings():
-        # kfp's notice that its default base image changes in 2027: noise for a step placed on kubellm's image
-        warnings.filterwarnings("ignore", category=FutureWarning, message="The default base_image")
-        spec.loader.exec_module(module)
+    spec.loader.exec_module(module)
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(f"--pipeline {ref}: {path} defines no function {func_name}(builder)")
-
-    def make(builder: Builder) -> Any:
-        pipeline = func(builder)
-        if builder.name is None or not hasattr(pipeline, "pipeline_spec"):
-            raise ConfigError(f"--pipeline {ref}: {func_name}(builder) must return a pipeline made with "
-                              "@builder.pipeline(name, description)")
-        return pipeline
-
-    return make
+    return func
 
 
 def load_file(ref: str, builder: Builder) -> Any:
-    """The pipeline that pipeline file ``ref`` makes with ``builder``."""
+    """The pipeline that ``ref`` (a pipeline file, or a built-in pipeline's name) makes with ``builder``."""
     return pipeline_loader(ref)(builder)
 
 
-def pipeline_parameters(pipeline: Any) -> list[str]:
-    """The run parameters of a built pipeline, in its signature's order."""
-    return list(inspect.signature(pipeline.pipeline_func).parameters)
+def pipeline_parameters(pipeline: Any) -> dict[str, Any]:
+    """The run parameters of a built pipeline with their defaults (None: none), in its signature's order."""
+    return {name: None if p.default is inspect.Parameter.empty else p.default
+            for name, p in inspect.signature(pipeline.pipeline_func).parameters.items()}

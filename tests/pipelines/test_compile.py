@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from kubellm.config import load_config
-from kubellm.pipelines import PIPELINES
+from kubellm.pipeline_params import builtin_pipelines
 from kubellm.pipelines._runner import COMPONENTS, compile_all
+
+PIPELINES = sorted(builtin_pipelines())
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = REPO / "pipelines" / "compiled"
@@ -87,7 +89,7 @@ def _tasks(spec: dict) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("name", PIPELINES)
 def test_every_task_retries_and_the_exit_handler_records_status(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     tasks = _tasks(spec)
@@ -116,7 +118,7 @@ def _containers(spec: dict) -> dict[str, dict]:
             if "dag" not in spec["components"][t["componentRef"]["name"]]}
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("name", PIPELINES)
 def test_exactly_the_pure_steps_are_cacheable_and_have_no_run_specific_input(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     containers = _containers(spec)
@@ -135,7 +137,7 @@ def test_exactly_the_pure_steps_are_cacheable_and_have_no_run_specific_input(clu
     assert "parent_run_id" in containers["register"]["inputs"]["parameters"]
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("name", PIPELINES)
 def test_every_pod_finds_its_run_by_the_kfp_run_id_label(cluster_build, name: str) -> None:
     from kubellm.pipelines._common import RUN_ID_LABEL
     from kubellm.stages import KFP_RUN_ENV
@@ -153,16 +155,20 @@ def test_without_caching_no_step_is_cacheable(tmp_path: Path) -> None:
 
 
 def test_the_cli_knows_every_pipelines_parameters(cluster_build) -> None:
-    """`kubellm run --help` and its --param check read PIPELINE_PARAMS (no kfp import): it must name
-    exactly each pipeline's run parameters, each documented."""
-    from kubellm.pipeline_params import PARAM_DOCS, PIPELINE_PARAMS
+    """`kubellm run --help` and its --param check read the pipeline files (no kfp import): they must
+    name exactly each pipeline's run parameters, in order, each documented."""
+    from kubellm.pipeline_params import PARAM_DOCS
+    from kubellm.pipelines.api import Builder, load_file, pipeline_parameters
 
+    cfg = load_config(REPO / "configs" / "local.yaml", CLUSTER_OVERRIDES)
     for name, docs in cluster_build.items():
-        assert sorted(PIPELINE_PARAMS[name]) == sorted(docs[0]["root"]["inputDefinitions"]["parameters"]), name
-        assert set(PIPELINE_PARAMS[name]) <= set(PARAM_DOCS)
+        params = builtin_pipelines()[name].params
+        assert params is not None and sorted(params) == sorted(docs[0]["root"]["inputDefinitions"]["parameters"])
+        assert params == list(pipeline_parameters(load_file(name, Builder(cfg, "cluster")))), name  # in order
+        assert set(params) <= set(PARAM_DOCS)
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("name", PIPELINES)
 def test_release_is_behind_the_gate(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     tasks = _tasks(spec)
@@ -195,7 +201,7 @@ def test_placement_from_the_cluster_config(cluster_build) -> None:
 SECRETISH = re.compile(r"(token|passw|secret|api[_-]?key|credential)", re.I)
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("name", PIPELINES)
 def test_no_parameter_is_a_secret_and_no_secret_is_compiled_in(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     params = spec["root"]["inputDefinitions"]["parameters"]

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from kubellm.cli.pipelines import new_run_dir
-from kubellm.pipeline_params import PARAM_DOCS, PIPELINE_PARAMS
+from kubellm.pipeline_params import PARAM_DOCS, builtin_pipelines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def test_an_unknown_parameter_is_one_line_naming_the_valid_ones(tmp_path: Path) 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --param dataset_uri: llm-finetune has no such parameter; did you mean `instruct_dataset_uri`? "
-        "its parameters are " + ", ".join(PIPELINE_PARAMS["llm-finetune"]) + " (kubellm run --help says what each means)"]
+        "its parameters are " + ", ".join(builtin_pipelines()["llm-finetune"].params or []) + " (kubellm run --help says what each means)"]
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
@@ -40,8 +40,8 @@ def test_help_lists_every_pipeline_and_what_each_parameter_means(tmp_path: Path)
     proc = _kubellm("run", "--help", cwd=tmp_path)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.replace("│", " ").split())  # the help formatter wraps and boxes lines
-    for name in PIPELINE_PARAMS:
-        assert f"{name}:" in text
+    for name, found in builtin_pipelines().items():
+        assert f"{name}: {', '.join(found.params or ['?'])}" in text
     for name, doc in PARAM_DOCS.items():
         assert f"{name}: {' '.join(doc.split())}" in text
 

@@ -11,7 +11,7 @@ import yaml
 
 from kubellm.config import load_config
 from kubellm.errors import ConfigError
-from kubellm.pipelines import PIPELINES
+from kubellm.pipeline_params import builtin_pipelines
 from kubellm.pipelines._runner import build_for_cluster, compile_all
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +27,7 @@ def _platform(path: Path) -> dict:
 def test_every_pipeline_compiles_the_configs_run_limits(tmp_path: Path) -> None:
     cfg = load_config(REPO / "configs" / "local.yaml", LIMITS)
     written = compile_all(cfg, tmp_path, components=False)
-    assert {p.stem for p in written} == set(PIPELINES)
+    assert {p.stem for p in written} == set(builtin_pipelines())
     for path in written:
         assert _platform(path)["pipelineConfig"] == {"activeDeadlineSeconds": 172800,
                                                      "resourceTtlOnCompletion": 86400,

@@ -18,10 +18,9 @@ from kubellm.errors import ConfigError
 from kubellm.fsutil import user_path
 from kubellm.pipeline_params import is_pipeline_file
 
-PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="llm-lifecycle, llm-finetune, "
-                                          "llm-lora-sweep, llm-continuous-finetune, or your own pipeline file "
-                                          "FILE.py[:FUNC] (a build(builder) function; see "
-                                          "examples/own_data/pipeline.py).")]
+PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="A built-in pipeline (kubellm run --help "
+                                          "lists them) or your own pipeline file FILE.py[:FUNC] (a "
+                                          "build(builder) function; see examples/own_data/pipeline.py).")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Set a pipeline run parameter, e.g. "
                                                     "--param base_model=/models/base (repeatable).",
                                                     callback=no_secrets)]
@@ -85,13 +84,12 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     from kubellm import summary as summ
     from kubellm.fsutil import write_json_atomic
     from kubellm.log import get_logger, print_table
-    from kubellm.pipeline_params import PIPELINE_PARAMS, unknown_params
+    from kubellm.pipeline_params import builtin, unknown_params
 
     cfg = load(config, overrides)
     from_file = is_pipeline_file(pipeline)
-    if not from_file and pipeline not in PIPELINE_PARAMS:
-        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINE_PARAMS)} "
-                          "or a pipeline file (FILE.py)")
+    if not from_file:
+        builtin(pipeline)  # an unknown name: one line naming the built-in pipelines
     extra = parse_params(params)
     bad = None if from_file else unknown_params(pipeline, list(extra))
     if bad:
@@ -102,36 +100,32 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     runs_dir = workdir / "runs"
     if resume is not None and not (runs_dir / resume).is_dir():
         raise ConfigError(f"--resume {resume}: no run of that name under {runs_dir}")
-    if (not from_file and pipeline != "llm-lifecycle"
-            and not (extra.get("base_model") or (cfg.finetune and cfg.finetune.base_model))):
-        raise ConfigError(f"{pipeline} starts from an existing model: pass --param base_model=DIR "
-                          "(or set finetune.base_model)")
     from kubellm.pipelines import _kfp_local
 
     _kfp_local.check()  # a kfp whose local runner kubellm does not know: one line, before anything runs
-    from kubellm.pipelines import STAGES, build
     from kubellm.pipelines._cache import original_stage_runs
     from kubellm.pipelines._runner import run_pipeline, task_stage
     from kubellm.pipelines.api import Builder, pipeline_loader, pipeline_parameters
 
-    make = pipeline_loader(pipeline) if from_file else None  # the user's file, executed once
+    make = pipeline_loader(pipeline)  # a user's file is executed once
 
-    def built(run_id: str | None) -> tuple[object, str, list[str], list[str]]:
-        """(pipeline, its name, its stages, its parameters) for this config."""
-        if make is not None:
-            builder = Builder(cfg, "local", run_id=run_id)
-            func = make(builder)
-            return func, str(builder.name), builder.stages, pipeline_parameters(func)
-        return build(pipeline, cfg, "local", run_id=run_id), pipeline, STAGES[pipeline], PIPELINE_PARAMS[pipeline]
+    def built(run_id: str | None) -> tuple[object, str, list[str], dict[str, object]]:
+        """(pipeline, its name, the stages its steps log, its parameters' defaults) for this config."""
+        builder = Builder(cfg, "local", run_id=run_id)
+        func = make(builder)
+        return func, str(builder.name), builder.stages, pipeline_parameters(func)
 
     # a config or a pipeline file that cannot build fails here, before the run's folder exists
-    _, name, _, valid = built(None)
-    bad = unknown_params(f"{name} ({pipeline})", list(extra), valid) if from_file else None
+    _, name, _, defaults = built(None)
+    bad = unknown_params(f"{name} ({pipeline})" if from_file else name, list(extra), list(defaults))
     if bad:
         raise ConfigError(bad)
+    if "base_model" in defaults and defaults["base_model"] is None and not extra.get("base_model"):
+        raise ConfigError(f"{name} starts from an existing model: pass --param base_model=DIR "
+                          "(or set finetune.base_model)")
     run_name, out_dir = new_run_dir(runs_dir, cfg.name)
-    func, name, stages, valid = built(run_name)
-    if "run_name" in valid:
+    func, name, stages, defaults = built(run_name)
+    if "run_name" in defaults:
         extra = {"run_name": run_name, **extra}
     write_json_atomic(out_dir / "run.json", {"pipeline": name, "run_name": run_name, "resumed_from": resume,
                                               **({"file": str(Path(pipeline).resolve())} if from_file else {})})
@@ -179,18 +173,19 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
     cfg = load(config, overrides)  # a bad config fails before kfp's imports
     from kubellm.fsutil import claim_output, mark_output
     from kubellm.log import print_table
-    from kubellm.pipelines import PIPELINES
+    from kubellm.pipeline_params import builtin_pipelines
     from kubellm.pipelines._runner import build_for_cluster, compile_all
 
-    unknown = sorted(p for p in set(pipeline or []) - set(PIPELINES) if not is_pipeline_file(p))
+    builtins = builtin_pipelines()
+    unknown = sorted(p for p in set(pipeline or []) - set(builtins) if not is_pipeline_file(p))
     if unknown:
-        raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(PIPELINES)}")
+        raise ConfigError(f"unknown pipeline(s) {unknown}; expected some of {sorted(builtins)}")
     t0 = time.perf_counter()
     built = build_for_cluster(cfg, pipeline or None)  # a pipeline that cannot build fails before any output
     files = [p.split(":", 1)[0] for p in pipeline or [] if is_pipeline_file(p)]
     # a folder compiled before outputs were marked is recognised by its pipeline files
     claim_output(out, "compiled-pipelines", inputs=([config] if config else []) + files,
-                 legacy=[f"{name}.yaml" for name in PIPELINES])
+                 legacy=[f"{name}.yaml" for name in builtins])
     written = compile_all(cfg, out, built=built)
     mark_output(out, "compiled-pipelines")
     print_table(f"compiled in {time.perf_counter() - t0:.2f} s",
@@ -247,14 +242,13 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     import yaml
 
     from kubellm import __version__
-    from kubellm.pipelines import PIPELINES
+    from kubellm.pipeline_params import builtin
     from kubellm.pipelines._runner import compile_all
     from kubellm.pipelines.submit import version_name
     from kubellm.tracking.mlflow_tracker import git_revision
 
-    if pipeline not in PIPELINES and not is_pipeline_file(pipeline):
-        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)} or a pipeline "
-                          "file (FILE.py)")
+    if not is_pipeline_file(pipeline):
+        builtin(pipeline)  # an unknown name: one line naming the built-in pipelines
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
     package = compile_all(cfg, out, [pipeline], components=False, caching=caching)[0]
     spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
