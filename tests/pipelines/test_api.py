@@ -68,6 +68,7 @@ def test_example_steps_get_their_config_tracking_and_parent_run(compiled: list[d
     pretrain_cfg = inner["pretrain"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
     assert pretrain_cfg["loop"]["max_steps"] == 60  # the config file's section, as a constant
     assert inner["prepare-data"]["dependentTasks"] == ["start-run"]  # the parent run exists first
+    assert inner["pretrain"]["dependentTasks"] == ["prepare-data"]  # through its input: no extra edge
     gate = spec["components"]["comp-condition-2"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
     assert gate["parent_run_id"] == {"componentInputParameter": "pipelinechannel--start-run-Output"}
     assert inner["finetune"]["cachingOptions"] == {"enableCache": True}
@@ -88,9 +89,12 @@ def test_example_steps_get_their_config_tracking_and_parent_run(compiled: list[d
     (lambda b, c: b.step(c.train.pretrain, config="pretrain.yaml", data="x"),
      "step pretrain: config must be a dict of overrides on the pretrain section or a pipeline parameter"),
     (lambda b, c: b.place(object(), "evaluate", "x", retry="often"), "retry 'often': expected default, train"),
+    (lambda b, c: b.step(c.tracking.start_run, run_config={}, pipeline_name="p", run_name="r", kfp_run_id="k"),
+     "step start_run: Builder.tracked() adds the MLflow parent run's start and end"),
 ])
 def test_a_mistake_fails_when_the_pipeline_is_built_in_one_line(call, message: str) -> None:
     from kubellm import components
+    from kubellm.components import data, registry, tracking, train  # noqa: F401 (the calls reach them as attributes)
 
     with pytest.raises(ConfigError) as err:
         call(_builder(), components)

@@ -168,6 +168,26 @@ def test_the_cli_knows_every_pipelines_parameters(cluster_build) -> None:
         assert set(params) <= set(PARAM_DOCS)
 
 
+#: The MLflow stages each built-in's steps log, in the order they run: the run summary's rows, which
+#: ``kubellm run`` takes from what the builder recorded (``finetune.*``: every trial of the sweep).
+STAGES = {
+    "llm-lifecycle": ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy"],
+    "llm-finetune": ["prep_instruct", "finetune", "evaluate", "register", "deploy"],
+    "llm-lora-sweep": ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy"],
+    "llm-continuous-finetune": ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion",
+                                "register", "deploy"],
+}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_the_builder_records_the_stages_each_pipeline_logs_in_order(name: str) -> None:
+    from kubellm.pipelines.api import Builder, load_file
+
+    builder = Builder(load_config(REPO / "configs" / "local.yaml", CLUSTER_OVERRIDES), "local", run_id="run-1")
+    load_file(name, builder)
+    assert builder.name == name and builder.stages == STAGES[name]
+
+
 @pytest.mark.parametrize("name", PIPELINES)
 def test_release_is_behind_the_gate(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
