@@ -548,8 +548,9 @@ def test_a_service_on_another_base_is_not_touched(api, make_cfg) -> None:
 
 @pytest.mark.slow
 def test_local_deploy_smokes_the_adapter_by_name_on_its_base(make_cfg, tmp_path, adapter_registry) -> None:
-    """No cluster: the real predictor serves the base version with the adapter version on it, and the
-    smoke request asks for the adapter by its candidate name."""
+    """No cluster: the real predictor serves the base version (under the service's base name, as the
+    cluster does: the alias is no model there) with the adapter version on it, and the smoke request asks
+    for the adapter by its candidate name (asking for the alias would get a 404 and fail the step)."""
     from kubellm.stages import StageContext
     from kubellm.stages.deploy import deploy
 

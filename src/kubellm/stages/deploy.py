@@ -309,7 +309,10 @@ class _AdapterRelease:
                 if step is not None:
                     step(url, name)
 
-        return _smoke_locally(cfg, ctx, self.model_uri, check, base=self.base_ref, adapter=name)
+        # the base under the name the service gives it, so that only the adapter answers to `name`
+        local = cfg.model_copy(update={"serve": cfg.serve.model_copy(
+            update={"model_name": self.service["spec"]["model"]["name"]})})
+        return _smoke_locally(local, ctx, self.model_uri, check, base=self.base_ref, adapter=name)
 
 
 def _playground(cfg: RunConfig, endpoint: str, out: Path, target: Target, api_client: Any) -> Path:
