@@ -470,6 +470,15 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
             after_failure = _live(api)
             router.failing = set()
             second = release(2, "d3")
+            promoted_live = _live(api)
+            # Another run promoted a newer version meanwhile: a candidate that passes is superseded.
+            from kubernetes import client as k8s
+
+            k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+                GROUP, VERSION, NS, PLURAL, "chat", {"metadata": {"annotations": {CHAMPION_VERSION_ANNOTATION: "9"}}})
+            with pytest.raises(ServingError, match=r"^deployment of models:/support/1 superseded: .*version 9 was "
+                                                   r"promoted meanwhile$"):
+                release(1, "d5")
         finally:
             kserve.finish()
 
@@ -488,13 +497,13 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
     assert run.info.status == "FAILED"
 
     assert second.values["status"] == "promoted", second.values["detail"]
-    assert registry.champion_info(cfg.tracking, tmp_path).version == 2
+    assert registry.champion_info(cfg.tracking, tmp_path).version == 2  # superseded moved nothing either
     assert registry.version_aliases(cfg.tracking, tmp_path, 1) == []
-    live = _live(api)
-    assert _adapters(live) == [("support", uri[2])] and live["spec"]["model"]["uri"] == base
-    assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "2"
+    assert _adapters(promoted_live) == [("support", uri[2])] and promoted_live["spec"]["model"]["uri"] == base
+    assert promoted_live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "2"
+    assert _adapters(_live(api)) == [("support", uri[2])]  # the superseded candidate removed itself
     # Every smoke request named the candidate, never the alias clients call: the champion was not asked.
-    assert router.asked == ["support-v1", "support-v2", "support-v2"]
+    assert router.asked == ["support-v1", "support-v2", "support-v2", "support-v1"]
 
     # The manifest written: the base, the champion of the time under the alias, valid and restricted.
     manifest = tmp_path / "d3" / "llminferenceservice.yaml"
@@ -506,8 +515,6 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
         main(["check", str(manifest)])
     assert check.value.code == 0, capsys.readouterr().out
     # The playground calls the alias through vLLM's routes.
-    from kubernetes import client as k8s
-
     dep = k8s.AppsV1Api(api).read_namespaced_deployment("chat-playground", NS)
     args = dep.spec.template.spec.containers[0].args
     assert args[args.index("--endpoint") + 1] == f"{gateway.url}/{NS}/chat/v1"
