@@ -527,6 +527,12 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
     with pytest.raises(ServingError, match=r"^models:/support/3 is a merged version: .*tracking.register_merged") as err:
         release(merged.version, "d4")
     assert "\n" not in str(err.value) and not (tmp_path / "d4" / "llminferenceservice.yaml").exists()
+    # An adapter of a larger rank than the service's maxRank: refused up front, not after the Ready timeout.
+    small = _stage_cfg(make_cfg, tmp_path, "serve.max_lora_rank=2")
+    with pytest.raises(ServingError, match=r"^adapter support-v1: rank 4 is above this server's max_lora_rank 2 "
+                                           r"\(serve.max_lora_rank\)$"):
+        deploy(small, tmp_path / "d6", ctx, target="cluster", model_uri="models:/support/1", api_client=api)
+    assert not (tmp_path / "d6" / "llminferenceservice.yaml").exists()
     assert _adapters(_live(api)) == [("support", uri[2])]
 
     # `kubellm deploy --dry-run --model-version N` prints the service a release of N starts from.

@@ -272,6 +272,7 @@ class _AdapterRelease:
         if not base_name or not base_version.isdigit():
             raise ServingError(f"{info.uri} is an adapter version without its base (tags base_name, base_version); "
                                "register it again with kubellm register")
+        cls._loadable(cfg, ctx, version)
         base_tracking = ctx.tracking.model_copy(update={"registered_model": base_name})
         base_uri = base_storage or registry.download_uri(base_tracking, ctx.workdir, int(base_version))
         alias = cfg.serve.model_name
@@ -285,6 +286,21 @@ class _AdapterRelease:
                                               model_version=version)
         return cls(service, version, info.uri, registry.download_uri(ctx.tracking, ctx.workdir, version),
                    registry.model_uri(base_name, version=base_version))
+
+    @staticmethod
+    def _loadable(cfg: RunConfig, ctx: StageContext, version: int) -> None:
+        """Refuse, before the cluster is touched, an adapter vLLM would not load with the service's
+        ``maxRank`` (``serve.max_lora_rank``): the release would wait ``deploy.ready_timeout_s`` for a
+        workload that never gets ready. The same checks as ``kubellm serve`` makes, on the adapter's files."""
+        import tempfile
+
+        from kubellm.k8s.llmisvc import candidate_name
+        from kubellm.serve.adapters import inspect_adapter
+        from kubellm.tracking import registry
+
+        with tempfile.TemporaryDirectory(prefix="kubellm-adapter-") as tmp:
+            files = registry.fetch_version_files(ctx.tracking, ctx.workdir, version, tmp)
+            inspect_adapter(candidate_name(cfg.serve.model_name, version), files, cfg.serve.max_lora_rank)
 
     def run(self, cfg: RunConfig, ctx: StageContext, target: Target, api_client: Any,
             smoke: Callable[[str, str], None] | None, gate: _BenchmarkGate | None) -> tuple[str, str, str]:
