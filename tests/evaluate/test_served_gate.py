@@ -50,3 +50,29 @@ def test_served_benchmarks_gate_the_promotion(base_dir: Path, instruct_data: Pat
     with pytest.raises(ServingError, match=r"scores below its evaluation: kubellm_choice.acc: served"):
         stage.deploy(cfg, tmp_path / "deploy2", ctx, evaluation_dir=claimed, **{**args, "model_uri": uri2})
     assert champion_info(cfg.tracking, tmp_path).version == 1
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_served_gate_scores_an_adapter_release_by_name(base_dir: Path, adapter_dir: Path, instruct_data: Path,
+                                                       tmp_path: Path) -> None:
+    """``deploy.runtime: llm-inference-service`` (here without a cluster): the gate's lm-eval requests name
+    the candidate adapter (``<alias>-v<N>``) on the predictor serving the base with the adapter on it; the
+    base answers only to its own name there, so a gate asking for anything else would fail the step."""
+    eval_cfg = EvalConfig(num_prompts=2, max_new_tokens=8, seed=3, benchmarks=[BenchmarkConfig(task="kubellm_choice",
+                                                                                              limit=12)],
+                          gate=GateConfig(max_perplexity_ratio=None, max_empty_answer_rate=None,
+                                          max_generation_drop=None, max_benchmark_drop=None))
+    evaluated = evaluate(eval_cfg, adapter_dir, instruct_data, tmp_path / "evaluation")
+    cfg = load_config(None, [f"workdir={tmp_path}", "tracking.registered_model=gated", "deploy.smoke_max_tokens=2",
+                             "deploy.runtime=llm-inference-service", "deploy.playground=false",
+                             "deploy.max_served_benchmark_drop=0", "serve.precision=fp32"])
+    ctx = StageContext(cfg.tracking, str(tmp_path))
+    uri = registry.register(adapter_dir, ctx, base_model=base_dir).values["uri"]
+    out = stage.deploy(cfg, tmp_path / "deploy", ctx, target="local", model_uri=uri, eval_config=eval_cfg,
+                       data_dir=instruct_data, evaluation_dir=tmp_path / "evaluation")
+    assert out.values["status"] == "verified", out.values["detail"]
+    acc = evaluated.metrics["bench.kubellm_choice.acc"]
+    assert f"kubellm_choice.acc: served {acc:.4g} vs evaluated {acc:.4g}" in out.report_md, out.report_md
+    assert "--adapter gated-v1=models:/gated/1" in out.values["detail"]
+    assert champion_info(cfg.tracking, tmp_path).version == 1

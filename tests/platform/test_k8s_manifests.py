@@ -143,6 +143,7 @@ NEEDED = {
     ("trainer.kubeflow.org", "trainjobs"): {"get", "create", "delete"},
     ("ray.io", "rayjobs"): {"get", "create", "delete"},
     ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
+    ("serving.kserve.io", "llminferenceservices"): {"get", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
     ("", "pods"): {"get", "list", "watch"},

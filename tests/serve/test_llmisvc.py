@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kubellm.errors import ServingError
 from kubellm.k8s import podsecurity
 from kubellm.k8s.inferenceservice import MODEL_NAME_ANNOTATION
 from kubellm.k8s.llmisvc import (
@@ -145,12 +146,14 @@ class FakeLLMKServe(threading.Thread):
     ``WorkloadsReady``, ``RouterReady`` and ``Ready`` True with ``observedGeneration``, unless an adapter in
     ``broken`` is in the spec (its workloads never become ready, as when vLLM cannot load it)."""
 
-    def __init__(self, api_client: Any, name: str, broken: set[str] = frozenset()) -> None:
+    def __init__(self, api_client: Any, name: str, broken: set[str] = frozenset(), url: str | None = None) -> None:
         super().__init__(daemon=True)
         from kubernetes import client
 
         self.api = client.CustomObjectsApi(api_client)
         self.name, self.broken = name, set(broken)
+        self.url = url or f"http://{name}.{NS}.example.com"
+        """``status.url`` once Ready: where the router answers (a local endpoint for the deploy stage)."""
         self.seen: list[list[str]] = []
         """The adapter names of every generation reconciled."""
         self._stop_event = threading.Event()
@@ -190,7 +193,7 @@ class FakeLLMKServe(threading.Thread):
                       "message": f"vLLM failed to load adapter {broken[0]}"} if broken
                      else {"type": "WorkloadsReady", "status": "True"})
         ready = "False" if broken else "True"
-        self._status({"observedGeneration": generation, "url": f"http://{self.name}.{NS}.example.com",
+        self._status({"observedGeneration": generation, "url": self.url,
                       "conditions": [workloads, {"type": "RouterReady", "status": "True"},
                                      {"type": "Ready", "status": ready}]})
 
@@ -371,3 +374,204 @@ def test_two_candidates_racing(api, make_cfg, v2_passes: bool) -> None:
     live = _live(api)
     assert _adapters(live) == [("support", URIS[3])]
     assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "3"
+
+
+# --- the deploy stage: registry → LLMInferenceService → alias ----------------------------------------
+
+
+class Router:
+    """vLLM's OpenAI completions route behind the gateway (``/<namespace>/<name>/v1/completions``, which
+    KServe's HTTPRoute rewrites to vLLM's ``/v1/completions``) on 127.0.0.1, as the live service answers: 404 for a ``model`` the live spec does not list, 500 for the adapters in ``failing``,
+    else a completion; records every ``model`` asked for."""
+
+    def __init__(self, api_client: Any) -> None:
+        self.api_client = api_client
+        self.failing: set[str] = set()
+        self.asked: list[str] = []
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def completions(request: Any) -> Any:
+            name = (await request.json()).get("model")
+            self.asked.append(name)
+            if name not in [a for a, _ in _adapters(_live(self.api_client))]:
+                return JSONResponse({"error": {"message": f"model {name} not found"}}, status_code=404)
+            if name in self.failing:
+                return JSONResponse({"error": {"message": f"adapter {name} crashed"}}, status_code=500)
+            return JSONResponse({"choices": [{"index": 0, "text": " hi", "finish_reason": "length"}]})
+
+        return Starlette(routes=[Route(f"/{NS}/chat/v1/completions", completions, methods=["POST"])])
+
+
+@pytest.fixture()
+def adapter_registry(tmp_path, tiny_model_dir, tiny_adapter_dir) -> Any:
+    """A sqlite MLflow registry holding base version ``support-base/1`` and adapter versions 1 and 2 of
+    ``support`` on it."""
+    from kubellm.config.tracking import TrackingConfig
+    from kubellm.tracking import stage_run, start_parent_run
+    from kubellm.tracking.registry import register_adapter
+
+    tracking = TrackingConfig(experiment="adapters", registered_model="support", uri=f"sqlite:///{tmp_path}/mlflow.db")
+    parent = start_parent_run(tracking, tmp_path, pipeline="p", run_name="r", config={})
+    with stage_run(tracking, tmp_path, parent_run_id=parent, stage="register") as tr:
+        for _ in range(2):
+            register_adapter(tracking, tmp_path, tiny_adapter_dir, run_id=tr.run_id, base_model=tiny_model_dir)
+    return tracking
+
+
+def _stage_cfg(make_cfg, tmp_path, *overrides: str):
+    return _cfg(make_cfg, f"workdir={tmp_path}", "tracking.registered_model=support", "tracking.experiment=adapters",
+                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"deploy.poll_s={POLL}", "deploy.ready_timeout_s=10",
+                "deploy.smoke_max_tokens=2", *overrides)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cfg, tmp_path, adapter_registry,
+                                                                    tiny_model_dir, tiny_adapter_dir,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``kubellm deploy`` and the pipeline's deploy step with ``deploy.runtime: llm-inference-service``:
+    the real smoke request asks for the candidate adapter by name on the live service; only a promoted
+    release moves the alias entry and the registry's ``champion``; a failing one is removed again and the
+    stage fails in one line; a merged version is refused before anything is written."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from kubellm.cli.app import main
+    from kubellm.serve.app import BackgroundServer
+    from kubellm.stages import StageContext
+    from kubellm.stages.deploy import deploy
+    from kubellm.tracking import registry, stage_run, start_parent_run
+
+    cfg = _stage_cfg(make_cfg, tmp_path)
+    ctx = StageContext(cfg.tracking, str(tmp_path))
+    uri = {v: registry.download_uri(cfg.tracking, tmp_path, v) for v in (1, 2)}
+    base = registry.download_uri(cfg.tracking.model_copy(update={"registered_model": "support-base"}), tmp_path, 1)
+    router = Router(api)
+
+    def release(version: int, out: str) -> Any:
+        return deploy(cfg, tmp_path / out, ctx, target="cluster", model_uri=f"models:/support/{version}",
+                      api_client=api)
+
+    with BackgroundServer(router.app(), host="127.0.0.1") as gateway:
+        kserve = FakeLLMKServe(api, "chat", url=f"{gateway.url}/{NS}/chat")
+        kserve.start()
+        try:
+            first = release(1, "d1")  # no service, no champion yet: created with the candidate alone
+            router.failing = {"support-v2"}
+            with pytest.raises(ServingError) as failed:
+                release(2, "d2")
+            deadline = time.monotonic() + 30  # the controller reconciles the rollback's edit (bounded)
+            while kserve.seen[-1:] != [["support"]] and time.monotonic() < deadline:
+                time.sleep(POLL)
+            after_failure = _live(api)
+            router.failing = set()
+            second = release(2, "d3")
+            promoted_live = _live(api)
+            # Another run promoted a newer version meanwhile: a candidate that passes is superseded.
+            from kubernetes import client as k8s
+
+            k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
+                GROUP, VERSION, NS, PLURAL, "chat", {"metadata": {"annotations": {CHAMPION_VERSION_ANNOTATION: "9"}}})
+            with pytest.raises(ServingError, match=r"^deployment of models:/support/1 superseded: .*version 9 was "
+                                                   r"promoted meanwhile$"):
+                release(1, "d5")
+        finally:
+            kserve.finish()
+
+    assert first.values["status"] == "promoted" and first.values["aliases"][-1:] == ["champion"]
+    assert first.values["endpoint"] == f"{gateway.url}/{NS}/chat"
+
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("deployment of models:/support/2 rolled_back: smoke test of "
+                                                      "adapter support-v2 failed: smoke request to "), message
+    assert "HTTP 500" in message and "adapter support-v2 crashed" in message
+    assert _adapters(after_failure) == [("support", uri[1])]  # the candidate removed, the champion serving
+    assert after_failure["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "1"
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("adapters").experiment_id],
+                                "tags.`deploy.status` = 'rolled_back'")
+    assert run.info.status == "FAILED"
+
+    assert second.values["status"] == "promoted", second.values["detail"]
+    assert registry.champion_info(cfg.tracking, tmp_path).version == 2  # superseded moved nothing either
+    assert registry.version_aliases(cfg.tracking, tmp_path, 1) == []
+    assert _adapters(promoted_live) == [("support", uri[2])] and promoted_live["spec"]["model"]["uri"] == base
+    assert promoted_live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "2"
+    assert _adapters(_live(api)) == [("support", uri[2])]  # the superseded candidate removed itself
+    # Every smoke request named the candidate, never the alias clients call: the champion was not asked.
+    assert router.asked == ["support-v1", "support-v2", "support-v2", "support-v1"]
+
+    # The manifest written: the base, the champion of the time under the alias, valid and restricted.
+    manifest = tmp_path / "d3" / "llminferenceservice.yaml"
+    written = yaml.safe_load(manifest.read_text())
+    assert written["kind"] == "LLMInferenceService" and written["spec"]["model"]["uri"] == base
+    assert _adapters(written) == [("support", uri[1])]
+    assert written["metadata"]["labels"]["kubellm.io/model-version"] == "2"
+    with pytest.raises(SystemExit) as check:
+        main(["check", str(manifest)])
+    assert check.value.code == 0, capsys.readouterr().out
+    # The playground calls the alias through vLLM's routes.
+    dep = k8s.AppsV1Api(api).read_namespaced_deployment("chat-playground", NS)
+    args = dep.spec.template.spec.containers[0].args
+    assert args[args.index("--endpoint") + 1] == f"{gateway.url}/{NS}/chat/v1"
+
+    # A merged version: refused in one line, before a manifest is written or the cluster is touched.
+    parent = start_parent_run(cfg.tracking, tmp_path, pipeline="p", run_name="merged", config={})
+    with stage_run(cfg.tracking, tmp_path, parent_run_id=parent, stage="register") as tr:
+        merged = registry.register_model(cfg.tracking, tmp_path, tiny_adapter_dir, run_id=tr.run_id,
+                                         base_model=tiny_model_dir)
+    with pytest.raises(ServingError, match=r"^models:/support/3 is a merged version: .*tracking.register_merged") as err:
+        release(merged.version, "d4")
+    assert "\n" not in str(err.value) and not (tmp_path / "d4" / "llminferenceservice.yaml").exists()
+    # An adapter of a larger rank than the service's maxRank: refused up front, not after the Ready timeout.
+    small = _stage_cfg(make_cfg, tmp_path, "serve.max_lora_rank=2")
+    with pytest.raises(ServingError, match=r"^adapter support-v1: rank 4 is above this server's max_lora_rank 2 "
+                                           r"\(serve.max_lora_rank\)$"):
+        deploy(small, tmp_path / "d6", ctx, target="cluster", model_uri="models:/support/1", api_client=api)
+    assert not (tmp_path / "d6" / "llminferenceservice.yaml").exists()
+    assert _adapters(_live(api)) == [("support", uri[2])]
+
+    # `kubellm deploy --dry-run --model-version N` prints the service a release of N starts from.
+    capsys.readouterr()
+    sets = ["deploy.runtime=llm-inference-service", "deploy.name=chat", "serve.model_name=support",
+            f"workdir={tmp_path}", "tracking.registered_model=support", f"tracking.uri={cfg.tracking.uri}"]
+    with pytest.raises(SystemExit) as done:
+        main(["deploy", *[a for s in sets for a in ("--set", s)], "--model-version", "2", "--dry-run"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert done.value.code in (0, None)
+    assert printed["spec"]["model"]["uri"] == base and _adapters(printed) == [("support", uri[2])]
+    assert printed["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "2"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_service_on_another_base_is_not_touched(api, make_cfg) -> None:
+    desired = _existing(api, make_cfg)
+    before = _live(api)
+    other = {**desired, "spec": {**desired["spec"], "model": {**desired["spec"]["model"], "uri": "s3://models/base-v2"}}}
+    with pytest.raises(ServingError, match=r"^LLMInferenceService serving/chat serves base s3://models/base-v1, not "
+                                           r"s3://models/base-v2, the base of adapter support-v2"):
+        _release(api, other, 2, Gate(api))
+    assert _live(api)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+@pytest.mark.slow
+def test_local_deploy_smokes_the_adapter_by_name_on_its_base(make_cfg, tmp_path, adapter_registry) -> None:
+    """No cluster: the real predictor serves the base version (under the service's base name, as the
+    cluster does: the alias is no model there) with the adapter version on it, and the smoke request asks
+    for the adapter by its candidate name (asking for the alias would get a 404 and fail the step)."""
+    from kubellm.stages import StageContext
+    from kubellm.stages.deploy import deploy
+
+    cfg = _stage_cfg(make_cfg, tmp_path, "serve.precision=fp32")
+    out = deploy(cfg, tmp_path / "deploy", StageContext(cfg.tracking, str(tmp_path)), target="local",
+                 model_uri="models:/support/2")
+    v = out.values
+    assert v["status"] == "verified" and v["endpoint"] == "", v["detail"]
+    assert "kubellm serve --model models:/support-base/1 --adapter support-v2=models:/support/2" in v["detail"]
+    assert v["aliases"][-1:] == ["champion"]
+    assert (tmp_path / "deploy" / "llminferenceservice.yaml").is_file()

@@ -50,14 +50,18 @@ def deploy(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     storage_uri: Annotated[str | None, typer.Option(help="Model location KServe downloads into /mnt/models "
-                                                    "(s3://, gs://, pvc://, hf://); default: deploy.storage_uri.",
+                                                    "(s3://, gs://, pvc://, hf://; llm-inference-service: the "
+                                                    "base's); default: deploy.storage_uri, else the registry's.",
                                                     callback=no_secrets)] = None,
     model_version: Annotated[int | None, typer.Option(min=1, help="Registry version being deployed: labelled on the "
                                                       "InferenceService and given deploy.promote_alias "
-                                                      "(champion) after a healthy rollout.")] = None,
+                                                      "(champion) after a healthy rollout; llm-inference-service: an "
+                                                      "adapter version, released on its base.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifests as YAML; touch no cluster.")] = False,
 ) -> None:
-    """Roll the model out as a KServe InferenceService: canary, smoke test, promote or roll back."""
+    """Roll the model out as a KServe InferenceService: canary, smoke test, promote or roll back. With
+    deploy.runtime llm-inference-service: release the adapter version on its base's LLMInferenceService
+    (candidate added and gated by name, then the alias moves, or the candidate is removed)."""
     import yaml
 
     from kubellm.k8s.inferenceservice import build_inferenceservice, isvc_name
@@ -65,15 +69,18 @@ def deploy(
 
     cfg = load(config, overrides, reads=("deploy", "serve", "playground", "platform"))
     llm = cfg.deploy.runtime == "llm-inference-service"
-    if llm and not dry_run:
-        raise typer.BadParameter("deploy.runtime llm-inference-service: only --dry-run here; an adapter is "
-                                 "released with kubellm.k8s.llmisvc.adapter_rollout", param_hint="--dry-run")
     if dry_run:
-        if llm:
+        if llm and model_version:  # what the release would apply: the registry's base, champion and candidate
+            from kubellm.stages import StageContext
+            from kubellm.stages.deploy import adapter_service
+            from kubellm.tracking.registry import model_uri as registry_uri
+
+            docs = [adapter_service(cfg, StageContext.for_command(cfg.tracking, cfg.workdir),
+                                    registry_uri(cfg.tracking.registered_model, version=model_version), storage_uri)]
+        elif llm:
             from kubellm.k8s.llmisvc import build_llm_inference_service
 
-            docs = [build_llm_inference_service(cfg, storage_uri or cfg.deploy.storage_uri or "", {},
-                                                model_version=model_version)]
+            docs = [build_llm_inference_service(cfg, storage_uri or cfg.deploy.storage_uri or "", {})]
         else:
             docs = [build_inferenceservice(cfg, storage_uri, model_version=model_version)]
             if cfg.deploy.keda_prometheus_url:
@@ -95,8 +102,8 @@ def deploy(
     from kubellm.stages import deploy as stage
     from kubellm.tracking.registry import model_uri
 
-    # The deploy step of the pipelines, the same function: roll out → promote → playground. A failed
-    # rollout raises (exit 2, one line) after rolling back.
+    # The deploy step of the pipelines, the same function: roll out (or release the adapter) → promote →
+    # playground. A failed rollout raises (exit 2, one line) after rolling back.
     uri = model_uri(cfg.tracking.registered_model, version=model_version) if model_version else None
     out = stage.deploy(cfg, Path(cfg.workdir) / "deploy", StageContext.for_command(cfg.tracking, cfg.workdir),
                        target="cluster", model_uri=uri, storage_uri=storage_uri)

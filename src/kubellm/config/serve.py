@@ -119,8 +119,9 @@ class DeployConfig(StrictModel):
     own Hugging Face runtime (``modelFormat: huggingface``), for a merged model only.
     ``llm-inference-service``: KServe's ``LLMInferenceService`` (``serving.kserve.io/v1alpha2``, KServe
     0.20: vLLM behind llm-d's router) serving the base model once and LoRA adapters on it
-    (``spec.model.lora``); a release adds the candidate adapter, gates it by name and moves the alias
-    (:mod:`kubellm.k8s.llmisvc`)."""
+    (``spec.model.lora``); ``kubellm deploy`` and the deploy step release a registered *adapter version*:
+    add it as a candidate beside the champion, gate it by name, move the alias and ``champion`` or remove
+    it (:mod:`kubellm.k8s.llmisvc`); a merged version is refused."""
     router_scheduler: bool = True
     """``llm-inference-service``: route through llm-d's scheduler (the endpoint picker: load- and
     LoRA-aware routing across replicas); ``false``: a plain HTTPRoute to the workload Service."""
@@ -136,7 +137,8 @@ class DeployConfig(StrictModel):
     storage_uri: Uri | None = None
     """Where KServe's storage initializer fetches the model from into ``/mnt/models`` (``s3://``,
     ``gs://``, ``pvc://``, ``hf://``, ``https://``). The pipeline's deploy step passes the registered
-    model's location; ``kubellm deploy --storage-uri`` overrides this."""
+    model's location; ``kubellm deploy --storage-uri`` overrides this. ``llm-inference-service``: the
+    location of the adapter's base (``spec.model.uri``); ``None``: the base version's in the registry."""
     deployment_mode: Literal["Serverless", "RawDeployment"] | None = None
     """KServe deployment mode (annotation ``serving.kserve.io/deploymentMode``); ``None`` keeps the
     cluster's default. Canary traffic splitting needs ``Serverless`` (Knative revisions)."""

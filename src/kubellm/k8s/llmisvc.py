@@ -20,6 +20,7 @@ The adapter names clients use:
 
 :func:`adapter_rollout` releases a candidate on the live service:
 
+0. **refuse** a live service on another base (``spec.model.uri``): the adapter would not load there;
 1. **add** the candidate's entry (``<alias>-v<N>``) to ``spec.model.lora.adapters``;
 2. **wait** until KServe has reconciled that spec (``status.observedGeneration`` reaches the patched
    ``metadata.generation``) and the service is ``Ready`` (``WorkloadsReady`` and ``RouterReady``);
@@ -195,7 +196,8 @@ def adapter_rollout(desired: dict, *, candidate_uri: str, version: int, namespac
 
     body = copy.deepcopy(desired)
     body["metadata"]["namespace"] = namespace
-    if get() is None:
+    live = get()
+    if live is None:
         log.info("%s: creating", where)
         with api_errors(f"create {where}"):
             try:
@@ -203,6 +205,11 @@ def adapter_rollout(desired: dict, *, candidate_uri: str, version: int, namespac
             except client.ApiException as err:
                 if err.status != 409:  # created meanwhile by a concurrent release: go on with it
                     raise
+    else:
+        serving, wanted = (((live.get("spec") or {}).get("model") or {}).get("uri"), desired["spec"]["model"]["uri"])
+        if serving != wanted:  # an adapter only loads on the base it was trained on: change nothing
+            raise ServingError(f"{where} serves base {serving}, not {wanted}, the base of adapter {candidate}; "
+                               "release it on a service of that base (deploy.name)")
 
     entry = {"name": candidate, "uri": candidate_uri}
     patched = change(f"adding candidate adapter {candidate}",

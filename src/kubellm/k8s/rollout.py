@@ -130,23 +130,28 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
 
 
 def http_smoke(model_name: str, *, prompt: str = "Hello", max_tokens: int = 4,
-               timeout_s: float = 60.0, url: str | None = None) -> Callable[[str], None]:
-    """A smoke check: one OpenAI completion against ``<url>/openai/v1/completions`` must come back 200
-    with a choice. ``url`` replaces the InferenceService's URL (e.g. a port-forward).
+               timeout_s: float = 60.0, url: str | None = None, api_path: str = "/openai/v1",
+               cluster_local: bool = True) -> Callable[[str], None]:
+    """A smoke check: one OpenAI completion against ``<url><api_path>/completions`` must come back 200
+    with a choice. ``url`` replaces the InferenceService's URL (e.g. a port-forward). ``api_path`` is
+    where the server keeps the OpenAI routes: KServe's ``/openai/v1`` (``kubellm serve``), vLLM's ``/v1``
+    (an LLMInferenceService).
 
     KServe reports external URLs (``http://<svc>.<ns>.<domain>``), which a pipeline pod often cannot
     resolve (``example.com`` is Knative's default domain); Knative also answers the same service at
-    ``<svc>.<ns>.svc.cluster.local``. So that form is tried first, and the URL as reported when the
-    cluster-local name does not connect (outside the cluster). An HTTP error is never retried elsewhere.
+    ``<svc>.<ns>.svc.cluster.local``. So that form is tried first (unless ``cluster_local`` is false: a
+    gateway URL whose path names the service), and the URL as reported when the cluster-local name does
+    not connect (outside the cluster). An HTTP error is never retried elsewhere.
     """
 
     def check(isvc_url: str) -> None:
         import httpx
 
         body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-        candidates = [url] if url else [u for u in (_cluster_local(isvc_url), isvc_url) if u]
+        local = _cluster_local(isvc_url) if cluster_local else None
+        candidates = [url] if url else [u for u in (local, isvc_url) if u]
         for i, base in enumerate(candidates):
-            target = base.rstrip("/") + "/openai/v1/completions"
+            target = base.rstrip("/") + api_path + "/completions"
             try:
                 resp = httpx.post(target, json=body, timeout=timeout_s)
             except httpx.HTTPError as err:

@@ -476,6 +476,18 @@ def download_uri(cfg: TrackingConfig, workdir: str | Path, version: int) -> str:
         return client.get_model_version_download_uri(cfg.registered_model, str(version))
 
 
+def fetch_version_files(cfg: TrackingConfig, workdir: str | Path, version: int, dst: str | Path) -> Path:
+    """The files version ``version`` stores, downloaded into ``dst`` as they are: for an adapter version the
+    adapter (megabytes) without its base, which :func:`resolve_model_uri` would fetch too."""
+    _require_enabled(cfg, "fetching a model version")
+    from mlflow.artifacts import download_artifacts
+
+    client, uri = mlflow_client(cfg, workdir)
+    with mlflow_errors(uri, f"fetching {cfg.registered_model} version {version}"):
+        source = client.get_model_version_download_uri(cfg.registered_model, str(version))
+        return Path(download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
+
+
 def champion_info(cfg: TrackingConfig, workdir: str | Path, alias: str = CHAMPION) -> ModelVersionInfo | None:
     """The version holding the ``champion`` alias (or ``alias``), with its tags; None if there is none
     yet (or tracking is disabled)."""

@@ -226,17 +226,18 @@ def _quiet() -> Iterator[None]:
 
 
 def run_benchmarks_served(plan: BenchmarkPlan, *, base_url: str, model_name: str, tokenizer_dir: str | Path,
-                          batch_size: int, max_length: int = 2048) -> dict[str, Any]:
+                          batch_size: int, max_length: int = 2048, api_path: str = "/openai/v1") -> dict[str, Any]:
     """The same tasks against a served model's OpenAI completions API (``kubellm serve``, a KServe
-    canary): lm-eval's ``local-completions`` with token-id prompts, so the server scores exactly what
-    lm-eval tokenized. Returns what :func:`run_benchmarks` returns."""
+    canary; ``api_path`` ``/v1`` for vLLM's routes): lm-eval's ``local-completions`` with token-id
+    prompts, so the server scores exactly what lm-eval tokenized. ``model_name`` picks the model or
+    adapter. Returns what :func:`run_benchmarks` returns."""
     from lm_eval import evaluate
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     scores: dict[str, float] = {}
     better: dict[str, bool] = {}
     with _quiet():
-        lm = LocalCompletionsAPI(model=model_name, base_url=f"{base_url.rstrip('/')}/openai/v1/completions",
+        lm = LocalCompletionsAPI(model=model_name, base_url=f"{base_url.rstrip('/')}{api_path}/completions",
                                  tokenizer=str(tokenizer_dir), tokenizer_backend="huggingface",
                                  batch_size=batch_size, max_retries=1, max_length=max_length,
                                  max_gen_toks=plan.max_new_tokens)
