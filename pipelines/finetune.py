@@ -26,7 +26,7 @@ def prepare_base_and_data(ctx: Context, *, start: Any, base_model: Any, instruct
     base = ctx.configure(train.fetch_model(ref=base_model, tracking=ctx.tracking, workdir=ctx.workdir),
                          "finetune", "Fetch base model", cache=True)
     iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config, source_uri=instruct_dataset_uri,
-                                                    tokenizer_from=base.outputs["model"],
+                                                    tokenizer_from=base.outputs["model"], **ctx.placed(),
                                                     **ctx.pure_args()).after(start),
                           "prep_instruct", "Prepare instructions", cache=cache_prep)
     return base.outputs["model"], iprep

@@ -46,12 +46,12 @@ def build(ctx: Context) -> Any:
     ) -> None:
         with ctx.tracked(NAME, run_name) as start:
             pure = ctx.pure_args()  # the cacheable steps: no run-specific input (see _common)
-            prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **pure).after(start),
+            prep = ctx.configure(data.prepare_data(config=data_config, source_uri=dataset_uri, **ctx.placed(), **pure).after(start),
                                  "prep", "Prepare corpus", cache=True)
             pre = ctx.configure(train.pretrain(config=pretrain_config, **ctx.placed(),
                                                data=prep.outputs["dataset"], **pure),
                                 "pretrain", "Pretrain", retry="train", cache=True)
-            iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config,
+            iprep = ctx.configure(data.prepare_instructions(config=instruct_data_config, **ctx.placed(),
                                                             source_uri=instruct_dataset_uri,
                                                             tokenizer_from=prep.outputs["dataset"], **pure),
                                   "prep_instruct", "Prepare instructions", cache=True)
