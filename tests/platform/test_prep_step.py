@@ -192,6 +192,35 @@ def test_a_failed_prep_rayjob_fails_the_step_in_one_line(on_the_cluster, tmp_pat
     assert run.info.status == "FAILED" and run.data.tags["stage"] == "prep"
 
 
+def test_instruction_prep_copies_only_the_tokenizer_and_checks_what_the_job_left(on_the_cluster, tmp_path: Path) -> None:
+    """The reused tokenizer (here a model directory's) reaches the job on the PVC without the weights; a
+    RayJob that reports success but left no prepared dataset fails the step in one line naming the folder."""
+    from kubellm.errors import DataError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (model / name).write_text("{}")
+    cfg = _config(tmp_path, "instruct_data.cluster.nodes=1", "instruct_data.engine=ray",
+                  "instruct_data.cluster.shared_pvc=kubellm-shared", "tracking.enabled=false")
+    kuberay = KubeRay(on_the_cluster.api_client(), tmp_path, final={"jobDeploymentStatus": "Complete",
+                                                                    "jobStatus": "SUCCEEDED"})
+    kuberay.start()
+    ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
+    with pytest.raises(DataError, match=r"/output: not a prepared dataset \(no manifest.json"):
+        stage.prep(to_param(cfg.instruct_data), tmp_path / "artifact", ctx, stage="prep_instruct",
+                   tokenizer_dir=model, platform=to_param(cfg.platform), run_name=cfg.name)
+    job = kuberay.finish()
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[argv.index("--section") + 1] == "instruct_data"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "prep_instruct"
+    tok = Path(argv[argv.index("--tokenizer") + 1])
+    assert tok.is_relative_to(tmp_path / "pvc" / "runs" / cfg.name)
+    assert sorted(p.name for p in tok.iterdir() if not p.name.startswith(".")) == ["tokenizer.json",
+                                                                                    "tokenizer_config.json"]
+    assert not (tmp_path / "artifact").exists()
+
+
 def test_without_the_platform_section_the_step_refuses_in_one_line(tmp_path: Path) -> None:
     from kubellm.errors import ConfigError
 
