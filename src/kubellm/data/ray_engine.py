@@ -259,7 +259,8 @@ def make_shards(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -
             for row in batch.to_pylist():
                 job = ShardJob(**row)
                 tok = _tokenizer(root)
-                make_shard(cfg, tok, Encoder(tok_mod.backend(tok), 1), job, root, work)
+                with Encoder(tok_mod.backend(tok), 1, overlap=True) as encoder:
+                    make_shard(cfg, tok, encoder, job, root, work)
                 done.append(job.name)
         return {"shard": done}
 
