@@ -19,6 +19,10 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   the job ends (the RayJob object and its status stay); ``activeDeadlineSeconds`` is the step's timeout,
   so no cluster holds GPUs after the step stopped waiting.
 
+The same Ray cluster on CPU workers prepares data: :func:`build_prep_rayjob` runs ``kubellm prep`` on Ray
+Data as its entrypoint, and :func:`run_prep_rayjob` is the one launcher of ``kubellm prep`` and of the
+pipeline's prep steps (:func:`kubellm.stages.data.prep`).
+
 The outcome is read from ``status.jobDeploymentStatus`` (``Complete``/``Failed``…) and ``jobStatus``
 (Ray's own: ``SUCCEEDED``/``FAILED``/``STOPPED``), with ``reason`` and ``message``; KubeRay before 1.2
 reports ``Complete`` for a failed job too, so success needs both. Launching, re-attaching and the
