@@ -7,7 +7,8 @@ training's reader over the shards against ``load_from_disk``.
   engine loses no more than 20 % of the local engine's throughput on one machine). The outputs are
   compared too: byte-identical, or the row fails;
 - peak RSS of the Ray engine's driver (``kubellm prep`` with ``data.engine: ray`` in a subprocess that
-  starts its own local Ray) on two corpora, one ten times the other (goal: the larger ≤ 1.5× the
+  starts its own local Ray) on two corpora, one ten times the other, with the same given tokenizer (the
+  trained one's sample is capped by ``tokenizer.max_train_bytes`` anyway) (goal: the larger ≤ 1.5× the
   smaller). Ray's worker processes are not the driver's children and are not in the figure: each holds
   one unit or shard at a time (blocks of ~4 MB of text, shards of ``data.shard_bytes``);
 - training reader: tokens/s of a DataLoader over the sharded split (``ShardedRows``, memory-mapped
@@ -66,7 +67,7 @@ def _cfg(corpus: Path, **kw) -> dict:
             "cleaning": {"max_chars": 10**7}, "tokenizer": {"vocab_size": VOCAB}, "shard_bytes": 4_000_000, **kw}
 
 
-def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path]:
+def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path, Path]:
     import ray
 
     from kubellm.config.data import DataConfig
@@ -92,17 +93,18 @@ def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path]:
     note = (f"{megabytes:g} MB in 24 files, {local.stats['tokens'] / 1e6:.2f} M tokens, "
             f"{sum(local.stats['shards'].values())} shards; outputs {'identical' if same else 'DIFFER'}; {_load()}")
     return [_row("prep seconds, ray (2 workers) vs local (num_proc=2)", t_ray, t_local, "<= 1.25x",
-                 same and t_ray <= 1.25 * t_local, note)], local.path
+                 same and t_ray <= 1.25 * t_local, note)], local.path, tok
 
 
-def _memory(work: Path, small: float) -> list[dict]:
+def _memory(work: Path, small: float, tok: Path) -> list[dict]:
     kubellm = str(Path(sys.executable).parent / "kubellm")
     env_note = {}
     peaks = {}
     for mb in (small, small * 10):
         corpus = work / f"mem-{mb:g}"
         _corpus(corpus, mb)
-        (work / f"mem-{mb:g}.yaml").write_text(yaml.safe_dump({"data": _cfg(corpus, engine="ray", workers=2)}))
+        (work / f"mem-{mb:g}.yaml").write_text(yaml.safe_dump({"data": _cfg(
+            corpus, engine="ray", workers=2, tokenizer={"path": str(tok)})}))
         peaks[mb] = _peak_rss_mb([kubellm, "prep", "--config", f"mem-{mb:g}.yaml", "--out", f"mem-out-{mb:g}"], work)
         env_note[mb] = f"{mb:g} MB in {peaks[mb][1]:.0f} s"
     (rss_s, _), (rss_l, _) = peaks[small], peaks[small * 10]
@@ -145,7 +147,7 @@ def run(quick: bool) -> list[dict]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(prefix="kubellm-bench-prep-ray-") as tmp:
         work = Path(tmp)
-        rows, local = _engines(work, 2 if quick else 100)
+        rows, local, tok = _engines(work, 2 if quick else 100)
         rows += _reader(local, 50 if quick else 500)
-        rows += _memory(work, 1 if quick else 20)
+        rows += _memory(work, 1 if quick else 20, tok)
     return rows

@@ -32,7 +32,7 @@ def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, s
 @component
 def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
                  dataset: Output[Dataset], report: Output[Markdown], metrics: Output[Metrics],
-                 stage: str = "prep") -> str:
+                 stage: str = "prep", platform: dict = {}, run_name: str = "") -> str:
     """Prepare a pretraining corpus or instruction data with a newly trained (or configured) tokenizer.
 
     Reads the sources, cleans and de-duplicates, splits train/validation deterministically, trains a
@@ -48,6 +48,11 @@ def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
         report: The preparation report.
         metrics: Records in/out, dropped by reason, tokens, blocks, padding fraction.
         stage: Stage name in MLflow (``prep`` or ``prep_instruct``).
+        platform: The ``platform`` section, set at compile time; with ``cluster.nodes`` set in ``config``
+            this step creates a KubeRay RayJob that prepares on Ray Data across its worker pods (the
+            ``prep`` placement, Kueue's labels), whose driver logs into this step's MLflow run, and copies
+            the prepared dataset back from the shared volume.
+        run_name: Names the RayJob's working directory on the shared volume.
 
     Returns:
         The data fingerprint (equal fingerprints mean equal data).
@@ -55,7 +60,8 @@ def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
     from kubellm.stages import StageContext, data, publish
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
-    out = data.prep(config, dataset.path, ctx, stage=stage, source_uri=source_uri or None)
+    out = data.prep(config, dataset.path, ctx, stage=stage, source_uri=source_uri or None,
+                    platform=platform or None, run_name=run_name or "kubellm")
     publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]
 
@@ -63,7 +69,8 @@ def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
 @component
 def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri: str,
                          tokenizer_from: Input[Artifact], dataset: Output[Dataset],
-                         report: Output[Markdown], metrics: Output[Metrics]) -> str:
+                         report: Output[Markdown], metrics: Output[Metrics], platform: dict = {},
+                         run_name: str = "") -> str:
     """Prepare instruction data with the tokenizer of an upstream dataset or model (one vocabulary).
 
     Prompt tokens are masked out of the loss; held-out examples are kept for generation metrics.
@@ -77,6 +84,10 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri:
         dataset: The prepared instruction dataset.
         report: The preparation report.
         metrics: Preparation statistics.
+        platform: The ``platform`` section, set at compile time; with ``cluster.nodes`` set in ``config``
+            the preparation runs as a RayJob, as in ``prepare_data`` (the tokenizer is copied to the
+            shared volume first).
+        run_name: Names the RayJob's working directory on the shared volume.
 
     Returns:
         The data fingerprint.
@@ -85,6 +96,6 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri:
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
     out = data.prep(config, dataset.path, ctx, stage="prep_instruct", source_uri=source_uri or None,
-                    tokenizer_dir=tokenizer_from.path)
+                    tokenizer_dir=tokenizer_from.path, platform=platform or None, run_name=run_name or "kubellm")
     publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]

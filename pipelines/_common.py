@@ -147,9 +147,10 @@ def apply_placement(task: Any, stage: str, cfg: RunConfig) -> Any:
     for pvc in place.pvcs:
         kubernetes.mount_pvc(task, pvc_name=pvc.claim, mount_path=pvc.mount_path)
     dist = platform.distributed_for(stage) if stage in ("pretrain", "finetune") else None
-    if dist is not None and dist.engine != "none" and all(p.mount_path != SHARED_MOUNT for p in place.pvcs):
-        # The step copies its inputs to, and its output from, the PVC the training job's pods share.
-        kubernetes.mount_pvc(task, pvc_name=dist.shared_pvc, mount_path=SHARED_MOUNT)
+    shared = cfg.job_shared_pvc(stage)
+    if shared and all(p.mount_path != SHARED_MOUNT for p in place.pvcs):
+        # The step copies its inputs to, and its output from, the PVC the cluster job's pods share.
+        kubernetes.mount_pvc(task, pvc_name=shared, mount_path=SHARED_MOUNT)
     for sec in place.secret_env:
         kubernetes.use_secret_as_env(task, secret_name=sec.secret, secret_key_to_env={sec.key: sec.env})
     for sec in place.secret_volumes:

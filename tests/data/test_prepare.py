@@ -251,6 +251,27 @@ def test_parallel_tokenization_gives_the_same_rows(tmp_path: Path, shared_tokeni
     assert _rows(one.path) == _rows(two.path) and one.manifest == two.manifest
 
 
+def test_overlapped_encoding_gives_the_inline_encodings_in_order(shared_tokenizer: Path) -> None:
+    """The Ray engine's tasks encode the next batch in a thread while they pack the previous one: the
+    same arrays, in the same order, as encoding inline."""
+    from kubellm.data.pack import Encoder
+
+    tk = _tokenizer_backend(shared_tokenizer)
+    batches = [make_docs(7, seed=i) for i in range(9)]
+    with Encoder(tk, 1) as inline, Encoder(tk, 1, overlap=True) as overlapped:
+        assert overlapped._pool is not None and inline._pool is None
+        for a, b in zip(inline.docs(iter(batches), 0), overlapped.docs(iter(batches), 0), strict=True):
+            assert np.array_equal(a, b)
+        for a, b in zip(inline.offsets(iter(batches)), overlapped.offsets(iter(batches)), strict=True):
+            assert all(np.array_equal(x, y) for pa, pb in zip(a, b, strict=True) for x, y in zip(pa, pb, strict=True))
+
+
+def _tokenizer_backend(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
 def test_builtin_corpus_and_instructions_share_one_tokenizer(tmp_path: Path) -> None:
     pre = prepare(data_cfg("builtin://stdlib", max_docs=12, block_size=64, tokenizer={"vocab_size": 512}),
                   tmp_path / "pre")

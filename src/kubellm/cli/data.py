@@ -101,15 +101,14 @@ def _prep_rayjob(cfg, section: str, out: str, tokenizer: Path | None, dry_run: b
     PVC, relative ones under /mnt/kubellm) and wait for it, or print it with ``--dry-run``."""
     import yaml
 
-    from kubellm.k8s.rayjob import build_prep_rayjob
-    from kubellm.k8s.training_job import launch
+    from kubellm.k8s.rayjob import build_prep_rayjob, run_prep_rayjob
     from kubellm.log import print_table
 
-    job = build_prep_rayjob(cfg, section, out, str(tokenizer) if tokenizer else None)
+    tok = str(tokenizer) if tokenizer else None
     if dry_run:
-        print(yaml.safe_dump(job, sort_keys=False), end="")
+        print(yaml.safe_dump(build_prep_rayjob(cfg, section, out, tok), sort_keys=False), end="")
         return
-    outcome = launch(job, cfg.platform.namespace, timeout_s=getattr(cfg, section).cluster.timeout_seconds)
+    job, outcome = run_prep_rayjob(cfg, section, out, tok)
     print_table("kubellm prep (RayJob)", [
         {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
         {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},

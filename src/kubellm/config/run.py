@@ -111,6 +111,15 @@ class RunConfig(StrictModel):
                              f"{WHERE_CREDENTIALS_GO}")
         return self
 
+    def job_shared_pvc(self, stage: str) -> str | None:
+        """The shared PVC of the cluster job that ``stage``'s step launches (a training job, the prep RayJob),
+        which the step's own pod mounts too; None where the step works in its own pod."""
+        if stage in ("pretrain", "finetune"):
+            dist = self.platform.distributed_for(stage)
+            return dist.shared_pvc if dist.engine != "none" else None
+        data = {"prep": self.data, "prep_instruct": self.instruct_data}.get(stage)
+        return data.cluster.shared_pvc if data is not None and data.cluster.nodes else None
+
     def config_hash(self) -> str:
         """A short, stable hash of the validated config (tags runs, names pipeline versions)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,15 +70,23 @@ def _worker_offsets(texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 class Encoder:
     """Encodes batches in order, inline (``num_proc == 1``) or in ``num_proc`` spawned workers with at
-    most ``2 × num_proc`` batches in flight (bounded memory)."""
+    most ``2 × num_proc`` batches in flight (bounded memory).
 
-    def __init__(self, tk: Any, num_proc: int = 1) -> None:
+    ``overlap`` (``num_proc == 1``): encode the next batches in one thread while the caller packs and
+    writes the previous ones — the Rust encoder releases the GIL — as the local engine's main process
+    packs while its workers encode. A Ray task (one process per shard) uses it.
+    """
+
+    def __init__(self, tk: Any, num_proc: int = 1, *, overlap: bool = False) -> None:
         self.tk = tk
         self.num_proc = num_proc
-        self._pool: ProcessPoolExecutor | None = None
+        self.overlap = overlap and num_proc == 1
+        self._pool: Executor | None = None
 
     def __enter__(self) -> Encoder:
-        if self.num_proc > 1:
+        if self.overlap:
+            self._pool = ThreadPoolExecutor(1)
+        elif self.num_proc > 1:
             import multiprocessing
 
             # spawn, not fork: forking after the Rust thread pool ran can deadlock the child.
@@ -93,11 +101,15 @@ class Encoder:
     def docs(self, batches: Iterable[list[str]], eos_id: int) -> Iterator[np.ndarray]:
         if self._pool is None:
             return (encode_docs(self.tk, b, eos_id) for b in batches)
+        if self.overlap:
+            return self._ordered(batches, lambda b: self._pool.submit(encode_docs, self.tk, b, eos_id))  # type: ignore[union-attr]
         return self._ordered(batches, lambda b: self._pool.submit(_worker_docs, b, eos_id))  # type: ignore[union-attr]
 
     def offsets(self, batches: Iterable[list[str]]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
         if self._pool is None:
             return (encode_with_offsets(self.tk, b) for b in batches)
+        if self.overlap:
+            return self._ordered(batches, lambda b: self._pool.submit(encode_with_offsets, self.tk, b))  # type: ignore[union-attr]
         return self._ordered(batches, lambda b: self._pool.submit(_worker_offsets, b))  # type: ignore[union-attr]
 
     def _ordered(self, batches: Iterable[Any], submit: Callable[[Any], Future]) -> Iterator[Any]:

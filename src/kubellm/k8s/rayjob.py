@@ -19,6 +19,10 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   the job ends (the RayJob object and its status stay); ``activeDeadlineSeconds`` is the step's timeout,
   so no cluster holds GPUs after the step stopped waiting.
 
+The same Ray cluster on CPU workers prepares data: :func:`build_prep_rayjob` runs ``kubellm prep`` on Ray
+Data as its entrypoint, and :func:`run_prep_rayjob` is the one launcher of ``kubellm prep`` and of the
+pipeline's prep steps (:func:`kubellm.stages.data.prep`).
+
 The outcome is read from ``status.jobDeploymentStatus`` (``Complete``/``Failed``…) and ``jobStatus``
 (Ray's own: ``SUCCEEDED``/``FAILED``/``STOPPED``), with ``reason`` and ``message``; KubeRay before 1.2
 reports ``Complete`` for a failed job too, so success needs both. Launching, re-attaching and the
@@ -35,7 +39,7 @@ from kubellm.config.platform import DistributedConfig, Placement
 from kubellm.config.run import RunConfig
 from kubellm.errors import ConfigError
 from kubellm.k8s import pods
-from kubellm.k8s.training_job import GRACE_SECONDS, Stage, build_job, job_labels, shared_volume
+from kubellm.k8s.training_job import GRACE_SECONDS, JobOutcome, Stage, build_job, job_labels, shared_volume
 
 #: Ray in the runtime image (``kubellm[ray]``); KubeRay reads it to pick compatible defaults.
 RAY_VERSION = "2.60.0"
@@ -142,7 +146,8 @@ PREP_STAGES = {"data": "prep", "instruct_data": "prep_instruct"}
 
 
 def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
-                      data_fingerprint: str | None = None) -> dict[str, Any]:
+                      data_fingerprint: str | None = None, run_key: str | None = None,
+                      env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The RayJob in which ``kubellm prep`` prepares ``section`` (``data``/``instruct_data``) on Ray Data.
 
     The Ray cluster is the training RayJob's (:func:`rayjob_spec`): a head that runs the driver (``num-cpus:
@@ -151,10 +156,13 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
     The entrypoint is ``kubellm prep`` with the run's sections inline (``--set``, as for training) and
     ``cluster.nodes=0``, so the driver prepares in place on the cluster it runs in (``RAY_ADDRESS``), and
     MLflow is written from the driver. ``out_dir`` and ``tokenizer_dir`` are paths on the shared PVC. The
-    name is a hash of the spec and ``data_fingerprint``, so a retried step re-attaches, and a resubmitted
-    job after a failure resumes from the shards already verified on the PVC.
+    name is a hash of the spec, ``data_fingerprint`` and ``run_key`` (the pipeline step passes its KFP run
+    id: a retried step re-attaches to its job, the next pipeline run gets a job of its own, whose prep
+    re-uses every shard that still verifies), so a resubmitted job after a failure resumes from the shards
+    already on the PVC. ``env`` reaches the driver and the workers (the step's MLflow run, the client's
+    settings) without taking part in the name.
     """
-    from kubellm.k8s.training_job import _job_placement, _set_args, job_name, shared_path
+    from kubellm.k8s.training_job import _add_env, _job_placement, _set_args, job_name, shared_path
 
     if section not in PREP_STAGES:
         raise ConfigError(f"prep section {section!r}: expected one of {sorted(PREP_STAGES)}")
@@ -174,7 +182,10 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
             *(["--tokenizer", shared_path(tokenizer_dir, "tokenizer_dir")] if tokenizer_dir else []),
             *_set_args(run_cfg, section), "--set", f"{section}.cluster.nodes=0"]
     spec["entrypoint"] = shlex.join(argv)
-    name = job_name(stage, run_cfg.name, {"kind": "RayJob", "spec": spec, "data": data_fingerprint or argv[3]})
+    identity = {"kind": "RayJob", "spec": spec, "data": data_fingerprint or argv[3], **({"run": run_key} if run_key else {})}
+    name = job_name(stage, run_cfg.name, identity)
+    if env:
+        _add_env("rayjob", spec, env)
     annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
     if data_fingerprint:
         annotations["kubellm.io/data-fingerprint"] = data_fingerprint
@@ -186,3 +197,16 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
                      "annotations": annotations},
         "spec": spec,
     }
+
+
+def run_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
+                    run_key: str | None = None, env: Mapping[str, str] | None = None, api_client: Any = None,
+                    poll_s: float = 5.0) -> tuple[dict[str, Any], JobOutcome]:
+    """Build the prep RayJob (:func:`build_prep_rayjob`) and launch it with ``<section>.cluster``'s timeout:
+    the one launcher of ``kubellm prep`` and of the pipeline's prep steps. Returns the job and its outcome;
+    a failed job or the timeout raises :class:`~kubellm.errors.ClusterError` naming the job."""
+    from kubellm.k8s.training_job import launch
+
+    job = build_prep_rayjob(run_cfg, section, out_dir, tokenizer_dir, run_key=run_key, env=env)
+    timeout = getattr(run_cfg, section).cluster.timeout_seconds
+    return job, launch(job, run_cfg.platform.namespace, api_client=api_client, timeout_s=timeout, poll_s=poll_s)

@@ -177,3 +177,33 @@ def preemptible(func: Callable[..., Any]) -> Callable[..., Any]:
 def trial_stage(stage: str, trial: dict[str, Any] | None) -> str:
     """``finetune`` → ``finetune.trial-2`` inside a sweep (stage names are unique within a run)."""
     return f"{stage}.{trial['name']}" if trial else stage
+
+
+def job_run_config(ctx: StageContext, platform: Any, stage: str, run_name: str, **sections: Any) -> Any:
+    """The run config a step hands to the cluster job it launches (a training job, the prep RayJob).
+
+    Under KFP's MLflow plugin (a handed run with ``$MLFLOW_TRACKING_URI``) the job's pods get that
+    server through :func:`~kubellm.tracking.kfp_plugin.client_env`, not the config's ``tracking.uri``.
+    Pods mount no service-account token, so a ``kubernetes`` MLflow auth mode needs credentials of their
+    own: one warning line says so when the stage's placement gives none.
+    """
+    from kubellm.config import RunConfig
+    from kubellm.tracking.kfp_plugin import URI_ENV, kubernetes_auth
+
+    tracking = ctx.tracking
+    if handed_run_id() and os.environ.get(URI_ENV):  # the handed run's server, forwarded, not tracking.uri
+        tracking = tracking.model_copy(update={"uri": None})
+    if ctx.tracking.enabled and kubernetes_auth() and not any(
+            s.env in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD") for s in platform.placement(stage).secret_env):
+        log.warning("%s job: MLFLOW_TRACKING_AUTH=%s is not passed to its pods (they mount no service-account token), "
+                    "so its driver or rank 0 cannot log to MLflow; give them credentials with platform.stages.%s.secret_env "
+                    "(MLFLOW_TRACKING_TOKEN)", stage, os.environ.get("MLFLOW_TRACKING_AUTH"), stage)
+    return RunConfig(name=run_name, workdir=ctx.workdir, tracking=tracking, platform=platform, **sections)
+
+
+def job_env(tracker: Tracker) -> dict[str, str]:
+    """Environment of a launched job's pods: this process's MLflow client settings and this step's run,
+    which the job's driver (or rank 0) logs into (:data:`STAGE_RUN_ENV`)."""
+    from kubellm.tracking.kfp_plugin import client_env
+
+    return {**client_env(), STAGE_RUN_ENV: tracker.run_id or ""}

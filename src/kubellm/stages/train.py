@@ -7,18 +7,18 @@ this stage's MLflow run (:data:`~kubellm.stages.base.STAGE_RUN_ENV`).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from kubellm import markdown
-from kubellm.config import FinetuneConfig, PlatformConfig, PretrainConfig, RunConfig
+from kubellm.config import FinetuneConfig, PlatformConfig, PretrainConfig
 from kubellm.errors import TrainingError
 from kubellm.stages.base import (
-    STAGE_RUN_ENV,
     StageContext,
     StageOutput,
+    job_env,
+    job_run_config,
     log,
     numeric,
     preemptible,
@@ -95,26 +95,16 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
     from kubellm.data.format import open_prepared
     from kubellm.k8s.shared_volume import collect_output, stage_inputs
     from kubellm.k8s.training_job import SHARED_MOUNT, run_training_job
-    from kubellm.tracking.kfp_plugin import URI_ENV, client_env, handed_run_id, kubernetes_auth
     from kubellm.train.loop import TrainResult
 
-    tracking = ctx.tracking
-    if handed_run_id() and os.environ.get(URI_ENV):  # the handed run's server, forwarded, not tracking.uri
-        tracking = tracking.model_copy(update={"uri": None})
-    run_cfg = RunConfig(name=run_name, workdir=ctx.workdir, tracking=tracking, platform=platform,
-                        **{stage: stage_cfg})
-    if ctx.tracking.enabled and kubernetes_auth() and not any(
-            s.env in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD") for s in platform.placement(stage).secret_env):
-        log.warning("%s job: MLFLOW_TRACKING_AUTH=%s is not passed to its pods (they mount no service-account token), "
-                    "so rank 0 cannot log to MLflow; give them credentials with platform.stages.%s.secret_env "
-                    "(MLFLOW_TRACKING_TOKEN)", stage, os.environ.get("MLFLOW_TRACKING_AUTH"), stage)
+    run_cfg = job_run_config(ctx, platform, stage, run_name, **{stage: stage_cfg})
     fp = open_prepared(data_dir).manifest.fingerprint
     shared = stage_inputs(SHARED_MOUNT, run_name, stage, fp, data_dir, base_model)
     outcome = run_training_job(stage, run_cfg, str(shared.data), str(shared.out),
                                str(shared.base) if shared.base is not None else None, data_fingerprint=fp,
-                               env={**client_env(), STAGE_RUN_ENV: tracker.run_id or ""})
+                               env=job_env(tracker))
     tracker.set_tags({f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)})
-    collect_output(shared, out_dir)
+    collect_output(shared.out, out_dir)
     return TrainResult.read(out_dir)
 
 
