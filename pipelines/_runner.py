@@ -20,7 +20,7 @@ from typing import Any, Protocol, TextIO
 
 import yaml
 from kfp import compiler, local
-from kfp.dsl.base_component import BaseComponent
+from kfp.components import BaseComponent
 
 from kubellm import components as components_package
 from kubellm.config import RunConfig
