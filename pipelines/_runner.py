@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-import yaml
 from kfp import compiler, local
 from kfp.components import BaseComponent
 
 from kubellm import components as components_package
+from kubellm import yamlio
 from kubellm.config import RunConfig
 from kubellm.pipeline_params import builtin_pipelines
 from kubellm.pipelines._cache import ResumeCache
@@ -80,7 +80,7 @@ def _stable_header(path: Path) -> None:
 
 def _check_yaml(path: Path) -> None:
     """A compiled file must parse back as YAML documents with a pipeline spec."""
-    docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    docs = yamlio.load_all(path.read_text(encoding="utf-8"))
     if not docs or "pipelineInfo" not in docs[0] or "root" not in docs[0]:
         raise RuntimeError(f"{path}: compiled output is not a KFP pipeline spec")
 

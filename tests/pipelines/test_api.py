@@ -14,6 +14,7 @@ import pytest
 import yaml
 from importtime import heavy, modules
 
+from kubellm import yamlio
 from kubellm.errors import ConfigError
 from kubellm.pipelines.api import Builder, load_file
 
@@ -37,7 +38,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     b = _builder(overrides=("platform.image=registry.example.com/team/kubellm:1.2",
                             "platform.stages.evaluate.resources.memory_limit=12Gi"))
     path = b.compile(load_file(PIPELINE, b), tmp_path_factory.mktemp("api") / "own-data.yaml")
-    return list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    return yamlio.load_all(path.read_text(encoding="utf-8"))
 
 
 def test_example_compiles_with_placement_on_every_step_including_the_users_own(compiled: list[dict]) -> None:
@@ -122,7 +123,7 @@ def test_overrides_take_dotted_or_nested_keys_and_a_null_survives_compilation(tm
                    base_model=fetched.outputs["model"])
 
     path = b.compile(nulls, tmp_path / "nulls.yaml")  # KFP refuses None in a dict; the builder strips it
-    spec = yaml.safe_load_all(path.read_text(encoding="utf-8")).__next__()
+    spec = yamlio.load_all(path.read_text(encoding="utf-8"))[0]
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     constant = inner["finetune"]["inputs"]["parameters"]["config"]["runtimeValue"]["constant"]
     assert "optim.grad_clip" in constant["__null__"] and "grad_clip" not in constant["optim"]
@@ -246,7 +247,7 @@ def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_ever
     assert "FutureWarning" not in comp.stderr
     check = _kubellm("check", "dist/own-data.yaml", cwd=tmp_path)
     assert check.returncode == 0, check.stdout
-    executors = len(next(yaml.safe_load_all((tmp_path / "dist" / "own-data.yaml").read_text()))
+    executors = len(yamlio.load_all((tmp_path / "dist" / "own-data.yaml").read_text())[0]
                     ["deploymentSpec"]["executors"])
     assert f"{executors} pipeline executors: 0 findings" in check.stdout and executors >= 8
     # a plain @dsl.component pip-installs kfp when its pod starts: refused at compile, in one line
@@ -258,7 +259,7 @@ def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_ever
     assert "step count-rows: its component installs packages when its pod starts" in line
     assert "kubellm.pipelines.api.component" in line and not (tmp_path / "dist2").exists()
     # a pipeline compiled elsewhere with such a step is found by the check, executor by executor
-    spec = next(yaml.safe_load_all((tmp_path / "dist" / "own-data.yaml").read_text()))  # without its platform spec
+    spec = yamlio.load_all((tmp_path / "dist" / "own-data.yaml").read_text())[0]  # without its platform spec
     spec["deploymentSpec"]["executors"]["exec-report-card"]["container"]["command"] = [
         "sh", "-c", "python3 -m pip install --quiet kfp==2.17.0 && python3 -m kfp.dsl.executor_main"]
     (tmp_path / "elsewhere.yaml").write_text(yaml.safe_dump(spec))

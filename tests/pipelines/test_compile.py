@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubellm import yamlio
 from kubellm.config import load_config
 from kubellm.pipeline_params import builtin_pipelines
 from kubellm.pipelines._runner import COMPONENTS, compile_all
@@ -34,7 +35,7 @@ CLUSTER_OVERRIDES = [
 
 
 def _docs(path: Path) -> list[dict]:
-    return list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    return yamlio.load_all(path.read_text(encoding="utf-8"))
 
 
 SECRET_VALUES = {"MLFLOW_TRACKING_PASSWORD": "hunter2-pw", "KFP_TOKEN": "t0ken-kfp", "HF_TOKEN": "hf_s3cret"}
@@ -57,7 +58,7 @@ def cluster_files(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, bytes]
 
 @pytest.fixture(scope="module")
 def cluster_build(cluster_files: dict[Path, bytes]) -> dict[str, list[dict]]:
-    return {name: list(yaml.safe_load_all(cluster_files[Path(f"{name}.yaml")].decode())) for name in PIPELINES}
+    return {name: yamlio.load_all(cluster_files[Path(f"{name}.yaml")].decode()) for name in PIPELINES}
 
 
 def test_compiling_twice_gives_identical_bytes(cluster_files: dict[Path, bytes], tmp_path: Path) -> None:

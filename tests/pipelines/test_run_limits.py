@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
+from kubellm import yamlio
 from kubellm.config import load_config
 from kubellm.errors import ConfigError
 from kubellm.pipeline_params import builtin_pipelines
@@ -20,7 +20,7 @@ LIMITS = ["platform.run_limits.active_deadline_seconds=172800", "platform.run_li
 
 
 def _platform(path: Path) -> dict:
-    docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    docs = yamlio.load_all(path.read_text(encoding="utf-8"))
     return docs[1]["platforms"]["kubernetes"] if len(docs) > 1 else {}
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from kfp_standin import KfpStandIn, model_problems, self_signed_certificate
 
+from kubellm import yamlio
 from kubellm.cli.app import main
 
 pytestmark = pytest.mark.integration
@@ -90,7 +91,7 @@ def test_submit_uploads_a_version_creates_experiment_and_starts_a_run(kfp, capsy
     assert pipeline["display_name"] == "llm-lifecycle" and pipeline["namespace"] == ""
     ours = [v for v in st.versions.values() if v["display_name"].startswith("0.1.0-")]  # package, git, config
     assert len(ours) == 1
-    spec = next(yaml.safe_load_all(st.packages[ours[0]["pipeline_version_id"]]))
+    spec = yamlio.load_all(st.packages[ours[0]["pipeline_version_id"]])[0]
     assert spec["pipelineInfo"]["name"] == "llm-lifecycle"
     (run,) = st.runs.values()
     assert model_problems(_body(run), "V2beta1Run") == []
@@ -314,7 +315,7 @@ def test_stand_in_rejects_what_the_real_api_would(team) -> None:
 
 
 def _cacheable_tasks(package: str) -> set[str]:
-    spec = next(yaml.safe_load_all(package))
+    spec = yamlio.load_all(package)[0]
     dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
     return {n for d in dags for n, t in d.get("tasks", {}).items() if t.get("cachingOptions", {}).get("enableCache")}
 

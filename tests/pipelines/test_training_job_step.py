@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
+from kubellm import yamlio
 from kubellm.config import load_config
 from kubellm.config.params import to_param
 from kubellm.stages import STAGE_RUN_ENV, StageContext, train
@@ -134,6 +134,6 @@ def test_compiled_step_mounts_the_shared_pvc(tmp_path: Path) -> None:
         "platform.distributed.finetune.engine=pytorchjob", "platform.distributed.finetune.shared_pvc=kubellm-shared",
         "tracking.uri=http://mlflow:5000"])
     (path,) = compile_all(cfg, tmp_path, ["llm-lifecycle"], components=False)
-    execs = list(yaml.safe_load_all(path.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    execs = yamlio.load_all(path.read_text())[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert execs["exec-finetune"]["pvcMount"][0]["mountPath"] == "/mnt/kubellm"
     assert "pvcMount" not in execs.get("exec-pretrain", {})

@@ -239,9 +239,7 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     import hashlib
     import tempfile
 
-    import yaml
-
-    from kubellm import __version__
+    from kubellm import __version__, yamlio
     from kubellm.pipeline_params import builtin
     from kubellm.pipelines._runner import compile_all
     from kubellm.pipelines.submit import version_name
@@ -251,7 +249,7 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
         builtin(pipeline)  # an unknown name: one line naming the built-in pipelines
     out = Path(tempfile.mkdtemp(prefix="kubellm-compile-"))
     package = compile_all(cfg, out, [pipeline], components=False, caching=caching)[0]
-    spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
+    spec = yamlio.load_all(package.read_text(encoding="utf-8"))[0]
     name = spec["pipelineInfo"]["name"]
     description = spec["pipelineInfo"].get("description", name)
     config_hash = cfg.config_hash()

@@ -241,13 +241,15 @@ def load_manifests(path: str | Path) -> list[dict[str, Any]]:
     """The mapping documents of a YAML (or JSON) file; raises a one-line KubellmError on bad YAML."""
     import yaml
 
+    from kubellm import yamlio
+
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise KubellmError(f"{p}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     try:
-        return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        return [d for d in yamlio.load_all(text) if isinstance(d, dict)]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

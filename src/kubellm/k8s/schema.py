@@ -174,11 +174,10 @@ def _load(path: str, mtime: float) -> dict[str, Any]:
                 return json.load(fh)
         except (OSError, ValueError) as err:
             raise KubellmError(f"{path}: unreadable vendored CRD schema ({err})") from None
-    import yaml
+    from kubellm import yamlio
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # C loader: 0.5 s instead of ~6 s for 2 MB
     with open(path, encoding="utf-8") as fh:
-        for doc in yaml.load_all(fh, Loader=loader):
+        for doc in yamlio.load_all(fh):
             if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
                 return extract_crd(doc)
     raise KubellmError(f"{path}: no CustomResourceDefinition document in the file")
