@@ -39,7 +39,7 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     # a run under KFP's MLflow plugin: its parent is the plugin's, named by the plugin, tagged by kubellm
     parents = [] if not experiments else client.search_runs(
         experiments,
-        filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and attributes.run_name = '{run_name}'",
+        filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and tags.run_name = '{run_name}'",
         order_by=["attributes.start_time DESC"], max_results=1) or client.search_runs(
         experiments, filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and "
                                    f"tags.kfp_run_id = '{run_name}'",
