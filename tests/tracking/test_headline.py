@@ -32,9 +32,10 @@ def test_the_parent_run_carries_metrics_gate_version_and_a_description(workdir: 
     assert (m["perplexity"], m["perplexity_ratio"], m["gate_passed"], m["registered_version"]) == (80.0, 0.2, 1.0, 1.0)
     # the name tells it apart in a truncated runs list: pipeline, outcome, start; the run's own name is a tag
     started = time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+    assert run.data.tags["registered_model"] == "models:/story/1"
     assert run.info.run_name == f"lifecycle · v1 registered · {started}" and run.data.tags["run_name"] == "demo"
     note = run.data.tags[NOTE_TAG]
-    assert "| gate | passed |" in note and "| registered | story v1 |" in note and "0.200" in note
+    assert "| gate | passed |" in note and "| registered | [story v1](#/models/story/versions/1) |" in note and "0.200" in note
     version = client.get_model_version("story", "1")
     assert uri == "models:/story/1"
     produced = version.source.removeprefix("models:/")

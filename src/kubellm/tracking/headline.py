@@ -11,6 +11,7 @@ artifact, not hundreds of params of defaults. Its name says which pipeline, how 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from kubellm.tracking.base import CLOSES_TAG
 
@@ -18,6 +19,8 @@ from kubellm.tracking.base import CLOSES_TAG
 HEADLINE_METRICS = ("perplexity", "base_perplexity", "perplexity_ratio", "gate_passed", "code_parse_rate",
                     "rouge_l", "token_f1")
 NOTE_TAG = "mlflow.note.content"
+#: The parent run's tag naming the version it registered (``models:/<name>/<version>``).
+REGISTERED_TAG = "registered_model"
 
 
 #: What a parent run's name says before the run has ended.
@@ -79,6 +82,11 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
         if versions:
             mv = max(versions, key=lambda v: int(v.version))
             head["registered"] = f"{mv.name} v{mv.version}"
+            # MLflow's "Registered models" box lists the versions whose one run_id is this run; the version's
+            # is the register stage's run (whose record it is), so the parent links it in its description
+            # and a tag (MLflow has no second run of a version; the logged model below is its other link)
+            head["registered_link"] = f"[{head['registered']}](#/models/{quote(mv.name, safe='')}/versions/{mv.version})"
+            client.set_tag(run_id, REGISTERED_TAG, f"models:/{mv.name}/{mv.version}")
             metrics["registered_version"] = float(mv.version)
             # The version's logged model (MLflow 3: ``source`` is ``models:/<model id>``; the sqlite store
             # leaves ``model_id`` unset on the version itself).
@@ -141,7 +149,7 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
         "held-out perplexity": head.get("perplexity"),
         "ratio to the base": f"{ratio:.3f}" if ratio is not None else None,
         "gate": verdict,
-        "registered": head.get("registered"),
+        "registered": head.get("registered_link") or head.get("registered"),
         "deployment": head.get("deployment"),
     }
     if summary.get("error"):
