@@ -1,8 +1,9 @@
 """A step that fails on its input is not retried slowly: one real `kubellm run` whose deploy fails on a
-setting (``serve.max_prompt_tokens=4``, too small for the served benchmark gate's prompts). The deploy
-task's retry policy still runs its attempts (KFP's policy has no error classes), but each retried attempt
-fails at once with the same line and why it is not tried again (kubellm.stages.attempts); the attempts'
-times are read from the task's log, where KFP's local runner stamps each attempt's start and end.
+setting (``serve.max_prompt_tokens=4``, too small for the served benchmark gate's questions: refused at
+the deploy stage's start, ``_BenchmarkGate.check_fits``). The deploy task's retry policy still runs its
+attempts (KFP's policy has no error classes), but each retried attempt fails at once with the same line
+and why it is not tried again (kubellm.stages.attempts); the attempts' times are read from the task's
+log, where KFP's local runner stamps each attempt's start and end.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def test_a_deploy_that_fails_on_a_setting_fails_its_retries_at_once(tmp_path: Pa
     first, retries = seconds[0], seconds[1:]
     print(f"deploy attempts (s): {seconds}")
     assert log.count("not retried: an earlier attempt of step 'deploy'") >= 3
-    # the first attempt started the predictor and ran the gate; a retry starts a process (imports, the
-    # parent run's lookup) and stops in the stage's entrance: no model, no predictor, no benchmark
+    # the first attempt checked the setting against the gate's questions (no model: no predictor); a retry
+    # starts a process (imports, the parent run's lookup) and stops at the stage's entrance
     attempts = log.split("Executing task 'deploy'")[1:]
-    assert "_smoke_locally" in attempts[0]
+    assert "check_fits" in attempts[0] and "_smoke_locally" not in attempts[0]
     for later in attempts[1:]:
-        assert "_smoke_locally" not in later and "attempts.py" in later, later[-2000:]
+        assert "check_fits" not in later and "attempts.py" in later, later[-2000:]
     assert max(retries) < first, seconds
