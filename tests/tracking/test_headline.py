@@ -60,3 +60,8 @@ def test_a_parent_run_is_named_running_then_by_how_it_ended(workdir: Path) -> No
     end_parent_run(cfg, workdir, closed, "FINISHED")
     assert client.get_run(failed).info.run_name.startswith("lifecycle · failed at deploy · ")
     assert client.get_run(closed).info.run_name.startswith("my-finetune · gate failed · ")
+    # the run summary finds the parent by the pipeline run's own name (`kubellm run`'s folder), not MLflow's
+    from kubellm.summary import collect
+
+    found = collect(cfg, workdir, pipeline="llm-lifecycle", run_name="local-1", stages=["deploy"])
+    assert found["mlflow"]["parent_run_id"] == failed and found["failed_stage"] == "deploy"
