@@ -32,8 +32,11 @@ def parent_run_name(pipeline: str, start_ms: int, outcome: str = RUNNING) -> str
     pipeline's name starts with), the outcome, and the start (this machine's local time)."""
     import time
 
-    short = pipeline.removeprefix("llm-") or pipeline
-    return f"{short} · {outcome} · {time.strftime('%m-%d %H:%M', time.localtime(start_ms / 1000))}"
+    return f"{_short(pipeline)} · {outcome} · {time.strftime('%m-%d %H:%M', time.localtime(start_ms / 1000))}"
+
+
+def _short(pipeline: str) -> str:
+    return pipeline.removeprefix("llm-") or pipeline
 
 
 def _outcome(children: list[Any], head: dict[str, Any]) -> str:
@@ -105,11 +108,10 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     head.update(metrics)
-    name = parent.info.run_name or ""
-    if name.startswith(parent_run_name(parent.data.tags.get("pipeline", ""), 0).split(" · ")[0] + " · "):
+    pipeline = parent.data.tags.get("pipeline", "")
+    if (parent.info.run_name or "").startswith(f"{_short(pipeline)} · "):
         # a name kubellm gave (KFP's MLflow plugin names its own parent runs): the outcome joins it
-        name = parent_run_name(parent.data.tags.get("pipeline", ""), parent.info.start_time or 0,
-                               _outcome(children, head))
+        name = parent_run_name(pipeline, parent.info.start_time or 0, _outcome(children, head))
         client.update_run(run_id, name=name)
         head["name"] = name
     client.set_tag(run_id, NOTE_TAG, _note(parent, head, summary or {}))
