@@ -36,14 +36,15 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     client, uri = mlflow_client(cfg, workdir)
     exp = client.get_experiment_by_name(cfg.experiment)
     experiments = [e for e in (exp.experiment_id if exp else None, handed_experiment_id()) if e]
-    # a run under KFP's MLflow plugin: its parent is the plugin's, named by the plugin, tagged by kubellm
-    parents = [] if not experiments else client.search_runs(
-        experiments,
-        filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and attributes.run_name = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1) or client.search_runs(
-        experiments, filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and "
-                                   f"tags.kfp_run_id = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    # the parent by the run's name (its run_name tag; under KFP's MLflow plugin the plugin's parent, tagged by
+    # kubellm), else by KFP run id, else by MLflow name (parent runs made before the run_name tag)
+    parents: list[Any] = []
+    for key in ("tags.run_name", "tags.kfp_run_id", "attributes.run_name"):
+        if experiments and not parents:
+            parents = client.search_runs(
+                experiments, filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and "
+                                           f"{key} = '{run_name}'",
+                order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
         raise KubellmError(f"no MLflow parent run named {run_name!r} for pipeline {pipeline} in {uri} "
                            "(the run failed before its first task; see the log above)")

@@ -76,3 +76,31 @@ def test_served_gate_scores_an_adapter_release_by_name(base_dir: Path, adapter_d
     assert f"kubellm_choice.acc: served {acc:.4g} vs evaluated {acc:.4g}" in out.report_md, out.report_md
     assert "--adapter gated-v1=models:/gated/1" in out.values["detail"]
     assert champion_info(cfg.tracking, tmp_path).version == 1
+
+
+def test_a_prompt_limit_the_gate_cannot_fit_is_refused_before_the_model_loads(instruct_data: Path,
+                                                                              tmp_path: Path) -> None:
+    """serve.max_prompt_tokens against the gate's own questions (known once the data is prepared), at the
+    deploy stage's start: one line naming both settings instead of lm-eval's AssertionError after the
+    predictor started. No model is involved: the deploy stage is given none."""
+    from kubellm.errors import ConfigError
+
+    eval_cfg = EvalConfig(max_new_tokens=8, benchmarks=[BenchmarkConfig(task="kubellm_choice", limit=12)])
+    cfg = load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", "serve.max_prompt_tokens=6"])
+    ctx = StageContext(cfg.tracking, str(tmp_path), kfp_run_id="lifecycle-1")  # as the pipeline's deploy task
+    with pytest.raises(ConfigError, match=r"^serve.max_prompt_tokens=6 is too small for the served benchmark gate: "
+                                          r"kubellm_choice's answers run to (\d+) tokens \(cut at "
+                                          r"evaluate.max_new_tokens=8\).*set serve.max_prompt_tokens >= \d+"):
+        stage.deploy(cfg, tmp_path / "deploy", ctx, target="local", eval_config=eval_cfg, data_dir=instruct_data,
+                     evaluation_dir=tmp_path / "evaluation")
+    assert not (tmp_path / "deploy" / "inferenceservice.yaml").exists()  # refused before anything was written
+    # the task's retry meets the same input: refused at the stage's entrance, with why it is not tried again
+    with pytest.raises(ConfigError, match=r"^serve.max_prompt_tokens=6 is too small.*\(not retried: "):
+        stage.deploy(cfg, tmp_path / "deploy", ctx, target="local", eval_config=eval_cfg, data_dir=instruct_data,
+                     evaluation_dir=tmp_path / "evaluation")
+    # a limit above max_new_tokens + 1 always fits (decided without the data); with the gate off, no check
+    fits = load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", "serve.max_prompt_tokens=10"])
+    assert stage._BenchmarkGate.create(fits, eval_cfg, tmp_path / "evaluation", instruct_data) is not None
+    off = load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", "serve.max_prompt_tokens=6",
+                             "deploy.benchmark_gate=false"])
+    assert stage._BenchmarkGate.create(off, eval_cfg, tmp_path / "evaluation", instruct_data) is None

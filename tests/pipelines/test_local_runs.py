@@ -144,8 +144,10 @@ def test_resume_after_a_failure_in_deploy_reruns_only_register_and_deploy(lifecy
     assert parent.data.metrics["perplexity"] == pytest.approx(s["evaluation"]["metrics"]["perplexity"])
     assert {f"reused.{name}": stage(done, name)["run_id"] for name in PURE}.items() <= parent.data.tags.items()
     note = parent.data.tags["mlflow.note.content"]
-    assert "| gate | passed |" in note and f"| registered | kubellm-local v{s['model']['version']} |" in note
+    assert "| gate | passed |" in note and f"| registered | [kubellm-local v{s['model']['version']}](#/models/kubellm-local/versions/{s['model']['version']}) |" in note
     assert "reused from earlier runs" in note and stage(done, "evaluate")["run_id"] in note
+    assert parent.info.run_name.startswith(f"lifecycle · v{s['model']['version']} champion · ")
+    assert parent.data.tags["run_name"] == s["run_name"]
 
 
 

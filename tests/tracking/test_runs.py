@@ -218,3 +218,24 @@ def test_bad_inputs_are_one_line_errors(workdir: Path) -> None:
     with pytest.raises(TrackingError, match="MLflow at sqlite"), \
             stage_run(cfg, workdir, parent_run_id="0" * 32, stage="train"):
         pass
+
+
+def test_a_retry_on_another_disk_finds_the_unfixable_error_on_the_parent(workdir: Path, tmp_path: Path) -> None:
+    """Pods with separate working directories share the record through the parent run's tag."""
+    from kubellm.errors import ConfigError
+    from kubellm.stages import StageContext
+    from kubellm.stages.attempts import TAG_PREFIX
+
+    cfg = TrackingConfig(experiment="unfixable", uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={}, tags={"kfp_run_id": "k1"})
+    first = StageContext(cfg, str(tmp_path / "pod-1"), parent, kfp_run_id="k1")
+    with pytest.raises(ConfigError), first.stage("deploy"):
+        raise ConfigError("serve.max_prompt_tokens=4 is too small")
+    client = _client(cfg, workdir)
+    assert client.get_run(parent).data.tags[TAG_PREFIX + "deploy"] == "ConfigError: serve.max_prompt_tokens=4 is too small"
+    retry = StageContext(cfg, str(tmp_path / "pod-2"), parent, kfp_run_id="k1")
+    with pytest.raises(ConfigError, match=r"too small \(not retried"), retry.stage("deploy"):
+        raise AssertionError("the retried attempt must not run")
+    exp = client.get_run(parent).info.experiment_id
+    stage_runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.info.status for r in stage_runs] == ["FAILED"]  # no second run for the fast failure

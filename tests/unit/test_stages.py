@@ -95,3 +95,61 @@ def test_cluster_deploy_goes_through_the_rollout_and_fails_the_step_on_rollback(
     assert "s3://models/kubellm/7" in json.dumps(isvc)  # the registry version is what gets served
     written = yaml.safe_load((out / "inferenceservice.yaml").read_text())
     assert written == isvc and written["metadata"]["namespace"] == cfg.platform.namespace
+
+
+def test_a_step_that_failed_on_its_input_fails_its_retries_at_once(tmp_path: Path) -> None:
+    """KFP's retry policy has no error classes: the stage keeps the decision (kubellm.stages.attempts)."""
+    import time
+
+    from kubellm.config import TrackingConfig
+    from kubellm.errors import ConfigError, DataError, SourceError
+
+    off = TrackingConfig(enabled=False)
+    ctx = StageContext(off, str(tmp_path), kfp_run_id="run-1")
+    entered: list[str] = []
+
+    def attempt(context: StageContext, stage: str, err: Exception | None) -> None:
+        with context.stage(stage):
+            entered.append(stage)
+            if err is not None:
+                raise err
+
+    with pytest.raises(ConfigError, match=r"^serve.max_prompt_tokens=4 is too small$"):
+        attempt(ctx, "deploy", ConfigError("serve.max_prompt_tokens=4 is too small"))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:  # the retry: same class, same message, and why; the body never runs
+        attempt(ctx, "deploy", None)
+    assert time.perf_counter() - t0 < 1.0 and entered == ["deploy"]
+    assert str(info.value).startswith("serve.max_prompt_tokens=4 is too small (not retried: an earlier attempt of "
+                                      "step 'deploy' in this run failed")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="not retried"):  # and so does every later retry
+        attempt(ctx, "deploy", None)
+
+    with pytest.raises(DataError):  # bad records: the same
+        attempt(ctx, "prep", DataError("data.jsonl line 3: no text"))
+    with pytest.raises(DataError, match="not retried"):
+        attempt(ctx, "prep", None)
+
+    # a transient error is the retry policy's: the next attempt runs
+    with pytest.raises(SourceError):
+        attempt(ctx, "fetch_model", SourceError("hub offline"))
+    attempt(ctx, "fetch_model", None)
+    # another stage of the run, the same stage in another run (a resume with the input changed), and a
+    # CLI command (no KFP run) are not affected
+    attempt(ctx, "evaluate", None)
+    attempt(StageContext(off, str(tmp_path), kfp_run_id="run-2"), "deploy", None)
+    cli = StageContext(off, str(tmp_path))
+    with pytest.raises(ConfigError):
+        attempt(cli, "serve", ConfigError("bad"))
+    attempt(cli, "serve", None)
+    assert entered.count("deploy") == 2 and entered.count("serve") == 2
+
+
+def test_from_param_keeps_the_kfp_run_id(tmp_path: Path, monkeypatch) -> None:
+    from kubellm.stages import KFP_RUN_ENV
+
+    monkeypatch.setenv(KFP_RUN_ENV, "lifecycle-1")
+    assert StageContext.from_param({"enabled": False}, str(tmp_path)).kfp_run_id == "lifecycle-1"
+    assert StageContext.for_command(StageContext.from_param({"enabled": False}, str(tmp_path)).tracking,
+                                    str(tmp_path)).kfp_run_id is None

@@ -63,6 +63,9 @@ class StageContext:
     attach_run_id: str | None = None
     rank: int = 0
     """The process's rank under torchrun (``RANK``): only rank 0 tracks; the others log nowhere."""
+    kfp_run_id: str | None = None
+    """The pipeline run a component's stage belongs to: a retried attempt of a stage that failed on its
+    input fails at once (:mod:`kubellm.stages.attempts`)."""
 
     def __post_init__(self) -> None:
         # ``workdir: ~/kubellm`` in a config means the same folder for every command and step (on the
@@ -84,7 +87,7 @@ class StageContext:
             from kubellm.tracking.mlflow_tracker import find_parent_run
 
             parent_run_id = find_parent_run(cfg, workdir, kfp_run_id)
-        return cls(cfg, workdir, parent_run_id or None)
+        return cls(cfg, workdir, parent_run_id or None, kfp_run_id=kfp_run_id or None)
 
     @classmethod
     def for_command(cls, tracking: TrackingConfig, workdir: str) -> StageContext:
@@ -95,7 +98,22 @@ class StageContext:
 
     @contextlib.contextmanager
     def stage(self, name: str, config: Any = None) -> Iterator[Tracker]:
-        """The stage's run: nested under the parent, attached to an existing run, or none at all."""
+        """The stage's run: nested under the parent, attached to an existing run, or none at all.
+
+        In a pipeline task, a retried attempt of a stage that failed on its input fails here at once,
+        and such a failure is recorded for the retries (:mod:`kubellm.stages.attempts`)."""
+        from kubellm.stages import attempts
+
+        attempts.check(self, name)
+        try:
+            with self._stage_run(name, config) as tracker:
+                yield tracker
+        except attempts.UNFIXABLE as err:
+            attempts.record(self, name, err)
+            raise
+
+    @contextlib.contextmanager
+    def _stage_run(self, name: str, config: Any = None) -> Iterator[Tracker]:
         if not self.tracking.enabled or self.rank != 0:
             yield NullTracker()
             return

@@ -18,6 +18,7 @@ serves the base with the candidate adapter on it, checked by the same name.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,8 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ctx.stage("deploy") as tracker:
+        # first: a serve.max_prompt_tokens the gate cannot fit is refused before anything is loaded or applied
+        gate = _BenchmarkGate.create(cfg, eval_config, evaluation_dir, data_dir)
         storage = storage_uri or cfg.deploy.storage_uri
         release = None
         if cfg.deploy.runtime == "llm-inference-service":
@@ -74,7 +77,6 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
         manifest.write_text(yaml.safe_dump(obj, sort_keys=False), encoding="utf-8")
         tracker.log_artifact(manifest, "deploy")
         t0 = time.perf_counter()
-        gate = _BenchmarkGate.create(cfg, eval_config, evaluation_dir, data_dir)
         if release is not None:
             status, endpoint, detail = release.run(cfg, ctx, target, api_client, smoke, gate)
         elif target == "cluster":
@@ -150,7 +152,45 @@ class _BenchmarkGate:
         if not cfg.deploy.benchmark_gate or eval_config is None or evaluation_dir is None or data_dir is None:
             return None
         eval_cfg = section(EvalConfig, eval_config, "evaluate config")
-        return cls(cfg, eval_cfg, Path(evaluation_dir), Path(data_dir)) if eval_cfg.benchmarks else None
+        if not eval_cfg.benchmarks:
+            return None
+        gate = cls(cfg, eval_cfg, Path(evaluation_dir), Path(data_dir))
+        gate.check_fits()
+        return gate
+
+    def check_fits(self) -> None:
+        """Refuse, before the predictor loads, a ``serve.max_prompt_tokens`` the gate's own requests cannot
+        fit. lm-eval's completions client sends at most ``max_prompt_tokens - 1`` tokens of context and
+        answer together and keeps at least one context token (``api_models.batch_loglikelihood_requests``,
+        then the ``Context length must be greater than 0`` check), so every ``kubellm_choice`` answer —
+        cut to ``evaluate.max_new_tokens`` tokens — must be shorter than ``max_prompt_tokens - 1`` tokens.
+        Without data: a limit above ``max_new_tokens + 1`` always fits. Otherwise the prepared data
+        decides: the gate's questions are tokenized as lm-eval does (context and answer encoded together,
+        then split), no model loaded."""
+        import tempfile
+
+        from kubellm.data.format import open_prepared
+        from kubellm.train.evaluate import plan_for_dataset
+
+        limit, bench = self.cfg.serve.max_prompt_tokens, next(
+            (b for b in self.eval_cfg.benchmarks if b.task == "kubellm_choice"), None)
+        if bench is None or limit - 1 > self.eval_cfg.max_new_tokens:
+            return
+        prepared = open_prepared(self.data_dir)
+        tokenizer = prepared.load_tokenizer()
+        with tempfile.TemporaryDirectory(prefix="kubellm-served-bench-") as work:
+            plan_for_dataset(self.eval_cfg, prepared, tokenizer, Path(work))
+            text = (Path(work) / "kubellm_choice.jsonl").read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines()][:bench.limit]
+        longest = max((_answer_tokens(tokenizer, row["prompt"], choice) for row in rows for choice in row["choices"]),
+                      default=0)
+        if longest >= limit - 1:
+            raise ConfigError(
+                f"serve.max_prompt_tokens={limit} is too small for the served benchmark gate: kubellm_choice's answers "
+                f"run to {longest} tokens (cut at evaluate.max_new_tokens={self.eval_cfg.max_new_tokens}) and lm-eval "
+                f"sends context + answer within max_prompt_tokens - 1 with at least one context token; set "
+                f"serve.max_prompt_tokens >= {longest + 2}, evaluate.max_new_tokens < {limit - 1}, or "
+                "deploy.benchmark_gate=false")
 
     def __call__(self, url: str, model_name: str | None = None, api_path: str = "/openai/v1") -> None:
         """Score the model served at ``url`` (``model_name``: an adapter's name; ``None``: ``serve.model_name``)."""
@@ -181,6 +221,16 @@ class _BenchmarkGate:
         if not passed:
             raise ServingError("the served model scores below its evaluation: " + "; ".join(
                 line for line in self.lines if line.endswith("FAIL")))
+
+
+def _answer_tokens(tokenizer: Any, context: str, answer: str) -> int:
+    """The tokens lm-eval scores as ``answer`` after ``context`` (``lm_eval.api.model._encode_pair``:
+    trailing spaces move to the answer; the pair is encoded whole and split at the context's length)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, answer = context[:-spaces], context[-spaces:] + answer
+    whole = tokenizer(context + answer, add_special_tokens=False)["input_ids"]
+    return len(whole) - len(tokenizer(context, add_special_tokens=False)["input_ids"])
 
 
 def _smoke_request(cfg: RunConfig, model_name: str, **where: Any) -> Callable[[str], None]:

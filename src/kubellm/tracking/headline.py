@@ -4,12 +4,14 @@ When a pipeline ends, its parent run gets the headline of its stages — the eva
 ratio to the base and the gate's verdict, the version it registered (linked as the run's output model,
 as MLflow 3 shows logged models) and the deployment's status — as metrics and as the run's description
 (the ``mlflow.note.content`` tag the UI renders as Markdown). The whole config is one ``config.json``
-artifact, not hundreds of params of defaults.
+artifact, not hundreds of params of defaults. Its name says which pipeline, how it ended and when
+(:func:`parent_run_name`): MLflow's runs list truncates names, so what tells runs apart comes first.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from kubellm.tracking.base import CLOSES_TAG
 
@@ -17,6 +19,41 @@ from kubellm.tracking.base import CLOSES_TAG
 HEADLINE_METRICS = ("perplexity", "base_perplexity", "perplexity_ratio", "gate_passed", "code_parse_rate",
                     "rouge_l", "token_f1")
 NOTE_TAG = "mlflow.note.content"
+#: The parent run's tag naming the version it registered (``models:/<name>/<version>``).
+REGISTERED_TAG = "registered_model"
+
+
+#: What a parent run's name says before the run has ended.
+RUNNING = "running"
+
+
+def parent_run_name(pipeline: str, start_ms: int, outcome: str = RUNNING) -> str:
+    """``lifecycle · v3 champion · 12-07 23:50``: the pipeline (without the ``llm-`` every built-in
+    pipeline's name starts with), the outcome, and the start (this machine's local time)."""
+    import time
+
+    return f"{_short(pipeline)} · {outcome} · {time.strftime('%m-%d %H:%M', time.localtime(start_ms / 1000))}"
+
+
+def _short(pipeline: str) -> str:
+    return pipeline.removeprefix("llm-") or pipeline
+
+
+def _outcome(children: list[Any], head: dict[str, Any]) -> str:
+    """The end of the story in a few words: the version that became champion, the gate that closed, the
+    stage that failed."""
+    version = head.get("registered", "").rpartition(" ")[2]  # "kubellm-local v3" → "v3"
+    if head["status"] != "FINISHED":
+        failed = sorted((c for c in children if c.info.status == "FAILED"), key=lambda c: c.info.start_time or 0)
+        where = failed[0].data.tags.get("stage", "") if failed else ""
+        return f"{head['status'].lower()}{f' at {where}' if where else ''}"
+    if "gate_failure" in head:
+        return "gate failed"
+    if version and head.get("deployment") in ("promoted", "verified"):
+        return f"{version} champion"
+    if version:
+        return f"{version} registered" + (f", deploy {head['deployment']}" if head.get("deployment") else "")
+    return "finished"
 
 
 def _latest(children: list[Any], stage: str) -> Any | None:
@@ -48,6 +85,11 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
         if versions:
             mv = max(versions, key=lambda v: int(v.version))
             head["registered"] = f"{mv.name} v{mv.version}"
+            # MLflow's "Registered models" box lists the versions whose one run_id is this run; the version's
+            # is the register stage's run (whose record it is), so the parent links it in its description
+            # and a tag (MLflow has no second run of a version; the logged model below is its other link)
+            head["registered_link"] = f"[{head['registered']}](#/models/{quote(mv.name, safe='')}/versions/{mv.version})"
+            client.set_tag(run_id, REGISTERED_TAG, f"models:/{mv.name}/{mv.version}")
             metrics["registered_version"] = float(mv.version)
             # The version's logged model (MLflow 3: ``source`` is ``models:/<model id>``; the sqlite store
             # leaves ``model_id`` unset on the version itself).
@@ -66,6 +108,12 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     head.update(metrics)
+    pipeline = parent.data.tags.get("pipeline", "")
+    if (parent.info.run_name or "").startswith(f"{_short(pipeline)} · "):
+        # a name kubellm gave (KFP's MLflow plugin names its own parent runs): the outcome joins it
+        name = parent_run_name(pipeline, parent.info.start_time or 0, _outcome(children, head))
+        client.update_run(run_id, name=name)
+        head["name"] = name
     client.set_tag(run_id, NOTE_TAG, _note(parent, head, summary or {}))
     return head
 
@@ -103,7 +151,7 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
         "held-out perplexity": head.get("perplexity"),
         "ratio to the base": f"{ratio:.3f}" if ratio is not None else None,
         "gate": verdict,
-        "registered": head.get("registered"),
+        "registered": head.get("registered_link") or head.get("registered"),
         "deployment": head.get("deployment"),
     }
     if summary.get("error"):
@@ -111,5 +159,8 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
     if summary.get("reused"):
         rows["reused from earlier runs"] = ", ".join(
             f"[{stage}](#/experiments/{exp}/runs/{run_id})" for stage, (exp, run_id) in summary["reused"].items())
-    return markdown.section(parent.info.run_name or "kubellm run", markdown.fields(rows),
+    title = head.get("name") or parent.info.run_name or "kubellm run"
+    if parent.data.tags.get("run_name"):
+        rows = {"run": parent.data.tags["run_name"], **rows}
+    return markdown.section(title, markdown.fields(rows),
                             "The whole config is the `config.json` artifact; every stage is a nested run.")

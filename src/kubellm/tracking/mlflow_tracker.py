@@ -68,6 +68,7 @@ log = get_logger("tracking")
 # Tag names. Plain words: they are what a person types into the MLflow UI's search box.
 TAG_PIPELINE = "pipeline"
 TAG_KFP_RUN_ID = "kfp_run_id"
+TAG_RUN_NAME = "run_name"  # the pipeline run's own name (`kubellm run`'s folder); the MLflow name tells the story
 TAG_CONFIG_HASH = "config_hash"
 TAG_GIT_REVISION = "git_revision"
 TAG_STAGE = "stage"
@@ -472,7 +473,9 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
 
     ``config`` (the whole run config as JSON-able data) is logged as one ``config.json`` artifact (its
     stages log their own sections as params), secret-like values masked
-    (:func:`kubellm.config.secrets.redact`).
+    (:func:`kubellm.config.secrets.redact`). Its MLflow name tells it apart in the runs list
+    (:func:`~kubellm.tracking.headline.parent_run_name`; the outcome is added when it ends), ``run_name``
+    (``kubellm run``'s folder, the KFP run's name) is its ``run_name`` tag.
     Idempotent per KFP run: when ``tags`` holds a ``kfp_run_id`` that already has a parent run (a
     retried or resumed KFP run), that run is set back to ``RUNNING`` and its id returned. With
     ``cfg.enabled`` false nothing is logged and the id is ``""`` (a KFP output cannot be None);
@@ -481,7 +484,8 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
     if not cfg.enabled:
         return ""
     client, uri = mlflow_client(cfg, workdir)
-    all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, **(tags or {}), TAG_RUN_KIND: "parent"}
+    all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, TAG_RUN_NAME: run_name, **(tags or {}),
+                TAG_RUN_KIND: "parent"}
     if handed_run_id():  # KFP's MLflow plugin made the parent: describe it, open nothing
         with mlflow_errors(uri, f"reading the run MLFLOW_RUN_ID={handed_run_id()} hands this step"):
             parent = _handed_parent(client)
@@ -502,7 +506,9 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
                     client.update_run(run.info.run_id, status="RUNNING")
                 log.info("re-attached to parent run %s of KFP run %s", run.info.run_id, kfp_run_id)
                 return run.info.run_id
-        run = client.create_run(exp, tags=all_tags, run_name=run_name)
+        from kubellm.tracking.headline import parent_run_name
+
+        run = client.create_run(exp, tags=all_tags, run_name=parent_run_name(pipeline, int(time.time() * 1000)))
         MlflowTracker(client, run.info.run_id).log_dict(redact(config), "config.json")
     log.info("parent run %s (experiment %r at %s)", run.info.run_id, cfg.experiment, uri)
     return run.info.run_id
