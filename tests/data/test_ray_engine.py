@@ -4,7 +4,7 @@ Parquet and JSONL files and on the built-in corpus; a worker killed mid-read cos
 record; a killed driver's resubmitted prep re-uses the verified shards; bad input in a Ray task is one line.
 
 Each Ray prep takes 20-40 s on a busy 2-core machine (Ray Data's per-step scheduling, not the data), so
-the module keeps to six of them.
+the module keeps to seven of them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kubellm.data import sources as src_mod
 from kubellm.data.prepare import fingerprint, prepare
 from kubellm.errors import DataError
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and six Ray preps
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and seven Ray preps
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,11 @@ def test_a_killed_driver_resubmitted_reuses_the_verified_shards(ray_cluster, tmp
     assert "re-using the cleaned text of an earlier attempt (3000 records)" in caplog.text
     total = sum(resumed.stats["shards"].values())
     assert f"{done_before} of {total} shards verified from an earlier attempt" in caplog.text
-    fresh = prepare(cfg, tmp_path / "fresh")  # the local engine, from scratch
-    _same(fresh.path, resumed.path)
-    print(f"resubmitted prep: {done_before} of {total} shards re-used, {seconds:.1f} s")
+    t = time.perf_counter()
+    full = prepare(ray_cfg, tmp_path / "full")  # the same prep from scratch, on the same warm cluster
+    full_seconds = time.perf_counter() - t
+    _same(full.path, resumed.path)
+    _same(prepare(cfg, tmp_path / "fresh").path, resumed.path)  # and the local engine's output
+    # The measure the issue asks for (not asserted: wall time on a shared machine).
+    print(f"resubmitted prep after a driver kill: {done_before} of {total} shards re-used, {seconds:.1f} s; "
+          f"the same prep from scratch: {full_seconds:.1f} s ({seconds / full_seconds:.2f}x)")
