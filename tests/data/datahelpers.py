@@ -46,12 +46,26 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
 
 
+def prep_command(out: Path, sets: list[str]) -> list[str]:
+    """``kubellm prep --out out`` with ``sets`` as ``--set`` arguments."""
+    return [str(BIN / "kubellm"), "prep", "--out", str(out), *(a for kv in sets for a in ("--set", kv))]
+
+
+def timed_prep(cwd: Path, out: Path, sets: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall seconds and output (stdout and stderr) of a successful ``kubellm prep --out out`` in a new
+    process (as a resubmitted job's driver is)."""
+    t = time.perf_counter()
+    done = subprocess.run(prep_command(out, sets), cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    assert done.returncode == 0, done.stdout + done.stderr
+    return seconds, done.stdout + done.stderr
+
+
 def kill_prep_after_a_shard(cwd: Path, out: Path, staging: Path, sets: list[str],
                             env: dict[str, str] | None = None, shards: int = 1) -> int:
     """Run ``kubellm prep --out out`` with ``sets`` and SIGKILL it (no clean-up at all) as soon as
     ``shards`` output shards are recorded in ``staging``; return the number recorded by then."""
-    args = [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.Popen([str(BIN / "kubellm"), "prep", "--out", str(out), *args], cwd=cwd, env=env,
+    proc = subprocess.Popen(prep_command(out, sets), cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while len(list((staging / ".work" / "shards").glob("*.json"))) < shards:

@@ -4,21 +4,27 @@ Parquet and JSONL files and on the built-in corpus; a worker killed mid-read cos
 record; a killed driver's resubmitted prep re-uses the verified shards; bad input in a Ray task is one line.
 
 Each Ray prep takes 20-40 s on a busy 2-core machine (Ray Data's per-step scheduling, not the data), so
-the module keeps to six of them.
+the module keeps to seven of them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from datahelpers import data_cfg, kill_prep_after_a_shard, killable, leftovers, make_docs, write_jsonl
+from datahelpers import (
+    data_cfg,
+    kill_prep_after_a_shard,
+    killable,
+    leftovers,
+    make_docs,
+    timed_prep,
+    write_jsonl,
+)
 from rayhelpers import local_ray
 
 from kubellm.data import format as fmt
@@ -26,7 +32,7 @@ from kubellm.data import sources as src_mod
 from kubellm.data.prepare import fingerprint, prepare
 from kubellm.errors import DataError
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and six Ray preps
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start and seven Ray preps
 
 
 @pytest.fixture(scope="module")
@@ -125,22 +131,24 @@ def test_bad_input_in_a_ray_task_is_one_line(ray_cluster, tmp_path: Path) -> Non
     assert leftovers(tmp_path) == ["corpus"]
 
 
-def test_a_killed_driver_resubmitted_reuses_the_verified_shards(ray_cluster, tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_killed_driver_resubmitted_reuses_the_verified_shards(ray_cluster, tmp_path: Path) -> None:
     cfg, sets = killable(tmp_path)
-    ray_cfg = cfg.model_copy(update={"engine": "ray", "workers": 2})
+    sets = [*sets, "data.engine=ray", "data.workers=2"]
     staging = tmp_path / f".out.prep-{fingerprint(cfg)}"
-    # The first driver joins this cluster (as a RayJob's driver joins its own) and is killed mid-tokenization.
+    # Every driver joins this cluster (as a RayJob's driver joins its own); the first is killed
+    # mid-tokenization, the resubmitted one and a full prep from scratch each start as a new driver
+    # (a new Ray job, so neither finds warm workers of its own).
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    done_before = kill_prep_after_a_shard(tmp_path, tmp_path / "out", staging,
-                                          [*sets, "data.engine=ray", "data.workers=2"], env, shards=100)
-    t = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="kubellm.data"):
-        resumed = prepare(ray_cfg, tmp_path / "out")
-    seconds = time.perf_counter() - t
-    assert "re-using the cleaned text of an earlier attempt (3000 records)" in caplog.text
-    total = sum(resumed.stats["shards"].values())
-    assert f"{done_before} of {total} shards verified from an earlier attempt" in caplog.text
-    fresh = prepare(cfg, tmp_path / "fresh")  # the local engine, from scratch
-    _same(fresh.path, resumed.path)
-    print(f"resubmitted prep: {done_before} of {total} shards re-used, {seconds:.1f} s")
+    done_before = kill_prep_after_a_shard(tmp_path, tmp_path / "out", staging, sets, env, shards=100)
+    seconds, said = timed_prep(tmp_path, tmp_path / "out", sets, env)
+    assert "re-using the cleaned text of an earlier attempt (3000 records)" in said
+    resumed = tmp_path / "out"
+    total = sum(json.loads((resumed / fmt.STATS).read_text())["shards"].values())
+    assert f"{done_before} of {total} shards verified from an earlier attempt" in said
+    full_seconds, said = timed_prep(tmp_path, tmp_path / "full", sets, env)
+    assert "earlier attempt" not in said
+    _same(tmp_path / "full", resumed)
+    _same(prepare(cfg, tmp_path / "fresh").path, resumed)  # and the local engine's output
+    # The measure the issue asks for (not asserted: wall time on a shared machine).
+    print(f"resubmitted prep after a driver kill: {done_before} of {total} shards re-used, {seconds:.1f} s; "
+          f"the same prep from scratch: {full_seconds:.1f} s ({seconds / full_seconds:.2f}x)")

@@ -6,18 +6,23 @@ Pass 1 (read, clean, de-duplicate, split), as a Ray Data plan:
 
 1. one row per *unit* (an input file, or a Hub dataset), consecutive units in blocks (up to four per
    worker) → ``map_batches`` runs :func:`kubellm.data.shards.read_unit` on each unit of a block, on as
-   many workers as ``data.workers`` allows; a row
-   comes out per record read, dropped ones included (so the caps ``max_docs``/``max_records`` and the
-   drop counts are applied exactly as the local engine applies them: by record id);
+   many workers as ``data.workers`` allows. The worker writes the kept records' text to the unit's
+   *spill file* (an Arrow stream under the work directory, a shared volume on a cluster) and returns a
+   row per record read, dropped ones included, without its text: ids, drop reason, de-duplication key.
+   The caps ``max_docs``/``max_records`` and the drop counts are applied to those rows exactly as the
+   local engine applies them (by record id);
 2. exact de-duplication is global: ``groupby(key)`` partitions the kept records' ``(key, id)`` pairs
    across the cluster (Ray Data's task-based sort shuffle, which runs in the pool's warm workers, not
    the default hash shuffle's freshly started aggregator actors) and keeps, per key, the record with
    the smallest id (the first in source order, the one the local engine keeps); the others' ids are the
    duplicates;
-3. the read records are already in id order (units in order, ``preserve_order``): the driver streams
-   them into the text shards (:class:`~kubellm.data.shards.TextShards`; one pass over the kept text),
-   skipping the dropped ones and the duplicates. Only ``(key, id)`` pairs are shuffled for step 2, and
-   only the duplicates' ids (8 bytes each) come back to the driver; the text is not shuffled at all.
+3. the driver reads the spill files unit by unit (each in record order: the kept records in id order)
+   into the text shards (:class:`~kubellm.data.shards.TextShards`), skipping the records over a cap and
+   the duplicates. Ray's object store holds only the rows of step 1 (~50 bytes a record) and the blocks
+   in flight, never the text: the text would have to stay somewhere until the duplicates are known, and
+   held in the object store it made the driver's peak memory grow with the corpus (18 → 185 MB of
+   object-store pages mapped by the driver for 20 → 200 MB of JSONL, ``make bench``); a file costs one
+   more sequential write and read of the kept text and no memory.
 
 Pass 3 (tokenize and pack): one Ray Data row per text shard → ``map_batches`` runs
 :func:`kubellm.data.shards.make_shard`, each task writing its output shard straight to the staging
@@ -29,9 +34,9 @@ Pass 2 (the tokenizer) stays on the driver: it reads an evenly spaced sample of 
 ``tokenizer.max_train_bytes`` (100 MB by default) whatever the corpus size.
 
 Not distributed: MinHash near-duplicate removal (a greedy pass in record order; refused with this
-engine by the config), and the driver's single stream of kept text into text shards (one sequential
-read and write of the kept text, cheap beside tokenization; a corpus whose text the driver's volume
-cannot stream at the needed rate would want that step distributed too).
+engine by the config), and the driver's single stream of the spilled text into text shards (one
+sequential read and write of the kept text, cheap beside tokenization; a corpus whose text the driver's
+volume cannot stream at the needed rate would want that step distributed too).
 
 ``ray.init`` joins the cluster named by ``RAY_ADDRESS`` (what a RayJob's entrypoint gets), reuses an
 already connected Ray, or else starts a local one on this machine.
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -53,7 +59,18 @@ from kubellm.config.data import DataConfig
 from kubellm.data import sources as src_mod
 from kubellm.data import tokenizer as tok_mod
 from kubellm.data.pack import Encoder
-from kubellm.data.shards import TEXT_DIR, ShardJob, TextShard, TextShards, make_shard, read_unit, units
+from kubellm.data.shards import (
+    TEXT_DIR,
+    UNIT_BITS,
+    ShardJob,
+    TextShard,
+    TextShards,
+    make_shard,
+    read_batches,
+    read_unit,
+    unit_schema,
+    units,
+)
 from kubellm.errors import KubellmError
 from kubellm.log import get_logger
 
@@ -62,6 +79,10 @@ log = get_logger("kubellm.data")
 #: retried: bad input fails the same way every time).
 MAX_RETRIES = 3
 _TOKENIZERS: dict[str, Any] = {}
+SPILL_DIR = "spill"
+"""Where pass 1's workers put the text they read, one Arrow stream file per unit, under the work directory."""
+RECORD_MASK = (1 << UNIT_BITS) - 1
+_SPILLED = ("rid", "split", "text", "origin")
 
 
 def init() -> Any:
@@ -133,16 +154,22 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
     ray = init()
     plan = units(sources)
 
+    spill = work / SPILL_DIR
+    shutil.rmtree(spill, ignore_errors=True)  # an earlier attempt's, never trusted
+    spill.mkdir(parents=True)
+
     def read(batch: Any) -> Iterator[Any]:
         with _keep_message():
             for unit, si in zip(batch["unit"].to_pylist(), batch["source"].to_pylist(), strict=True):
-                yield from read_unit(cfg, sources[si], unit, plan[unit][2])
+                yield from _spilled(read_unit(cfg, sources[si], unit, plan[unit][2]), spill / _spill_name(unit))
 
     with _one_line():
         items = [{"unit": u, "source": si} for u, si, _ in plan]
         # A task per block of consecutive units: one per unit for a few large files, a handful per worker
         # for thousands of small ones (each Ray task costs milliseconds of scheduling).
         parallel = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # What stays in the object store is one small row per record read (ids, drop reason, key): the
+        # text went to the unit's spill file in the worker.
         records = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * parallel)).map_batches(
             read, batch_size=None, batch_format="pyarrow", **_remote_args(cfg)).materialize()
         counts = _counts(records)
@@ -166,7 +193,7 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         dropped.pop("", 0)  # kept, not dropped
         duplicates = np.empty(0, dtype=np.int64)
         if cfg.cleaning.dedup:
-            # Only (key, id) pairs cross the cluster: the text stays in its block until the driver reads it.
+            # Only (key, id) pairs cross the cluster; the text stays in the spill files.
             keys = records.map_batches(_keys, batch_format="pyarrow")
             # Ray Data's default (hash) shuffle starts aggregator actors, new worker processes, for every
             # groupby: 8 s of a 15 s pass 1 on 20 MB on 2 CPUs (make bench). The task-based sort shuffle
@@ -176,23 +203,42 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
             found = [b["rid"].to_numpy() for b in later.iter_batches(batch_format="pyarrow", batch_size=None)]
             duplicates = np.sort(np.concatenate(found)) if found else duplicates
             dropped["duplicate"] = len(duplicates)
-        sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
-        last = -1
-        # The read records are in id order (units in order, preserve_order): the driver streams the kept
-        # ones into the text shards, skipping dropped records and the duplicates found above.
-        for batch in records.iter_batches(batch_format="pyarrow", batch_size=None):
+        del records, counts
+    sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
+    # Units in order, each spill file in record order: the kept records in id order, as the local engine
+    # writes them, less those over a cap and the duplicates found above.
+    for unit, _, _ in plan:
+        for batch in read_batches(spill / _spill_name(unit)):
             ids = batch["rid"].to_numpy()
-            if len(ids) and (ids[0] <= last or (np.diff(ids) <= 0).any()):
-                raise RuntimeError("Ray Data returned the read records out of order")  # never expected
-            last = int(ids[-1]) if len(ids) else last
-            keep = (batch["drop"].to_numpy(zero_copy_only=False) == "") & ~np.isin(ids, duplicates)
+            keep = ((ids & RECORD_MASK) < allowed[unit]) & ~np.isin(ids, duplicates)
             rows = batch.filter(keep)
             for split, text, origin in zip(rows["split"].to_pylist(), rows["text"].to_pylist(),
                                            rows["origin"].to_pylist(), strict=True):
                 sinks.add(split, text, origin)
+    shutil.rmtree(spill)
     read_total = sum(allowed)
     log.info("prep (ray): read %d records from %d units", read_total, len(plan))
     return sinks.close(), collect_stats(cfg, sources, read_total, per_source, dropped, sinks.done)
+
+
+def _spill_name(unit: int) -> str:
+    return f"unit-{unit:08d}.arrow"
+
+
+def _spilled(tables: Iterator[Any], path: Path) -> Iterator[Any]:
+    """In a worker: the rows of ``tables`` without their text, which goes to ``path`` instead (the kept
+    records' id, split, text and origin, in record order). Written under a temporary name and renamed
+    when complete: a retried task (its worker died) writes the whole unit again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    full = unit_schema()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with pa.ipc.new_stream(str(tmp), pa.schema([full.field(name) for name in _SPILLED])) as out:
+        for t in tables:
+            out.write_table(t.filter(pc.equal(t["drop"], "")).select(list(_SPILLED)))
+            yield t.drop_columns(["split", "text", "origin"])
+    os.replace(tmp, path)
 
 
 def _caps(cfg: DataConfig, plan: list[tuple[int, int, Any]], per_unit: dict[int, int]) -> list[int] | None:

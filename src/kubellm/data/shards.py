@@ -183,14 +183,19 @@ class TextShards:
         return self.done
 
 
-def read_texts(path: Path) -> Iterator[tuple[list[str], list[str]]]:
-    """``(texts, origins)`` batches of one text shard."""
+def read_batches(path: Path) -> Iterator[Any]:
+    """The record batches of one Arrow stream file (a text shard, or a Ray worker's spilled unit)."""
     import pyarrow as pa
 
     # Plain reads, not a memory map: mapped pages stay resident and peak RSS would grow with the corpus.
     with pa.OSFile(str(path)) as f:
-        for batch in pa.ipc.open_stream(f):
-            yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        yield from pa.ipc.open_stream(f)
+
+
+def read_texts(path: Path) -> Iterator[tuple[list[str], list[str]]]:
+    """``(texts, origins)`` batches of one text shard."""
+    for batch in read_batches(path):
+        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
 
 
 def text_shards_to_json(shards: dict[str, list[TextShard]]) -> dict[str, list[dict[str, Any]]]:
