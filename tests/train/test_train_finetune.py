@@ -10,9 +10,9 @@ import torch
 
 from kubellm.config.train import FinetuneConfig, PretrainConfig
 from kubellm.data.format import IGNORE_INDEX, open_prepared
+from kubellm.models.causal_lm import load_causal_lm
 from kubellm.train.finetune import MERGED_DIR, finetune
 from kubellm.train.loop import HISTORY_FILE, TrainingInterrupted
-from kubellm.train.model import load_causal_lm
 
 
 @pytest.fixture(scope="session")

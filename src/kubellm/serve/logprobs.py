@@ -73,7 +73,7 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
              precision: str, adapter_names: list[str] | None) -> list[list[TokenLogprob | None]]:
     import torch
 
-    from kubellm.train.precision import autocast
+    from kubellm.models.precision import autocast
 
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -42,7 +42,7 @@ def fetch_model(ref: str, out_dir: str | Path, ctx: StageContext) -> str:
         if ref.startswith("models:/") and (src / "adapter_config.json").is_file():
             # an adapter version (a champion, say): its base lies in this process's workdir only, so the
             # base the next steps train on is the adapter merged into it, a self-contained model
-            from kubellm.train.model import load_causal_lm
+            from kubellm.models.causal_lm import load_causal_lm
 
             lm = load_causal_lm(src, device="cpu", merge_adapter=True)
             lm.model.save_pretrained(tmp, safe_serialization=True)

@@ -66,6 +66,7 @@ from kubellm.data.format import IGNORE_INDEX
 from kubellm.errors import KubellmError, TrainingError
 from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
+from kubellm.models.tensors import nonfinite_names
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.train import checkpoint as ckpt
 from kubellm.train import sharding
@@ -381,7 +382,7 @@ class _Trainer:
     def __init__(self, job: TrainJob, out: Path, ctx: DistContext, tracker: Tracker, t0: float) -> None:
         import torch
 
-        from kubellm.train.precision import resolve_precision
+        from kubellm.models.precision import resolve_precision
 
         self.job, self.out, self.ctx, self.tracker, self.t0 = job, out, ctx, tracker, t0
         self.loop, self.optim = job.loop, job.optim
@@ -537,9 +538,9 @@ class _Trainer:
     def _val_loss(self) -> float | None:
         import torch
 
+        from kubellm.models.precision import autocast
         from kubellm.train.batches import PadCollator
         from kubellm.train.dist import all_reduce_sum
-        from kubellm.train.precision import autocast
 
         val = self.job.val_split
         if val is None or len(val) == 0:
@@ -570,8 +571,8 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        from kubellm.models.precision import cpu_bf16_fast_path
         from kubellm.train.dist import all_reduce_sum, any_rank, barrier
-        from kubellm.train.precision import cpu_bf16_fast_path
 
         self._resume()
         if self.ctx.is_main:
@@ -625,8 +626,8 @@ class _Trainer:
     def _step(self, wrapped: Any, batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns (input tokens of this rank,
         gradient norm before clipping, the learning rate used)."""
+        from kubellm.models.precision import autocast
         from kubellm.train.dist import all_reduce_max, all_reduce_sum
-        from kubellm.train.precision import autocast
 
         device, world = self.ctx.device, self.ctx.world_size
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -769,7 +770,7 @@ class _Trainer:
         """Every rank refuses to finish with NaN or infinite weights or losses: no output is written."""
         from kubellm.train.dist import gather_objects
 
-        mine = ckpt.nonfinite_names(dict(self.model.named_parameters()))
+        mine = nonfinite_names(dict(self.model.named_parameters()))
         bad = list(dict.fromkeys(n for names in gather_objects(self.ctx, mine) for n in names))
         if bad or not math.isfinite(final_loss) or not math.isfinite(val_loss or 0.0):
             what = (f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})" if bad

@@ -5,11 +5,11 @@
   ``exp(sum of token NLLs / number of scored tokens)``, computed in fp32.
 * For instruction data, greedy answers to the held-out prompts (``heldout.jsonl``, rendered with the
   chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
-  and ROUGE-L (:mod:`kubellm.train.metrics`), for the candidate and the base model on the same prompts.
+  and ROUGE-L (:mod:`kubellm.evaluate.metrics`), for the candidate and the base model on the same prompts.
 * With code answers (``evaluate.code_metric``), ``code_parse_rate`` is the share of answers whose code
   parses with :func:`ast.parse` and holds a statement; ``empty_answer_rate`` is the share of blank answers.
 * ``evaluate.benchmarks`` run through lm-evaluation-harness on the same loaded models
-  (:mod:`kubellm.train.benchmarks`): ``bench.<task>.<metric>``.
+  (:mod:`kubellm.evaluate.benchmarks`): ``bench.<task>.<metric>``.
 * The gate (``evaluate.gate``) checks every rule that is set; a rule whose metric could not be
   measured (no base model, no held-out prompts) is *not evaluable* and fails the gate, saying why.
   By default the candidate must cut perplexity by 5 %, answer at most half of the prompts with
@@ -40,12 +40,12 @@ from typing import Any
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.errors import DataError, TrainingError
+from kubellm.evaluate.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
+from kubellm.evaluate.metrics import is_code, mean_scores, score
+from kubellm.evaluate.report import GateRule, gate_failure, plot_loss_curves, read_history, render_report
 from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG, Tracker
-from kubellm.train.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
-from kubellm.train.metrics import is_code, mean_scores, score
-from kubellm.train.report import GateRule, gate_failure, plot_loss_curves, read_history, render_report
 
 log = get_logger("evaluate")
 
@@ -261,7 +261,7 @@ class _Model:
 
 
 def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     cand = load_causal_lm(model_dir, base_model=base_model)
     log.info("candidate: %s", cand.source)
@@ -276,7 +276,7 @@ def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
 
 def _measures_code(setting: str, heldout: list[dict[str, Any]]) -> bool:
     """Whether to measure ``code_parse_rate``: ``auto`` when ≥ 80 % of the held-out references are
-    Python code (:func:`kubellm.train.metrics.is_code`; 100 % of the built-in instruction data's)."""
+    Python code (:func:`kubellm.evaluate.metrics.is_code`; 100 % of the built-in instruction data's)."""
     if setting != "auto":
         return setting == "on"
     return bool(heldout) and sum(is_code(ex["reference"]) for ex in heldout) >= 0.8 * len(heldout)
@@ -305,7 +305,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     against ``base_model`` when given, apply the gate and write the results to ``out_dir`` (new, empty
     or earlier evaluation results, and holding none of the inputs: checked before any work)."""
     from kubellm.data.format import open_prepared
-    from kubellm.train.model import adapter_base, is_adapter_dir
+    from kubellm.models.causal_lm import adapter_base, is_adapter_dir
 
     t0 = time.perf_counter()
     model_dir, data_dir = Path(model_dir), Path(data_dir)
