@@ -175,7 +175,7 @@ def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_pa
 def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Builder and runner agree on the command line; bad input is one line and exit code 2, before Ray."""
-    from kubellm.train import ray_train
+    from kubellm.stages import ray_train
 
     monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)  # its handler would outlive capsys
     argv = shlex.split(_job(ray_cfg)["spec"]["entrypoint"])[3:]
@@ -191,4 +191,4 @@ def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, 
 def test_only_the_ray_engines_import_ray(repo_root: Path) -> None:
     importers = sorted(str(p.relative_to(repo_root)) for p in (repo_root / "src").rglob("*.py")
                        if any(line.lstrip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines()))
-    assert importers == ["src/kubellm/data/ray_engine.py", "src/kubellm/train/ray_train.py"]
+    assert importers == ["src/kubellm/data/ray_engine.py", "src/kubellm/stages/ray_train.py"]

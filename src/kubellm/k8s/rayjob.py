@@ -9,7 +9,7 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   in the memory-backed ``/dev/shm``) and the shared PVC at :data:`~kubellm.k8s.jobspec.SHARED_MOUNT`.
   KubeRay writes the containers' ``ray start`` command itself; Ray's token authentication is on
   (``authOptions.mode: token``: KubeRay keeps the token in a Secret and hands it to every Ray process).
-- **Entrypoint**: ``python -m kubellm.train.ray_train <stage> --workers N --gpus-per-worker 1 …`` with the
+- **Entrypoint**: ``python -m kubellm.stages.ray_train <stage> --workers N --gpus-per-worker 1 …`` with the
   run config inline as ``--set`` arguments (as in the other engines): a ``TorchTrainer`` with one worker
   per GPU runs kubellm's own loop, checkpointing on the shared PVC, so a resubmitted job resumes.
 - **Submission**: ``HTTPMode``: the operator submits through the head's dashboard API. The default
@@ -56,7 +56,7 @@ API = {"group": "ray.io", "version": "v1", "kind": "RayJob", "plural": "rayjobs"
 #: Ray in the runtime image (``kubellm[ray]``); KubeRay reads it to pick compatible defaults.
 RAY_VERSION = "2.60.0"
 #: The Ray Train entry (the only module that imports ray).
-ENTRY_MODULE = "kubellm.train.ray_train"
+ENTRY_MODULE = "kubellm.stages.ray_train"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 WORKER_GROUP = "workers"
