@@ -147,8 +147,9 @@ def train_rate(model: Any, shape: Shape, batch: int, device: str) -> float:
     import torch
 
     from kubellm.config.train import OptimConfig
+    from kubellm.models.losses import token_nll_sum
     from kubellm.models.precision import autocast, cpu_bf16_fast_path
-    from kubellm.train.loop import build_optimizer, forward_logits, token_nll_sum
+    from kubellm.train.loop import build_optimizer, forward_logits
     from kubellm.train.sharding import clip_grad_norm
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kubellm.config.train import LoraConfig, PretrainConfig
+from kubellm.models.losses import token_nll_sum
 from kubellm.models.precision import CPU_BF16_ATTENTION, cpu_bf16_fast_path
-from kubellm.train.loop import HISTORY_FILE, token_nll_sum
+from kubellm.train.loop import HISTORY_FILE
 
 
 def _llama(**over):

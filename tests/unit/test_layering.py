@@ -157,15 +157,15 @@ def test_the_layer_check_catches_an_upward_import_anywhere(tmp_path: Path) -> No
         "if TYPE_CHECKING:\n"
         "    from kubellm.stages.base import StageContext\n"  # up, for types only
         "def load():\n"
-        "    from kubellm.train.loop import nll_sum\n"  # up, inside a function
+        "    from kubellm.train.loop import TrainResult\n"  # up, inside a function
         "    from kubellm import stages\n"  # up, as a name
         "    from ..serve import engine\n"  # sideways, relative
-        "    return nll_sum\n")
+        "    return TrainResult\n")
     found = upward_imports({"kubellm.tracking.bad": bad.read_text()})
     assert [line.split(" (")[0] for line in found] == [
         "kubellm.tracking.bad:3 imports kubellm.cli.app",
         "kubellm.tracking.bad:5 imports kubellm.stages.base.StageContext",
-        "kubellm.tracking.bad:7 imports kubellm.train.loop.nll_sum",
+        "kubellm.tracking.bad:7 imports kubellm.train.loop.TrainResult",
         "kubellm.tracking.bad:8 imports kubellm.stages",
         "kubellm.tracking.bad:9 imports kubellm.serve.engine",
     ]

@@ -1,7 +1,7 @@
 """``kubellm evaluate``: held-out perplexity, generation metrics, base vs candidate, the promotion gate.
 
 * Perplexity is token-weighted over the prepared validation split with exactly the training loss's
-  masking (labels shifted by one, ``-100`` excluded; :func:`kubellm.train.loop.token_nll_sum`):
+  masking (labels shifted by one, ``-100`` excluded; :func:`kubellm.models.losses.token_nll_sum`):
   ``exp(sum of token NLLs / number of scored tokens)``, computed in fp32.
 * For instruction data, greedy answers to the held-out prompts (``heldout.jsonl``, rendered with the
   chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
@@ -167,7 +167,7 @@ def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str
 def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None,
                 device: str) -> tuple[float, int]:
     """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches'
-    rows), with the training loss's masking (:func:`kubellm.train.loop.token_nll_sum`).
+    rows), with the training loss's masking and loss (:mod:`kubellm.models.losses`).
 
     Two things make batching pay (1.37× a forward per row before them): rows are batched by length, so
     a batch pads little (the sum does not depend on the order), and the output head projects only the
@@ -175,11 +175,9 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
     and the 4 k-vocabulary head of the ``small`` preset is its largest matmul.
     """
     import torch
-    import torch.nn.functional as F
 
-    from kubellm.data.format import IGNORE_INDEX
+    from kubellm.models.losses import IGNORE_INDEX, next_token_targets, nll_sum
     from kubellm.train.batches import PadCollator
-    from kubellm.train.loop import nll_sum
 
     collate = PadCollator(pad_id)
     n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
@@ -189,11 +187,11 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
     with torch.inference_mode(), Progress(math.ceil(n / batch_size), "perplexity", every=50) as bar:
         for b, start in enumerate(range(0, n, batch_size), 1):
             batch = {k: v.to(device) for k, v in collate(split.__getitems__(order[start:start + batch_size])).items()}
-            targets = batch["labels"][:, 1:]
-            scored = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t + 1
+            targets = next_token_targets(batch["labels"])  # position t predicts label t + 1
+            scored = targets != IGNORE_INDEX
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            use_cache=False, logits_to_keep=scored).logits
-            total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[targets != IGNORE_INDEX]))
+            total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[scored]))
             tokens += int(scored.sum())
             bar.update(b)
     return total, tokens
