@@ -91,7 +91,7 @@ def _weights_mb(path: Path) -> float:
 
 
 def _merged_weights_mb(adapter: Path, out: Path) -> float:
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     merged = load_causal_lm(adapter, device="cpu", merge_adapter=True)
     merged.model.save_pretrained(out, safe_serialization=True)

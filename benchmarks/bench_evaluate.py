@@ -52,7 +52,7 @@ def _setup(work: Path, n_docs: int):
     from kubellm.config.data import DataConfig
     from kubellm.config.train import ModelConfig
     from kubellm.data.prepare import prepare
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     prep = prepare(DataConfig.model_validate({
         "kind": "instruct", "sources": [{"uri": "builtin://stdlib-instruct"}], "max_docs": n_docs,
@@ -68,7 +68,7 @@ def _generation(prep, model, n_prompts: int, new_tokens: int, repeat: int) -> di
     import torch
 
     from kubellm.data.format import open_prepared
-    from kubellm.train.evaluate import generate_answers
+    from kubellm.evaluate.run import generate_answers
 
     ds = open_prepared(prep.path)
     tok, m = ds.load_tokenizer(), ds.manifest
@@ -102,7 +102,7 @@ def _perplexity(prep, model, repeat: int) -> dict:
     import torch
 
     from kubellm.data.format import open_prepared
-    from kubellm.train.evaluate import heldout_nll
+    from kubellm.evaluate.run import heldout_nll
 
     ds = open_prepared(prep.path)
     split = ds.load_split("validation")

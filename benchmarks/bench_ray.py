@@ -1,6 +1,6 @@
 """Ray Train against torchrun: the same 2-process gloo run of kubellm's loop under both launchers.
 
-- per-step cost: steady-state seconds per optimizer step under Ray Train (``kubellm.train.ray_train``,
+- per-step cost: steady-state seconds per optimizer step under Ray Train (``kubellm.stages.ray_train``,
   2 workers) over the same under ``torchrun --standalone --nproc_per_node 2`` (goal ≤ 1.05×: both run the
   identical loop in an identical gloo process group, so Ray should add nothing per step). Taken from the
   loop's own ``history.jsonl`` windows (tokens/s), the first window dropped as warm-up;
@@ -77,7 +77,7 @@ def _torchrun_wall(data: Path, out: Path, sets: list[str]) -> float:
 
 def _ray(data: Path, out: Path, sets: list[str]) -> float:
     from kubellm.config import default_config_path, load_config
-    from kubellm.train.ray_train import run
+    from kubellm.stages.ray_train import run
 
     cfg = load_config(default_config_path(), [*sets, f"workdir={out.parent}"])  # as the torchrun CLI does
     t0 = time.perf_counter()

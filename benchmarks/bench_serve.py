@@ -64,7 +64,7 @@ def _build_model(out: Path, vocab: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from kubellm.config.train import ModelConfig
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:80]]
@@ -93,7 +93,7 @@ class _Baselines:
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from kubellm.train.precision import resolve_precision
+        from kubellm.models.precision import resolve_precision
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.tok.padding_side = "left"
@@ -108,7 +108,7 @@ class _Baselines:
     def _generate(self, prompts: list[str]) -> None:
         import torch
 
-        from kubellm.train.precision import autocast
+        from kubellm.models.precision import autocast
 
         enc = self.tok(prompts, return_tensors="pt", padding=True)
         with torch.inference_mode(), autocast(self.precision, "cpu"):

@@ -203,7 +203,7 @@ def plain_pretrain(data: Path, steps: int, warmup: int, precision: str = "fp32",
     import torch
 
     from kubellm.config.train import ModelConfig
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     m = json.loads((data / "manifest.json").read_text())
     model = build_model(ModelConfig(preset=preset), vocab_size=m["vocab_size"], block_size=BLOCK,
@@ -333,9 +333,9 @@ def _measure(work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_ever
 def _report(best: dict[str, float], curves: dict[str, list], peak: dict[str, float], base: Path, big: Path,
             ins: Path, unit: str, where: str) -> list[dict]:
     from kubellm.config.train import LoraConfig
+    from kubellm.models.causal_lm import load_causal_lm
+    from kubellm.models.precision import cpu_has_native_bf16
     from kubellm.train.lora import apply_lora
-    from kubellm.train.model import load_causal_lm
-    from kubellm.train.precision import cpu_has_native_bf16
 
     lora = apply_lora(load_causal_lm(base, device="cpu").model, LoraConfig(target_modules=LORA_TARGETS), seed=0)
     lora_n = sum(p.numel() for p in lora.parameters() if p.requires_grad)

@@ -12,7 +12,7 @@ What it measures, each with the pieces kubellm's training loop and predictor use
   figure (``--peak-tflops``; 989 TFLOP/s for an H100/H200 SXM, from the spec sheet) — the goal is ≥ 40 %
   of it on an H200 — and MFU against the bf16 matmul peak measured here (8192² ``torch.matmul``) is
   printed beside it;
-- **QLoRA**: the ``1b`` preset saved, loaded in 4-bit NF4 through ``kubellm.train.model.load_causal_lm``
+- **QLoRA**: the ``1b`` preset saved, loaded in 4-bit NF4 through ``kubellm.models.causal_lm.load_causal_lm``
   with ``finetune.quantization: 4bit``'s settings, LoRA on every projection, tokens/s of training steps;
   skipped with the reason when bitsandbytes or CUDA is missing;
 - **the predictor**: ``kubellm.serve.engine.GenerationEngine`` serving the ``125m`` model in bf16 to 64
@@ -126,7 +126,7 @@ def nominal_peak(device: str, override: float | None) -> tuple[float | None, str
 
 def build(preset: str, shape: Shape, device: str, dtype: Any = None) -> Any:
     from kubellm.config.train import ModelConfig
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     model = build_model(ModelConfig(preset=preset, **shape.presets[preset]), vocab_size=shape.vocab,
                         block_size=shape.seq, bos_token_id=None, eos_token_id=1, pad_token_id=0)
@@ -147,8 +147,9 @@ def train_rate(model: Any, shape: Shape, batch: int, device: str) -> float:
     import torch
 
     from kubellm.config.train import OptimConfig
-    from kubellm.train.loop import build_optimizer, forward_logits, token_nll_sum
-    from kubellm.train.precision import autocast, cpu_bf16_fast_path
+    from kubellm.models.losses import token_nll_sum
+    from kubellm.models.precision import autocast, cpu_bf16_fast_path
+    from kubellm.train.loop import build_optimizer, forward_logits
     from kubellm.train.sharding import clip_grad_norm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,8 +172,8 @@ def train_rate(model: Any, shape: Shape, batch: int, device: str) -> float:
 def _fits(preset: str, shape: Shape, gpus: int, batch: int, gib: float) -> bool:
     """Whether the memory planner fits an fsdp bf16 pretraining step with checkpointing on these GPUs."""
     from kubellm.config.train import ModelConfig
+    from kubellm.models.causal_lm import _TIED, model_dimensions
     from kubellm.train.memory import GIB, ModelShape, Plan, estimate
-    from kubellm.train.model import _TIED, model_dimensions
 
     d = model_dimensions(ModelConfig(preset=preset, **shape.presets.get(preset, {})))
     dims = ModelShape(shape.vocab, d["hidden_size"], d["num_layers"], d["num_heads"], d["num_kv_heads"],
@@ -300,8 +301,8 @@ def qlora(shape: Shape, device: str, work: Path) -> dict[str, Any]:
     import torch
 
     from kubellm.config.train import LoraConfig
+    from kubellm.models.causal_lm import load_causal_lm
     from kubellm.train.lora import apply_lora, quantization_config
-    from kubellm.train.model import load_causal_lm
 
     missing = ("no CUDA device" if not device.startswith("cuda")
                else "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None else None)

@@ -37,8 +37,8 @@ from kfp import dsl, kubernetes
 
 from kubellm.config import RunConfig
 from kubellm.config.params import to_param
+from kubellm.k8s.jobspec import SHARED_MOUNT
 from kubellm.k8s.security import RUNTIME_GID, RUNTIME_UID, WRITABLE_PATHS
-from kubellm.k8s.training_job import SHARED_MOUNT
 from kubellm.stages.base import KFP_RUN_ENV
 
 Target = Literal["local", "cluster"]

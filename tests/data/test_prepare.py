@@ -14,6 +14,7 @@ from datahelpers import data_cfg, leftovers, make_docs, write_jsonl
 from kubellm.data import format as fmt
 from kubellm.data.prepare import fingerprint, prepare
 from kubellm.data.tokenizer import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE
+from kubellm.models.losses import IGNORE_INDEX
 from kubellm.tracking.base import NullTracker
 
 DOCS = make_docs(60)
@@ -104,7 +105,7 @@ def _check_masking(ids: list[int], labels: list[int], assistant: int, end: int) 
             if tok == end:
                 inside, answers = False, answers + 1
         else:
-            assert lab == fmt.IGNORE_INDEX
+            assert lab == IGNORE_INDEX
             inside = tok == assistant
     return answers
 
@@ -123,7 +124,7 @@ def test_instruction_labels_mask_exactly_the_prompt(pack: bool, tmp_path: Path, 
                   for r, lab in zip(rows, labels, strict=True))
     assert answers == len(recs) == result.stats["splits"]["train"]["examples"]
     backend = _backend(result.path)
-    decoded = [backend.decode([t for t in lab if t != fmt.IGNORE_INDEX], skip_special_tokens=False)
+    decoded = [backend.decode([t for t in lab if t != IGNORE_INDEX], skip_special_tokens=False)
                for lab in labels]
     if pack:
         assert all(len(r) == 64 for r in rows) and result.stats["padding_fraction"] < 0.5
@@ -172,8 +173,8 @@ def test_an_existing_tokenizer_without_template_gets_the_plain_one(tmp_path: Pat
     backend = _backend(result.path)
     prompts = {r["response"].split(":")[0]: r["prompt"] for r in _instruct_records(20)}
     for row, lab in zip(*_rows(result.path), strict=True):
-        answer = backend.decode([t for t in lab if t != fmt.IGNORE_INDEX], skip_special_tokens=False)
-        first = next(i for i, y in enumerate(lab) if y != fmt.IGNORE_INDEX)
+        answer = backend.decode([t for t in lab if t != IGNORE_INDEX], skip_special_tokens=False)
+        first = next(i for i, y in enumerate(lab) if y != IGNORE_INDEX)
         prompt = backend.decode(row[:first], skip_special_tokens=False)
         assert answer.endswith("<|endoftext|>")  # the answer ends with eos, which is learned
         assert prompt == f"### Instruction:\n{prompts[answer.split(':')[0]]}\n\n### Response:\n"

@@ -52,7 +52,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory, instruct_data: Path) -> P
     """A freshly initialised tiny Llama saved with the data's tokenizer and a training history."""
     from kubellm.config.train import ModelConfig
     from kubellm.data.format import open_prepared
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     prepared = open_prepared(instruct_data)
     m = prepared.manifest

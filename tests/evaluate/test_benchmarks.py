@@ -11,9 +11,9 @@ import pytest
 
 from kubellm.config.evaluate import BenchmarkConfig, EvalConfig, GateConfig
 from kubellm.errors import KubellmError
+from kubellm.evaluate.benchmarks import choice_rows, write_local_tasks
+from kubellm.evaluate.run import EvalResult, evaluate
 from kubellm.tracking.base import NullTracker
-from kubellm.train.benchmarks import choice_rows, write_local_tasks
-from kubellm.train.evaluate import EvalResult, evaluate
 
 
 def test_choice_rows_hold_the_answer_among_distinct_distractors() -> None:
@@ -63,7 +63,7 @@ def _choice_acc_by_hand(model_dir: Path, data_dir: Path, limit: int, seed: int, 
     import torch
 
     from kubellm.data.format import open_prepared
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     prepared = open_prepared(data_dir)
     tok = prepared.load_tokenizer()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
+from kubellm.evaluate.run import EvalResult, evaluate, generate_answers
 from kubellm.fsutil import mark_output
 from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG, NullTracker
-from kubellm.train.evaluate import EvalResult, evaluate, generate_answers
 
 
 def _by_hand_perplexity(model_dir: Path, data_dir: Path) -> float:
@@ -81,7 +81,7 @@ def test_adapter_against_base_side_by_side(adapter_dir: Path, base_dir: Path, in
 
 def test_batched_left_padded_generation_equals_one_by_one(base_dir: Path, instruct_data: Path) -> None:
     from kubellm.data.format import open_prepared
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     prepared = open_prepared(instruct_data)
     convs = [ex["messages"] for ex in prepared.heldout()[:5]]
@@ -127,7 +127,7 @@ def test_failure_leaves_previous_output_untouched(base_dir: Path, instruct_data:
     def broken_plot(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("kubellm.train.evaluate.plot_loss_curves", broken_plot)
+    monkeypatch.setattr("kubellm.evaluate.run.plot_loss_curves", broken_plot)
     with pytest.raises(RuntimeError, match="disk full"):
         evaluate(EvalConfig(num_prompts=0), base_dir, instruct_data, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind

@@ -27,7 +27,7 @@ def evaluate_cli(base_dir: Path, instruct_data: Path, monkeypatch: pytest.Monkey
                  capsys: pytest.CaptureFixture[str]):
     """``kubellm evaluate`` of the tiny base model in this process; returns (exit code, stderr). Unless
     ``work_allowed``, loading a model fails the test: refusing must come first."""
-    from kubellm.train import evaluate as evaluate_mod
+    from kubellm.evaluate import run as evaluate_mod
 
     monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)
     allowed, real = [False], evaluate_mod._models

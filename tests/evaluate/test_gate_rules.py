@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
-from kubellm.train.evaluate import apply_gate
+from kubellm.evaluate.run import apply_gate
 
 NO_BASE = {"base": "no base model to compare with: pass --base (base_model)"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubellm.train.metrics import (
+from kubellm.evaluate.metrics import (
     code_parses,
     exact_match,
     extract_code,

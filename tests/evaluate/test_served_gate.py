@@ -13,10 +13,10 @@ import pytest
 from kubellm.config import load_config
 from kubellm.config.evaluate import BenchmarkConfig, EvalConfig, GateConfig
 from kubellm.errors import ServingError
+from kubellm.evaluate.run import evaluate
 from kubellm.stages import StageContext, registry
 from kubellm.stages import deploy as stage
 from kubellm.tracking.registry import champion_info
-from kubellm.train.evaluate import evaluate
 
 
 @pytest.mark.slow

@@ -27,11 +27,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    import kubellm.k8s.jobspec as jobspec
     import kubellm.k8s.training_job as tj
     from kubellm.train.pretrain import pretrain
 
     pvc = tmp_path / "pvc"
-    monkeypatch.setattr(tj, "SHARED_MOUNT", str(pvc))
+    monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(pvc))
     cfg = load_config(REPO / "configs" / "local.yaml", [
         "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
         "pretrain.loop.max_steps=3", "pretrain.loop.micro_batch_size=2", "pretrain.loop.checkpoint_every=2",
@@ -73,6 +74,7 @@ def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_s
     needs a service-account token the pods do not mount (one warning line says what to give them)."""
     from mlflow import MlflowClient
 
+    import kubellm.k8s.jobspec as jobspec
     import kubellm.k8s.training_job as tj
     from kubellm.tracking.mlflow_tracker import prepare_sqlite_store
     from kubellm.train.pretrain import pretrain
@@ -86,7 +88,7 @@ def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_s
     for name, value in {"MLFLOW_TRACKING_URI": plugin_uri, "MLFLOW_RUN_ID": handed, "MLFLOW_WORKSPACE": "team-a",
                         "MLFLOW_TRACKING_AUTH": "kubernetes"}.items():  # (a sqlite store needs no request auth)
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(tj, "SHARED_MOUNT", str(tmp_path / "pvc"))
+    monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path / "pvc"))
     cfg = load_config(REPO / "configs" / "local.yaml", [
         "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
         "pretrain.loop.max_steps=2", "pretrain.loop.micro_batch_size=2", f"tracking.uri=sqlite:///{tmp_path}/elsewhere.db"])

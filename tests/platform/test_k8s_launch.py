@@ -13,7 +13,6 @@ import yaml
 from kubellm.config import RunConfig
 from kubellm.errors import ClusterError
 from kubellm.k8s.client import load_api_client
-from kubellm.k8s.rayjob import build_rayjob
 from kubellm.k8s.training_job import build_job, launch, run_training_job
 
 pytestmark = pytest.mark.integration
@@ -227,7 +226,7 @@ def rayjob(cluster_overrides: list[str], repo_root: Path) -> dict:
 
     cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.pretrain.engine=rayjob",
                                                         "platform.distributed.pretrain.procs_per_node=4"])
-    return build_rayjob("pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1",
+    return build_job("rayjob", "pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1",
                         env={"KUBELLM_STAGE_RUN_ID": "run-1"})
 
 
@@ -319,7 +318,7 @@ def test_run_training_job_launches_a_rayjob_for_engine_rayjob(fake_api, cluster_
     cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.finetune.engine=rayjob",
                                                         f"platform.namespace={NS}"])
     env = {"KUBELLM_STAGE_RUN_ID": "abc123"}
-    job = build_rayjob("finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
+    job = build_job("rayjob", "finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
                        data_fingerprint="fp2", env=env)
     operator = Operator(fake_api.api_client(), RJ, job["metadata"]["name"], [_ray("Complete", "SUCCEEDED")])
     operator.start()

@@ -13,10 +13,11 @@ import yaml
 from kubellm.config import RunConfig, apply_overrides, load_config
 from kubellm.config.run import validate_section
 from kubellm.errors import ConfigError
+from kubellm.k8s.jobspec import SHARED_MOUNT
 from kubellm.k8s.podsecurity import check, pod_specs
-from kubellm.k8s.rayjob import ENTRY_MODULE, build_rayjob
+from kubellm.k8s.rayjob import ENTRY_MODULE
 from kubellm.k8s.schema import validate_against_crd
-from kubellm.k8s.training_job import SHARED_MOUNT
+from kubellm.k8s.training_job import build_job
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 RAY = ["platform.distributed.pretrain.engine=rayjob", "platform.distributed.finetune.engine=rayjob",
@@ -31,7 +32,7 @@ def ray_cfg(cluster_overrides: list[str]) -> RunConfig:
 
 def _job(cfg: RunConfig, stage: str = "pretrain", **kw) -> dict:
     base = "/mnt/kubellm/runs/r1/pretrained" if stage == "finetune" else None
-    return build_rayjob(stage, cfg, "prepared/abc", "runs/r1/" + stage, base, **kw)
+    return build_job("rayjob", stage, cfg, "prepared/abc", "runs/r1/" + stage, base, **kw)
 
 
 def _groups(job: dict) -> tuple[dict, dict]:
@@ -136,9 +137,9 @@ def test_k8sjobmode_submitter_is_flagged_by_the_checker(ray_cfg: RunConfig) -> N
 def test_cli_dry_run_prints_a_valid_rayjob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str], cluster_overrides: list[str]) -> None:
     from kubellm.cli.app import main
-    from kubellm.k8s import training_job
+    from kubellm.k8s import jobspec
 
-    monkeypatch.setattr(training_job, "SHARED_MOUNT", str(tmp_path))  # this folder plays the PVC's mount
+    monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path))  # this folder plays the PVC's mount
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({
         "kind": "pretrain", "block_size": 128, "vocab_size": 2048, "eos_token_id": 0, "pad_token_id": 0,
@@ -174,7 +175,7 @@ def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_pa
 def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """Builder and runner agree on the command line; bad input is one line and exit code 2, before Ray."""
-    from kubellm.train import ray_train
+    from kubellm.stages import ray_train
 
     monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)  # its handler would outlive capsys
     argv = shlex.split(_job(ray_cfg)["spec"]["entrypoint"])[3:]
@@ -190,4 +191,4 @@ def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, 
 def test_only_the_ray_engines_import_ray(repo_root: Path) -> None:
     importers = sorted(str(p.relative_to(repo_root)) for p in (repo_root / "src").rglob("*.py")
                        if any(line.lstrip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines()))
-    assert importers == ["src/kubellm/data/ray_engine.py", "src/kubellm/train/ray_train.py"]
+    assert importers == ["src/kubellm/data/ray_engine.py", "src/kubellm/stages/ray_train.py"]

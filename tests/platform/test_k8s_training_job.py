@@ -10,8 +10,9 @@ import pytest
 from kubellm.config import RunConfig, apply_overrides, load_config
 from kubellm.config.run import validate_section
 from kubellm.errors import ConfigError
+from kubellm.k8s.jobspec import MAX_NAME, SHARED_MOUNT
 from kubellm.k8s.schema import validate_against_crd
-from kubellm.k8s.training_job import MAX_NAME, SHARED_MOUNT, build_job
+from kubellm.k8s.training_job import build_job
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 CRDS = {"pytorchjob": "training-operator-pytorchjobs.crd.yaml", "trainjob": "trainer-trainjobs.crd.yaml"}
@@ -203,10 +204,10 @@ def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
     import yaml
 
     from kubellm.cli.app import main
-    from kubellm.k8s import training_job
+    from kubellm.k8s import jobspec
 
     # The step's pod sees the shared PVC at SHARED_MOUNT; here a temporary folder plays that mount.
-    monkeypatch.setattr(training_job, "SHARED_MOUNT", str(tmp_path))
+    monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path))
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({
         "kind": "pretrain", "block_size": 128, "vocab_size": 2048, "eos_token_id": 0, "pad_token_id": 0,

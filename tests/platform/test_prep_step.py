@@ -103,12 +103,12 @@ class KubeRay(threading.Thread):
 @pytest.fixture()
 def on_the_cluster(fake_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The step's process: the shared PVC at tmp_path/pvc, the fake API as the cluster, a KFP run id."""
-    import kubellm.k8s.rayjob as rayjob
+    import kubellm.k8s.jobspec as jobspec
     import kubellm.k8s.training_job as tj
 
-    monkeypatch.setattr(tj, "SHARED_MOUNT", str(tmp_path / "pvc"))
-    monkeypatch.setattr(rayjob, "run_prep_rayjob", functools.partial(
-        rayjob.run_prep_rayjob, api_client=fake_api.api_client(), poll_s=0.2))
+    monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path / "pvc"))
+    monkeypatch.setattr(tj, "run_prep_rayjob", functools.partial(
+        tj.run_prep_rayjob, api_client=fake_api.api_client(), poll_s=0.2))
     monkeypatch.setenv("KUBELLM_KFP_RUN_ID", "kfp-run-1")
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

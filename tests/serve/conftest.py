@@ -117,7 +117,7 @@ def build_tiny_model(tokenizer: Any, preset: str = "tiny") -> Any:
     import torch
 
     from kubellm.config.train import ModelConfig
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     model = build_model(ModelConfig(preset=preset), vocab_size=len(tokenizer), block_size=256,
                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,

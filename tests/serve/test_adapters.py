@@ -327,7 +327,7 @@ def test_lm_eval_scores_an_adapter_by_name_as_alone(server: tuple[str, LLMModel]
     from transformers import AutoTokenizer
 
     from kubellm.config.evaluate import BenchmarkConfig
-    from kubellm.train.benchmarks import plan_benchmarks, run_benchmarks_served
+    from kubellm.evaluate.benchmarks import plan_benchmarks, run_benchmarks_served
 
     url, _ = server
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -52,7 +52,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from kubellm.config.train import ModelConfig
-    from kubellm.train.model import build_model
+    from kubellm.models.causal_lm import build_model
 
     root = tmp_path_factory.mktemp("models")
     bpe = Tokenizer(models.BPE())

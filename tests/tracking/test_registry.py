@@ -23,7 +23,7 @@ from kubellm.tracking import (
 def _logits(model_dir: Path):
     import torch
 
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     lm = load_causal_lm(model_dir, device="cpu")
     ids = torch.tensor([lm.tokenizer("def add(a, b): return a + b")["input_ids"]])

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kubellm.config.train import LoraConfig, PretrainConfig
-from kubellm.train.loop import HISTORY_FILE, token_nll_sum
-from kubellm.train.precision import CPU_BF16_ATTENTION, cpu_bf16_fast_path
+from kubellm.models.losses import token_nll_sum
+from kubellm.models.precision import CPU_BF16_ATTENTION, cpu_bf16_fast_path
+from kubellm.train.loop import HISTORY_FILE
 
 
 def _llama(**over):
@@ -115,7 +116,7 @@ def test_bf16_pretraining_follows_the_fp32_loss_curve(pretrain_data: Path, tmp_p
 
 def test_batched_perplexity_equals_a_forward_pass_per_row(instruct_data: Path):
     from kubellm.data.format import open_prepared
-    from kubellm.train.evaluate import heldout_nll
+    from kubellm.evaluate.run import heldout_nll
 
     prepared = open_prepared(instruct_data)
     split = prepared.load_split("validation")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from kubellm.config.train import FinetuneConfig, PretrainConfig
-from kubellm.data.format import IGNORE_INDEX, open_prepared
+from kubellm.data.format import open_prepared
+from kubellm.models.causal_lm import load_causal_lm
+from kubellm.models.losses import IGNORE_INDEX
 from kubellm.train.finetune import MERGED_DIR, finetune
 from kubellm.train.loop import HISTORY_FILE, TrainingInterrupted
-from kubellm.train.model import load_causal_lm
 
 
 @pytest.fixture(scope="session")

@@ -63,9 +63,9 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
         pretrain_data: Path, instruct_data: Path, tmp_path: Path):
     from kubellm.config.serve import ServeConfig
     from kubellm.data.format import open_prepared
+    from kubellm.evaluate.run import heldout_nll
+    from kubellm.models.causal_lm import load_causal_lm
     from kubellm.serve.predictor import LLMModel
-    from kubellm.train.evaluate import heldout_nll
-    from kubellm.train.model import load_causal_lm
 
     lora = {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "optim": {"lr": 5e-3, "warmup_steps": 2}}
     from kubellm.train.memory import Plan, estimate, model_shape

@@ -35,7 +35,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_pretrain_learns_and_writes_a_complete_model_dir(pretrain_data: Path, tmp_path: Path):
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     tracker = NullTracker()
     out = tmp_path / "out"
@@ -132,7 +132,7 @@ def test_sigterm_runs_an_earlier_handler_but_exits_only_after_the_checkpoint(pre
 def test_auto_precision_and_loader_workers_keep_the_same_run(pretrain_data: Path, tmp_path: Path):
     """precision auto picks bf16 autocast where the CPU has it; loading batches in a worker process
     changes nothing about the data order (same weights)."""
-    from kubellm.train.precision import resolve_precision
+    from kubellm.models.precision import resolve_precision
 
     a = pretrain(tiny_cfg(max_steps=4, precision="auto"), pretrain_data, tmp_path / "a")
     b = pretrain(tiny_cfg(max_steps=4, precision="auto", num_workers=1), pretrain_data, tmp_path / "b")

@@ -76,8 +76,8 @@ def resumed_run(ray_cluster, pretrain_data: Path, tmp_path_factory: pytest.TempP
     """A 2-worker Ray Train run logging into a stage run of a sqlite MLflow store, one of whose workers
     is killed (SIGKILL) after the first checkpoint, then submitted again: (first error, last complete
     checkpoint before the resubmission, the result, the MLflow client, the run id)."""
+    from kubellm.stages.ray_train import run
     from kubellm.tracking.mlflow_tracker import mlflow_client
-    from kubellm.train.ray_train import run
 
     root = tmp_path_factory.mktemp("ray-run")
     out = root / "out"
@@ -147,8 +147,8 @@ def test_an_fsdp_stage_under_ray_train_shards_and_trains_as_one_process_does(ray
                                                                              tmp_path: Path) -> None:
     """``loop.parallelism: fsdp`` through TorchTrainer's own process group: 2 workers hold half the state
     each, write sharded checkpoints, and follow the loss curve of one process reading the same rows."""
+    from kubellm.stages.ray_train import run
     from kubellm.train.pretrain import pretrain
-    from kubellm.train.ray_train import run
 
     loop = {**LOOP, "max_steps": 12, "log_every": 2, "checkpoint_every": 6, "parallelism": "fsdp",
             "global_batch_size": 4}

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from kubellm.errors import TrainingError
+from kubellm.models.losses import token_nll_sum
 from kubellm.train import checkpoint as ckpt
 from kubellm.train.batches import PadCollator, StreamSampler
-from kubellm.train.loop import TrainResult, lr_factor, token_nll_sum
+from kubellm.train.loop import TrainResult, lr_factor
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -49,7 +49,7 @@ def test_publish_writes_report_metrics_and_metadata(tmp_path: Path) -> None:
 
 
 def test_rank_trials_picks_the_best_that_passed() -> None:
-    from kubellm.train.compare import rank_trials
+    from kubellm.evaluate.compare import rank_trials
 
     trials = [(True, 9.0), (False, 2.0), (True, 5.0)]
     assert rank_trials(trials, "min") == 2  # trial 2 is better but failed its gate

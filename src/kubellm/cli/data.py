@@ -101,7 +101,8 @@ def _prep_rayjob(cfg, section: str, out: str, tokenizer: Path | None, dry_run: b
     PVC, relative ones under /mnt/kubellm) and wait for it, or print it with ``--dry-run``."""
     import yaml
 
-    from kubellm.k8s.rayjob import build_prep_rayjob, run_prep_rayjob
+    from kubellm.k8s.rayjob import build_prep_rayjob
+    from kubellm.k8s.training_job import run_prep_rayjob
     from kubellm.log import print_table
 
     tok = str(tokenizer) if tokenizer else None

@@ -91,7 +91,8 @@ def train_job(
     import yaml
 
     from kubellm.errors import ConfigError
-    from kubellm.k8s.training_job import build_job, launch, shared_path
+    from kubellm.k8s.jobspec import shared_path
+    from kubellm.k8s.training_job import build_job, launch
     from kubellm.log import print_table
 
     cfg = load(config, overrides)

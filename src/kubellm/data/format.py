@@ -5,7 +5,8 @@
     <prepared>/
       manifest.json    written last: kind, block_size, vocab_size, special token ids, fingerprint
       dataset/         datasets.DatasetDict.save_to_disk: splits "train" and (if any) "validation";
-                       columns input_ids (int32 list) and labels (int32 list, -100 = not in the loss)
+                       columns input_ids (int32 list) and labels (int32 list, -100 = not in the loss:
+                       kubellm.models.losses.IGNORE_INDEX)
       tokenizer/       a Hugging Face tokenizer (save_pretrained), with chat template for instruct data
       heldout.jsonl    instruct data only: validation examples as {"messages": [...], "reference": str}
                        (messages end with the user turn; reference is the expected assistant answer)
@@ -43,7 +44,6 @@ STATS = "stats.json"
 REPORT = "report.md"
 CHECKSUMS = "checksums.json"
 SHARDS = "shards.json"
-IGNORE_INDEX = -100
 FORMAT_VERSION = 1
 
 

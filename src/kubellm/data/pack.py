@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from kubellm.data.format import IGNORE_INDEX
 from kubellm.errors import DataError
+from kubellm.models.losses import IGNORE_INDEX
 
 # --------------------------------------------------------------------------------------------- encoding
 _WORKER_TOK: Any = None

@@ -6,10 +6,10 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   lands there, and no GPU) and ``nodes`` worker pods with the stage's placement (resources and GPUs, node
   selector, tolerations, PVCs, secrets), all on ``platform.image`` with the restricted security context,
   a read-only root filesystem (Ray's session directory lives in the ``/tmp`` emptyDir, its object store
-  in the memory-backed ``/dev/shm``) and the shared PVC at :data:`~kubellm.k8s.training_job.SHARED_MOUNT`.
+  in the memory-backed ``/dev/shm``) and the shared PVC at :data:`~kubellm.k8s.jobspec.SHARED_MOUNT`.
   KubeRay writes the containers' ``ray start`` command itself; Ray's token authentication is on
   (``authOptions.mode: token``: KubeRay keeps the token in a Secret and hands it to every Ray process).
-- **Entrypoint**: ``python -m kubellm.train.ray_train <stage> --workers N --gpus-per-worker 1 …`` with the
+- **Entrypoint**: ``python -m kubellm.stages.ray_train <stage> --workers N --gpus-per-worker 1 …`` with the
   run config inline as ``--set`` arguments (as in the other engines): a ``TorchTrainer`` with one worker
   per GPU runs kubellm's own loop, checkpointing on the shared PVC, so a resubmitted job resumes.
 - **Submission**: ``HTTPMode``: the operator submits through the head's dashboard API. The default
@@ -20,7 +20,7 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   so no cluster holds GPUs after the step stopped waiting.
 
 The same Ray cluster on CPU workers prepares data: :func:`build_prep_rayjob` runs ``kubellm prep`` on Ray
-Data as its entrypoint, and :func:`run_prep_rayjob` is the one launcher of ``kubellm prep`` and of the
+Data as its entrypoint, and :func:`kubellm.k8s.training_job.run_prep_rayjob` is the one launcher of ``kubellm prep`` and of the
 pipeline's prep steps (:func:`kubellm.stages.data.prep`).
 
 The outcome is read from ``status.jobDeploymentStatus`` (``Complete``/``Failed``…) and ``jobStatus``
@@ -39,12 +39,24 @@ from kubellm.config.platform import DistributedConfig, Placement
 from kubellm.config.run import RunConfig
 from kubellm.errors import ConfigError
 from kubellm.k8s import pods
-from kubellm.k8s.training_job import GRACE_SECONDS, JobOutcome, Stage, build_job, job_labels, shared_volume
+from kubellm.k8s.jobspec import (
+    GRACE_SECONDS,
+    add_container_env,
+    job_labels,
+    job_name,
+    job_object,
+    job_placement,
+    set_args,
+    shared_path,
+    shared_volume,
+)
+
+API = {"group": "ray.io", "version": "v1", "kind": "RayJob", "plural": "rayjobs"}
 
 #: Ray in the runtime image (``kubellm[ray]``); KubeRay reads it to pick compatible defaults.
 RAY_VERSION = "2.60.0"
 #: The Ray Train entry (the only module that imports ray).
-ENTRY_MODULE = "kubellm.train.ray_train"
+ENTRY_MODULE = "kubellm.stages.ray_train"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 WORKER_GROUP = "workers"
@@ -54,15 +66,7 @@ RAY_ENV = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 _FAILED_DEPLOYMENT = ("Failed", "ValidationFailed")
 
 
-def build_rayjob(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str, base_model: str | None = None,
-                 *, data_fingerprint: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The RayJob that trains ``stage`` under Ray Train; arguments as :func:`build_job`'s (paths on the
-    shared PVC, the name a hash of the spec and ``data_fingerprint``, ``env`` outside the name)."""
-    return build_job("rayjob", stage, run_cfg, data_dir, out_dir, base_model,
-                     data_fingerprint=data_fingerprint, env=env)
-
-
-def rayjob_spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
+def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
                 argv: list[str]) -> dict[str, Any]:
     """The RayJob ``spec``: Ray cluster, entrypoint and lifecycle (see the module docstring)."""
     gpus = placement.resources.gpus
@@ -116,7 +120,7 @@ def entrypoint(stage: str, dist: DistributedConfig, gpus: int, argv: list[str]) 
                        "--max-failures", str(dist.backoff_limit), *argv])
 
 
-def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+def state(obj: Mapping[str, Any]) -> tuple[str, str]:
     """``("succeeded" | "failed" | "running", reason)`` from a RayJob's status."""
     status = obj.get("status") or {}
     deployment, job = status.get("jobDeploymentStatus"), status.get("jobStatus")
@@ -126,6 +130,13 @@ def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
     if deployment == "Complete":
         return "succeeded", ""
     return "running", ""
+
+
+def add_env(job_spec: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Add ``env`` to the head's and the workers' containers (the Ray Train driver and workers)."""
+    cluster = job_spec["rayClusterSpec"]
+    add_container_env([cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])],
+                      env)
 
 
 def status_lines(obj: Mapping[str, Any]) -> list[str]:
@@ -150,7 +161,7 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
                       env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The RayJob in which ``kubellm prep`` prepares ``section`` (``data``/``instruct_data``) on Ray Data.
 
-    The Ray cluster is the training RayJob's (:func:`rayjob_spec`): a head that runs the driver (``num-cpus:
+    The Ray cluster is the training RayJob's (:func:`spec`): a head that runs the driver (``num-cpus:
     0``: no Ray Data task there) and ``<section>.cluster.nodes`` worker pods, with the prep stage's placement,
     the restricted security context, the shared PVC at ``/mnt/kubellm`` and Kueue's queue labels on the job.
     The entrypoint is ``kubellm prep`` with the run's sections inline (``--set``, as for training) and
@@ -162,8 +173,6 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
     already on the PVC. ``env`` reaches the driver and the workers (the step's MLflow run, the client's
     settings) without taking part in the name.
     """
-    from kubellm.k8s.training_job import _add_env, _job_placement, _set_args, job_name, shared_path
-
     if section not in PREP_STAGES:
         raise ConfigError(f"prep section {section!r}: expected one of {sorted(PREP_STAGES)}")
     data = getattr(run_cfg, section, None)
@@ -173,40 +182,17 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
     cl = data.cluster
     dist = DistributedConfig(engine="rayjob", nodes=cl.nodes, shared_pvc=cl.shared_pvc,
                              timeout_seconds=cl.timeout_seconds, ttl_seconds_after_finished=cl.ttl_seconds_after_finished)
-    placement = _job_placement(run_cfg.platform.placement(stage), dist, stage)
+    placement = job_placement(run_cfg.platform.placement(stage), dist, stage)
     if placement.resources.gpus:
         placement = placement.model_copy(update={"resources": placement.resources.model_copy(
             update={"gpus": 0, "accelerator": None})})  # tokenizing is CPU work
-    spec = rayjob_spec(run_cfg, stage, dist, placement, [])
+    job_spec = spec(run_cfg, stage, dist, placement, [])
     argv = ["kubellm", "prep", "--out", shared_path(out_dir, "out_dir"), "--section", section,
             *(["--tokenizer", shared_path(tokenizer_dir, "tokenizer_dir")] if tokenizer_dir else []),
-            *_set_args(run_cfg, section), "--set", f"{section}.cluster.nodes=0"]
-    spec["entrypoint"] = shlex.join(argv)
-    identity = {"kind": "RayJob", "spec": spec, "data": data_fingerprint or argv[3], **({"run": run_key} if run_key else {})}
+            *set_args(run_cfg, section), "--set", f"{section}.cluster.nodes=0"]
+    job_spec["entrypoint"] = shlex.join(argv)
+    identity = {"kind": "RayJob", "spec": job_spec, "data": data_fingerprint or argv[3], **({"run": run_key} if run_key else {})}
     name = job_name(stage, run_cfg.name, identity)
     if env:
-        _add_env("rayjob", spec, env)
-    annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
-    if data_fingerprint:
-        annotations["kubellm.io/data-fingerprint"] = data_fingerprint
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": {"name": name, "namespace": run_cfg.platform.namespace,
-                     "labels": {**job_labels(run_cfg, stage), **run_cfg.platform.queue_labels()},
-                     "annotations": annotations},
-        "spec": spec,
-    }
-
-
-def run_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
-                    run_key: str | None = None, env: Mapping[str, str] | None = None, api_client: Any = None,
-                    poll_s: float = 5.0) -> tuple[dict[str, Any], JobOutcome]:
-    """Build the prep RayJob (:func:`build_prep_rayjob`) and launch it with ``<section>.cluster``'s timeout:
-    the one launcher of ``kubellm prep`` and of the pipeline's prep steps. Returns the job and its outcome;
-    a failed job or the timeout raises :class:`~kubellm.errors.ClusterError` naming the job."""
-    from kubellm.k8s.training_job import launch
-
-    job = build_prep_rayjob(run_cfg, section, out_dir, tokenizer_dir, run_key=run_key, env=env)
-    timeout = getattr(run_cfg, section).cluster.timeout_seconds
-    return job, launch(job, run_cfg.platform.namespace, api_client=api_client, timeout_s=timeout, poll_s=poll_s)
+        add_env(job_spec, env)
+    return job_object(API, name, run_cfg, stage, job_spec, data_fingerprint)

@@ -2,7 +2,7 @@
 
 A PyTorchJob/TrainJob/RayJob's pods cannot see the launching step's KFP artifacts, so the step copies its
 inputs to the ReadWriteMany volume that it and the job's pods both mount at
-:data:`~kubellm.k8s.training_job.SHARED_MOUNT`, the job works there (a training job resuming from its own
+:data:`~kubellm.k8s.jobspec.SHARED_MOUNT`, the job works there (a training job resuming from its own
 checkpoints, a prep RayJob from the shards it already verified), and the step copies the output back.
 A training job's directory is keyed by run name, stage and data fingerprint, so a retried step finds the
 data already there and re-attaches to the running job; a prep job's by run name, stage and the hash of its

@@ -392,7 +392,7 @@ class GenerationEngine:
     def _loop(self) -> None:
         import torch
 
-        from kubellm.train.precision import autocast
+        from kubellm.models.precision import autocast
 
         while (joining := self._wait()) is not None:
             self._run_control()
@@ -531,7 +531,7 @@ class _Batch:
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, requests: list[GenerationRequest]) -> Any:
 
-        from kubellm.train.precision import autocast
+        from kubellm.models.precision import autocast
 
         names = self._adapter_names(requests)
         extra = {} if names is None else {"adapter_names": names}

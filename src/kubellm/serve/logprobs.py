@@ -5,7 +5,8 @@ lm-evaluation-harness scores every multiple-choice task (most standard benchmark
 tokens' log-probabilities after the context. So the values must be what the model itself gives:
 
 - they are ``log_softmax`` of the model's **raw** logits in fp32 (vLLM's default ``raw_logprobs``), taken
-  before temperature, top-p or ``min_tokens`` change the distribution that is sampled from;
+  before temperature, top-p or ``min_tokens`` change the distribution that is sampled from: the
+  training loss's own log-probabilities (:func:`kubellm.models.losses.log_probs`);
 - a prompt's log-probabilities come from one forward pass over the unpadded positions (right padding
   when several prompts share the pass: positions and the causal mask of every real token are then exactly
   those of the prompt alone); the first prompt token has none (``null``);
@@ -73,7 +74,8 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
              precision: str, adapter_names: list[str] | None) -> list[list[TokenLogprob | None]]:
     import torch
 
-    from kubellm.train.precision import autocast
+    from kubellm.models.losses import next_token_log_probs
+    from kubellm.models.precision import autocast
 
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -88,7 +90,7 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
     with torch.inference_mode():
         for row, (p, k) in enumerate(zip(prompts, ks, strict=True)):
             # Position i predicts token i + 1: the last position predicts nothing in the prompt.
-            rows = torch.log_softmax(logits[row, :len(p) - 1].float(), dim=-1).cpu()
+            rows = next_token_log_probs(logits[row, :len(p)]).cpu()
             out.append([None] + [pick(rows[i], p[i + 1], k) for i in range(len(p) - 1)])
     return out
 
@@ -107,9 +109,9 @@ class StepLogprobs:
         self._last: Any = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
+        from kubellm.models.losses import log_probs
 
-        self._last = torch.log_softmax(scores[self.rows].float(), dim=-1).cpu()
+        self._last = log_probs(scores[self.rows]).cpu()
         return scores
 
     def take(self, row: int, token: int) -> TokenLogprob:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from kubellm.errors import ServingError
 from kubellm.fsutil import user_path
 from kubellm.log import get_logger
+from kubellm.models.causal_lm import is_adapter_dir
 from kubellm.serve.adapters import AdapterInfo, gather_lora
 from kubellm.serve.engine import (
     Completion,
@@ -49,7 +50,6 @@ from kubellm.serve.engine import (
     GenerationRequest,
     SamplingParams,
 )
-from kubellm.train.model import is_adapter_dir
 
 if TYPE_CHECKING:
     from kubellm.config.serve import ServeConfig
@@ -175,8 +175,8 @@ class LLMModel(kserve.Model):
         """Resolve and load the model, pick device and precision, and build the engine."""
         import torch
 
-        from kubellm.train.model import load_causal_lm
-        from kubellm.train.precision import resolve_device, resolve_precision
+        from kubellm.models.causal_lm import load_causal_lm
+        from kubellm.models.precision import resolve_device, resolve_precision
 
         path = resolve_model(self.source, tracking=self.tracking, workdir=self.workdir)
         self.serves_base = not (Path(path).is_dir() and is_adapter_dir(path))

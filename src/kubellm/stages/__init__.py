@@ -9,12 +9,14 @@ job's pods all call the same function here, tracking included:
 - :mod:`.registry` — ``register``, ``resolve_model``
 - :mod:`.deploy` — ``deploy``: roll out → promote → playground
 - :mod:`.tracking` — the pipeline's MLflow parent run (``start_run``, ``finish_run``)
+- :mod:`.ray_train` — a training stage under Ray Train (the ``rayjob`` engine's entrypoint)
 
 Each takes its config section typed (the CLI) or as the component's parameter dict, runs inside its
 MLflow run (:class:`~kubellm.stages.base.StageContext`), and returns a
 :class:`~kubellm.stages.base.StageOutput` — metrics and a Markdown report for the Kubeflow UI, values
-for the next step. The work itself lives in ``kubellm.data``, ``kubellm.train``, ``kubellm.tracking``,
-``kubellm.serve`` and ``kubellm.k8s``. Importing this package imports none of the heavy libraries.
+for the next step. The work itself lives in ``kubellm.data``, ``kubellm.train``, ``kubellm.evaluate``,
+``kubellm.tracking``, ``kubellm.serve`` and ``kubellm.k8s``. Importing this package imports none of the
+heavy libraries.
 """
 
 from kubellm.stages.base import KFP_RUN_ENV, STAGE_RUN_ENV, StageContext, StageOutput, publish, trial_stage

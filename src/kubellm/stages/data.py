@@ -2,8 +2,8 @@
 
 Preparation runs in this process (``engine: local``, or ``engine: ray`` on a local Ray or the cluster
 ``RAY_ADDRESS`` names) or — with ``<section>.cluster.nodes`` set — as a KubeRay RayJob, launched and
-waited for as the training engines' jobs are (:mod:`kubellm.k8s.rayjob`): the step copies a reused
-tokenizer to the shared PVC, the job's driver prepares on Ray Data into the PVC and logs into this
+waited for as the training engines' jobs are (:mod:`kubellm.k8s.rayjob`, launched by
+:mod:`kubellm.k8s.training_job`): the step copies a reused tokenizer to the shared PVC, the job's driver prepares on Ray Data into the PVC and logs into this
 step's MLflow run, and the step copies the prepared dataset back as its artifact.
 """
 
@@ -75,9 +75,9 @@ def _as_job(cfg: DataConfig, stage: str, platform: PlatformConfig, ctx: StageCon
     from kubellm.data.format import open_prepared
     from kubellm.data.prepare import OUTPUT_KIND, PrepResult
     from kubellm.fsutil import atomic_dir
-    from kubellm.k8s.rayjob import run_prep_rayjob
+    from kubellm.k8s.jobspec import SHARED_MOUNT
     from kubellm.k8s.shared_volume import stage_prep
-    from kubellm.k8s.training_job import SHARED_MOUNT
+    from kubellm.k8s.training_job import run_prep_rayjob
     from kubellm.stages.base import KFP_RUN_ENV, job_env, job_run_config
 
     name = "data" if cfg.kind == "pretrain" else "instruct_data"

@@ -197,8 +197,8 @@ class _BenchmarkGate:
         import tempfile
 
         from kubellm.data.format import open_prepared
-        from kubellm.train.benchmarks import run_benchmarks_served, served_drops
-        from kubellm.train.evaluate import EvalResult, plan_for_dataset
+        from kubellm.evaluate.benchmarks import run_benchmarks_served, served_drops
+        from kubellm.evaluate.run import EvalResult, plan_for_dataset
 
         evaluated = EvalResult.read(self.evaluation_dir).metrics
         prepared = open_prepared(self.data_dir)

@@ -15,9 +15,9 @@ def evaluate(config: EvalConfig | dict[str, Any], model_dir: str | Path, data_di
              out_dir: str | Path, ctx: StageContext, *, base_model: str | Path | None = None,
              stage: str = "evaluate") -> StageOutput:
     """Evaluation and the gate; ``values["passed"]`` is what the pipeline's ``dsl.If`` tests."""
+    from kubellm.evaluate.run import OUTPUT_KIND
+    from kubellm.evaluate.run import evaluate as run
     from kubellm.fsutil import claim_output
-    from kubellm.train.evaluate import OUTPUT_KIND
-    from kubellm.train.evaluate import evaluate as run
 
     cfg = section(EvalConfig, config, "evaluate config")
     # A refused output folder fails before the MLflow run opens (the library checks again).
@@ -34,12 +34,12 @@ def evaluate(config: EvalConfig | dict[str, Any], model_dir: str | Path, data_di
 def compare_to_champion(config: EvalConfig | dict[str, Any], candidate_results: str | Path, data_dir: str | Path,
                         base_model: str | Path, out_dir: str | Path, ctx: StageContext) -> StageOutput:
     """Evaluate the current champion on the same held-out data; ``passed`` when the candidate beats it
-    (:func:`~kubellm.train.compare.beats_champion`) or there is no champion."""
+    (:func:`~kubellm.evaluate.compare.beats_champion`) or there is no champion."""
+    from kubellm.evaluate.compare import CHAMPION_METRICS, beats_champion
+    from kubellm.evaluate.run import EvalResult
+    from kubellm.evaluate.run import evaluate as run
     from kubellm.stages.registry import resolve_model
     from kubellm.tracking.registry import ADAPTER_BASE_RECORD, CHAMPION, champion_info, model_uri
-    from kubellm.train.compare import CHAMPION_METRICS, beats_champion
-    from kubellm.train.evaluate import EvalResult
-    from kubellm.train.evaluate import evaluate as run
 
     cand = EvalResult.read(candidate_results).metrics
     champ = champion_info(ctx.tracking, ctx.workdir) if ctx.tracking.enabled else None
@@ -70,8 +70,8 @@ def select_best(results_dirs: list[str], adapter_dirs: list[str], metric: str, m
                 best_adapter_out: str, best_results_out: str) -> StageOutput:
     """Copy the best trial (among those whose gate passed) to the outputs; ``values["passed"]`` is
     False when no trial passed."""
-    from kubellm.train.compare import rank_trials
-    from kubellm.train.evaluate import EvalResult
+    from kubellm.evaluate.compare import rank_trials
+    from kubellm.evaluate.run import EvalResult
 
     results = [EvalResult.read(d) for d in results_dirs]
     trials = [(r.passed, r.metrics.get(metric)) for r in results]

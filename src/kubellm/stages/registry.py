@@ -20,9 +20,9 @@ def register(model_dir: str | Path, ctx: StageContext, *, base_model: str | Path
              evaluation_dir: str | Path | None = None, data_fingerprint: str | None = None) -> StageOutput:
     """Log and register the model; the new version gets the ``candidate`` alias. The evaluation's
     metrics (``evaluation_dir``) are logged with the version."""
+    from kubellm.evaluate.run import EvalResult
+    from kubellm.models.causal_lm import is_adapter_dir
     from kubellm.tracking.registry import register_adapter, register_model, storage_figures, storage_line
-    from kubellm.train.evaluate import EvalResult
-    from kubellm.train.model import is_adapter_dir
 
     metrics = EvalResult.read(evaluation_dir).metrics if evaluation_dir else {}
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

@@ -42,7 +42,7 @@ def fetch_model(ref: str, out_dir: str | Path, ctx: StageContext) -> str:
         if ref.startswith("models:/") and (src / "adapter_config.json").is_file():
             # an adapter version (a champion, say): its base lies in this process's workdir only, so the
             # base the next steps train on is the adapter merged into it, a self-contained model
-            from kubellm.train.model import load_causal_lm
+            from kubellm.models.causal_lm import load_causal_lm
 
             lm = load_causal_lm(src, device="cpu", merge_adapter=True)
             lm.model.save_pretrained(tmp, safe_serialization=True)
@@ -93,8 +93,9 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
             run_name: str, data_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Any:
     """Train as a training-operator job: inputs to the shared volume, the job, the output back."""
     from kubellm.data.format import open_prepared
+    from kubellm.k8s.jobspec import SHARED_MOUNT
     from kubellm.k8s.shared_volume import collect_output, stage_inputs
-    from kubellm.k8s.training_job import SHARED_MOUNT, run_training_job
+    from kubellm.k8s.training_job import run_training_job
     from kubellm.train.loop import TrainResult
 
     run_cfg = job_run_config(ctx, platform, stage, run_name, **{stage: stage_cfg})

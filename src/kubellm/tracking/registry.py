@@ -123,8 +123,8 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     _require_enabled(cfg, "registering a model")
     import mlflow
 
-    from kubellm.train.checkpoint import nonfinite_names
-    from kubellm.train.model import is_adapter_dir, load_causal_lm
+    from kubellm.models.causal_lm import is_adapter_dir, load_causal_lm
+    from kubellm.models.tensors import nonfinite_names
 
     model_dir = Path(model_dir)
     adapter = is_adapter_dir(model_dir)
@@ -206,8 +206,8 @@ def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str 
     import json
     import tempfile
 
-    from kubellm.train.checkpoint import nonfinite_names
-    from kubellm.train.model import is_adapter_dir
+    from kubellm.models.causal_lm import is_adapter_dir
+    from kubellm.models.tensors import nonfinite_names
 
     _require_enabled(cfg, "registering an adapter")
     adapter_dir, base_dir = Path(adapter_dir), Path(base_model)

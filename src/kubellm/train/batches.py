@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubellm.data.format import IGNORE_INDEX, PreparedDataset
+from kubellm.data.format import PreparedDataset
 from kubellm.errors import DataError
+from kubellm.models.losses import IGNORE_INDEX
 
 
 class StreamSampler:

@@ -56,7 +56,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from kubellm.fsutil import (
 )
 from kubellm.fsutil import write_checksums as write_file_checksums
 from kubellm.log import get_logger
+from kubellm.models.tensors import nonfinite_names
 
 log = get_logger("kubellm.train")
 
@@ -324,16 +325,6 @@ def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> bool:
     path = Path(path)
     required = (_DCP_INDEX if is_sharded(path) else WEIGHTS, TRAINER, RNG, STATE)
     return verify_checksums(path, path / CHECKSUMS, TrainingError, required=required, part=part)
-
-
-def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity."""
-    import torch
-
-    from kubellm.train.sharding import local
-
-    return [n for n, t in tensors.items()
-            if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())]
 
 
 def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:

@@ -1,7 +1,7 @@
 """``kubellm finetune``: LoRA (or QLoRA) fine-tuning of a causal LM on prepared instruction data.
 
 The base model is the pretraining output or any Hugging Face causal LM (local directory, or a Hub id
-where the network allows), loaded through :func:`kubellm.train.model.load_causal_lm` (safetensors only,
+where the network allows), loaded through :func:`kubellm.models.causal_lm.load_causal_lm` (safetensors only,
 remote code only at a pinned revision). Only the adapters train; the loss covers response tokens only
 (prep sets prompt labels to -100, padding adds more -100). The shared loop brings checkpoints, resume,
 SIGTERM handling and torchrun support.
@@ -23,7 +23,7 @@ MERGED_DIR = "merged"
 
 def resolve_base(base_model: str | Path) -> str:
     """A checked local model directory (absolute path) or a Hub id, as recorded in the adapter."""
-    from kubellm.train.model import check_local_weights, is_adapter_dir
+    from kubellm.models.causal_lm import check_local_weights, is_adapter_dir
 
     path = user_path(base_model)
     if not path.exists():
@@ -80,8 +80,8 @@ def finetune(cfg: FinetuneConfig, base_model: str | Path, data_dir: str | Path, 
     def build(ctx: Any) -> TrainJob:
         import torch
 
+        from kubellm.models.causal_lm import count_parameters, empty_causal_lm, load_causal_lm
         from kubellm.train.lora import apply_lora, quantization_config
-        from kubellm.train.model import count_parameters, empty_causal_lm, load_causal_lm
         from kubellm.train.sharding import builds_empty
 
         qlora = cfg.quantization == "4bit"

@@ -45,7 +45,6 @@ thread of its own: a slow or failing endpoint never slows or fails a step.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -62,10 +61,11 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.config.train import LoopConfig, OptimConfig
-from kubellm.data.format import IGNORE_INDEX
 from kubellm.errors import KubellmError, TrainingError
 from kubellm.fsutil import claim_output, mark_output
 from kubellm.log import Progress, get_logger
+from kubellm.models.losses import IGNORE_INDEX, token_nll_sum
+from kubellm.models.tensors import nonfinite_names
 from kubellm.tracking.base import NullTracker, Tracker
 from kubellm.train import checkpoint as ckpt
 from kubellm.train import sharding
@@ -238,77 +238,6 @@ def build_optimizer(model: Any, optim: OptimConfig) -> Any:
                              betas=(optim.beta1, optim.beta2), fused=fused or None)
 
 
-def token_nll_sum(logits: Any, labels: Any) -> Any:
-    """Summed next-token negative log-likelihood over the positions whose label is not -100.
-
-    Summed rather than averaged so the caller can normalise by the tokens of the whole optimizer step
-    (all micro-batches, all ranks): variable-length instruction rows then weigh every response token
-    equally, as one big batch would.
-    """
-    import torch.nn.functional as F
-
-    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the largest activation of the
-    # step (8 × 256 × 4 k vocab × 4 B = 33 MB for the small preset) forward and again backward.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    return nll_sum(logits.reshape(-1, logits.size(-1)), targets)
-
-
-def nll_sum(flat_logits: Any, targets: Any) -> Any:
-    """The one definition of the token loss: summed negative log-likelihood of ``targets`` (one per row of
-    ``flat_logits``; -100 rows skipped), in fp32 whatever the logits' dtype. Training reaches it through
-    :func:`token_nll_sum`; evaluation's perplexity calls it on the positions it scored."""
-    import torch
-    import torch.nn.functional as F
-
-    if flat_logits.dtype == torch.bfloat16 and flat_logits.device.type == "cpu":
-        return _bf16_nll().apply(flat_logits, targets)
-    return F.cross_entropy(flat_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-@functools.cache
-def _bf16_nll() -> Any:
-    """The autograd function below, defined on first use (this module imports without torch)."""
-    import torch
-
-    class Bf16TokenNLL(torch.autograd.Function):
-        """Cross-entropy of bf16 logits computed in fp32 row chunks, without an fp32 copy of the logits.
-
-        ``F.cross_entropy(logits.float())`` makes a full fp32 copy, a log-softmax, a zero-filled
-        gradient and a cast back: on a bf16 ``small``-preset step (2048 × 4096 logits) those were 17 %
-        of the step. Here the forward keeps only a per-row log-sum-exp, and the backward writes
-        ``softmax − one_hot`` straight into a bf16 gradient, 128 rows (2 MB of fp32) at a time. The
-        arithmetic is the same as the fp32 path's (fp32 log-sum-exp, fp32 gradient rounded to bf16).
-        """
-
-        CHUNK = 128
-
-        @staticmethod
-        def forward(ctx: Any, logits: Any, targets: Any) -> Any:
-            valid = targets != IGNORE_INDEX
-            safe = targets.clamp_min(0)
-            lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-            for start in range(0, logits.shape[0], Bf16TokenNLL.CHUNK):
-                rows = slice(start, start + Bf16TokenNLL.CHUNK)
-                lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
-            picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-            ctx.save_for_backward(logits, safe, valid, lse)
-            return ((lse - picked) * valid).sum()
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> tuple[Any, None]:
-            logits, safe, valid, lse = ctx.saved_tensors
-            out = torch.empty_like(logits)
-            weight = valid.float() * grad
-            for start in range(0, logits.shape[0], Bf16TokenNLL.CHUNK):
-                rows = slice(start, start + Bf16TokenNLL.CHUNK)
-                probs = logits[rows].float().sub_(lse[rows, None]).exp_()
-                probs.scatter_add_(1, safe[rows, None], torch.full_like(lse[rows, None], -1.0))
-                out[rows] = probs.mul_(weight[rows, None])
-            return out, None
-
-    return Bf16TokenNLL
-
-
 def forward_logits(model: Any, batch: dict[str, Any]) -> Any:
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                  use_cache=False).logits
@@ -381,7 +310,7 @@ class _Trainer:
     def __init__(self, job: TrainJob, out: Path, ctx: DistContext, tracker: Tracker, t0: float) -> None:
         import torch
 
-        from kubellm.train.precision import resolve_precision
+        from kubellm.models.precision import resolve_precision
 
         self.job, self.out, self.ctx, self.tracker, self.t0 = job, out, ctx, tracker, t0
         self.loop, self.optim = job.loop, job.optim
@@ -537,9 +466,9 @@ class _Trainer:
     def _val_loss(self) -> float | None:
         import torch
 
+        from kubellm.models.precision import autocast
         from kubellm.train.batches import PadCollator
         from kubellm.train.dist import all_reduce_sum
-        from kubellm.train.precision import autocast
 
         val = self.job.val_split
         if val is None or len(val) == 0:
@@ -570,8 +499,8 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        from kubellm.models.precision import cpu_bf16_fast_path
         from kubellm.train.dist import all_reduce_sum, any_rank, barrier
-        from kubellm.train.precision import cpu_bf16_fast_path
 
         self._resume()
         if self.ctx.is_main:
@@ -625,8 +554,8 @@ class _Trainer:
     def _step(self, wrapped: Any, batches: Iterator[dict[str, Any]]) -> tuple[int, float, float]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns (input tokens of this rank,
         gradient norm before clipping, the learning rate used)."""
+        from kubellm.models.precision import autocast
         from kubellm.train.dist import all_reduce_max, all_reduce_sum
-        from kubellm.train.precision import autocast
 
         device, world = self.ctx.device, self.ctx.world_size
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -769,7 +698,7 @@ class _Trainer:
         """Every rank refuses to finish with NaN or infinite weights or losses: no output is written."""
         from kubellm.train.dist import gather_objects
 
-        mine = ckpt.nonfinite_names(dict(self.model.named_parameters()))
+        mine = nonfinite_names(dict(self.model.named_parameters()))
         bad = list(dict.fromkeys(n for names in gather_objects(self.ctx, mine) for n in names))
         if bad or not math.isfinite(final_loss) or not math.isfinite(val_loss or 0.0):
             what = (f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})" if bad

@@ -234,7 +234,7 @@ def model_shape(path: str | Path) -> ModelShape | None:
 
 
 def _pretrain_shape(run_cfg: Any) -> ModelShape:
-    from kubellm.train.model import _TIED, model_dimensions
+    from kubellm.models.causal_lm import _TIED, model_dimensions
 
     model = run_cfg.pretrain.model
     d = model_dimensions(model)

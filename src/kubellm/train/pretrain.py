@@ -41,7 +41,7 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
 
         import torch
 
-        from kubellm.train.model import build_model, count_parameters
+        from kubellm.models.causal_lm import build_model, count_parameters
         from kubellm.train.sharding import builds_empty
 
         tokenizer = prepared.load_tokenizer()

@@ -45,6 +45,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubellm.errors import TrainingError
+from kubellm.models.tensors import local
 
 
 def decoder_blocks(model: Any) -> list[Any]:
@@ -126,11 +127,6 @@ def compile_blocks(model: Any) -> int:
     for block in blocks:
         block.forward = torch.compile(block.forward)
     return len(blocks)
-
-
-def local(tensor: Any) -> Any:
-    """This process's part of ``tensor``: the local shard of a DTensor, the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def state_bytes(model: Any, optimizer: Any) -> dict[str, int]:

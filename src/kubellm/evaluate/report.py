@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubellm.train.benchmarks import METRIC_PREFIX
+from kubellm.evaluate.benchmarks import METRIC_PREFIX
 
 # Metric rows of the report, in this order, with how to read them.
 _REPORT_METRICS = (

@@ -19,10 +19,13 @@ Tracking: the training step passes its stage run's id in ``$KUBELLM_STAGE_RUN_ID
 through the same :class:`~kubellm.stages.base.StageContext` a torchrun pod uses (steps already logged
 there are not logged again after a resume), the other ranks log nothing.
 
+It is a stage's entry point (as ``kubellm pretrain`` is in a torchrun pod), hence in ``stages``: it runs the
+training stage inside its :class:`~kubellm.stages.base.StageContext`.
+
 This is the only kubellm module that imports ray (the ``kubellm[ray]`` extra), and only inside functions;
 the step that creates the RayJob never imports it. Entry point, as KubeRay submits it::
 
-    python -m kubellm.train.ray_train pretrain --workers 8 --gpus-per-worker 1 --data D --out O --set k=v …
+    python -m kubellm.stages.ray_train pretrain --workers 8 --gpus-per-worker 1 --data D --out O --set k=v …
 """
 
 from __future__ import annotations

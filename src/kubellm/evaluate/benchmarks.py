@@ -1,7 +1,7 @@
 """Benchmarks in the evaluate stage: lm-evaluation-harness 0.4.13 as a library, on the loaded models.
 
 Each task in ``evaluate.benchmarks`` runs through ``lm_eval.simple_evaluate`` with an ``HFLM`` that
-wraps the model :func:`kubellm.train.evaluate.evaluate` already loaded, once for the candidate and once
+wraps the model :func:`kubellm.evaluate.run.evaluate` already loaded, once for the candidate and once
 for the base (for a LoRA adapter, the same weights with the adapter off), so nothing is loaded twice.
 Scores land in metrics as ``bench.<task>.<metric>`` (and ``base_bench.…``); a metric with an lm-eval
 filter other than ``none`` becomes ``<metric>_<filter>`` (``exact_match_strict-match``); standard
@@ -31,8 +31,8 @@ from typing import Any
 
 from kubellm.config.evaluate import LOCAL_TASKS, BenchmarkConfig
 from kubellm.errors import DataError, TrainingError
+from kubellm.evaluate.metrics import code_parses, exact_match, rouge_l
 from kubellm.log import get_logger
-from kubellm.train.metrics import code_parses, exact_match, rouge_l
 
 log = get_logger("benchmarks")
 

@@ -1,15 +1,15 @@
 """``kubellm evaluate``: held-out perplexity, generation metrics, base vs candidate, the promotion gate.
 
 * Perplexity is token-weighted over the prepared validation split with exactly the training loss's
-  masking (labels shifted by one, ``-100`` excluded; :func:`kubellm.train.loop.token_nll_sum`):
+  masking (labels shifted by one, ``-100`` excluded; :func:`kubellm.models.losses.token_nll_sum`):
   ``exp(sum of token NLLs / number of scored tokens)``, computed in fp32.
 * For instruction data, greedy answers to the held-out prompts (``heldout.jsonl``, rendered with the
   chat template and ``add_generation_prompt``, left-padded batches) are scored by exact match, token F1
-  and ROUGE-L (:mod:`kubellm.train.metrics`), for the candidate and the base model on the same prompts.
+  and ROUGE-L (:mod:`kubellm.evaluate.metrics`), for the candidate and the base model on the same prompts.
 * With code answers (``evaluate.code_metric``), ``code_parse_rate`` is the share of answers whose code
   parses with :func:`ast.parse` and holds a statement; ``empty_answer_rate`` is the share of blank answers.
 * ``evaluate.benchmarks`` run through lm-evaluation-harness on the same loaded models
-  (:mod:`kubellm.train.benchmarks`): ``bench.<task>.<metric>``.
+  (:mod:`kubellm.evaluate.benchmarks`): ``bench.<task>.<metric>``.
 * The gate (``evaluate.gate``) checks every rule that is set; a rule whose metric could not be
   measured (no base model, no held-out prompts) is *not evaluable* and fails the gate, saying why.
   By default the candidate must cut perplexity by 5 %, answer at most half of the prompts with
@@ -40,12 +40,12 @@ from typing import Any
 
 from kubellm.config.evaluate import EvalConfig, GateConfig
 from kubellm.errors import DataError, TrainingError
+from kubellm.evaluate.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
+from kubellm.evaluate.metrics import is_code, mean_scores, score
+from kubellm.evaluate.report import GateRule, gate_failure, plot_loss_curves, read_history, render_report
 from kubellm.fsutil import atomic_dir, claim_output, write_json_atomic
 from kubellm.log import Progress, get_logger
 from kubellm.tracking.base import CLOSES_TAG, GATE_RULES_TAG, Tracker
-from kubellm.train.benchmarks import METRIC_PREFIX, plan_benchmarks, run_benchmarks
-from kubellm.train.metrics import is_code, mean_scores, score
-from kubellm.train.report import GateRule, gate_failure, plot_loss_curves, read_history, render_report
 
 log = get_logger("evaluate")
 
@@ -167,7 +167,7 @@ def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str
 def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None,
                 device: str) -> tuple[float, int]:
     """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches'
-    rows), with the training loss's masking (:func:`kubellm.train.loop.token_nll_sum`).
+    rows), with the training loss's masking and loss (:mod:`kubellm.models.losses`).
 
     Two things make batching pay (1.37× a forward per row before them): rows are batched by length, so
     a batch pads little (the sum does not depend on the order), and the output head projects only the
@@ -175,11 +175,9 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
     and the 4 k-vocabulary head of the ``small`` preset is its largest matmul.
     """
     import torch
-    import torch.nn.functional as F
 
-    from kubellm.data.format import IGNORE_INDEX
+    from kubellm.models.losses import IGNORE_INDEX, next_token_targets, nll_sum
     from kubellm.train.batches import PadCollator
-    from kubellm.train.loop import nll_sum
 
     collate = PadCollator(pad_id)
     n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
@@ -189,11 +187,11 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
     with torch.inference_mode(), Progress(math.ceil(n / batch_size), "perplexity", every=50) as bar:
         for b, start in enumerate(range(0, n, batch_size), 1):
             batch = {k: v.to(device) for k, v in collate(split.__getitems__(order[start:start + batch_size])).items()}
-            targets = batch["labels"][:, 1:]
-            scored = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # position t predicts label t + 1
+            targets = next_token_targets(batch["labels"])  # position t predicts label t + 1
+            scored = targets != IGNORE_INDEX
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            use_cache=False, logits_to_keep=scored).logits
-            total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[targets != IGNORE_INDEX]))
+            total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[scored]))
             tokens += int(scored.sum())
             bar.update(b)
     return total, tokens
@@ -261,7 +259,7 @@ class _Model:
 
 
 def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
-    from kubellm.train.model import load_causal_lm
+    from kubellm.models.causal_lm import load_causal_lm
 
     cand = load_causal_lm(model_dir, base_model=base_model)
     log.info("candidate: %s", cand.source)
@@ -276,7 +274,7 @@ def _models(model_dir: Path, base_model: str | Path | None) -> Iterator[_Model]:
 
 def _measures_code(setting: str, heldout: list[dict[str, Any]]) -> bool:
     """Whether to measure ``code_parse_rate``: ``auto`` when ≥ 80 % of the held-out references are
-    Python code (:func:`kubellm.train.metrics.is_code`; 100 % of the built-in instruction data's)."""
+    Python code (:func:`kubellm.evaluate.metrics.is_code`; 100 % of the built-in instruction data's)."""
     if setting != "auto":
         return setting == "on"
     return bool(heldout) and sum(is_code(ex["reference"]) for ex in heldout) >= 0.8 * len(heldout)
@@ -305,7 +303,7 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     against ``base_model`` when given, apply the gate and write the results to ``out_dir`` (new, empty
     or earlier evaluation results, and holding none of the inputs: checked before any work)."""
     from kubellm.data.format import open_prepared
-    from kubellm.train.model import adapter_base, is_adapter_dir
+    from kubellm.models.causal_lm import adapter_base, is_adapter_dir
 
     t0 = time.perf_counter()
     model_dir, data_dir = Path(model_dir), Path(data_dir)

@@ -168,7 +168,7 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
     """
     from transformers import AutoModelForCausalLM
 
-    from kubellm.train.precision import resolve_device
+    from kubellm.models.precision import resolve_device
 
     dev = resolve_device(device)
     path = Path(ref)
