@@ -170,7 +170,7 @@ class _BenchmarkGate:
         import tempfile
 
         from kubellm.data.format import open_prepared
-        from kubellm.train.evaluate import plan_for_dataset
+        from kubellm.evaluate.run import plan_for_dataset
 
         limit, bench = self.cfg.serve.max_prompt_tokens, next(
             (b for b in self.eval_cfg.benchmarks if b.task == "kubellm_choice"), None)
