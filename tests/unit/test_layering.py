@@ -25,6 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "errors": set(),
     "log": set(),
     "markdown": set(),
+    "yamlio": set(),
     "fsutil": {"errors"},
     "config": {"errors", "markdown"},
     "pipeline_params": {"config"},
@@ -34,7 +35,7 @@ LAYERS: dict[str, set[str]] = {
     "train": {"data"},
     "evaluate": {"train"},
     "serve": {"models", "tracking"},
-    "k8s": {"data", "serve", "train"},  # data: the tokenizer copied to the PVC; train: the memory plan
+    "k8s": {"data", "serve", "train", "yamlio"},  # data: the tokenizer copied to the PVC; train: the memory plan
     "stages": {"evaluate", "k8s"},
     "summary": {"tracking"},
     "components": {"stages"},
