@@ -67,8 +67,9 @@ docs: $(STAMP)  ## regenerate docs/config.md and docs/components.md from the con
 bench: $(STAMP)  ## benchmarks side by side against plain baselines (ratios, not absolute times)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
-lint: $(STAMP)  ## ruff, yamllint, hadolint
-	$(BIN)/ruff check src components pipelines tests benchmarks
+lint: $(STAMP)  ## ruff (lint and formatting, 120 columns), yamllint, hadolint
+	$(BIN)/ruff check src components pipelines tests benchmarks examples
+	$(BIN)/ruff format --check src components pipelines tests benchmarks examples
 	$(BIN)/yamllint -c .yamllint.yaml configs
 	$(BIN)/hadolint $$(find images -name Dockerfile -o -name '*.Dockerfile')
 

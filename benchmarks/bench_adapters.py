@@ -46,8 +46,12 @@ def _make_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
     for i, name in enumerate(ADAPTERS):
         base = AutoModelForCausalLM.from_pretrained(base_dir)
         torch.manual_seed(100 + i)
-        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+            ),
+        )
         model.save_pretrained(root / name, safe_serialization=True)
         out[name] = root / name
     return out
@@ -119,8 +123,10 @@ def _run(quick: bool) -> list[dict]:
         prompts = bs._prompts(bs.CLIENTS)
         with contextlib.ExitStack() as stack:
             shared, _ = stack.enter_context(bs._server(base_dir, root, "shared", batch, args=args))
-            merged = [stack.enter_context(bs._server(root / f"merged-{name}", root, f"merged-{name}", batch))[0]
-                      for name in ADAPTERS]
+            merged = [
+                stack.enter_context(bs._server(root / f"merged-{name}", root, f"merged-{name}", batch))[0]
+                for name in ADAPTERS
+            ]
             loads: dict[str, list[bs._Load]] = {"mixed": [], "one adapter": [], "merged": []}
             for _ in range(rounds):
                 loads["mixed"].append(asyncio.run(_closed_loop(shared, list(ADAPTERS), prompts, n, per_client)))
@@ -130,16 +136,34 @@ def _run(quick: bool) -> list[dict]:
             merged_rss = sum(_rss_mb(url) for url in merged)
     best = {name: max(load.tokens_per_s for load in runs) for name, runs in loads.items()}
     load_avg = f"load avg {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
-    note = (f"small preset, 3 adapters rank 8, {n} tokens/request, {bs.CLIENTS} clients x {per_client}, "
-            f"best of {rounds} rounds, {bs.THREADS} thread, {load_avg}")
+    note = (
+        f"small preset, 3 adapters rank 8, {n} tokens/request, {bs.CLIENTS} clients x {per_client}, "
+        f"best of {rounds} rounds, {bs.THREADS} thread, {load_avg}"
+    )
     rows = [
-        bs._row("generated tokens/s, 8 clients over 3 adapters vs 8 clients on 1 adapter (one shared server)",
-                best["mixed"], best["one adapter"], ">= 0.8x", note),
-        bs._row("generated tokens/s, 8 clients over 3 adapters (shared) vs 8 clients on a merged predictor",
-                best["mixed"], best["merged"], "info", note),
-        bs._row("resident memory (MB), shared server with 3 adapters vs 3 merged predictors", shared_rss, merged_rss,
-                "<= 0.5x", note),
-        bs._row("weights on disk (MB), base + 3 adapters vs 3 merged models", shared_weights_mb, merged_mb, "info",
-                note),
+        bs._row(
+            "generated tokens/s, 8 clients over 3 adapters vs 8 clients on 1 adapter (one shared server)",
+            best["mixed"],
+            best["one adapter"],
+            ">= 0.8x",
+            note,
+        ),
+        bs._row(
+            "generated tokens/s, 8 clients over 3 adapters (shared) vs 8 clients on a merged predictor",
+            best["mixed"],
+            best["merged"],
+            "info",
+            note,
+        ),
+        bs._row(
+            "resident memory (MB), shared server with 3 adapters vs 3 merged predictors",
+            shared_rss,
+            merged_rss,
+            "<= 0.5x",
+            note,
+        ),
+        bs._row(
+            "weights on disk (MB), base + 3 adapters vs 3 merged models", shared_weights_mb, merged_mb, "info", note
+        ),
     ]
     return [{**row, "benchmark": "adapters"} for row in rows]

@@ -30,16 +30,32 @@ GOAL = 0.8
 
 
 def _row(measure: str, kubellm: float, baseline: float | None, goal: str, ok: bool, note: str = "") -> dict:
-    return {"benchmark": "fsdp", "measure": measure, "kubellm": round(kubellm, 4),
-            "baseline": round(baseline, 4) if baseline is not None else None,
-            "ratio": round(kubellm / baseline, 3) if baseline else None, "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "fsdp",
+        "measure": measure,
+        "kubellm": round(kubellm, 4),
+        "baseline": round(baseline, 4) if baseline is not None else None,
+        "ratio": round(kubellm / baseline, 3) if baseline else None,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 def _sets(steps: int, log_every: int, **loop: object) -> list[str]:
-    base = {"max_steps": steps, "log_every": log_every, "checkpoint_every": steps, "micro_batch_size": 8,
-            "eval_batches": 2, "precision": "fp32", **loop}
-    return ([f"pretrain.loop.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()]
-            + ["pretrain.model.preset=small", "tracking.enabled=false"])
+    base = {
+        "max_steps": steps,
+        "log_every": log_every,
+        "checkpoint_every": steps,
+        "micro_batch_size": 8,
+        "eval_batches": 2,
+        "precision": "fp32",
+        **loop,
+    }
+    return [f"pretrain.loop.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in base.items()] + [
+        "pretrain.model.preset=small",
+        "tracking.enabled=false",
+    ]
 
 
 def run(quick: bool) -> list[dict]:
@@ -50,8 +66,10 @@ def run(quick: bool) -> list[dict]:
 
     steps, log_every, rounds = (10, 5, 1) if quick else (40, 10, 2)
     variants = {
-        "ddp fp32": {}, "fsdp fp32": {"parallelism": "fsdp"},
-        "ddp bf16": {"precision": "bf16"}, "fsdp bf16": {"parallelism": "fsdp", "precision": "bf16"},
+        "ddp fp32": {},
+        "fsdp fp32": {"parallelism": "fsdp"},
+        "ddp bf16": {"precision": "bf16"},
+        "fsdp bf16": {"parallelism": "fsdp", "precision": "bf16"},
         "fsdp fp32 checkpointing": {"parallelism": "fsdp", "gradient_checkpointing": True},
         "fsdp fp32 compiled": {"parallelism": "fsdp", "compile_blocks": True},
     }
@@ -79,16 +97,47 @@ def run(quick: bool) -> list[dict]:
     rows = []
     for precision in ("fp32", "bf16"):
         fsdp, ddp = step[f"fsdp {precision}"], step[f"ddp {precision}"]
-        rows.append(_row(f"steps/s {precision}, FSDP vs DDP", 1 / fsdp, 1 / ddp, f"≥ {GOAL}×", ddp / fsdp >= GOAL,
-                         f"{load}; s/step FSDP {fsdp:.3f}, DDP {ddp:.3f}"))
+        rows.append(
+            _row(
+                f"steps/s {precision}, FSDP vs DDP",
+                1 / fsdp,
+                1 / ddp,
+                f"≥ {GOAL}×",
+                ddp / fsdp >= GOAL,
+                f"{load}; s/step FSDP {fsdp:.3f}, DDP {ddp:.3f}",
+            )
+        )
     ac, plain = "fsdp fp32 checkpointing", "fsdp fp32"
     rows.append(_row("activation checkpointing: s/step with / without", step[ac], step[plain], "reported", True, load))
-    rows.append(_row("activation checkpointing: peak RSS MiB of a rank with / without", rss[ac] / 1024,
-                     rss[plain] / 1024, "reported", True,
-                     f"planner: activations {saved[True]:.0f} vs {saved[False]:.0f} MiB; {load}"))
+    rows.append(
+        _row(
+            "activation checkpointing: peak RSS MiB of a rank with / without",
+            rss[ac] / 1024,
+            rss[plain] / 1024,
+            "reported",
+            True,
+            f"planner: activations {saved[True]:.0f} vs {saved[False]:.0f} MiB; {load}",
+        )
+    )
     compiled = "fsdp fp32 compiled"
-    rows.append(_row("torch.compile per block: s/step compiled / eager", step[compiled], step[plain],
-                     "reported (on if < 1)", True, load))
-    rows.append(_row("torch.compile per block: compile seconds (first window's excess)",
-                     (first[compiled] - step[compiled]) * log_every, None, "reported", True, load))
+    rows.append(
+        _row(
+            "torch.compile per block: s/step compiled / eager",
+            step[compiled],
+            step[plain],
+            "reported (on if < 1)",
+            True,
+            load,
+        )
+    )
+    rows.append(
+        _row(
+            "torch.compile per block: compile seconds (first window's excess)",
+            (first[compiled] - step[compiled]) * log_every,
+            None,
+            "reported",
+            True,
+            load,
+        )
+    )
     return rows

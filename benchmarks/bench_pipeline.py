@@ -24,23 +24,42 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK = ["data.max_docs=40", "pretrain.loop.max_steps=6", "instruct_data.max_docs=150", "finetune.loop.max_steps=4",
-         "evaluate.num_prompts=2", "evaluate.max_batches=2", "evaluate.gate.max_perplexity_ratio=1.5"]
+QUICK = [
+    "data.max_docs=40",
+    "pretrain.loop.max_steps=6",
+    "instruct_data.max_docs=150",
+    "finetune.loop.max_steps=4",
+    "evaluate.num_prompts=2",
+    "evaluate.max_batches=2",
+    "evaluate.gate.max_perplexity_ratio=1.5",
+]
 
 
-def _row(measure: str, kubellm: float | None, baseline: float | None, goal: str = "", ok: bool | None = None,
-         note: str = "") -> dict:
+def _row(
+    measure: str, kubellm: float | None, baseline: float | None, goal: str = "", ok: bool | None = None, note: str = ""
+) -> dict:
     ratio = round(kubellm / baseline, 3) if kubellm is not None and baseline else None
-    return {"benchmark": "pipeline", "measure": measure, "kubellm": None if kubellm is None else round(kubellm, 2),
-            "baseline": None if baseline is None else round(baseline, 2), "ratio": ratio, "goal": goal, "ok": ok,
-            "note": note}
+    return {
+        "benchmark": "pipeline",
+        "measure": measure,
+        "kubellm": None if kubellm is None else round(kubellm, 2),
+        "baseline": None if baseline is None else round(baseline, 2),
+        "ratio": ratio,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 #: 10× the training steps of the embedded default the overhead goals were set on (60 pretraining and 30
 #: LoRA steps); today's default trains 500 and 150 steps, so its own row is already ~8× that.
 SCALED_LABEL = "600 + 300 training steps"
-SCALED = ["pretrain.loop.max_steps=600", "pretrain.loop.checkpoint_every=200", "finetune.loop.max_steps=300",
-          "finetune.loop.checkpoint_every=100"]
+SCALED = [
+    "pretrain.loop.max_steps=600",
+    "pretrain.loop.checkpoint_every=200",
+    "finetune.loop.max_steps=300",
+    "finetune.loop.checkpoint_every=100",
+]
 
 
 def _lifecycle(label: str, overrides: list[str], per_stage: bool) -> list[dict]:
@@ -48,9 +67,24 @@ def _lifecycle(label: str, overrides: list[str], per_stage: bool) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="kubellm-bench-pipeline-") as tmp:
         sets = [x for s in overrides for x in ("--set", s)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-m", "kubellm.cli", "run", "--config", str(REPO / "configs" / "local.yaml"),
-                               "--set", f"workdir={tmp}", *sets, "--quiet"], capture_output=True, text=True,
-                              cwd=tmp, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kubellm.cli",
+                "run",
+                "--config",
+                str(REPO / "configs" / "local.yaml"),
+                "--set",
+                f"workdir={tmp}",
+                *sets,
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            env=env,
+        )
         summaries = list(Path(tmp, "runs").glob("*/summary.json"))
         if proc.returncode != 0 or not summaries:
             raise RuntimeError(f"kubellm run failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -64,14 +98,29 @@ def _lifecycle(label: str, overrides: list[str], per_stage: bool) -> list[dict]:
         ran = [r for r in s["stages"] if r["seconds"] is not None]
         tasks = len(ran) + 2  # + the start-run and finish-run tasks
         goal = 0.20 if label != SCALED_LABEL else 0.10
-        rows.append(_row(f"{label}: wall (s) vs sum of stage compute (s)", wall, compute,
-                         f"overhead < {goal:.0%}", overhead < goal,
-                         f"overhead {overhead:.0%} of wall: {wall - compute:.1f} s over {tasks} task processes"))
+        rows.append(
+            _row(
+                f"{label}: wall (s) vs sum of stage compute (s)",
+                wall,
+                compute,
+                f"overhead < {goal:.0%}",
+                overhead < goal,
+                f"overhead {overhead:.0%} of wall: {wall - compute:.1f} s over {tasks} task processes",
+            )
+        )
         if label != SCALED_LABEL:
             per_task = (wall - compute) / tasks
-            rows.append(_row(f"{label}: orchestration per task process (s)", per_task, None, "<= 1.5 s",
-                             per_task <= 1.5, "process start, imports (mlflow ~1 s, its sqlite store ~0.7 s "
-                             "locally, torch/transformers in training steps), MLflow run bookkeeping"))
+            rows.append(
+                _row(
+                    f"{label}: orchestration per task process (s)",
+                    per_task,
+                    None,
+                    "<= 1.5 s",
+                    per_task <= 1.5,
+                    "process start, imports (mlflow ~1 s, its sqlite store ~0.7 s "
+                    "locally, torch/transformers in training steps), MLflow run bookkeeping",
+                )
+            )
     return rows
 
 
@@ -89,6 +138,7 @@ def run(quick: bool) -> list[dict]:
         compile_all(cfg, tmp)  # warm: imports and first-use caches
         t0 = time.perf_counter()
         files = compile_all(cfg, tmp)
-        rows.append(_row("compile all pipelines + components (s)", time.perf_counter() - t0, None,
-                         note=f"{len(files)} files"))
+        rows.append(
+            _row("compile all pipelines + components (s)", time.perf_counter() - t0, None, note=f"{len(files)} files")
+        )
     return rows

@@ -36,8 +36,16 @@ def _best(fn, repeat: int) -> tuple[float, int]:
 
 
 def _row(measure: str, kubellm: float, baseline: float, goal: str, ok: bool, note: str = "") -> dict:
-    return {"benchmark": "prep", "measure": measure, "kubellm": round(kubellm, 4), "baseline": round(baseline, 4),
-            "ratio": round(kubellm / baseline, 3) if baseline else None, "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "prep",
+        "measure": measure,
+        "kubellm": round(kubellm, 4),
+        "baseline": round(baseline, 4),
+        "ratio": round(kubellm / baseline, 3) if baseline else None,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 def _throughput(work: Path, repeat: int) -> tuple[list[dict], Path]:
@@ -48,13 +56,22 @@ def _throughput(work: Path, repeat: int) -> tuple[list[dict], Path]:
     from kubellm.data import builtin
     from kubellm.data.prepare import prepare
 
-    base = {"kind": "pretrain", "block_size": BLOCK, "cleaning": {"max_chars": 10**7},
-            "split": {"validation_fraction": 0.05}}
-    tok_prep = prepare(DataConfig.model_validate({**base, "sources": [{"uri": "builtin://stdlib"}], "max_docs": 200,
-                                                  "tokenizer": {"vocab_size": VOCAB}}), work / "tok")
+    base = {
+        "kind": "pretrain",
+        "block_size": BLOCK,
+        "cleaning": {"max_chars": 10**7},
+        "split": {"validation_fraction": 0.05},
+    }
+    tok_prep = prepare(
+        DataConfig.model_validate(
+            {**base, "sources": [{"uri": "builtin://stdlib"}], "max_docs": 200, "tokenizer": {"vocab_size": VOCAB}}
+        ),
+        work / "tok",
+    )
     tok_dir = tok_prep.path / "tokenizer"
-    cfg = DataConfig.model_validate({**base, "sources": [{"uri": "builtin://stdlib"}],
-                                     "tokenizer": {"path": str(tok_dir)}})
+    cfg = DataConfig.model_validate(
+        {**base, "sources": [{"uri": "builtin://stdlib"}], "tokenizer": {"path": str(tok_dir)}}
+    )
     root = builtin.stdlib_root()
     texts = [r["text"] for _, r in builtin.iter_stdlib(builtin.stdlib_files(root), root)]
     rust = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -64,8 +81,9 @@ def _throughput(work: Path, repeat: int) -> tuple[list[dict], Path]:
         def go() -> int:
             n = 0
             for i in range(0, len(texts), 1000):
-                n += sum(len(e.ids) for e in method(texts[i:i + 1000], add_special_tokens=False))
+                n += sum(len(e.ids) for e in method(texts[i : i + 1000], add_special_tokens=False))
             return n
+
         return go
 
     def naive() -> int:
@@ -87,17 +105,44 @@ def _throughput(work: Path, repeat: int) -> tuple[list[dict], Path]:
     mb = sum(len(t.encode()) for t in texts) / 1e6
     note = f"{len(texts)} modules, {mb:.1f} MB, {n_prep / 1e6:.2f} M tokens, prep {t_prep:.2f} s"
     rows = [
-        _row("end-to-end tok/s vs encode_batch", prep_tps, n_enc / t_enc, ">= 0.7x", prep_tps >= 0.7 * n_enc / t_enc, note),
-        _row("end-to-end tok/s vs encode_batch_fast", prep_tps, n_fast / t_fast, ">= 0.7x",
-             prep_tps >= 0.7 * n_fast / t_fast, "stricter: the no-offsets fast path prep itself uses"),
-        _row("end-to-end tok/s vs per-record tokenizer(text)", prep_tps, n_naive / t_naive, ">= 1.5x",
-             prep_tps >= 1.5 * n_naive / t_naive, "PreTrainedTokenizerFast called once per module"),
+        _row(
+            "end-to-end tok/s vs encode_batch",
+            prep_tps,
+            n_enc / t_enc,
+            ">= 0.7x",
+            prep_tps >= 0.7 * n_enc / t_enc,
+            note,
+        ),
+        _row(
+            "end-to-end tok/s vs encode_batch_fast",
+            prep_tps,
+            n_fast / t_fast,
+            ">= 0.7x",
+            prep_tps >= 0.7 * n_fast / t_fast,
+            "stricter: the no-offsets fast path prep itself uses",
+        ),
+        _row(
+            "end-to-end tok/s vs per-record tokenizer(text)",
+            prep_tps,
+            n_naive / t_naive,
+            ">= 1.5x",
+            prep_tps >= 1.5 * n_naive / t_naive,
+            "PreTrainedTokenizerFast called once per module",
+        ),
     ]
     # Per-document padding: every document (plus EOS) padded up to a multiple of the block size.
     lengths = [len(e.ids) + 1 for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
     per_doc = sum(-n % BLOCK for n in lengths) / sum(n + (-n % BLOCK) for n in lengths)
-    rows.append(_row("padding fraction, packed vs per-document", stats["padding_fraction"], per_doc, "< 1 %",
-                     stats["padding_fraction"] < 0.01, f"block_size {BLOCK}"))
+    rows.append(
+        _row(
+            "padding fraction, packed vs per-document",
+            stats["padding_fraction"],
+            per_doc,
+            "< 1 %",
+            stats["padding_fraction"] < 0.01,
+            f"block_size {BLOCK}",
+        )
+    )
     return rows, tok_dir
 
 
@@ -119,9 +164,11 @@ def _corpus(path: Path, megabytes: int) -> None:
 def _peak_rss_mb(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """Peak RSS (MB) and wall seconds of ``cmd``, measured by a fresh wrapper process's
     ``getrusage(RUSAGE_CHILDREN)`` so one run's peak never leaks into the next."""
-    probe = ("import resource, subprocess, sys, time; t = time.time(); "
-             "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t, rc)")
+    probe = (
+        "import resource, subprocess, sys, time; t = time.time(); "
+        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.time() - t, rc)"
+    )
     out = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=cwd, capture_output=True, text=True, check=True)
     kb, secs, rc = out.stdout.split()
     if rc != "0":
@@ -136,15 +183,29 @@ def _memory(work: Path, quick: bool) -> list[dict]:
     for mb in (small, large):
         corpus = work / f"corpus-{mb}mb.jsonl"
         _corpus(corpus, mb)
-        cfg = {"data": {"kind": "pretrain", "sources": [{"uri": str(corpus)}], "block_size": BLOCK,
-                        "tokenizer": {"vocab_size": VOCAB}}}
+        cfg = {
+            "data": {
+                "kind": "pretrain",
+                "sources": [{"uri": str(corpus)}],
+                "block_size": BLOCK,
+                "tokenizer": {"vocab_size": VOCAB},
+            }
+        }
         (work / f"run-{mb}.yaml").write_text(yaml.safe_dump(cfg))
         peaks[mb] = _peak_rss_mb([kubellm, "prep", "--config", f"run-{mb}.yaml", "--out", f"out-{mb}"], work)
         corpus.unlink()
     (rss_s, sec_s), (rss_l, sec_l) = peaks[small], peaks[large]
     note = f"{small} MB in {sec_s:.0f} s, {large} MB in {sec_l:.0f} s (tokenizer trained in both)"
-    return [_row(f"peak RSS MB, {large} MB vs {small} MB corpus", rss_l, rss_s, "< 3 GB, <= 1.5x",
-                 rss_l < 3072 and rss_l <= 1.5 * rss_s, note)]
+    return [
+        _row(
+            f"peak RSS MB, {large} MB vs {small} MB corpus",
+            rss_l,
+            rss_s,
+            "< 3 GB, <= 1.5x",
+            rss_l < 3072 and rss_l <= 1.5 * rss_s,
+            note,
+        )
+    ]
 
 
 def run(quick: bool) -> list[dict]:

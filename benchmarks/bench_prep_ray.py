@@ -35,9 +35,16 @@ VOCAB = 2048
 
 
 def _row(measure: str, kubellm: float, baseline: float, goal: str, ok: bool, note: str = "") -> dict:
-    return {"benchmark": "prep_ray", "measure": measure, "kubellm": round(kubellm, 4),
-            "baseline": round(baseline, 4), "ratio": round(kubellm / baseline, 3) if baseline else None,
-            "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "prep_ray",
+        "measure": measure,
+        "kubellm": round(kubellm, 4),
+        "baseline": round(baseline, 4),
+        "ratio": round(kubellm / baseline, 3) if baseline else None,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 def _load() -> str:
@@ -63,8 +70,15 @@ def _corpus(folder: Path, megabytes: float, files: int = 24) -> None:
 
 
 def _cfg(corpus: Path, **kw) -> dict:
-    return {"kind": "pretrain", "sources": [{"uri": str(corpus)}], "block_size": BLOCK,
-            "cleaning": {"max_chars": 10**7}, "tokenizer": {"vocab_size": VOCAB}, "shard_bytes": 4_000_000, **kw}
+    return {
+        "kind": "pretrain",
+        "sources": [{"uri": str(corpus)}],
+        "block_size": BLOCK,
+        "cleaning": {"max_chars": 10**7},
+        "tokenizer": {"vocab_size": VOCAB},
+        "shard_bytes": 4_000_000,
+        **kw,
+    }
 
 
 def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path, Path]:
@@ -81,8 +95,9 @@ def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path, Path]:
     local = prepare(DataConfig.model_validate({**base, "num_proc": 2}), work / "local")
     t_local = time.perf_counter() - t
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster that lives for the benchmark
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
+    )
     try:
         t = time.perf_counter()
         on_ray = prepare(DataConfig.model_validate({**base, "engine": "ray", "workers": 2}), work / "ray")
@@ -90,10 +105,24 @@ def _engines(work: Path, megabytes: float) -> tuple[list[dict], Path, Path]:
     finally:
         ray.shutdown()
     same = (local.path / "checksums.json").read_bytes() == (on_ray.path / "checksums.json").read_bytes()
-    note = (f"{megabytes:g} MB in 24 files, {local.stats['tokens'] / 1e6:.2f} M tokens, "
-            f"{sum(local.stats['shards'].values())} shards; outputs {'identical' if same else 'DIFFER'}; {_load()}")
-    return [_row("prep seconds, ray (2 workers) vs local (num_proc=2)", t_ray, t_local, "<= 1.25x",
-                 same and t_ray <= 1.25 * t_local, note)], local.path, tok
+    note = (
+        f"{megabytes:g} MB in 24 files, {local.stats['tokens'] / 1e6:.2f} M tokens, "
+        f"{sum(local.stats['shards'].values())} shards; outputs {'identical' if same else 'DIFFER'}; {_load()}"
+    )
+    return (
+        [
+            _row(
+                "prep seconds, ray (2 workers) vs local (num_proc=2)",
+                t_ray,
+                t_local,
+                "<= 1.25x",
+                same and t_ray <= 1.25 * t_local,
+                note,
+            )
+        ],
+        local.path,
+        tok,
+    )
 
 
 def _memory(work: Path, small: float, tok: Path) -> list[dict]:
@@ -103,14 +132,23 @@ def _memory(work: Path, small: float, tok: Path) -> list[dict]:
     for mb in (small, small * 10):
         corpus = work / f"mem-{mb:g}"
         _corpus(corpus, mb)
-        (work / f"mem-{mb:g}.yaml").write_text(yaml.safe_dump({"data": _cfg(
-            corpus, engine="ray", workers=2, tokenizer={"path": str(tok)})}))
+        (work / f"mem-{mb:g}.yaml").write_text(
+            yaml.safe_dump({"data": _cfg(corpus, engine="ray", workers=2, tokenizer={"path": str(tok)})})
+        )
         peaks[mb] = _peak_rss_mb([kubellm, "prep", "--config", f"mem-{mb:g}.yaml", "--out", f"mem-out-{mb:g}"], work)
         env_note[mb] = f"{mb:g} MB in {peaks[mb][1]:.0f} s"
     (rss_s, _), (rss_l, _) = peaks[small], peaks[small * 10]
     note = f"driver of kubellm prep (engine ray, own local Ray): {', '.join(env_note.values())}; {_load()}"
-    return [_row(f"driver peak RSS MB, {small * 10:g} MB vs {small:g} MB corpus", rss_l, rss_s, "<= 1.5x",
-                 rss_l <= 1.5 * rss_s, note)]
+    return [
+        _row(
+            f"driver peak RSS MB, {small * 10:g} MB vs {small:g} MB corpus",
+            rss_l,
+            rss_s,
+            "<= 1.5x",
+            rss_l <= 1.5 * rss_s,
+            note,
+        )
+    ]
 
 
 def _reader(prepared: Path, steps: int) -> list[dict]:
@@ -137,9 +175,20 @@ def _reader(prepared: Path, steps: int) -> list[dict]:
     for _ in range(3):  # alternate, keep each one's best (shared machine)
         best["shards"] = max(best["shards"], tokens_per_s(shards))
         best["hf"] = max(best["hf"], tokens_per_s(hf))
-    note = f"{len(shards)} rows of {BLOCK} tokens in {len(shards.files)} shards, micro-batch 16, {steps} batches; {_load()}"
-    return [_row("training reader tok/s, memory-mapped shards vs load_from_disk", best["shards"], best["hf"],
-                 ">= 0.95x", best["shards"] >= 0.95 * best["hf"], note)]
+    note = (
+        f"{len(shards)} rows of {BLOCK} tokens in {len(shards.files)} shards, micro-batch 16, {steps} batches; "
+        f"{_load()}"
+    )
+    return [
+        _row(
+            "training reader tok/s, memory-mapped shards vs load_from_disk",
+            best["shards"],
+            best["hf"],
+            ">= 0.95x",
+            best["shards"] >= 0.95 * best["hf"],
+            note,
+        )
+    ]
 
 
 def run(quick: bool) -> list[dict]:

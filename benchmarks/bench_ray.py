@@ -31,14 +31,27 @@ STARTUP_GOAL = 3.0
 
 
 def _row(measure: str, kubellm: float, baseline: float | None, goal: str, ok: bool, note: str = "") -> dict:
-    return {"benchmark": "ray", "measure": measure, "kubellm": round(kubellm, 4),
-            "baseline": round(baseline, 4) if baseline is not None else None,
-            "ratio": round(kubellm / baseline, 3) if baseline else None, "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "ray",
+        "measure": measure,
+        "kubellm": round(kubellm, 4),
+        "baseline": round(baseline, 4) if baseline is not None else None,
+        "ratio": round(kubellm / baseline, 3) if baseline else None,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 def _sets(steps: int, log_every: int) -> list[str]:
-    loop = {"max_steps": steps, "log_every": log_every, "checkpoint_every": steps, "precision": "fp32",
-            "micro_batch_size": 8, "eval_batches": 2}
+    loop = {
+        "max_steps": steps,
+        "log_every": log_every,
+        "checkpoint_every": steps,
+        "precision": "fp32",
+        "micro_batch_size": 8,
+        "eval_batches": 2,
+    }
     return [f"pretrain.loop.{k}={v}" for k, v in loop.items()] + ["tracking.enabled=false"]
 
 
@@ -52,8 +65,10 @@ def seconds_per_step(out: Path) -> float:
 
 
 #: Runs a command and prints the peak resident set of its largest descendant (a torchrun worker), in KiB.
-_MAX_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+_MAX_RSS = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+)
 
 
 def torchrun(data: Path, out: Path, sets: list[str]) -> tuple[float, int]:
@@ -61,11 +76,29 @@ def torchrun(data: Path, out: Path, sets: list[str]) -> tuple[float, int]:
     of its largest process."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _MAX_RSS, str(BIN / "torchrun"), "--standalone", "--nproc_per_node",
-                           "2", str(BIN / "kubellm"), "pretrain", "--data", str(data), "--out", str(out),
-                           *[a for s in sets for a in ("--set", s)]],
-                          cwd=out.parent, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _MAX_RSS,
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BIN / "kubellm"),
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        cwd=out.parent,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun failed: {proc.stderr[-2000:]}")
     return time.perf_counter() - t0, int(proc.stderr.strip().splitlines()[-1])
@@ -103,8 +136,14 @@ def run(quick: bool) -> list[dict]:
         work = Path(tmp)
         pre, _ = prepare_data(work, quick)
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         init_s = time.perf_counter() - t0
         try:
             for r in range(rounds):
@@ -127,9 +166,21 @@ def run(quick: bool) -> list[dict]:
     step_ratio = best["ray"]["step"] / best["torchrun"]["step"]
     start_ratio = best["ray"]["startup"] / best["torchrun"]["startup"]
     return [
-        _row("seconds per step (Ray Train vs torchrun)", best["ray"]["step"], best["torchrun"]["step"],
-             f"≤ {PER_STEP_GOAL}×", step_ratio <= PER_STEP_GOAL, load),
-        _row("start-up seconds before the loop (Ray Train vs torchrun)", best["ray"]["startup"],
-             best["torchrun"]["startup"], f"≤ {STARTUP_GOAL}×", start_ratio <= STARTUP_GOAL, load),
+        _row(
+            "seconds per step (Ray Train vs torchrun)",
+            best["ray"]["step"],
+            best["torchrun"]["step"],
+            f"≤ {PER_STEP_GOAL}×",
+            step_ratio <= PER_STEP_GOAL,
+            load,
+        ),
+        _row(
+            "start-up seconds before the loop (Ray Train vs torchrun)",
+            best["ray"]["startup"],
+            best["torchrun"]["startup"],
+            f"≤ {STARTUP_GOAL}×",
+            start_ratio <= STARTUP_GOAL,
+            load,
+        ),
         _row("local Ray cluster start (ray.init, 2 CPUs) seconds", init_s, None, "reported", True, load),
     ]

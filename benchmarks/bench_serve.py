@@ -71,12 +71,24 @@ def _build_model(out: Path, vocab: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|pad|>", "<|end|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=["<|pad|>", "<|end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>")
     fast.save_pretrained(out)
-    model = build_model(ModelConfig(preset="small"), vocab_size=len(fast), block_size=512, bos_token_id=None,
-                        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    model = build_model(
+        ModelConfig(preset="small"),
+        vocab_size=len(fast),
+        block_size=512,
+        bos_token_id=None,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     model.save_pretrained(out, safe_serialization=True)
 
 
@@ -112,9 +124,14 @@ class _Baselines:
 
         enc = self.tok(prompts, return_tensors="pt", padding=True)
         with torch.inference_mode(), autocast(self.precision, "cpu"):
-            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                      max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
+            out = self.model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=self.n,
+                min_new_tokens=self.n,
+                do_sample=False,
+                pad_token_id=self.tok.pad_token_id,
+            )
         assert out.shape[1] - enc["input_ids"].shape[1] == self.n
 
     def generate(self, prompts: list[str]) -> float:
@@ -184,22 +201,42 @@ SERVER_PIDS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def _server(model_dir: Path, workdir: Path, name: str, *sets: str,
-            args: tuple[str, ...] = ()) -> Iterator[tuple[str, float]]:
+def _server(
+    model_dir: Path, workdir: Path, name: str, *sets: str, args: tuple[str, ...] = ()
+) -> Iterator[tuple[str, float]]:
     """``kubellm serve`` with ``sets`` (and more command-line ``args``) on a free port; yields its URL and
     its start-to-ready seconds."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--set", "serve.precision=auto", "--set", "serve.model_name=kubellm", "--set", f"workdir={workdir}",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubellm.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--set",
+        "serve.precision=auto",
+        "--set",
+        "serve.model_name=kubellm",
+        "--set",
+        f"workdir={workdir}",
+        *args,
+    ]
     for item in sets:
         cmd += ["--set", item]
     log = workdir / f"serve-{name}.log"
     t0 = time.perf_counter()
     with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)},
+        )
     SERVER_PIDS[url] = proc.pid
     try:
         try:
@@ -218,17 +255,26 @@ def _server(model_dir: Path, workdir: Path, name: str, *sets: str,
 
 def _plain_startup(model_dir: Path) -> float:
     """A plain process: import transformers, load the model and tokenizer, say ready."""
-    code = ("import torch, transformers, sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            f"AutoTokenizer.from_pretrained({str(model_dir)!r}); AutoModelForCausalLM.from_pretrained({str(model_dir)!r}); "
-            "print('ready', flush=True)")
+    code = (
+        "import torch, transformers, sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        f"AutoTokenizer.from_pretrained({str(model_dir)!r}); AutoModelForCausalLM.from_pretrained({str(model_dir)!r}); "
+        "print('ready', flush=True)"
+    )
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
 def _body(prompt: str, n: int, stream: bool) -> dict:
-    return {"model": "kubellm", "prompt": prompt, "max_tokens": n, "min_tokens": n, "temperature": 0,
-            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    return {
+        "model": "kubellm",
+        "prompt": prompt,
+        "max_tokens": n,
+        "min_tokens": n,
+        "temperature": 0,
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    }
 
 
 async def _request(http, url: str, prompt: str, n: int, stream: bool, load: _Load) -> None:
@@ -319,8 +365,16 @@ def _row(measure: str, kubellm: float, baseline: float, goal: str, note: str) ->
     if goal.startswith((">=", "<=")):
         target = float(goal.split()[1].rstrip("x"))
         ok = ratio >= target if goal.startswith(">=") else ratio <= target
-    return {"benchmark": "serve", "measure": measure, "kubellm": kubellm, "baseline": baseline, "ratio": ratio,
-            "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "serve",
+        "measure": measure,
+        "kubellm": kubellm,
+        "baseline": baseline,
+        "ratio": ratio,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 def _health_probes(url: str, seconds: float) -> list[float]:
@@ -353,8 +407,9 @@ def _health_under_abuse(url: str, seconds: float) -> tuple[list[float], list[flo
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
                 with contextlib.suppress(httpx.HTTPError):  # the server may close a refused upload early
-                    http.post(f"{url}/openai/v1/completions", content=body,
-                              headers={"content-type": "application/json"})
+                    http.post(
+                        f"{url}/openai/v1/completions", content=body, headers={"content-type": "application/json"}
+                    )
 
     workers = [threading.Thread(target=abuse, daemon=True) for _ in range(3)]
     for w in workers:
@@ -372,16 +427,37 @@ def _open_loop_rows(share: float, runs: dict[str, _Load], note: str) -> list[dic
     cont, static, single = runs["continuous"], runs["static"], runs["one-at-a-time"]
     at = f"open loop {share:.0%} of capacity"
     return [
-        _row(f"{at}: latency p50 (s), continuous vs static", statistics.median(cont.latencies),
-             statistics.median(static.latencies), "info", note),
-        _row(f"{at}: latency p99 (s), continuous vs static", _p99(cont.latencies), _p99(static.latencies),
-             "info", note),
-        _row(f"{at}: latency p99 (s), continuous vs one-at-a-time", _p99(cont.latencies), _p99(single.latencies),
-             "info", note),
-        _row(f"{at}: first token p50 (s), continuous vs static", statistics.median(cont.first_tokens),
-             statistics.median(static.first_tokens), "info", note),
-        _row(f"{at}: first token p99 (s), continuous vs static", _p99(cont.first_tokens), _p99(static.first_tokens),
-             "info", note),
+        _row(
+            f"{at}: latency p50 (s), continuous vs static",
+            statistics.median(cont.latencies),
+            statistics.median(static.latencies),
+            "info",
+            note,
+        ),
+        _row(
+            f"{at}: latency p99 (s), continuous vs static", _p99(cont.latencies), _p99(static.latencies), "info", note
+        ),
+        _row(
+            f"{at}: latency p99 (s), continuous vs one-at-a-time",
+            _p99(cont.latencies),
+            _p99(single.latencies),
+            "info",
+            note,
+        ),
+        _row(
+            f"{at}: first token p50 (s), continuous vs static",
+            statistics.median(cont.first_tokens),
+            statistics.median(static.first_tokens),
+            "info",
+            note,
+        ),
+        _row(
+            f"{at}: first token p99 (s), continuous vs static",
+            _p99(cont.first_tokens),
+            _p99(static.first_tokens),
+            "info",
+            note,
+        ),
         _row(f"{at}: generated tokens/s, continuous vs static", cont.tokens_per_s, static.tokens_per_s, "info", note),
     ]
 
@@ -411,9 +487,11 @@ def _run(quick: bool) -> list[dict]:
         _build_model(model_dir, vocab=1024 if quick else 4096)
         plain_start = _plain_startup(model_dir)
         batch = f"serve.max_batch_size={CLIENTS}"
-        with (_server(model_dir, Path(tmp), "continuous", batch) as (cont_url, startup),
-              _server(model_dir, Path(tmp), "static", batch, "serve.batching=static") as (static_url, _),
-              _server(model_dir, Path(tmp), "one-at-a-time", "serve.max_batch_size=1") as (single_url, _)):
+        with (
+            _server(model_dir, Path(tmp), "continuous", batch) as (cont_url, startup),
+            _server(model_dir, Path(tmp), "static", batch, "serve.batching=static") as (static_url, _),
+            _server(model_dir, Path(tmp), "one-at-a-time", "serve.max_batch_size=1") as (single_url, _),
+        ):
             urls = {"continuous": cont_url, "static": static_url, "one-at-a-time": single_url}
             base = _Baselines(model_dir, n)
             sequential, static, alone = [], [], []
@@ -426,8 +504,10 @@ def _run(quick: bool) -> list[dict]:
                 for name in closed:
                     closed[name].append(asyncio.run(_closed_loop(urls[name], base.prompts, n, per_client)))
             capacity = max(load.requests_per_s for load in closed["continuous"])
-            open_runs = {share: _open_loop_rounds(urls, base.prompts, n, share * capacity, open_count)
-                         for share in OPEN_LOOP_LOADS}
+            open_runs = {
+                share: _open_loop_rounds(urls, base.prompts, n, share * capacity, open_count)
+                for share in OPEN_LOOP_LOADS
+            }
             idle_probes, busy_probes = _health_under_abuse(cont_url, 2 if quick else 5)
     load_avg = f"load avg {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     note = f"small preset, {n} tokens/request, {base.precision}, {THREADS} thread, {load_avg}"
@@ -436,30 +516,76 @@ def _run(quick: bool) -> list[dict]:
     p99 = {name: min(_p99(load.latencies) for load in loads) for name, loads in closed.items()}
     p50 = {name: min(statistics.median(load.latencies) for load in loads) for name, loads in closed.items()}
     rows = [
-        _row("generated tokens/s, 8 clients (continuous) vs sequential generate", fastest["continuous"],
-             max(sequential), ">= 3.5x", closed_note),
-        _row("generated tokens/s, 8 clients (continuous) vs static batch of 8", fastest["continuous"],
-             max(static), ">= 0.9x", closed_note),
-        _row("request latency p99 (s), 8 clients (continuous) vs one request alone", p99["continuous"], min(alone),
-             "<= 1.3x", closed_note),
-        _row("request latency p99 (s), 8 clients (static server) vs one request alone", p99["static"], min(alone),
-             "info", closed_note),
-        _row("request latency p50 (s), 8 clients (continuous) vs one request alone", p50["continuous"], min(alone),
-             "info", closed_note),
-        _row("generated tokens/s, 8 clients, continuous vs static server", fastest["continuous"], fastest["static"],
-             "info", closed_note),
-        _row("floor: one static batch of 8 (plain generate, s) vs one request alone", CLIENTS * n / max(static),
-             min(alone), "info", closed_note),
+        _row(
+            "generated tokens/s, 8 clients (continuous) vs sequential generate",
+            fastest["continuous"],
+            max(sequential),
+            ">= 3.5x",
+            closed_note,
+        ),
+        _row(
+            "generated tokens/s, 8 clients (continuous) vs static batch of 8",
+            fastest["continuous"],
+            max(static),
+            ">= 0.9x",
+            closed_note,
+        ),
+        _row(
+            "request latency p99 (s), 8 clients (continuous) vs one request alone",
+            p99["continuous"],
+            min(alone),
+            "<= 1.3x",
+            closed_note,
+        ),
+        _row(
+            "request latency p99 (s), 8 clients (static server) vs one request alone",
+            p99["static"],
+            min(alone),
+            "info",
+            closed_note,
+        ),
+        _row(
+            "request latency p50 (s), 8 clients (continuous) vs one request alone",
+            p50["continuous"],
+            min(alone),
+            "info",
+            closed_note,
+        ),
+        _row(
+            "generated tokens/s, 8 clients, continuous vs static server",
+            fastest["continuous"],
+            fastest["static"],
+            "info",
+            closed_note,
+        ),
+        _row(
+            "floor: one static batch of 8 (plain generate, s) vs one request alone",
+            CLIENTS * n / max(static),
+            min(alone),
+            "info",
+            closed_note,
+        ),
     ]
     for share, runs in open_runs.items():
-        rows += _open_loop_rows(share, runs, f"{note}, {open_count} Poisson arrivals at {share * capacity:.1f}/s, "
-                                             f"best of {ROUNDS} rounds")
+        rows += _open_loop_rows(
+            share, runs, f"{note}, {open_count} Poisson arrivals at {share * capacity:.1f}/s, best of {ROUNDS} rounds"
+        )
     rows.append(_row("process start to ready (s) vs plain transformers load", startup, plain_start, "info", note))
     probe_note = f"{load_avg}, {len(idle_probes)} idle and {len(busy_probes)} abused probes, 3 clients x 20 MB bodies"
     rows += [
-        _row("readiness probe p50 (s), during 20 MB-body abuse vs idle", statistics.median(busy_probes),
-             statistics.median(idle_probes), "<= 10x", probe_note),
-        _row("readiness probe max (s), during 20 MB-body abuse vs idle", max(busy_probes), max(idle_probes), "info",
-             probe_note),
+        _row(
+            "readiness probe p50 (s), during 20 MB-body abuse vs idle",
+            statistics.median(busy_probes),
+            statistics.median(idle_probes),
+            "<= 10x",
+            probe_note,
+        ),
+        _row(
+            "readiness probe max (s), during 20 MB-body abuse vs idle",
+            max(busy_probes),
+            max(idle_probes),
+            "info",
+            probe_note,
+        ),
     ]
     return rows

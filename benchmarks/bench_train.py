@@ -48,9 +48,16 @@ LOSS_TOLERANCE = 0.02
 
 
 def _row(measure: str, kubellm: float, baseline: float | None, goal: str, ok: bool, note: str = "") -> dict:
-    return {"benchmark": "train", "measure": measure, "kubellm": round(kubellm, 4),
-            "baseline": round(baseline, 4) if baseline is not None else None,
-            "ratio": round(kubellm / baseline, 3) if baseline else None, "goal": goal, "ok": ok, "note": note}
+    return {
+        "benchmark": "train",
+        "measure": measure,
+        "kubellm": round(kubellm, 4),
+        "baseline": round(baseline, 4) if baseline is not None else None,
+        "ratio": round(kubellm / baseline, 3) if baseline else None,
+        "goal": goal,
+        "ok": ok,
+        "note": note,
+    }
 
 
 # -- peaks -------------------------------------------------------------------------------------------
@@ -77,19 +84,44 @@ def prepare_data(work: Path, quick: bool) -> tuple[Path, Path]:
     from kubellm.data.prepare import prepare
 
     common = {"block_size": BLOCK, "cleaning": {"max_chars": 10**7}, "split": {"validation_fraction": 0.02}}
-    pre = prepare(DataConfig.model_validate({
-        **common, "kind": "pretrain", "sources": [{"uri": "builtin://stdlib"}], "max_docs": 40 if quick else 120,
-        "tokenizer": {"vocab_size": VOCAB}}), work / "pretrain")
-    ins = prepare(DataConfig.model_validate({
-        **common, "kind": "instruct", "sources": [{"uri": "builtin://stdlib-instruct"}],
-        "max_docs": 400 if quick else 1500}), work / "instruct", tokenizer_dir=pre.path / "tokenizer")
+    pre = prepare(
+        DataConfig.model_validate(
+            {
+                **common,
+                "kind": "pretrain",
+                "sources": [{"uri": "builtin://stdlib"}],
+                "max_docs": 40 if quick else 120,
+                "tokenizer": {"vocab_size": VOCAB},
+            }
+        ),
+        work / "pretrain",
+    )
+    ins = prepare(
+        DataConfig.model_validate(
+            {
+                **common,
+                "kind": "instruct",
+                "sources": [{"uri": "builtin://stdlib-instruct"}],
+                "max_docs": 400 if quick else 1500,
+            }
+        ),
+        work / "instruct",
+        tokenizer_dir=pre.path / "tokenizer",
+    )
     return pre.path, ins.path
 
 
 # -- kubellm -----------------------------------------------------------------------------------------
 def _loop(steps: int, log_every: int, precision: str, mbs: int = MBS) -> dict:
-    return {"max_steps": steps, "micro_batch_size": mbs, "log_every": log_every, "checkpoint_every": 10**6,
-            "eval_batches": 1, "precision": precision, "seed": SEED}
+    return {
+        "max_steps": steps,
+        "micro_batch_size": mbs,
+        "log_every": log_every,
+        "checkpoint_every": 10**6,
+        "eval_batches": 1,
+        "precision": precision,
+        "seed": SEED,
+    }
 
 
 class Marks(NullTracker):
@@ -111,15 +143,15 @@ class Marks(NullTracker):
         return s0, s1, c1 - c0
 
 
-def kubellm_pretrain(data: Path, out: Path, precision: str, steps: int, log_every: int, preset: str = "small",
-                     mbs: int = MBS) -> tuple[float, list]:
+def kubellm_pretrain(
+    data: Path, out: Path, precision: str, steps: int, log_every: int, preset: str = "small", mbs: int = MBS
+) -> tuple[float, list]:
     import json
 
     from kubellm.config.train import PretrainConfig
     from kubellm.train.pretrain import pretrain
 
-    cfg = PretrainConfig.model_validate({"model": {"preset": preset},
-                                         "loop": _loop(steps, log_every, precision, mbs)})
+    cfg = PretrainConfig.model_validate({"model": {"preset": preset}, "loop": _loop(steps, log_every, precision, mbs)})
     clock = Marks()
     pretrain(cfg, data, out, clock)
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
@@ -132,8 +164,9 @@ def kubellm_lora(base: Path, data: Path, out: Path, precision: str, steps: int, 
     from kubellm.config.train import FinetuneConfig
     from kubellm.train.finetune import finetune
 
-    cfg = FinetuneConfig.model_validate({"lora": {"target_modules": LORA_TARGETS},
-                                         "loop": _loop(steps, log_every, precision)})
+    cfg = FinetuneConfig.model_validate(
+        {"lora": {"target_modules": LORA_TARGETS}, "loop": _loop(steps, log_every, precision)}
+    )
     clock = Marks()
     finetune(cfg, base, data, out, clock)
     s0, s1, seconds = clock.window()
@@ -157,7 +190,8 @@ def _plain_optimizer(params: list, steps: int) -> tuple[Any, Any]:
 
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / 10 if s < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / max(1, steps - 10))))
+        opt, lambda s: (s + 1) / 10 if s < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / max(1, steps - 10)))
+    )
     return opt, sched
 
 
@@ -196,8 +230,9 @@ def _rows(data: Path, n: int) -> list[dict]:
     return [train[i] for i in order]
 
 
-def plain_pretrain(data: Path, steps: int, warmup: int, precision: str = "fp32", preset: str = "small",
-                   mbs: int = MBS) -> float:
+def plain_pretrain(
+    data: Path, steps: int, warmup: int, precision: str = "fp32", preset: str = "small", mbs: int = MBS
+) -> float:
     import json
 
     import torch
@@ -206,13 +241,19 @@ def plain_pretrain(data: Path, steps: int, warmup: int, precision: str = "fp32",
     from kubellm.models.causal_lm import build_model
 
     m = json.loads((data / "manifest.json").read_text())
-    model = build_model(ModelConfig(preset=preset), vocab_size=m["vocab_size"], block_size=BLOCK,
-                        bos_token_id=m["bos_token_id"], eos_token_id=m["eos_token_id"],
-                        pad_token_id=m["pad_token_id"], seed=SEED)
+    model = build_model(
+        ModelConfig(preset=preset),
+        vocab_size=m["vocab_size"],
+        block_size=BLOCK,
+        bos_token_id=m["bos_token_id"],
+        eos_token_id=m["eos_token_id"],
+        pad_token_id=m["pad_token_id"],
+        seed=SEED,
+    )
     rows = _rows(data, steps * mbs)
     batches = []
     for i in range(steps):
-        ids = torch.tensor([r["input_ids"] for r in rows[i * mbs:(i + 1) * mbs]], dtype=torch.long)
+        ids = torch.tensor([r["input_ids"] for r in rows[i * mbs : (i + 1) * mbs]], dtype=torch.long)
         batches.append({"input_ids": ids, "labels": ids})
     return _plain_train(model, batches, steps, warmup, precision)
 
@@ -227,12 +268,14 @@ def plain_lora(base: Path, data: Path, steps: int, warmup: int, precision: str =
     pad = json.loads((data / "manifest.json").read_text())["pad_token_id"]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     torch.manual_seed(SEED)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                       target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"),
+    )
     rows = _rows(data, steps * MBS)
     batches = []
     for i in range(steps):
-        chunk = rows[i * MBS:(i + 1) * MBS]
+        chunk = rows[i * MBS : (i + 1) * MBS]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.full((len(chunk), width), pad)
         labels = torch.full((len(chunk), width), -100)
@@ -257,8 +300,9 @@ def flops_per_token(model_dir: Path, seq: float, lora_params: int | None = None)
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         names = list(f.keys())
         untied = any(k.endswith("lm_head.weight") for k in names)
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in names
-                if not (untied and k.endswith("embed_tokens.weight")))
+        n = sum(
+            math.prod(f.get_slice(k).get_shape()) for k in names if not (untied and k.endswith("embed_tokens.weight"))
+        )
     attention = 12 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]
     if lora_params is None:
         return 6 * n + attention
@@ -290,16 +334,18 @@ def run(quick: bool) -> list[dict]:
                 clock = timer
                 torch.set_num_threads(n_threads)
                 load = f"{n_threads} thread(s); load avg {os.getloadavg()[0]:.1f}" if unit == "/s" else "1 thread"
-                rows += _measure(work / f"runs{n_threads}{unit[1:]}", pre, ins, quick, steps, log_every, rounds, unit,
-                                 load)
+                rows += _measure(
+                    work / f"runs{n_threads}{unit[1:]}", pre, ins, quick, steps, log_every, rounds, unit, load
+                )
         finally:
             torch.set_num_threads(threads)
             clock = time.process_time
     return rows
 
 
-def _measure(work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_every: int, rounds: int, unit: str,
-             where: str) -> list[dict]:
+def _measure(
+    work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_every: int, rounds: int, unit: str, where: str
+) -> list[dict]:
     import torch
 
     best: dict[str, float] = {}
@@ -308,8 +354,10 @@ def _measure(work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_ever
     def keep(name: str, value: float) -> None:
         best[name] = max(best.get(name, 0.0), value)
 
-    peak = {"fp32": matmul_peak(torch.float32, 0.5 if quick else 2.0),
-            "bf16": matmul_peak(torch.bfloat16, 0.5 if quick else 2.0)}
+    peak = {
+        "fp32": matmul_peak(torch.float32, 0.5 if quick else 2.0),
+        "bf16": matmul_peak(torch.bfloat16, 0.5 if quick else 2.0),
+    }
     base = work / "base"  # the first fp32 pretraining run is the LoRA base
     big = work / f"big-{BIG}"  # its config and weights give the 125m FLOPs
     for r in range(rounds):
@@ -320,8 +368,10 @@ def _measure(work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_ever
             # the plain loops stop where kubellm's measured window ends: the same rows, timed alike
             keep(f"pretrain plain {precision}", plain_pretrain(pre, steps - log_every, log_every, precision))
         for precision in ("fp32", "bf16"):
-            keep(f"LoRA {precision}", kubellm_lora(base, ins, work / f"lora-{precision}-{r}", precision, steps,
-                                                   log_every))
+            keep(
+                f"LoRA {precision}",
+                kubellm_lora(base, ins, work / f"lora-{precision}-{r}", precision, steps, log_every),
+            )
             keep(f"LoRA plain {precision}", plain_lora(base, ins, steps - log_every, log_every, precision))
         if r == 0 or not quick:  # the 125m preset: a few steps, kubellm bf16 against the plain bf16 loop
             out = big if r == 0 else work / f"big-{BIG}-{r}"
@@ -330,8 +380,16 @@ def _measure(work: Path, pre: Path, ins: Path, quick: bool, steps: int, log_ever
     return _report(best, curves, peak, base, big, ins, unit, where)
 
 
-def _report(best: dict[str, float], curves: dict[str, list], peak: dict[str, float], base: Path, big: Path,
-            ins: Path, unit: str, where: str) -> list[dict]:
+def _report(
+    best: dict[str, float],
+    curves: dict[str, list],
+    peak: dict[str, float],
+    base: Path,
+    big: Path,
+    ins: Path,
+    unit: str,
+    where: str,
+) -> list[dict]:
     from kubellm.config.train import LoraConfig
     from kubellm.models.causal_lm import load_causal_lm
     from kubellm.models.precision import cpu_has_native_bf16
@@ -339,39 +397,74 @@ def _report(best: dict[str, float], curves: dict[str, list], peak: dict[str, flo
 
     lora = apply_lora(load_causal_lm(base, device="cpu").model, LoraConfig(target_modules=LORA_TARGETS), seed=0)
     lora_n = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    flops = {"pretrain": flops_per_token(base, BLOCK), "LoRA": flops_per_token(base, _mean_len(ins), lora_n),
-             BIG: flops_per_token(big, BLOCK)}
+    flops = {
+        "pretrain": flops_per_token(base, BLOCK),
+        "LoRA": flops_per_token(base, _mean_len(ins), lora_n),
+        BIG: flops_per_token(big, BLOCK),
+    }
 
     bf16_note = "" if cpu_has_native_bf16() else "; no native bf16 on this CPU: bf16 is emulated"
     deviation = max(abs(a - b) / b for a, b in zip(curves["bf16"], curves["fp32"], strict=True))
     rows = []
-    goals = {"pretrain": (("fp32", "fp32", 0.95), ("bf16", "fp32", 2.0), ("bf16", "bf16", 1.0)),
-             "LoRA": (("fp32", "fp32", 0.95), ("bf16", "fp32", 1.8), ("bf16", "bf16", 1.0))}
+    goals = {
+        "pretrain": (("fp32", "fp32", 0.95), ("bf16", "fp32", 2.0), ("bf16", "bf16", 1.0)),
+        "LoRA": (("fp32", "fp32", 0.95), ("bf16", "fp32", 1.8), ("bf16", "bf16", 1.0)),
+    }
     for stage, plain in (("pretrain", "plain"), ("LoRA", "plain peft")):
         for precision, ref_precision, goal in goals[stage]:
             got, ref = best[f"{stage} {precision}"], best[f"{stage} plain {ref_precision}"]
             baseline = f"{plain} {ref_precision}" + (" autocast" if ref_precision == "bf16" else "")
             note = where + (", non-pad tokens" if stage == "LoRA" else "") + (bf16_note if precision == "bf16" else "")
-            rows.append(_row(f"{stage} tokens{unit} {precision} vs {baseline}", got, ref, f"≥ {goal}",
-                             got >= goal * ref, note))
+            rows.append(
+                _row(f"{stage} tokens{unit} {precision} vs {baseline}", got, ref, f"≥ {goal}", got >= goal * ref, note)
+            )
         if stage == "pretrain":
-            rows.append(_row(f"pretrain loss bf16 vs fp32 (max rel. dev., {unit[1:]})", deviation, LOSS_TOLERANCE,
-                             "≤ 1 (2 %)", deviation <= LOSS_TOLERANCE,
-                             f"{len(curves['fp32'])} logged steps, same seed and data"))
-    rows.append(_row(f"matmul peak GFLOP{unit} bf16 vs fp32", peak["bf16"], peak["fp32"], "", True,
-                     f"torch.matmul 1024², same run; {where}"))
+            rows.append(
+                _row(
+                    f"pretrain loss bf16 vs fp32 (max rel. dev., {unit[1:]})",
+                    deviation,
+                    LOSS_TOLERANCE,
+                    "≤ 1 (2 %)",
+                    deviation <= LOSS_TOLERANCE,
+                    f"{len(curves['fp32'])} logged steps, same seed and data",
+                )
+            )
+    rows.append(
+        _row(
+            f"matmul peak GFLOP{unit} bf16 vs fp32",
+            peak["bf16"],
+            peak["fp32"],
+            "",
+            True,
+            f"torch.matmul 1024², same run; {where}",
+        )
+    )
 
     def mfu(rate: float, precision: str, stage: str) -> float:
         return rate * flops[stage] / 1e9 / peak[precision]
 
     for stage in ("pretrain", "LoRA"):
         for precision in ("fp32", "bf16"):
-            rows.append(_row(f"MFU {stage} {precision} (of the {precision} peak, {unit[1:]})",
-                             mfu(best[f"{stage} {precision}"], precision, stage),
-                             mfu(best[f"{stage} plain {precision}"], precision, stage), "", True,
-                             f"{flops[stage] / 1e6:.1f} MFLOP/token; baseline: the plain {precision} loop"))
+            rows.append(
+                _row(
+                    f"MFU {stage} {precision} (of the {precision} peak, {unit[1:]})",
+                    mfu(best[f"{stage} {precision}"], precision, stage),
+                    mfu(best[f"{stage} plain {precision}"], precision, stage),
+                    "",
+                    True,
+                    f"{flops[stage] / 1e6:.1f} MFLOP/token; baseline: the plain {precision} loop",
+                )
+            )
     got, ref = mfu(best[f"{BIG} bf16"], "bf16", BIG), mfu(best[f"{BIG} plain bf16"], "bf16", BIG)
-    rows.append(_row(f"MFU pretrain {BIG} bf16 (of the bf16 peak, {unit[1:]})", got, ref, "≥ 0.35", got >= 0.35,
-                     f"{flops[BIG] / 1e6:.0f} MFLOP/token, {BIG_MBS} × {BLOCK} tokens/step; baseline: the plain "
-                     f"bf16-autocast loop; {where}"))
+    rows.append(
+        _row(
+            f"MFU pretrain {BIG} bf16 (of the bf16 peak, {unit[1:]})",
+            got,
+            ref,
+            "≥ 0.35",
+            got >= 0.35,
+            f"{flops[BIG] / 1e6:.0f} MFLOP/token, {BIG_MBS} × {BLOCK} tokens/step; baseline: the plain "
+            f"bf16-autocast loop; {where}",
+        )
+    )
     return rows

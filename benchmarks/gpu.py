@@ -50,8 +50,7 @@ from typing import Any
 TORCHTITAN_8B = {"fsdp": 5762.0, "fsdp+compile": 6667.0}
 TORCHTITAN_MFU = "33–39 %"
 #: Nominal dense bf16 peaks (TFLOP/s, no sparsity) by a substring of ``torch.cuda.get_device_name``.
-NOMINAL_PEAKS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
-                 "A10": 125.0}
+NOMINAL_PEAKS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +70,41 @@ class Shape:
     """Dimension overrides per preset (tiny shapes keep each preset's layout at toy width)."""
 
 
-FULL = Shape(vocab=32768, seq=2048, batch={"125m": 16, "1b": 8}, warmup=3, steps=10, matmul=8192, requests=64,
-             new_tokens=128, presets={"125m": {}, "1b": {}})
-TINY = Shape(vocab=600, seq=64, batch={"125m": 2, "1b": 2}, warmup=1, steps=2, matmul=256, requests=4,
-             new_tokens=4, presets={"125m": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
-                                             "intermediate_size": 128},
-                                    "1b": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                                           "intermediate_size": 128}})
+FULL = Shape(
+    vocab=32768,
+    seq=2048,
+    batch={"125m": 16, "1b": 8},
+    warmup=3,
+    steps=10,
+    matmul=8192,
+    requests=64,
+    new_tokens=128,
+    presets={"125m": {}, "1b": {}},
+)
+TINY = Shape(
+    vocab=600,
+    seq=64,
+    batch={"125m": 2, "1b": 2},
+    warmup=1,
+    steps=2,
+    matmul=256,
+    requests=4,
+    new_tokens=4,
+    presets={
+        "125m": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 128},
+        "1b": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128},
+    },
+)
 
 
 def _row(measure: str, value: float | None, unit: str, note: str = "") -> dict[str, Any]:
-    return {"benchmark": "gpu", "measure": measure, "value": None if value is None else round(value, 4),
-            "unit": unit, "note": note}
+    return {
+        "benchmark": "gpu",
+        "measure": measure,
+        "value": None if value is None else round(value, 4),
+        "unit": unit,
+        "note": note,
+    }
 
 
 def _sync(device: str) -> None:
@@ -128,8 +150,14 @@ def build(preset: str, shape: Shape, device: str, dtype: Any = None) -> Any:
     from kubellm.config.train import ModelConfig
     from kubellm.models.causal_lm import build_model
 
-    model = build_model(ModelConfig(preset=preset, **shape.presets[preset]), vocab_size=shape.vocab,
-                        block_size=shape.seq, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    model = build_model(
+        ModelConfig(preset=preset, **shape.presets[preset]),
+        vocab_size=shape.vocab,
+        block_size=shape.seq,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     model.config.use_cache = False
     return model.to(device=device, dtype=dtype)
 
@@ -176,8 +204,15 @@ def _fits(preset: str, shape: Shape, gpus: int, batch: int, gib: float) -> bool:
     from kubellm.train.memory import GIB, ModelShape, Plan, estimate
 
     d = model_dimensions(ModelConfig(preset=preset, **shape.presets.get(preset, {})))
-    dims = ModelShape(shape.vocab, d["hidden_size"], d["num_layers"], d["num_heads"], d["num_kv_heads"],
-                      d["intermediate_size"], preset in _TIED)
+    dims = ModelShape(
+        shape.vocab,
+        d["hidden_size"],
+        d["num_layers"],
+        d["num_heads"],
+        d["num_kv_heads"],
+        d["intermediate_size"],
+        preset in _TIED,
+    )
     return estimate(Plan("pretrain", dims, shape.seq, batch, "bf16", "fsdp", gpus, True)).total <= gib * GIB
 
 
@@ -189,37 +224,78 @@ def sharded(shape: Shape, device: str, tiny: bool, peaks: dict[str, float | None
     cuda = device.startswith("cuda")
     gpus = torch.cuda.device_count() if cuda else 2
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else float("inf")
-    preset, batch = next(((p, b) for p in ("8b", "1b", "125m") for b in (4, 2, 1) if _fits(p, shape, gpus, b, gib)),
-                         ("125m", 1))
+    preset, batch = next(
+        ((p, b) for p in ("8b", "1b", "125m") for b in (4, 2, 1) if _fits(p, shape, gpus, b, gib)), ("125m", 1)
+    )
     if tiny:
         preset = "1b"  # at toy width
     rows = []
     for variant in ("fsdp", "fsdp+compile"):
-        rows.append(_row(f"torchtitan Llama-3.1-8B {variant} tokens/s per GPU (published, 8 × H100)",
-                         TORCHTITAN_8B[variant], "tokens/s", f"not measured here; MFU {TORCHTITAN_MFU}, "
-                         "8192-token sequences"))
+        rows.append(
+            _row(
+                f"torchtitan Llama-3.1-8B {variant} tokens/s per GPU (published, 8 × H100)",
+                TORCHTITAN_8B[variant],
+                "tokens/s",
+                f"not measured here; MFU {TORCHTITAN_MFU}, 8192-token sequences",
+            )
+        )
         if variant == "fsdp+compile" and not cuda:
-            rows.append(_row(f"pretrain {preset} {variant} bf16 tokens/s per GPU: SKIPPED", None, "tokens/s",
-                             "inductor on a CPU compiles for minutes; make bench measures compile on CPU"))
+            rows.append(
+                _row(
+                    f"pretrain {preset} {variant} bf16 tokens/s per GPU: SKIPPED",
+                    None,
+                    "tokens/s",
+                    "inductor on a CPU compiles for minutes; make bench measures compile on CPU",
+                )
+            )
             continue
         with tempfile.TemporaryDirectory(prefix="kubellm-fsdp-") as tmp:
             spec = Path(tmp) / "spec.json"
-            spec.write_text(json.dumps({"preset": preset, "batch": batch, "compile": variant.endswith("compile"),
-                                        "device": device, "shape": dataclasses.asdict(shape)}))
+            spec.write_text(
+                json.dumps(
+                    {
+                        "preset": preset,
+                        "batch": batch,
+                        "compile": variant.endswith("compile"),
+                        "device": device,
+                        "shape": dataclasses.asdict(shape),
+                    }
+                )
+            )
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-            proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
-                                   "--nproc_per_node", str(gpus), __file__, "--fsdp-worker", str(spec)],
-                                  env=env, capture_output=True, text=True, timeout=1800)
+            proc = subprocess.run(
+                [
+                    str(Path(sys.executable).parent / "torchrun"),
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(gpus),
+                    __file__,
+                    "--fsdp-worker",
+                    str(spec),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"fsdp worker failed: {proc.stderr[-2000:]}")
             got = json.loads((Path(tmp) / "result.json").read_text())
-        note = (f"{gpus} {'GPUs' if cuda else 'CPU processes'}, {batch} × {shape.seq} tokens per GPU, "
-                f"gradient checkpointing, {got['flops'] / 1e9:.1f} GFLOP/token")
+        note = (
+            f"{gpus} {'GPUs' if cuda else 'CPU processes'}, {batch} × {shape.seq} tokens per GPU, "
+            f"gradient checkpointing, {got['flops'] / 1e9:.1f} GFLOP/token"
+        )
         rows.append(_row(f"pretrain {preset} {variant} bf16 tokens/s per GPU", got["rate"], "tokens/s", note))
         for name, peak in peaks.items():
             if peak:
-                rows.append(_row(f"MFU pretrain {preset} {variant} bf16 (of the {name} peak)",
-                                 got["rate"] * got["flops"] / 1e12 / peak, "fraction", note))
+                rows.append(
+                    _row(
+                        f"MFU pretrain {preset} {variant} bf16 (of the {name} peak)",
+                        got["rate"] * got["flops"] / 1e12 / peak,
+                        "fraction",
+                        note,
+                    )
+                )
     return rows
 
 
@@ -276,9 +352,14 @@ def pretraining(shape: Shape, device: str, peaks: dict[str, float | None]) -> li
         rows.append(_row(f"pretrain {preset} bf16 tokens/s", rate, "tokens/s", note))
         for name, peak in peaks.items():
             if peak:
-                rows.append(_row(f"MFU pretrain {preset} bf16 (of the {name} peak)", rate * flops / 1e12 / peak,
-                                 "fraction", f"peak {peak:.1f} TFLOP/s" + ("; goal ≥ 0.40 on an H200"
-                                                                          if name == "nominal" else "")))
+                rows.append(
+                    _row(
+                        f"MFU pretrain {preset} bf16 (of the {name} peak)",
+                        rate * flops / 1e12 / peak,
+                        "fraction",
+                        f"peak {peak:.1f} TFLOP/s" + ("; goal ≥ 0.40 on an H200" if name == "nominal" else ""),
+                    )
+                )
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -304,8 +385,13 @@ def qlora(shape: Shape, device: str, work: Path) -> dict[str, Any]:
     from kubellm.models.causal_lm import load_causal_lm
     from kubellm.train.lora import apply_lora, quantization_config
 
-    missing = ("no CUDA device" if not device.startswith("cuda")
-               else "bitsandbytes is not installed" if importlib.util.find_spec("bitsandbytes") is None else None)
+    missing = (
+        "no CUDA device"
+        if not device.startswith("cuda")
+        else "bitsandbytes is not installed"
+        if importlib.util.find_spec("bitsandbytes") is None
+        else None
+    )
     base = work / "base-1b"
     build("1b", shape, "cpu", torch.bfloat16).save_pretrained(str(base))
     _tokenizer(shape).save_pretrained(str(base))
@@ -319,10 +405,18 @@ def qlora(shape: Shape, device: str, work: Path) -> dict[str, Any]:
     model = apply_lora(model, LoraConfig(), seed=0)
     rate = train_rate(model, shape, shape.batch["1b"], device)
     if missing is None:
-        return _row("QLoRA 1b (NF4, bf16 compute) tokens/s", rate, "tokens/s",
-                    f"{shape.batch['1b']} × {shape.seq} tokens/step, LoRA r=8 on every projection")
-    return _row("QLoRA 1b: SKIPPED (LoRA without 4-bit measured instead)", rate, "tokens/s",
-                f"QLoRA needs CUDA and bitsandbytes: {missing}")
+        return _row(
+            "QLoRA 1b (NF4, bf16 compute) tokens/s",
+            rate,
+            "tokens/s",
+            f"{shape.batch['1b']} × {shape.seq} tokens/step, LoRA r=8 on every projection",
+        )
+    return _row(
+        "QLoRA 1b: SKIPPED (LoRA without 4-bit measured instead)",
+        rate,
+        "tokens/s",
+        f"QLoRA needs CUDA and bitsandbytes: {missing}",
+    )
 
 
 def predictor(shape: Shape, device: str) -> list[dict[str, Any]]:
@@ -335,13 +429,16 @@ def predictor(shape: Shape, device: str) -> list[dict[str, Any]]:
     # the model's vocabulary is the tokenizer's: every id it generates must decode
     model = build("125m", dataclasses.replace(shape, vocab=len(tokenizer)), device).eval()
     model.config.use_cache = True
-    prompts = [tokenizer(f"def function_{i}(x):\n    return", add_special_tokens=False)["input_ids"]
-               for i in range(shape.requests)]
+    prompts = [
+        tokenizer(f"def function_{i}(x):\n    return", add_special_tokens=False)["input_ids"]
+        for i in range(shape.requests)
+    ]
     params = SamplingParams(max_tokens=shape.new_tokens, min_tokens=shape.new_tokens)
 
     async def serve() -> tuple[float, list[float], int]:
-        engine = GenerationEngine(model, tokenizer, device=device, precision="bf16", max_batch_size=16,
-                                  max_queue=max(64, shape.requests))
+        engine = GenerationEngine(
+            model, tokenizer, device=device, precision="bf16", max_batch_size=16, max_queue=max(64, shape.requests)
+        )
         await engine.start()
         try:
             await engine.submit(prompts[0], params).result()  # warm-up
@@ -359,8 +456,10 @@ def predictor(shape: Shape, device: str) -> list[dict[str, Any]]:
     with torch.inference_mode():
         seconds, latencies, generated = asyncio.run(serve())
     note = f"{shape.requests} concurrent greedy requests × {shape.new_tokens} new tokens, 125m bf16"
-    return [_row("predictor generated tokens/s", generated / seconds, "tokens/s", note),
-            _row("predictor median request latency", statistics.median(latencies), "s", note)]
+    return [
+        _row("predictor generated tokens/s", generated / seconds, "tokens/s", note),
+        _row("predictor median request latency", statistics.median(latencies), "s", note),
+    ]
 
 
 def run(device: str, tiny: bool, peak_override: float | None) -> list[dict[str, Any]]:
@@ -368,12 +467,16 @@ def run(device: str, tiny: bool, peak_override: float | None) -> list[dict[str, 
 
     shape = TINY if tiny else FULL
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device visible (run on a GPU machine, or pass --device cpu --tiny "
-                         "for a dry run of the code)")
+        raise SystemExit(
+            "error: no CUDA device visible (run on a GPU machine, or pass --device cpu --tiny "
+            "for a dry run of the code)"
+        )
     measured = matmul_peak(device, shape.matmul)
     nominal, source = nominal_peak(device, peak_override)
-    rows = [_row("bf16 matmul peak, measured", measured, "TFLOP/s", f"torch.matmul {shape.matmul}²"),
-            _row("bf16 dense peak, nominal", nominal, "TFLOP/s", source)]
+    rows = [
+        _row("bf16 matmul peak, measured", measured, "TFLOP/s", f"torch.matmul {shape.matmul}²"),
+        _row("bf16 dense peak, nominal", nominal, "TFLOP/s", source),
+    ]
     rows += pretraining(shape, device, {"nominal": nominal, "measured matmul": measured})
     with tempfile.TemporaryDirectory(prefix="kubellm-gpu-") as tmp:
         rows.append(qlora(shape, device, Path(tmp)))

@@ -6,8 +6,9 @@ from kubellm.components._base import component
 
 
 @component
-def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, source_uri: str,
-               report: Output[Markdown]) -> bool:
+def check_data(
+    config: dict, tracking: dict, workdir: str, parent_run_id: str, source_uri: str, report: Output[Markdown]
+) -> bool:
     """Fingerprint the instruction data and compare it with what the current champion was trained on.
 
     Args:
@@ -30,9 +31,18 @@ def check_data(config: dict, tracking: dict, workdir: str, parent_run_id: str, s
 
 
 @component
-def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
-                 dataset: Output[Dataset], report: Output[Markdown], metrics: Output[Metrics],
-                 stage: str = "prep", platform: dict = {}, run_name: str = "") -> str:
+def prepare_data(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    source_uri: str,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+    stage: str = "prep",
+    platform: dict = {},
+    run_name: str = "",
+) -> str:
     """Prepare a pretraining corpus or instruction data with a newly trained (or configured) tokenizer.
 
     Reads the sources, cleans and de-duplicates, splits train/validation deterministically, trains a
@@ -60,17 +70,32 @@ def prepare_data(config: dict, tracking: dict, workdir: str, source_uri: str,
     from kubellm.stages import StageContext, data, publish
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
-    out = data.prep(config, dataset.path, ctx, stage=stage, source_uri=source_uri or None,
-                    platform=platform or None, run_name=run_name or "kubellm")
+    out = data.prep(
+        config,
+        dataset.path,
+        ctx,
+        stage=stage,
+        source_uri=source_uri or None,
+        platform=platform or None,
+        run_name=run_name or "kubellm",
+    )
     publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]
 
 
 @component
-def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri: str,
-                         tokenizer_from: Input[Artifact], dataset: Output[Dataset],
-                         report: Output[Markdown], metrics: Output[Metrics], platform: dict = {},
-                         run_name: str = "") -> str:
+def prepare_instructions(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    source_uri: str,
+    tokenizer_from: Input[Artifact],
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+    platform: dict = {},
+    run_name: str = "",
+) -> str:
     """Prepare instruction data with the tokenizer of an upstream dataset or model (one vocabulary).
 
     Prompt tokens are masked out of the loss; held-out examples are kept for generation metrics.
@@ -95,7 +120,15 @@ def prepare_instructions(config: dict, tracking: dict, workdir: str, source_uri:
     from kubellm.stages import StageContext, data, publish
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
-    out = data.prep(config, dataset.path, ctx, stage="prep_instruct", source_uri=source_uri or None,
-                    tokenizer_dir=tokenizer_from.path, platform=platform or None, run_name=run_name or "kubellm")
+    out = data.prep(
+        config,
+        dataset.path,
+        ctx,
+        stage="prep_instruct",
+        source_uri=source_uri or None,
+        tokenizer_dir=tokenizer_from.path,
+        platform=platform or None,
+        run_name=run_name or "kubellm",
+    )
     publish(out, report=report.path, metrics=metrics, artifact=dataset)
     return out.values["fingerprint"]

@@ -6,9 +6,21 @@ from kubellm.components._base import component
 
 
 @component
-def deploy(config: dict, tracking: dict, workdir: str, parent_run_id: str, model_uri: str, target: str,
-           evaluation: Input[Artifact], data: Input[Dataset], manifests: Output[Artifact], report: Output[Markdown],
-           eval_config: dict = {}, platform: dict = {}, run_name: str = "") -> str:
+def deploy(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    parent_run_id: str,
+    model_uri: str,
+    target: str,
+    evaluation: Input[Artifact],
+    data: Input[Dataset],
+    manifests: Output[Artifact],
+    report: Output[Markdown],
+    eval_config: dict = {},
+    platform: dict = {},
+    run_name: str = "",
+) -> str:
     """Roll out a registered model version and, when it is healthy, make it the ``champion``.
 
     On a cluster: create or patch the InferenceService (canary traffic first), wait until Ready,
@@ -39,8 +51,17 @@ def deploy(config: dict, tracking: dict, workdir: str, parent_run_id: str, model
     from kubellm.stages import StageContext, deploy, publish
 
     ctx = StageContext.from_param(tracking, workdir, parent_run_id)
-    out = deploy.deploy(config, manifests.path, ctx, target=target, model_uri=model_uri, platform=platform or None,
-                        run_name=run_name or None, eval_config=eval_config or None, evaluation_dir=evaluation.path,
-                        data_dir=data.path)
+    out = deploy.deploy(
+        config,
+        manifests.path,
+        ctx,
+        target=target,
+        model_uri=model_uri,
+        platform=platform or None,
+        run_name=run_name or None,
+        eval_config=eval_config or None,
+        evaluation_dir=evaluation.path,
+        data_dir=data.path,
+    )
     publish(out, report=report.path)
     return out.values["endpoint"]

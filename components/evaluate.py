@@ -8,9 +8,18 @@ from kubellm.components._base import component
 
 
 @component
-def evaluate(config: dict, tracking: dict, workdir: str, data: Input[Dataset], model: Input[Model],
-             base_model: Input[Model], results: Output[Artifact], metrics: Output[Metrics],
-             report: Output[Markdown], trial: dict = {}) -> bool:
+def evaluate(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    data: Input[Dataset],
+    model: Input[Model],
+    base_model: Input[Model],
+    results: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+    trial: dict = {},
+) -> bool:
     """Evaluate a candidate against its base model and apply the promotion gate.
 
     Held-out perplexity (token-weighted, same masking as training) for both models, and for
@@ -34,16 +43,31 @@ def evaluate(config: dict, tracking: dict, workdir: str, data: Input[Dataset], m
     from kubellm.stages import StageContext, evaluate, publish, trial_stage
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
-    out = evaluate.evaluate(config, model.path, data.path, results.path, ctx, base_model=base_model.path,
-                            stage=trial_stage("evaluate", trial or None))
+    out = evaluate.evaluate(
+        config,
+        model.path,
+        data.path,
+        results.path,
+        ctx,
+        base_model=base_model.path,
+        stage=trial_stage("evaluate", trial or None),
+    )
     publish(out, report=report.path, metrics=metrics, artifact=results)
     return out.values["passed"]
 
 
 @component
-def compare_with_champion(config: dict, tracking: dict, workdir: str, parent_run_id: str,
-                          data: Input[Dataset], base_model: Input[Model], candidate_results: Input[Artifact],
-                          results: Output[Artifact], report: Output[Markdown]) -> bool:
+def compare_with_champion(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    parent_run_id: str,
+    data: Input[Dataset],
+    base_model: Input[Model],
+    candidate_results: Input[Artifact],
+    results: Output[Artifact],
+    report: Output[Markdown],
+) -> bool:
     """Evaluate the current champion on the candidate's held-out data and say whether the candidate wins.
 
     Args:
@@ -69,8 +93,15 @@ def compare_with_champion(config: dict, tracking: dict, workdir: str, parent_run
 
 
 @component
-def select_best(evaluations: Input[List[Artifact]], adapters: Input[List[Model]], metric: str, mode: str,
-                best_adapter: Output[Model], best_evaluation: Output[Artifact], report: Output[Markdown]) -> bool:
+def select_best(
+    evaluations: Input[List[Artifact]],
+    adapters: Input[List[Model]],
+    metric: str,
+    mode: str,
+    best_adapter: Output[Model],
+    best_evaluation: Output[Artifact],
+    report: Output[Markdown],
+) -> bool:
     """Pick the sweep's best fine-tune among those that passed the gate.
 
     Args:
@@ -87,7 +118,8 @@ def select_best(evaluations: Input[List[Artifact]], adapters: Input[List[Model]]
     """
     from kubellm.stages import evaluate, publish
 
-    out = evaluate.select_best([e.path for e in evaluations], [a.path for a in adapters], metric, mode,
-                               best_adapter.path, best_evaluation.path)
+    out = evaluate.select_best(
+        [e.path for e in evaluations], [a.path for a in adapters], metric, mode, best_adapter.path, best_evaluation.path
+    )
     publish(out, report=report.path)
     return out.values["passed"]

@@ -6,8 +6,16 @@ from kubellm.components._base import component
 
 
 @component
-def register(tracking: dict, workdir: str, parent_run_id: str, model: Input[Model], base_model: Input[Model],
-             evaluation: Input[Artifact], data_fingerprint: str, report: Output[Markdown]) -> str:
+def register(
+    tracking: dict,
+    workdir: str,
+    parent_run_id: str,
+    model: Input[Model],
+    base_model: Input[Model],
+    evaluation: Input[Artifact],
+    data_fingerprint: str,
+    report: Output[Markdown],
+) -> str:
     """Log the model with MLflow and register a new version with the alias ``candidate``: a LoRA adapter
     as an adapter version recording its base version (the base registered once, as ``<name>-base``), or
     merged into its base with ``tracking.register_merged`` (a runtime that cannot load adapters).
@@ -31,7 +39,8 @@ def register(tracking: dict, workdir: str, parent_run_id: str, model: Input[Mode
     from kubellm.stages import StageContext, publish, registry
 
     ctx = StageContext.from_param(tracking, workdir, parent_run_id)
-    out = registry.register(model.path, ctx, base_model=base_model.path, evaluation_dir=evaluation.path,
-                            data_fingerprint=data_fingerprint)
+    out = registry.register(
+        model.path, ctx, base_model=base_model.path, evaluation_dir=evaluation.path, data_fingerprint=data_fingerprint
+    )
     publish(out, report=report.path)
     return out.values["uri"]

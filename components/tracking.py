@@ -6,8 +6,9 @@ from kubellm.components._base import component
 
 
 @component
-def start_run(run_config: dict, tracking: dict, workdir: str, pipeline_name: str, run_name: str,
-              kfp_run_id: str) -> str:
+def start_run(
+    run_config: dict, tracking: dict, workdir: str, pipeline_name: str, run_name: str, kfp_run_id: str
+) -> str:
     """Start the MLflow parent run of this pipeline run.
 
     Creates one parent run in the configured experiment, tagged with the pipeline name, the KFP run id,
@@ -28,13 +29,20 @@ def start_run(run_config: dict, tracking: dict, workdir: str, pipeline_name: str
     """
     from kubellm.stages import tracking as stage
 
-    return stage.start_run(run_config, tracking, workdir, pipeline=pipeline_name, run_name=run_name,
-                            kfp_run_id=kfp_run_id)
+    return stage.start_run(
+        run_config, tracking, workdir, pipeline=pipeline_name, run_name=run_name, kfp_run_id=kfp_run_id
+    )
 
 
 @component
-def finish_run(tracking: dict, workdir: str, pipeline_name: str, run_name: str, kfp_run_id: str,
-               status: dsl.PipelineTaskFinalStatus) -> str:
+def finish_run(
+    tracking: dict,
+    workdir: str,
+    pipeline_name: str,
+    run_name: str,
+    kfp_run_id: str,
+    status: dsl.PipelineTaskFinalStatus,
+) -> str:
     """Record the pipeline's final state on its MLflow parent run (runs as the exit handler).
 
     Marks the parent run FINISHED when every task succeeded, FAILED when one failed and KILLED when the
@@ -53,5 +61,12 @@ def finish_run(tracking: dict, workdir: str, pipeline_name: str, run_name: str, 
     """
     from kubellm.stages import tracking as stage
 
-    return stage.finish_run(tracking, workdir, pipeline=pipeline_name, run_name=run_name,
-                             kfp_run_id=kfp_run_id, state=status.state, error=status.error_message)
+    return stage.finish_run(
+        tracking,
+        workdir,
+        pipeline=pipeline_name,
+        run_name=run_name,
+        kfp_run_id=kfp_run_id,
+        state=status.state,
+        error=status.error_message,
+    )

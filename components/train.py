@@ -25,9 +25,17 @@ def fetch_model(ref: str, tracking: dict, workdir: str, model: Output[Model]) ->
 
 
 @component
-def pretrain(config: dict, tracking: dict, workdir: str, data: Input[Dataset],
-             model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
-             platform: dict = {}, run_name: str = "") -> None:
+def pretrain(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    data: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+    platform: dict = {},
+    run_name: str = "",
+) -> None:
     """Pretrain a Llama-architecture model from scratch on a prepared corpus.
 
     AdamW with warmup and cosine decay, gradient accumulation and clipping, bf16 where the hardware
@@ -55,9 +63,19 @@ def pretrain(config: dict, tracking: dict, workdir: str, data: Input[Dataset],
 
 
 @component
-def finetune(config: dict, tracking: dict, workdir: str, data: Input[Dataset], base_model: Input[Model],
-             adapter: Output[Model], metrics: Output[Metrics], report: Output[Markdown], trial: dict = {},
-             platform: dict = {}, run_name: str = "") -> None:
+def finetune(
+    config: dict,
+    tracking: dict,
+    workdir: str,
+    data: Input[Dataset],
+    base_model: Input[Model],
+    adapter: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+    trial: dict = {},
+    platform: dict = {},
+    run_name: str = "",
+) -> None:
     """LoRA fine-tune a causal LM on prepared instruction data (loss on responses only).
 
     Same resume and preemption behaviour as pretraining.
@@ -79,6 +97,14 @@ def finetune(config: dict, tracking: dict, workdir: str, data: Input[Dataset], b
     from kubellm.stages import StageContext, publish, train
 
     ctx = StageContext.from_param(tracking, workdir)  # the parent run: by KFP run id, outside the cache key
-    out = train.finetune(config, base_model.path, data.path, adapter.path, ctx, trial=trial or None,
-                         platform=platform or None, run_name=run_name or "kubellm")
+    out = train.finetune(
+        config,
+        base_model.path,
+        data.path,
+        adapter.path,
+        ctx,
+        trial=trial or None,
+        platform=platform or None,
+        run_name=run_name or "kubellm",
+    )
     publish(out, report=report.path, metrics=metrics, artifact=adapter)

@@ -88,8 +88,14 @@ def _artifact(doc: dict[str, Any]) -> dsl.Artifact:
     uri = doc.get("uri", "")
     if uri and doc.get("schema_title") not in _METADATA_ONLY and not Path(uri).exists():
         raise FileNotFoundError(uri)
-    return _kfp_local.create_artifact({"name": doc.get("name", ""), "uri": uri, "metadata": doc.get("metadata") or {},
-                                       "type": {"schemaTitle": doc.get("schema_title", "system.Artifact")}})
+    return _kfp_local.create_artifact(
+        {
+            "name": doc.get("name", ""),
+            "uri": uri,
+            "metadata": doc.get("metadata") or {},
+            "type": {"schemaTitle": doc.get("schema_title", "system.Artifact")},
+        }
+    )
 
 
 def _output(value: Any) -> Any:
@@ -123,8 +129,10 @@ class ResumeCache:
         self._local = threading.local()
         if resume_from is not None and not (self.runs_dir / resume_from / "cache").is_dir():
             known = sorted(p.parent.name for p in self.runs_dir.glob("*/cache"))
-            raise ConfigError(f"--resume {resume_from}: no earlier run of that name under {self.runs_dir} "
-                              f"(runs: {', '.join(known[-5:]) or 'none'})")
+            raise ConfigError(
+                f"--resume {resume_from}: no earlier run of that name under {self.runs_dir} "
+                f"(runs: {', '.join(known[-5:]) or 'none'})"
+            )
 
     # the key ------------------------------------------------------------------------------------------
     def _fingerprint(self, artifact: dsl.Artifact) -> list[str]:
@@ -144,18 +152,31 @@ class ResumeCache:
             return [self._input(v) for v in value]
         return value
 
-    def compute_key(self, component_name: str, image: str, full_command: list[str], arguments: dict[str, Any],
-                    env_vars: dict[str, str] | None = None, custom_cache_key: str | None = None) -> str:
+    def compute_key(
+        self,
+        component_name: str,
+        image: str,
+        full_command: list[str],
+        arguments: dict[str, Any],
+        env_vars: dict[str, str] | None = None,
+        custom_cache_key: str | None = None,
+    ) -> str:
         env = {k: v for k, v in (env_vars or {}).items() if k not in _RUN_SPECIFIC_ENV}
-        doc = {"component": _component(component_name), "image": image, "command": list(full_command),
-               "env": env, "custom": custom_cache_key or "",
-               "inputs": {k: self._input(v) for k, v in sorted(arguments.items())}}
+        doc = {
+            "component": _component(component_name),
+            "image": image,
+            "command": list(full_command),
+            "env": env,
+            "custom": custom_cache_key or "",
+            "inputs": {k: self._input(v) for k, v in sorted(arguments.items())},
+        }
         key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
         with self._lock:
             self._stage[key] = stage_of(component_name, arguments)
             # what the key was made of (but the command, the component's source): explains a miss
             self._inputs[key] = {k: v for k, v in doc.items() if k != "command"} | {
-                "command_sha256": hashlib.sha256(json.dumps(doc["command"]).encode()).hexdigest()}
+                "command_sha256": hashlib.sha256(json.dumps(doc["command"]).encode()).hexdigest()
+            }
         return key
 
     # the index ----------------------------------------------------------------------------------------
@@ -183,9 +204,10 @@ class ResumeCache:
         self._record(key, _kfp_local.serialize_outputs(outputs), self.run)
 
     def _record(self, key: str, outputs: dict[str, Any], origin: str) -> None:
-        write_json_atomic(Path(self.cache_root) / f"{key}.json",
-                          {"outputs": outputs, "stage": self._stage.get(key), "origin": origin,
-                           "key": self._inputs.get(key)})
+        write_json_atomic(
+            Path(self.cache_root) / f"{key}.json",
+            {"outputs": outputs, "stage": self._stage.get(key), "origin": origin, "key": self._inputs.get(key)},
+        )
 
     def begin_task(self) -> None:
         """Forget this thread's last hit: a task that is not cacheable never calls :meth:`get`."""
@@ -203,4 +225,3 @@ def original_stage_runs(runs_dir: str | Path, run: str) -> dict[str, str]:
         return {}
     rows = json.loads(path.read_text(encoding="utf-8")).get("stages", [])
     return {r["stage"]: r["run_id"] for r in rows if r.get("run_id")}
-

@@ -104,20 +104,22 @@ class Context:
         Kubeflow UI does not offer them as run parameters, since they also shape the compiled graph."""
         return {"platform": to_param(self.cfg.platform), "run_name": self.cfg.name}
 
-    def configure(self, task: Any, stage: str, display_name: str, retry: str = "default", *,
-                  cache: bool = False) -> Any:
+    def configure(
+        self, task: Any, stage: str, display_name: str, retry: str = "default", *, cache: bool = False
+    ) -> Any:
         """Display name, retries, caching (``cache``: a pure step, see the module docstring) and — on a
         cluster — placement and the KFP run id in the environment, for one task."""
         task.set_display_name(display_name)
         count, backoff = RETRIES[retry]
         if self.target == "local":
             backoff = "1s"  # the waits are for a cluster (preempted nodes, slow rollouts), not a laptop
-        task.set_retry(num_retries=count, backoff_duration=backoff, backoff_factor=2.0,
-                       backoff_max_duration="3600s")
+        task.set_retry(num_retries=count, backoff_duration=backoff, backoff_factor=2.0, backoff_max_duration="3600s")
         task.set_caching_options(cache and self.caching)
         if self.target == "cluster":
             apply_placement(task, stage, self.cfg)
-            kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ENV, field_path=f"metadata.labels['{RUN_ID_LABEL}']")
+            kubernetes.use_field_path_as_env(
+                task, env_name=KFP_RUN_ENV, field_path=f"metadata.labels['{RUN_ID_LABEL}']"
+            )
         return task
 
 

@@ -36,14 +36,18 @@ TAIL_LINES = 15
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: A log line in a task: KFP's executor re-formats the library's log records ("[KFP Executor time
 #: LEVEL]: message"); kubellm's own plain format is "time LEVEL kubellm.x: message".
-_PROGRESS = re.compile(r"^(?:\[KFP Executor [^\]]*\b(?:INFO|WARNING|ERROR)\]:|\S+ \S+ (?:INFO|WARNING|ERROR) kubellm[\w.]*:)"
-                       r"\s+(?P<msg>.+)$")
+_PROGRESS = re.compile(
+    r"^(?:\[KFP Executor [^\]]*\b(?:INFO|WARNING|ERROR)\]:|\S+ \S+ (?:INFO|WARNING|ERROR) kubellm[\w.]*:)"
+    r"\s+(?P<msg>.+)$"
+)
 _ERROR = re.compile(r"^(?:error: |[\w.]+(?:Error|Exception): )")
 #: KFP's own chatter around a task: executor JSON, separators, banners, loading the component; and the
 #: ^^^^ markers under a traceback's lines.
-_NOISE = re.compile(r"^(?:[{}\[\]\"]|-{10,}|[~^]+$|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs)|"
-                    r"\S+ - INFO - |\[KFP Executor [^\]]*\]: (?:Looking for component|Loading KFP component|"
-                    r"Got executor_input|Wrote executor output|Did not write output))")
+_NOISE = re.compile(
+    r"^(?:[{}\[\]\"]|-{10,}|[~^]+$|Streamed logs:|Executing task|Task .* (?:outputs:|has no outputs)|"
+    r"\S+ - INFO - |\[KFP Executor [^\]]*\]: (?:Looking for component|Loading KFP component|"
+    r"Got executor_input|Wrote executor output|Did not write output))"
+)
 
 
 @dataclass
@@ -99,7 +103,9 @@ class Monitor:
         with self._lock:
             fh = self._files.get(key)
             if fh is None:
-                fh = self._files[key] = (task.log if task else self.logs_dir / "pipeline.log").open("a", encoding="utf-8")
+                fh = self._files[key] = (task.log if task else self.logs_dir / "pipeline.log").open(
+                    "a", encoding="utf-8"
+                )
             fh.write(line + "\n")
         text = line.strip()
         if task is None or not text or _NOISE.match(text):
@@ -181,8 +187,13 @@ class Monitor:
             from rich.console import Console
             from rich.live import Live
 
-            live = self._live = Live(console=Console(file=self.out), get_renderable=self.render,
-                                     refresh_per_second=2, redirect_stdout=False, redirect_stderr=False)
+            live = self._live = Live(
+                console=Console(file=self.out),
+                get_renderable=self.render,
+                refresh_per_second=2,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
         try:
             with watching_tasks(started, ended):
                 sys.stdout = sys.stderr = self  # type: ignore[assignment]

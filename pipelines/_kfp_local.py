@@ -88,12 +88,16 @@ def check() -> None:
     low, high = SUPPORTED
     wanted = f"kfp>={low},<{high}"
     if not (_version_tuple(low) <= _version_tuple(version) < _version_tuple(high)):
-        raise KfpLocalUnsupported(f"kubellm run needs {wanted} (its local runner's internals); kfp {version} "
-                                  f"is installed: pip install '{wanted}'")
+        raise KfpLocalUnsupported(
+            f"kubellm run needs {wanted} (its local runner's internals); kfp {version} "
+            f"is installed: pip install '{wanted}'"
+        )
     missing = missing_names()
     if missing:
-        raise KfpLocalUnsupported(f"kubellm run needs {wanted} as released; the installed kfp {version} lacks "
-                                  f"{', '.join(missing)}: pip install --force-reinstall '{wanted}'")
+        raise KfpLocalUnsupported(
+            f"kubellm run needs {wanted} as released; the installed kfp {version} lacks "
+            f"{', '.join(missing)}: pip install --force-reinstall '{wanted}'"
+        )
 
 
 # the resume cache ---------------------------------------------------------------------------------------
@@ -157,8 +161,10 @@ def watching_tasks(start: TaskStart, end: TaskEnd) -> Iterator[None]:
     def watched(**kwargs: Any) -> Any:
         missing = [a for a in _TASK_ARGS if a not in kwargs]
         if missing:  # kfp called it another way than the supported releases do
-            raise KfpLocalUnsupported(f"kubellm run needs kfp>={SUPPORTED[0]},<{SUPPORTED[1]}: its task executor "
-                                      f"was called without {', '.join(missing)}")
+            raise KfpLocalUnsupported(
+                f"kubellm run needs kfp>={SUPPORTED[0]},<{SUPPORTED[1]}: its task executor "
+                f"was called without {', '.join(missing)}"
+            )
         token, env = start(kwargs["task_name"], kwargs["task_spec"].task_info.name)
         ok = False
         try:

@@ -40,8 +40,11 @@ def _components() -> dict[str, Any]:
     for module in pkgutil.iter_modules(components_package.__path__):
         if not module.name.startswith("_"):
             mod = importlib.import_module(f"{components_package.__name__}.{module.name}")
-            found |= {c.python_func.__name__: c for c in vars(mod).values()
-                      if isinstance(c, BaseComponent) and hasattr(c, "python_func")}
+            found |= {
+                c.python_func.__name__: c
+                for c in vars(mod).values()
+                if isinstance(c, BaseComponent) and hasattr(c, "python_func")
+            }
     order = [*STEPS, *sorted(set(found) - set(STEPS))]
     return {name.replace("_", "-"): found[name] for name in order if name in found}
 
@@ -85,8 +88,7 @@ def _check_yaml(path: Path) -> None:
         raise RuntimeError(f"{path}: compiled output is not a KFP pipeline spec")
 
 
-def build_for_cluster(cfg: RunConfig, names: list[str] | None = None, *,
-                      caching: bool = True) -> list[tuple[str, Any]]:
+def build_for_cluster(cfg: RunConfig, names: list[str] | None = None, *, caching: bool = True) -> list[tuple[str, Any]]:
     """(file name, pipeline) of each pipeline ``names`` (built-in names or pipeline files; default every
     built-in) built for a cluster: everything that can fail on the config, before any file is written."""
     built = []
@@ -97,9 +99,15 @@ def build_for_cluster(cfg: RunConfig, names: list[str] | None = None, *,
     return built
 
 
-def compile_all(cfg: RunConfig, out_dir: str | Path, names: list[str] | None = None, *,
-                components: bool = True, caching: bool = True,
-                built: list[tuple[str, Any]] | None = None) -> list[Path]:
+def compile_all(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    names: list[str] | None = None,
+    *,
+    components: bool = True,
+    caching: bool = True,
+    built: list[tuple[str, Any]] | None = None,
+) -> list[Path]:
     """Compile the pipelines (for a cluster, with ``cfg``'s placement; ``built``: those of
     :func:`build_for_cluster`) and every component to ``out_dir`` (``<name>.yaml`` and
     ``components/<name>.yaml``). Deterministic: the same config gives the same bytes. ``caching=False``
@@ -194,9 +202,17 @@ class _Combined:
             part.end(task, ok)
 
 
-def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir: str | Path,
-                 pipeline_root: str | Path, resume: str | None = None, output: Mode = "lines",
-                 out: TextIO | None = None) -> LocalRun:
+def run_pipeline(
+    pipeline: Any,
+    *,
+    params: dict[str, Any],
+    run_id: str,
+    runs_dir: str | Path,
+    pipeline_root: str | Path,
+    resume: str | None = None,
+    output: Mode = "lines",
+    out: TextIO | None = None,
+) -> LocalRun:
     """Run a pipeline function on KFP's local runner as run ``run_id`` (its folder under ``runs_dir``).
 
     The tasks find the MLflow parent run by ``run_id`` (:data:`~kubellm.stages.KFP_RUN_ENV`). Every
@@ -210,14 +226,31 @@ def run_pipeline(pipeline: Any, *, params: dict[str, Any], run_id: str, runs_dir
     # "custom base image in a Python environment" and "display_name has no effect locally": both true
     # and both expected here (the image is this environment; display names are for the Kubeflow UI).
     warnings.filterwarnings("ignore", module=r"kfp\.local")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=False, enable_caching=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=False,
+        enable_caching=True,
+    )
     monitor = Monitor(run_dir / "logs", output, out)
     t0 = time.perf_counter()
     task_env = _Combined(list(TASK_ENVIRONMENTS)) if TASK_ENVIRONMENTS else None
     with _env(KFP_RUN_ENV, run_id), cache_installed(cache), monitor.running(cache, task_env):
         pipeline(**params)
-    failed = [{"task": t.label, "stage": task_stage(t.label), "error": t.latest, "log": str(t.log),
-               "last_lines": [ln.strip() for ln in t.tail]} for t in monitor.failed()]
-    return LocalRun(time.perf_counter() - t0, dict(cache.hits), run_dir / "logs", failed,
-                    {t.label: t.status for t in monitor.tasks.values()})
+    failed = [
+        {
+            "task": t.label,
+            "stage": task_stage(t.label),
+            "error": t.latest,
+            "log": str(t.log),
+            "last_lines": [ln.strip() for ln in t.tail],
+        }
+        for t in monitor.failed()
+    ]
+    return LocalRun(
+        time.perf_counter() - t0,
+        dict(cache.hits),
+        run_dir / "logs",
+        failed,
+        {t.label: t.status for t in monitor.tasks.values()},
+    )

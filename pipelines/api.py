@@ -94,8 +94,9 @@ STEPS: dict[str, Step] = {
     "finish_run": Step("register", "Record final status in MLflow", parent_run=True),
     "check_data": Step("prep_instruct", "Data changed since the champion?", "instruct_data", logs="check_data"),
     "prepare_data": Step("prep", "Prepare corpus", "data", cache=True, logs="prep"),
-    "prepare_instructions": Step("prep_instruct", "Prepare instructions", "instruct_data", cache=True,
-                                 logs="prep_instruct"),
+    "prepare_instructions": Step(
+        "prep_instruct", "Prepare instructions", "instruct_data", cache=True, logs="prep_instruct"
+    ),
     "fetch_model": Step("finetune", "Fetch base model", cache=True),
     "pretrain": Step("pretrain", "Pretrain", "pretrain", retry="train", cache=True, logs="pretrain"),
     "finetune": Step("finetune", "LoRA fine-tune", "finetune", retry="train", cache=True, logs="finetune"),
@@ -103,8 +104,7 @@ STEPS: dict[str, Step] = {
     "compare_with_champion": Step("evaluate", "Compare with champion", "evaluate", logs="evaluate_champion"),
     "select_best": Step("evaluate", "Select the best trial"),
     "register": Step("register", "Register model (alias: candidate)", logs="register"),
-    "deploy": Step("deploy", "Deploy on KServe (champion when healthy)", "release", retry="deploy",
-                   logs="deploy"),
+    "deploy": Step("deploy", "Deploy on KServe (champion when healthy)", "release", retry="deploy", logs="deploy"),
 }
 
 #: The arguments the builder fills in when a call leaves them out.
@@ -119,8 +119,10 @@ def gate_passed(task: Any) -> Any:
 def _function_name(component: Any) -> str:
     func = getattr(component, "python_func", None)
     if func is None:
-        raise ConfigError(f"{component!r} is not a KFP Python component; call your own component and give "
-                          "its task placement with Builder.place(task, stage)")
+        raise ConfigError(
+            f"{component!r} is not a KFP Python component; call your own component and give "
+            "its task placement with Builder.place(task, stage)"
+        )
     return func.__name__
 
 
@@ -132,8 +134,9 @@ def _is_constant(value: Any) -> bool:
 class Builder:
     """Builds pipelines from kubellm's components with one validated run config (see the module doc)."""
 
-    def __init__(self, cfg: RunConfig, target: Target = "local", *, run_id: str | None = None,
-                 caching: bool = True) -> None:
+    def __init__(
+        self, cfg: RunConfig, target: Target = "local", *, run_id: str | None = None, caching: bool = True
+    ) -> None:
         self.ctx = Context(cfg, target, run_id, caching)
         self.name: str | None = None
         self.stages: list[str] = []
@@ -143,12 +146,16 @@ class Builder:
         """The tasks that run after the parent run has started (the start task and its descendants)."""
 
     @classmethod
-    def load(cls, config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-             target: Target = "local", **kwargs: Any) -> "Builder":
+    def load(
+        cls,
+        config: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        target: Target = "local",
+        **kwargs: Any,
+    ) -> "Builder":
         """A builder for the run config file ``config`` (default: the embedded one) with ``--set``-style
         ``overrides`` (``"finetune.optim.lr=0.001"``), validated now."""
-        return cls(load_config(config if config is not None else default_config_path(), overrides), target,
-                   **kwargs)
+        return cls(load_config(config if config is not None else default_config_path(), overrides), target, **kwargs)
 
     @property
     def cfg(self) -> RunConfig:
@@ -170,8 +177,10 @@ class Builder:
         elif name in RunConfig.model_fields:
             current = getattr(self.cfg, name)
         else:
-            raise ConfigError(f"no config section {name!r}{did_you_mean(name, ['release', *RunConfig.model_fields]) or ';'}"
-                              f" expected one of release, {', '.join(RunConfig.model_fields)}")
+            raise ConfigError(
+                f"no config section {name!r}{did_you_mean(name, ['release', *RunConfig.model_fields]) or ';'}"
+                f" expected one of release, {', '.join(RunConfig.model_fields)}"
+            )
         if current is None:
             raise ConfigError(f"the run config has no {name} section; add one to the config file")
         if not overrides:
@@ -212,16 +221,21 @@ class Builder:
         is recorded by an exit handler even when a step fails. ``run_name``: a pipeline parameter or a
         string; by default ``kubellm run``'s run name locally and the config's ``name`` on a cluster."""
         if self.name is None:
-            raise ConfigError("Builder.tracked() is used inside a pipeline function decorated with "
-                              "@builder.pipeline(name, description)")
+            raise ConfigError(
+                "Builder.tracked() is used inside a pipeline function decorated with "
+                "@builder.pipeline(name, description)"
+            )
         if self._start is not None:
             raise ConfigError(f"{self.name}: one tracked block per pipeline")
         if run_name is None:
             run_name = self.ctx.run_id or self.cfg.name
         from kubellm.components import tracking
 
-        ids = {"pipeline_name": self.name, "run_name": run_name,
-               "kfp_run_id": self.ctx.run_id or dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        ids = {
+            "pipeline_name": self.name,
+            "run_name": run_name,
+            "kfp_run_id": self.ctx.run_id or dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        }
         finish = self._parent_run_step(tracking.finish_run, **ids)
         with dsl.ExitHandler(finish, name=self.name.removeprefix("llm-")):
             start = self._parent_run_step(tracking.start_run, run_config=to_param(self.cfg), **ids)
@@ -238,8 +252,15 @@ class Builder:
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def step(self, component: Any, display_name: str | None = None, *, cache: bool | None = None,
-             placement: str | None = None, **arguments: Any) -> Any:
+    def step(
+        self,
+        component: Any,
+        display_name: str | None = None,
+        *,
+        cache: bool | None = None,
+        placement: str | None = None,
+        **arguments: Any,
+    ) -> Any:
         """A task of ``component`` with the arguments it needs from the run config filled in.
 
         ``config`` (and ``eval_config`` of ``deploy``): left out → the config file's section; a dict →
@@ -262,15 +283,21 @@ class Builder:
         fname = _function_name(component)
         if fname not in STEPS:
             if placement is None:
-                raise ConfigError(f"{fname} is not a kubellm component: say where your own step runs with "
-                                  f"placement=STAGE (a platform.stages key, e.g. evaluate)")
+                raise ConfigError(
+                    f"{fname} is not a kubellm component: say where your own step runs with "
+                    f"placement=STAGE (a platform.stages key, e.g. evaluate)"
+                )
             spec = Step(placement, display_name or fname.replace("_", " ").capitalize(), logs=fname)
         elif placement is not None:
-            raise ConfigError(f"step {fname}: a kubellm component's placement is its own "
-                              f"({STEPS[fname].stage}); set platform.stages.{STEPS[fname].stage} instead")
+            raise ConfigError(
+                f"step {fname}: a kubellm component's placement is its own "
+                f"({STEPS[fname].stage}); set platform.stages.{STEPS[fname].stage} instead"
+            )
         elif STEPS[fname].parent_run:
-            raise ConfigError(f"step {fname}: Builder.tracked() adds the MLflow parent run's start and end; "
-                              "put your steps inside `with builder.tracked():`")
+            raise ConfigError(
+                f"step {fname}: Builder.tracked() adds the MLflow parent run's start and end; "
+                "put your steps inside `with builder.tracked():`"
+            )
         else:
             spec = STEPS[fname]
         params = inspect.signature(component.python_func).parameters
@@ -278,30 +305,43 @@ class Builder:
         unknown = sorted(set(arguments) - set(inputs))
         if unknown:
             hint = did_you_mean(unknown[0], inputs) if len(unknown) == 1 else ""
-            raise ConfigError(f"step {fname}: no argument {', '.join(unknown)}{hint or ';'} its arguments are "
-                              f"{', '.join(inputs)}")
+            raise ConfigError(
+                f"step {fname}: no argument {', '.join(unknown)}{hint or ';'} its arguments are {', '.join(inputs)}"
+            )
         args = dict(arguments)
         if "config" in params and fname in STEPS:
             args["config"] = self._config_arg(fname, spec.section, args.get("config"))
         if "eval_config" in params and fname in STEPS:
             args["eval_config"] = self._config_arg(fname, "evaluate", args.get("eval_config"))
-        filled: dict[str, Any] = {"tracking": self.ctx.tracking, "workdir": self.ctx.workdir,
-                                  "target": self.target, **self.ctx.placed()}
+        filled: dict[str, Any] = {
+            "tracking": self.ctx.tracking,
+            "workdir": self.ctx.workdir,
+            "target": self.target,
+            **self.ctx.placed(),
+        }
         if "parent_run_id" in params and "parent_run_id" not in args:
             if self._start is None:
-                raise ConfigError(f"step {fname} logs under the pipeline's MLflow parent run: add it inside "
-                                  "`with builder.tracked():`")
+                raise ConfigError(
+                    f"step {fname} logs under the pipeline's MLflow parent run: add it inside `with builder.tracked():`"
+                )
             filled["parent_run_id"] = self._start.output
         for key, value in filled.items():
             if key in params and key not in args:
                 args[key] = value
         missing = [p for p in inputs if p not in args and params[p].default is inspect.Parameter.empty]
         if missing:
-            raise ConfigError(f"step {fname}: missing {', '.join(missing)} (its inputs: "
-                              f"{', '.join(p for p in inputs if p not in _FILLED)})")
+            raise ConfigError(
+                f"step {fname}: missing {', '.join(missing)} (its inputs: "
+                f"{', '.join(p for p in inputs if p not in _FILLED)})"
+            )
         task = component(**args)
-        if (spec.logs and self._start is not None and "tracking" in params and "parent_run_id" not in params
-                and not self._runs_after_start(task)):
+        if (
+            spec.logs
+            and self._start is not None
+            and "tracking" in params
+            and "parent_run_id" not in params
+            and not self._runs_after_start(task)
+        ):
             task.after(self._start)  # it finds the parent run by run id: the run must exist first
         self._note_order(task)
         trial = args.get("trial") is not None
@@ -328,12 +368,13 @@ class Builder:
         if value is not None and not _is_constant(value):
             return value  # a pipeline parameter: the component validates it when it runs
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"step {fname}: config must be a dict of overrides on the {section} section "
-                              f"or a pipeline parameter, not {type(value).__name__}")
+            raise ConfigError(
+                f"step {fname}: config must be a dict of overrides on the {section} section "
+                f"or a pipeline parameter, not {type(value).__name__}"
+            )
         return self.param(section or "", value)
 
-    def place(self, task: Any, stage: str, display_name: str, *, retry: str = "default",
-              cache: bool = False) -> Any:
+    def place(self, task: Any, stage: str, display_name: str, *, retry: str = "default", cache: bool = False) -> Any:
         """Display name, retries (``default``, ``train`` or ``deploy``), caching and — on a cluster —
         the ``platform.stages.<stage>`` placement (image, resources, node selector, tolerations, PVCs,
         secrets, security context) for a task of your own component."""
@@ -362,9 +403,11 @@ def component(func: Callable[..., Any] | None = None, *, packages: tuple[str, ..
     def wrap(f: Callable[..., Any]) -> Any:
         missing = [p for p in packages if not _installed(p)]
         if missing:
-            raise ConfigError(f"component {f.__name__}: {', '.join(missing)} not installed beside kubellm, so "
-                              "not in its runtime image: install it here and build an image from kubellm's "
-                              "(platform.image), or drop the import")
+            raise ConfigError(
+                f"component {f.__name__}: {', '.join(missing)} not installed beside kubellm, so "
+                "not in its runtime image: install it here and build an image from kubellm's "
+                "(platform.image), or drop the import"
+            )
         from kubellm.components._base import component as kubellm_component
 
         return kubellm_component(f)
@@ -393,9 +436,13 @@ def _refuse_installs(task: Any) -> None:
     container = task.component_spec.implementation.container
     command = " ".join([*(container.command or []), *(container.args or [])])
     if "pip install" in command:
-        raise ConfigError(f"step {task.component_spec.name}: its component installs packages when its pod "
-                          "starts (a plain @dsl.component), which kubellm's read-only pods cannot do: decorate "
-                          "it with kubellm.pipelines.api.component (packages=[...] to check what it imports)")
+        raise ConfigError(
+            f"step {task.component_spec.name}: its component installs packages when its pod "
+            "starts (a plain @dsl.component), which kubellm's read-only pods cannot do: decorate "
+            "it with kubellm.pipelines.api.component (packages=[...] to check what it imports)"
+        )
+
+
 #: The marker ``dsl.Output[...]`` puts in its ``Annotated`` metadata, found through the public ``dsl.Output``.
 _OUTPUT_MARKER = typing.get_args(dsl.Output[dsl.Artifact])[1]
 
@@ -423,6 +470,7 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any, section: str) -> None
 
 # --- pipeline files -------------------------------------------------------------------------------
 
+
 def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
     """The function that makes pipeline ``ref`` from a builder: a built-in pipeline's name (its module's
     ``build``) or a pipeline file ``FILE.py[:FUNC]`` (``build`` by default), the file executed once.
@@ -441,11 +489,15 @@ def pipeline_loader(ref: str) -> Callable[[Builder], Any]:
     def make(builder: Builder) -> Any:
         pipeline = func(builder)
         if builder.name is None or not hasattr(pipeline, "pipeline_spec"):
-            raise ConfigError(f"--pipeline {ref}: {func_name}(builder) must return a pipeline made with "
-                              "@builder.pipeline(name, description)")
+            raise ConfigError(
+                f"--pipeline {ref}: {func_name}(builder) must return a pipeline made with "
+                "@builder.pipeline(name, description)"
+            )
         if name is not None and builder.name != name:
-            raise ConfigError(f"pipeline {name}: its module's build() names its pipeline {builder.name!r}; "
-                              "decorate it with @b.pipeline(NAME, description)")
+            raise ConfigError(
+                f"pipeline {name}: its module's build() names its pipeline {builder.name!r}; "
+                "decorate it with @b.pipeline(NAME, description)"
+            )
         return pipeline
 
     return make
@@ -477,5 +529,7 @@ def load_file(ref: str, builder: Builder) -> Any:
 
 def pipeline_parameters(pipeline: Any) -> dict[str, Any]:
     """The run parameters of a built pipeline with their defaults (None: none), in its signature's order."""
-    return {name: None if p.default is inspect.Parameter.empty else p.default
-            for name, p in inspect.signature(pipeline.pipeline_func).parameters.items()}
+    return {
+        name: None if p.default is inspect.Parameter.empty else p.default
+        for name, p in inspect.signature(pipeline.pipeline_func).parameters.items()
+    }

@@ -10,8 +10,11 @@ NAME = "llm-finetune"
 
 
 def build(b: Builder):
-    @b.pipeline(NAME, "LoRA fine-tune an existing model on instruction data, evaluate it against the base "
-                "model, and register + deploy it when the promotion gate passes.")
+    @b.pipeline(
+        NAME,
+        "LoRA fine-tune an existing model on instruction data, evaluate it against the base "
+        "model, and register + deploy it when the promotion gate passes.",
+    )
     def llm_finetune(
         run_name: str = b.cfg.name,
         base_model: str = b.section("finetune").base_model,  # none: a required run parameter
@@ -22,12 +25,21 @@ def build(b: Builder):
         eval_config: dict = b.param("evaluate"),
     ) -> None:
         with b.tracked(run_name):
-            base, instructions = fetch_and_prepare(b, base_model=base_model, source_uri=instruct_dataset_uri,
-                                                   config=instruct_data_config)
-            ft, ev = tune_and_evaluate(b, base=base, instructions=instructions, finetune_config=finetune_config,
-                                       eval_config=eval_config)
+            base, instructions = fetch_and_prepare(
+                b, base_model=base_model, source_uri=instruct_dataset_uri, config=instruct_data_config
+            )
+            ft, ev = tune_and_evaluate(
+                b, base=base, instructions=instructions, finetune_config=finetune_config, eval_config=eval_config
+            )
             with dsl.If(gate_passed(ev), name="gate-passed"):
-                release(b, candidate=ft.outputs["adapter"], evaluation=ev.outputs["results"], base=base,
-                        instructions=instructions, deploy_config=deploy_config, eval_config=eval_config)
+                release(
+                    b,
+                    candidate=ft.outputs["adapter"],
+                    evaluation=ev.outputs["results"],
+                    base=base,
+                    instructions=instructions,
+                    deploy_config=deploy_config,
+                    eval_config=eval_config,
+                )
 
     return llm_finetune

@@ -12,9 +12,12 @@ NAME = "llm-lifecycle"
 
 
 def build(b: Builder):
-    @b.pipeline(NAME, "The whole life of a language model: prepare a corpus, pretrain, prepare instructions, "
-                "LoRA fine-tune, evaluate against the base model, and — only if the promotion gate passes — "
-                "register, deploy on KServe and open a prompt playground. Tracked in MLflow.")
+    @b.pipeline(
+        NAME,
+        "The whole life of a language model: prepare a corpus, pretrain, prepare instructions, "
+        "LoRA fine-tune, evaluate against the base model, and — only if the promotion gate passes — "
+        "register, deploy on KServe and open a prompt playground. Tracked in MLflow.",
+    )
     def llm_lifecycle(
         run_name: str = b.cfg.name,
         dataset_uri: str = b.section("data").sources[0].uri,
@@ -29,12 +32,24 @@ def build(b: Builder):
         with b.tracked(run_name):
             prep = b.step(data.prepare_data, config=data_config, source_uri=dataset_uri)
             base = b.step(train.pretrain, config=pretrain_config, data=prep.outputs["dataset"]).outputs["model"]
-            instructions = b.step(data.prepare_instructions, config=instruct_data_config,
-                                  source_uri=instruct_dataset_uri, tokenizer_from=prep.outputs["dataset"])
-            ft, ev = tune_and_evaluate(b, base=base, instructions=instructions, finetune_config=finetune_config,
-                                       eval_config=eval_config)
+            instructions = b.step(
+                data.prepare_instructions,
+                config=instruct_data_config,
+                source_uri=instruct_dataset_uri,
+                tokenizer_from=prep.outputs["dataset"],
+            )
+            ft, ev = tune_and_evaluate(
+                b, base=base, instructions=instructions, finetune_config=finetune_config, eval_config=eval_config
+            )
             with dsl.If(gate_passed(ev), name="gate-passed"):
-                release(b, candidate=ft.outputs["adapter"], evaluation=ev.outputs["results"], base=base,
-                        instructions=instructions, deploy_config=deploy_config, eval_config=eval_config)
+                release(
+                    b,
+                    candidate=ft.outputs["adapter"],
+                    evaluation=ev.outputs["results"],
+                    base=base,
+                    instructions=instructions,
+                    deploy_config=deploy_config,
+                    eval_config=eval_config,
+                )
 
     return llm_lifecycle

@@ -54,10 +54,19 @@ def component_section(name: str, comp: Any) -> str:
     spec = comp.component_spec
     summary = inspect.cleandoc(spec.description or "").split("\n\n")[0].replace("\n", " ")
     docs = _docstring(comp)
-    inputs = [(f"`{k}`", f"`{_type(v)}`", "" if v.default is None else f"`{v.default!r}`",
-               _describe(v.description) or docs.get(k, "")) for k, v in (spec.inputs or {}).items()]
-    outputs = [(f"`{k}`", f"`{_type(v)}`", _describe(v.description) or docs.get(k, ""))
-               for k, v in (spec.outputs or {}).items()]
+    inputs = [
+        (
+            f"`{k}`",
+            f"`{_type(v)}`",
+            "" if v.default is None else f"`{v.default!r}`",
+            _describe(v.description) or docs.get(k, ""),
+        )
+        for k, v in (spec.inputs or {}).items()
+    ]
+    outputs = [
+        (f"`{k}`", f"`{_type(v)}`", _describe(v.description) or docs.get(k, ""))
+        for k, v in (spec.outputs or {}).items()
+    ]
     parts = [f"## `{name}`\n\n{summary}\n"]
     if inputs:
         parts.append("Inputs:\n\n" + markdown.table(["name", "type", "default", "meaning"], inputs))

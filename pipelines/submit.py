@@ -72,11 +72,15 @@ def check_cron(cron: str) -> str:
     """KFP recurring runs take 6-field cron expressions, seconds first; refuse anything else clearly."""
     fields = cron.split()
     if len(fields) == 5:
-        raise ConfigError(f"--cron {cron!r}: KFP uses 6-field cron expressions with seconds first; "
-                          f"write '0 {cron}' for the same schedule")
+        raise ConfigError(
+            f"--cron {cron!r}: KFP uses 6-field cron expressions with seconds first; "
+            f"write '0 {cron}' for the same schedule"
+        )
     if len(fields) != 6:
-        raise ConfigError(f"--cron {cron!r}: expected 6 fields (second minute hour day-of-month month "
-                          f"day-of-week), e.g. '0 0 3 * * *' for 03:00 every day; got {len(fields)}")
+        raise ConfigError(
+            f"--cron {cron!r}: expected 6 fields (second minute hour day-of-month month "
+            f"day-of-week), e.g. '0 0 3 * * *' for 03:00 every day; got {len(fields)}"
+        )
     return " ".join(fields)
 
 
@@ -108,16 +112,20 @@ def resolve_host(host: str | None) -> str:
         return host.rstrip("/")
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         return IN_CLUSTER_HOST
-    raise ConfigError("no Kubeflow Pipelines host: pass --host or set KF_PIPELINES_ENDPOINT "
-                      f"(e.g. https://kubeflow.example.com/pipeline); inside a cluster it is {IN_CLUSTER_HOST}")
+    raise ConfigError(
+        "no Kubeflow Pipelines host: pass --host or set KF_PIPELINES_ENDPOINT "
+        f"(e.g. https://kubeflow.example.com/pipeline); inside a cluster it is {IN_CLUSTER_HOST}"
+    )
 
 
 def _token_file() -> Path | None:
     """The projected token file when there is one; a path named in the environment must exist."""
     named = os.environ.get("KF_PIPELINES_SA_TOKEN_PATH")
     if named and not Path(named).is_file():
-        raise ConfigError(f"KF_PIPELINES_SA_TOKEN_PATH={named}: no such file (the projected "
-                          "service-account token; unset it or mount the token)")
+        raise ConfigError(
+            f"KF_PIPELINES_SA_TOKEN_PATH={named}: no such file (the projected "
+            "service-account token; unset it or mount the token)"
+        )
     path = Path(named) if named else SA_TOKEN_FILE
     return path if path.is_file() else None
 
@@ -136,8 +144,10 @@ def _server_message(err: Any) -> str:
 
 def _hint(status: int | None, message: str) -> str:
     if status in (401, 403):
-        return ("; check the token (--token / KFP_EXISTING_TOKEN), the service-account token "
-                "(KF_PIPELINES_SA_TOKEN_PATH) or the session cookie (--cookie / KFP_COOKIE)")
+        return (
+            "; check the token (--token / KFP_EXISTING_TOKEN), the service-account token "
+            "(KF_PIPELINES_SA_TOKEN_PATH) or the session cookie (--cookie / KFP_COOKIE)"
+        )
     if "empty namespace" in message:
         return "; this is a multi-user Kubeflow: pass --namespace (your profile namespace) or set KFP_NAMESPACE"
     return ""
@@ -158,9 +168,16 @@ class Pipelines:
             from kfp.client import ServiceAccountTokenVolumeCredentials
 
             auth["credentials"] = ServiceAccountTokenVolumeCredentials(str(path))  # re-read per request
-        self.client = self._call("connecting", lambda: _client_class()(
-            host=self.host, namespace=self.namespace or "", cookies=endpoint.cookie,
-            ssl_ca_cert=str(endpoint.ca_bundle) if endpoint.ca_bundle else None, **auth))
+        self.client = self._call(
+            "connecting",
+            lambda: _client_class()(
+                host=self.host,
+                namespace=self.namespace or "",
+                cookies=endpoint.cookie,
+                ssl_ca_cert=str(endpoint.ca_bundle) if endpoint.ca_bundle else None,
+                **auth,
+            ),
+        )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run one kfp call; its links printed to stdout go to the log, its errors become one line."""
@@ -177,8 +194,9 @@ class Pipelines:
             if not err.status:  # transport failures kfp_server_api wraps itself (TLS)
                 raise ClusterError(f"{where} unreachable while {what}: {' '.join(str(err.reason).split())}") from None
             message = _server_message(err)
-            raise ClusterError(f"{where}: {what} failed (HTTP {err.status}): {message}"
-                               f"{_hint(err.status, message)}") from None
+            raise ClusterError(
+                f"{where}: {what} failed (HTTP {err.status}): {message}{_hint(err.status, message)}"
+            ) from None
         except urllib3.exceptions.HTTPError as err:
             raise ClusterError(f"{where} unreachable while {what}: {type(err).__name__}: {err}") from None
         except OSError as err:  # the projected token file vanished between requests
@@ -190,51 +208,91 @@ class Pipelines:
     # pipelines and versions ------------------------------------------------------------------------
     def find_pipeline(self, name: str) -> str | None:
         """The id of the pipeline called ``name`` in our namespace; two of them are an error, not a guess."""
-        found = self._call(f"looking up pipeline {name}", lambda: self.client.list_pipelines(
-            filter=_eq_filter("display_name", name), namespace=self.namespace, page_size=10))
+        found = self._call(
+            f"looking up pipeline {name}",
+            lambda: self.client.list_pipelines(
+                filter=_eq_filter("display_name", name), namespace=self.namespace, page_size=10
+            ),
+        )
         ids = [p.pipeline_id for p in found.pipelines or []]
         if len(ids) > 1:
-            raise ClusterError(f"Kubeflow Pipelines at {self.host} (namespace {self.namespace or 'none'}) has "
-                               f"{len(ids)} pipelines named {name!r} ({', '.join(ids)}); kubellm cannot tell "
-                               "which one to add a version to: delete or rename all but one")
+            raise ClusterError(
+                f"Kubeflow Pipelines at {self.host} (namespace {self.namespace or 'none'}) has "
+                f"{len(ids)} pipelines named {name!r} ({', '.join(ids)}); kubellm cannot tell "
+                "which one to add a version to: delete or rename all but one"
+            )
         return ids[0] if ids else None
 
     def find_version(self, pipeline_id: str, version: str) -> str | None:
-        found = self._call(f"looking up version {version}", lambda: self.client.list_pipeline_versions(
-            pipeline_id, filter=_eq_filter("display_name", version), page_size=10))
+        found = self._call(
+            f"looking up version {version}",
+            lambda: self.client.list_pipeline_versions(
+                pipeline_id, filter=_eq_filter("display_name", version), page_size=10
+            ),
+        )
         return next((v.pipeline_version_id for v in found.pipeline_versions or []), None)
 
     def upload(self, package: Path, pipeline: str, version: str, description: str) -> tuple[str, str]:
         """The pipeline (created in our namespace if new) and the version (uploaded unless it exists)."""
-        pipeline_id = self.find_pipeline(pipeline) or self._call(
-            f"uploading pipeline {pipeline}", lambda: self.client.upload_pipeline(
-                str(package), pipeline_name=pipeline, description=description,
-                namespace=self.namespace)).pipeline_id
-        version_id = self.find_version(pipeline_id, version) or self._call(
-            f"uploading version {version}", lambda: self.client.upload_pipeline_version(
-                str(package), version, pipeline_id=pipeline_id, description=description)).pipeline_version_id
+        pipeline_id = (
+            self.find_pipeline(pipeline)
+            or self._call(
+                f"uploading pipeline {pipeline}",
+                lambda: self.client.upload_pipeline(
+                    str(package), pipeline_name=pipeline, description=description, namespace=self.namespace
+                ),
+            ).pipeline_id
+        )
+        version_id = (
+            self.find_version(pipeline_id, version)
+            or self._call(
+                f"uploading version {version}",
+                lambda: self.client.upload_pipeline_version(
+                    str(package), version, pipeline_id=pipeline_id, description=description
+                ),
+            ).pipeline_version_id
+        )
         return pipeline_id, version_id
 
     # experiments and runs ---------------------------------------------------------------------------
     def ensure_experiment(self, name: str) -> str:
         """The experiment's id in our namespace, created when missing (kfp's get-or-create)."""
         try:
-            experiment = self._call(f"looking up or creating experiment {name}",
-                                    lambda: self.client.create_experiment(name, namespace=self.namespace))
+            experiment = self._call(
+                f"looking up or creating experiment {name}",
+                lambda: self.client.create_experiment(name, namespace=self.namespace),
+            )
         except ValueError as err:  # kfp: "Multiple experiments is found with name …"
-            raise ClusterError(f"Kubeflow Pipelines at {self.host} (namespace {self.namespace or 'none'}): "
-                               f"experiment {name!r}: {err}") from None
+            raise ClusterError(
+                f"Kubeflow Pipelines at {self.host} (namespace {self.namespace or 'none'}): experiment {name!r}: {err}"
+            ) from None
         return experiment.experiment_id
 
-    def start_run(self, name: str, experiment_id: str, pipeline_id: str, version_id: str,
-                  params: dict[str, Any], service_account: str | None) -> str:
-        run = self._call(f"starting run {name}", lambda: self.client.run_pipeline(
-            experiment_id, name, params=params, pipeline_id=pipeline_id, version_id=version_id,
-            service_account=service_account))
+    def start_run(
+        self,
+        name: str,
+        experiment_id: str,
+        pipeline_id: str,
+        version_id: str,
+        params: dict[str, Any],
+        service_account: str | None,
+    ) -> str:
+        run = self._call(
+            f"starting run {name}",
+            lambda: self.client.run_pipeline(
+                experiment_id,
+                name,
+                params=params,
+                pipeline_id=pipeline_id,
+                version_id=version_id,
+                service_account=service_account,
+            ),
+        )
         return run.run_id
 
-    def wait(self, run_id: str, *, timeout_s: float, poll_s: float = 10.0,
-             on_state: Callable[[str], None] | None = None) -> tuple[str, str | None]:
+    def wait(
+        self, run_id: str, *, timeout_s: float, poll_s: float = 10.0, on_state: Callable[[str], None] | None = None
+    ) -> tuple[str, str | None]:
         """Poll until the run ends: (final state, the run's error message if it has one)."""
         deadline = time.monotonic() + timeout_s
         last = None
@@ -247,8 +305,9 @@ class Pipelines:
             if state in FINAL_STATES:
                 return state, (run.error.message if run.error is not None else None) or None
             if time.monotonic() >= deadline:
-                raise ClusterError(f"run {run_id} still {state} after {timeout_s:.0f} s (it keeps running; "
-                                   f"see {self.run_url(run_id)})")
+                raise ClusterError(
+                    f"run {run_id} still {state} after {timeout_s:.0f} s (it keeps running; see {self.run_url(run_id)})"
+                )
             time.sleep(poll_s)
 
     def run_url(self, run_id: str) -> str:
@@ -259,8 +318,12 @@ class Pipelines:
         """Every recurring run of the experiment, page by page (the API returns at most a page at a time)."""
         token = ""
         while True:
-            page = self._call("listing recurring runs", lambda token=token: self.client.list_recurring_runs(
-                page_token=token, page_size=PAGE_SIZE, experiment_id=experiment_id))
+            page = self._call(
+                "listing recurring runs",
+                lambda token=token: self.client.list_recurring_runs(
+                    page_token=token, page_size=PAGE_SIZE, experiment_id=experiment_id
+                ),
+            )
             yield from page.recurring_runs or []
             token = page.next_page_token or ""
             if not token:
@@ -273,14 +336,25 @@ class Pipelines:
         if len(same_name) == 1 and spec.matches(same_name[0]):
             return same_name[0].recurring_run_id, False
         for old in same_name:
-            self._call(f"deleting recurring run {old.recurring_run_id}",
-                       lambda old=old: self.client.delete_recurring_run(old.recurring_run_id))
-        created = self._call(f"creating recurring run {spec.name}", lambda: self.client.create_recurring_run(
-            spec.experiment_id, spec.name, cron_expression=spec.cron,
-            max_concurrency=1,  # a recurring fine-tune must never overlap the previous one
-            no_catchup=True,    # after a pause, run once, not once per missed slot
-            params=spec.params, pipeline_id=spec.pipeline_id, version_id=spec.version_id, enabled=True,
-            service_account=spec.service_account))
+            self._call(
+                f"deleting recurring run {old.recurring_run_id}",
+                lambda old=old: self.client.delete_recurring_run(old.recurring_run_id),
+            )
+        created = self._call(
+            f"creating recurring run {spec.name}",
+            lambda: self.client.create_recurring_run(
+                spec.experiment_id,
+                spec.name,
+                cron_expression=spec.cron,
+                max_concurrency=1,  # a recurring fine-tune must never overlap the previous one
+                no_catchup=True,  # after a pause, run once, not once per missed slot
+                params=spec.params,
+                pipeline_id=spec.pipeline_id,
+                version_id=spec.version_id,
+                enabled=True,
+                service_account=spec.service_account,
+            ),
+        )
         return created.recurring_run_id, True
 
 
@@ -300,10 +374,16 @@ class Schedule:
         ref = existing.pipeline_version_reference
         cron = existing.trigger.cron_schedule.cron if existing.trigger and existing.trigger.cron_schedule else None
         params = (existing.runtime_config.parameters if existing.runtime_config else None) or {}
-        return (ref is not None and ref.pipeline_version_id == self.version_id and cron == self.cron
-                and params == self.params and existing.mode in (None, "ENABLE")
-                and str(existing.max_concurrency or "") == "1" and bool(existing.no_catchup)
-                and (existing.service_account or None) == (self.service_account or None))
+        return (
+            ref is not None
+            and ref.pipeline_version_id == self.version_id
+            and cron == self.cron
+            and params == self.params
+            and existing.mode in (None, "ENABLE")
+            and str(existing.max_concurrency or "") == "1"
+            and bool(existing.no_catchup)
+            and (existing.service_account or None) == (self.service_account or None)
+        )
 
 
 def _eq_filter(key: str, value: str) -> str:

@@ -55,8 +55,17 @@ def repo_root() -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cwd_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test sees a developer's MLflow or KFP settings."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "KFP_HOST", "KFP_TOKEN", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-                "MLFLOW_WORKSPACE", "MLFLOW_TRACKING_AUTH", "KUBEFLOW_TRAINER_SERVER_URL"):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "KFP_HOST",
+        "KFP_TOKEN",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_WORKSPACE",
+        "MLFLOW_TRACKING_AUTH",
+        "KUBEFLOW_TRAINER_SERVER_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 

@@ -9,8 +9,26 @@ _LINE = re.compile(r"^\s*import time:\s+\d+ \|\s+\d+ \|\s?(\s*)(\S+)\s*$")
 
 #: Packages that cost a task or a command seconds to import: none of them belongs in a start-up path
 #: that does not use it.
-HEAVY = ("torch", "transformers", "peft", "datasets", "tokenizers", "mlflow", "kfp", "pandas", "pyarrow",
-         "scipy", "sklearn", "numpy", "kubernetes", "ray", "lm_eval", "matplotlib", "accelerate", "sqlalchemy")
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "mlflow",
+    "kfp",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "sklearn",
+    "numpy",
+    "kubernetes",
+    "ray",
+    "lm_eval",
+    "matplotlib",
+    "accelerate",
+    "sqlalchemy",
+)
 
 
 def modules(text: str) -> list[str]:

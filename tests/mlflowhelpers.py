@@ -26,15 +26,28 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(backend_store_uri: str, root: Path, workers: int = 1, port: int | None = None,
-           extra: tuple[str, ...] = ()) -> Iterator[tuple[Any, str, Path]]:
+def server(
+    backend_store_uri: str, root: Path, workers: int = 1, port: int | None = None, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[Any, str, Path]]:
     """Start ``mlflow server`` on 127.0.0.1 without waiting for it (proxied artifacts under ``root``).
     It forks workers: started in its own process group, the group is stopped. ``port``: a fixed one (to
     restart a server where its clients expect it); ``extra``: more ``mlflow server`` flags."""
     port = port or free_port()
-    cmd = [str(Path(PY).with_name("mlflow")), "server", "--backend-store-uri", backend_store_uri,
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), *extra]
+    cmd = [
+        str(Path(PY).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *extra,
+    ]
     log = (root / "server.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     try:

@@ -42,8 +42,10 @@ def ensure_server() -> None:
         return
     out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=900, check=False)
     if out.returncode != 0 or not _answers():
-        pytest.fail(f"PostgreSQL does not answer on {HOST}:{PORT} and {SCRIPT.name} could not start it: "
-                    f"{(out.stderr or out.stdout).strip()[-1000:]}")
+        pytest.fail(
+            f"PostgreSQL does not answer on {HOST}:{PORT} and {SCRIPT.name} could not start it: "
+            f"{(out.stderr or out.stdout).strip()[-1000:]}"
+        )
 
 
 @contextlib.contextmanager

@@ -27,8 +27,14 @@ def local_ray(num_cpus: int = 2) -> Iterator[Any]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         yield ray
     finally:
         ray.shutdown()

@@ -19,17 +19,24 @@ import pyarrow.parquet as pq
 TEMPLATES = [
     ("Write a function add_{n} that returns x plus {n}.", "def add_{n}(x):\n    return x + {n}\n"),
     ("Write a function times_{n} that multiplies x by {n}.", "def times_{n}(x):\n    return x * {n}\n"),
-    ("Write a function that tells whether x is divisible by {n}.",
-     "def divisible_by_{n}(x):\n    return x % {n} == 0\n"),
+    (
+        "Write a function that tells whether x is divisible by {n}.",
+        "def divisible_by_{n}(x):\n    return x % {n} == 0\n",
+    ),
     ("Write a function that repeats the string s {n} times.", "def repeat_{n}(s):\n    return s * {n}\n"),
-    ("Write a function that returns the first {n} items of a list.",
-     "def first_{n}(items):\n    return items[:{n}]\n"),
-    ("Write a function that counts how often {w!r} occurs in a text.",
-     "def count_{w}(text):\n    return text.count({w!r})\n"),
-    ("Write a function that tells whether a string starts with {w!r}.",
-     "def starts_with_{w}(s):\n    return s.startswith({w!r})\n"),
-    ("Write a function that returns the numbers below {n} that are even.",
-     "def evens_below_{n}():\n    return [i for i in range({n}) if i % 2 == 0]\n"),
+    ("Write a function that returns the first {n} items of a list.", "def first_{n}(items):\n    return items[:{n}]\n"),
+    (
+        "Write a function that counts how often {w!r} occurs in a text.",
+        "def count_{w}(text):\n    return text.count({w!r})\n",
+    ),
+    (
+        "Write a function that tells whether a string starts with {w!r}.",
+        "def starts_with_{w}(s):\n    return s.startswith({w!r})\n",
+    ),
+    (
+        "Write a function that returns the numbers below {n} that are even.",
+        "def evens_below_{n}():\n    return [i for i in range({n}) if i % 2 == 0]\n",
+    ),
 ]
 WORDS = ["data", "model", "token", "batch", "layer", "queue", "node", "pod", "run", "step"]
 
@@ -39,8 +46,12 @@ def write(folder: Path, *, modules: int = 120, pairs_per_template: int = 40) -> 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size < 60_000)[:modules]
     corpus = folder / "corpus.parquet"
-    pq.write_table(pa.table({"path": [p.name for p in files],
-                             "body": [p.read_text(encoding="utf-8", errors="replace") for p in files]}), corpus)
+    pq.write_table(
+        pa.table(
+            {"path": [p.name for p in files], "body": [p.read_text(encoding="utf-8", errors="replace") for p in files]}
+        ),
+        corpus,
+    )
     qa = folder / "qa.csv"
     with qa.open("w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)

@@ -23,8 +23,9 @@ from kubellm.pipelines.api import Builder, component, gate_passed
 
 
 @component
-def report_card(tracking: dict, workdir: str, parent_run_id: str, evaluation: Input[Artifact],
-                report: Output[Markdown]) -> float:
+def report_card(
+    tracking: dict, workdir: str, parent_run_id: str, evaluation: Input[Artifact], report: Output[Markdown]
+) -> float:
     """Your own step: the evaluation's headline figures as a Markdown table (the UI renders it), logged as
     its own nested MLflow run under the pipeline's parent run."""
     import json
@@ -36,9 +37,12 @@ def report_card(tracking: dict, workdir: str, parent_run_id: str, evaluation: In
     keys = ["perplexity", "base_perplexity", "perplexity_ratio", "code_parse_rate", "empty_answer_rate"]
     figures = {k: doc["metrics"][k] for k in keys if k in doc["metrics"]}
     verdict = "passed" if doc["passed"] else "failed"
-    Path(report.path).write_text(f"# Report card: gate {verdict}\n\n| metric | value |\n|---|---|\n"
-                                 + "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items()) + "\n",
-                                 encoding="utf-8")
+    Path(report.path).write_text(
+        f"# Report card: gate {verdict}\n\n| metric | value |\n|---|---|\n"
+        + "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items())
+        + "\n",
+        encoding="utf-8",
+    )
     with StageContext.from_param(tracking, workdir, parent_run_id).stage("report_card") as tracker:
         tracker.log_metrics({f"card_{k}": v for k, v in figures.items()})
         tracker.log_artifact(Path(report.path), "report_card")
@@ -48,8 +52,11 @@ def report_card(tracking: dict, workdir: str, parent_run_id: str, evaluation: In
 def build(b: Builder):
     cfg = b.cfg
 
-    @b.pipeline("own-data", "Pretrain on my parquet corpus, LoRA on my question/answer CSV, evaluate, and "
-                "register the model when the promotion gate passes.")
+    @b.pipeline(
+        "own-data",
+        "Pretrain on my parquet corpus, LoRA on my question/answer CSV, evaluate, and "
+        "register the model when the promotion gate passes.",
+    )
     def own_data(
         run_name: str = cfg.name,
         corpus_uri: str = cfg.data.sources[0].uri,
@@ -59,15 +66,29 @@ def build(b: Builder):
         with b.tracked(run_name):
             corpus = b.step(data.prepare_data, source_uri=corpus_uri)
             model = b.step(train.pretrain, data=corpus.outputs["dataset"])
-            questions = b.step(data.prepare_instructions, source_uri=questions_uri,
-                               tokenizer_from=corpus.outputs["dataset"])
-            lora = b.step(train.finetune, config=finetune_config, data=questions.outputs["dataset"],
-                          base_model=model.outputs["model"])
-            ev = b.step(evaluate.evaluate, data=questions.outputs["dataset"], model=lora.outputs["adapter"],
-                        base_model=model.outputs["model"])
+            questions = b.step(
+                data.prepare_instructions, source_uri=questions_uri, tokenizer_from=corpus.outputs["dataset"]
+            )
+            lora = b.step(
+                train.finetune,
+                config=finetune_config,
+                data=questions.outputs["dataset"],
+                base_model=model.outputs["model"],
+            )
+            ev = b.step(
+                evaluate.evaluate,
+                data=questions.outputs["dataset"],
+                model=lora.outputs["adapter"],
+                base_model=model.outputs["model"],
+            )
             b.step(report_card, "Report card", placement="evaluate", evaluation=ev.outputs["results"])
             with dsl.If(gate_passed(ev), name="gate-passed"):
-                b.step(registry.register, model=lora.outputs["adapter"], base_model=model.outputs["model"],
-                       evaluation=ev.outputs["results"], data_fingerprint=questions.outputs["Output"])
+                b.step(
+                    registry.register,
+                    model=lora.outputs["adapter"],
+                    base_model=model.outputs["model"],
+                    evaluation=ev.outputs["results"],
+                    data_fingerprint=questions.outputs["Output"],
+                )
 
     return own_data

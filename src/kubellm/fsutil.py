@@ -76,8 +76,7 @@ def mark_output(path: str | Path, kind: str, *, track_files: bool = True) -> Non
     os.chmod(path / OUTPUT_MARKER, 0o644)  # others sharing the volume must be able to recognise it
 
 
-def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (),
-                 legacy: Iterable[str] = ()) -> Path:
+def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (), legacy: Iterable[str] = ()) -> Path:
     """Check that ``path`` may receive an output of ``kind`` (replacing what is there); return it
     absolute. Call it before any work: it raises :class:`OutputError` with one line naming the path and
     the reason. ``inputs`` are the command's input files and folders; ``legacy`` names files (relative
@@ -86,8 +85,10 @@ def claim_output(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = 
     real = out.resolve()
     for what, special in _special_dirs():
         if real == special or real in special.parents:
-            raise OutputError(f"{path}: is {what}{'' if real == special else ' or contains it'}; an output "
-                              "directory is replaced as a whole: choose a new or empty directory")
+            raise OutputError(
+                f"{path}: is {what}{'' if real == special else ' or contains it'}; an output "
+                "directory is replaced as a whole: choose a new or empty directory"
+            )
     _check_inputs(path, real, inputs)
     if not out.exists() and not out.is_symlink():
         return out
@@ -114,11 +115,11 @@ def _check_inputs(shown: str | Path, real: Path, inputs: Iterable[str | Path]) -
             continue  # a Hub id, a remote URI: nothing on this disk to overwrite
         inp = inp.resolve()
         if real == inp or real in inp.parents:
-            raise OutputError(f"{shown}: contains the input {item} of this command; choose another "
-                              "output directory")
+            raise OutputError(f"{shown}: contains the input {item} of this command; choose another output directory")
         if inp.is_dir() and inp in real.parents:
-            raise OutputError(f"{shown}: is inside the input {item} of this command; choose an output "
-                              "directory outside it")
+            raise OutputError(
+                f"{shown}: is inside the input {item} of this command; choose an output directory outside it"
+            )
 
 
 def _check_contents(shown: str | Path, out: Path, kind: str, legacy: Iterable[str]) -> None:
@@ -129,17 +130,23 @@ def _check_contents(shown: str | Path, out: Path, kind: str, legacy: Iterable[st
     if marker is None:
         if any((out / name).is_file() for name in legacy):
             return
-        raise OutputError(f"{shown}: output directory is not empty and holds no kubellm {_words(kind)} "
-                          f"({_some(present or {p.name for p in out.iterdir()})}); choose an empty or new "
-                          "directory")
+        raise OutputError(
+            f"{shown}: output directory is not empty and holds no kubellm {_words(kind)} "
+            f"({_some(present or {p.name for p in out.iterdir()})}); choose an empty or new "
+            "directory"
+        )
     if marker["kind"] != kind:
-        raise OutputError(f"{shown}: holds kubellm output of another kind ({_words(marker['kind'])}, not "
-                          f"{_words(kind)}); choose another output directory")
+        raise OutputError(
+            f"{shown}: holds kubellm output of another kind ({_words(marker['kind'])}, not "
+            f"{_words(kind)}); choose another output directory"
+        )
     if isinstance(marker.get("files"), list):
         foreign = present - set(marker["files"]) - {OUTPUT_MARKER}
         if foreign:
-            raise OutputError(f"{shown}: holds files kubellm did not write ({_some(foreign)}); move them or "
-                              "choose another output directory")
+            raise OutputError(
+                f"{shown}: holds files kubellm did not write ({_some(foreign)}); move them or "
+                "choose another output directory"
+            )
 
 
 def _files(root: Path) -> set[str]:
@@ -261,20 +268,30 @@ def checksum_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "digest": _digest(path, _hasher()[1])}
 
 
-def write_checksums(root: Path, files: Iterable[str], dest: Path,
-                    recorded: dict[str, dict[str, Any]] | None = None) -> None:
+def write_checksums(
+    root: Path, files: Iterable[str], dest: Path, recorded: dict[str, dict[str, Any]] | None = None
+) -> None:
     """Record size and checksum of each of ``files`` (relative to ``root``, '/'-separated) in ``dest``;
     ``recorded`` adds records made elsewhere (by other processes, with :func:`checksum_record`)."""
     algorithm, make = _hasher()
-    records = {name: {"bytes": (root / name).stat().st_size, "digest": _digest(root / name, make)}
-               for name in sorted(files)}
+    records = {
+        name: {"bytes": (root / name).stat().st_size, "digest": _digest(root / name, make)} for name in sorted(files)
+    }
     records.update(recorded or {})
     dest.write_text(json.dumps({"algorithm": algorithm, "files": records}, indent=1), encoding="utf-8")
 
 
-def verify_checksums(root: Path, checksums: Path, error: type[KubellmError], *, required: Iterable[str] = (),
-                     prefix: str = "", what: str = "checkpoint", when: str = "written",
-                     part: tuple[int, int] = (0, 1)) -> bool:
+def verify_checksums(
+    root: Path,
+    checksums: Path,
+    error: type[KubellmError],
+    *,
+    required: Iterable[str] = (),
+    prefix: str = "",
+    what: str = "checkpoint",
+    when: str = "written",
+    part: tuple[int, int] = (0, 1),
+) -> bool:
     """Compare the files recorded in ``checksums`` (those whose name starts with ``prefix``) with their
     size and checksum. True: all match; False: nothing to compare with (no such file, or a hash this
     machine lacks); raises ``error`` naming the first file that differs ("the bytes changed after the

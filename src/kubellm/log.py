@@ -68,8 +68,16 @@ class Progress:
     metrics to show. Rates and the ETA are computed from the steps done in *this* process.
     """
 
-    def __init__(self, total: int, description: str, *, every: int = 10, start: int = 0,
-                 logger: logging.Logger | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        *,
+        every: int = 10,
+        start: int = 0,
+        logger: logging.Logger | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.total = total
         self.every = max(1, every)
         self.description = description
@@ -83,9 +91,14 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-                                     transient=False)
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                transient=False,
+            )
             self._bar.start()
             self._task = self._bar.add_task(description, total=total, completed=start, metrics="")
 

@@ -32,6 +32,7 @@ PARAM_DOCS = {
     "eval_config": "Evaluation settings and the promotion gate (kubellm EvalConfig).",
 }
 
+
 @dataclass(frozen=True)
 class BuiltIn:
     """A built-in pipeline as its file declares it."""
@@ -82,8 +83,12 @@ def _declared(path: Path) -> tuple[str, list[str] | None] | None:
         raise ConfigError(f"{path}:{err.lineno}: {err.msg}") from None
     name = build = None
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["NAME"]
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["NAME"]
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             name = node.value.value
         elif isinstance(node, ast.FunctionDef) and node.name == "build":
             build = node
@@ -91,8 +96,9 @@ def _declared(path: Path) -> tuple[str, list[str] | None] | None:
         return None
     for node in ast.walk(build):
         if isinstance(node, ast.FunctionDef) and any(
-                isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "pipeline"
-                for d in node.decorator_list):
+            isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "pipeline"
+            for d in node.decorator_list
+        ):
             return name, [a.arg for a in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]]
     return name, None
 
@@ -101,8 +107,7 @@ def builtin(name: str) -> BuiltIn:
     """Built-in pipeline ``name``; an unknown name is one line naming those there are."""
     found = builtin_pipelines()
     if name not in found:
-        raise ConfigError(f"unknown pipeline {name!r}; expected one of {', '.join(found)} or a pipeline file "
-                          "(FILE.py)")
+        raise ConfigError(f"unknown pipeline {name!r}; expected one of {', '.join(found)} or a pipeline file (FILE.py)")
     return found[name]
 
 
@@ -126,8 +131,10 @@ def unknown_params(pipeline: str, names: list[str], valid: list[str] | None = No
     from kubellm.config.reference import did_you_mean
 
     hint = did_you_mean(bad[0], valid) if len(bad) == 1 else ""
-    return (f"--param {', '.join(bad)}: {pipeline} has no such parameter{hint or ';'} its parameters are "
-            f"{', '.join(valid)}" + (" (kubellm run --help says what each means)" if builtin else ""))
+    return (
+        f"--param {', '.join(bad)}: {pipeline} has no such parameter{hint or ';'} its parameters are "
+        f"{', '.join(valid)}" + (" (kubellm run --help says what each means)" if builtin else "")
+    )
 
 
 def help_text() -> str:
@@ -137,8 +144,10 @@ def help_text() -> str:
         found = builtin_pipelines()
     except ConfigError as err:  # every command builds this help: a broken pipeline file must not stop them
         found, lines = {}, [*lines, f"  (none listed: {err})"]
-    lines += [f"  {name}: {', '.join(p.params) if p.params is not None else '(set in its build())'}"
-              for name, p in found.items()]
+    lines += [
+        f"  {name}: {', '.join(p.params) if p.params is not None else '(set in its build())'}"
+        for name, p in found.items()
+    ]
     lines += ["Parameters:"]
     lines += [f"  {name}: {doc}" for name, doc in PARAM_DOCS.items()]
     return "\n\n".join(lines)  # one paragraph each: the help formatter rewraps lines within a paragraph

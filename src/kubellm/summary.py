@@ -22,8 +22,16 @@ NOT_RUN = "not run"
 CACHED = "cached"
 
 
-def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str, stages: list[str],
-            wall_seconds: float | None = None, cached: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def collect(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    *,
+    pipeline: str,
+    run_name: str,
+    stages: list[str],
+    wall_seconds: float | None = None,
+    cached: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Everything a person (or CI) wants to know after a run, as JSON-able data.
 
     ``cached`` names the stages a resumed run did not run: stage → ``{"from_run": the earlier run,
@@ -42,16 +50,22 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     for key in ("tags.run_name", "tags.kfp_run_id", "attributes.run_name"):
         if experiments and not parents:
             parents = client.search_runs(
-                experiments, filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and "
-                                           f"{key} = '{run_name}'",
-                order_by=["attributes.start_time DESC"], max_results=1)
+                experiments,
+                filter_string=f"tags.run_kind = 'parent' and tags.pipeline = '{pipeline}' and {key} = '{run_name}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
     if not parents:
-        raise KubellmError(f"no MLflow parent run named {run_name!r} for pipeline {pipeline} in {uri} "
-                           "(the run failed before its first task; see the log above)")
+        raise KubellmError(
+            f"no MLflow parent run named {run_name!r} for pipeline {pipeline} in {uri} "
+            "(the run failed before its first task; see the log above)"
+        )
     parent = parents[0]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  max_results=1000)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        max_results=1000,
+    )
     by_stage: dict[str, Any] = {}
     for child in sorted(children, key=lambda r: r.info.start_time or 0):
         if "stage" in child.data.tags:  # the plugin also nests a run for tasks that log no stage
@@ -74,16 +88,27 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
     for stage in ordered:
         run = by_stage.get(stage)
         if stage in reused:
-            rows.append({"stage": stage, "status": CACHED, "seconds": None, "run_id": run.info.run_id if run else None,
-                         "cached_from": reused[stage]["from_run"]})
+            rows.append(
+                {
+                    "stage": stage,
+                    "status": CACHED,
+                    "seconds": None,
+                    "run_id": run.info.run_id if run else None,
+                    "cached_from": reused[stage]["from_run"],
+                }
+            )
             continue
         if run is None:
             reason = f"{failed} failed" if failed else closed
             rows.append({"stage": stage, "status": NOT_RUN, "seconds": None, **({"reason": reason} if reason else {})})
             continue
         end = run.info.end_time or run.info.start_time
-        row = {"stage": stage, "status": run.info.status, "seconds": round((end - run.info.start_time) / 1000, 2),
-               "run_id": run.info.run_id}
+        row = {
+            "stage": stage,
+            "status": run.info.status,
+            "seconds": round((end - run.info.start_time) / 1000, 2),
+            "run_id": run.info.run_id,
+        }
         if "error" in run.data.tags:
             row["error"] = run.data.tags["error"]
             failed = failed or stage
@@ -98,13 +123,19 @@ def collect(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name
         "failed_stage": failed,
         "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         "stages": rows,
-        "evaluation": {"metrics": metrics,
-                       "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"]),
-                       "rules": _gate_rules(evaluation),
-                       "gate_failure": evaluation.data.tags.get(CLOSES_TAG) if evaluation is not None else None},
+        "evaluation": {
+            "metrics": metrics,
+            "gate_passed": None if "gate_passed" not in metrics else bool(metrics["gate_passed"]),
+            "rules": _gate_rules(evaluation),
+            "gate_failure": evaluation.data.tags.get(CLOSES_TAG) if evaluation is not None else None,
+        },
         "closed_by": closed,
-        "mlflow": {"tracking_uri": uri, "experiment": cfg.experiment, "experiment_id": parent.info.experiment_id,
-                   "parent_run_id": parent.info.run_id},
+        "mlflow": {
+            "tracking_uri": uri,
+            "experiment": cfg.experiment,
+            "experiment_id": parent.info.experiment_id,
+            "parent_run_id": parent.info.run_id,
+        },
         "model": _registered(client, cfg.registered_model, by_stage.get("register")),
         "deployment": _deployment(by_stage.get("deploy")),
     }
@@ -145,16 +176,24 @@ def _registered(client: Any, name: str, register_run: Any) -> dict[str, Any] | N
 
     mv = client.get_model_version(name, max(versions, key=lambda v: int(v.version)).version)
     # what the version stores: an adapter version's bytes beside a merged copy's (storage_factor)
-    return {"name": mv.name, "version": int(mv.version), "aliases": sorted(mv.aliases or []),
-            **storage_figures(dict(mv.tags or {}))}
+    return {
+        "name": mv.name,
+        "version": int(mv.version),
+        "aliases": sorted(mv.aliases or []),
+        **storage_figures(dict(mv.tags or {})),
+    }
 
 
 def _deployment(deploy_run: Any) -> dict[str, Any] | None:
     if deploy_run is None:
         return None
     tags = deploy_run.data.tags
-    out = {"status": tags.get("deploy.status"), "endpoint": tags.get("deploy.endpoint"),
-           "manifests": tags.get("deploy.manifests"), "detail": tags.get("deploy.detail")}
+    out = {
+        "status": tags.get("deploy.status"),
+        "endpoint": tags.get("deploy.endpoint"),
+        "manifests": tags.get("deploy.manifests"),
+        "detail": tags.get("deploy.detail"),
+    }
     if tags.get("playground.manifests"):  # the deploy step creates the playground after a healthy rollout
         out["playground_manifests"] = tags["playground.manifests"]
     return out
@@ -208,11 +247,21 @@ def write(summary: dict[str, Any], out_dir: str | Path) -> Path:
 
 def table_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-stage table ``kubellm run`` prints."""
-    return [{"stage": r["stage"], "status": r["status"],
-             "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
-             "note": (r.get("error") or (f"outputs of {r['cached_from']}" if r.get("cached_from") else "")
-                      or r.get("reason") or r.get("note") or "")[:100]}
-            for r in summary["stages"]]
+    return [
+        {
+            "stage": r["stage"],
+            "status": r["status"],
+            "seconds": "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            "note": (
+                r.get("error")
+                or (f"outputs of {r['cached_from']}" if r.get("cached_from") else "")
+                or r.get("reason")
+                or r.get("note")
+                or ""
+            )[:100],
+        }
+        for r in summary["stages"]
+    ]
 
 
 def headline(summary: dict[str, Any]) -> str:
@@ -226,8 +275,9 @@ def headline(summary: dict[str, Any]) -> str:
         if m.get("perplexity") and m.get("base_perplexity"):
             figures.append(f"perplexity {m['perplexity']:.3g} vs base {m['base_perplexity']:.3g}")
         if m.get("code_parse_rate") is not None and m.get("base_code_parse_rate") is not None:
-            figures.append(f"answers that are Python code {m['code_parse_rate']:.0%} vs base "
-                           f"{m['base_code_parse_rate']:.0%}")
+            figures.append(
+                f"answers that are Python code {m['code_parse_rate']:.0%} vs base {m['base_code_parse_rate']:.0%}"
+            )
         if ev["gate_passed"]:
             parts.append("gate passed" + (f" ({'; '.join(figures)})" if figures else ""))
         else:  # the failed rules first: a better perplexity beside "failed" reads as a contradiction
@@ -238,10 +288,11 @@ def headline(summary: dict[str, Any]) -> str:
         from kubellm.tracking.registry import storage_line
 
         stored = storage_line(model)
-        parts.append(f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]"
-                     + (f": {stored}" if stored else ""))
+        parts.append(
+            f"model {model['name']} v{model['version']} [{', '.join(model['aliases'])}]"
+            + (f": {stored}" if stored else "")
+        )
     return "; ".join(parts)
-
 
 
 def run_page(experiment_id: str | None, run_id: str | None) -> str:

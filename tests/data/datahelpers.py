@@ -15,7 +15,40 @@ from kubellm.config.data import DataConfig
 
 BIN = Path(sys.executable).parent
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "river", "stone", "cloud", "tree", "light", "shadow", "number", "letter"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "river",
+    "stone",
+    "cloud",
+    "tree",
+    "light",
+    "shadow",
+    "number",
+    "letter",
+]
 
 
 def make_docs(n: int, seed: int = 0, words: int = 40) -> list[str]:
@@ -33,9 +66,14 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 def data_cfg(uri: str | Path, **kw: Any) -> DataConfig:
     """A small, fast pretraining config over one source; ``kw`` overrides top-level fields."""
     source = {"uri": str(uri), **kw.pop("source", {})}
-    doc: dict[str, Any] = {"kind": "pretrain", "sources": [source], "block_size": 32,
-                           "tokenizer": {"vocab_size": 320}, "split": {"validation_fraction": 0.2},
-                           "cleaning": {"min_chars": 4}}
+    doc: dict[str, Any] = {
+        "kind": "pretrain",
+        "sources": [source],
+        "block_size": 32,
+        "tokenizer": {"vocab_size": 320},
+        "split": {"validation_fraction": 0.2},
+        "cleaning": {"min_chars": 4},
+    }
     for k, v in kw.items():
         doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
     return DataConfig.model_validate(doc)
@@ -61,12 +99,14 @@ def timed_prep(cwd: Path, out: Path, sets: list[str], env: dict[str, str] | None
     return seconds, done.stdout + done.stderr
 
 
-def kill_prep_after_a_shard(cwd: Path, out: Path, staging: Path, sets: list[str],
-                            env: dict[str, str] | None = None, shards: int = 1) -> int:
+def kill_prep_after_a_shard(
+    cwd: Path, out: Path, staging: Path, sets: list[str], env: dict[str, str] | None = None, shards: int = 1
+) -> int:
     """Run ``kubellm prep --out out`` with ``sets`` and SIGKILL it (no clean-up at all) as soon as
     ``shards`` output shards are recorded in ``staging``; return the number recorded by then."""
-    proc = subprocess.Popen(prep_command(out, sets), cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        prep_command(out, sets), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 240
     while len(list((staging / ".work" / "shards").glob("*.json"))) < shards:
         assert proc.poll() is None, f"prep ended before {shards} shard(s) were made: {proc.stdout.read()}"
@@ -83,6 +123,12 @@ def killable(root: Path, n: int = 3000) -> tuple[DataConfig, list[str]]:
     as ``kubellm prep`` ``--set`` arguments."""
     docs = make_docs(n)
     corpus = write_jsonl(root / "c.jsonl", [{"text": d} for d in docs + docs[:40]])
-    sets = [f"data.sources=[{{\"uri\": \"{corpus}\"}}]", "data.shard_bytes=2000", "data.block_size=32",
-            "data.tokenizer.vocab_size=320", "data.split.validation_fraction=0.2", "data.cleaning.min_chars=4"]
+    sets = [
+        f'data.sources=[{{"uri": "{corpus}"}}]',
+        "data.shard_bytes=2000",
+        "data.block_size=32",
+        "data.tokenizer.vocab_size=320",
+        "data.split.validation_fraction=0.2",
+        "data.cleaning.min_chars=4",
+    ]
     return data_cfg(corpus, shard_bytes=2000), sets

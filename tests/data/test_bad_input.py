@@ -39,50 +39,89 @@ def _csv_extra(tmp: Path) -> dict[str, Any]:
 # name -> (builder(tmp) -> data config doc, fragments the one-line message must contain)
 CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], tuple[str, ...]]] = {
     "empty file": (lambda t: _jsonl_bytes(t, "a.jsonl", b""), ("a.jsonl", "empty file")),
-    "not utf-8": (lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], b'{"text": "caf\xe9 au lait"}')),
-                  ("a.jsonl:2:", "not UTF-8", "0xe9")),
-    "invalid json line": (lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], GOOD[1], b'{"text": oops}')),
-                          ("a.jsonl:3:", "invalid JSON")),
-    "text field missing": (lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], {"body": "no text here"})),
-                           ("a.jsonl:2:", "no field 'text'", "body", "text_field")),
-    "number for text": (lambda t: _jsonl_bytes(t, "a.jsonl", _lines({"text": 42})),
-                        ("a.jsonl:1:", "'text' is int", "expected text")),
-    "10 MB line": (lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], {"text": "x" * 10_000_000})),
-                   ("a.jsonl:2:", "max_record_bytes")),
-    "gzip named .jsonl": (lambda t: _jsonl_bytes(t, "a.jsonl", gzip.compress(_lines(*GOOD))),
-                          ("a.jsonl", "gzip", "a.jsonl.gz")),
-    "missing path": (lambda t: {"sources": [{"uri": str(t / "nowhere" / "a.jsonl")}]},
-                     ("nowhere/a.jsonl", "no such file")),
-    "unknown scheme": (lambda t: {"sources": [{"uri": "foo://bucket/a.jsonl"}]},
-                       ("foo://bucket/a.jsonl", "unknown URI scheme 'foo'")),
-    "all filtered": (lambda t: {**_jsonl_bytes(t, "a.jsonl", _lines(*({"text": f"x{i}"} for i in range(5)))),
-                                "cleaning": {"min_chars": 16}},
-                     ("a.jsonl", "every record was dropped", "too_short=5")),
-    "vocab too big": (lambda t: {**_jsonl_bytes(t, "a.jsonl", _lines(*GOOD)), "tokenizer": {"vocab_size": 60000}},
-                      ("a.jsonl", "tokenizer.vocab_size 60000", "supports only")),
+    "not utf-8": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], b'{"text": "caf\xe9 au lait"}')),
+        ("a.jsonl:2:", "not UTF-8", "0xe9"),
+    ),
+    "invalid json line": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], GOOD[1], b'{"text": oops}')),
+        ("a.jsonl:3:", "invalid JSON"),
+    ),
+    "text field missing": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], {"body": "no text here"})),
+        ("a.jsonl:2:", "no field 'text'", "body", "text_field"),
+    ),
+    "number for text": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", _lines({"text": 42})),
+        ("a.jsonl:1:", "'text' is int", "expected text"),
+    ),
+    "10 MB line": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", _lines(GOOD[0], {"text": "x" * 10_000_000})),
+        ("a.jsonl:2:", "max_record_bytes"),
+    ),
+    "gzip named .jsonl": (
+        lambda t: _jsonl_bytes(t, "a.jsonl", gzip.compress(_lines(*GOOD))),
+        ("a.jsonl", "gzip", "a.jsonl.gz"),
+    ),
+    "missing path": (
+        lambda t: {"sources": [{"uri": str(t / "nowhere" / "a.jsonl")}]},
+        ("nowhere/a.jsonl", "no such file"),
+    ),
+    "unknown scheme": (
+        lambda t: {"sources": [{"uri": "foo://bucket/a.jsonl"}]},
+        ("foo://bucket/a.jsonl", "unknown URI scheme 'foo'"),
+    ),
+    "all filtered": (
+        lambda t: {
+            **_jsonl_bytes(t, "a.jsonl", _lines(*({"text": f"x{i}"} for i in range(5)))),
+            "cleaning": {"min_chars": 16},
+        },
+        ("a.jsonl", "every record was dropped", "too_short=5"),
+    ),
+    "vocab too big": (
+        lambda t: {**_jsonl_bytes(t, "a.jsonl", _lines(*GOOD)), "tokenizer": {"vocab_size": 60000}},
+        ("a.jsonl", "tokenizer.vocab_size 60000", "supports only"),
+    ),
     "csv extra field": (_csv_extra, ("a.csv:3:", "more fields than the header")),
-    "json array of non-objects": (lambda t: _jsonl_bytes(t, "a.json", json.dumps([GOOD[0], "bare"]).encode()),
-                                  ("a.json[1]", "expected an object")),
+    "json array of non-objects": (
+        lambda t: _jsonl_bytes(t, "a.json", json.dumps([GOOD[0], "bare"]).encode()),
+        ("a.json[1]", "expected an object"),
+    ),
     "messages without answer": (
-        lambda t: {**_jsonl_bytes(t, "c.jsonl", _lines({"m": [{"role": "user", "content": "hello there"}]})),
-                   "kind": "instruct", "sources": [{"uri": str(t / "in" / "c.jsonl"), "messages_field": "m"}]},
-        ("c.jsonl:1:", "must end with an assistant message")),
-    "corpus smaller than a block": (lambda t: {**_jsonl_bytes(t, "a.jsonl", _lines(*GOOD)), "block_size": 16384},
-                                    ("a.jsonl", "fewer than one block", "block_size=16384")),
+        lambda t: {
+            **_jsonl_bytes(t, "c.jsonl", _lines({"m": [{"role": "user", "content": "hello there"}]})),
+            "kind": "instruct",
+            "sources": [{"uri": str(t / "in" / "c.jsonl"), "messages_field": "m"}],
+        },
+        ("c.jsonl:1:", "must end with an assistant message"),
+    ),
+    "corpus smaller than a block": (
+        lambda t: {**_jsonl_bytes(t, "a.jsonl", _lines(*GOOD)), "block_size": 16384},
+        ("a.jsonl", "fewer than one block", "block_size=16384"),
+    ),
     "answers beyond the block": (
-        lambda t: {**_jsonl_bytes(t, "q.jsonl", _lines(*({"prompt": r["text"] * 3, "response": "because"} for r in GOOD))),
-                   "kind": "instruct", "block_size": 32},
-        ("q.jsonl", "no training example keeps any answer token", "block_size=32")),
-    "hub offline": (lambda t: {"sources": [{"uri": "hf://someone/some-data"}]},
-                    ("hf://someone/some-data", "offline")),
-    "fsspec backend missing": (lambda t: {"sources": [{"uri": "s3://bucket/data/*.jsonl"}]},
-                               ("s3://bucket/data/*.jsonl", "s3fs")),
+        lambda t: {
+            **_jsonl_bytes(t, "q.jsonl", _lines(*({"prompt": r["text"] * 3, "response": "because"} for r in GOOD))),
+            "kind": "instruct",
+            "block_size": 32,
+        },
+        ("q.jsonl", "no training example keeps any answer token", "block_size=32"),
+    ),
+    "hub offline": (lambda t: {"sources": [{"uri": "hf://someone/some-data"}]}, ("hf://someone/some-data", "offline")),
+    "fsspec backend missing": (
+        lambda t: {"sources": [{"uri": "s3://bucket/data/*.jsonl"}]},
+        ("s3://bucket/data/*.jsonl", "s3fs"),
+    ),
 }
 
 
 def _cfg(tmp: Path, name: str) -> DataConfig:
-    doc: dict[str, Any] = {"kind": "pretrain", "block_size": 16, "tokenizer": {"vocab_size": 320},
-                           "cleaning": {"min_chars": 4}}
+    doc: dict[str, Any] = {
+        "kind": "pretrain",
+        "block_size": 16,
+        "tokenizer": {"vocab_size": 320},
+        "cleaning": {"min_chars": 4},
+    }
     doc.update(CASES[name][0](tmp))
     return DataConfig.model_validate(doc)
 
@@ -127,10 +166,21 @@ def _run_cli(tmp: Path, data_doc: dict[str, Any], out: str, capsys: pytest.Captu
     return int(info.value.code or 0), capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("name", ["empty file", "not utf-8", "number for text", "gzip named .jsonl",
-                                  "unknown scheme", "all filtered", "vocab too big"])
-def test_cli_prints_one_error_line_and_exits_2(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "empty file",
+        "not utf-8",
+        "number for text",
+        "gzip named .jsonl",
+        "unknown scheme",
+        "all filtered",
+        "vocab too big",
+    ],
+)
+def test_cli_prints_one_error_line_and_exits_2(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     doc = _cfg(tmp_path, name).model_dump(mode="json")
     code, err = _run_cli(tmp_path, doc, "prepared", capsys)
@@ -142,7 +192,8 @@ def test_cli_prints_one_error_line_and_exits_2(name: str, tmp_path: Path, monkey
 
 
 def test_cli_refuses_an_output_that_escapes_the_working_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -156,9 +207,16 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(_lines(GOOD[0], b"{not json"))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"data": {"sources": [{"uri": str(bad)}]}}))
-    proc = subprocess.run([str(Path(sys.executable).parent / "kubellm"), "prep", "--config", "run.yaml", "--out", "p"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "kubellm"), "prep", "--config", "run.yaml", "--out", "p"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON (Expecting property name " \
-                                                   "enclosed in double quotes at column 2)"
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: invalid JSON (Expecting property name "
+        "enclosed in double quotes at column 2)"
+    )
     assert "Traceback" not in proc.stderr and not (tmp_path / "p").exists()

@@ -28,9 +28,12 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mine")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size < 60_000)[:120]
-    pq.write_table(pa.table({"path": [p.name for p in files],
-                             "body": [p.read_text(encoding="utf-8", errors="replace") for p in files]}),
-                   root / "corpus.parquet")
+    pq.write_table(
+        pa.table(
+            {"path": [p.name for p in files], "body": [p.read_text(encoding="utf-8", errors="replace") for p in files]}
+        ),
+        root / "corpus.parquet",
+    )
     with (root / "qa.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["question", "answer"])
@@ -41,11 +44,33 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_own_parquet_and_csv_need_one_command_each(folder: Path) -> None:
-    corpus = _kubellm(folder, "prep", "--source", "corpus.parquet", "--text-field", "body", "--out", "prepared",
-                      "--set", "data.tokenizer.vocab_size=1024")
+    corpus = _kubellm(
+        folder,
+        "prep",
+        "--source",
+        "corpus.parquet",
+        "--text-field",
+        "body",
+        "--out",
+        "prepared",
+        "--set",
+        "data.tokenizer.vocab_size=1024",
+    )
     assert corpus.returncode == 0, corpus.stderr[-2000:]
-    qa = _kubellm(folder, "prep", "--source", "qa.csv", "--prompt-field", "question", "--response-field", "answer",
-                  "--tokenizer", "prepared", "--out", "prepared-qa")
+    qa = _kubellm(
+        folder,
+        "prep",
+        "--source",
+        "qa.csv",
+        "--prompt-field",
+        "question",
+        "--response-field",
+        "answer",
+        "--tokenizer",
+        "prepared",
+        "--out",
+        "prepared-qa",
+    )
     assert qa.returncode == 0, qa.stderr[-2000:]
     assert json.loads((folder / "prepared" / "manifest.json").read_text())["kind"] == "pretrain"
     manifest = json.loads((folder / "prepared-qa" / "manifest.json").read_text())
@@ -62,9 +87,22 @@ def test_a_missing_field_hint_can_be_followed_as_printed(folder: Path) -> None:
     assert "qa.csv" in line and "no field 'prompt'" in line and "(fields: question, answer)" in line
     hint = line.split("--set ")[1].split(" ")[0]  # instruct_data.sources[0].prompt_field=FIELD
     assert hint == "instruct_data.sources[0].prompt_field=FIELD"
-    ok = _kubellm(folder, "prep", "--source", "qa.csv", "--section", "instruct_data", "--out", "hinted",
-                  "--set", hint.replace("FIELD", "question"),
-                  "--set", "instruct_data.sources[0].response_field=answer", "--set", "instruct_data.tokenizer.vocab_size=300")
+    ok = _kubellm(
+        folder,
+        "prep",
+        "--source",
+        "qa.csv",
+        "--section",
+        "instruct_data",
+        "--out",
+        "hinted",
+        "--set",
+        hint.replace("FIELD", "question"),
+        "--set",
+        "instruct_data.sources[0].response_field=answer",
+        "--set",
+        "instruct_data.tokenizer.vocab_size=300",
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 

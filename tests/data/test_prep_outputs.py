@@ -36,9 +36,17 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 
 def config(tmp: Path, source: Path, **data) -> Path:
-    doc = {"data": {"kind": "pretrain", "sources": [{"uri": str(source)}], "block_size": 32,
-                    "tokenizer": {"vocab_size": 320}, "cleaning": {"min_chars": 4}, **data},
-           "tracking": {"enabled": False}}
+    doc = {
+        "data": {
+            "kind": "pretrain",
+            "sources": [{"uri": str(source)}],
+            "block_size": 32,
+            "tokenizer": {"vocab_size": 320},
+            "cleaning": {"min_chars": 4},
+            **data,
+        },
+        "tracking": {"enabled": False},
+    }
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -73,8 +81,10 @@ def test_a_folder_of_user_files_is_refused_and_left_intact(tmp_path: Path, cli) 
     before = user_folder(tmp_path / "mine")
     code, err = cli("--config", str(cfg), "--out", str(tmp_path / "mine"))
     assert code == 2 and len(err.splitlines()) == 1
-    assert err == (f"error: {tmp_path / 'mine'}: output directory is not empty and holds no kubellm prepared "
-                   "dataset (precious.txt, sub/notes.md); choose an empty or new directory")
+    assert err == (
+        f"error: {tmp_path / 'mine'}: output directory is not empty and holds no kubellm prepared "
+        "dataset (precious.txt, sub/notes.md); choose an empty or new directory"
+    )
     assert snapshot(tmp_path / "mine") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mine", "run.yaml"]  # no temp folder
 
@@ -83,8 +93,13 @@ def test_out_dot_is_refused_in_a_real_process_and_the_working_folder_survives(tm
     write_jsonl(tmp_path / "docs.jsonl", DOCS)
     config(tmp_path, Path("docs.jsonl"))
     before = snapshot(tmp_path)
-    proc = subprocess.run([str(BIN / "kubellm"), "prep", "--config", "run.yaml", "--out", "."], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "kubellm"), "prep", "--config", "run.yaml", "--out", "."],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}: is the current directory")
     assert snapshot(tmp_path) == before
@@ -133,8 +148,9 @@ def test_a_second_prep_replaces_its_own_output_but_not_a_file_added_to_it(tmp_pa
     assert json.loads((out / "stats.json").read_text()) == second
 
 
-def test_a_quoted_tilde_is_the_home_directory_for_every_command(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_quoted_tilde_is_the_home_directory_for_every_command(
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Issue 24: `prep --out '~'` made a folder named "~" in the working directory, while the other
     # commands read '~' as the home directory and refused it.
     home, work = tmp_path / "home", tmp_path / "work"
@@ -144,14 +160,18 @@ def test_a_quoted_tilde_is_the_home_directory_for_every_command(tmp_path: Path, 
     monkeypatch.chdir(work)
     cfg = config(tmp_path, write_jsonl(tmp_path / "in" / "docs.jsonl", DOCS))
     code, err = cli("--config", str(cfg), "--out", "~")
-    assert code == 2 and err == (f"error: {home}: is your home directory; an output directory is replaced as a "
-                                 "whole: choose a new or empty directory")
+    assert code == 2 and err == (
+        f"error: {home}: is your home directory; an output directory is replaced as a "
+        "whole: choose a new or empty directory"
+    )
     assert list(work.iterdir()) == []
     assert cli("--config", "~/../run.yaml", "--out", "~/prepared", work_allowed=True)[0] == 0
     assert read_marker(home / "prepared")["kind"] == "prepared-dataset" and list(work.iterdir()) == []
     # Inputs are read the same way: pretrain's --data, evaluate's --model (both missing here).
-    for argv, missing in ((["pretrain", "--data", "~/no-data", "--out", "~/run"], "no-data"),
-                          (["evaluate", "--model", "~/no-model", "--data", "~/prepared", "--out", "~/eval"], "no-model")):
+    for argv, missing in (
+        (["pretrain", "--data", "~/no-data", "--out", "~/run"], "no-data"),
+        (["evaluate", "--model", "~/no-model", "--data", "~/prepared", "--out", "~/eval"], "no-model"),
+    ):
         with pytest.raises(SystemExit):
             main([*argv, "--set", "tracking.enabled=false"])
         assert error_lines(capsys.readouterr().err).startswith(f"error: {home / missing}: ")

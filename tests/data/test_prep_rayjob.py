@@ -54,13 +54,25 @@ def test_the_example_prep_rayjob_validates_and_runs_on_cpu_workers(cfg) -> None:
 
 def test_the_entrypoint_prepares_the_configured_data_in_place(cfg) -> None:
     argv = shlex.split(build_prep_rayjob(cfg, "data", "prepared/corpus", "prepared/tok")["spec"]["entrypoint"])
-    assert argv[:8] == ["kubellm", "prep", "--out", "/mnt/kubellm/prepared/corpus", "--section", "data",
-                        "--tokenizer", "/mnt/kubellm/prepared/tok"]
+    assert argv[:8] == [
+        "kubellm",
+        "prep",
+        "--out",
+        "/mnt/kubellm/prepared/corpus",
+        "--section",
+        "data",
+        "--tokenizer",
+        "/mnt/kubellm/prepared/tok",
+    ]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     inner = load_config(None, sets)
     assert inner.data.cluster.nodes == 0  # inside the job: prepare here, on the job's Ray cluster
     assert inner.data.model_dump(exclude={"cluster"}) == cfg.data.model_dump(exclude={"cluster"})
-    assert inner.data.engine == "ray" and inner.tracking == cfg.tracking and inner.platform.distributed.pretrain.engine == "none"
+    assert (
+        inner.data.engine == "ray"
+        and inner.tracking == cfg.tracking
+        and inner.platform.distributed.pretrain.engine == "none"
+    )
 
 
 def test_bad_prep_cluster_configs_fail_before_anything_is_built(cfg) -> None:
@@ -76,9 +88,23 @@ def test_bad_prep_cluster_configs_fail_before_anything_is_built(cfg) -> None:
 
 
 def test_cli_dry_run_prints_the_prep_rayjob(cfg, tmp_path: Path) -> None:
-    run = subprocess.run([str(BIN / "kubellm"), "prep", "--config", str(CLUSTER_RAY), "--set", "platform.queue_name=team-a",
-                          "--out", "prepared/corpus", "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [
+            str(BIN / "kubellm"),
+            "prep",
+            "--config",
+            str(CLUSTER_RAY),
+            "--set",
+            "platform.queue_name=team-a",
+            "--out",
+            "prepared/corpus",
+            "--dry-run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert yaml.safe_load(run.stdout) == build_prep_rayjob(cfg, "data", "prepared/corpus")
     assert list(tmp_path.iterdir()) == []  # nothing prepared or written here

@@ -39,25 +39,32 @@ def test_two_preps_are_identical_and_match_the_fingerprint(tmp_path: Path) -> No
     assert 0 < a.stats["split_records"]["validation"] < 30  # ~20 % of 60, by record hash
     for split in ("train", "validation"):
         assert _rows(a.path, split) == _rows(b.path, split)
-    assert (a.path / "tokenizer" / "tokenizer.json").read_bytes() == (b.path / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (a.path / "tokenizer" / "tokenizer.json").read_bytes() == (
+        b.path / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_the_split_follows_the_record_not_its_position(tmp_path: Path, shared_tokenizer: Path) -> None:
     recs = _instruct_records(80)
     cfg = {"kind": "instruct", "block_size": 64, "split": {"validation_fraction": 0.25}}
-    first = prepare(data_cfg(write_jsonl(tmp_path / "a.jsonl", recs), **cfg), tmp_path / "a",
-                    tokenizer_dir=shared_tokenizer)
+    first = prepare(
+        data_cfg(write_jsonl(tmp_path / "a.jsonl", recs), **cfg), tmp_path / "a", tokenizer_dir=shared_tokenizer
+    )
     # The same records reversed, with new ones mixed in: every record keeps its split.
     more = [{"prompt": f"new {r['prompt']}", "response": r["response"]} for r in recs[:30]]
-    second = prepare(data_cfg(write_jsonl(tmp_path / "b.jsonl", list(reversed(recs)) + more), **cfg),
-                     tmp_path / "b", tokenizer_dir=shared_tokenizer)
+    second = prepare(
+        data_cfg(write_jsonl(tmp_path / "b.jsonl", list(reversed(recs)) + more), **cfg),
+        tmp_path / "b",
+        tokenizer_dir=shared_tokenizer,
+    )
     held_a = {h["reference"] for h in fmt.open_prepared(first.path).heldout()}
     held_b = {h["reference"] for h in fmt.open_prepared(second.path).heldout()}
     assert 5 < len(held_a) < 40 and held_a <= held_b
     # Another seed is another split.
     cfg["split"] = {"validation_fraction": 0.25, "seed": 7}
-    third = prepare(data_cfg(write_jsonl(tmp_path / "a.jsonl", recs), **cfg), tmp_path / "c",
-                    tokenizer_dir=shared_tokenizer)
+    third = prepare(
+        data_cfg(write_jsonl(tmp_path / "a.jsonl", recs), **cfg), tmp_path / "c", tokenizer_dir=shared_tokenizer
+    )
     assert {h["reference"] for h in fmt.open_prepared(third.path).heldout()} != held_a
 
 
@@ -77,8 +84,11 @@ def test_fingerprint_follows_content_not_location(tmp_path: Path) -> None:
 
 def test_pretraining_blocks_are_full_and_eos_separated(tmp_path: Path, shared_tokenizer: Path) -> None:
     docs = DOCS[:30]
-    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs]),
-                   split={"validation_fraction": 0.0}, tokenizer={"path": str(shared_tokenizer)})
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs]),
+        split={"validation_fraction": 0.0},
+        tokenizer={"path": str(shared_tokenizer)},
+    )
     result = prepare(cfg, tmp_path / "out")
     ids, labels = _rows(result.path)
     assert all(len(r) == cfg.block_size for r in ids) and labels == ids
@@ -113,19 +123,24 @@ def _check_masking(ids: list[int], labels: list[int], assistant: int, end: int) 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "length-grouped"])
 def test_instruction_labels_mask_exactly_the_prompt(pack: bool, tmp_path: Path, shared_tokenizer: Path) -> None:
     recs = _instruct_records(40)
-    cfg = data_cfg(write_jsonl(tmp_path / "i.jsonl", recs), kind="instruct", block_size=64,
-                   pack_instructions=pack, split={"validation_fraction": 0.0})
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "i.jsonl", recs),
+        kind="instruct",
+        block_size=64,
+        pack_instructions=pack,
+        split={"validation_fraction": 0.0},
+    )
     result = prepare(cfg, tmp_path / "out", tokenizer_dir=shared_tokenizer)
     tok = result.path / fmt.TOKENIZER_DIR
     vocab = json.loads((tok / "tokenizer.json").read_text())["added_tokens"]
     ids_of = {t["content"]: t["id"] for t in vocab}
     rows, labels = _rows(result.path)
-    answers = sum(_check_masking(r, lab, ids_of["<|assistant|>"], ids_of["<|end|>"])
-                  for r, lab in zip(rows, labels, strict=True))
+    answers = sum(
+        _check_masking(r, lab, ids_of["<|assistant|>"], ids_of["<|end|>"]) for r, lab in zip(rows, labels, strict=True)
+    )
     assert answers == len(recs) == result.stats["splits"]["train"]["examples"]
     backend = _backend(result.path)
-    decoded = [backend.decode([t for t in lab if t != IGNORE_INDEX], skip_special_tokens=False)
-               for lab in labels]
+    decoded = [backend.decode([t for t in lab if t != IGNORE_INDEX], skip_special_tokens=False) for lab in labels]
     if pack:
         assert all(len(r) == 64 for r in rows) and result.stats["padding_fraction"] < 0.5
     else:
@@ -134,18 +149,34 @@ def test_instruction_labels_mask_exactly_the_prompt(pack: bool, tmp_path: Path, 
 
 
 def test_multi_turn_chat_labels_every_answer_and_heldout(tmp_path: Path, shared_tokenizer: Path) -> None:
-    convs = [{"messages": [{"role": "system", "content": "Be terse."},
-                           {"role": "user", "content": f"first question {i}"},
-                           {"role": "assistant", "content": f"first answer {i}"},
-                           {"role": "user", "content": f"second question {i}"},
-                           {"role": "assistant", "content": f"second answer {i}"}]} for i in range(30)]
-    cfg = data_cfg(write_jsonl(tmp_path / "m.jsonl", convs), kind="instruct", block_size=128,
-                   source={"messages_field": "messages"}, split={"validation_fraction": 0.3})
+    convs = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": f"first question {i}"},
+                {"role": "assistant", "content": f"first answer {i}"},
+                {"role": "user", "content": f"second question {i}"},
+                {"role": "assistant", "content": f"second answer {i}"},
+            ]
+        }
+        for i in range(30)
+    ]
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "m.jsonl", convs),
+        kind="instruct",
+        block_size=128,
+        source={"messages_field": "messages"},
+        split={"validation_fraction": 0.3},
+    )
     result = prepare(cfg, tmp_path / "out", tokenizer_dir=shared_tokenizer)
-    vocab = {t["content"]: t["id"] for t in
-             json.loads((result.path / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]}
+    vocab = {
+        t["content"]: t["id"]
+        for t in json.loads((result.path / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
+    }
     rows, labels = _rows(result.path)
-    answers = sum(_check_masking(r, lab, vocab["<|assistant|>"], vocab["<|end|>"]) for r, lab in zip(rows, labels, strict=True))
+    answers = sum(
+        _check_masking(r, lab, vocab["<|assistant|>"], vocab["<|end|>"]) for r, lab in zip(rows, labels, strict=True)
+    )
     assert answers == 2 * result.stats["splits"]["train"]["examples"]
     held = fmt.open_prepared(result.path).heldout()
     assert len(held) == result.stats["split_records"]["validation"] == result.stats["heldout"] > 0
@@ -161,12 +192,21 @@ def test_an_existing_tokenizer_without_template_gets_the_plain_one(tmp_path: Pat
     conf = json.loads((bare / "tokenizer_config.json").read_text())
     conf.pop("chat_template", None)
     (bare / "tokenizer_config.json").write_text(json.dumps(conf))
-    cfg = data_cfg(write_jsonl(tmp_path / "i.jsonl", _instruct_records(20)), kind="instruct", block_size=96,
-                   pack_instructions=False, split={"validation_fraction": 0.0}, tokenizer={"path": str(bare)})
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "i.jsonl", _instruct_records(20)),
+        kind="instruct",
+        block_size=96,
+        pack_instructions=False,
+        split={"validation_fraction": 0.0},
+        tokenizer={"path": str(bare)},
+    )
     result = prepare(cfg, tmp_path / "out")
     saved = result.path / "tokenizer"
-    template = (saved / "chat_template.jinja").read_text() if (saved / "chat_template.jinja").exists() else \
-        json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
+    template = (
+        (saved / "chat_template.jinja").read_text()
+        if (saved / "chat_template.jinja").exists()
+        else json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
+    )
     assert template == PLAIN_CHAT_TEMPLATE
     assert result.manifest.vocab_size == 320  # no tokens added
     assert result.manifest.stop_token_ids == [result.manifest.eos_token_id]
@@ -182,9 +222,13 @@ def test_an_existing_tokenizer_without_template_gets_the_plain_one(tmp_path: Pat
 
 def test_duplicates_are_counted_by_reason(tmp_path: Path) -> None:
     recs = [{"text": d} for d in DOCS[:20]]
-    recs += [{"text": DOCS[0]}, {"text": "  " + DOCS[1].replace(" ", "   ") + "\n"},  # exact and re-spaced
-             {"text": DOCS[2] + "\x00\x07"},  # a copy with control characters
-             {"text": "tiny"}, {"text": "   "}]
+    recs += [
+        {"text": DOCS[0]},
+        {"text": "  " + DOCS[1].replace(" ", "   ") + "\n"},  # exact and re-spaced
+        {"text": DOCS[2] + "\x00\x07"},  # a copy with control characters
+        {"text": "tiny"},
+        {"text": "   "},
+    ]
     result = prepare(data_cfg(write_jsonl(tmp_path / "d.jsonl", recs), cleaning={"min_chars": 8}), tmp_path / "o")
     assert result.stats["dropped"] == {"duplicate": 3, "too_short": 1, "empty": 1}
     assert result.stats["records_in"] == 25 and result.stats["records_out"] == 20
@@ -212,21 +256,34 @@ def test_minhash_catches_near_duplicates(tmp_path: Path) -> None:
 
 def test_outputs_stats_report_and_tracking(tmp_path: Path) -> None:
     tracker = NullTracker()
-    result = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])), tmp_path / "o",
-                     tracker=tracker)
+    result = prepare(
+        data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])), tmp_path / "o", tracker=tracker
+    )
     names = sorted(p.name for p in result.path.iterdir())
-    assert names == [".kubellm-output", "checksums.json", "dataset", "manifest.json", "report.md", "shards.json",
-                     "stats.json", "tokenizer"]
+    assert names == [
+        ".kubellm-output",
+        "checksums.json",
+        "dataset",
+        "manifest.json",
+        "report.md",
+        "shards.json",
+        "stats.json",
+        "tokenizer",
+    ]
     on_disk = fmt.open_prepared(result.path)
     assert on_disk.manifest == result.manifest and on_disk.stats() == json.loads(json.dumps(result.stats))
     report = (result.path / "report.md").read_text()
-    assert "## Cleaning" in report and str(result.stats["records_in"]) in report and result.manifest.fingerprint in report
+    assert (
+        "## Cleaning" in report and str(result.stats["records_in"]) in report and result.manifest.fingerprint in report
+    )
     assert tracker.params["data.fingerprint"] == result.manifest.fingerprint
     assert tracker.last("data_tokens") == result.stats["tokens"] > 0
     assert [a.name for a, _ in tracker.artifacts] == ["stats.json", "report.md"]
 
 
-def test_a_failure_late_in_prep_leaves_the_previous_output_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_late_in_prep_leaves_the_previous_output_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS]))
     out = tmp_path / "out" / "prepared"
     good = prepare(cfg, out)
@@ -245,8 +302,11 @@ def test_a_failure_late_in_prep_leaves_the_previous_output_intact(tmp_path: Path
 
 
 def test_parallel_tokenization_gives_the_same_rows(tmp_path: Path, shared_tokenizer: Path) -> None:
-    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_docs(400)]), batch_size=50,
-                   tokenizer={"path": str(shared_tokenizer)})
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in make_docs(400)]),
+        batch_size=50,
+        tokenizer={"path": str(shared_tokenizer)},
+    )
     one = prepare(cfg, tmp_path / "one")
     two = prepare(cfg.model_copy(update={"num_proc": 2}), tmp_path / "two")
     assert _rows(one.path) == _rows(two.path) and one.manifest == two.manifest
@@ -274,26 +334,36 @@ def _tokenizer_backend(path: Path):
 
 
 def test_builtin_corpus_and_instructions_share_one_tokenizer(tmp_path: Path) -> None:
-    pre = prepare(data_cfg("builtin://stdlib", max_docs=12, block_size=64, tokenizer={"vocab_size": 512}),
-                  tmp_path / "pre")
+    pre = prepare(
+        data_cfg("builtin://stdlib", max_docs=12, block_size=64, tokenizer={"vocab_size": 512}), tmp_path / "pre"
+    )
     assert pre.stats["sources"][0]["records"] == 12 and pre.manifest.vocab_size == 512
-    inst = prepare(data_cfg("builtin://stdlib-instruct", kind="instruct", max_docs=60, block_size=128),
-                   tmp_path / "inst", tokenizer_dir=pre.path)  # a prepared dataset works as tokenizer dir
+    inst = prepare(
+        data_cfg("builtin://stdlib-instruct", kind="instruct", max_docs=60, block_size=128),
+        tmp_path / "inst",
+        tokenizer_dir=pre.path,
+    )  # a prepared dataset works as tokenizer dir
     assert inst.manifest.vocab_size == 512
-    assert (inst.path / "tokenizer" / "tokenizer.json").read_bytes() == (pre.path / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (inst.path / "tokenizer" / "tokenizer.json").read_bytes() == (
+        pre.path / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
     assert inst.stats["splits"]["train"]["examples"] > 20
 
 
-def test_cli_prep_success_prints_a_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str], shared_tokenizer: Path) -> None:
+def test_cli_prep_success_prints_a_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], shared_tokenizer: Path
+) -> None:
     from kubellm.cli.app import main
 
     monkeypatch.chdir(tmp_path)
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in DOCS])
     inst = write_jsonl(tmp_path / "i.jsonl", _instruct_records(20))
-    doc = {"data": {"sources": [{"uri": str(corpus)}], "block_size": 32, "tokenizer": {"vocab_size": 320}},
-           "instruct_data": {"kind": "instruct", "sources": [{"uri": str(inst)}], "block_size": 64}}
+    doc = {
+        "data": {"sources": [{"uri": str(corpus)}], "block_size": 32, "tokenizer": {"vocab_size": 320}},
+        "instruct_data": {"kind": "instruct", "sources": [{"uri": str(inst)}], "block_size": 64},
+    }
     Path("run.yaml").write_text(yaml.safe_dump(doc))
+
     def run(*argv: str) -> int:
         with pytest.raises(SystemExit) as info:
             main(["prep", "--config", "run.yaml", *argv])
@@ -324,7 +394,10 @@ def test_tokenizer_round_trips_through_autotokenizer(tmp_path: Path) -> None:
     assert tok.chat_template == CHAT_TEMPLATE
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert tok.apply_chat_template(chat, tokenize=False) == "<|user|>hi<|end|><|assistant|>hello<|end|>"
-    assert tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True) == "<|user|>hi<|end|><|assistant|>"
+    assert (
+        tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+        == "<|user|>hi<|end|><|assistant|>"
+    )
 
 
 def test_sharded_split_loads_with_datasets(tmp_path: Path) -> None:
@@ -347,8 +420,12 @@ def test_sharded_split_loads_with_datasets(tmp_path: Path) -> None:
 
 def test_a_validation_split_too_small_for_one_block_is_left_out(tmp_path: Path, shared_tokenizer: Path) -> None:
     recs = [{"text": d} for d in DOCS[:40]]
-    cfg = data_cfg(write_jsonl(tmp_path / "c.jsonl", recs), block_size=512, split={"validation_fraction": 0.05},
-                   tokenizer={"path": str(shared_tokenizer)})
+    cfg = data_cfg(
+        write_jsonl(tmp_path / "c.jsonl", recs),
+        block_size=512,
+        split={"validation_fraction": 0.05},
+        tokenizer={"path": str(shared_tokenizer)},
+    )
     result = prepare(cfg, tmp_path / "o")
     assert result.stats["split_records"]["validation"] > 0 and list(result.manifest.splits) == ["train"]
     assert sorted(p.name for p in (result.path / "dataset").iterdir()) == ["dataset_dict.json", "train"]

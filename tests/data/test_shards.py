@@ -83,8 +83,10 @@ def test_a_killed_prep_resumes_from_its_verified_shards(tmp_path: Path) -> None:
     assert (resumed.path / fmt.CHECKSUMS).read_bytes() == (fresh.path / fmt.CHECKSUMS).read_bytes()
     assert resumed.stats["records_out"] == fresh.stats["records_out"] == 3000
     assert not staging.exists()
-    print(f"resumed with {done_before} of {sum(fresh.stats['shards'].values())} shards verified in {seconds:.1f} s; "
-          f"the same prep from scratch: {full_seconds:.1f} s")
+    print(
+        f"resumed with {done_before} of {sum(fresh.stats['shards'].values())} shards verified in {seconds:.1f} s; "
+        f"the same prep from scratch: {full_seconds:.1f} s"
+    )
 
 
 def test_training_reads_the_shards_in_a_resumable_rank_sharded_order(tmp_path: Path) -> None:
@@ -108,17 +110,21 @@ def test_training_reads_the_shards_in_a_resumable_rank_sharded_order(tmp_path: P
     assert stream(40, len(whole) // 4 - 10) == whole[40:]
     # Two ranks read disjoint halves of each global micro-batch: together the single-process stream.
     r0, r1 = stream(0, 20, 0, 2), stream(0, 20, 1, 2)
-    merged = [row for k in range(20) for row in r0[4 * k:4 * k + 4] + r1[4 * k:4 * k + 4]]
+    merged = [row for k in range(20) for row in r0[4 * k : 4 * k + 4] + r1[4 * k : 4 * k + 4]]
     assert merged == whole[:160]
     # Picklable for DataLoader workers: a copy reads the same rows.
     import pickle
 
     copy = pickle.loads(pickle.dumps(rows))
-    assert [r["input_ids"].tolist() for r in copy.__getitems__([0, len(rows) - 1])] == [ds["input_ids"][0], ds["input_ids"][-1]]
+    assert [r["input_ids"].tolist() for r in copy.__getitems__([0, len(rows) - 1])] == [
+        ds["input_ids"][0],
+        ds["input_ids"][-1],
+    ]
 
 
-def test_a_failed_prep_is_resumed_and_a_damaged_leftover_is_redone(tmp_path: Path, made: list[str],
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_prep_is_resumed_and_a_damaged_leftover_is_redone(
+    tmp_path: Path, made: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = data_cfg(_corpus(tmp_path), shard_bytes=4000)
 
     def full_disk(*a: object, **k: object) -> str:

@@ -88,8 +88,11 @@ def test_field_mapping_and_limits(tmp_path: Path) -> None:
 
 
 def test_chat_messages_field(tmp_path: Path) -> None:
-    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}]
+    conv = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"messages": conv, "extra": 1}) + "\n")
     assert _texts(data_cfg(path, kind="instruct", source={"messages_field": "messages"})) == [conv]
@@ -97,13 +100,22 @@ def test_chat_messages_field(tmp_path: Path) -> None:
 
 def test_a_messages_column_is_detected_without_a_setting(tmp_path: Path) -> None:
     """TRL's convention: a record with a ``messages`` list and no prompt column is a conversation."""
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"prompt": "p", "response": "r",
-                                                                        "messages": "not a conversation"}) + "\n")
+    path.write_text(
+        json.dumps({"messages": conv})
+        + "\n"
+        + json.dumps({"prompt": "p", "response": "r", "messages": "not a conversation"})
+        + "\n"
+    )
     assert _texts(data_cfg(path, kind="instruct")) == [
-        conv, [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]]
+        conv,
+        [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}],
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: messages must end with an assistant message"):
@@ -147,13 +159,17 @@ def test_builtin_instruct_pairs_strip_the_docstring() -> None:
 
 
 def test_function_pair_on_tricky_functions() -> None:
-    src = ('def f(a,\n      b):\n    """Add two numbers.\n\n    Returns the sum.\n    """\n    return a + b\n\n'
-           'def g(): "one line"; return 1\n\n'
-           'def h():\n    """Only a docstring."""\n')
+    src = (
+        'def f(a,\n      b):\n    """Add two numbers.\n\n    Returns the sum.\n    """\n    return a + b\n\n'
+        'def g(): "one line"; return 1\n\n'
+        'def h():\n    """Only a docstring."""\n'
+    )
     tree = ast.parse(src)
     lines = src.splitlines()
     pair = builtin.function_pair("f", tree.body[0], lines)
-    assert pair == {"prompt": "Write the Python function `f`.\n\nAdd two numbers.\n\nReturns the sum.",
-                    "response": "def f(a,\n      b):\n    return a + b"}
+    assert pair == {
+        "prompt": "Write the Python function `f`.\n\nAdd two numbers.\n\nReturns the sum.",
+        "response": "def f(a,\n      b):\n    return a + b",
+    }
     assert builtin.function_pair("g", tree.body[1], lines) is None
     assert builtin.function_pair("h", tree.body[2], lines) is None

@@ -27,8 +27,16 @@ def copy_pairs(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def write_history(model_dir: Path, steps: int, start_loss: float) -> None:
-    rows = [{"step": s, "loss": start_loss / (1 + 0.1 * s), "lr": 1e-3, "tokens_per_s": 1000.0,
-             **({"val_loss": start_loss / (1 + 0.09 * s)} if s % 5 == 0 else {})} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "step": s,
+            "loss": start_loss / (1 + 0.1 * s),
+            "lr": 1e-3,
+            "tokens_per_s": 1000.0,
+            **({"val_loss": start_loss / (1 + 0.09 * s)} if s % 5 == 0 else {}),
+        }
+        for s in range(1, steps + 1)
+    ]
     (model_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -40,10 +48,17 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval-data")
     src = root / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in copy_pairs(300, seed=3)), encoding="utf-8")
-    cfg = DataConfig.model_validate({
-        "kind": "instruct", "sources": [{"uri": str(src)}], "block_size": 48,
-        "tokenizer": {"vocab_size": 300}, "split": {"validation_fraction": 0.1},
-        "pack_instructions": False, "cleaning": {"min_chars": 1}})
+    cfg = DataConfig.model_validate(
+        {
+            "kind": "instruct",
+            "sources": [{"uri": str(src)}],
+            "block_size": 48,
+            "tokenizer": {"vocab_size": 300},
+            "split": {"validation_fraction": 0.1},
+            "pack_instructions": False,
+            "cleaning": {"min_chars": 1},
+        }
+    )
     return prepare(cfg, root / "prepared").path
 
 
@@ -57,9 +72,15 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory, instruct_data: Path) -> P
     prepared = open_prepared(instruct_data)
     m = prepared.manifest
     tok = prepared.load_tokenizer()
-    model = build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64), vocab_size=m.vocab_size,
-                        block_size=64, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-                        pad_token_id=m.pad_token_id, seed=0)
+    model = build_model(
+        ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64),
+        vocab_size=m.vocab_size,
+        block_size=64,
+        bos_token_id=m.bos_token_id,
+        eos_token_id=m.eos_token_id,
+        pad_token_id=m.pad_token_id,
+        seed=0,
+    )
     out = tmp_path_factory.mktemp("base") / "model"
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -88,7 +109,6 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Pat
     return out
 
 
-
 @pytest.fixture(scope="session")
 def speaker_dir(tmp_path_factory: pytest.TempPathFactory, instruct_data: Path) -> Path:
     """A random tiny Llama with untied output embeddings: its greedy answers are non-empty gibberish
@@ -102,10 +122,21 @@ def speaker_dir(tmp_path_factory: pytest.TempPathFactory, instruct_data: Path) -
     prepared = open_prepared(instruct_data)
     m = prepared.manifest
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=m.bos_token_id,
-        eos_token_id=m.eos_token_id, pad_token_id=m.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            bos_token_id=m.bos_token_id,
+            eos_token_id=m.eos_token_id,
+            pad_token_id=m.pad_token_id,
+        )
+    )
     out = tmp_path_factory.mktemp("speaker") / "model"
     model.save_pretrained(str(out))
     prepared.load_tokenizer().save_pretrained(str(out))

@@ -44,20 +44,34 @@ def test_perplexity_matches_independent_computation(base_dir: Path, instruct_dat
 
 
 @pytest.mark.slow
-def test_adapter_against_base_side_by_side(adapter_dir: Path, base_dir: Path, instruct_data: Path,
-                                           tmp_path: Path) -> None:
+def test_adapter_against_base_side_by_side(
+    adapter_dir: Path, base_dir: Path, instruct_data: Path, tmp_path: Path
+) -> None:
     tracker = NullTracker()
-    cfg = EvalConfig(num_prompts=6, max_new_tokens=8, num_samples_in_report=2,
-                     gate=GateConfig(max_perplexity_ratio=10.0, max_perplexity=1e6, max_empty_answer_rate=None,
-                                     max_generation_drop=None))
+    cfg = EvalConfig(
+        num_prompts=6,
+        max_new_tokens=8,
+        num_samples_in_report=2,
+        gate=GateConfig(
+            max_perplexity_ratio=10.0, max_perplexity=1e6, max_empty_answer_rate=None, max_generation_drop=None
+        ),
+    )
     res = evaluate(cfg, adapter_dir, instruct_data, tmp_path / "out", base_model=base_dir, tracker=tracker)
     m = res.metrics
     # the base column is the base model itself, not the adapter
     assert m["base_perplexity"] == pytest.approx(_by_hand_perplexity(base_dir, instruct_data), rel=1e-4)
     assert m["perplexity"] != pytest.approx(m["base_perplexity"], rel=1e-3)
     assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["base_perplexity"])
-    for key in ("rouge_l", "token_f1", "exact_match", "empty_answer_rate", "base_rouge_l", "base_token_f1",
-                "base_exact_match", "base_empty_answer_rate"):
+    for key in (
+        "rouge_l",
+        "token_f1",
+        "exact_match",
+        "empty_answer_rate",
+        "base_rouge_l",
+        "base_token_f1",
+        "base_exact_match",
+        "base_empty_answer_rate",
+    ):
         assert 0.0 <= m[key] <= 1.0
     assert "code_parse_rate" not in m  # "repeat: a b" → "a b" is not code: code_metric auto leaves it out
     assert m["num_prompts"] == 6 and len(res.samples) == 6
@@ -86,8 +100,13 @@ def test_batched_left_padded_generation_equals_one_by_one(base_dir: Path, instru
     prepared = open_prepared(instruct_data)
     convs = [ex["messages"] for ex in prepared.heldout()[:5]]
     lm = load_causal_lm(base_dir, device="cpu")
-    kw = dict(max_new_tokens=6, stop_ids=[prepared.manifest.eos_token_id], pad_id=prepared.manifest.pad_token_id,
-              max_positions=64, device="cpu")
+    kw = dict(
+        max_new_tokens=6,
+        stop_ids=[prepared.manifest.eos_token_id],
+        pad_id=prepared.manifest.pad_token_id,
+        max_positions=64,
+        device="cpu",
+    )
     batched, n_batched = generate_answers(lm.model, prepared.load_tokenizer(), convs, batch_size=5, **kw)
     single, n_single = generate_answers(lm.model, prepared.load_tokenizer(), convs, batch_size=1, **kw)
     assert batched == single and n_batched == n_single > 0
@@ -102,23 +121,30 @@ def test_gate_rule_not_evaluable_without_base(base_dir: Path, instruct_data: Pat
     rules = json.loads(tracker.tags[GATE_RULES_TAG])
     assert rules == res.rules == json.loads((tmp_path / "out" / "metrics.json").read_text())["rules"]
     assert [(r["rule"], r["passed"]) for r in rules] == [
-        ("max_perplexity_ratio", False), ("max_perplexity", True), ("min_rouge_l", False),
-        ("max_empty_answer_rate", False), ("max_generation_drop", False)]
+        ("max_perplexity_ratio", False),
+        ("max_perplexity", True),
+        ("min_rouge_l", False),
+        ("max_empty_answer_rate", False),
+        ("max_generation_drop", False),
+    ]
     assert rules[1]["value"] == pytest.approx(res.metrics["perplexity"]) and rules[1]["threshold"] == 1e9
     assert tracker.tags[CLOSES_TAG].startswith(
-        "gate failed on max_perplexity_ratio not evaluable (no base model to compare with: pass --base (base_model))")
+        "gate failed on max_perplexity_ratio not evaluable (no base model to compare with: pass --base (base_model))"
+    )
     assert "max_perplexity " not in tracker.tags[CLOSES_TAG]  # a passing rule is not named
     assert [r for r in res.reasons if not r.startswith("max_perplexity:")] == [
         "max_perplexity_ratio: not evaluable (no base model to compare with: pass --base (base_model)): FAIL",
         "min_rouge_l: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
         "max_empty_answer_rate: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
-        "max_generation_drop: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL"]
+        "max_generation_drop: not evaluable (no generation metrics: evaluate.num_prompts is 0): FAIL",
+    ]
     assert "base_perplexity" not in res.metrics and "rouge_l" not in res.metrics
     assert "**Gate: FAILED**" in res.report_path.read_text()
 
 
-def test_failure_leaves_previous_output_untouched(base_dir: Path, instruct_data: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_leaves_previous_output_untouched(
+    base_dir: Path, instruct_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text('{"old": true}')
@@ -157,11 +183,18 @@ def test_clear_errors(base_dir: Path, tmp_path: Path) -> None:
         evaluate(EvalConfig(), tmp_path / "nope", not_data, tmp_path / "out")
 
 
-def test_adapter_without_base_is_compared_with_its_recorded_base(adapter_dir: Path, base_dir: Path,
-                                                                  instruct_data: Path, tmp_path: Path) -> None:
-    res = evaluate(EvalConfig(num_prompts=0, gate=GateConfig(
-        max_perplexity_ratio=10.0, max_empty_answer_rate=None, max_generation_drop=None)), adapter_dir,
-                   instruct_data, tmp_path / "out")
+def test_adapter_without_base_is_compared_with_its_recorded_base(
+    adapter_dir: Path, base_dir: Path, instruct_data: Path, tmp_path: Path
+) -> None:
+    res = evaluate(
+        EvalConfig(
+            num_prompts=0,
+            gate=GateConfig(max_perplexity_ratio=10.0, max_empty_answer_rate=None, max_generation_drop=None),
+        ),
+        adapter_dir,
+        instruct_data,
+        tmp_path / "out",
+    )
     assert res.passed and "perplexity_ratio" in res.metrics
     report = res.report_path.read_text()
     assert f"| base | `{base_dir}` |" in report  # adapter_config.json names the base it was trained on

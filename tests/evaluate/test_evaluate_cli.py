@@ -19,13 +19,31 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_evaluate_register_promote(base_dir: Path, instruct_data: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_register_promote(
+    base_dir: Path,
+    instruct_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)  # the default workdir .kubellm lands here
     out = tmp_path / "eval"
     # no base model: the default ratio rule is not evaluable, so the gate fails, and the exit code is 0
-    code = _run(["evaluate", "--model", str(base_dir), "--data", str(instruct_data), "--out", str(out),
-                 "--set", "evaluate.num_prompts=2", "--set", "evaluate.max_new_tokens=4"])
+    code = _run(
+        [
+            "evaluate",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(instruct_data),
+            "--out",
+            str(out),
+            "--set",
+            "evaluate.num_prompts=2",
+            "--set",
+            "evaluate.max_new_tokens=4",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "gate: FAILED" in printed and "max_perplexity_ratio: not evaluable" in printed

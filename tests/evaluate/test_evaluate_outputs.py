@@ -14,8 +14,16 @@ from kubellm.cli import main
 from kubellm.fsutil import read_marker
 
 BIN = Path(sys.executable).parent
-QUICK = ["--set", "evaluate.num_prompts=0", "--set", "evaluate.max_batches=1", "--set", "tracking.enabled=false",
-         "--set", "evaluate.benchmarks=[]"]  # the embedded default's benchmark needs a bigger model
+QUICK = [
+    "--set",
+    "evaluate.num_prompts=0",
+    "--set",
+    "evaluate.max_batches=1",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "evaluate.benchmarks=[]",
+]  # the embedded default's benchmark needs a bigger model
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -23,8 +31,9 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def evaluate_cli(base_dir: Path, instruct_data: Path, monkeypatch: pytest.MonkeyPatch,
-                 capsys: pytest.CaptureFixture[str]):
+def evaluate_cli(
+    base_dir: Path, instruct_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     """``kubellm evaluate`` of the tiny base model in this process; returns (exit code, stderr). Unless
     ``work_allowed``, loading a model fails the test: refusing must come first."""
     from kubellm.evaluate import run as evaluate_mod
@@ -55,13 +64,16 @@ def test_a_folder_of_user_files_is_refused_and_left_intact(tmp_path: Path, evalu
     (mine / "sub" / "notes.md").write_text("my notes")
     before = snapshot(mine)
     code, err = evaluate_cli(mine)
-    assert code == 2 and err == (f"error: {mine}: output directory is not empty and holds no kubellm evaluation "
-                                 "(precious.txt, sub/notes.md); choose an empty or new directory")
+    assert code == 2 and err == (
+        f"error: {mine}: output directory is not empty and holds no kubellm evaluation "
+        "(precious.txt, sub/notes.md); choose an empty or new directory"
+    )
     assert snapshot(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
-def test_an_output_inside_the_model_or_the_data_is_refused(tmp_path: Path, base_dir: Path, instruct_data: Path,
-                                                          evaluate_cli) -> None:
+def test_an_output_inside_the_model_or_the_data_is_refused(
+    tmp_path: Path, base_dir: Path, instruct_data: Path, evaluate_cli
+) -> None:
     model, data = snapshot(base_dir), snapshot(instruct_data)
     code, err = evaluate_cli(base_dir / "eval")
     assert code == 2 and f"is inside the input {base_dir}" in err
@@ -70,16 +82,33 @@ def test_an_output_inside_the_model_or_the_data_is_refused(tmp_path: Path, base_
     assert snapshot(base_dir) == model and snapshot(instruct_data) == data
 
 
-def test_out_dot_is_refused_in_a_real_process_without_a_traceback(tmp_path: Path, base_dir: Path,
-                                                                 instruct_data: Path) -> None:
+def test_out_dot_is_refused_in_a_real_process_without_a_traceback(
+    tmp_path: Path, base_dir: Path, instruct_data: Path
+) -> None:
     """It used to evaluate everything and then crash in the output step."""
     (tmp_path / "precious.txt").write_text("mine")
-    proc = subprocess.run([str(BIN / "kubellm"), "evaluate", "--model", str(base_dir), "--data", str(instruct_data),
-                           "--out", ".", *QUICK], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            str(BIN / "kubellm"),
+            "evaluate",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(instruct_data),
+            "--out",
+            ".",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: .: is the current directory; an output directory is replaced as a whole: choose a new or empty "
-        "directory")
+        "directory"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 

@@ -21,11 +21,14 @@ def test_tokenize_keeps_punctuation_as_tokens() -> None:
     assert tokenize("def f(x):\n    return X+1") == ["def", "f", "(", "x", ")", ":", "return", "x", "+", "1"]
 
 
-@pytest.mark.parametrize(("pred", "ref", "expected"), [
-    ("  a  b\n c ", "a b c", 1.0),   # whitespace is normalised
-    ("A b c", "a b c", 0.0),         # case is not (code is case-sensitive)
-    ("a b", "a b c", 0.0),
-])
+@pytest.mark.parametrize(
+    ("pred", "ref", "expected"),
+    [
+        ("  a  b\n c ", "a b c", 1.0),  # whitespace is normalised
+        ("A b c", "a b c", 0.0),  # case is not (code is case-sensitive)
+        ("a b", "a b c", 0.0),
+    ],
+)
 def test_exact_match(pred: str, ref: str, expected: float) -> None:
     assert exact_match(pred, ref) == expected
 
@@ -72,39 +75,55 @@ def test_mean_scores_averages_per_example() -> None:
 
 def test_mean_scores_with_code() -> None:
     # 4 answers to "write f": one right, one fenced in prose, one cut off mid-block, one empty
-    answers = ["def f(x):\n    return x", "Here it is:\n```python\ndef f(x):\n    return x\n```\nDone.",
-               "def f(x):\n    return (x", "  \n"]
+    answers = [
+        "def f(x):\n    return x",
+        "Here it is:\n```python\ndef f(x):\n    return x\n```\nDone.",
+        "def f(x):\n    return (x",
+        "  \n",
+    ]
     got = mean_scores(answers, ["def f(x):\n    return x"] * 4, code=True)
-    assert got["code_parse_rate"] == 0.5        # the first two
-    assert got["empty_answer_rate"] == 0.25     # the last
+    assert got["code_parse_rate"] == 0.5  # the first two
+    assert got["empty_answer_rate"] == 0.25  # the last
     assert got["exact_match"] == 0.25
 
 
 FENCED = "Sure.\n```python\nx = [1,\n     2]\n```\nand ```inline``` text"
 
 
-@pytest.mark.parametrize(("answer", "code", "parses"), [
-    ("def f():\n    return 1", "def f():\n    return 1", 1.0),   # the whole answer
-    (FENCED, "x = [1,\n     2]\n", 1.0),                          # the first fenced block, prose ignored
-    ("```py\nfor i in range(3):\n    print(i)", "for i in range(3):\n    print(i)", 1.0),  # unclosed fence
-    ("```\nfor i in range(3):\n", "for i in range(3):\n", 0.0),   # cut off before the loop's body
-    ("self self self", "self self self", 0.0),                     # the gibberish the old default produced
-    ("", "", 0.0),                                                 # ast.parse("") succeeds: empty never counts
-    ("```python\n```", "", 0.0),                                   # an empty block
-    ("x = 1\x00", "x = 1\x00", 0.0),                              # ast.parse raises ValueError, not SyntaxError
-    ("The answer is 42.", "The answer is 42.", 0.0),
-    ("#\n#\n#\n#", "#\n#\n#\n#", 0.0),                           # comments only: parses, but is no code
-    ("print(x)", "print(x)", 0.0),                                 # a lone expression is not an answer's code
-])
+@pytest.mark.parametrize(
+    ("answer", "code", "parses"),
+    [
+        ("def f():\n    return 1", "def f():\n    return 1", 1.0),  # the whole answer
+        (FENCED, "x = [1,\n     2]\n", 1.0),  # the first fenced block, prose ignored
+        ("```py\nfor i in range(3):\n    print(i)", "for i in range(3):\n    print(i)", 1.0),  # unclosed fence
+        ("```\nfor i in range(3):\n", "for i in range(3):\n", 0.0),  # cut off before the loop's body
+        ("self self self", "self self self", 0.0),  # the gibberish the old default produced
+        ("", "", 0.0),  # ast.parse("") succeeds: empty never counts
+        ("```python\n```", "", 0.0),  # an empty block
+        ("x = 1\x00", "x = 1\x00", 0.0),  # ast.parse raises ValueError, not SyntaxError
+        ("The answer is 42.", "The answer is 42.", 0.0),
+        ("#\n#\n#\n#", "#\n#\n#\n#", 0.0),  # comments only: parses, but is no code
+        ("print(x)", "print(x)", 0.0),  # a lone expression is not an answer's code
+    ],
+)
 def test_code_parses(answer: str, code: str, parses: float) -> None:
     assert extract_code(answer) == code
     assert code_parses(answer) == parses
 
 
-@pytest.mark.parametrize(("reference", "expected"), [
-    ("def f():\n    pass", True), ("@cache\ndef f(): ...", True), ("x = 1", True), ("import os", True),
-    ("42", False), ("yes", False), ("print(x)", False),  # a lone expression is not taken for code
-    ("one two three", False), ("", False),
-])
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("def f():\n    pass", True),
+        ("@cache\ndef f(): ...", True),
+        ("x = 1", True),
+        ("import os", True),
+        ("42", False),
+        ("yes", False),
+        ("print(x)", False),  # a lone expression is not taken for code
+        ("one two three", False),
+        ("", False),
+    ],
+)
 def test_is_code(reference: str, expected: bool) -> None:
     assert is_code(reference) is expected

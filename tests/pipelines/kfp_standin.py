@@ -39,8 +39,16 @@ DEFAULT_PAGE_SIZE = 20
 #: int64 fields: the OpenAPI models type them as strings, protojson takes a number or a string.
 INT64_FIELDS = {"max_concurrency", "interval_second", "long_value"}
 #: Predicate operations by enum number (protojson takes the number or the name; kfp sends the number).
-OPERATIONS = {1: "EQUALS", 2: "NOT_EQUALS", 3: "GREATER_THAN", 5: "GREATER_THAN_EQUALS", 6: "LESS_THAN",
-              7: "LESS_THAN_EQUALS", 8: "IN", 9: "IS_SUBSTRING"}
+OPERATIONS = {
+    1: "EQUALS",
+    2: "NOT_EQUALS",
+    3: "GREATER_THAN",
+    5: "GREATER_THAN_EQUALS",
+    6: "LESS_THAN",
+    7: "LESS_THAN_EQUALS",
+    8: "IN",
+    9: "IS_SUBSTRING",
+}
 
 
 class Rejected(Exception):
@@ -117,8 +125,10 @@ def _matches(filter_json: str | None, obj: dict) -> bool:
     """The EQUALS predicates of a v2beta1 filter (protojson: snake_case or camelCase, enum name or number)."""
     if not filter_json:
         return True
-    predicates = [{_snake(k): OPERATIONS.get(v, v) if _snake(k) == "operation" else v for k, v in p.items()}
-                  for p in json.loads(filter_json).get("predicates", [])]
+    predicates = [
+        {_snake(k): OPERATIONS.get(v, v) if _snake(k) == "operation" else v for k, v in p.items()}
+        for p in json.loads(filter_json).get("predicates", [])
+    ]
     if problems := model_problems({"predicates": predicates}, "V2beta1Filter"):
         raise invalid(f"Failed to create list options: Invalid filter: {'; '.join(problems)}")
     for pred in predicates:
@@ -137,7 +147,7 @@ def _page(items: list[dict], q: dict[str, str], key: str) -> dict[str, Any]:
         start = int(base64.urlsafe_b64decode(token.encode()).decode()) if token else 0
     except ValueError:
         raise invalid(f"Invalid input error: Invalid page token {token!r}") from None
-    page = items[start:start + size]
+    page = items[start : start + size]
     out: dict[str, Any] = {"total_size": len(items)} if items else {}
     if page:
         out[key] = page
@@ -225,8 +235,12 @@ class _Handler(BaseHTTPRequestHandler):
         if auth.startswith("Bearer "):
             if auth[7:] in st.tokens:
                 return
-            raise Rejected(401, 16, "Authentication failure: Unauthenticated: Review.Status.Authenticated is "
-                                    "false: Failed to authenticate token review")
+            raise Rejected(
+                401,
+                16,
+                "Authentication failure: Unauthenticated: Review.Status.Authenticated is "
+                "false: Failed to authenticate token review",
+            )
         if st.cookie and st.cookie in [c.strip() for c in (self.headers.get("Cookie") or "").split(";")]:
             return
         raise Rejected(401, 16, "Unauthenticated: Request header error: there is no user identity header.")
@@ -244,15 +258,23 @@ class _Handler(BaseHTTPRequestHandler):
                     body = json.loads(raw)
                 elif raw and ctype.startswith("multipart/form-data"):
                     body = {"uploadfile": _multipart_file(raw, ctype).decode()}
-                st.requests.append(Recorded(method, url.path, q, body, self.headers.get("Authorization"),
-                                            self.headers.get("Cookie")))
+                st.requests.append(
+                    Recorded(method, url.path, q, body, self.headers.get("Authorization"), self.headers.get("Cookie"))
+                )
                 if not url.path.startswith(API):
                     raise Rejected(404, 5, f"Not Found: {url.path}")
                 self._authenticate()
                 status, out, model = self._route(method, url.path.removeprefix(API), q, body)
             except Rejected as err:
-                return self._send(err.status, {"error": err.message, "code": err.code, "message": err.message,
-                                               "details": [{"@type": "type.googleapis.com/google.rpc.Status"}]})
+                return self._send(
+                    err.status,
+                    {
+                        "error": err.message,
+                        "code": err.code,
+                        "message": err.message,
+                        "details": [{"@type": "type.googleapis.com/google.rpc.Status"}],
+                    },
+                )
             if model and (problems := model_problems(out, model)):
                 st.problems += problems
                 return self._send(500, {"error": "stand-in bug", "code": 13, "message": "; ".join(problems)})
@@ -279,34 +301,45 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and p == "/experiments":
             ns = st.ns(q.get("namespace"))
             if st.multi_user and not ns:
-                raise invalid("List experiments failed: Failed to authorize with API: Invalid input error: "
-                              "An experiment cannot have an empty namespace in multi-user mode")
+                raise invalid(
+                    "List experiments failed: Failed to authorize with API: Invalid input error: "
+                    "An experiment cannot have an empty namespace in multi-user mode"
+                )
             items = [x for x in st.experiments.values() if x["namespace"] == ns and _matches(q.get("filter"), x)]
             return 200, _page([_public(x) for x in items], q, "experiments"), "V2beta1ListExperimentsResponse"
         if method == "POST" and p == "/experiments":
             return 200, _public(self._create_experiment(body)), "V2beta1Experiment"
         if method == "GET" and p == "/runs":
-            items = self._scoped(st.runs, q, "Failed to list runs: Failed to list runs due to authorization error. "
-                                             "Check if you have permission to access namespace : Invalid input "
-                                             "error: A resource cannot have an empty namespace in multi-user mode")
+            items = self._scoped(
+                st.runs,
+                q,
+                "Failed to list runs: Failed to list runs due to authorization error. "
+                "Check if you have permission to access namespace : Invalid input "
+                "error: A resource cannot have an empty namespace in multi-user mode",
+            )
             return 200, _page(items, q, "runs"), "V2beta1ListRunsResponse"
         if method == "POST" and p == "/runs":
             return 200, _public(self._create_run(body)), "V2beta1Run"
         if method == "GET" and len(parts) == 2 and parts[0] == "runs":
             return 200, _public(self._read_run(parts[1])), "V2beta1Run"
         if method == "GET" and p == "/recurringruns":
-            items = self._scoped(st.recurring, q, "Failed to list jobs: Failed to list recurring runs due to "
-                                                  "authorization error. Check if you have permission to access "
-                                                  "namespace : Invalid input error: a recurring run cannot have an "
-                                                  "empty namespace in multi-user mode")
+            items = self._scoped(
+                st.recurring,
+                q,
+                "Failed to list jobs: Failed to list recurring runs due to "
+                "authorization error. Check if you have permission to access "
+                "namespace : Invalid input error: a recurring run cannot have an "
+                "empty namespace in multi-user mode",
+            )
             # the one list whose JSON name is camelCase (its proto field sets json_name)
             return 200, _page(items, q, "recurringRuns"), "V2beta1ListRecurringRunsResponse"
         if method == "POST" and p == "/recurringruns":
             return 200, _public(self._create_recurring(body)), "V2beta1RecurringRun"
         if method == "DELETE" and len(parts) == 2 and parts[0] == "recurringruns":
             if st.recurring.pop(parts[1], None) is None:
-                raise Rejected(404, 5, f"Failed to delete a recurring run: ResourceNotFoundError: Job {parts[1]} "
-                                       "not found.")
+                raise Rejected(
+                    404, 5, f"Failed to delete a recurring run: ResourceNotFoundError: Job {parts[1]} not found."
+                )
             return 200, {}, None
         raise Rejected(404, 5, f"Not Found: {method} {API}{p}")
 
@@ -326,9 +359,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not name or not body:
             raise invalid("Failed to create a pipeline: Invalid input error: pipeline name and file are required")
         pid = str(uuid.uuid4())
-        st.pipelines[pid] = {"pipeline_id": pid, "display_name": name, "name": q.get("name", name),
-                             "description": q.get("description", ""), "created_at": _now(),
-                             "namespace": st.ns(q.get("namespace"))}
+        st.pipelines[pid] = {
+            "pipeline_id": pid,
+            "display_name": name,
+            "name": q.get("name", name),
+            "description": q.get("description", ""),
+            "created_at": _now(),
+            "namespace": st.ns(q.get("namespace")),
+        }
         self._add_version(pid, name, q.get("description", ""), body["uploadfile"])  # as the server does
         return _public(st.pipelines[pid])
 
@@ -341,8 +379,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _add_version(self, pipeline_id: str, name: str, description: str, package: str) -> dict:
         vid = str(uuid.uuid4())
-        self.state.versions[vid] = {"pipeline_version_id": vid, "pipeline_id": pipeline_id, "display_name": name,
-                                    "name": name, "description": description, "created_at": _now()}
+        self.state.versions[vid] = {
+            "pipeline_version_id": vid,
+            "pipeline_id": pipeline_id,
+            "display_name": name,
+            "name": name,
+            "description": description,
+            "created_at": _now(),
+        }
         self.state.packages[vid] = package
         return self.state.versions[vid]
 
@@ -352,13 +396,20 @@ class _Handler(BaseHTTPRequestHandler):
             raise invalid(f"proto: {'; '.join(problems)}")
         ns = st.ns(body.get("namespace"))
         if st.multi_user and not ns:
-            raise invalid("Failed to create a experiment: Failed to authorize the request: Invalid input error: "
-                          "An experiment cannot have an empty namespace in multi-user mode")
+            raise invalid(
+                "Failed to create a experiment: Failed to authorize the request: Invalid input error: "
+                "An experiment cannot have an empty namespace in multi-user mode"
+            )
         if not body.get("display_name"):
             raise invalid("Failed to create a experiment: Invalid input error: Experiment must have a non-empty name")
         eid = str(uuid.uuid4())
-        st.experiments[eid] = {**body, "experiment_id": eid, "namespace": ns, "created_at": _now(),
-                               "storage_state": "AVAILABLE"}
+        st.experiments[eid] = {
+            **body,
+            "experiment_id": eid,
+            "namespace": ns,
+            "created_at": _now(),
+            "storage_state": "AVAILABLE",
+        }
         return st.experiments[eid]
 
     def _namespace_of(self, body: dict, what: str) -> str:
@@ -388,14 +439,24 @@ class _Handler(BaseHTTPRequestHandler):
         return ns
 
     def _create_run(self, body: Any) -> dict:
-        ns = self._admit(body, "V2beta1Run", "run",
-                         "Failed to create a new run: Failed to create a run due to invalid name: Invalid input "
-                         "error: The run name is empty. Please specify a valid name",
-                         "Failed to create a new run: Invalid input error: A run cannot have an empty namespace "
-                         "in multi-user mode")
+        ns = self._admit(
+            body,
+            "V2beta1Run",
+            "run",
+            "Failed to create a new run: Failed to create a run due to invalid name: Invalid input "
+            "error: The run name is empty. Please specify a valid name",
+            "Failed to create a new run: Invalid input error: A run cannot have an empty namespace in multi-user mode",
+        )
         rid = str(uuid.uuid4())
-        self.state.runs[rid] = {**body, "run_id": rid, "state": "PENDING", "created_at": _now(),
-                                "storage_state": "AVAILABLE", "_namespace": ns, "_reads": 0}
+        self.state.runs[rid] = {
+            **body,
+            "run_id": rid,
+            "state": "PENDING",
+            "created_at": _now(),
+            "storage_state": "AVAILABLE",
+            "_namespace": ns,
+            "_reads": 0,
+        }
         return self.state.runs[rid]
 
     def _read_run(self, run_id: str) -> dict:
@@ -420,19 +481,32 @@ class _Handler(BaseHTTPRequestHandler):
             ns = self._experiment(experiment_id)["namespace"]
         if self.state.multi_user and not ns:
             raise invalid(refusal)
-        return [_public(x) for x in store.values()
-                if (x["experiment_id"] == experiment_id if experiment_id else x["_namespace"] == ns)]
+        return [
+            _public(x)
+            for x in store.values()
+            if (x["experiment_id"] == experiment_id if experiment_id else x["_namespace"] == ns)
+        ]
 
     def _create_recurring(self, body: Any) -> dict:
-        ns = self._admit(body, "V2beta1RecurringRun", "recurring run",
-                         "Failed to create a recurring run: Invalid input error: Recurring run name is empty. "
-                         "Please specify a valid name",
-                         "Failed to create a recurring run: Invalid input error: Recurring run cannot have an "
-                         "empty namespace in multi-user mode")
+        ns = self._admit(
+            body,
+            "V2beta1RecurringRun",
+            "recurring run",
+            "Failed to create a recurring run: Invalid input error: Recurring run name is empty. "
+            "Please specify a valid name",
+            "Failed to create a recurring run: Invalid input error: Recurring run cannot have an "
+            "empty namespace in multi-user mode",
+        )
         rid = str(uuid.uuid4())
-        self.state.recurring[rid] = {**body, "recurring_run_id": rid, "namespace": ns, "created_at": _now(),
-                                     "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
-                                     "max_concurrency": str(body.get("max_concurrency", "")), "_namespace": ns}
+        self.state.recurring[rid] = {
+            **body,
+            "recurring_run_id": rid,
+            "namespace": ns,
+            "created_at": _now(),
+            "status": "ENABLED" if body.get("mode") == "ENABLE" else "DISABLED",
+            "max_concurrency": str(body.get("max_concurrency", "")),
+            "_namespace": ns,
+        }
         return self.state.recurring[rid]
 
     def do_GET(self) -> None:
@@ -458,17 +532,23 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kfp-standin")])
     now = dt.datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = directory / "standin-cert.pem", directory / "standin-key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file
 
 
@@ -480,8 +560,14 @@ def _public(obj: dict) -> dict:
 class KfpStandIn:
     """``with KfpStandIn(multi_user=True, tokens={"t"}) as kfp: … kfp.url …`` — 127.0.0.1, a free port."""
 
-    def __init__(self, *, multi_user: bool = False, tokens: set[str] | None = None, cookie: str | None = None,
-                 tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        multi_user: bool = False,
+        tokens: set[str] | None = None,
+        cookie: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         """``tls``: (certificate, key) PEM files to serve HTTPS with (a private CA's certificate)."""
         self.state = State(multi_user=multi_user, tokens=set(tokens or ()), cookie=cookie)
         handler = type("Handler", (_Handler,), {"state": self.state})

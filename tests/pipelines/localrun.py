@@ -15,23 +15,44 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "data.max_docs=40", "data.block_size=64", "data.tokenizer.vocab_size=512",
-    "pretrain.loop.max_steps=6", "pretrain.loop.micro_batch_size=4", "pretrain.loop.checkpoint_every=3",
-    "instruct_data.max_docs=150", "instruct_data.block_size=128",
-    "finetune.loop.max_steps=4", "finetune.loop.micro_batch_size=4",
-    "evaluate.num_prompts=2", "evaluate.max_new_tokens=4", "evaluate.max_batches=2",
-    "evaluate.gate.max_perplexity_ratio=1.5", "deploy.smoke_max_tokens=2",
+    "data.max_docs=40",
+    "data.block_size=64",
+    "data.tokenizer.vocab_size=512",
+    "pretrain.loop.max_steps=6",
+    "pretrain.loop.micro_batch_size=4",
+    "pretrain.loop.checkpoint_every=3",
+    "instruct_data.max_docs=150",
+    "instruct_data.block_size=128",
+    "finetune.loop.max_steps=4",
+    "finetune.loop.micro_batch_size=4",
+    "evaluate.num_prompts=2",
+    "evaluate.max_new_tokens=4",
+    "evaluate.max_batches=2",
+    "evaluate.gate.max_perplexity_ratio=1.5",
+    "deploy.smoke_max_tokens=2",
     # 4 fine-tuning steps teach no answers (both models answer every prompt with nothing): the default
     # gate rightly refuses that, so the mechanics of the release path are tested with those rules off
-    "evaluate.gate.max_empty_answer_rate=null", "evaluate.gate.max_generation_drop=null",
+    "evaluate.gate.max_empty_answer_rate=null",
+    "evaluate.gate.max_generation_drop=null",
     "evaluate.gate.max_benchmark_drop=null",
 ]
 
 
 def command(workdir: Path, *args: str) -> list[str]:
     sets = [x for s in TINY for x in ("--set", s)]
-    return [sys.executable, "-m", "kubellm.cli", "run", "--config", str(REPO / "configs" / "local.yaml"),
-            "--set", f"workdir={workdir}", *sets, *args, "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "kubellm.cli",
+        "run",
+        "--config",
+        str(REPO / "configs" / "local.yaml"),
+        "--set",
+        f"workdir={workdir}",
+        *sets,
+        *args,
+        "--quiet",
+    ]
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -58,8 +79,16 @@ def make_pretrained_base(out: Path) -> None:
     settings: the ``base_model`` of the fine-tuning pipelines' runs (~15 s, built once per test run)."""
     sets = [x for s in [*TINY, f"workdir={out}"] for x in ("--set", s)]
     config = ["--config", str(REPO / "configs" / "local.yaml")]
-    for args in (["prep", "--out", str(out / "prepared")],
-                 ["pretrain", "--data", str(out / "prepared"), "--out", str(out / "model")]):
-        proc = subprocess.run([sys.executable, "-m", "kubellm.cli", *args, *config, *sets], capture_output=True,
-                              text=True, cwd=out, env=ENV, timeout=300)
+    for args in (
+        ["prep", "--out", str(out / "prepared")],
+        ["pretrain", "--data", str(out / "prepared"), "--out", str(out / "model")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubellm.cli", *args, *config, *sets],
+            capture_output=True,
+            text=True,
+            cwd=out,
+            env=ENV,
+            timeout=300,
+        )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

@@ -25,8 +25,14 @@ CONFIG = str(EXAMPLE / "config.yaml")
 
 
 def _kubellm(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kubellm.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "kubellm.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _builder(target: str = "cluster", overrides: tuple[str, ...] = ()) -> Builder:
@@ -35,8 +41,12 @@ def _builder(target: str = "cluster", overrides: tuple[str, ...] = ()) -> Builde
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    b = _builder(overrides=("platform.image=registry.example.com/team/kubellm:1.2",
-                            "platform.stages.evaluate.resources.memory_limit=12Gi"))
+    b = _builder(
+        overrides=(
+            "platform.image=registry.example.com/team/kubellm:1.2",
+            "platform.stages.evaluate.resources.memory_limit=12Gi",
+        )
+    )
     path = b.compile(load_file(PIPELINE, b), tmp_path_factory.mktemp("api") / "own-data.yaml")
     return yamlio.load_all(path.read_text(encoding="utf-8"))
 
@@ -44,11 +54,21 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_example_compiles_with_placement_on_every_step_including_the_users_own(compiled: list[dict]) -> None:
     spec, platform = compiled
     assert spec["pipelineInfo"]["name"] == "own-data"
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"run_name", "corpus_uri", "questions_uri",
-                                                                   "finetune_config"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "run_name",
+        "corpus_uri",
+        "questions_uri",
+        "finetune_config",
+    }
     containers = spec["deploymentSpec"]["executors"]
-    assert {"exec-prepare-data", "exec-pretrain", "exec-finetune", "exec-evaluate", "exec-report-card",
-            "exec-register"} <= set(containers)
+    assert {
+        "exec-prepare-data",
+        "exec-pretrain",
+        "exec-finetune",
+        "exec-evaluate",
+        "exec-report-card",
+        "exec-register",
+    } <= set(containers)
     # every step, the user's own component included, runs the configured image with its stage's resources
     assert {e["container"]["image"] for e in containers.values()} == {"registry.example.com/team/kubellm:1.2"}
     assert containers["exec-report-card"]["container"]["resources"]["resourceMemoryLimit"] == "12Gi"
@@ -76,23 +96,38 @@ def test_example_steps_get_their_config_tracking_and_parent_run(compiled: list[d
     assert inner["report-card"].get("cachingOptions", {}) == {}
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda b, c: b.param("finetune", {"optim.lrr": 1e-3}),
-     "finetune (pipeline overrides): invalid config: optim.lrr: unknown field"),
-    (lambda b, c: b.param("finetune", {"lora": {"r": "sixteen"}}), "lora.r: Input should be a valid integer"),
-    (lambda b, c: b.param("serving"), "no config section 'serving'"),
-    (lambda b, c: b.step(c.train.pretrain, data="x", epochs=3),
-     "step pretrain: no argument epochs; its arguments are config, tracking, workdir, data, platform, run_name"),
-    (lambda b, c: b.step(c.data.prepare_data),
-     "step prepare_data: missing source_uri (its inputs: source_uri, stage)"),
-    (lambda b, c: b.step(c.registry.register, model="m", base_model="b", evaluation="e", data_fingerprint="f"),
-     "step register logs under the pipeline's MLflow parent run: add it inside `with builder.tracked():`"),
-    (lambda b, c: b.step(c.train.pretrain, config="pretrain.yaml", data="x"),
-     "step pretrain: config must be a dict of overrides on the pretrain section or a pipeline parameter"),
-    (lambda b, c: b.place(object(), "evaluate", "x", retry="often"), "retry 'often': expected default, train"),
-    (lambda b, c: b.step(c.tracking.start_run, run_config={}, pipeline_name="p", run_name="r", kfp_run_id="k"),
-     "step start_run: Builder.tracked() adds the MLflow parent run's start and end"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda b, c: b.param("finetune", {"optim.lrr": 1e-3}),
+            "finetune (pipeline overrides): invalid config: optim.lrr: unknown field",
+        ),
+        (lambda b, c: b.param("finetune", {"lora": {"r": "sixteen"}}), "lora.r: Input should be a valid integer"),
+        (lambda b, c: b.param("serving"), "no config section 'serving'"),
+        (
+            lambda b, c: b.step(c.train.pretrain, data="x", epochs=3),
+            "step pretrain: no argument epochs; its arguments are config, tracking, workdir, data, platform, run_name",
+        ),
+        (
+            lambda b, c: b.step(c.data.prepare_data),
+            "step prepare_data: missing source_uri (its inputs: source_uri, stage)",
+        ),
+        (
+            lambda b, c: b.step(c.registry.register, model="m", base_model="b", evaluation="e", data_fingerprint="f"),
+            "step register logs under the pipeline's MLflow parent run: add it inside `with builder.tracked():`",
+        ),
+        (
+            lambda b, c: b.step(c.train.pretrain, config="pretrain.yaml", data="x"),
+            "step pretrain: config must be a dict of overrides on the pretrain section or a pipeline parameter",
+        ),
+        (lambda b, c: b.place(object(), "evaluate", "x", retry="often"), "retry 'often': expected default, train"),
+        (
+            lambda b, c: b.step(c.tracking.start_run, run_config={}, pipeline_name="p", run_name="r", kfp_run_id="k"),
+            "step start_run: Builder.tracked() adds the MLflow parent run's start and end",
+        ),
+    ],
+)
 def test_a_mistake_fails_when_the_pipeline_is_built_in_one_line(call, message: str) -> None:
     from kubellm import components
     from kubellm.components import data, registry, tracking, train  # noqa: F401 (the calls reach them as attributes)
@@ -119,8 +154,12 @@ def test_overrides_take_dotted_or_nested_keys_and_a_null_survives_compilation(tm
         with b.tracked():
             fetched = b.step(train.fetch_model, ref=base)
             prep = b.step(data.prepare_instructions, source_uri="qa.csv", tokenizer_from=fetched.outputs["model"])
-            b.step(train.finetune, config={"optim.grad_clip": None}, data=prep.outputs["dataset"],
-                   base_model=fetched.outputs["model"])
+            b.step(
+                train.finetune,
+                config={"optim.grad_clip": None},
+                data=prep.outputs["dataset"],
+                base_model=fetched.outputs["model"],
+            )
 
     path = b.compile(nulls, tmp_path / "nulls.yaml")  # KFP refuses None in a dict; the builder strips it
     spec = yamlio.load_all(path.read_text(encoding="utf-8"))[0]
@@ -135,10 +174,15 @@ def test_cli_names_a_wrong_parameter_and_a_failed_build_leaves_no_output(tmp_pat
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"error: --param dataset_uri: own-data ({PIPELINE}) has no such parameter; its parameters are "
-        "run_name, corpus_uri, questions_uri, finetune_config"]
+        "run_name, corpus_uri, questions_uri, finetune_config"
+    ]
     broken = tmp_path / "broken.py"
-    broken.write_text(Path(PIPELINE).read_text(encoding="utf-8").replace(
-        'b.param("finetune")', 'b.param("finetune", {"optim.lrr": 0.001})'), encoding="utf-8")
+    broken.write_text(
+        Path(PIPELINE)
+        .read_text(encoding="utf-8")
+        .replace('b.param("finetune")', 'b.param("finetune", {"optim.lrr": 0.001})'),
+        encoding="utf-8",
+    )
     comp = _kubellm("compile", "--config", CONFIG, "--pipeline", str(broken), "--out", "dist", cwd=tmp_path)
     assert comp.returncode == 2 and "Traceback" not in comp.stderr
     assert "optim.lrr: unknown field" in comp.stderr
@@ -148,18 +192,22 @@ def test_cli_names_a_wrong_parameter_and_a_failed_build_leaves_no_output(tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # a whole pipeline run: ~10 task processes, 60 s idle, 3x that beside a CPU hog
 def test_example_runs_on_own_files_from_a_folder_outside_the_repository(tmp_path: Path) -> None:
-    made = subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), str(tmp_path)], capture_output=True,
-                          text=True, check=True)
+    made = subprocess.run(
+        [sys.executable, str(EXAMPLE / "make_data.py"), str(tmp_path)], capture_output=True, text=True, check=True
+    )
     assert made.stdout.split() == [str(tmp_path / "corpus.parquet"), str(tmp_path / "qa.csv")]
     # every task process reports what it imports (python -X importtime) into its log
-    proc = _kubellm("run", "--config", CONFIG, "--pipeline", PIPELINE, cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    proc = _kubellm(
+        "run", "--config", CONFIG, "--pipeline", PIPELINE, cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (summary_path,) = (tmp_path / ".kubellm" / "runs").glob("own-data-*/summary.json")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     assert summary["pipeline"] == "own-data" and summary["status"] == "FINISHED"
     stages = {row["stage"]: row["status"] for row in summary["stages"]}
     assert {s: stages.get(s) for s in ("prep", "pretrain", "prep_instruct", "finetune", "evaluate")} == dict.fromkeys(
-        ("prep", "pretrain", "prep_instruct", "finetune", "evaluate"), "FINISHED")
+        ("prep", "pretrain", "prep_instruct", "finetune", "evaluate"), "FINISHED"
+    )
     # the user's own columns were read: every CSV row is an instruction record
     (stats,) = (tmp_path / ".kubellm" / "pipeline-root").glob("own-data-*/prepare-instructions/dataset/stats.json")
     assert json.loads(stats.read_text(encoding="utf-8"))["records_in"] == 320
@@ -217,7 +265,7 @@ def test_every_kubellm_component_is_a_step_the_builder_knows() -> None:
     assert {n for n, s in STEPS.items() if s.parent_run} == {"start_run", "finish_run"}  # Builder.tracked's
 
 
-PLAIN_STEP = '''
+PLAIN_STEP = """
 from kfp import dsl
 
 from kubellm.components import data
@@ -237,7 +285,7 @@ def build(b: Builder):
             b.step(count_rows, placement="prep", dataset=prep.outputs["dataset"])
 
     return plain_step
-'''
+"""
 
 
 def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_every_executor(tmp_path: Path) -> None:
@@ -247,8 +295,9 @@ def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_ever
     assert "FutureWarning" not in comp.stderr
     check = _kubellm("check", "dist/own-data.yaml", cwd=tmp_path)
     assert check.returncode == 0, check.stdout
-    executors = len(yamlio.load_all((tmp_path / "dist" / "own-data.yaml").read_text())[0]
-                    ["deploymentSpec"]["executors"])
+    executors = len(
+        yamlio.load_all((tmp_path / "dist" / "own-data.yaml").read_text())[0]["deploymentSpec"]["executors"]
+    )
     assert f"{executors} pipeline executors: 0 findings" in check.stdout and executors >= 8
     # a plain @dsl.component pip-installs kfp when its pod starts: refused at compile, in one line
     plain = tmp_path / "plain.py"
@@ -261,7 +310,10 @@ def test_own_steps_on_a_cluster_need_no_install_at_start_and_check_inspects_ever
     # a pipeline compiled elsewhere with such a step is found by the check, executor by executor
     spec = yamlio.load_all((tmp_path / "dist" / "own-data.yaml").read_text())[0]  # without its platform spec
     spec["deploymentSpec"]["executors"]["exec-report-card"]["container"]["command"] = [
-        "sh", "-c", "python3 -m pip install --quiet kfp==2.17.0 && python3 -m kfp.dsl.executor_main"]
+        "sh",
+        "-c",
+        "python3 -m pip install --quiet kfp==2.17.0 && python3 -m kfp.dsl.executor_main",
+    ]
     (tmp_path / "elsewhere.yaml").write_text(yaml.safe_dump(spec))
     found = _kubellm("check", "elsewhere.yaml", cwd=tmp_path)
     assert found.returncode == 1
@@ -276,9 +328,13 @@ def test_own_component_declares_what_it_imports_and_is_checked_now() -> None:
         return x
 
     assert component(packages=["numpy>=1"])(uses_numpy).component_spec.implementation.container.image == (
-        "ghcr.io/kubellm/kubellm:0.1.0")
-    with pytest.raises(ConfigError, match=r"component uses_numpy: surely-not-installed not installed beside "
-                                          r"kubellm, so not in its runtime image"):
+        "ghcr.io/kubellm/kubellm:0.1.0"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"component uses_numpy: surely-not-installed not installed beside "
+        r"kubellm, so not in its runtime image",
+    ):
         component(packages=["surely-not-installed"])(uses_numpy)
 
 

@@ -74,11 +74,16 @@ def test_committed_pipelines_match_their_source(tmp_path: Path) -> None:
     writes; a change to a pipeline or component without recompiling fails here."""
     cfg = load_config(REPO / "configs" / "local.yaml")
     fresh = compile_all(cfg, tmp_path)
-    stale = [str(p.relative_to(tmp_path)) for p in fresh
-             if not (SNAPSHOT / p.relative_to(tmp_path)).is_file()
-             or (SNAPSHOT / p.relative_to(tmp_path)).read_bytes() != p.read_bytes()]
-    assert not stale, (f"compiled pipelines are out of date: {stale}; run "
-                       "`kubellm compile --config configs/local.yaml --out pipelines/compiled`")
+    stale = [
+        str(p.relative_to(tmp_path))
+        for p in fresh
+        if not (SNAPSHOT / p.relative_to(tmp_path)).is_file()
+        or (SNAPSHOT / p.relative_to(tmp_path)).read_bytes() != p.read_bytes()
+    ]
+    assert not stale, (
+        f"compiled pipelines are out of date: {stale}; run "
+        "`kubellm compile --config configs/local.yaml --out pipelines/compiled`"
+    )
 
 
 def _tasks(spec: dict) -> dict[str, dict]:
@@ -94,12 +99,17 @@ def _tasks(spec: dict) -> dict[str, dict]:
 def test_every_task_retries_and_the_exit_handler_records_status(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     tasks = _tasks(spec)
-    containers = {n: t for n, t in tasks.items() if "componentRef" in t and "dag" not in
-                  spec["components"][t["componentRef"]["name"]]}
+    containers = {
+        n: t
+        for n, t in tasks.items()
+        if "componentRef" in t and "dag" not in spec["components"][t["componentRef"]["name"]]
+    }
     assert containers
     missing = [n for n, t in containers.items() if not t.get("retryPolicy", {}).get("maxRetryCount")]
     assert not missing, f"tasks without retries: {missing}"
-    exit_tasks = [n for n, t in tasks.items() if t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"]
+    exit_tasks = [
+        n for n, t in tasks.items() if t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"
+    ]
     assert exit_tasks == ["finish-run"]
 
 
@@ -115,8 +125,7 @@ CACHEABLE = {
 
 
 def _containers(spec: dict) -> dict[str, dict]:
-    return {n: t for n, t in _tasks(spec).items()
-            if "dag" not in spec["components"][t["componentRef"]["name"]]}
+    return {n: t for n, t in _tasks(spec).items() if "dag" not in spec["components"][t["componentRef"]["name"]]}
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -129,11 +138,17 @@ def test_exactly_the_pure_steps_are_cacheable_and_have_no_run_specific_input(clu
         inputs = containers[task]["inputs"].get("parameters", {})
         assert "parent_run_id" not in inputs and "kfp_run_id" not in inputs, task
         assert "PIPELINE_JOB" not in str(inputs) and "taskOutputParameter" not in str(
-            {k: v for k, v in inputs.items() if k in ("tracking", "workdir")}), task
+            {k: v for k, v in inputs.items() if k in ("tracking", "workdir")}
+        ), task
         # a step that logs a stage run starts after the parent run exists (directly or through its inputs)
-        assert task == "fetch-model" or "start-run" in containers[task].get("dependentTasks", []) or any(
-            "OutputArtifact" in str(a) or "InputArtifact" in str(a)
-            for a in containers[task]["inputs"].get("artifacts", {}).values()), task
+        assert (
+            task == "fetch-model"
+            or "start-run" in containers[task].get("dependentTasks", [])
+            or any(
+                "OutputArtifact" in str(a) or "InputArtifact" in str(a)
+                for a in containers[task]["inputs"].get("artifacts", {}).values()
+            )
+        ), task
     # the side-effecting steps still get the parent run as an input
     assert "parent_run_id" in containers["register"]["inputs"]["parameters"]
 
@@ -145,7 +160,9 @@ def test_every_pod_finds_its_run_by_the_kfp_run_id_label(cluster_build, name: st
 
     executors = cluster_build[name][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for executor, conf in executors.items():
-        assert {"name": KFP_RUN_ENV, "fieldPath": f"metadata.labels['{RUN_ID_LABEL}']"} in conf["fieldPathAsEnv"], executor
+        assert {"name": KFP_RUN_ENV, "fieldPath": f"metadata.labels['{RUN_ID_LABEL}']"} in conf["fieldPathAsEnv"], (
+            executor
+        )
 
 
 def test_without_caching_no_step_is_cacheable(tmp_path: Path) -> None:
@@ -175,8 +192,15 @@ STAGES = {
     "llm-lifecycle": ["prep", "pretrain", "prep_instruct", "finetune", "evaluate", "register", "deploy"],
     "llm-finetune": ["prep_instruct", "finetune", "evaluate", "register", "deploy"],
     "llm-lora-sweep": ["prep_instruct", "finetune.*", "evaluate.*", "register", "deploy"],
-    "llm-continuous-finetune": ["check_data", "prep_instruct", "finetune", "evaluate", "evaluate_champion",
-                                "register", "deploy"],
+    "llm-continuous-finetune": [
+        "check_data",
+        "prep_instruct",
+        "finetune",
+        "evaluate",
+        "evaluate_champion",
+        "register",
+        "deploy",
+    ],
 }
 
 
@@ -193,7 +217,9 @@ def test_the_builder_records_the_stages_each_pipeline_logs_in_order(name: str) -
 def test_release_is_behind_the_gate(cluster_build, name: str) -> None:
     spec = cluster_build[name][0]
     tasks = _tasks(spec)
-    conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")]
+    conditions = [
+        t["triggerPolicy"]["condition"] for t in tasks.values() if t.get("triggerPolicy", {}).get("condition")
+    ]
     assert conditions, "no dsl.If in the pipeline"
     # register/deploy live only in conditional sub-DAGs, never in the root DAG
     assert "register" not in spec["root"]["dag"]["tasks"] and "deploy" not in spec["root"]["dag"]["tasks"]

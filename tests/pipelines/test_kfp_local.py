@@ -36,10 +36,14 @@ def test_no_other_module_imports_kfp_internals() -> None:
         if path.name == "_kfp_local.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
-                          if n.startswith("kfp") and n not in allowed]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.startswith("kfp") and n not in allowed]
     assert offenders == []
 
 
@@ -51,28 +55,33 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     return exited.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("removed", [("kfp.local.cache", "_ARTIFACT_MARKER"),
-                                     ("kfp.local.orchestrator.task_executor", "execute_single_task")])
+@pytest.mark.parametrize(
+    "removed",
+    [("kfp.local.cache", "_ARTIFACT_MARKER"), ("kfp.local.orchestrator.task_executor", "execute_single_task")],
+)
 def test_a_kfp_without_a_name_the_adapter_uses_stops_kubellm_run_in_one_line(
-        removed: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    removed: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     module, name = removed
     monkeypatch.delattr(importlib.import_module(module), name)
     code, err = _run(tmp_path, capsys)
     assert code != 0
     assert err.strip().splitlines() == [
         f"error: kubellm run needs kfp>=2.17.0,<2.18.0 as released; the installed kfp {__import__('kfp').__version__} "
-        f"lacks {module}:{name}: pip install --force-reinstall 'kfp>=2.17.0,<2.18.0'"]
+        f"lacks {module}:{name}: pip install --force-reinstall 'kfp>=2.17.0,<2.18.0'"
+    ]
     assert "Traceback" not in err and not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_a_kfp_outside_the_supported_range_stops_kubellm_run_in_one_line(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import kfp
 
     monkeypatch.setattr(kfp, "__version__", "2.18.1")
     code, err = _run(tmp_path, capsys)
     assert code != 0 and err.strip().splitlines() == [
         "error: kubellm run needs kfp>=2.17.0,<2.18.0 (its local runner's internals); kfp 2.18.1 is installed: "
-        "pip install 'kfp>=2.17.0,<2.18.0'"]
+        "pip install 'kfp>=2.17.0,<2.18.0'"
+    ]
     assert not (tmp_path / "runs").exists()

@@ -19,9 +19,18 @@ def test_continuous_skips_unchanged_data_and_trains_on_changed_data(build_once, 
     data = tmp_path / "instructions.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(120)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ("--pipeline", "llm-continuous-finetune", "--param", f"base_model={base}",
-            "--set", "tracking.registered_model=continuous-model", "--set", f"instruct_data.sources.0.uri={data}",
-            "--set", "instruct_data.max_docs=500")
+    args = (
+        "--pipeline",
+        "llm-continuous-finetune",
+        "--param",
+        f"base_model={base}",
+        "--set",
+        "tracking.registered_model=continuous-model",
+        "--set",
+        f"instruct_data.sources.0.uri={data}",
+        "--set",
+        "instruct_data.max_docs=500",
+    )
 
     code, first, out = kubellm_run(workdir, *args)
     assert code == 0, out[-3000:]

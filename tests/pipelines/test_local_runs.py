@@ -1,7 +1,8 @@
 """The lifecycle pipeline end to end on KFP's local runner, on tiny settings, exactly as `make run` does.
 
 Two lifecycle runs started together in an empty folder are shared (module fixture; a module runs on one
-xdist worker); the failure and resume tests resume the first, so they pay only for the steps they are about. The fine-tuning pipelines have modules of their
+xdist worker); the failure and resume tests resume the first, so they pay only for the steps they are about. The
+fine-tuning pipelines have modules of their
 own (test_local_sweep.py, test_local_continuous.py) so they run beside this one.
 """
 
@@ -25,8 +26,12 @@ def first_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tup
     """Two `kubellm run` started together in an empty folder: both race to create the sqlite store, the
     experiment and the registered model (issue 24). Every later test here is a third run in that folder."""
     workdir = tmp_path_factory.mktemp("lifecycle")
-    procs = [subprocess.Popen(command(workdir), cwd=workdir, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            command(workdir), cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=900)
@@ -64,14 +69,23 @@ def test_two_first_runs_in_an_empty_folder_both_finish_and_the_newest_is_champio
 def test_lifecycle_runs_end_to_end_and_registers(lifecycle, first_runs) -> None:
     workdir, s = lifecycle
     assert s["status"] == "FINISHED" and s["failed_stage"] is None
-    assert [r["stage"] for r in s["stages"]][:7] == ["prep", "pretrain", "prep_instruct", "finetune", "evaluate",
-                                                     "register", "deploy"]
+    assert [r["stage"] for r in s["stages"]][:7] == [
+        "prep",
+        "pretrain",
+        "prep_instruct",
+        "finetune",
+        "evaluate",
+        "register",
+        "deploy",
+    ]
     assert all(r["status"] == "FINISHED" and r["seconds"] >= 0 for r in s["stages"])
     ev = s["evaluation"]
     assert ev["gate_passed"] is True
     assert ev["metrics"]["perplexity"] > 1 and ev["metrics"]["base_perplexity"] > 1
     # the embedded default's benchmark, candidate and base, from the evaluate stage's MLflow run
-    assert 0 <= ev["metrics"]["bench.kubellm_choice.acc"] <= 1 and 0 <= ev["metrics"]["base_bench.kubellm_choice.acc"] <= 1
+    assert (
+        0 <= ev["metrics"]["bench.kubellm_choice.acc"] <= 1 and 0 <= ev["metrics"]["base_bench.kubellm_choice.acc"] <= 1
+    )
     # v1 or v2: the other first run registered at the same time (its aliases may have moved on to v2)
     assert s["model"]["name"] == "kubellm-local" and s["model"]["version"] in (1, 2)
     assert Path(s["deployment"]["manifests"]).is_file()
@@ -144,12 +158,12 @@ def test_resume_after_a_failure_in_deploy_reruns_only_register_and_deploy(lifecy
     assert parent.data.metrics["perplexity"] == pytest.approx(s["evaluation"]["metrics"]["perplexity"])
     assert {f"reused.{name}": stage(done, name)["run_id"] for name in PURE}.items() <= parent.data.tags.items()
     note = parent.data.tags["mlflow.note.content"]
-    assert "| gate | passed |" in note and f"| registered | [kubellm-local v{s['model']['version']}](#/models/kubellm-local/versions/{s['model']['version']}) |" in note
+    version = s["model"]["version"]
+    assert "| gate | passed |" in note
+    assert f"| registered | [kubellm-local v{version}](#/models/kubellm-local/versions/{version}) |" in note
     assert "reused from earlier runs" in note and stage(done, "evaluate")["run_id"] in note
     assert parent.info.run_name.startswith(f"lifecycle · v{s['model']['version']} champion · ")
     assert parent.data.tags["run_name"] == s["run_name"]
-
-
 
 
 @pytest.mark.browser
@@ -181,13 +195,17 @@ def test_mlflow_ui_tells_the_story_of_the_runs(lifecycle, tmp_path: Path) -> Non
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("kubellm-local")
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    parents = client.search_runs([exp.experiment_id], "tags.run_kind = 'parent'", order_by=["attributes.start_time DESC"])
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.run_kind = 'parent'", order_by=["attributes.start_time DESC"]
+    )
     resumed = client.get_run(resumed_summary["mlflow"]["parent_run_id"])
     assert "reused.evaluate" in resumed.data.tags
 
     def page_text(driver, *needles: str) -> str:
         try:
-            WebDriverWait(driver, 90).until(lambda d: all(n in d.find_element(By.TAG_NAME, "body").text for n in needles))
+            WebDriverWait(driver, 90).until(
+                lambda d: all(n in d.find_element(By.TAG_NAME, "body").text for n in needles)
+            )
         except TimeoutException:
             driver.save_screenshot(str(tmp_path / "timeout.png"))
             body = driver.find_element(By.TAG_NAME, "body").text[:2000]
@@ -197,8 +215,14 @@ def test_mlflow_ui_tells_the_story_of_the_runs(lifecycle, tmp_path: Path) -> Non
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     with tempfile.TemporaryDirectory() as profile:
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
-                     "--window-size=1600,1100"):
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--window-size=1600,1100",
+        ):
             opts.add_argument(flag)
         root = tmp_path / "ui"
         root.mkdir()

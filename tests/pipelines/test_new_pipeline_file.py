@@ -38,10 +38,10 @@ def build(b: Builder):
     return corpus_only
 '''
 
-SITECUSTOMIZE = '''import kubellm.pipelines
+SITECUSTOMIZE = """import kubellm.pipelines
 
 kubellm.pipelines.__path__.append({folder!r})
-'''
+"""
 
 
 @pytest.fixture
@@ -50,15 +50,17 @@ def env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "extra").mkdir()
     (tmp_path / "extra" / "corpus_only.py").write_text(NEW_PIPELINE, encoding="utf-8")
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE.format(folder=str(tmp_path / "extra")),
-                                                        encoding="utf-8")
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        SITECUSTOMIZE.format(folder=str(tmp_path / "extra")), encoding="utf-8"
+    )
     path = os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)
     return {**ENV, "PYTHONPATH": path}
 
 
 def _kubellm(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kubellm.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kubellm.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_a_new_pipeline_file_is_listed_compiled_run_and_resumed(env: dict[str, str], tmp_path: Path) -> None:
@@ -79,8 +81,14 @@ def test_a_new_pipeline_file_is_listed_compiled_run_and_resumed(env: dict[str, s
     workdir.mkdir()
 
     def run(*args: str) -> tuple[int, dict | None, str]:
-        proc = subprocess.run(command(workdir, "--pipeline", "corpus-only", *args), capture_output=True,
-                              text=True, cwd=workdir, env=env, timeout=500)
+        proc = subprocess.run(
+            command(workdir, "--pipeline", "corpus-only", *args),
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            env=env,
+            timeout=500,
+        )
         return result(proc.returncode, proc.stdout, proc.stderr)
 
     code, first, out = run()

@@ -29,8 +29,9 @@ def test_quickstart_notebook_runs_and_submits(tmp_path: Path, monkeypatch: pytes
         monkeypatch.setenv("KF_PIPELINES_ENDPOINT", kfp.url)
         monkeypatch.setenv("KFP_EXISTING_TOKEN", "nb-token")
         monkeypatch.setenv("KFP_NAMESPACE", "team-a")
-        NotebookClient(nb, timeout=900, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
         assert kfp.state.problems == []
         runs = list(kfp.state.runs.values())
 

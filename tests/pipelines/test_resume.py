@@ -72,9 +72,16 @@ def _run(tmp_path: Path, run_id: str, *, n: int = 5, note: str = "", resume: str
     marker = tmp_path / "broken"
     marker.write_text("") if broken else marker.unlink(missing_ok=True)
     out = io.StringIO()
-    done = run_pipeline(_pipeline(), params={"n": n, "ran": str(tmp_path / "ran.txt"), "broken": str(marker), "note": note},
-                        run_id=run_id, runs_dir=tmp_path / "runs", pipeline_root=tmp_path / "root",
-                        resume=resume, output="lines", out=out)
+    done = run_pipeline(
+        _pipeline(),
+        params={"n": n, "ran": str(tmp_path / "ran.txt"), "broken": str(marker), "note": note},
+        run_id=run_id,
+        runs_dir=tmp_path / "runs",
+        pipeline_root=tmp_path / "root",
+        resume=resume,
+        output="lines",
+        out=out,
+    )
     ran = (tmp_path / "ran.txt").read_text().splitlines()
     (tmp_path / "ran.txt").unlink()
     return done, ran, out.getvalue()
@@ -128,5 +135,11 @@ def test_resume_of_an_unknown_run_is_one_clear_error(tmp_path: Path) -> None:
 
     (tmp_path / "runs" / "run-1").mkdir(parents=True)
     with pytest.raises(ConfigError, match="--resume nope: no earlier run of that name"):
-        run_pipeline(_pipeline(), params={}, run_id="run-1", runs_dir=tmp_path / "runs",
-                     pipeline_root=tmp_path / "root", resume="nope")
+        run_pipeline(
+            _pipeline(),
+            params={},
+            run_id="run-1",
+            runs_dir=tmp_path / "runs",
+            pipeline_root=tmp_path / "root",
+            resume="nope",
+        )

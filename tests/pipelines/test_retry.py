@@ -41,8 +41,7 @@ def test_a_task_that_fails_once_succeeds_on_retry(tmp_path: Path) -> None:
         first = ctx.configure(flaky(marker=marker), "pretrain", "Flaky step", retry="train")
         ctx.configure(downstream(value=first.output, out=out), "evaluate", "After it")
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
-               raise_on_error=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
     retry_check(marker=str(tmp_path / "attempted"), out=str(tmp_path / "out.txt"))
     assert (tmp_path / "attempted").exists()
     assert (tmp_path / "out.txt").read_text() == "ok"

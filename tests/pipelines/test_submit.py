@@ -47,8 +47,16 @@ def _no_ambient_kfp_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setattr(log, "_CONFIGURED", False)
     monkeypatch.setattr(logging.getLogger("kubellm"), "handlers", [])
 
-    for var in ("KF_PIPELINES_ENDPOINT", "KFP_NAMESPACE", "KFP_EXISTING_TOKEN", "KFP_COOKIE", "KFP_CA_BUNDLE",
-                "KF_PIPELINES_SA_TOKEN_PATH", "KF_PIPELINES_UI_ENDPOINT", "KUBERNETES_SERVICE_HOST"):
+    for var in (
+        "KF_PIPELINES_ENDPOINT",
+        "KFP_NAMESPACE",
+        "KFP_EXISTING_TOKEN",
+        "KFP_COOKIE",
+        "KFP_CA_BUNDLE",
+        "KF_PIPELINES_SA_TOKEN_PATH",
+        "KF_PIPELINES_UI_ENDPOINT",
+        "KUBERNETES_SERVICE_HOST",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
     monkeypatch.setattr(submit, "SA_NAMESPACE_FILE", tmp_path / "no-pod-namespace")
@@ -213,11 +221,19 @@ def test_without_a_namespace_multi_user_refuses_in_one_line(team, capsys) -> Non
 
 def test_namespace_defaults_to_the_kube_context(team, monkeypatch, tmp_path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kf",
-        "contexts": [{"name": "kf", "context": {"cluster": "c", "user": "u", "namespace": "team-b"}}],
-        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
-        "users": [{"name": "u", "user": {"token": "x"}}]}), encoding="utf-8")
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kf",
+                "contexts": [{"name": "kf", "context": {"cluster": "c", "user": "u", "namespace": "team-b"}}],
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"token": "x"}}],
+            }
+        ),
+        encoding="utf-8",
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     assert _cli("submit", *LOCAL) == 0
     (run,) = team.state.runs.values()
@@ -248,8 +264,9 @@ def test_schedule_finds_its_own_recurring_run_past_the_first_page(team, capsys) 
     args = (*SCHEDULE, "--namespace", "team-a")
     assert _cli(*args) == 0
     (ours,) = team.state.recurring.values()
-    others = {f"rr-{i:03d}": {**ours, "recurring_run_id": f"rr-{i:03d}", "display_name": f"sweep-{i}"}
-              for i in range(150)}
+    others = {
+        f"rr-{i:03d}": {**ours, "recurring_run_id": f"rr-{i:03d}", "display_name": f"sweep-{i}"} for i in range(150)
+    }
     team.state.recurring = {**others, ours["recurring_run_id"]: ours}  # ours is no. 151: on page 2
     assert _cli(*args) == 0
     assert "unchanged" in capsys.readouterr().out and len(team.state.recurring) == 151
@@ -263,8 +280,12 @@ def test_schedule_finds_its_own_recurring_run_past_the_first_page(team, capsys) 
 
 def test_two_pipelines_with_one_name_is_an_error_naming_both(team, capsys) -> None:
     for pid in ("pl-one", "pl-two"):
-        team.state.pipelines[pid] = {"pipeline_id": pid, "display_name": "llm-lifecycle", "name": pid,
-                                     "namespace": "team-a"}
+        team.state.pipelines[pid] = {
+            "pipeline_id": pid,
+            "display_name": "llm-lifecycle",
+            "name": pid,
+            "namespace": "team-a",
+        }
     assert _cli("submit", *LOCAL, "--namespace", "team-a") == 2
     err = _one_line_error(capsys)
     assert "2 pipelines named 'llm-lifecycle' (pl-one, pl-two)" in err and "team-a" in err
@@ -310,8 +331,12 @@ def test_stand_in_rejects_what_the_real_api_would(team) -> None:
         assert bad.status_code == 400 and "display_name: expected a string" in bad.json()["message"]
         bad = http.get("/recurringruns")
         assert bad.status_code == 400 and "empty namespace in multi-user mode" in bad.json()["message"]
-        assert http.get("/experiments", params={"namespace": "team-a"},
-                        headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            http.get(
+                "/experiments", params={"namespace": "team-a"}, headers={"Authorization": "Bearer nope"}
+            ).status_code
+            == 401
+        )
 
 
 def _cacheable_tasks(package: str) -> set[str]:
@@ -328,20 +353,27 @@ def test_cache_is_chosen_per_run_by_the_version_it_runs(kfp) -> None:
     assert _cli(*SCHEDULE) == 0
     st = kfp.state
     by_version = {v["pipeline_version_id"]: v["display_name"] for v in st.versions.values()}
-    plain, cached, recurring = [r["pipeline_version_reference"]["pipeline_version_id"]
-                                for r in [*st.runs.values(), *st.recurring.values()]]
+    plain, cached, recurring = [
+        r["pipeline_version_reference"]["pipeline_version_id"] for r in [*st.runs.values(), *st.recurring.values()]
+    ]
     assert by_version[plain].endswith("-nocache") and not by_version[cached].endswith("-nocache")
     assert by_version[recurring].endswith("-nocache")
     assert _cacheable_tasks(st.packages[plain]) == _cacheable_tasks(st.packages[recurring]) == set()
-    assert _cacheable_tasks(st.packages[cached]) == {"prepare-data", "pretrain", "prepare-instructions", "finetune",
-                                                     "evaluate"}
+    assert _cacheable_tasks(st.packages[cached]) == {
+        "prepare-data",
+        "pretrain",
+        "prepare-instructions",
+        "finetune",
+        "evaluate",
+    }
 
 
 def test_an_unknown_parameter_is_refused_before_anything_is_uploaded(kfp, capsys) -> None:
     assert _cli("submit", *LOCAL, "--param", "datset_uri=s3://x") == 2
-    assert ("--param datset_uri: llm-lifecycle has no such parameter; did you mean `dataset_uri` or "
-            "`instruct_dataset_uri`? its parameters are data_config") in (
-        _one_line_error(capsys))
+    assert (
+        "--param datset_uri: llm-lifecycle has no such parameter; did you mean `dataset_uri` or "
+        "`instruct_dataset_uri`? its parameters are data_config"
+    ) in (_one_line_error(capsys))
     assert not kfp.state.pipelines and not kfp.state.runs
 
 
@@ -349,8 +381,15 @@ def test_a_pipeline_file_is_submitted_under_its_own_name_and_an_edit_is_a_new_ve
     example = Path(__file__).resolve().parents[2] / "examples" / "own_data"
     mine = tmp_path / "mine.py"
     mine.write_text((example / "pipeline.py").read_text(encoding="utf-8"), encoding="utf-8")
-    args = ("submit", "--config", str(example / "config.yaml"), "--pipeline", str(mine),
-            "--param", "questions_uri=s3://team/qa.csv")
+    args = (
+        "submit",
+        "--config",
+        str(example / "config.yaml"),
+        "--pipeline",
+        str(mine),
+        "--param",
+        "questions_uri=s3://team/qa.csv",
+    )
     assert _cli(*args) == 0
     (pipeline,) = kfp.state.pipelines.values()
     assert pipeline["display_name"] == "own-data"

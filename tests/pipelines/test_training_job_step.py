@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubellm.data.prepare import prepare
 
-    cfg = load_config(REPO / "configs" / "local.yaml", ["data.max_docs=20", "data.block_size=32",
-                                                         "data.tokenizer.vocab_size=400"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml", ["data.max_docs=20", "data.block_size=32", "data.tokenizer.vocab_size=400"]
+    )
     out = tmp_path_factory.mktemp("prep") / "data"
     prepare(cfg.data, out)
     return out
@@ -33,10 +34,17 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
 
     pvc = tmp_path / "pvc"
     monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(pvc))
-    cfg = load_config(REPO / "configs" / "local.yaml", [
-        "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
-        "pretrain.loop.max_steps=3", "pretrain.loop.micro_batch_size=2", "pretrain.loop.checkpoint_every=2",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml",
+        [
+            "platform.distributed.pretrain.engine=pytorchjob",
+            "platform.distributed.pretrain.shared_pvc=kubellm-shared",
+            "pretrain.loop.max_steps=3",
+            "pretrain.loop.micro_batch_size=2",
+            "pretrain.loop.checkpoint_every=2",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+    )
     launched = []
 
     def operator(stage, run_cfg, data_dir, out_dir, base_model=None, **kw):
@@ -45,8 +53,15 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
         assert kw["data_fingerprint"]
         launched.append((stage, data_dir, out_dir, kw["env"]))
         pretrain(run_cfg.pretrain, data_dir, out_dir)
-        return tj.JobOutcome(kind="PyTorchJob", name="pretrain-x", namespace="kubellm", created=True,
-                             restarted=False, elapsed_s=1.0, conditions=["Succeeded"])
+        return tj.JobOutcome(
+            kind="PyTorchJob",
+            name="pretrain-x",
+            namespace="kubellm",
+            created=True,
+            restarted=False,
+            elapsed_s=1.0,
+            conditions=["Succeeded"],
+        )
 
     monkeypatch.setattr(tj, "run_training_job", operator)
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
@@ -68,7 +83,8 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
 
 
 def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_server(
-        prepared: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    prepared: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
     """The step was handed MLFLOW_RUN_ID (KFP's MLflow plugin): the job's pods are given that run, the
     server and workspace it lives in (not the config's tracking.uri), and no kubernetes auth mode, which
     needs a service-account token the pods do not mount (one warning line says what to give them)."""
@@ -85,26 +101,44 @@ def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_s
     exp = client.create_experiment("kfp", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, run_name="kfp-run").info.run_id
     handed = client.create_run(exp, run_name="pretrain", tags={"mlflow.parentRunId": parent}).info.run_id
-    for name, value in {"MLFLOW_TRACKING_URI": plugin_uri, "MLFLOW_RUN_ID": handed, "MLFLOW_WORKSPACE": "team-a",
-                        "MLFLOW_TRACKING_AUTH": "kubernetes"}.items():  # (a sqlite store needs no request auth)
+    for name, value in {
+        "MLFLOW_TRACKING_URI": plugin_uri,
+        "MLFLOW_RUN_ID": handed,
+        "MLFLOW_WORKSPACE": "team-a",
+        "MLFLOW_TRACKING_AUTH": "kubernetes",
+    }.items():  # (a sqlite store needs no request auth)
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path / "pvc"))
-    cfg = load_config(REPO / "configs" / "local.yaml", [
-        "platform.distributed.pretrain.engine=pytorchjob", "platform.distributed.pretrain.shared_pvc=kubellm-shared",
-        "pretrain.loop.max_steps=2", "pretrain.loop.micro_batch_size=2", f"tracking.uri=sqlite:///{tmp_path}/elsewhere.db"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml",
+        [
+            "platform.distributed.pretrain.engine=pytorchjob",
+            "platform.distributed.pretrain.shared_pvc=kubellm-shared",
+            "pretrain.loop.max_steps=2",
+            "pretrain.loop.micro_batch_size=2",
+            f"tracking.uri=sqlite:///{tmp_path}/elsewhere.db",
+        ],
+    )
     launched = []
 
     def operator(stage, run_cfg, data_dir, out_dir, base_model=None, **kw):
         launched.append((run_cfg.tracking.uri, kw["env"]))
         pretrain(run_cfg.pretrain, data_dir, out_dir)
-        return tj.JobOutcome(kind="PyTorchJob", name="pretrain-x", namespace="kubellm", created=True,
-                             restarted=False, elapsed_s=1.0, conditions=["Succeeded"])
+        return tj.JobOutcome(
+            kind="PyTorchJob",
+            name="pretrain-x",
+            namespace="kubellm",
+            created=True,
+            restarted=False,
+            elapsed_s=1.0,
+            conditions=["Succeeded"],
+        )
 
     monkeypatch.setattr(tj, "run_training_job", operator)
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     with caplog.at_level("WARNING"):
         train.pretrain(to_param(cfg.pretrain), str(prepared), str(tmp_path / "o"), ctx, platform=to_param(cfg.platform))
-    (uri, env), = launched
+    ((uri, env),) = launched
     assert uri is None  # the pods resolve the forwarded $MLFLOW_TRACKING_URI, not the config's
     assert env == {"MLFLOW_TRACKING_URI": plugin_uri, "MLFLOW_WORKSPACE": "team-a", STAGE_RUN_ENV: handed}
     assert "MLFLOW_TRACKING_AUTH=kubernetes is not passed to its pods" in caplog.text
@@ -132,9 +166,14 @@ def test_the_engine_is_a_compile_time_platform_setting(prepared: Path, tmp_path:
 def test_compiled_step_mounts_the_shared_pvc(tmp_path: Path) -> None:
     from kubellm.pipelines._runner import compile_all
 
-    cfg = load_config(REPO / "configs" / "local.yaml", [
-        "platform.distributed.finetune.engine=pytorchjob", "platform.distributed.finetune.shared_pvc=kubellm-shared",
-        "tracking.uri=http://mlflow:5000"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml",
+        [
+            "platform.distributed.finetune.engine=pytorchjob",
+            "platform.distributed.finetune.shared_pvc=kubellm-shared",
+            "tracking.uri=http://mlflow:5000",
+        ],
+    )
     (path,) = compile_all(cfg, tmp_path, ["llm-lifecycle"], components=False)
     execs = yamlio.load_all(path.read_text())[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert execs["exec-finetune"]["pvcMount"][0]["mountPath"] == "/mnt/kubellm"

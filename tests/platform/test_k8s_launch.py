@@ -31,8 +31,9 @@ class Operator(threading.Thread):
     """Plays the training operator: once the job exists (and ``when`` holds), sets each status in turn
     (a list of conditions, or a whole status mapping as KubeRay writes it)."""
 
-    def __init__(self, api_client: Any, plural_ref: tuple[str, ...], name: str,
-                 statuses: list[Any], when=lambda obj: True) -> None:
+    def __init__(
+        self, api_client: Any, plural_ref: tuple[str, ...], name: str, statuses: list[Any], when=lambda obj: True
+    ) -> None:
         super().__init__(daemon=True)
         from kubernetes import client
 
@@ -79,11 +80,16 @@ def _creates(fake_api) -> int:
 
 def test_creates_and_waits_for_success(fake_api, job: dict, caplog: pytest.LogCaptureFixture) -> None:
     name = job["metadata"]["name"]
-    operator = Operator(fake_api.api_client(), PT, name, [
-        [_cond("Created", "PyTorchJobCreated")],
-        [_cond("Created"), _cond("Running", "PyTorchJobRunning", "job is running")],
-        [_cond("Created"), _cond("Succeeded", "PyTorchJobSucceeded", "job succeeded")],
-    ])
+    operator = Operator(
+        fake_api.api_client(),
+        PT,
+        name,
+        [
+            [_cond("Created", "PyTorchJobCreated")],
+            [_cond("Created"), _cond("Running", "PyTorchJobRunning", "job is running")],
+            [_cond("Created"), _cond("Succeeded", "PyTorchJobSucceeded", "job succeeded")],
+        ],
+    )
     operator.start()
     with caplog.at_level("INFO", logger="kubellm"):
         outcome = launch(job, NS, api_client=fake_api.api_client(), timeout_s=10, poll_s=POLL)
@@ -125,11 +131,20 @@ def test_retried_step_reattaches_to_running_job(fake_api, job: dict) -> None:
 
 
 def test_failed_job_fails_the_step_with_the_operator_reason(fake_api, job: dict) -> None:
-    operator = Operator(fake_api.api_client(), PT, job["metadata"]["name"], [
-        [_cond("Running")],
-        [_cond("Running"), _cond("Failed", "PyTorchJobFailed", "PyTorchJob pretrain is failed because 1\n"
-                                                              "Master replica(s) failed.")],
-    ])
+    operator = Operator(
+        fake_api.api_client(),
+        PT,
+        job["metadata"]["name"],
+        [
+            [_cond("Running")],
+            [
+                _cond("Running"),
+                _cond(
+                    "Failed", "PyTorchJobFailed", "PyTorchJob pretrain is failed because 1\nMaster replica(s) failed."
+                ),
+            ],
+        ],
+    )
     operator.start()
     with pytest.raises(ClusterError) as info:
         launch(job, NS, api_client=fake_api.api_client(), timeout_s=10, poll_s=POLL)
@@ -143,11 +158,15 @@ def test_failed_job_of_same_name_is_replaced(fake_api, job: dict) -> None:
     from kubernetes import client
 
     api = fake_api.api_client()
-    failed = {**job, "metadata": {**job["metadata"], "namespace": NS},
-              "status": {"conditions": [_cond("Failed", "DeadlineExceeded")]}}
+    failed = {
+        **job,
+        "metadata": {**job["metadata"], "namespace": NS},
+        "status": {"conditions": [_cond("Failed", "DeadlineExceeded")]},
+    }
     client.CustomObjectsApi(api).create_namespaced_custom_object(*PT, failed)
-    operator = Operator(api, PT, job["metadata"]["name"], [[_cond("Succeeded")]],
-                        when=lambda obj: not obj.get("status"))  # the new object, not the failed one
+    operator = Operator(
+        api, PT, job["metadata"]["name"], [[_cond("Succeeded")]], when=lambda obj: not obj.get("status")
+    )  # the new object, not the failed one
     operator.start()
     outcome = launch(job, NS, api_client=api, timeout_s=10, poll_s=POLL)
     operator.finish()
@@ -159,8 +178,11 @@ def test_timeout_fails_clearly_and_leaves_the_job(fake_api, job: dict) -> None:
     operator = Operator(fake_api.api_client(), PT, job["metadata"]["name"], [[_cond("Running", "PyTorchJobRunning")]])
     operator.start()
     t0 = time.monotonic()
-    with pytest.raises(ClusterError, match=r"did not finish within 0.5s \(last: Running \(PyTorchJobRunning\)\); "
-                                           r"a retried step re-attaches"):
+    with pytest.raises(
+        ClusterError,
+        match=r"did not finish within 0.5s \(last: Running \(PyTorchJobRunning\)\); "
+        r"a retried step re-attaches",
+    ):
         launch(job, NS, api_client=fake_api.api_client(), timeout_s=0.5, poll_s=POLL)
     operator.finish()
     assert time.monotonic() - t0 < 10  # gave up after its 0.5 s, not minutes later
@@ -178,18 +200,25 @@ def test_trainjob_completes(fake_api, cluster_cfg: RunConfig) -> None:
 
 
 def test_credentials_from_kubeconfig_and_clear_error_without(
-        fake_api, cluster_cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_api, cluster_cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
     with pytest.raises(ClusterError, match=r"no Kubernetes credentials: not in a pod .* no usable kubeconfig at "):
         load_api_client()
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
-        "users": [{"name": "u", "user": {}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-    }))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     cfg = cluster_cfg.model_copy(deep=True)
     cfg.platform.namespace = NS
@@ -213,6 +242,7 @@ def test_unreachable_api_is_one_line(job: dict) -> None:
 
 # ------------------------------------------------------------------------------------ RayJob (KubeRay)
 
+
 def _ray(deployment: str, job: str | None = None, reason: str | None = None, message: str | None = None) -> dict:
     """A RayJob status as KubeRay writes it (no conditions: jobDeploymentStatus and Ray's jobStatus)."""
     status = {"jobDeploymentStatus": deployment, "jobId": "pretrain-x-1"}
@@ -224,18 +254,32 @@ def _ray(deployment: str, job: str | None = None, reason: str | None = None, mes
 def rayjob(cluster_overrides: list[str], repo_root: Path) -> dict:
     from kubellm.config import load_config
 
-    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.pretrain.engine=rayjob",
-                                                        "platform.distributed.pretrain.procs_per_node=4"])
-    return build_job("rayjob", "pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1",
-                        env={"KUBELLM_STAGE_RUN_ID": "run-1"})
+    cfg = load_config(
+        repo_root / "configs" / "local.yaml",
+        [
+            *cluster_overrides,
+            "platform.distributed.pretrain.engine=rayjob",
+            "platform.distributed.pretrain.procs_per_node=4",
+        ],
+    )
+    return build_job(
+        "rayjob", "pretrain", cfg, "prepared", "runs/1", data_fingerprint="fp1", env={"KUBELLM_STAGE_RUN_ID": "run-1"}
+    )
 
 
 def test_rayjob_creates_and_waits_for_success(fake_api, rayjob: dict, caplog: pytest.LogCaptureFixture) -> None:
     name = rayjob["metadata"]["name"]
-    operator = Operator(fake_api.api_client(), RJ, name, [
-        _ray("Initializing"), _ray("Running", "PENDING"), _ray("Running", "RUNNING"),
-        _ray("Complete", "SUCCEEDED", message="Job finished successfully."),
-    ])
+    operator = Operator(
+        fake_api.api_client(),
+        RJ,
+        name,
+        [
+            _ray("Initializing"),
+            _ray("Running", "PENDING"),
+            _ray("Running", "RUNNING"),
+            _ray("Complete", "SUCCEEDED", message="Job finished successfully."),
+        ],
+    )
     operator.start()
     with caplog.at_level("INFO", logger="kubellm"):
         outcome = launch(rayjob, NS, api_client=fake_api.api_client(), timeout_s=10, poll_s=POLL)
@@ -261,19 +305,35 @@ def test_rayjob_retried_step_reattaches(fake_api, rayjob: dict) -> None:
     assert not outcome.created and _creates(fake_api) == 1
 
 
-@pytest.mark.parametrize(("final", "expected"), [
-    (_ray("Failed", "FAILED", "AppFailed", "Job entrypoint command failed with exit code 1, last available logs:\n"
-          "TrainingError: loss is NaN at step 12"),
-     "failed: AppFailed: Ray job FAILED: Job entrypoint command failed with exit code 1, last available logs: "
-     "TrainingError: loss is NaN at step 12"),
-    (_ray("Failed", "RUNNING", "DeadlineExceeded", "The RayJob has passed the activeDeadlineSeconds."),
-     "failed: DeadlineExceeded: Ray job RUNNING: The RayJob has passed the activeDeadlineSeconds."),
-    # KubeRay before 1.2 reports a failed Ray job as Complete: success needs SUCCEEDED too
-    (_ray("Complete", "FAILED", message="Job failed due to an application error"),
-     "failed: Ray job FAILED: Job failed due to an application error"),
-    (_ray("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"),
-     "failed: ValidationFailed: invalid RayJob spec"),
-])
+@pytest.mark.parametrize(
+    ("final", "expected"),
+    [
+        (
+            _ray(
+                "Failed",
+                "FAILED",
+                "AppFailed",
+                "Job entrypoint command failed with exit code 1, last available logs:\n"
+                "TrainingError: loss is NaN at step 12",
+            ),
+            "failed: AppFailed: Ray job FAILED: Job entrypoint command failed with exit code 1, last available logs: "
+            "TrainingError: loss is NaN at step 12",
+        ),
+        (
+            _ray("Failed", "RUNNING", "DeadlineExceeded", "The RayJob has passed the activeDeadlineSeconds."),
+            "failed: DeadlineExceeded: Ray job RUNNING: The RayJob has passed the activeDeadlineSeconds.",
+        ),
+        # KubeRay before 1.2 reports a failed Ray job as Complete: success needs SUCCEEDED too
+        (
+            _ray("Complete", "FAILED", message="Job failed due to an application error"),
+            "failed: Ray job FAILED: Job failed due to an application error",
+        ),
+        (
+            _ray("ValidationFailed", reason="ValidationFailed", message="invalid RayJob spec"),
+            "failed: ValidationFailed: invalid RayJob spec",
+        ),
+    ],
+)
 def test_rayjob_failure_fails_the_step_with_rays_reason(fake_api, rayjob: dict, final: dict, expected: str) -> None:
     # a spec KubeRay rejects never runs; the others fail after running
     before = [] if final["jobDeploymentStatus"] == "ValidationFailed" else [_ray("Running", "RUNNING")]
@@ -289,11 +349,15 @@ def test_rayjob_that_failed_before_is_replaced(fake_api, rayjob: dict) -> None:
     from kubernetes import client
 
     api = fake_api.api_client()
-    failed = {**rayjob, "metadata": {**rayjob["metadata"], "namespace": NS},
-              "status": _ray("Failed", "FAILED", "AppFailed", "worker died")}
+    failed = {
+        **rayjob,
+        "metadata": {**rayjob["metadata"], "namespace": NS},
+        "status": _ray("Failed", "FAILED", "AppFailed", "worker died"),
+    }
     client.CustomObjectsApi(api).create_namespaced_custom_object(*RJ, failed)
-    operator = Operator(api, RJ, rayjob["metadata"]["name"], [_ray("Complete", "SUCCEEDED")],
-                        when=lambda obj: not obj.get("status"))
+    operator = Operator(
+        api, RJ, rayjob["metadata"]["name"], [_ray("Complete", "SUCCEEDED")], when=lambda obj: not obj.get("status")
+    )
     operator.start()
     outcome = launch(rayjob, NS, api_client=api, timeout_s=10, poll_s=POLL)
     operator.finish()
@@ -303,27 +367,50 @@ def test_rayjob_that_failed_before_is_replaced(fake_api, rayjob: dict) -> None:
 def test_rayjob_timeout_fails_clearly_and_leaves_the_job(fake_api, rayjob: dict) -> None:
     operator = Operator(fake_api.api_client(), RJ, rayjob["metadata"]["name"], [_ray("Running", "RUNNING")])
     operator.start()
-    with pytest.raises(ClusterError, match=r"did not finish within 0.5s \(last: Running \(Ray job RUNNING\)\); "
-                                           r"a retried step re-attaches to it, `kubectl delete rayjobs "):
+    with pytest.raises(
+        ClusterError,
+        match=r"did not finish within 0.5s \(last: Running \(Ray job RUNNING\)\); "
+        r"a retried step re-attaches to it, `kubectl delete rayjobs ",
+    ):
         launch(rayjob, NS, api_client=fake_api.api_client(), timeout_s=0.5, poll_s=POLL)
     operator.finish()
     assert len(fake_api.emulator.objects) == 1
 
 
-def test_run_training_job_launches_a_rayjob_for_engine_rayjob(fake_api, cluster_overrides: list[str],
-                                                               repo_root: Path) -> None:
+def test_run_training_job_launches_a_rayjob_for_engine_rayjob(
+    fake_api, cluster_overrides: list[str], repo_root: Path
+) -> None:
     """The call the training step makes: the same for every engine."""
     from kubellm.config import load_config
 
-    cfg = load_config(repo_root / "configs" / "local.yaml", [*cluster_overrides, "platform.distributed.finetune.engine=rayjob",
-                                                        f"platform.namespace={NS}"])
+    cfg = load_config(
+        repo_root / "configs" / "local.yaml",
+        [*cluster_overrides, "platform.distributed.finetune.engine=rayjob", f"platform.namespace={NS}"],
+    )
     env = {"KUBELLM_STAGE_RUN_ID": "abc123"}
-    job = build_job("rayjob", "finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
-                       data_fingerprint="fp2", env=env)
+    job = build_job(
+        "rayjob",
+        "finetune",
+        cfg,
+        "runs/r/data",
+        "runs/r/out",
+        "/mnt/kubellm/runs/r/base",
+        data_fingerprint="fp2",
+        env=env,
+    )
     operator = Operator(fake_api.api_client(), RJ, job["metadata"]["name"], [_ray("Complete", "SUCCEEDED")])
     operator.start()
-    outcome = run_training_job("finetune", cfg, "runs/r/data", "runs/r/out", "/mnt/kubellm/runs/r/base",
-                               data_fingerprint="fp2", env=env, api_client=fake_api.api_client(), poll_s=POLL)
+    outcome = run_training_job(
+        "finetune",
+        cfg,
+        "runs/r/data",
+        "runs/r/out",
+        "/mnt/kubellm/runs/r/base",
+        data_fingerprint="fp2",
+        env=env,
+        api_client=fake_api.api_client(),
+        poll_s=POLL,
+    )
     operator.finish()
     assert (outcome.kind, outcome.name, outcome.namespace) == ("RayJob", job["metadata"]["name"], NS)
     stored = fake_api.emulator.objects[next(iter(fake_api.emulator.objects))]

@@ -35,8 +35,16 @@ def test_builtin_kinds_pass_kubernetes_validate_strict(everything: list[tuple[st
     import kubernetes_validate
 
     builtin = [(src, obj) for src, obj in everything if obj["kind"] not in CUSTOM_KINDS]
-    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim",
-            "Deployment", "Service"} <= {obj["kind"] for _, obj in builtin}
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+    } <= {obj["kind"] for _, obj in builtin}
     version = kubernetes_validate.latest_version()
     for src, obj in builtin:
         try:
@@ -47,7 +55,9 @@ def test_builtin_kinds_pass_kubernetes_validate_strict(everything: list[tuple[st
 
 def test_custom_resources_pass_their_crd_schemas(everything: list[tuple[str, dict]]) -> None:
     custom = [(src, obj) for src, obj in everything if obj["kind"] in CUSTOM_KINDS]
-    assert {"PyTorchJob", "TrainJob", "RayJob", "LLMInferenceService", "ScaledObject"} <= {obj["kind"] for _, obj in custom}
+    assert {"PyTorchJob", "TrainJob", "RayJob", "LLMInferenceService", "ScaledObject"} <= {
+        obj["kind"] for _, obj in custom
+    }
     for src, obj in custom:
         assert validate_against_crd(obj) == [], src
 
@@ -63,8 +73,13 @@ SECRET_TEXT = [
     ("OpenAI-style key", re.compile(r"\bsk-[A-Za-z0-9_-]{20,}\b")),
     ("Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),
     ("credentials in a URL", re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^/\s@'\"]+@")),
-    ("password assignment", re.compile(r"(?im)^[ \t]*[\w.-]*(password|passwd|secret[_-]?key|api[_-]?key|token)"
-                                       r"[ \t]*(?:=(?!=)|:)[ \t]*['\"]?(?!(true|false|null|\d+)\b)[^\s'\"#{$][^\s'\"]*")),
+    (
+        "password assignment",
+        re.compile(
+            r"(?im)^[ \t]*[\w.-]*(password|passwd|secret[_-]?key|api[_-]?key|token)"
+            r"[ \t]*(?:=(?!=)|:)[ \t]*['\"]?(?!(true|false|null|\d+)\b)[^\s'\"#{$][^\s'\"]*"
+        ),
+    ),
 ]
 
 
@@ -97,40 +112,57 @@ def secrets_in_manifest(obj: dict) -> list[str]:
 def test_no_secret_in_plain_text(everything: list[tuple[str, dict]], repo_root: Path) -> None:
     found = [f"{src}: {s}" for src, obj in everything for s in secrets_in_manifest(obj)]
     shipped_text = sorted((repo_root / "configs").glob("*.yaml")) + sorted(
-        p for p in (repo_root / "images").rglob("*") if p.is_file())
+        p for p in (repo_root / "images").rglob("*") if p.is_file()
+    )
     found += [f"{p.name}: {s}" for p in shipped_text for s in secrets_in_text(p.read_text())]
     assert found == []
 
 
-@pytest.mark.parametrize("planted", [
-    "tracking:\n  uri: https://admin:hunter2@mlflow.example.com\n",
-    "[mlflow]\nadmin_password = hunter2\n",
-    "env:\n  HF_TOKEN: hf_abcdefghijklmnopqrstuvwxyzABCDEFGH\n",
-    "aws: AKIAABCDEFGHIJKLMNOP\n",
-    "key: |\n  -----BEGIN OPENSSH PRIVATE KEY-----\n",
-    "ENV GITHUB_TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789\n",
-])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "tracking:\n  uri: https://admin:hunter2@mlflow.example.com\n",
+        "[mlflow]\nadmin_password = hunter2\n",
+        "env:\n  HF_TOKEN: hf_abcdefghijklmnopqrstuvwxyzABCDEFGH\n",
+        "aws: AKIAABCDEFGHIJKLMNOP\n",
+        "key: |\n  -----BEGIN OPENSSH PRIVATE KEY-----\n",
+        "ENV GITHUB_TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123456789\n",
+    ],
+)
 def test_the_scanner_finds_planted_secrets(planted: str) -> None:
     assert secrets_in_text(planted)
 
 
-@pytest.mark.parametrize("harmless", [
-    "- {secret: mlflow-auth, key: password, env: MLFLOW_TRACKING_PASSWORD}\n",
-    "# No password here: MLFLOW_AUTH_ADMIN_PASSWORD (from the Secret) supplies it.\n",
-    "uri: http://mlflow.kubellm.svc:5000\n",
-    "FROM python:3.11-slim@sha256:" + "ab" * 32 + " AS base\n",
-    "token: ${HF_TOKEN}\n",
-])
+@pytest.mark.parametrize(
+    "harmless",
+    [
+        "- {secret: mlflow-auth, key: password, env: MLFLOW_TRACKING_PASSWORD}\n",
+        "# No password here: MLFLOW_AUTH_ADMIN_PASSWORD (from the Secret) supplies it.\n",
+        "uri: http://mlflow.kubellm.svc:5000\n",
+        "FROM python:3.11-slim@sha256:" + "ab" * 32 + " AS base\n",
+        "token: ${HF_TOKEN}\n",
+    ],
+)
 def test_the_scanner_leaves_references_alone(harmless: str) -> None:
     assert secrets_in_text(harmless) == []
 
 
 def test_literal_secret_env_in_a_manifest_is_found() -> None:
-    pod = {"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [
-        {"name": "c", "env": [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "x"},
-                              {"name": "HF_HOME", "value": "/cache"}]}]}}
-    assert secrets_in_manifest(pod) == ["spec.containers[0].env[0]: MLFLOW_TRACKING_PASSWORD has a literal "
-                                        "value (use valueFrom.secretKeyRef)"]
+    pod = {
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "env": [{"name": "MLFLOW_TRACKING_PASSWORD", "value": "x"}, {"name": "HF_HOME", "value": "/cache"}],
+                }
+            ]
+        },
+    }
+    assert secrets_in_manifest(pod) == [
+        "spec.containers[0].env[0]: MLFLOW_TRACKING_PASSWORD has a literal value (use valueFrom.secretKeyRef)"
+    ]
     assert secrets_in_manifest({"kind": "Secret", "stringData": {"a": "b"}}) == ["a Secret object with its data"]
 
 

@@ -17,18 +17,29 @@ from kubellm.k8s.podsecurity import check, load_manifests, pod_specs
 
 
 def _good_container(name: str = "app") -> dict[str, Any]:
-    return {"name": name, "image": "img:1", "securityContext": security.container_security_context(),
-            "volumeMounts": security.writable_mounts()}
+    return {
+        "name": name,
+        "image": "img:1",
+        "securityContext": security.container_security_context(),
+        "volumeMounts": security.writable_mounts(),
+    }
 
 
 def _good_pod_spec() -> dict[str, Any]:
-    return {"securityContext": security.pod_security_context(), "containers": [_good_container()],
-            "volumes": security.writable_volumes()}
+    return {
+        "securityContext": security.pod_security_context(),
+        "containers": [_good_container()],
+        "volumes": security.writable_volumes(),
+    }
 
 
 def _deployment() -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-            "spec": {"template": {"spec": _good_pod_spec()}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {"template": {"spec": _good_pod_spec()}},
+    }
 
 
 POD = "spec.template.spec"
@@ -53,46 +64,103 @@ def _del(obj: dict, path: str) -> None:
 
 VIOLATIONS = [
     # (rule, mutation, expected path)
-    ("runAsNonRoot", lambda o: (_del(o, f"{POD}.securityContext.runAsNonRoot"),
-                                _del(o, f"{C0}.securityContext.runAsNonRoot")), f"{C0}.securityContext.runAsNonRoot"),
-    ("runAsNonRoot", lambda o: _set(o, f"{C0}.securityContext.runAsNonRoot", False), f"{C0}.securityContext.runAsNonRoot"),
+    (
+        "runAsNonRoot",
+        lambda o: (_del(o, f"{POD}.securityContext.runAsNonRoot"), _del(o, f"{C0}.securityContext.runAsNonRoot")),
+        f"{C0}.securityContext.runAsNonRoot",
+    ),
+    (
+        "runAsNonRoot",
+        lambda o: _set(o, f"{C0}.securityContext.runAsNonRoot", False),
+        f"{C0}.securityContext.runAsNonRoot",
+    ),
     ("runAsUser", lambda o: _set(o, f"{C0}.securityContext.runAsUser", 0), f"{C0}.securityContext.runAsUser"),
     ("runAsUser", lambda o: _set(o, f"{POD}.securityContext.runAsUser", 0), f"{POD}.securityContext.runAsUser"),
     ("privileged", lambda o: _set(o, f"{C0}.securityContext.privileged", True), f"{C0}.securityContext.privileged"),
-    ("allowPrivilegeEscalation", lambda o: _set(o, f"{C0}.securityContext.allowPrivilegeEscalation", True),
-     f"{C0}.securityContext.allowPrivilegeEscalation"),
-    ("allowPrivilegeEscalation", lambda o: _del(o, f"{C0}.securityContext.allowPrivilegeEscalation"),
-     f"{C0}.securityContext.allowPrivilegeEscalation"),
-    ("capabilities-drop", lambda o: _set(o, f"{C0}.securityContext.capabilities", {"drop": ["NET_RAW"]}),
-     f"{C0}.securityContext.capabilities.drop"),
-    ("capabilities-add", lambda o: _set(o, f"{C0}.securityContext.capabilities.add", ["SYS_ADMIN"]),
-     f"{C0}.securityContext.capabilities.add"),
-    ("hostPath", lambda o: o["spec"]["template"]["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
-     f"{POD}.volumes[3].hostPath"),
-    ("volume-types", lambda o: o["spec"]["template"]["spec"]["volumes"].append(
-        {"name": "n", "nfs": {"server": "s", "path": "/"}}), f"{POD}.volumes[3]"),
+    (
+        "allowPrivilegeEscalation",
+        lambda o: _set(o, f"{C0}.securityContext.allowPrivilegeEscalation", True),
+        f"{C0}.securityContext.allowPrivilegeEscalation",
+    ),
+    (
+        "allowPrivilegeEscalation",
+        lambda o: _del(o, f"{C0}.securityContext.allowPrivilegeEscalation"),
+        f"{C0}.securityContext.allowPrivilegeEscalation",
+    ),
+    (
+        "capabilities-drop",
+        lambda o: _set(o, f"{C0}.securityContext.capabilities", {"drop": ["NET_RAW"]}),
+        f"{C0}.securityContext.capabilities.drop",
+    ),
+    (
+        "capabilities-add",
+        lambda o: _set(o, f"{C0}.securityContext.capabilities.add", ["SYS_ADMIN"]),
+        f"{C0}.securityContext.capabilities.add",
+    ),
+    (
+        "hostPath",
+        lambda o: o["spec"]["template"]["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        f"{POD}.volumes[3].hostPath",
+    ),
+    (
+        "volume-types",
+        lambda o: o["spec"]["template"]["spec"]["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}),
+        f"{POD}.volumes[3]",
+    ),
     ("host-namespaces", lambda o: _set(o, f"{POD}.hostNetwork", True), f"{POD}.hostNetwork"),
     ("host-namespaces", lambda o: _set(o, f"{POD}.hostPID", True), f"{POD}.hostPID"),
     ("host-namespaces", lambda o: _set(o, f"{POD}.hostIPC", True), f"{POD}.hostIPC"),
     ("hostPorts", lambda o: _set(o, f"{C0}.ports", [{"containerPort": 80, "hostPort": 80}]), f"{C0}.ports[0].hostPort"),
-    ("seccompProfile", lambda o: (_del(o, f"{POD}.securityContext.seccompProfile"),
-                                  _del(o, f"{C0}.securityContext.seccompProfile")), f"{C0}.securityContext.seccompProfile"),
-    ("seccompProfile", lambda o: _set(o, f"{C0}.securityContext.seccompProfile", {"type": "Unconfined"}),
-     f"{C0}.securityContext.seccompProfile"),
-    ("readOnlyRootFilesystem", lambda o: _set(o, f"{C0}.securityContext.readOnlyRootFilesystem", False),
-     f"{C0}.securityContext.readOnlyRootFilesystem"),
-    ("writable-tmp", lambda o: _set(o, f"{C0}.volumeMounts", [{"name": "cache", "mountPath": "/cache"}]),
-     f"{C0}.volumeMounts"),
-    ("sysctls", lambda o: _set(o, f"{POD}.securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
-     f"{POD}.securityContext.sysctls[0]"),
+    (
+        "seccompProfile",
+        lambda o: (_del(o, f"{POD}.securityContext.seccompProfile"), _del(o, f"{C0}.securityContext.seccompProfile")),
+        f"{C0}.securityContext.seccompProfile",
+    ),
+    (
+        "seccompProfile",
+        lambda o: _set(o, f"{C0}.securityContext.seccompProfile", {"type": "Unconfined"}),
+        f"{C0}.securityContext.seccompProfile",
+    ),
+    (
+        "readOnlyRootFilesystem",
+        lambda o: _set(o, f"{C0}.securityContext.readOnlyRootFilesystem", False),
+        f"{C0}.securityContext.readOnlyRootFilesystem",
+    ),
+    (
+        "writable-tmp",
+        lambda o: _set(o, f"{C0}.volumeMounts", [{"name": "cache", "mountPath": "/cache"}]),
+        f"{C0}.volumeMounts",
+    ),
+    (
+        "sysctls",
+        lambda o: _set(o, f"{POD}.securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
+        f"{POD}.securityContext.sysctls[0]",
+    ),
     ("procMount", lambda o: _set(o, f"{C0}.securityContext.procMount", "Unmasked"), f"{C0}.securityContext.procMount"),
-    ("appArmor", lambda o: _set(o, f"{C0}.securityContext.appArmorProfile", {"type": "Unconfined"}),
-     f"{C0}.securityContext.appArmorProfile"),
-    ("seLinux", lambda o: _set(o, f"{POD}.securityContext.seLinuxOptions", {"type": "spc_t"}),
-     f"{POD}.securityContext.seLinuxOptions"),
-    ("privileged", lambda o: o["spec"]["template"]["spec"].setdefault("initContainers", []).append(
-        {**_good_container("init"), "securityContext": {**security.container_security_context(), "privileged": True}}),
-     f"{POD}.initContainers[0].securityContext.privileged"),
+    (
+        "appArmor",
+        lambda o: _set(o, f"{C0}.securityContext.appArmorProfile", {"type": "Unconfined"}),
+        f"{C0}.securityContext.appArmorProfile",
+    ),
+    (
+        "seLinux",
+        lambda o: _set(o, f"{POD}.securityContext.seLinuxOptions", {"type": "spc_t"}),
+        f"{POD}.securityContext.seLinuxOptions",
+    ),
+    (
+        "privileged",
+        lambda o: (
+            o["spec"]["template"]["spec"]
+            .setdefault("initContainers", [])
+            .append(
+                {
+                    **_good_container("init"),
+                    "securityContext": {**security.container_security_context(), "privileged": True},
+                }
+            )
+        ),
+        f"{POD}.initContainers[0].securityContext.privileged",
+    ),
 ]
 
 
@@ -110,9 +178,17 @@ def test_each_violation_is_found_at_its_path(rule: str, mutate, path: str) -> No
 
 
 def _pytorchjob(pod: dict) -> dict:
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "j"},
-            "spec": {"pytorchReplicaSpecs": {"Master": {"template": {"spec": _good_pod_spec()}},
-                                             "Worker": {"template": {"spec": pod}}}}}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "j"},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {"template": {"spec": _good_pod_spec()}},
+                "Worker": {"template": {"spec": pod}},
+            }
+        },
+    }
 
 
 def _root_pod() -> dict:
@@ -121,45 +197,94 @@ def _root_pod() -> dict:
     return pod
 
 
-@pytest.mark.parametrize(("obj", "path"), [
-    (_pytorchjob(_root_pod()), "spec.pytorchReplicaSpecs.Worker.template.spec.containers[0].securityContext.runAsUser"),
-    ({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": _root_pod()},
-     "spec.containers[0].securityContext.runAsUser"),
-    ({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"},
-      "spec": {"jobTemplate": {"spec": {"template": {"spec": _root_pod()}}}}},
-     "spec.jobTemplate.spec.template.spec.containers[0].securityContext.runAsUser"),
-    ({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "t"},
-      "spec": {"podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": _root_pod()}]}},
-     "spec.podTemplateOverrides[0].spec.containers[0].securityContext.runAsUser"),
-    ({"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "i"},
-      "spec": {"predictor": {**_good_pod_spec(), "model": {"modelFormat": {"name": "huggingface"},
-                                                           "volumeMounts": security.writable_mounts(),
-                                                           "securityContext": {**security.container_security_context(),
-                                                                               "runAsUser": 0}}}}},
-     "spec.predictor.model.securityContext.runAsUser"),
-    ({"apiVersion": "v1", "kind": "List", "items": [_deployment(), {"kind": "Pod", "spec": _root_pod()}]},
-     "spec.containers[0].securityContext.runAsUser"),
-])
+@pytest.mark.parametrize(
+    ("obj", "path"),
+    [
+        (
+            _pytorchjob(_root_pod()),
+            "spec.pytorchReplicaSpecs.Worker.template.spec.containers[0].securityContext.runAsUser",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": _root_pod()},
+            "spec.containers[0].securityContext.runAsUser",
+        ),
+        (
+            {
+                "apiVersion": "batch/v1",
+                "kind": "CronJob",
+                "metadata": {"name": "c"},
+                "spec": {"jobTemplate": {"spec": {"template": {"spec": _root_pod()}}}},
+            },
+            "spec.jobTemplate.spec.template.spec.containers[0].securityContext.runAsUser",
+        ),
+        (
+            {
+                "apiVersion": "trainer.kubeflow.org/v1alpha1",
+                "kind": "TrainJob",
+                "metadata": {"name": "t"},
+                "spec": {"podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": _root_pod()}]},
+            },
+            "spec.podTemplateOverrides[0].spec.containers[0].securityContext.runAsUser",
+        ),
+        (
+            {
+                "apiVersion": "serving.kserve.io/v1beta1",
+                "kind": "InferenceService",
+                "metadata": {"name": "i"},
+                "spec": {
+                    "predictor": {
+                        **_good_pod_spec(),
+                        "model": {
+                            "modelFormat": {"name": "huggingface"},
+                            "volumeMounts": security.writable_mounts(),
+                            "securityContext": {**security.container_security_context(), "runAsUser": 0},
+                        },
+                    }
+                },
+            },
+            "spec.predictor.model.securityContext.runAsUser",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "List", "items": [_deployment(), {"kind": "Pod", "spec": _root_pod()}]},
+            "spec.containers[0].securityContext.runAsUser",
+        ),
+    ],
+)
 def test_pods_inside_custom_resources_are_checked(obj: dict, path: str) -> None:
     findings = check(obj)
     assert [(f.rule, f.path) for f in findings] == [("runAsUser", path)]
 
 
 def test_trainjob_override_without_containers_is_checked_and_bare_trainjob_is_flagged() -> None:
-    tj = {"kind": "TrainJob", "metadata": {"name": "t"},
-          "spec": {"podSpecOverrides": [{"targetJobs": [{"name": "node"}],
-                                         "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}]}}
+    tj = {
+        "kind": "TrainJob",
+        "metadata": {"name": "t"},
+        "spec": {
+            "podSpecOverrides": [
+                {"targetJobs": [{"name": "node"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+            ]
+        },
+    }
     assert [f.rule for f in check(tj)] == ["hostPath"]
     assert [f.rule for f in check({"kind": "TrainJob", "spec": {"runtimeRef": {"name": "x"}}})] == [
-        "runtime-pods-unchecked"]
+        "runtime-pods-unchecked"
+    ]
 
 
 def test_isvc_predictor_without_security_context_is_caught() -> None:
-    isvc = {"kind": "InferenceService", "metadata": {"name": "i"},
-            "spec": {"predictor": {"model": {"modelFormat": {"name": "huggingface"}}}}}
+    isvc = {
+        "kind": "InferenceService",
+        "metadata": {"name": "i"},
+        "spec": {"predictor": {"model": {"modelFormat": {"name": "huggingface"}}}},
+    }
     rules = {f.rule for f in check(isvc)}
-    assert {"runAsNonRoot", "allowPrivilegeEscalation", "capabilities-drop", "seccompProfile",
-            "readOnlyRootFilesystem"} <= rules
+    assert {
+        "runAsNonRoot",
+        "allowPrivilegeEscalation",
+        "capabilities-drop",
+        "seccompProfile",
+        "readOnlyRootFilesystem",
+    } <= rules
     isvc["spec"]["predictor"]["model"]["securityContext"] = security.container_security_context()
     assert [f.rule for f in check(isvc)] == ["writable-tmp"]
     assert len(pod_specs(isvc)) == 1
@@ -171,8 +296,7 @@ def test_objects_without_pods_have_no_findings() -> None:
 
 def test_shipped_and_generated_manifests_are_clean(repo_root: Path, cluster_cfg: RunConfig) -> None:
     gpu = load_config(repo_root / "configs" / "cluster-gpu.yaml")
-    named = (shipped_manifests(repo_root / "configs") + generated_manifests(cluster_cfg)
-             + generated_manifests(gpu))
+    named = shipped_manifests(repo_root / "configs") + generated_manifests(cluster_cfg) + generated_manifests(gpu)
     kinds = {obj["kind"] for _, obj in named}
     assert {"PyTorchJob", "TrainJob", "InferenceService", "Deployment", "Namespace", "Role"} <= kinds, kinds
     assert any(src == "generated playground deployment" for src, _ in named)
@@ -201,8 +325,9 @@ def test_cli_check_reports_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFix
     assert info.value.code == 0
 
 
-def test_cli_check_defaults_to_shipped_and_generated(repo_root: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_check_defaults_to_shipped_and_generated(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(repo_root)
     with pytest.raises(SystemExit) as info:
         main(["check"])

@@ -20,9 +20,13 @@ from kubellm.k8s.schema import validate_against_crd
 from kubellm.k8s.training_job import build_job
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
-RAY = ["platform.distributed.pretrain.engine=rayjob", "platform.distributed.finetune.engine=rayjob",
-       "platform.distributed.pretrain.procs_per_node=4", "platform.distributed.pretrain.ttl_seconds_after_finished=60",
-       "platform.distributed.pretrain.timeout_seconds=7200"]
+RAY = [
+    "platform.distributed.pretrain.engine=rayjob",
+    "platform.distributed.finetune.engine=rayjob",
+    "platform.distributed.pretrain.procs_per_node=4",
+    "platform.distributed.pretrain.ttl_seconds_after_finished=60",
+    "platform.distributed.pretrain.timeout_seconds=7200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +77,14 @@ def test_cluster_has_a_head_and_gpu_workers_with_the_stage_placement(ray_cfg: Ru
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert sorted(claims) == ["hf-models", "kubellm-shared"]
         mounts = [m["mountPath"] for m in c["volumeMounts"]]
-        assert mounts.count(SHARED_MOUNT) == 1 and {"/models", "/var/run/secrets/hub", "/tmp", "/dev/shm"} <= set(mounts)
+        assert mounts.count(SHARED_MOUNT) == 1 and {"/models", "/var/run/secrets/hub", "/tmp", "/dev/shm"} <= set(
+            mounts
+        )
         env = {e["name"]: e for e in c["env"]}
-        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": "password"}
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "mlflow-auth",
+            "key": "password",
+        }
         assert env["KUBELLM_STAGE_RUN_ID"]["value"] == "abc" and env["RAY_USAGE_STATS_ENABLED"]["value"] == "0"
 
 
@@ -112,11 +121,14 @@ def test_name_is_deterministic_and_follows_config_and_data(ray_cfg: RunConfig, c
     assert name.startswith("pretrain-local-") and len(name) <= 40
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["platform.distributed.pretrain.procs_per_node=8"], "procs_per_node (8) exceeds the 4 GPU(s) per pod"),
-    (["platform.distributed.pretrain.shared_pvc=null"], "needs shared_pvc"),
-    (["platform.distributed.pretrain.min_nodes=1"], "needs engine 'pytorchjob'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["platform.distributed.pretrain.procs_per_node=8"], "procs_per_node (8) exceeds the 4 GPU(s) per pod"),
+        (["platform.distributed.pretrain.shared_pvc=null"], "needs shared_pvc"),
+        (["platform.distributed.pretrain.min_nodes=1"], "needs engine 'pytorchjob'"),
+    ],
+)
 def test_unusable_config_is_one_clear_error(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         _job(load_config(LOCAL, [*cluster_overrides, *RAY, *overrides]))
@@ -134,28 +146,57 @@ def test_k8sjobmode_submitter_is_flagged_by_the_checker(ray_cfg: RunConfig) -> N
     assert "submitter-pod-unchecked" in [f.rule for f in check(job)]
 
 
-def test_cli_dry_run_prints_a_valid_rayjob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str], cluster_overrides: list[str]) -> None:
+def test_cli_dry_run_prints_a_valid_rayjob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cluster_overrides: list[str]
+) -> None:
     from kubellm.cli.app import main
     from kubellm.k8s import jobspec
 
     monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path))  # this folder plays the PVC's mount
     (tmp_path / "prepared").mkdir()
-    (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({
-        "kind": "pretrain", "block_size": 128, "vocab_size": 2048, "eos_token_id": 0, "pad_token_id": 0,
-        "bos_token_id": None, "fingerprint": "feedbeef", "splits": {"train": 1}, "format_version": 1}))
+    (tmp_path / "prepared" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "kind": "pretrain",
+                "block_size": 128,
+                "vocab_size": 2048,
+                "eos_token_id": 0,
+                "pad_token_id": 0,
+                "bos_token_id": None,
+                "fingerprint": "feedbeef",
+                "splits": {"train": 1},
+                "format_version": 1,
+            }
+        )
+    )
     sets = [a for o in cluster_overrides for a in ("--set", o)]  # pretrain's engine is pytorchjob there
     with pytest.raises(SystemExit) as info:
-        main(["train-job", "--config", str(LOCAL), *sets, "--stage", "pretrain", "--kind", "rayjob",
-              "--data", "prepared", "--out", "runs/1", "--dry-run"])
+        main(
+            [
+                "train-job",
+                "--config",
+                str(LOCAL),
+                *sets,
+                "--stage",
+                "pretrain",
+                "--kind",
+                "rayjob",
+                "--data",
+                "prepared",
+                "--out",
+                "runs/1",
+                "--dry-run",
+            ]
+        )
     assert info.value.code == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["kind"] == "RayJob" and job["metadata"]["annotations"]["kubellm.io/data-fingerprint"] == "feedbeef"
     assert validate_against_crd(job) == [] and check(job) == []
 
 
-def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_check_validates_a_rayjob_against_its_crd(
+    ray_cfg: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kubellm.cli.app import main
 
     job = _job(ray_cfg)
@@ -172,8 +213,9 @@ def test_cli_check_validates_a_rayjob_against_its_crd(ray_cfg: RunConfig, tmp_pa
     assert "checked 1 manifests, 2 pod specs, 0 pipeline executors: 2 findings" in out
 
 
-def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_entrypoint_is_what_the_ray_train_runner_parses(
+    ray_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Builder and runner agree on the command line; bad input is one line and exit code 2, before Ray."""
     from kubellm.stages import ray_train
 
@@ -189,6 +231,9 @@ def test_the_entrypoint_is_what_the_ray_train_runner_parses(ray_cfg: RunConfig, 
 
 
 def test_only_the_ray_engines_import_ray(repo_root: Path) -> None:
-    importers = sorted(str(p.relative_to(repo_root)) for p in (repo_root / "src").rglob("*.py")
-                       if any(line.lstrip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines()))
+    importers = sorted(
+        str(p.relative_to(repo_root))
+        for p in (repo_root / "src").rglob("*.py")
+        if any(line.lstrip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines())
+    )
     assert importers == ["src/kubellm/data/ray_engine.py", "src/kubellm/stages/ray_train.py"]

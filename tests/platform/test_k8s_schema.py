@@ -22,10 +22,17 @@ PYTORCHJOB = {
             "Master": {
                 "replicas": 1,
                 "restartPolicy": "OnFailure",
-                "template": {"spec": {"containers": [{
-                    "name": "pytorch", "image": "img:1",
-                    "resources": {"limits": {"cpu": 2, "memory": "1Gi"}},
-                }]}},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "pytorch",
+                                "image": "img:1",
+                                "resources": {"limits": {"cpu": 2, "memory": "1Gi"}},
+                            }
+                        ]
+                    }
+                },
             },
         },
     },
@@ -67,17 +74,28 @@ def test_valid_object_has_no_errors(crd: Path) -> None:
     assert validate_against_crd(PYTORCHJOB, crd) == []
 
 
-@pytest.mark.parametrize(("mutate", "expected"), [
-    (lambda o: o["spec"].__setitem__("tolleration", []), "spec: Additional properties"),
-    (lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"].__setitem__("replicas", "one"),
-     "spec.pytorchReplicaSpecs.Master.replicas: 'one' is not of type 'integer'"),
-    (lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-     .pop("name"), "containers[0]: 'name' is a required property"),
-    (lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-     ["resources"]["limits"].__setitem__("cpu", [1]), "limits.cpu: [1] is not of type"),
-    (lambda o: o.__setitem__("kind", "TFJob"), "kind: 'TFJob' is not 'PyTorchJob'"),
-    (lambda o: o.__setitem__("apiVersion", "kubeflow.org/v9"), "version 'v9' not served"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda o: o["spec"].__setitem__("tolleration", []), "spec: Additional properties"),
+        (
+            lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"].__setitem__("replicas", "one"),
+            "spec.pytorchReplicaSpecs.Master.replicas: 'one' is not of type 'integer'",
+        ),
+        (
+            lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].pop("name"),
+            "containers[0]: 'name' is a required property",
+        ),
+        (
+            lambda o: o["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].__setitem__("cpu", [1]),
+            "limits.cpu: [1] is not of type",
+        ),
+        (lambda o: o.__setitem__("kind", "TFJob"), "kind: 'TFJob' is not 'PyTorchJob'"),
+        (lambda o: o.__setitem__("apiVersion", "kubeflow.org/v9"), "version 'v9' not served"),
+    ],
+)
 def test_errors_name_the_field(crd: Path, mutate, expected: str) -> None:
     bad = copy.deepcopy(PYTORCHJOB)
     mutate(bad)
@@ -97,8 +115,12 @@ def test_missing_crd_file_is_one_line_error(tmp_path: Path) -> None:
 def test_preserve_unknown_fields_allows_extra_keys(tmp_path: Path) -> None:
     crd = tmp_path / "crd.yaml"
     crd.write_text(THING_CRD)
-    ok = {"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "x"},
-          "spec": {"size": "2Gi", "note": None, "free": {"a": "1", "anything": {"b": 2}}}}
+    ok = {
+        "apiVersion": "example.com/v1",
+        "kind": "Thing",
+        "metadata": {"name": "x"},
+        "spec": {"size": "2Gi", "note": None, "free": {"a": "1", "anything": {"b": 2}}},
+    }
     assert validate_against_crd(ok, crd) == []
     ok["spec"]["size"] = 3
     assert validate_against_crd(ok, crd) == []
@@ -107,8 +129,12 @@ def test_preserve_unknown_fields_allows_extra_keys(tmp_path: Path) -> None:
 
 
 def test_vendored_schemas_cover_every_kind_kubellm_generates() -> None:
-    for group, kind in [("kubeflow.org", "PyTorchJob"), ("trainer.kubeflow.org", "TrainJob"), ("ray.io", "RayJob"),
-                        ("serving.kserve.io", "InferenceService")]:
+    for group, kind in [
+        ("kubeflow.org", "PyTorchJob"),
+        ("trainer.kubeflow.org", "TrainJob"),
+        ("ray.io", "RayJob"),
+        ("serving.kserve.io", "InferenceService"),
+    ]:
         path = vendored_crd(group, kind)
         assert path is not None and path.is_relative_to(VENDORED), kind
     # with no CRD given, the vendored one of the object's kind is used
@@ -139,11 +165,18 @@ def test_regenerate_script_vendors_a_crd_that_validates_like_the_yaml(tmp_path: 
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     crd = tmp_path / "crd.yaml"
-    crd.write_text(THING_CRD.replace("spec:\n  group", "metadata: {name: things.example.com}\nspec:\n  group", 1)
-                   .replace("names: {kind: Thing}", "names: {kind: Thing, plural: things}")
-                   .replace("note: {type: string", "note: {description: a long text, type: string"))
-    sources = {"things.example.com": {"repository": "https://github.com/example/things", "path": "crd.yaml",
-                                      "commit": "0" * 40}}
+    crd.write_text(
+        THING_CRD.replace("spec:\n  group", "metadata: {name: things.example.com}\nspec:\n  group", 1)
+        .replace("names: {kind: Thing}", "names: {kind: Thing, plural: things}")
+        .replace("note: {type: string", "note: {description: a long text, type: string")
+    )
+    sources = {
+        "things.example.com": {
+            "repository": "https://github.com/example/things",
+            "path": "crd.yaml",
+            "commit": "0" * 40,
+        }
+    }
     out = module.write_vendored(crd, sources, tmp_path)
     assert out.name == "example.com_things.json.gz"
     first = out.read_bytes()
@@ -161,8 +194,12 @@ def test_regenerate_script_vendors_a_crd_that_validates_like_the_yaml(tmp_path: 
 def test_custom_resources_of_a_file_are_checked_with_their_source() -> None:
     bad = copy.deepcopy(PYTORCHJOB)
     bad["spec"]["tolleration"] = []
-    named = [("a.yaml#0", PYTORCHJOB), ("a.yaml#1", bad), ("b.yaml#0", {"apiVersion": "v1", "kind": "Service"}),
-             ("c.yaml#0", {"kind": "List", "items": [bad]})]
+    named = [
+        ("a.yaml#0", PYTORCHJOB),
+        ("a.yaml#1", bad),
+        ("b.yaml#0", {"apiVersion": "v1", "kind": "Service"}),
+        ("c.yaml#0", {"kind": "List", "items": [bad]}),
+    ]
     found = validate_custom_resources(named)
     assert [f.split(":")[0] for f in found] == ["a.yaml#1 PyTorchJob/t", "c.yaml#0 PyTorchJob/t"]
     assert "'tolleration' was unexpected" in found[0]

@@ -38,15 +38,16 @@ def _args(job: dict) -> list[str]:
 
 
 @pytest.mark.parametrize(("kind", "stage"), KINDS_STAGES)
-def test_manifest_validates_against_crd(cluster_cfg: RunConfig, kind: str,
-                                        stage: str) -> None:
+def test_manifest_validates_against_crd(cluster_cfg: RunConfig, kind: str, stage: str) -> None:
     job = _job(cluster_cfg, kind, stage, data_fingerprint="f" * 16, env={"MLFLOW_RUN_ID": "abc"})
     assert validate_against_crd(job) == []
 
 
 def test_elastic_pytorchjob(cluster_overrides: list[str]) -> None:
-    cfg = load_config(LOCAL, [*cluster_overrides, "platform.distributed.pretrain.min_nodes=1",
-                                                    "platform.distributed.pretrain.max_nodes=4"])
+    cfg = load_config(
+        LOCAL,
+        [*cluster_overrides, "platform.distributed.pretrain.min_nodes=1", "platform.distributed.pretrain.max_nodes=4"],
+    )
     job = _job(cfg)
     assert validate_against_crd(job) == []
     spec = job["spec"]
@@ -69,8 +70,7 @@ def test_pytorchjob_carries_placement_and_policies(cluster_cfg: RunConfig) -> No
     pod = _pod_template(job)["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch" and c["image"] == cluster_cfg.platform.image
-    assert c["command"] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--no-python", "kubellm",
-                            "pretrain"]
+    assert c["command"] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--no-python", "kubellm", "pretrain"]
     assert c["args"][:4] == ["--data", f"{SHARED_MOUNT}/prepared/abc", "--out", f"{SHARED_MOUNT}/runs/r1/pretrain"]
     assert c["resources"] == {"requests": {"cpu": "8"}, "limits": {"memory": "64Gi", "nvidia.com/gpu": 4}}
     assert pod["nodeSelector"] == {"pool": "gpu", "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
@@ -82,8 +82,9 @@ def test_pytorchjob_carries_placement_and_policies(cluster_cfg: RunConfig) -> No
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {SHARED_MOUNT, "/models", "/var/run/secrets/hub", "/tmp"} <= mounts
     secret_env = [e for e in c["env"] if "valueFrom" in e]
-    assert secret_env == [{"name": "MLFLOW_TRACKING_PASSWORD",
-                           "valueFrom": {"secretKeyRef": {"name": "mlflow-auth", "key": "password"}}}]
+    assert secret_env == [
+        {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "mlflow-auth", "key": "password"}}}
+    ]
 
 
 def test_trainjob_references_runtime_and_patches_pods(cluster_cfg: RunConfig) -> None:
@@ -136,11 +137,14 @@ def test_name_is_a_short_rfc1035_label(cluster_overrides: list[str], run_name: s
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
 
 
-@pytest.mark.parametrize(("data_dir", "needle"), [
-    ("/data/prepared", "only see the shared PVC"),
-    ("../escape", "'..' is not allowed"),
-    ("/mnt/kubellm/../etc", "'..' is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("data_dir", "needle"),
+    [
+        ("/data/prepared", "only see the shared PVC"),
+        ("../escape", "'..' is not allowed"),
+        ("/mnt/kubellm/../etc", "'..' is not allowed"),
+    ],
+)
 def test_paths_must_be_on_the_shared_pvc(cluster_cfg: RunConfig, data_dir: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         build_job("pytorchjob", "pretrain", cluster_cfg, data_dir, "out")
@@ -152,10 +156,16 @@ def test_hub_base_model_passes_through(cluster_cfg: RunConfig) -> None:
     assert args[args.index("--base") + 1] == "org/model"
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["tracking.uri=https://admin:hunter2@mlflow.example.com"], "credentials in the URI"),
-    (["platform.distributed.pretrain.engine=none", "platform.distributed.pretrain.shared_pvc=null"], "needs a shared PVC"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["tracking.uri=https://admin:hunter2@mlflow.example.com"], "credentials in the URI"),
+        (
+            ["platform.distributed.pretrain.engine=none", "platform.distributed.pretrain.shared_pvc=null"],
+            "needs a shared PVC",
+        ),
+    ],
+)
 def test_unusable_configs_fail_before_building(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as info:  # credentials: already when the config loads
         _job(load_config(LOCAL, [*cluster_overrides, *overrides]))
@@ -170,10 +180,13 @@ def test_missing_stage_and_unknown_kind(cluster_cfg: RunConfig) -> None:
         build_job("mpijob", "pretrain", cluster_cfg, "d", "o")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["platform.distributed.pretrain.min_nodes=3"], "nodes (2) must lie within min_nodes..max_nodes (3..2)"),
-    (["platform.distributed.finetune.max_nodes=3"], "needs engine 'pytorchjob'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["platform.distributed.pretrain.min_nodes=3"], "nodes (2) must lie within min_nodes..max_nodes (3..2)"),
+        (["platform.distributed.finetune.max_nodes=3"], "needs engine 'pytorchjob'"),
+    ],
+)
 def test_elastic_config_is_checked_up_front(cluster_overrides: list[str], overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(LOCAL, [*cluster_overrides, *overrides])
@@ -197,8 +210,8 @@ def test_another_volume_at_the_shared_mount_is_refused(cluster_overrides: list[s
 
 
 def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        cluster_overrides: list[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cluster_overrides: list[str]
+) -> None:
     import json
 
     import yaml
@@ -209,13 +222,38 @@ def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
     # The step's pod sees the shared PVC at SHARED_MOUNT; here a temporary folder plays that mount.
     monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path))
     (tmp_path / "prepared").mkdir()
-    (tmp_path / "prepared" / "manifest.json").write_text(json.dumps({
-        "kind": "pretrain", "block_size": 128, "vocab_size": 2048, "eos_token_id": 0, "pad_token_id": 0,
-        "bos_token_id": None, "fingerprint": "feedbeef", "splits": {"train": 1}, "format_version": 1}))
+    (tmp_path / "prepared" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "kind": "pretrain",
+                "block_size": 128,
+                "vocab_size": 2048,
+                "eos_token_id": 0,
+                "pad_token_id": 0,
+                "bos_token_id": None,
+                "fingerprint": "feedbeef",
+                "splits": {"train": 1},
+                "format_version": 1,
+            }
+        )
+    )
     sets = [a for o in cluster_overrides for a in ("--set", o)]
     with pytest.raises(SystemExit) as info:
-        main(["train-job", "--config", str(LOCAL), *sets, "--stage", "pretrain", "--data", "prepared",
-              "--out", "runs/1", "--dry-run"])
+        main(
+            [
+                "train-job",
+                "--config",
+                str(LOCAL),
+                *sets,
+                "--stage",
+                "pretrain",
+                "--data",
+                "prepared",
+                "--out",
+                "runs/1",
+                "--dry-run",
+            ]
+        )
     assert info.value.code == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["metadata"]["annotations"]["kubellm.io/data-fingerprint"] == "feedbeef"
@@ -223,5 +261,6 @@ def test_cli_dry_run_prints_the_job_with_the_data_fingerprint(
     with pytest.raises(SystemExit) as info:
         main(["train-job", "--config", str(LOCAL), "--stage", "pretrain", "--data", "d", "--out", "o"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: platform.distributed.pretrain.engine is 'none': set it (or pass "
-                                               "--kind) to run a job")
+    assert capsys.readouterr().err.strip() == (
+        "error: platform.distributed.pretrain.engine is 'none': set it (or pass --kind) to run a job"
+    )

@@ -28,7 +28,9 @@ def test_training_jobs_carry_the_queue_on_the_job_not_its_pods(kind: str) -> Non
 
 def test_without_a_queue_nothing_is_labelled_and_priority_needs_a_queue() -> None:
     no_queue = ["platform.queue_name=null", "platform.priority_class=null"]
-    job = build_job("pytorchjob", "pretrain", load_config(REPO / "configs" / "cluster-gpu.yaml", no_queue), "p/x", "r/x")
+    job = build_job(
+        "pytorchjob", "pretrain", load_config(REPO / "configs" / "cluster-gpu.yaml", no_queue), "p/x", "r/x"
+    )
     assert not any(k.startswith("kueue.x-k8s.io/") for k in job["metadata"]["labels"])
     with pytest.raises(ConfigError, match="priority_class orders workloads in a Kueue queue: set queue_name"):
         load_config(REPO / "configs" / "cluster-gpu.yaml", ["platform.queue_name=null"])
@@ -41,9 +43,15 @@ def test_pipeline_training_pods_queue_only_where_the_step_trains(tmp_path: Path)
     job only waits for it, so it takes no quota."""
     from kubellm.pipelines._runner import compile_all
 
-    cfg = load_config(REPO / "configs" / "local.yaml", [*QUEUE, "tracking.uri=http://mlflow:5000",
-                                                        "platform.distributed.finetune.engine=pytorchjob",
-                                                        "platform.distributed.finetune.shared_pvc=shared"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml",
+        [
+            *QUEUE,
+            "tracking.uri=http://mlflow:5000",
+            "platform.distributed.finetune.engine=pytorchjob",
+            "platform.distributed.finetune.shared_pvc=shared",
+        ],
+    )
     (path,) = compile_all(cfg, tmp_path, ["llm-lifecycle"], components=False)
     execs = list(yaml.safe_load_all(path.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert KUEUE.items() <= execs["exec-pretrain"]["podMetadata"]["labels"].items()
@@ -55,6 +63,8 @@ def test_check_passes_on_manifests_with_queue_labels(capsys: pytest.CaptureFixtu
     from kubellm.cli import main
 
     with pytest.raises(SystemExit) as done:
-        main(["check", "--config", str(REPO / "configs" / "cluster-gpu.yaml"), *[a for s in QUEUE for a in ("--set", s)]])
+        main(
+            ["check", "--config", str(REPO / "configs" / "cluster-gpu.yaml"), *[a for s in QUEUE for a in ("--set", s)]]
+        )
     out = capsys.readouterr().out
     assert done.value.code in (0, None) and "0 findings" in out

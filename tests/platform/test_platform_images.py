@@ -49,8 +49,11 @@ def test_runtime_conventions(dockerfile: Path) -> None:
 def test_constraints_hold_every_pyproject_pin(repo_root: Path) -> None:
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
     # the image installs the eval and ray extras too (benchmarks, the RayJob entrypoint)
-    deps = [*project["dependencies"], *project["optional-dependencies"]["eval"],
-            *project["optional-dependencies"]["ray"]]
+    deps = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["eval"],
+        *project["optional-dependencies"]["ray"],
+    ]
     # "mlflow[auth]==3.17.2" pins mlflow: the extra adds packages, the version is the distribution's.
     pins = {d.split("==")[0].split("[")[0].lower(): d.split("==")[1] for d in deps if "==" in d}
     locked = dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)$", (IMAGES / "constraints.txt").read_text()))
@@ -72,42 +75,45 @@ def _fake_bin(tmp_path: Path, docker_script: str | None) -> dict[str, str]:
         (bin_dir / tool).symlink_to(found)
     if docker_script is not None:
         docker = bin_dir / "docker"
-        docker.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'docker.log'}\n{docker_script}\n")
+        docker.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "docker.log"}\n{docker_script}\n')
         docker.chmod(0o755)
     return {"PATH": str(bin_dir), "HOME": str(tmp_path)}
 
 
 def _build(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["/bin/bash", str(IMAGES / "build.sh")], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(["/bin/bash", str(IMAGES / "build.sh")], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_build_sh_without_docker_fails_in_one_line(tmp_path: Path) -> None:
     result = _build(_fake_bin(tmp_path, None))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: docker not found: make images needs a Docker engine (install Docker, or build in CI)"]
+        "error: docker not found: make images needs a Docker engine (install Docker, or build in CI)"
+    ]
 
 
 def test_build_sh_without_a_running_engine_fails_in_one_line(tmp_path: Path) -> None:
     result = _build(_fake_bin(tmp_path, 'case "$1" in info) exit 1;; esac'))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: no Docker engine is running (docker info failed): start it, or build where one runs"]
+        "error: no Docker engine is running (docker info failed): start it, or build where one runs"
+    ]
     assert (tmp_path / "docker.log").read_text().split() == ["info"]  # nothing was built
 
 
 @pytest.mark.parametrize("push", ["1", "0"])
 def test_build_sh_builds_and_pushes_every_role(tmp_path: Path, push: str) -> None:
-    env = {**_fake_bin(tmp_path, "exit 0"), "IMAGE_REGISTRY": "reg.example.com/ml", "IMAGE_TAG": "t1",
-           "PUSH": push}
+    env = {**_fake_bin(tmp_path, "exit 0"), "IMAGE_REGISTRY": "reg.example.com/ml", "IMAGE_TAG": "t1", "PUSH": push}
     result = _build(env)
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "docker.log").read_text().splitlines()
     builds = [c for c in calls if c.startswith("build ")]
     assert [re.search(r"--target (\w+)", c).group(1) for c in builds] == ["training", "serving", "playground"]
     assert [c.split("--tag ")[1].split()[0] for c in builds] == [
-        "reg.example.com/ml/kubellm:t1", "reg.example.com/ml/kubellm-serve:t1", "reg.example.com/ml/kubellm-playground:t1"]
+        "reg.example.com/ml/kubellm:t1",
+        "reg.example.com/ml/kubellm-serve:t1",
+        "reg.example.com/ml/kubellm-playground:t1",
+    ]
     assert all("--file images/Dockerfile" in c and c.endswith(" .") for c in builds)
     pushes = [c for c in calls if c.startswith("push ")]
     assert len(pushes) == (3 if push == "1" else 0)

@@ -44,16 +44,28 @@ def test_manifest_starts_an_authenticated_server(repo_root: Path, tmp_path: Path
     (etc / "basic_auth.ini").write_text(ini)
     port = _free_port()
     args = [a.replace("/mlflow", str(data)) for a in container["args"]]
-    args = [f"--port={port}" if a.startswith("--port=") else "--host=127.0.0.1" if a.startswith("--host=")
-            else "--workers=1" if a.startswith("--workers=") else a for a in args]
+    args = [
+        f"--port={port}"
+        if a.startswith("--port=")
+        else "--host=127.0.0.1"
+        if a.startswith("--host=")
+        else "--workers=1"
+        if a.startswith("--workers=")
+        else a
+        for a in args
+    ]
     with fresh_database("kubellm_manifest") as db:
         _serve(container, args, db, tmp_path, etc)
 
 
 def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path) -> None:
     port = int(next(a for a in args if a.startswith("--port=")).split("=")[1])
-    secrets = {("mlflow-auth", "username"): "admin", ("mlflow-auth", "password"): PASSWORD,
-               ("mlflow-auth", "flask-secret-key"): "k" * 32, ("mlflow-db", "uri"): db}
+    secrets = {
+        ("mlflow-auth", "username"): "admin",
+        ("mlflow-auth", "password"): PASSWORD,
+        ("mlflow-auth", "flask-secret-key"): "k" * 32,
+        ("mlflow-db", "uri"): db,
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     for item in container["env"]:
         if "valueFrom" in item:
@@ -62,9 +74,14 @@ def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path)
         else:
             env[item["name"]] = item["value"].replace("/etc/mlflow", str(etc)).replace("/home/kubellm", str(tmp_path))
     mlflow = Path(sys.executable).parent / container["command"][0]
-    proc = subprocess.Popen([str(mlflow), *container["command"][1:], *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"),
-                            start_new_session=True)  # its workers are children: stop the whole group
+    proc = subprocess.Popen(
+        [str(mlflow), *container["command"][1:], *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "server.log").open("w"),
+        start_new_session=True,
+    )  # its workers are children: stop the whole group
     base = f"http://127.0.0.1:{port}"
     try:
         # MLflow migrates the fresh PostgreSQL database first: ~15 s idle, 50-70 s on a 2-core machine at load 15.
@@ -84,8 +101,12 @@ def _serve(container: dict, args: list[str], db: str, tmp_path: Path, etc: Path)
         assert httpx.get(search, auth=("admin", PASSWORD), timeout=30).status_code == 200
         foreign = httpx.get(search, auth=("admin", PASSWORD), headers={"Host": "evil.example.com"}, timeout=30)
         assert foreign.status_code in (400, 403)
-        made = httpx.post(f"{base}/api/2.0/mlflow/experiments/create", json={"name": "in-postgres"},
-                          auth=("admin", PASSWORD), timeout=30)
+        made = httpx.post(
+            f"{base}/api/2.0/mlflow/experiments/create",
+            json={"name": "in-postgres"},
+            auth=("admin", PASSWORD),
+            timeout=30,
+        )
         assert made.status_code == 200, made.text
         assert "in-postgres" in _experiments_in(db)  # the run store is the Secret's database
         assert not list(tmp_path.rglob("mlflow.db"))  # and no sqlite file beside it

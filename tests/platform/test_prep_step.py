@@ -60,14 +60,29 @@ class KubeRay(threading.Thread):
                 self._status(name, self.final)
                 return
             head = self.job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-            env = {**os.environ, **{e["name"]: e["value"] for e in head["env"] if "value" in e},
-                   "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-            self.driver = subprocess.run(shlex.split(self.job["spec"]["entrypoint"]), cwd=self.cwd, env=env,
-                                         capture_output=True, text=True, timeout=400)
+            env = {
+                **os.environ,
+                **{e["name"]: e["value"] for e in head["env"] if "value" in e},
+                "RAY_AUTH_MODE": "disabled",
+                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            }
+            self.driver = subprocess.run(
+                shlex.split(self.job["spec"]["entrypoint"]),
+                cwd=self.cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
             ok = self.driver.returncode == 0
-            self._status(name, {"jobDeploymentStatus": "Complete" if ok else "Failed",
-                                "jobStatus": "SUCCEEDED" if ok else "FAILED",
-                                **({} if ok else {"reason": "AppFailed", "message": self.driver.stderr[-300:]})})
+            self._status(
+                name,
+                {
+                    "jobDeploymentStatus": "Complete" if ok else "Failed",
+                    "jobStatus": "SUCCEEDED" if ok else "FAILED",
+                    **({} if ok else {"reason": "AppFailed", "message": self.driver.stderr[-300:]}),
+                },
+            )
         except BaseException as err:  # reported by finish(); the step stops waiting
             self.error = err
             if self.job is not None:
@@ -107,8 +122,9 @@ def on_the_cluster(fake_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import kubellm.k8s.training_job as tj
 
     monkeypatch.setattr(jobspec, "SHARED_MOUNT", str(tmp_path / "pvc"))
-    monkeypatch.setattr(tj, "run_prep_rayjob", functools.partial(
-        tj.run_prep_rayjob, api_client=fake_api.api_client(), poll_s=0.2))
+    monkeypatch.setattr(
+        tj, "run_prep_rayjob", functools.partial(tj.run_prep_rayjob, api_client=fake_api.api_client(), poll_s=0.2)
+    )
     monkeypatch.setenv("KUBELLM_KFP_RUN_ID", "kfp-run-1")
     for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
@@ -121,12 +137,27 @@ def _config(tmp_path: Path, *overrides: str):
     for i in range(3):
         with (corpus / f"part-{i}.jsonl").open("w") as f:
             for j in range(40):
-                f.write(json.dumps({"text": f"Document {i}-{j}: the quick brown fox jumps over the lazy dog "
-                                            f"{j} times, then {i} more, and writes it down."}) + "\n")
-    return load_config(REPO / "configs" / "cluster-ray.yaml", [
-        f"data.sources=[{{uri: '{corpus}/*.jsonl', text_field: text}}]", "data.block_size=32",
-        "data.tokenizer.vocab_size=300", "data.cluster.nodes=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "platform.queue_name=team-a", *overrides])
+                f.write(
+                    json.dumps(
+                        {
+                            "text": f"Document {i}-{j}: the quick brown fox jumps over the lazy dog "
+                            f"{j} times, then {i} more, and writes it down."
+                        }
+                    )
+                    + "\n"
+                )
+    return load_config(
+        REPO / "configs" / "cluster-ray.yaml",
+        [
+            f"data.sources=[{{uri: '{corpus}/*.jsonl', text_field: text}}]",
+            "data.block_size=32",
+            "data.tokenizer.vocab_size=300",
+            "data.cluster.nodes=2",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            "platform.queue_name=team-a",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.timeout(600)  # the driver starts a local Ray and prepares on it
@@ -153,8 +184,10 @@ def test_prep_step_runs_the_prep_rayjob_and_brings_the_dataset_back(on_the_clust
     argv = shlex.split(job["spec"]["entrypoint"])
     shared_out = Path(argv[argv.index("--out") + 1])
     assert shared_out.is_relative_to(tmp_path / "pvc" / "runs" / cfg.name)
-    head_env = {e["name"]: e.get("value") for e in
-                job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    head_env = {
+        e["name"]: e.get("value")
+        for e in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
 
     # the dataset: what the driver wrote on the shared volume, now the step's artifact
     ds, on_pvc = open_prepared(tmp_path / "artifact"), open_prepared(shared_out)
@@ -167,32 +200,45 @@ def test_prep_step_runs_the_prep_rayjob_and_brings_the_dataset_back(on_the_clust
     run = mlflow_client(cfg.tracking, str(tmp_path))[0].get_run(head_env[STAGE_RUN_ENV])
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "prep"
     assert run.data.tags["prep.job"] == f"RayJob/{job['metadata']['name']}"
-    assert run.data.metrics["data_records_out"] == 120.0 and run.data.params["data.fingerprint"] == ds.manifest.fingerprint
+    assert (
+        run.data.metrics["data_records_out"] == 120.0 and run.data.params["data.fingerprint"] == ds.manifest.fingerprint
+    )
 
 
 def test_a_failed_prep_rayjob_fails_the_step_in_one_line(on_the_cluster, tmp_path: Path) -> None:
     from kubellm.tracking.mlflow_tracker import mlflow_client
 
     cfg = _config(tmp_path)
-    kuberay = KubeRay(on_the_cluster.api_client(), tmp_path, final={
-        "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
-        "message": "Job entrypoint command failed with exit code 2, last available logs:\nerror: data.sources[0]: "
-                   "no files match"})
+    kuberay = KubeRay(
+        on_the_cluster.api_client(),
+        tmp_path,
+        final={
+            "jobDeploymentStatus": "Failed",
+            "jobStatus": "FAILED",
+            "reason": "AppFailed",
+            "message": "Job entrypoint command failed with exit code 2, last available logs:\nerror: data.sources[0]: "
+            "no files match",
+        },
+    )
     kuberay.start()
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     with pytest.raises(ClusterError) as info:
         stage.prep(to_param(cfg.data), tmp_path / "artifact", ctx, platform=to_param(cfg.platform), run_name=cfg.name)
     job = kuberay.finish()
     name = job["metadata"]["name"]
-    assert str(info.value) == (f"RayJob {NS}/{name} failed: AppFailed: Ray job FAILED: Job entrypoint command failed "
-                               f"with exit code 2, last available logs: error: data.sources[0]: no files match")
+    assert str(info.value) == (
+        f"RayJob {NS}/{name} failed: AppFailed: Ray job FAILED: Job entrypoint command failed "
+        f"with exit code 2, last available logs: error: data.sources[0]: no files match"
+    )
     assert "\n" not in str(info.value) and not (tmp_path / "artifact").exists()
     client, _ = mlflow_client(cfg.tracking, str(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["stage"] == "prep"
 
 
-def test_instruction_prep_copies_only_the_tokenizer_and_checks_what_the_job_left(on_the_cluster, tmp_path: Path) -> None:
+def test_instruction_prep_copies_only_the_tokenizer_and_checks_what_the_job_left(
+    on_the_cluster, tmp_path: Path
+) -> None:
     """The reused tokenizer (here a model directory's) reaches the job on the PVC without the weights; a
     RayJob that reports success but left no prepared dataset fails the step in one line naming the folder."""
     from kubellm.errors import DataError
@@ -201,23 +247,38 @@ def test_instruction_prep_copies_only_the_tokenizer_and_checks_what_the_job_left
     model.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
         (model / name).write_text("{}")
-    cfg = _config(tmp_path, "instruct_data.cluster.nodes=1", "instruct_data.engine=ray",
-                  "instruct_data.cluster.shared_pvc=kubellm-shared", "tracking.enabled=false")
-    kuberay = KubeRay(on_the_cluster.api_client(), tmp_path, final={"jobDeploymentStatus": "Complete",
-                                                                    "jobStatus": "SUCCEEDED"})
+    cfg = _config(
+        tmp_path,
+        "instruct_data.cluster.nodes=1",
+        "instruct_data.engine=ray",
+        "instruct_data.cluster.shared_pvc=kubellm-shared",
+        "tracking.enabled=false",
+    )
+    kuberay = KubeRay(
+        on_the_cluster.api_client(), tmp_path, final={"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    )
     kuberay.start()
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     with pytest.raises(DataError, match=r"/output: not a prepared dataset \(no manifest.json"):
-        stage.prep(to_param(cfg.instruct_data), tmp_path / "artifact", ctx, stage="prep_instruct",
-                   tokenizer_dir=model, platform=to_param(cfg.platform), run_name=cfg.name)
+        stage.prep(
+            to_param(cfg.instruct_data),
+            tmp_path / "artifact",
+            ctx,
+            stage="prep_instruct",
+            tokenizer_dir=model,
+            platform=to_param(cfg.platform),
+            run_name=cfg.name,
+        )
     job = kuberay.finish()
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[argv.index("--section") + 1] == "instruct_data"
     assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "prep_instruct"
     tok = Path(argv[argv.index("--tokenizer") + 1])
     assert tok.is_relative_to(tmp_path / "pvc" / "runs" / cfg.name)
-    assert sorted(p.name for p in tok.iterdir() if not p.name.startswith(".")) == ["tokenizer.json",
-                                                                                    "tokenizer_config.json"]
+    assert sorted(p.name for p in tok.iterdir() if not p.name.startswith(".")) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert not (tmp_path / "artifact").exists()
 
 
@@ -239,8 +300,12 @@ def test_the_compiled_prep_step_carries_the_platform_and_mounts_the_shared_pvc(t
     spec, platform = yaml.safe_load_all(path.read_text())
     (mount,) = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-prepare-data"]["pvcMount"]
     assert (mount["mountPath"], mount["constant"]) == ("/mnt/kubellm", "kubellm-shared")
-    (task,) = [t for c in spec["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()
-               if n == "prepare-data"]
+    (task,) = [
+        t
+        for c in spec["components"].values()
+        for n, t in c.get("dag", {}).get("tasks", {}).items()
+        if n == "prepare-data"
+    ]
     given = task["inputs"]["parameters"]
     assert given["run_name"]["runtimeValue"]["constant"] == "llm-ray"
     assert given["platform"]["runtimeValue"]["constant"]["stages"]["prep"]["resources"]["cpu_request"] == "16"

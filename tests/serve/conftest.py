@@ -119,9 +119,15 @@ def build_tiny_model(tokenizer: Any, preset: str = "tiny") -> Any:
     from kubellm.config.train import ModelConfig
     from kubellm.models.causal_lm import build_model
 
-    model = build_model(ModelConfig(preset=preset), vocab_size=len(tokenizer), block_size=256,
-                        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, seed=0)
+    model = build_model(
+        ModelConfig(preset=preset),
+        vocab_size=len(tokenizer),
+        block_size=256,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=0,
+    )
     # Tied random embeddings make greedy decoding repeat the prompt's last token forever; an untied
     # random output layer gives varied text instead.
     model.config.tie_word_embeddings = False
@@ -156,17 +162,25 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("tiny-adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(1)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
 
 
 # --- ``kubellm serve`` as its own process --------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | None = REPO / "configs" / "local.yaml",
-                  ready_s: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve_process(
+    model_dir: Path,
+    workdir: Path,
+    *sets: str,
+    config: Path | None = REPO / "configs" / "local.yaml",
+    ready_s: float = 120.0,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """``kubellm serve --model model_dir`` on 127.0.0.1 and a free port, ready; stopped (SIGTERM, then
     SIGKILL) on leaving. Yields the base URL and the process (its output is on ``proc.stdout``)."""
     import httpx
@@ -175,15 +189,35 @@ def serve_process(model_dir: Path, workdir: Path, *sets: str, config: Path | Non
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Served as "kubellm" whatever the config's registered model is called: the tests address it so.
-    cmd = [sys.executable, "-m", "kubellm.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--set", f"workdir={workdir}", "--set", "serve.precision=fp32", "--set", "serve.model_name=kubellm"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubellm.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--set",
+        f"workdir={workdir}",
+        "--set",
+        "serve.precision=fp32",
+        "--set",
+        "serve.model_name=kubellm",
+    ]
     if config is not None:
         cmd[4:4] = ["--config", str(config)]
     for item in sets:
         cmd += ["--set", item]
     cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_s

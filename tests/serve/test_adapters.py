@@ -26,8 +26,11 @@ from kubellm.serve.predictor import LLMModel
 PROMPTS = ["The quick brown fox", "The cat sits", "Where is the bird? The bird sings"]
 TOKEN = "admin-" + "a" * 12  # never a real one
 #: (rank, target modules, seed) of the three adapters.
-SHAPES = {"alpha": (2, ["q_proj", "v_proj"], 11), "beta": (4, ["k_proj", "o_proj"], 12),
-          "gamma": (8, ["gate_proj", "down_proj", "q_proj"], 13)}
+SHAPES = {
+    "alpha": (2, ["q_proj", "v_proj"], 11),
+    "beta": (4, ["k_proj", "o_proj"], 12),
+    "gamma": (8, ["gate_proj", "down_proj", "q_proj"], 13),
+}
 
 
 def make_adapter(base_dir: Path, out: Path, rank: int, targets: list[str], seed: int) -> Path:
@@ -127,13 +130,16 @@ def test_adapter_of_another_base_is_refused(tiny_model_dir: Path, tmp_path: Path
     model = LLMModel(_cfg(adapters={"foreign": str(foreign)}), str(tiny_model_dir))
     with pytest.raises(ServingError) as err:
         model.load()
-    assert str(err.value).startswith("adapter foreign: base mismatch: model.layers.0.self_attn.q_proj has input "
-                                     "size 64 in the base, 256 in the adapter")
+    assert str(err.value).startswith(
+        "adapter foreign: base mismatch: model.layers.0.self_attn.q_proj has input "
+        "size 64 in the base, 256 in the adapter"
+    )
     assert "\n" not in str(err.value)
 
 
-def test_adapter_recording_another_base_fingerprint_is_refused(tiny_model_dir: Path, adapters: dict[str, Path],
-                                                               tmp_path: Path) -> None:
+def test_adapter_recording_another_base_fingerprint_is_refused(
+    tiny_model_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
     import shutil
 
     from kubellm.tracking.registry import weights_fingerprint
@@ -185,8 +191,9 @@ def server(tiny_model_dir: Path, adapters: dict[str, Path]) -> Iterator[tuple[st
 
 
 @pytest.mark.integration
-def test_names_select_adapters_on_openai_and_kserve(server: tuple[str, LLMModel], tiny_model_dir: Path,
-                                                    adapters: dict[str, Path], alone: dict[str, list[str]]) -> None:
+def test_names_select_adapters_on_openai_and_kserve(
+    server: tuple[str, LLMModel], tiny_model_dir: Path, adapters: dict[str, Path], alone: dict[str, list[str]]
+) -> None:
     import openai
 
     url, _ = server
@@ -197,12 +204,18 @@ def test_names_select_adapters_on_openai_and_kserve(server: tuple[str, LLMModel]
     assert set(cards) == {"kubellm", "alpha", "beta"}
     out = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert out.choices[0].text == alone["alpha"][0] and out.model == "alpha"
-    v1 = httpx.post(f"{url}/v1/models/beta:predict", json={"instances": PROMPTS[:2], "parameters": {"max_tokens": 12}},
-                    timeout=60)
+    v1 = httpx.post(
+        f"{url}/v1/models/beta:predict", json={"instances": PROMPTS[:2], "parameters": {"max_tokens": 12}}, timeout=60
+    )
     assert v1.status_code == 200 and v1.json()["predictions"] == alone["beta"][:2]
-    v2 = httpx.post(f"{url}/v2/models/alpha/infer", timeout=60, json={
-        "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPTS[2]]}],
-        "parameters": {"max_tokens": 12}})
+    v2 = httpx.post(
+        f"{url}/v2/models/alpha/infer",
+        timeout=60,
+        json={
+            "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [PROMPTS[2]]}],
+            "parameters": {"max_tokens": 12},
+        },
+    )
     assert v2.status_code == 200 and v2.json()["outputs"][0]["data"] == [alone["alpha"][2]]
     assert v2.json()["model_name"] == "alpha"
     with pytest.raises(openai.NotFoundError, match="alpha, beta"):
@@ -214,8 +227,10 @@ def test_logprobs_and_echo_follow_the_adapter(server: tuple[str, LLMModel], adap
     """What lm-eval's ``local-completions`` sends: an adapter's prompt log-probabilities are its own."""
     url, _ = server
     body = {"prompt": PROMPTS[2], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
-    shared = {name: httpx.post(f"{url}/openai/v1/completions", json={**body, "model": name}, timeout=60).json()
-              for name in ("kubellm", "alpha")}
+    shared = {
+        name: httpx.post(f"{url}/openai/v1/completions", json={**body, "model": name}, timeout=60).json()
+        for name in ("kubellm", "alpha")
+    }
     single = LLMModel(_cfg(), str(adapters["alpha"]))
     single.load()
     with BackgroundServer(build_app(single)) as bg:
@@ -228,8 +243,13 @@ def test_logprobs_and_echo_follow_the_adapter(server: tuple[str, LLMModel], adap
 
 
 @pytest.mark.integration
-def test_load_and_unload_at_run_time(server: tuple[str, LLMModel], adapters: dict[str, Path],
-                                     alone: dict[str, list[str]], tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_load_and_unload_at_run_time(
+    server: tuple[str, LLMModel],
+    adapters: dict[str, Path],
+    alone: dict[str, list[str]],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+) -> None:
     url, model = server
     admin = {"Authorization": f"Bearer {TOKEN}"}
     load = {"lora_name": "gamma", "lora_path": str(adapters["gamma"])}
@@ -238,33 +258,42 @@ def test_load_and_unload_at_run_time(server: tuple[str, LLMModel], adapters: dic
     assert resp.status_code == 200 and resp.text == "Success: LoRA adapter 'gamma' added successfully."
     again = httpx.post(f"{url}/v1/load_lora_adapter", json=load, headers=admin, timeout=30)
     assert again.status_code == 400 and "has already been loaded" in again.json()["error"]
-    answer = httpx.post(f"{url}/openai/v1/completions", timeout=60,
-                        json={"model": "gamma", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0})
+    answer = httpx.post(
+        f"{url}/openai/v1/completions",
+        timeout=60,
+        json={"model": "gamma", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0},
+    )
     assert answer.json()["choices"][0]["text"] == alone["gamma"][1]
     assert httpx.post(f"{url}/v1/models/gamma:predict", json={"instances": ["The cat"]}, timeout=60).status_code == 200
 
     # Refused in one line: beyond max_adapters, a rank beyond max_lora_rank, another base.
     big = make_adapter(tiny_model_dir, tmp_path / "big", 128, ["q_proj"], 5)
-    full = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)},
-                      headers=admin, timeout=30)
+    full = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)}, headers=admin, timeout=30
+    )
     assert full.status_code == 400 and "3 adapters are loaded, this server's limit" in full.json()["error"]
     resp = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=admin, timeout=30)
     assert resp.status_code == 200 and "removed successfully" in resp.text
-    rank = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)},
-                      headers=admin, timeout=30)
+    rank = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": "big", "lora_path": str(big)}, headers=admin, timeout=30
+    )
     assert rank.status_code == 400
     assert rank.json()["error"] == "adapter big: rank 128 is above this server's max_lora_rank 64 (serve.max_lora_rank)"
 
-    gone = httpx.post(f"{url}/openai/v1/completions", json={"model": "gamma", "prompt": "The cat", "max_tokens": 2},
-                      timeout=30)
+    gone = httpx.post(
+        f"{url}/openai/v1/completions", json={"model": "gamma", "prompt": "The cat", "max_tokens": 2}, timeout=30
+    )
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert httpx.post(f"{url}/v1/models/gamma:predict", json={"instances": ["The cat"]}, timeout=30).status_code == 404
     missing = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=admin, timeout=30)
     assert missing.status_code == 404 and "cannot be found" in missing.json()["error"]
     assert sorted(model.views) == ["alpha", "beta"] and "gamma" not in model.engine.model.peft_config
     # The others still answer as before.
-    answer = httpx.post(f"{url}/openai/v1/completions", timeout=60,
-                        json={"model": "beta", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0})
+    answer = httpx.post(
+        f"{url}/openai/v1/completions",
+        timeout=60,
+        json={"model": "beta", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0},
+    )
     assert answer.json()["choices"][0]["text"] == alone["beta"][0]
 
 
@@ -281,8 +310,11 @@ def test_lora_routes_are_off_without_the_admin_switch(tiny_model_dir: Path) -> N
 def test_vllm_metric_names_per_adapter(server: tuple[str, LLMModel]) -> None:
     url, _ = server
     for name in ("alpha", "kubellm"):
-        httpx.post(f"{url}/openai/v1/completions", json={"model": name, "prompt": "The cat", "max_tokens": 3,
-                                                          "min_tokens": 3}, timeout=60).raise_for_status()
+        httpx.post(
+            f"{url}/openai/v1/completions",
+            json={"model": name, "prompt": "The cat", "max_tokens": 3, "min_tokens": 3},
+            timeout=60,
+        ).raise_for_status()
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for metric in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
         for name in ("kubellm", "alpha", "beta"):
@@ -303,25 +335,34 @@ def _value(text: str, series: str) -> float:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_kubellm_serve_with_adapter_options(start_serve, tiny_model_dir: Path, adapters: dict[str, Path],
-                                            alone: dict[str, list[str]], tmp_path: Path) -> None:
+def test_kubellm_serve_with_adapter_options(
+    start_serve, tiny_model_dir: Path, adapters: dict[str, Path], alone: dict[str, list[str]], tmp_path: Path
+) -> None:
     """``kubellm serve --adapter NAME=URI`` (twice) beside ``serve.adapters`` in the config."""
     sets = (f"serve.adapters={{gamma: {adapters['gamma']}}}",)
-    with start_serve(tiny_model_dir, tmp_path, *sets, extra_args=(
-            "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}")) as (url, _):
+    with start_serve(
+        tiny_model_dir,
+        tmp_path,
+        *sets,
+        extra_args=("--adapter", f"alpha={adapters['alpha']}", "--adapter", f"beta={adapters['beta']}"),
+    ) as (url, _):
         cards = httpx.get(f"{url}/openai/v1/models", timeout=10).json()["data"]
         assert sorted(c["id"] for c in cards) == ["alpha", "beta", "gamma", "kubellm"]
         for name in ("alpha", "gamma"):
-            got = httpx.post(f"{url}/openai/v1/completions", timeout=60, json={
-                "model": name, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}).json()
+            got = httpx.post(
+                f"{url}/openai/v1/completions",
+                timeout=60,
+                json={"model": name, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0},
+            ).json()
             assert got["choices"][0]["text"] == alone[name][0]
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # lm-eval's imports and two scored runs on the shared CPUs
-def test_lm_eval_scores_an_adapter_by_name_as_alone(server: tuple[str, LLMModel], adapters: dict[str, Path],
-                                                    tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_lm_eval_scores_an_adapter_by_name_as_alone(
+    server: tuple[str, LLMModel], adapters: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """lm-evaluation-harness's ``local-completions`` (log-likelihoods of choices: ``echo`` + ``logprobs``)
     scores adapter ``alpha`` by name on the shared base exactly as on a predictor serving it alone."""
     from transformers import AutoTokenizer
@@ -331,22 +372,40 @@ def test_lm_eval_scores_an_adapter_by_name_as_alone(server: tuple[str, LLMModel]
 
     url, _ = server
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    sentences = ["The cat sits on the mat.", "The bird sings in the tree.", "The fox jumps over the dog.",
-                 "Who jumps over the dog?", "Where is the bird?", "What does the cat do?"]
-    heldout = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": s}],
-                "reference": s} for i, s in enumerate(sentences)]
-    plan = plan_benchmarks([BenchmarkConfig(task="kubellm_choice", limit=6)], heldout=heldout, tokenizer=tokenizer,
-                           stop_ids=[tokenizer.eos_token_id], max_new_tokens=8, seed=0, work_dir=tmp_path,
-                           data_dir=tmp_path)
-    shared = run_benchmarks_served(plan, base_url=url, model_name="alpha", tokenizer_dir=tiny_model_dir,
-                                   batch_size=4, max_length=256)
-    base = run_benchmarks_served(plan, base_url=url, model_name="kubellm", tokenizer_dir=tiny_model_dir,
-                                 batch_size=4, max_length=256)
+    sentences = [
+        "The cat sits on the mat.",
+        "The bird sings in the tree.",
+        "The fox jumps over the dog.",
+        "Who jumps over the dog?",
+        "Where is the bird?",
+        "What does the cat do?",
+    ]
+    heldout = [
+        {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": s}], "reference": s}
+        for i, s in enumerate(sentences)
+    ]
+    plan = plan_benchmarks(
+        [BenchmarkConfig(task="kubellm_choice", limit=6)],
+        heldout=heldout,
+        tokenizer=tokenizer,
+        stop_ids=[tokenizer.eos_token_id],
+        max_new_tokens=8,
+        seed=0,
+        work_dir=tmp_path,
+        data_dir=tmp_path,
+    )
+    shared = run_benchmarks_served(
+        plan, base_url=url, model_name="alpha", tokenizer_dir=tiny_model_dir, batch_size=4, max_length=256
+    )
+    base = run_benchmarks_served(
+        plan, base_url=url, model_name="kubellm", tokenizer_dir=tiny_model_dir, batch_size=4, max_length=256
+    )
     single = LLMModel(_cfg(), str(adapters["alpha"]))
     single.load()
     with BackgroundServer(build_app(single)) as bg:
-        alone = run_benchmarks_served(plan, base_url=bg.url, model_name="kubellm", tokenizer_dir=tiny_model_dir,
-                                      batch_size=4, max_length=256)
+        alone = run_benchmarks_served(
+            plan, base_url=bg.url, model_name="kubellm", tokenizer_dir=tiny_model_dir, batch_size=4, max_length=256
+        )
     assert shared["scores"] and shared["scores"] == pytest.approx(alone["scores"], abs=1e-9)
     assert base["scores"] != shared["scores"]  # the name selected the adapter, not the base
 
@@ -363,8 +422,9 @@ def test_gathered_lora_computes_what_peft_computes(tiny_model_dir: Path, adapter
     model = None
     for name, path in adapters.items():
         if model is None:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(path),
-                                              adapter_name=name)
+            model = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(path), adapter_name=name
+            )
         else:
             model.load_adapter(str(path), adapter_name=name)
     model.eval()

@@ -28,13 +28,23 @@ from kubellm.serve.app import (
 pytestmark = pytest.mark.integration
 
 TOKEN = "admin-" + "t" * 12  # never a real one
-V2_INFER = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["The cat"]}],
-            "parameters": {"max_tokens": 2}}
+V2_INFER = {
+    "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["The cat"]}],
+    "parameters": {"max_tokens": 2},
+}
 
 
 def _model(model_dir: Path, *overrides: str):
-    cfg = load_config(None, ["serve.precision=fp32", "serve.model_name=kubellm", "serve.max_new_tokens=8",
-                             "serve.default_max_tokens=2", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "serve.precision=fp32",
+            "serve.model_name=kubellm",
+            "serve.max_new_tokens=8",
+            "serve.default_max_tokens=2",
+            *overrides,
+        ],
+    )
     return load_model(cfg, str(model_dir))
 
 
@@ -46,8 +56,10 @@ def predictor(tiny_model_dir: Path) -> Iterator[str]:
 
 
 def _ready(url: str) -> tuple[int, int]:
-    return (httpx.get(f"{url}/v2/health/ready", timeout=10).status_code,
-            httpx.get(f"{url}/v2/models/kubellm/ready", timeout=10).status_code)
+    return (
+        httpx.get(f"{url}/v2/health/ready", timeout=10).status_code,
+        httpx.get(f"{url}/v2/models/kubellm/ready", timeout=10).status_code,
+    )
 
 
 def test_json_depth_counts_brackets_outside_strings() -> None:
@@ -56,16 +68,21 @@ def test_json_depth_counts_brackets_outside_strings() -> None:
     assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
 
 
-@pytest.mark.parametrize("path", ["/v1/models/kubellm:predict", "/v2/models/kubellm/infer",
-                                  "/openai/v1/completions", "/openai/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/kubellm:predict", "/v2/models/kubellm/infer", "/openai/v1/completions", "/openai/v1/chat/completions"],
+)
 def test_deeply_nested_json_is_a_400_naming_the_limit(predictor: str, path: str) -> None:
     for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
         resp = httpx.post(predictor + path, content=body, headers={"content-type": "application/json"}, timeout=30)
         assert resp.status_code == 400, resp.text[:300]
         assert f"nested deeper than this server's limit of {MAX_JSON_DEPTH} levels" in resp.text
     # Brackets inside strings are text, not nesting: a prompt full of them is answered.
-    ok = httpx.post(f"{predictor}/openai/v1/completions", timeout=30,
-                    json={"model": "kubellm", "prompt": "The [" * 500, "max_tokens": 2})
+    ok = httpx.post(
+        f"{predictor}/openai/v1/completions",
+        timeout=30,
+        json={"model": "kubellm", "prompt": "The [" * 500, "max_tokens": 2},
+    )
     assert ok.status_code == 200, ok.text[:300]
     assert _ready(predictor) == (200, 200)
 
@@ -83,7 +100,9 @@ def test_the_model_repository_routes_are_off_by_default(predictor: str) -> None:
 
 def test_the_versioned_routes_answer_for_the_served_version(predictor: str) -> None:
     assert httpx.get(f"{predictor}/v2/models/kubellm/versions/1/ready", timeout=10).json() == {
-        "name": "kubellm", "ready": True}
+        "name": "kubellm",
+        "ready": True,
+    }
     assert httpx.get(f"{predictor}/v2/models/kubellm/versions/1", timeout=10).json()["name"] == "kubellm"
     infer = httpx.post(f"{predictor}/v2/models/kubellm/versions/1/infer", json=V2_INFER, timeout=30)
     assert infer.status_code == 200 and infer.json()["outputs"][0]["name"] == "text_output"
@@ -93,7 +112,8 @@ def test_the_versioned_routes_answer_for_the_served_version(predictor: str) -> N
 
 
 def test_the_model_repository_routes_need_the_token_and_readiness_follows(
-        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ServingError, match=f"{ADMIN_TOKEN_ENV} is not set"):
         build_app(_model(tiny_model_dir, "serve.model_repository_api=true"))
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
@@ -105,7 +125,9 @@ def test_the_model_repository_routes_need_the_token_and_readiness_follows(
             assert TOKEN not in resp.text
         assert _ready(server.url) == (200, 200)
         admin = {"authorization": f"Bearer {TOKEN}"}
-        assert httpx.post(f"{server.url}/v2/repository/models/other/unload", headers=admin, timeout=10).status_code == 404
+        assert (
+            httpx.post(f"{server.url}/v2/repository/models/other/unload", headers=admin, timeout=10).status_code == 404
+        )
         assert httpx.post(f"{url}/unload", headers=admin, timeout=30).json() == {"name": "kubellm", "unload": True}
         assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 503
         assert httpx.post(f"{server.url}/v2/models/kubellm/infer", json=V2_INFER, timeout=10).status_code == 404
@@ -124,10 +146,16 @@ def test_readiness_turns_false_when_the_engine_dies(tiny_model_dir: Path) -> Non
             raise RuntimeError("simulated fault in the decode loop")
 
         model.engine._joining = broken  # fails after the next request's first step, outside the step's guard
-        first = httpx.post(f"{server.url}/openai/v1/completions", timeout=30,
-                           json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
+        first = httpx.post(
+            f"{server.url}/openai/v1/completions",
+            timeout=30,
+            json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4},
+        )
         assert first.status_code == 503 and "the generation engine stopped" in first.text
         assert _ready(server.url) == (503, 503)
-        after = httpx.post(f"{server.url}/openai/v1/completions", timeout=30,
-                           json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
+        after = httpx.post(
+            f"{server.url}/openai/v1/completions",
+            timeout=30,
+            json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4},
+        )
         assert after.status_code == 503

@@ -19,8 +19,17 @@ PROMPTS = ["The quick brown fox", "The cat sits", "Where is the bird? The bird s
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> LLMModel:
-    m = LLMModel(ServeConfig(precision="fp32", max_prompt_tokens=64, max_new_tokens=32, max_queue=4, default_max_tokens=16,
-                             batch_wait_ms=20), str(tiny_model_dir))
+    m = LLMModel(
+        ServeConfig(
+            precision="fp32",
+            max_prompt_tokens=64,
+            max_new_tokens=32,
+            max_queue=4,
+            default_max_tokens=16,
+            batch_wait_ms=20,
+        ),
+        str(tiny_model_dir),
+    )
     m.load()
     return m
 
@@ -42,9 +51,14 @@ def _reference(model: LLMModel, prompt: str, max_tokens: int, min_tokens: int = 
 
     ids = torch.tensor([model.encode_prompt(prompt)])
     with torch.inference_mode():
-        out = model.engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=False)
-    return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=min_tokens,
+            do_sample=False,
+        )
+    return model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(model: LLMModel) -> None:
@@ -136,7 +150,7 @@ def test_streamed_deltas_add_up_to_the_text_and_stop_strings_cut(model: LLMModel
     engine = model.engine
     full = _reference(model, PROMPTS[0], 16)
     middle = len(full) // 2
-    stop = full[middle:middle + 3]  # a stop string met mid-answer, likely spanning a token boundary
+    stop = full[middle : middle + 3]  # a stop string met mid-answer, likely spanning a token boundary
     assert full.index(stop) > 0, full
 
     async def go():
@@ -181,11 +195,20 @@ def test_full_queue_refuses_at_once(model: LLMModel) -> None:
     assert len(_run(engine, go)) == 4
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"), ({"max_tokens": 33}, "max_tokens"),
-    ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"stop": [""]}, "stop"), ({"seed": "x"}, "seed"), ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_tokens": 33}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ],
+)
 def test_sampling_limits(model: LLMModel, kwargs: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         model.sampling(**kwargs)
@@ -220,10 +243,9 @@ def test_adapter_is_served_merged_into_its_base(tiny_adapter_dir: Path, model: L
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tiny_adapter_dir).eval()
     ids = torch.tensor([served.encode_prompt(PROMPTS[2])])
     with torch.inference_mode():
-        want = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                  do_sample=False)
+        want = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     got = _run(served.engine, lambda: served.submit(ids[0].tolist(), SamplingParams(max_tokens=8)).result())
-    assert got.text == served.tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+    assert got.text == served.tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
     assert got.text != _reference(model, PROMPTS[2], 8)  # the adapter does change the answer
 
 

@@ -37,8 +37,7 @@ URIS = {v: f"s3://models/adapter-v{v}" for v in range(1, 5)}
 
 
 def _cfg(make_cfg, *overrides: str):
-    return make_cfg("deploy.runtime=llm-inference-service", "deploy.name=chat", "serve.model_name=support",
-                    *overrides)
+    return make_cfg("deploy.runtime=llm-inference-service", "deploy.name=chat", "serve.model_name=support", *overrides)
 
 
 # --- the manifest ------------------------------------------------------------------------------------
@@ -46,18 +45,27 @@ def _cfg(make_cfg, *overrides: str):
 
 @pytest.mark.parametrize("scheduler", [True, False])
 def test_manifest_validates_against_the_crd_and_pod_security(make_cfg, scheduler: bool) -> None:
-    cfg = _cfg(make_cfg, f"deploy.router_scheduler={str(scheduler).lower()}", "deploy.min_replicas=1",
-               "deploy.max_replicas=3", "platform.default.resources.gpus=1", "deploy.vllm_image=vllm/vllm-openai:v0.11")
-    obj = build_llm_inference_service(cfg, BASE, {"support": URIS[1], "support-v2": URIS[2]}, max_rank=16,
-                                      champion_version=1)
+    cfg = _cfg(
+        make_cfg,
+        f"deploy.router_scheduler={str(scheduler).lower()}",
+        "deploy.min_replicas=1",
+        "deploy.max_replicas=3",
+        "platform.default.resources.gpus=1",
+        "deploy.vllm_image=vllm/vllm-openai:v0.11",
+    )
+    obj = build_llm_inference_service(
+        cfg, BASE, {"support": URIS[1], "support-v2": URIS[2]}, max_rank=16, champion_version=1
+    )
     assert validate_against_crd(obj) == []
     assert podsecurity.check(obj) == []
     spec = obj["spec"]
     assert obj["apiVersion"] == "serving.kserve.io/v1alpha2" and obj["kind"] == "LLMInferenceService"
     assert spec["model"]["uri"] == BASE and spec["model"]["name"] == "support-base"
-    assert spec["model"]["lora"] == {"adapters": [{"name": "support", "uri": URIS[1]},
-                                                  {"name": "support-v2", "uri": URIS[2]}],
-                                     "maxRank": 16, "maxAdapters": 16}
+    assert spec["model"]["lora"] == {
+        "adapters": [{"name": "support", "uri": URIS[1]}, {"name": "support-v2", "uri": URIS[2]}],
+        "maxRank": 16,
+        "maxAdapters": 16,
+    }
     assert spec["scaling"] == {"minReplicas": 1, "maxReplicas": 3} and "replicas" not in spec
     assert ("scheduler" in spec["router"]) is scheduler and {"route", "gateway"} <= set(spec["router"])
     main = spec["template"]["containers"][0]
@@ -91,8 +99,10 @@ def test_kubellm_check_validates_the_generated_service(make_cfg) -> None:
     from kubellm.k8s.schema import validate_custom_resources
 
     named = [(label, obj) for label, obj in generated_manifests(make_cfg()) if obj["kind"] == "LLMInferenceService"]
-    assert [label for label, _ in named] == ["generated llminferenceservice (with the llm-d scheduler)",
-                                             "generated llminferenceservice (without the llm-d scheduler)"]
+    assert [label for label, _ in named] == [
+        "generated llminferenceservice (with the llm-d scheduler)",
+        "generated llminferenceservice (without the llm-d scheduler)",
+    ]
     findings, pods = podsecurity.check_all(named)
     assert findings == [] and pods == 2
     assert validate_custom_resources(named) == []
@@ -184,18 +194,40 @@ class FakeLLMKServe(threading.Thread):
     def _reconcile(self, obj: dict, generation: int) -> None:
         names = [a["name"] for a in obj["spec"]["model"]["lora"]["adapters"]]
         self.seen.append(names)
-        self._status({"observedGeneration": generation, "conditions": [
-            {"type": "WorkloadsReady", "status": "False", "reason": "Progressing"},
-            {"type": "RouterReady", "status": "True"}, {"type": "Ready", "status": "False", "reason": "Progressing"}]})
+        self._status(
+            {
+                "observedGeneration": generation,
+                "conditions": [
+                    {"type": "WorkloadsReady", "status": "False", "reason": "Progressing"},
+                    {"type": "RouterReady", "status": "True"},
+                    {"type": "Ready", "status": "False", "reason": "Progressing"},
+                ],
+            }
+        )
         time.sleep(POLL * 3)
         broken = sorted(self.broken & set(names))
-        workloads = ({"type": "WorkloadsReady", "status": "False", "reason": "MinimumReplicasUnavailable",
-                      "message": f"vLLM failed to load adapter {broken[0]}"} if broken
-                     else {"type": "WorkloadsReady", "status": "True"})
+        workloads = (
+            {
+                "type": "WorkloadsReady",
+                "status": "False",
+                "reason": "MinimumReplicasUnavailable",
+                "message": f"vLLM failed to load adapter {broken[0]}",
+            }
+            if broken
+            else {"type": "WorkloadsReady", "status": "True"}
+        )
         ready = "False" if broken else "True"
-        self._status({"observedGeneration": generation, "url": self.url,
-                      "conditions": [workloads, {"type": "RouterReady", "status": "True"},
-                                     {"type": "Ready", "status": ready}]})
+        self._status(
+            {
+                "observedGeneration": generation,
+                "url": self.url,
+                "conditions": [
+                    workloads,
+                    {"type": "RouterReady", "status": "True"},
+                    {"type": "Ready", "status": ready},
+                ],
+            }
+        )
 
     def finish(self) -> None:
         self._stop_event.set()
@@ -229,8 +261,9 @@ def _existing(api_client: Any, make_cfg) -> dict:
     from kubernetes import client
 
     desired = build_llm_inference_service(_cfg(make_cfg), BASE, {"support": URIS[1]}, champion_version=1)
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL,
-                                                                        {**desired, "metadata": {**desired["metadata"], "namespace": NS}})
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, NS, PLURAL, {**desired, "metadata": {**desired["metadata"], "namespace": NS}}
+    )
     return desired
 
 
@@ -240,10 +273,20 @@ def _live(api_client: Any) -> dict:
     return client.CustomObjectsApi(api_client).get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "chat")
 
 
-def _release(api_client: Any, desired: dict, version: int, smoke: Gate, gate: Gate | None = None,
-             timeout_s: float = 10.0):
-    return adapter_rollout(desired, candidate_uri=URIS[version], version=version, namespace=NS,
-                           api_client=api_client, timeout_s=timeout_s, poll_s=POLL, smoke=smoke, gate=gate)
+def _release(
+    api_client: Any, desired: dict, version: int, smoke: Gate, gate: Gate | None = None, timeout_s: float = 10.0
+):
+    return adapter_rollout(
+        desired,
+        candidate_uri=URIS[version],
+        version=version,
+        namespace=NS,
+        api_client=api_client,
+        timeout_s=timeout_s,
+        poll_s=POLL,
+        smoke=smoke,
+        gate=gate,
+    )
 
 
 def _adapters(obj: dict) -> list[tuple[str, str]]:
@@ -288,8 +331,10 @@ def test_failing_gate_removes_the_candidate_and_leaves_the_champion(api, make_cf
     finally:
         kserve.finish()
     assert result.status == "rolled_back"
-    assert result.reason == f"{failing} {'test' if failing == 'smoke' else 'gate'} of adapter support-v2 failed: " \
-                            "HTTP 500 from support-v2"
+    assert (
+        result.reason == f"{failing} {'test' if failing == 'smoke' else 'gate'} of adapter support-v2 failed: "
+        "HTTP 500 from support-v2"
+    )
     live = _live(api)
     assert _adapters(live) == [("support", URIS[1])]
     assert live["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "1"
@@ -307,7 +352,9 @@ def test_a_candidate_that_never_gets_ready_is_rolled_back(api, make_cfg) -> None
     finally:
         kserve.finish()
     assert result.status == "rolled_back" and smoke.calls == []
-    assert "not Ready within 1 s" in result.reason and "WorkloadsReady=False MinimumReplicasUnavailable" in result.reason
+    assert (
+        "not Ready within 1 s" in result.reason and "WorkloadsReady=False MinimumReplicasUnavailable" in result.reason
+    )
     assert _adapters(_live(api)) == [("support", URIS[1])]
 
 
@@ -381,7 +428,8 @@ def test_two_candidates_racing(api, make_cfg, v2_passes: bool) -> None:
 
 class Router:
     """vLLM's OpenAI completions route behind the gateway (``/<namespace>/<name>/v1/completions``, which
-    KServe's HTTPRoute rewrites to vLLM's ``/v1/completions``) on 127.0.0.1, as the live service answers: 404 for a ``model`` the live spec does not list, 500 for the adapters in ``failing``,
+    KServe's HTTPRoute rewrites to vLLM's ``/v1/completions``) on 127.0.0.1, as the live service answers: 404 for a
+    ``model`` the live spec does not list, 500 for the adapters in ``failing``,
     else a completion; records every ``model`` asked for."""
 
     def __init__(self, api_client: Any) -> None:
@@ -423,16 +471,24 @@ def adapter_registry(tmp_path, tiny_model_dir, tiny_adapter_dir) -> Any:
 
 
 def _stage_cfg(make_cfg, tmp_path, *overrides: str):
-    return _cfg(make_cfg, f"workdir={tmp_path}", "tracking.registered_model=support", "tracking.experiment=adapters",
-                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"deploy.poll_s={POLL}", "deploy.ready_timeout_s=10",
-                "deploy.smoke_max_tokens=2", *overrides)
+    return _cfg(
+        make_cfg,
+        f"workdir={tmp_path}",
+        "tracking.registered_model=support",
+        "tracking.experiment=adapters",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"deploy.poll_s={POLL}",
+        "deploy.ready_timeout_s=10",
+        "deploy.smoke_max_tokens=2",
+        *overrides,
+    )
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cfg, tmp_path, adapter_registry,
-                                                                    tiny_model_dir, tiny_adapter_dir,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_deploy_stage_releases_adapter_versions_on_the_live_service(
+    api, make_cfg, tmp_path, adapter_registry, tiny_model_dir, tiny_adapter_dir, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``kubellm deploy`` and the pipeline's deploy step with ``deploy.runtime: llm-inference-service``:
     the real smoke request asks for the candidate adapter by name on the live service; only a promoted
     release moves the alias entry and the registry's ``champion``; a failing one is removed again and the
@@ -453,8 +509,9 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
     router = Router(api)
 
     def release(version: int, out: str) -> Any:
-        return deploy(cfg, tmp_path / out, ctx, target="cluster", model_uri=f"models:/support/{version}",
-                      api_client=api)
+        return deploy(
+            cfg, tmp_path / out, ctx, target="cluster", model_uri=f"models:/support/{version}", api_client=api
+        )
 
     with BackgroundServer(router.app(), host="127.0.0.1") as gateway:
         kserve = FakeLLMKServe(api, "chat", url=f"{gateway.url}/{NS}/chat")
@@ -475,9 +532,13 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
             from kubernetes import client as k8s
 
             k8s.CustomObjectsApi(api).patch_namespaced_custom_object(
-                GROUP, VERSION, NS, PLURAL, "chat", {"metadata": {"annotations": {CHAMPION_VERSION_ANNOTATION: "9"}}})
-            with pytest.raises(ServingError, match=r"^deployment of models:/support/1 superseded: .*version 9 was "
-                                                   r"promoted meanwhile$"):
+                GROUP, VERSION, NS, PLURAL, "chat", {"metadata": {"annotations": {CHAMPION_VERSION_ANNOTATION: "9"}}}
+            )
+            with pytest.raises(
+                ServingError,
+                match=r"^deployment of models:/support/1 superseded: .*version 9 was "
+                r"promoted meanwhile$",
+            ):
                 release(1, "d5")
         finally:
             kserve.finish()
@@ -486,14 +547,16 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
     assert first.values["endpoint"] == f"{gateway.url}/{NS}/chat"
 
     message = str(failed.value)
-    assert "\n" not in message and message.startswith("deployment of models:/support/2 rolled_back: smoke test of "
-                                                      "adapter support-v2 failed: smoke request to "), message
+    assert "\n" not in message and message.startswith(
+        "deployment of models:/support/2 rolled_back: smoke test of adapter support-v2 failed: smoke request to "
+    ), message
     assert "HTTP 500" in message and "adapter support-v2 crashed" in message
     assert _adapters(after_failure) == [("support", uri[1])]  # the candidate removed, the champion serving
     assert after_failure["metadata"]["annotations"][CHAMPION_VERSION_ANNOTATION] == "1"
     client = MlflowClient(cfg.tracking.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("adapters").experiment_id],
-                                "tags.`deploy.status` = 'rolled_back'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("adapters").experiment_id], "tags.`deploy.status` = 'rolled_back'"
+    )
     assert run.info.status == "FAILED"
 
     assert second.values["status"] == "promoted", second.values["detail"]
@@ -522,23 +585,35 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
     # A merged version: refused in one line, before a manifest is written or the cluster is touched.
     parent = start_parent_run(cfg.tracking, tmp_path, pipeline="p", run_name="merged", config={})
     with stage_run(cfg.tracking, tmp_path, parent_run_id=parent, stage="register") as tr:
-        merged = registry.register_model(cfg.tracking, tmp_path, tiny_adapter_dir, run_id=tr.run_id,
-                                         base_model=tiny_model_dir)
-    with pytest.raises(ServingError, match=r"^models:/support/3 is a merged version: .*tracking.register_merged") as err:
+        merged = registry.register_model(
+            cfg.tracking, tmp_path, tiny_adapter_dir, run_id=tr.run_id, base_model=tiny_model_dir
+        )
+    with pytest.raises(
+        ServingError, match=r"^models:/support/3 is a merged version: .*tracking.register_merged"
+    ) as err:
         release(merged.version, "d4")
     assert "\n" not in str(err.value) and not (tmp_path / "d4" / "llminferenceservice.yaml").exists()
     # An adapter of a larger rank than the service's maxRank: refused up front, not after the Ready timeout.
     small = _stage_cfg(make_cfg, tmp_path, "serve.max_lora_rank=2")
-    with pytest.raises(ServingError, match=r"^adapter support-v1: rank 4 is above this server's max_lora_rank 2 "
-                                           r"\(serve.max_lora_rank\)$"):
+    with pytest.raises(
+        ServingError,
+        match=r"^adapter support-v1: rank 4 is above this server's max_lora_rank 2 "
+        r"\(serve.max_lora_rank\)$",
+    ):
         deploy(small, tmp_path / "d6", ctx, target="cluster", model_uri="models:/support/1", api_client=api)
     assert not (tmp_path / "d6" / "llminferenceservice.yaml").exists()
     assert _adapters(_live(api)) == [("support", uri[2])]
 
     # `kubellm deploy --dry-run --model-version N` prints the service a release of N starts from.
     capsys.readouterr()
-    sets = ["deploy.runtime=llm-inference-service", "deploy.name=chat", "serve.model_name=support",
-            f"workdir={tmp_path}", "tracking.registered_model=support", f"tracking.uri={cfg.tracking.uri}"]
+    sets = [
+        "deploy.runtime=llm-inference-service",
+        "deploy.name=chat",
+        "serve.model_name=support",
+        f"workdir={tmp_path}",
+        "tracking.registered_model=support",
+        f"tracking.uri={cfg.tracking.uri}",
+    ]
     with pytest.raises(SystemExit) as done:
         main(["deploy", *[a for s in sets for a in ("--set", s)], "--model-version", "2", "--dry-run"])
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -552,9 +627,15 @@ def test_deploy_stage_releases_adapter_versions_on_the_live_service(api, make_cf
 def test_a_service_on_another_base_is_not_touched(api, make_cfg) -> None:
     desired = _existing(api, make_cfg)
     before = _live(api)
-    other = {**desired, "spec": {**desired["spec"], "model": {**desired["spec"]["model"], "uri": "s3://models/base-v2"}}}
-    with pytest.raises(ServingError, match=r"^LLMInferenceService serving/chat serves base s3://models/base-v1, not "
-                                           r"s3://models/base-v2, the base of adapter support-v2"):
+    other = {
+        **desired,
+        "spec": {**desired["spec"], "model": {**desired["spec"]["model"], "uri": "s3://models/base-v2"}},
+    }
+    with pytest.raises(
+        ServingError,
+        match=r"^LLMInferenceService serving/chat serves base s3://models/base-v1, not "
+        r"s3://models/base-v2, the base of adapter support-v2",
+    ):
         _release(api, other, 2, Gate(api))
     assert _live(api)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
@@ -568,8 +649,13 @@ def test_local_deploy_smokes_the_adapter_by_name_on_its_base(make_cfg, tmp_path,
     from kubellm.stages.deploy import deploy
 
     cfg = _stage_cfg(make_cfg, tmp_path, "serve.precision=fp32")
-    out = deploy(cfg, tmp_path / "deploy", StageContext(cfg.tracking, str(tmp_path)), target="local",
-                 model_uri="models:/support/2")
+    out = deploy(
+        cfg,
+        tmp_path / "deploy",
+        StageContext(cfg.tracking, str(tmp_path)),
+        target="local",
+        model_uri="models:/support/2",
+    )
     v = out.values
     assert v["status"] == "verified" and v["endpoint"] == "", v["detail"]
     assert "kubellm serve --model models:/support-base/1 --adapter support-v2=models:/support/2" in v["detail"]

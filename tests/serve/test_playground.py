@@ -77,8 +77,9 @@ def _send_via_api(url: str, endpoint_a: str, endpoint_b: str = "", auth: tuple[s
     from gradio_client import Client
 
     client = Client(url, auth=auth, verbose=False, download_files=False)
-    return client.predict("Where is the bird?", SYSTEM, 0, 1, 8, "", endpoint_a, "", endpoint_b, "", [], [],
-                          api_name="/on_send")
+    return client.predict(
+        "Where is the bird?", SYSTEM, 0, 1, 8, "", endpoint_a, "", endpoint_b, "", [], [], api_name="/on_send"
+    )
 
 
 def _direct(url: str, messages: list[dict]) -> str:
@@ -108,8 +109,11 @@ def test_side_by_side_with_history_and_a_down_endpoint(predictor_url: str, down_
 
     # The second turn carries A's conversation so far; B's failed turn is not sent again.
     *_, last = pg.respond("Where is the bird?", SETTINGS, [a, b], timeout_s=10)
-    second = [*first, {"role": "assistant", "content": a.history[1]["content"]},
-              {"role": "user", "content": "Where is the bird?"}]
+    second = [
+        *first,
+        {"role": "assistant", "content": a.history[1]["content"]},
+        {"role": "user", "content": "Where is the bird?"},
+    ]
     assert last[0][-1]["content"] == _direct(predictor_url, second)
     assert len(a.history) == len(b.history) == 4
     assert pg._clean_history(b.history) == []
@@ -145,8 +149,9 @@ def test_an_editable_page_calls_what_it_is_given(predictor_url: str, canary: tup
 def test_login_from_the_secrets_environment(predictor_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(pg.USERNAME_ENV, "alice")
     monkeypatch.setenv(pg.PASSWORD_ENV, "pw-" + "9" * 12)
-    app = pg.build_app(load_config(None, ["playground.editable_endpoints=false"]), endpoint=predictor_url,
-                       auth=pg.auth_from_env())
+    app = pg.build_app(
+        load_config(None, ["playground.editable_endpoints=false"]), endpoint=predictor_url, auth=pg.auth_from_env()
+    )
     with BackgroundServer(app) as page:
         assert httpx.get(f"{page.url}/config", timeout=10).status_code == 401
         assert httpx.get(page.url + "/", timeout=10).status_code == 200  # the login page: the pod's probes pass
@@ -166,8 +171,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_cluster_pod_is_locked_and_asks_for_the_secrets_login(predictor_url: str, canary: tuple[str, list[str]],
-                                                                 tmp_path: Path) -> None:
+def test_the_cluster_pod_is_locked_and_asks_for_the_secrets_login(
+    predictor_url: str, canary: tuple[str, list[str]], tmp_path: Path
+) -> None:
     """The playground Deployment's own command, args and env (the Secret's values filled in as the kubelet
     would), run on 127.0.0.1: a login is needed, and a forged endpoint is refused without a request."""
     canary_url, hits = canary
@@ -181,8 +187,11 @@ def test_the_cluster_pod_is_locked_and_asks_for_the_secrets_login(predictor_url:
     env = dict(os.environ)
     for item in container["env"]:
         ref = item.get("valueFrom", {}).get("secretKeyRef")
-        env[item["name"]] = (secret[ref["name"], ref["key"]] if ref else
-                             item["value"].replace("/home/kubellm", str(tmp_path)).replace("/tmp", str(tmp_path)))
+        env[item["name"]] = (
+            secret[ref["name"], ref["key"]]
+            if ref
+            else item["value"].replace("/home/kubellm", str(tmp_path)).replace("/tmp", str(tmp_path))
+        )
     kubellm = str(Path(sys.executable).with_name(container["command"][0]))
     log = (tmp_path / "pod.log").open("w")
     proc = subprocess.Popen([kubellm, *args], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
@@ -215,9 +224,17 @@ def _chrome(tmp: str):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp}",
-                 "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp}",
+        "--window-size=1400,1000",
+    ):
         opts.add_argument(flag)
     # An explicit driver path and browser binary: Selenium Manager has nothing to look up or download.
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
@@ -225,8 +242,9 @@ def _chrome(tmp: str):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_the_page_shows_the_predictors_answer(predictor_url: str, down_url: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_page_shows_the_predictors_answer(
+    predictor_url: str, down_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not shutil.which("chromium") or not shutil.which("chromedriver"):
         pytest.skip("Debian's chromium and chromium-driver are not installed (bash .ci/system-deps.sh)")
     from selenium.webdriver.common.by import By
@@ -236,8 +254,15 @@ def test_the_page_shows_the_predictors_answer(predictor_url: str, down_url: str,
     monkeypatch.setenv("SE_OFFLINE", "true")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     # As on a cluster: endpoints locked, a login (the Secret's values) before the page shows.
-    cfg = load_config(None, ["playground.temperature=0", "playground.max_tokens=8", "playground.editable_endpoints=false",
-                             f"playground.system_prompt={SYSTEM}"])
+    cfg = load_config(
+        None,
+        [
+            "playground.temperature=0",
+            "playground.max_tokens=8",
+            "playground.editable_endpoints=false",
+            f"playground.system_prompt={SYSTEM}",
+        ],
+    )
     login = ("carol", "pw-" + "5" * 12)
     prompt = "Where is the bird?"
     want = _direct(predictor_url, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
@@ -251,8 +276,9 @@ def test_the_page_shows_the_predictors_answer(predictor_url: str, down_url: str,
         driver = _chrome(profile)
         try:
             driver.get(page.url)
-            password = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR,
-                                                                                 "input[type=password]"))
+            password = WebDriverWait(driver, 30).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, "input[type=password]")
+            )
             driver.find_element(By.CSS_SELECTOR, "input[type=text]").send_keys(login[0])
             password.send_keys(login[1])
             password.send_keys(Keys.ENTER)

@@ -20,8 +20,16 @@ CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "cont
 
 
 def _server(model_dir: Path, *overrides: str) -> tuple[BackgroundServer, object]:
-    cfg = load_config(None, ["serve.precision=fp32", "serve.max_prompt_tokens=64", "serve.max_new_tokens=32",
-                             "serve.default_max_tokens=8", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "serve.precision=fp32",
+            "serve.max_prompt_tokens=64",
+            "serve.max_new_tokens=32",
+            "serve.default_max_tokens=8",
+            *overrides,
+        ],
+    )
     model = load_model(cfg, str(model_dir))
     return BackgroundServer(build_app(model)), model
 
@@ -61,8 +69,16 @@ def test_openai_models_chat_and_completion(client) -> None:
 
 def test_streaming_adds_up_to_the_same_answer(client) -> None:
     whole = client.chat.completions.create(model="kubellm", messages=CHAT, max_tokens=10, temperature=0)
-    chunks = list(client.chat.completions.create(model="kubellm", messages=CHAT, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="kubellm",
+            messages=CHAT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(deltas) == whole.choices[0].message.content
@@ -81,8 +97,10 @@ def test_32_concurrent_requests_answer_as_alone(predictor, client) -> None:
 
     async def burst() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)
-        calls = [aclient.completions.create(model="kubellm", prompt=PROMPTS[i % 4], max_tokens=8, temperature=0)
-                 for i in range(32)]
+        calls = [
+            aclient.completions.create(model="kubellm", prompt=PROMPTS[i % 4], max_tokens=8, temperature=0)
+            for i in range(32)
+        ]
         return [r.choices[0].text for r in await asyncio.gather(*calls)]
 
     assert asyncio.run(burst()) == [alone[PROMPTS[i % 4]] for i in range(32)]
@@ -95,15 +113,24 @@ def test_32_concurrent_requests_answer_as_alone(predictor, client) -> None:
 def test_kserve_v1_and_v2(predictor, client) -> None:
     url, _ = predictor
     want = [_completion(client, p) for p in PROMPTS[:2]]
-    v1 = httpx.post(f"{url}/v1/models/kubellm:predict", timeout=30,
-                    json={"instances": [PROMPTS[0], {"prompt": PROMPTS[1]}], "parameters": {"max_tokens": 8}})
+    v1 = httpx.post(
+        f"{url}/v1/models/kubellm:predict",
+        timeout=30,
+        json={"instances": [PROMPTS[0], {"prompt": PROMPTS[1]}], "parameters": {"max_tokens": 8}},
+    )
     assert v1.status_code == 200 and v1.json() == {"predictions": want}
     assert httpx.get(f"{url}/v1/models").json() == {"models": ["kubellm"]}
     assert httpx.get(f"{url}/v1/models/kubellm").json() == {"name": "kubellm", "ready": True}
 
-    v2 = httpx.post(f"{url}/v2/models/kubellm/infer", timeout=30, json={
-        "id": "r1", "parameters": {"max_tokens": 8},
-        "inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": PROMPTS[:2]}]})
+    v2 = httpx.post(
+        f"{url}/v2/models/kubellm/infer",
+        timeout=30,
+        json={
+            "id": "r1",
+            "parameters": {"max_tokens": 8},
+            "inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": PROMPTS[:2]}],
+        },
+    )
     assert v2.status_code == 200
     out = v2.json()
     assert out["id"] == "r1" and out["outputs"][0]["name"] == "text_output" and out["outputs"][0]["data"] == want
@@ -123,8 +150,13 @@ MALFORMED = [
     (OAI, {"model": "kubellm"}, 400, "invalid_value", "messages"),
     (OAI, {"model": "kubellm", "messages": "hi"}, 400, "invalid_value", "messages"),
     (OAI, {"model": "gpt-4", "messages": CHAT}, 404, "model_not_found", "'gpt-4' does not exist"),
-    (OAI, {"model": "kubellm", "messages": [{"role": "user", "content": LONG}]}, 400, "context_length_exceeded",
-     "limit of 64"),
+    (
+        OAI,
+        {"model": "kubellm", "messages": [{"role": "user", "content": LONG}]},
+        400,
+        "context_length_exceeded",
+        "limit of 64",
+    ),
     (OAI, {"model": "kubellm", "messages": CHAT, "max_tokens": -1}, 400, None, "max_tokens"),
     (OAI, {"model": "kubellm", "messages": CHAT, "max_tokens": 0}, 400, None, "max_tokens"),
     (OAI, {"model": "kubellm", "messages": CHAT, "max_tokens": 10**9}, 400, None, "limit"),
@@ -138,19 +170,33 @@ MALFORMED = [
     ("/v1/models/kubellm:predict", {"instances": ["x"], "parameters": {"beams": 4}}, 400, None, "beams"),
     ("/v1/models/kubellm:predict", {"instances": ["x"], "parameters": {"max_tokens": -5}}, 400, None, "max_tokens"),
     ("/v1/models/nope:predict", {"instances": ["x"]}, 404, None, "nope does not exist"),
-    ("/v2/models/kubellm/infer", {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
-     400, None, "text_input"),
-    ("/v2/models/kubellm/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "FP32",
-                                              "data": [1.0]}]}, 400, None, "BYTES"),
+    (
+        "/v2/models/kubellm/infer",
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+        400,
+        None,
+        "text_input",
+    ),
+    (
+        "/v2/models/kubellm/infer",
+        {"inputs": [{"name": "text_input", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+        400,
+        None,
+        "BYTES",
+    ),
     ("/v2/models/kubellm/infer", {"inputs": "nope"}, 400, None, "inputs"),
     ("/v2/models/nope/infer", {"inputs": []}, 404, None, "nope does not exist"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "code", "fragment"), MALFORMED,
-                         ids=[f"{i}-{row[0].split('/')[-1]}-{row[2]}" for i, row in enumerate(MALFORMED)])
-def test_malformed_requests_get_their_status_and_the_server_keeps_serving(predictor, path, body, status, code,
-                                                                          fragment) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "fragment"),
+    MALFORMED,
+    ids=[f"{i}-{row[0].split('/')[-1]}-{row[2]}" for i, row in enumerate(MALFORMED)],
+)
+def test_malformed_requests_get_their_status_and_the_server_keeps_serving(
+    predictor, path, body, status, code, fragment
+) -> None:
     url, _ = predictor
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
     resp = httpx.post(url + path, timeout=30, **kw)
@@ -163,8 +209,9 @@ def test_malformed_requests_get_their_status_and_the_server_keeps_serving(predic
     else:
         message = error
     assert fragment in message and "\n" not in message
-    ok = httpx.post(f"{url}/openai/v1/completions", json={"model": "kubellm", "prompt": "The cat", "max_tokens": 2},
-                    timeout=30)
+    ok = httpx.post(
+        f"{url}/openai/v1/completions", json={"model": "kubellm", "prompt": "The cat", "max_tokens": 2}, timeout=30
+    )
     assert ok.status_code == 200
 
 
@@ -182,8 +229,11 @@ def test_full_queue_answers_503_and_recovers(tiny_model_dir: Path) -> None:
         assert 200 in codes and 503 in codes and set(codes) == {200, 503}
         busy = next(r for r in answers if r.status_code == 503).json()["error"]
         assert busy["code"] == "overloaded" and "1 requests already waiting" in busy["message"]
-        again = httpx.post(f"{server.url}/openai/v1/completions", timeout=30,
-                           json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
+        again = httpx.post(
+            f"{server.url}/openai/v1/completions",
+            timeout=30,
+            json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4},
+        )
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
 
 
@@ -199,6 +249,8 @@ def test_rollout_smoke_check_against_the_predictor(predictor) -> None:
     # URL as KServe reported it.
     with pytest.raises(ServingError, match=r"local\.serving\.invalid/openai/v1/completions failed"):
         http_smoke("kubellm", timeout_s=2)("http://local.serving.invalid")
-    assert _cluster_local("http://latest-local-predictor.serving.example.com") == \
-        "http://latest-local-predictor.serving.svc.cluster.local"
+    assert (
+        _cluster_local("http://latest-local-predictor.serving.example.com")
+        == "http://latest-local-predictor.serving.svc.cluster.local"
+    )
     assert _cluster_local(url) is None and _cluster_local("http://x.ns.svc.cluster.local") is None

@@ -77,25 +77,47 @@ class FakeKServe(threading.Thread):
         pending = {"latestCreatedRevision": rev, "latestReadyRevision": previous.get("latestReadyRevision")}
         self._status({"components": {"predictor": pending}})
         if "containerConcurrency" not in obj["spec"]["predictor"]:  # the webhook's default
-            self.api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, self.name,
-                                                    {"spec": {"predictor": {"containerConcurrency": 0}}})
+            self.api.patch_namespaced_custom_object(
+                GROUP, VERSION, NS, PLURAL, self.name, {"spec": {"predictor": {"containerConcurrency": 0}}}
+            )
         time.sleep(POLL * 3)
         if outcome == "ready":
-            traffic = [{"tag": "latest", "revisionName": rev, "latestRevision": True,
-                        "percent": canary if canary is not None else 100, "url": LATEST_URL}]
-            self._status({
-                "url": f"http://{self.name}.{NS}.example.com",
-                "address": {"url": f"http://{self.name}-predictor.{NS}.svc.cluster.local"},
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "components": {"predictor": {"latestCreatedRevision": rev, "latestReadyRevision": rev,
-                                             "traffic": traffic}},
-            })
+            traffic = [
+                {
+                    "tag": "latest",
+                    "revisionName": rev,
+                    "latestRevision": True,
+                    "percent": canary if canary is not None else 100,
+                    "url": LATEST_URL,
+                }
+            ]
+            self._status(
+                {
+                    "url": f"http://{self.name}.{NS}.example.com",
+                    "address": {"url": f"http://{self.name}-predictor.{NS}.svc.cluster.local"},
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                    "components": {
+                        "predictor": {"latestCreatedRevision": rev, "latestReadyRevision": rev, "traffic": traffic}
+                    },
+                }
+            )
         elif outcome == "fail":
-            self._status({"conditions": [{"type": "Ready", "status": "False", "reason": "RevisionFailed",
-                                          "message": "container exited with code 1"}],
-                          "modelStatus": {"states": {"targetModelState": "FailedToLoad"},
-                                          "lastFailureInfo": {"reason": "ModelLoadFailed",
-                                                              "message": "no safetensors in /mnt/models"}}})
+            self._status(
+                {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "False",
+                            "reason": "RevisionFailed",
+                            "message": "container exited with code 1",
+                        }
+                    ],
+                    "modelStatus": {
+                        "states": {"targetModelState": "FailedToLoad"},
+                        "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no safetensors in /mnt/models"},
+                    },
+                }
+            )
 
     def finish(self) -> None:
         self._stop_event.set()
@@ -126,7 +148,8 @@ def _live(fake_api) -> dict:
     from kubernetes import client
 
     return client.CustomObjectsApi(fake_api.api_client()).get_namespaced_custom_object(
-        GROUP, VERSION, NS, PLURAL, "local")
+        GROUP, VERSION, NS, PLURAL, "local"
+    )
 
 
 def _storage_uri(obj: dict) -> str:
@@ -141,8 +164,7 @@ def _patches(fake_api) -> list[dict]:
 
 
 def _roll(fake_api, isvc: dict, smoke, timeout_s: float = 5.0) -> RolloutResult:
-    return rollout(isvc, namespace=NS, api_client=fake_api.api_client(), timeout_s=timeout_s, poll_s=POLL,
-                   smoke=smoke)
+    return rollout(isvc, namespace=NS, api_client=fake_api.api_client(), timeout_s=timeout_s, poll_s=POLL, smoke=smoke)
 
 
 @pytest.fixture()
@@ -204,8 +226,11 @@ def test_failed_smoke_rolls_back_to_the_previous_spec(fake_api, kserve, make_cfg
     assert _roll(fake_api, first, Smoke(fake_api.api_client(), "local")).status == "promoted"
     before = _live(fake_api)
 
-    bad = build_inferenceservice(make_cfg("deploy.max_replicas=3", "platform.default.node_selector={}"),
-                                 "s3://models/kubellm/2", model_version="2")
+    bad = build_inferenceservice(
+        make_cfg("deploy.max_replicas=3", "platform.default.node_selector={}"),
+        "s3://models/kubellm/2",
+        model_version="2",
+    )
     result = _roll(fake_api, bad, Smoke(fake_api.api_client(), "local", fail="HTTP 500 from the canary"))
     assert result.status == "rolled_back"
     assert result.reason == "smoke test failed: HTTP 500 from the canary"
@@ -217,8 +242,11 @@ def test_failed_smoke_rolls_back_to_the_previous_spec(fake_api, kserve, make_cfg
     assert live["metadata"]["labels"]["kubellm.io/model-version"] == "1"
     assert live["metadata"]["annotations"][LAST_APPLIED] == before["metadata"]["annotations"][LAST_APPLIED]
     # Traffic left the canary first, before the spec was restored.
-    canary_patches = [p["spec"]["predictor"].get("canaryTrafficPercent") for p in _patches(fake_api)
-                      if "predictor" in p.get("spec", {}) and "canaryTrafficPercent" in p["spec"]["predictor"]]
+    canary_patches = [
+        p["spec"]["predictor"].get("canaryTrafficPercent")
+        for p in _patches(fake_api)
+        if "predictor" in p.get("spec", {}) and "canaryTrafficPercent" in p["spec"]["predictor"]
+    ]
     assert canary_patches[-2:] == [0, None]
 
 
@@ -238,8 +266,12 @@ def test_update_never_ready_times_out_and_rolls_back(fake_api, kserve, make_cfg)
 def test_first_deployment_that_fails_to_load_is_failed_fast(fake_api, kserve, make_cfg) -> None:
     kserve(["fail"])
     t0 = time.monotonic()
-    result = _roll(fake_api, build_inferenceservice(make_cfg(), "s3://models/broken"),
-                   Smoke(fake_api.api_client(), "local"), timeout_s=30)
+    result = _roll(
+        fake_api,
+        build_inferenceservice(make_cfg(), "s3://models/broken"),
+        Smoke(fake_api.api_client(), "local"),
+        timeout_s=30,
+    )
     assert time.monotonic() - t0 < 15  # failed on the first failure it saw, not at the 30 s timeout
     assert result.status == "failed"
     assert "RevisionFailed" in result.reason and "container exited with code 1" in result.reason
@@ -249,22 +281,36 @@ def test_first_deployment_that_fails_to_load_is_failed_fast(fake_api, kserve, ma
 def _deploy(cfg, version: int, tmp_path, **kw):
     """``kubellm deploy``'s path: the deploy stage against the fake cluster, tracked in a sqlite store (the
     registry calls are recorded by the test)."""
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
-        update={"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"})})
-    return deploy(cfg, tmp_path / "deploy", StageContext(cfg.tracking, str(tmp_path)), target="cluster",
-                  model_uri=f"models:/{cfg.tracking.registered_model}/{version}", **kw)
+    cfg = cfg.model_copy(
+        update={"tracking": cfg.tracking.model_copy(update={"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"})}
+    )
+    return deploy(
+        cfg,
+        tmp_path / "deploy",
+        StageContext(cfg.tracking, str(tmp_path)),
+        target="cluster",
+        model_uri=f"models:/{cfg.tracking.registered_model}/{version}",
+        **kw,
+    )
 
 
-def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve, make_cfg, tmp_path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deploy_promotes_the_version_and_creates_the_playground(
+    fake_api, kserve, make_cfg, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubernetes import client
 
     from kubellm.k8s.playground import apply_playground, build_playground
     from kubellm.tracking import registry
 
     promoted = []
-    monkeypatch.setattr(registry, "promote", lambda cfg, workdir, version, alias: promoted.append((version, alias))
-                        or registry.ModelVersionInfo(name="m", version=version, aliases=[alias], uri="", tags={}))
+    monkeypatch.setattr(
+        registry,
+        "promote",
+        lambda cfg, workdir, version, alias: (
+            promoted.append((version, alias))
+            or registry.ModelVersionInfo(name="m", version=version, aliases=[alias], uri="", tags={})
+        ),
+    )
     cfg = make_cfg("deploy.poll_s=0.02", "deploy.ready_timeout_s=5", "deploy.storage_uri=s3://models/kubellm/3")
     kserve(["ready"])
     out = _deploy(cfg, 3, tmp_path, api_client=fake_api.api_client(), smoke=Smoke(fake_api.api_client(), "local"))
@@ -279,8 +325,9 @@ def test_deploy_promotes_the_version_and_creates_the_playground(fake_api, kserve
     assert apply_playground(objs, namespace=NS, api_client=fake_api.api_client()) == ["patched", "unchanged"]
 
 
-def test_a_failed_deploy_promotes_nothing(fake_api, kserve, make_cfg, tmp_path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_deploy_promotes_nothing(
+    fake_api, kserve, make_cfg, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 

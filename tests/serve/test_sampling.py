@@ -22,8 +22,9 @@ N = 16
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> LLMModel:
-    m = LLMModel(ServeConfig(precision="fp32", max_new_tokens=32, default_max_tokens=8, batch_wait_ms=30),
-                 str(tiny_model_dir))
+    m = LLMModel(
+        ServeConfig(precision="fp32", max_new_tokens=32, default_max_tokens=8, batch_wait_ms=30), str(tiny_model_dir)
+    )
     m.load()
     return m
 
@@ -39,7 +40,7 @@ class OpenAIPenalties:
         import torch
 
         for row in range(scores.shape[0]):
-            generated = input_ids[row, self.start:]
+            generated = input_ids[row, self.start :]
             if generated.numel():
                 counts = torch.bincount(generated, minlength=scores.shape[1]).to(scores.dtype)
                 scores[row] -= counts * self.frequency + (counts > 0).to(scores.dtype) * self.presence
@@ -59,12 +60,19 @@ def _reference(model: LLMModel, prompt: str, **settings) -> str:
         kwargs["sequence_bias"] = {(int(t),): float(b) for t, b in settings["logit_bias"].items()}
     processors = LogitsProcessorList()
     if "presence_penalty" in settings or "frequency_penalty" in settings:
-        processors.append(OpenAIPenalties(ids.shape[1], settings.get("presence_penalty", 0.0),
-                                          settings.get("frequency_penalty", 0.0)))
+        processors.append(
+            OpenAIPenalties(ids.shape[1], settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0))
+        )
     with torch.inference_mode():
-        out = model.engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
-                                          do_sample=False, logits_processor=processors, **kwargs)
-    return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=N,
+            do_sample=False,
+            logits_processor=processors,
+            **kwargs,
+        )
+    return model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _engine_answers(model: LLMModel, jobs: list[tuple[str, dict]]) -> list[str]:
@@ -93,7 +101,7 @@ def test_penalties_and_biases_match_transformers_row_by_row(model: LLMModel) -> 
     settings = [*SETTINGS, {"logit_bias": {str(bias_token): 100.0}}]
     jobs = [(p, s) for s in settings for p in PROMPTS] + [(p, {}) for p in PROMPTS]
     answers = _engine_answers(model, jobs)
-    plain = dict(zip(PROMPTS, answers[-len(PROMPTS):], strict=True))
+    plain = dict(zip(PROMPTS, answers[-len(PROMPTS) :], strict=True))
     for (prompt, s), got in zip(jobs, answers, strict=True):
         assert got == _reference(model, prompt, **s), (prompt, s)
     for s in settings:  # every setting changes at least one answer: the test can tell
@@ -120,27 +128,47 @@ def test_n_choices(url: str) -> None:
     assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # counted once per prompt
     assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
 
-    sampled = [client.chat.completions.create(model="kubellm", messages=[{"role": "user", "content": "Hi"}], n=3,
-                                              max_tokens=8, temperature=1.0, seed=7) for _ in range(2)]
+    sampled = [
+        client.chat.completions.create(
+            model="kubellm", messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=8, temperature=1.0, seed=7
+        )
+        for _ in range(2)
+    ]
     first = [c.message.content for c in sampled[0].choices]
     assert [c.message.content for c in sampled[1].choices] == first  # seeded: repeatable
     assert len(set(first)) > 1  # and the choices differ
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("field", "value"), [
-    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0), ("repetition_penalty", 3),
-    ("logit_bias", {"99999": 1}), ("logit_bias", {"5": 101}), ("logit_bias", {"x": 1}), ("n", 17), ("n", 0),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 3),
+        ("logit_bias", {"99999": 1}),
+        ("logit_bias", {"5": 101}),
+        ("logit_bias", {"x": 1}),
+        ("n", 17),
+        ("n", 0),
+    ],
+)
 def test_out_of_range_values_are_refused_by_name(url: str, field: str, value) -> None:
-    resp = httpx.post(f"{url}/openai/v1/completions", timeout=30,
-                      json={"model": "kubellm", "prompt": "Hi", "max_tokens": 2, field: value})
+    resp = httpx.post(
+        f"{url}/openai/v1/completions",
+        timeout=30,
+        json={"model": "kubellm", "prompt": "Hi", "max_tokens": 2, field: value},
+    )
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == field and resp.json()["error"]["message"].startswith(field)
 
 
 @pytest.mark.integration
 def test_penalties_on_kserve_v1(url: str, model: LLMModel) -> None:
-    resp = httpx.post(f"{url}/v1/models/kubellm:predict", timeout=60, json={
-        "instances": [PROMPTS[0]], "parameters": {"max_tokens": N, "repetition_penalty": 1.8}})
+    resp = httpx.post(
+        f"{url}/v1/models/kubellm:predict",
+        timeout=60,
+        json={"instances": [PROMPTS[0]], "parameters": {"max_tokens": N, "repetition_penalty": 1.8}},
+    )
     assert resp.json()["predictions"] == [_reference(model, PROMPTS[0], repetition_penalty=1.8)]

@@ -28,8 +28,19 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]
 
 
 def test_deploy_dry_run_prints_valid_manifests(capsys) -> None:
-    code, out, _ = _run(["deploy", "--config", str(LOCAL), "--dry-run", "--storage-uri", "s3://models/kubellm/3",
-                         "--model-version", "3"], capsys)
+    code, out, _ = _run(
+        [
+            "deploy",
+            "--config",
+            str(LOCAL),
+            "--dry-run",
+            "--storage-uri",
+            "s3://models/kubellm/3",
+            "--model-version",
+            "3",
+        ],
+        capsys,
+    )
     assert code == 0
     docs = list(yaml.safe_load_all(out))
     assert [d["kind"] for d in docs] == ["InferenceService", "Deployment", "Service"]
@@ -38,8 +49,10 @@ def test_deploy_dry_run_prints_valid_manifests(capsys) -> None:
     args = docs[1]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--endpoint") + 1] == "http://local-predictor.kubellm.svc.cluster.local"
 
-    code, out, _ = _run(["deploy", "-c", str(LOCAL), "--dry-run", "--storage-uri", "gs://b/m",
-                         "--set", "deploy.playground=false"], capsys)
+    code, out, _ = _run(
+        ["deploy", "-c", str(LOCAL), "--dry-run", "--storage-uri", "gs://b/m", "--set", "deploy.playground=false"],
+        capsys,
+    )
     assert code == 0 and [d["kind"] for d in yaml.safe_load_all(out)] == ["InferenceService"]
 
 
@@ -50,8 +63,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path: Path) -> None:
     assert code == 2 and "no such model directory" in err and err.count("\n") == 1
 
 
-def test_default_model_is_the_registry_champion(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path) -> None:
+def test_default_model_is_the_registry_champion(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from kubellm.config import load_config
     from kubellm.serve.app import load_model
     from kubellm.tracking import registry
@@ -71,12 +85,12 @@ def test_default_model_is_the_registry_champion(tiny_model_dir: Path, monkeypatc
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_kubellm_serve_process_serves_and_stops_on_sigterm(tiny_model_dir: Path, tmp_path: Path,
-                                                           start_serve) -> None:
+def test_kubellm_serve_process_serves_and_stops_on_sigterm(tiny_model_dir: Path, tmp_path: Path, start_serve) -> None:
     # --config must reach our CLI intact: kserve's import-time parser would take it for --configure_logging.
     with start_serve(tiny_model_dir, tmp_path) as (url, proc):
-        answer = httpx.post(f"{url}/openai/v1/completions", timeout=30,
-                            json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4})
+        answer = httpx.post(
+            f"{url}/openai/v1/completions", timeout=30, json={"model": "kubellm", "prompt": "The cat", "max_tokens": 4}
+        )
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it.

@@ -17,13 +17,24 @@ from kubellm.k8s.schema import validate_against_crd, vendored_crd
 
 VARIANTS = {
     "kubellm-cpu": [],
-    "kubellm-gpu-raw": ["platform.stages={deploy: {resources: {gpus: 2, accelerator: nvidia-l4}}}",
-                        "deploy.deployment_mode=RawDeployment", "deploy.canary_traffic_percent=null"],
-    "kubellm-adapter": ["serve.base_model=/models/base", "deploy.scale_metric=rps", "deploy.min_replicas=0",
-                        "deploy.max_replicas=4"],
+    "kubellm-gpu-raw": [
+        "platform.stages={deploy: {resources: {gpus: 2, accelerator: nvidia-l4}}}",
+        "deploy.deployment_mode=RawDeployment",
+        "deploy.canary_traffic_percent=null",
+    ],
+    "kubellm-adapter": [
+        "serve.base_model=/models/base",
+        "deploy.scale_metric=rps",
+        "deploy.min_replicas=0",
+        "deploy.max_replicas=4",
+    ],
     "hf-cpu": ["deploy.runtime=huggingface", "deploy.hf_args=[--dtype=float32]"],
-    "hf-gpu": ["deploy.runtime=huggingface", "platform.stages={deploy: {resources: {gpus: 1}}}",
-               "deploy.deployment_mode=Serverless", "deploy.scale_target=3"],
+    "hf-gpu": [
+        "deploy.runtime=huggingface",
+        "platform.stages={deploy: {resources: {gpus: 1}}}",
+        "deploy.deployment_mode=Serverless",
+        "deploy.scale_target=3",
+    ],
     "kubellm-external": ["deploy.visibility=external"],
 }
 
@@ -75,7 +86,8 @@ def test_kubellm_runtime_serves_storage_uri_with_every_serve_field_pinned(make_c
     pod_serve = load_config(None, sets).serve
     assert pod_serve.host == "0.0.0.0"
     assert pod_serve.model_dump(exclude={"host", "port", "model"}) == cfg.serve.model_dump(
-        exclude={"host", "port", "model"})
+        exclude={"host", "port", "model"}
+    )
     assert isvc["metadata"]["annotations"]["kubellm.io/model-name"] == "chat"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/chat/ready"
 
@@ -127,8 +139,7 @@ def test_huggingface_runtime(make_cfg) -> None:
 def test_missing_storage_uri_is_one_clear_line(make_cfg) -> None:
     with pytest.raises(ServingError, match="deploy.storage_uri"):
         build_inferenceservice(make_cfg(), None)
-    env = build_inferenceservice(make_cfg("deploy.storage_uri=gs://b/m"))["spec"]["predictor"][
-        "containers"][0]["env"]
+    env = build_inferenceservice(make_cfg("deploy.storage_uri=gs://b/m"))["spec"]["predictor"]["containers"][0]["env"]
     assert {"name": "STORAGE_URI", "value": "gs://b/m"} in env
 
 
@@ -136,8 +147,11 @@ def test_playground_deployment_and_service(make_cfg) -> None:
     import kubernetes_validate
 
     cfg = make_cfg("playground.temperature=0.2", "serve.model_name=chat")
-    objs = build_playground(cfg, "http://local-predictor.serving.svc.cluster.local",
-                            compare_url="http://base-predictor.serving.svc.cluster.local")
+    objs = build_playground(
+        cfg,
+        "http://local-predictor.serving.svc.cluster.local",
+        compare_url="http://base-predictor.serving.svc.cluster.local",
+    )
     assert [o["kind"] for o in objs] == ["Deployment", "Service"]
     for obj in objs:
         kubernetes_validate.validate(obj, "1.30.0", strict=True)  # raises on any schema error
@@ -158,8 +172,10 @@ def test_playground_deployment_and_service(make_cfg) -> None:
 
 @pytest.mark.parametrize("runtime", ["kubellm", "huggingface"])
 def test_the_predictor_gets_a_hub_token_only_when_it_loads_from_the_hub(make_cfg, runtime: str) -> None:
-    token = "platform.stages={deploy: {secret_env: [{secret: hf-token, key: token, env: HF_TOKEN}, " \
-            "{secret: s3-creds, key: key, env: AWS_ACCESS_KEY_ID}]}}"
+    token = (
+        "platform.stages={deploy: {secret_env: [{secret: hf-token, key: token, env: HF_TOKEN}, "
+        "{secret: s3-creds, key: key, env: AWS_ACCESS_KEY_ID}]}}"
+    )
 
     def env_names(*overrides: str) -> set[str]:
         isvc = build_inferenceservice(make_cfg(token, f"deploy.runtime={runtime}", *overrides), "s3://m/1")
@@ -178,9 +194,17 @@ def test_cluster_local_and_scraped_unless_told_otherwise(make_cfg, variant: str)
     meta = isvc["metadata"]
     assert meta["labels"]["networking.kserve.io/visibility"] == "cluster-local"
     assert "networking.kserve.io/visibility" not in isvc["spec"]["predictor"]["labels"]
-    assert {k: meta["annotations"][k] for k in ("serving.kserve.io/enable-prometheus-scraping",
-                                                "prometheus.kserve.io/port", "prometheus.kserve.io/path")} == {
-        "serving.kserve.io/enable-prometheus-scraping": "true", "prometheus.kserve.io/port": "8080",
-        "prometheus.kserve.io/path": "/metrics"}
+    assert {
+        k: meta["annotations"][k]
+        for k in (
+            "serving.kserve.io/enable-prometheus-scraping",
+            "prometheus.kserve.io/port",
+            "prometheus.kserve.io/path",
+        )
+    } == {
+        "serving.kserve.io/enable-prometheus-scraping": "true",
+        "prometheus.kserve.io/port": "8080",
+        "prometheus.kserve.io/path": "/metrics",
+    }
     external = build_inferenceservice(make_cfg(*VARIANTS[variant], "deploy.visibility=external"), "s3://m/1")
     assert "networking.kserve.io/visibility" not in external["metadata"]["labels"]

@@ -20,8 +20,11 @@ def _scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample of ``/metrics`` as ``(name, sorted labels) -> value``."""
     resp = httpx.get(f"{url}/metrics", timeout=10)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
 
 
 def _value(samples: dict, name: str, **labels: str) -> float:
@@ -42,8 +45,12 @@ def test_metrics_move_under_load(tiny_model_dir: Path, tmp_path: Path, start_ser
             body = {"model": "kubellm", "prompt": "The cat", "max_tokens": 12, "min_tokens": 12}
             async with httpx.AsyncClient(timeout=120) as http:
                 calls = [http.post(url + COMPLETIONS, json=body) for _ in range(8)]
-                calls.append(http.post(f"{url}/v1/models/kubellm:predict",
-                                       json={"instances": ["The dog"], "parameters": {"max_tokens": 3}}))
+                calls.append(
+                    http.post(
+                        f"{url}/v1/models/kubellm:predict",
+                        json={"instances": ["The dog"], "parameters": {"max_tokens": 3}},
+                    )
+                )
                 calls.append(http.post(url + COMPLETIONS, json={"model": "kubellm", "prompt": "x", "tools": [{}]}))
                 calls.append(http.post(url + COMPLETIONS, content=b"x" * (5 * 1024 * 1024)))
                 return [r.status_code for r in await asyncio.gather(*calls)]
@@ -60,10 +67,12 @@ def test_metrics_move_under_load(tiny_model_dir: Path, tmp_path: Path, start_ser
         deadline = time.monotonic() + 30
         while True:
             after = _scrape(url)
-            counted = (_value(after, "kubellm_request_duration_seconds_count", **route)
-                       - _value(before, "kubellm_request_duration_seconds_count", **route))
-            refused = (_value(after, "kubellm_requests_total", route="unmatched", method="POST", status="413")
-                       - _value(before, "kubellm_requests_total", route="unmatched", method="POST", status="413"))
+            counted = _value(after, "kubellm_request_duration_seconds_count", **route) - _value(
+                before, "kubellm_request_duration_seconds_count", **route
+            )
+            refused = _value(after, "kubellm_requests_total", route="unmatched", method="POST", status="413") - _value(
+                before, "kubellm_requests_total", route="unmatched", method="POST", status="413"
+            )
             if (counted >= 9 and refused >= 1) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

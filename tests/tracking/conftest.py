@@ -58,20 +58,36 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["def add(a, b): return a + b", "the cat sat on the mat"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        ["def add(a, b): return a + b", "the cat sat on the mat"] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|pad|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    model = build_model(ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64), vocab_size=len(tok),
-                        block_size=64, bos_token_id=None, eos_token_id=0, pad_token_id=1, seed=0)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model = build_model(
+        ModelConfig(preset="tiny", hidden_size=32, intermediate_size=64),
+        vocab_size=len(tok),
+        block_size=64,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=1,
+        seed=0,
+    )
     full = root / "full"
     model.save_pretrained(str(full))
     tok.save_pretrained(str(full))
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(full)),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(full)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -98,8 +114,10 @@ def _early_server(request: pytest.FixtureRequest) -> None:
     ~6 s of start-up overlaps the other tests instead of adding to them."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return  # a worker does not know which tests it will be handed: start the server when first asked
-    if any(item.get_closest_marker("integration") and "mlflow_server" in getattr(item, "fixturenames", ())
-           for item in request.session.items):
+    if any(
+        item.get_closest_marker("integration") and "mlflow_server" in getattr(item, "fixturenames", ())
+        for item in request.session.items
+    ):
         request.getfixturevalue("_server_process")
 
 
@@ -139,7 +157,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     docs = [" ".join(words[(i + j) % len(words)] for j in range(12)) + f" {i}." for i in range(600)]
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    cfg = DataConfig.model_validate({"kind": "pretrain", "sources": [{"uri": str(root / "docs.jsonl")}],
-                                     "block_size": 32, "tokenizer": {"vocab_size": 300},
-                                     "cleaning": {"min_chars": 1}})
+    cfg = DataConfig.model_validate(
+        {
+            "kind": "pretrain",
+            "sources": [{"uri": str(root / "docs.jsonl")}],
+            "block_size": 32,
+            "tokenizer": {"vocab_size": 300},
+            "cleaning": {"min_chars": 1},
+        }
+    )
     return prepare(cfg, root / "prepared").path

@@ -26,8 +26,9 @@ from typing import Any
 
 
 class MlflowPluginStandIn:
-    def __init__(self, uri: str, experiment_id: str, state: dict[str, Any] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, uri: str, experiment_id: str, state: dict[str, Any] | None = None, extra_env: dict[str, str] | None = None
+    ) -> None:
         from mlflow import MlflowClient
 
         self.uri, self.experiment_id = uri, experiment_id
@@ -49,14 +50,21 @@ class MlflowPluginStandIn:
         with self._lock:
             run_id = self.state["tasks"].get(task)
             if run_id is None:
-                run_id = self.client.create_run(self.experiment_id, run_name=task, tags={
-                    "mlflow.parentRunId": self.state["parent"], "kfp.task": task}).info.run_id
+                run_id = self.client.create_run(
+                    self.experiment_id,
+                    run_name=task,
+                    tags={"mlflow.parentRunId": self.state["parent"], "kfp.task": task},
+                ).info.run_id
                 self.state["tasks"][task] = run_id
             else:  # the retried KFP run reopens the task's run
                 self.client.update_run(run_id, status="RUNNING")
             self.state["handed"].append(task)
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_EXPERIMENT_ID": self.experiment_id,
-                "MLFLOW_RUN_ID": run_id, **self.extra_env}
+        return {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_EXPERIMENT_ID": self.experiment_id,
+            "MLFLOW_RUN_ID": run_id,
+            **self.extra_env,
+        }
 
     def end(self, task: str, ok: bool) -> None:
         self.client.set_terminated(self.state["tasks"][task], "FINISHED" if ok else "FAILED")
@@ -70,7 +78,7 @@ class MlflowPluginStandIn:
 
 def main(argv: list[str]) -> int:
     """``STATE.json -- kubellm-args…``: one ``kubellm run`` under the plugin (its exit code)."""
-    state_file, args = Path(argv[0]), argv[argv.index("--") + 1:]
+    state_file, args = Path(argv[0]), argv[argv.index("--") + 1 :]
     doc = json.loads(state_file.read_text())
     plugin = MlflowPluginStandIn(doc["uri"], doc["experiment_id"], doc.get("state"), doc.get("extra_env"))
     plugin.open(doc["kfp_run_name"])

@@ -15,10 +15,18 @@ from kubellm.stages import deploy as stage
 
 
 @pytest.mark.slow
-def test_local_deploy_smoke_tests_a_real_predictor_and_claims_no_endpoint(workdir: Path,
-                                                                          tiny_models: dict[str, Path]) -> None:
-    cfg = load_config(None, [f"workdir={workdir}", "tracking.registered_model=tiny-lm", "deploy.smoke_max_tokens=2",
-                             "deploy.storage_uri=pvc://models/tiny"])
+def test_local_deploy_smoke_tests_a_real_predictor_and_claims_no_endpoint(
+    workdir: Path, tiny_models: dict[str, Path]
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            f"workdir={workdir}",
+            "tracking.registered_model=tiny-lm",
+            "deploy.smoke_max_tokens=2",
+            "deploy.storage_uri=pvc://models/tiny",
+        ],
+    )
     ctx = StageContext(cfg.tracking, str(workdir))
     uri = registry.register(tiny_models["full"], ctx).values["uri"]
 

@@ -13,12 +13,14 @@ from kubellm.tracking import end_parent_run, resolve_tracking_uri, stage_run, st
 from kubellm.tracking.headline import NOTE_TAG
 
 
-def test_the_parent_run_carries_metrics_gate_version_and_a_description(workdir: Path,
-                                                                       tiny_models: dict[str, Path]) -> None:
+def test_the_parent_run_carries_metrics_gate_version_and_a_description(
+    workdir: Path, tiny_models: dict[str, Path]
+) -> None:
     cfg = TrackingConfig(registered_model="story")
     config = {"name": "demo", "pretrain": {"loop": {"max_steps": 3}}, "evaluate": {"gate": {}}}
-    parent = start_parent_run(cfg, workdir, pipeline="llm-lifecycle", run_name="demo", config=config,
-                              tags={"kfp_run_id": "k1"})
+    parent = start_parent_run(
+        cfg, workdir, pipeline="llm-lifecycle", run_name="demo", config=config, tags={"kfp_run_id": "k1"}
+    )
     with stage_run(cfg, workdir, parent_run_id=parent, stage="evaluate") as ev:
         ev.log_metrics({"perplexity": 80.0, "base_perplexity": 400.0, "perplexity_ratio": 0.2, "gate_passed": 1.0})
     uri = registry.register(tiny_models["full"], StageContext(cfg, str(workdir), parent)).values["uri"]
@@ -35,7 +37,11 @@ def test_the_parent_run_carries_metrics_gate_version_and_a_description(workdir: 
     assert run.data.tags["registered_model"] == "models:/story/1"
     assert run.info.run_name == f"lifecycle · v1 registered · {started}" and run.data.tags["run_name"] == "demo"
     note = run.data.tags[NOTE_TAG]
-    assert "| gate | passed |" in note and "| registered | [story v1](#/models/story/versions/1) |" in note and "0.200" in note
+    assert (
+        "| gate | passed |" in note
+        and "| registered | [story v1](#/models/story/versions/1) |" in note
+        and "0.200" in note
+    )
     version = client.get_model_version("story", "1")
     assert uri == "models:/story/1"
     produced = version.source.removeprefix("models:/")

@@ -19,8 +19,14 @@ import pytest
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-LOOP = {"max_steps": 8, "log_every": 2, "checkpoint_every": 4, "micro_batch_size": 2, "precision": "fp32",
-        "eval_every": 1000}
+LOOP = {
+    "max_steps": 8,
+    "log_every": 2,
+    "checkpoint_every": 4,
+    "micro_batch_size": 2,
+    "precision": "fp32",
+    "eval_every": 1000,
+}
 SETS = [a for k, v in LOOP.items() for a in ("--set", f"pretrain.loop.{k}={v}")]
 
 
@@ -31,7 +37,8 @@ def _all_runs(client, *experiment_ids: str) -> list:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_stage_command_handed_mlflow_run_id_logs_into_that_run_and_opens_no_other(
-        corpus: Path, tmp_path: Path, mlflow_server: str) -> None:
+    corpus: Path, tmp_path: Path, mlflow_server: str
+) -> None:
     """`kubellm pretrain` with MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID and MLFLOW_RUN_ID set, as
     MLflow's own clients honour them (the plugin's nested run of a task): params, per-step metrics,
     artifacts and tags land in that run; no run appears in kubellm's experiment or the plugin's; run
@@ -43,11 +50,26 @@ def test_a_stage_command_handed_mlflow_run_id_logs_into_that_run_and_opens_no_ot
     exp = client.create_experiment(f"plugin-cli-{tmp_path.name}")
     parent = client.create_run(exp, run_name="kfp-run").info.run_id
     task = client.create_run(exp, run_name="pretrain", tags={"mlflow.parentRunId": parent}).info.run_id
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_server,
-           "MLFLOW_EXPERIMENT_ID": exp, "MLFLOW_RUN_ID": task}
-    cmd = [str(BIN / "kubellm"), "pretrain", "--data", str(corpus), "--out", str(tmp_path / "out"), *SETS,
-           "--set", f"tracking.experiment=kubellm-{tmp_path.name}",
-           "--set", f"tracking.uri=sqlite:///{tmp_path / 'elsewhere.db'}"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_EXPERIMENT_ID": exp,
+        "MLFLOW_RUN_ID": task,
+    }
+    cmd = [
+        str(BIN / "kubellm"),
+        "pretrain",
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        *SETS,
+        "--set",
+        f"tracking.experiment=kubellm-{tmp_path.name}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'elsewhere.db'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -81,7 +103,8 @@ def test_a_stage_command_handed_mlflow_run_id_logs_into_that_run_and_opens_no_ot
 @pytest.mark.integration
 @pytest.mark.timeout(1200)  # two lifecycle runs (the second resumed) on two busy cores
 def test_a_local_run_under_the_plugin_is_one_tree_with_the_headline_on_the_plugins_parent(
-        tmp_path: Path, mlflow_server: str) -> None:
+    tmp_path: Path, mlflow_server: str
+) -> None:
     """`kubellm run` with the plugin's variables handed per task: the plugin's parent and exactly one run
     per task, every stage's metrics in its task's run, the headline on the plugin's parent, the registered
     version's source run inside the tree, no run of kubellm's own anywhere, nothing RUNNING once the
@@ -102,8 +125,14 @@ def test_a_local_run_under_the_plugin_is_one_tree_with_the_headline_on_the_plugi
 
     def under_plugin(*args: str) -> tuple[int, dict | None, str]:
         cmd = command(tmp_path, *sets, *args)
-        proc = subprocess.run([sys.executable, str(HERE / "mlflow_plugin.py"), str(state), "--", *cmd[3:]],
-                              capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=1100)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "mlflow_plugin.py"), str(state), "--", *cmd[3:]],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=ENV,
+            timeout=1100,
+        )
         return result(proc.returncode, proc.stdout, proc.stderr)
 
     code, failed, out = under_plugin("--param", f"deploy_config={bad}")
@@ -145,9 +174,9 @@ def test_a_local_run_under_the_plugin_is_one_tree_with_the_headline_on_the_plugi
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mlflow_workspace_keeps_a_teams_runs_and_models_apart(workspaces_mlflow_server: str, tmp_path: Path,
-                                                             tiny_models: dict[str, Path],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_workspace_keeps_a_teams_runs_and_models_apart(
+    workspaces_mlflow_server: str, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MLFLOW_WORKSPACE, as the plugin sets it, reaches every client kubellm makes (MLflow sends it as the
     X-MLFLOW-WORKSPACE header): a stage run and the version it registers land in that workspace and another
     team's workspace sees neither; a training job launched from the step is handed the same settings."""
@@ -163,8 +192,11 @@ def test_mlflow_workspace_keeps_a_teams_runs_and_models_apart(workspaces_mlflow_
     monkeypatch.setenv("MLFLOW_WORKSPACE", "team-a")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", workspaces_mlflow_server)
     monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "my-sso-plugin")  # an auth plugin the pods can use too
-    assert client_env() == {"MLFLOW_WORKSPACE": "team-a", "MLFLOW_TRACKING_URI": workspaces_mlflow_server,
-                            "MLFLOW_TRACKING_AUTH": "my-sso-plugin"}
+    assert client_env() == {
+        "MLFLOW_WORKSPACE": "team-a",
+        "MLFLOW_TRACKING_URI": workspaces_mlflow_server,
+        "MLFLOW_TRACKING_AUTH": "my-sso-plugin",
+    }
     monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "kubernetes-namespaced")  # needs a token training pods lack
     assert client_env() == {"MLFLOW_WORKSPACE": "team-a", "MLFLOW_TRACKING_URI": workspaces_mlflow_server}
     monkeypatch.delenv("MLFLOW_TRACKING_AUTH")  # no Kubernetes here to take a token from

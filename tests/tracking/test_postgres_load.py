@@ -60,9 +60,27 @@ _STAGE = textwrap.dedent("""
 def _run_stages(uri: str, parent: str, tmp: Path) -> tuple[list[dict], float]:
     barrier = tmp / "barrier"
     barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", _STAGE, uri, parent, str(i), str(STEPS), str(FILES),
-                               str(barrier), MODEL, EXPERIMENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(RUNS)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _STAGE,
+                uri,
+                parent,
+                str(i),
+                str(STEPS),
+                str(FILES),
+                str(barrier),
+                MODEL,
+                EXPERIMENT,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(RUNS)
+    ]
     deadline = time.monotonic() + 120
     while len(list(barrier.glob("ready-*"))) < RUNS:  # imports done everywhere: start them together
         assert time.monotonic() < deadline, "stage processes did not start"
@@ -91,8 +109,10 @@ def test_concurrent_stage_runs_on_postgres(pg_mlflow_server: str, tmp_path: Path
     parent = start_parent_run(cfg, tmp_path, pipeline="load", run_name="load", config={"runs": RUNS})
     results, seconds = _run_stages(uri, parent, tmp_path)
     end_parent_run(cfg, tmp_path, parent, "FINISHED")
-    print(f"\nPostgreSQL-backed MLflow held {RUNS} concurrent runs × {STEPS * 2} points "
-          f"({RUNS * STEPS * 2} points, {RUNS * FILES} files, {RUNS} promotions) in {seconds:.1f} s")
+    print(
+        f"\nPostgreSQL-backed MLflow held {RUNS} concurrent runs × {STEPS * 2} points "
+        f"({RUNS * STEPS * 2} points, {RUNS * FILES} files, {RUNS} promotions) in {seconds:.1f} s"
+    )
 
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id], max_results=1000)}
@@ -105,7 +125,8 @@ def test_concurrent_stage_runs_on_postgres(pg_mlflow_server: str, tmp_path: Path
         assert sorted(m.step for m in lr) == list(range(STEPS))
         files = client.list_artifacts(res["run_id"], "outputs")
         assert sorted((Path(f.path).name, f.file_size) for f in files) == [
-            (f"shard-{k}.txt", len(f"worker {i} shard {k}\n") * (100 + k)) for k in range(FILES)]
+            (f"shard-{k}.txt", len(f"worker {i} shard {k}\n") * (100 + k)) for k in range(FILES)
+        ]
         assert [f.path for f in client.list_artifacts(res["run_id"])] == ["config.json", "outputs"]
 
     # every version registered once; champion ends where the newest successful promotion put it

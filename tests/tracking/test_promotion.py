@@ -42,7 +42,8 @@ def make_versions(uri: str, model: str, n: int) -> list[int]:
     # Beside a sqlite store, never MLflow's default ./mlruns in whatever folder the tests run from.
     where = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
     exp = client.get_experiment_by_name("promotion") or client.create_experiment(
-        "promotion", artifact_location=where.as_uri() if where else None)
+        "promotion", artifact_location=where.as_uri() if where else None
+    )
     exp_id = exp if isinstance(exp, str) else exp.experiment_id
     if not client.search_registered_models(f"name = '{model}'"):
         client.create_registered_model(model)
@@ -67,7 +68,7 @@ def test_promotion_never_moves_champion_back(workdir: Path) -> None:
     assert "champion" in rolled.aliases and champion_info(cfg, workdir).version == v1
     # a rollback withdraws the newer version's claim: the next promotion of an old run does not undo it
     assert champion_info(cfg, workdir).version == v1
-    v3, = make_versions(resolve_tracking_uri(cfg, workdir), "seq-lm", 1)
+    (v3,) = make_versions(resolve_tracking_uri(cfg, workdir), "seq-lm", 1)
     assert promote(cfg, workdir, v3).version == v3 and champion_info(cfg, workdir).version == v3
 
 
@@ -78,15 +79,28 @@ def test_promote_cli_refuses_a_silent_rollback(workdir: Path, tmp_path: Path) ->
     promote(cfg, workdir, v2)
     kubellm = [str(Path(sys.executable).with_name("kubellm"))]
     common = ["--set", f"tracking.uri={uri}", "--set", "tracking.registered_model=cli-lm"]
-    out = subprocess.run([*kubellm, "promote", "--version", str(v1), *common], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120, check=False)
+    out = subprocess.run(
+        [*kubellm, "promote", "--version", str(v1), *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: cli-lm@champion is version {v2}, newer than {v1}: not moved back; "
-        f"`kubellm promote --version {v1} --force` rolls it back")
+        f"`kubellm promote --version {v1} --force` rolls it back"
+    )
     assert champion_info(cfg, workdir).version == v2
-    out = subprocess.run([*kubellm, "promote", "--version", str(v1), "--force", *common], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=120, check=False)
+    out = subprocess.run(
+        [*kubellm, "promote", "--version", str(v1), "--force", *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert champion_info(cfg, workdir).version == v1
 
@@ -104,8 +118,15 @@ def promote_concurrently(uri: str, model: str, versions: list[int], gap_ms: int,
     barrier = tmp / f"barrier-{model}"
     barrier.mkdir(parents=True)
     delays = {v: i * gap_ms for i, v in enumerate(sorted(versions, reverse=True))}
-    procs = [subprocess.Popen([sys.executable, "-c", _PROMOTER, uri, model, str(v), str(delays[v]), str(barrier)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in versions]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROMOTER, uri, model, str(v), str(delays[v]), str(barrier)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions
+    ]
     deadline = time.monotonic() + 120
     while len(list(barrier.glob("ready-*"))) < len(versions):
         assert time.monotonic() < deadline, "promoters did not start"

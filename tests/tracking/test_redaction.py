@@ -18,8 +18,11 @@ PASSWORD = "hunter2-" + "z" * 8
 
 def test_logged_configs_are_redacted(workdir: Path) -> None:
     cfg = TrackingConfig(experiment="redact")
-    config = {"deploy": {"hf_args": [f"--hf-token={TOKEN}"], "storage_uri": f"s3://k:{PASSWORD}@bucket/m"},
-              "env": {"API_KEY": "plain-looking"}, "serve": {"max_new_tokens": 16}}
+    config = {
+        "deploy": {"hf_args": [f"--hf-token={TOKEN}"], "storage_uri": f"s3://k:{PASSWORD}@bucket/m"},
+        "env": {"API_KEY": "plain-looking"},
+        "serve": {"max_new_tokens": 16},
+    }
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config=config)
     with stage_run(cfg, workdir, parent_run_id=parent, stage="deploy", config=config) as tr:
         stage = tr.run_id
@@ -51,8 +54,9 @@ def test_a_password_in_the_tracking_uri_moves_to_mlflows_variables(monkeypatch, 
 
 
 @pytest.mark.integration
-def test_mlflows_view_run_lines_never_show_the_password(mlflow_server: str, workdir: Path, monkeypatch,
-                                                         capfd: pytest.CaptureFixture[str]) -> None:
+def test_mlflows_view_run_lines_never_show_the_password(
+    mlflow_server: str, workdir: Path, monkeypatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     # Issue 24: MLflow prints "View run … at: <tracking URI>/#/…" after every run, password included.
     # The test server has no authentication: it ignores the credentials.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", f"http://admin:{PASSWORD}@"))

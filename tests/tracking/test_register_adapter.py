@@ -31,8 +31,9 @@ def _answer(model_ref: str, cfg: TrackingConfig, workdir: Path, name: str = "ser
     from kubellm.serve.app import BackgroundServer, build_app
     from kubellm.serve.predictor import LLMModel
 
-    model = LLMModel(ServeConfig(precision="fp32", model_name="served", **serve), model_ref, tracking=cfg,
-                     workdir=workdir)
+    model = LLMModel(
+        ServeConfig(precision="fp32", model_name="served", **serve), model_ref, tracking=cfg, workdir=workdir
+    )
     model.load()
     with BackgroundServer(build_app(model)) as bg:
         client = openai.OpenAI(base_url=bg.url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)
@@ -43,8 +44,14 @@ def test_adapter_versions_share_one_base_and_resolve_with_it(workdir: Path, tiny
     cfg = TrackingConfig(experiment="adapters", registered_model="tiny-lm")
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
     with stage_run(cfg, workdir, parent_run_id=parent, stage="register") as tr:
-        v1 = register_adapter(cfg, workdir, tiny_models["adapter"], run_id=tr.run_id, base_model=tiny_models["full"],
-                              metrics={"perplexity": 9.5})
+        v1 = register_adapter(
+            cfg,
+            workdir,
+            tiny_models["adapter"],
+            run_id=tr.run_id,
+            base_model=tiny_models["full"],
+            metrics={"perplexity": 9.5},
+        )
         v2 = register_adapter(cfg, workdir, tiny_models["adapter"], run_id=tr.run_id, base_model=tiny_models["full"])
     fingerprint = weights_fingerprint(tiny_models["full"])
     for info, version in ((v1, 1), (v2, 2)):
@@ -70,13 +77,15 @@ def test_adapter_versions_share_one_base_and_resolve_with_it(workdir: Path, tiny
     # Served alone (merged on load) and as an adapter of the shared base: what the local adapter answers.
     want = _answer(str(tiny_models["adapter"]), cfg, workdir)
     assert _answer("models:/tiny-lm@champion", cfg, workdir) == want
-    shared = _answer("models:/tiny-lm-base/1", cfg, workdir, name="support",
-                     adapters={"support": "models:/tiny-lm@champion"})
+    shared = _answer(
+        "models:/tiny-lm-base/1", cfg, workdir, name="support", adapters={"support": "models:/tiny-lm@champion"}
+    )
     assert shared == want
 
 
-def test_adapter_on_another_base_is_refused_when_served(workdir: Path, tiny_models: dict[str, Path],
-                                                        tmp_path: Path) -> None:
+def test_adapter_on_another_base_is_refused_when_served(
+    workdir: Path, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     from kubellm.errors import ServingError
 
     cfg = TrackingConfig(experiment="adapters", registered_model="tiny-lm")
@@ -108,15 +117,18 @@ def test_a_broken_adapter_is_never_registered(workdir: Path, tiny_models: dict[s
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(broken / "adapter_model.safetensors"))
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
-    with stage_run(cfg, workdir, parent_run_id=parent, stage="register") as tr, \
-            pytest.raises(TrackingError, match="NaN or infinite"):
+    with (
+        stage_run(cfg, workdir, parent_run_id=parent, stage="register") as tr,
+        pytest.raises(TrackingError, match="NaN or infinite"),
+    ):
         register_adapter(cfg, workdir, broken, run_id=tr.run_id, base_model=tiny_models["full"])
     with pytest.raises(TrackingError, match="not a LoRA adapter"):
         register_adapter(cfg, workdir, tiny_models["full"], run_id="x", base_model=tiny_models["full"])
 
 
 def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champion(
-        workdir: Path, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    workdir: Path, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     """The pipeline's register step (issue 22): a LoRA fine-tune becomes an adapter version, its storage
     beside a merged copy's in the report; ``tracking.register_merged`` keeps merged versions; ``kubellm
     serve`` with no ``--model`` serves the champion adapter version, asked with the real openai client;
@@ -149,8 +161,11 @@ def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champio
     model = load_model(run_cfg)  # no --model: models:/tiny-lm@champion, the adapter version and its base
     with BackgroundServer(build_app(model)) as bg:
         client = openai.OpenAI(base_url=bg.url + "/openai/v1", api_key="unused", max_retries=0, timeout=60)
-        got = client.completions.create(model=run_cfg.serve.model_name, prompt=PROMPT, max_tokens=8,
-                                        temperature=0).choices[0].text
+        got = (
+            client.completions.create(model=run_cfg.serve.model_name, prompt=PROMPT, max_tokens=8, temperature=0)
+            .choices[0]
+            .text
+        )
     want = _answer(str(tiny_models["adapter"]), cfg, workdir)
     assert got == want
 
@@ -160,7 +175,10 @@ def test_the_register_step_releases_adapter_versions_and_serve_takes_the_champio
     assert (fetched / "config.json").is_file() and not (fetched / "adapter_config.json").exists()
     assert _answer(str(fetched), cfg, workdir) == want
 
-    with pytest.raises(ServingError, match=r"models:/tiny-lm/1 is an adapter version \(base models:/tiny-lm-base/1\): "
-                                           r"the kubellm predictor pod cannot fetch its base"):
+    with pytest.raises(
+        ServingError,
+        match=r"models:/tiny-lm/1 is an adapter version \(base models:/tiny-lm-base/1\): "
+        r"the kubellm predictor pod cannot fetch its base",
+    ):
         deploy(run_cfg, tmp_path / "deploy", ctx, target="cluster", model_uri="models:/tiny-lm/1")
     assert not (tmp_path / "deploy" / "inferenceservice.yaml").exists()

@@ -11,8 +11,9 @@ from kubellm.config.tracking import TrackingConfig
 from kubellm.stages import StageContext, registry
 
 
-def test_register_with_a_relative_base_asks_the_hub_nothing(workdir: Path, tiny_models: dict[str, Path],
-                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_with_a_relative_base_asks_the_hub_nothing(
+    workdir: Path, tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     asked: list[str] = []

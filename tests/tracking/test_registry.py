@@ -39,8 +39,14 @@ def test_register_promote_resolve(workdir: Path, tiny_models: dict[str, Path]) -
     assert champion_info(cfg, workdir) is None  # no registered model at all yet
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
     with stage_run(cfg, workdir, parent_run_id=parent, stage="register") as tr:
-        v1 = register_model(cfg, workdir, tiny_models["full"], run_id=tr.run_id, metrics={"perplexity": 12.5, "eval_tokens": 900.0, "bench.x.acc": 0.5},
-                            tags={"data_fingerprint": "fp-1"})
+        v1 = register_model(
+            cfg,
+            workdir,
+            tiny_models["full"],
+            run_id=tr.run_id,
+            metrics={"perplexity": 12.5, "eval_tokens": 900.0, "bench.x.acc": 0.5},
+            tags={"data_fingerprint": "fp-1"},
+        )
         v2 = register_model(cfg, workdir, tiny_models["adapter"], run_id=tr.run_id, base_model=tiny_models["full"])
         run_id = tr.run_id
     assert (v1.version, v1.aliases, v1.uri) == (1, ["candidate"], "models:/tiny-lm/1")
@@ -63,8 +69,9 @@ def test_register_promote_resolve(workdir: Path, tiny_models: dict[str, Path]) -
     path = resolve_model_uri(cfg, workdir, "models:/tiny-lm@champion")
     assert path == workdir.resolve() / "models" / "tiny-lm" / "2" / "model"
     assert torch.allclose(_logits(path), _logits(tiny_models["adapter"]), atol=1e-5)  # merged = base + adapter
-    assert torch.allclose(_logits(resolve_model_uri(cfg, workdir, "models:/tiny-lm/1")),
-                          _logits(tiny_models["full"]), atol=1e-6)
+    assert torch.allclose(
+        _logits(resolve_model_uri(cfg, workdir, "models:/tiny-lm/1")), _logits(tiny_models["full"]), atol=1e-6
+    )
     assert resolve_model_uri(cfg, workdir, "models:/tiny-lm/2") == path  # downloaded once, then reused
     assert resolve_model_uri(cfg, workdir, str(tiny_models["full"])) == tiny_models["full"]
 
@@ -86,8 +93,9 @@ def test_registry_errors(workdir: Path) -> None:
         register_model(off, workdir, workdir, run_id="x")
 
 
-def test_a_model_with_nan_weights_is_never_registered(workdir: Path, tiny_models: dict[str, Path],
-                                                      tmp_path: Path) -> None:
+def test_a_model_with_nan_weights_is_never_registered(
+    workdir: Path, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     """A diverged run's model must not become a candidate (and so never the champion)."""
     import shutil
 
@@ -103,7 +111,9 @@ def test_a_model_with_nan_weights_is_never_registered(workdir: Path, tiny_models
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
 
     cfg = TrackingConfig(experiment="reg", registered_model="tiny-lm")
-    refused = pytest.raises(TrackingError, match=rf"broken: 1 weight tensors hold NaN or infinite values \(e\.g\. {name}")
+    refused = pytest.raises(
+        TrackingError, match=rf"broken: 1 weight tensors hold NaN or infinite values \(e\.g\. {name}"
+    )
     with stage_run(cfg, workdir, parent_run_id=None, stage="register") as tr, refused:
         register_model(cfg, workdir, broken, run_id=tr.run_id)
     client = MlflowClient(resolve_tracking_uri(cfg, workdir))

@@ -33,11 +33,27 @@ def _client(cfg: TrackingConfig, wd: Path):
 
 
 def test_flatten_params_dotted_keys_and_limits() -> None:
-    flat = flatten_params({"data": {"sources": [{"uri": "a"}, {"uri": "b"}], "max_docs": None, "kind": "x"},
-                           "lr": 0.003, "on": True, "ids": [1, 2], "empty": {}, "long": "z" * 600})
-    assert flat == {"data.sources.0.uri": "a", "data.sources.1.uri": "b", "data.max_docs": "null",
-                    "data.kind": "x", "lr": "0.003", "on": "true", "ids": "[1, 2]", "empty": "{}",
-                    "long": "z" * 497 + "..."}
+    flat = flatten_params(
+        {
+            "data": {"sources": [{"uri": "a"}, {"uri": "b"}], "max_docs": None, "kind": "x"},
+            "lr": 0.003,
+            "on": True,
+            "ids": [1, 2],
+            "empty": {},
+            "long": "z" * 600,
+        }
+    )
+    assert flat == {
+        "data.sources.0.uri": "a",
+        "data.sources.1.uri": "b",
+        "data.max_docs": "null",
+        "data.kind": "x",
+        "lr": "0.003",
+        "on": "true",
+        "ids": "[1, 2]",
+        "empty": "{}",
+        "long": "z" * 497 + "...",
+    }
     assert all(len(v) <= 500 for v in flat.values())
 
 
@@ -58,8 +74,9 @@ def test_lifecycle_read_back_in_another_process(workdir: Path, monkeypatch: pyte
     mlflow_tracker.git_revision.cache_clear()
     cfg = TrackingConfig(experiment="life")
     config = {"name": "demo", "finetune": {"lora": {"r": 8}}, "note": "n" * 700}
-    parent = start_parent_run(cfg, workdir, pipeline="lifecycle", run_name="demo", config=config,
-                              tags={"kfp_run_id": "kfp-123"})
+    parent = start_parent_run(
+        cfg, workdir, pipeline="lifecycle", run_name="demo", config=config, tags={"kfp_run_id": "kfp-123"}
+    )
     with stage_run(cfg, workdir, parent_run_id=parent, stage="finetune", config={"lora": {"r": 8}}) as tr:
         for step in (1, 2, 3):
             tr.log_metrics({"loss": 4.0 - step}, step=step)
@@ -100,8 +117,10 @@ def test_parent_is_idempotent_per_kfp_run(workdir: Path) -> None:
 def test_failing_stage_ends_failed_and_retry_reattaches(workdir: Path) -> None:
     cfg = TrackingConfig(experiment="retry")
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
-    with pytest.raises(ValueError, match="boom"),  \
-            stage_run(cfg, workdir, parent_run_id=parent, stage="train", config={"x": 1}) as tr:
+    with (
+        pytest.raises(ValueError, match="boom"),
+        stage_run(cfg, workdir, parent_run_id=parent, stage="train", config={"x": 1}) as tr,
+    ):
         tr.log_metrics({"loss": 2.0}, step=1)
         first = tr.run_id
         raise ValueError("boom")
@@ -144,8 +163,11 @@ def test_interruption_errors_end_killed(workdir: Path) -> None:
 
     cfg = TrackingConfig(experiment="interrupt")
     ids = {}
-    for name, err in [("pre", Preempted("SIGTERM: checkpoint written")), ("ctrl-c", KeyboardInterrupt()),
-                      ("exit", SystemExit(1))]:
+    for name, err in [
+        ("pre", Preempted("SIGTERM: checkpoint written")),
+        ("ctrl-c", KeyboardInterrupt()),
+        ("exit", SystemExit(1)),
+    ]:
         with pytest.raises(type(err)), stage_run(cfg, workdir, parent_run_id=None, stage=name) as tr:
             ids[name] = tr.run_id
             raise err
@@ -170,8 +192,9 @@ _SLEEPER = textwrap.dedent("""
 @pytest.mark.slow
 def test_sigterm_ends_stage_killed_and_exits_143(workdir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "run_id"
-    proc = subprocess.Popen([sys.executable, "-c", _SLEEPER, str(workdir), str(marker)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLEEPER, str(workdir), str(marker)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -193,8 +216,9 @@ def test_end_parent_marks_orphaned_stages_killed(workdir: Path) -> None:
     parent = start_parent_run(cfg, workdir, pipeline="p", run_name="r", config={})
     client = _client(cfg, workdir)
     # a stage whose process was SIGKILLed: its run was created and never ended
-    orphan = client.create_run(client.get_run(parent).info.experiment_id,
-                               tags={"mlflow.parentRunId": parent, "stage": "train"}).info.run_id
+    orphan = client.create_run(
+        client.get_run(parent).info.experiment_id, tags={"mlflow.parentRunId": parent, "stage": "train"}
+    ).info.run_id
     end_parent_run(cfg, workdir, parent, "FAILED")
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(parent).info.status == "FAILED"
@@ -215,8 +239,10 @@ def test_bad_inputs_are_one_line_errors(workdir: Path) -> None:
         pass
     with pytest.raises(TrackingError, match="status 'DONE'"):
         end_parent_run(cfg, workdir, "x", "DONE")  # type: ignore[arg-type]
-    with pytest.raises(TrackingError, match="MLflow at sqlite"), \
-            stage_run(cfg, workdir, parent_run_id="0" * 32, stage="train"):
+    with (
+        pytest.raises(TrackingError, match="MLflow at sqlite"),
+        stage_run(cfg, workdir, parent_run_id="0" * 32, stage="train"),
+    ):
         pass
 
 
@@ -232,7 +258,9 @@ def test_a_retry_on_another_disk_finds_the_unfixable_error_on_the_parent(workdir
     with pytest.raises(ConfigError), first.stage("deploy"):
         raise ConfigError("serve.max_prompt_tokens=4 is too small")
     client = _client(cfg, workdir)
-    assert client.get_run(parent).data.tags[TAG_PREFIX + "deploy"] == "ConfigError: serve.max_prompt_tokens=4 is too small"
+    assert (
+        client.get_run(parent).data.tags[TAG_PREFIX + "deploy"] == "ConfigError: serve.max_prompt_tokens=4 is too small"
+    )
     retry = StageContext(cfg, str(tmp_path / "pod-2"), parent, kfp_run_id="k1")
     with pytest.raises(ConfigError, match=r"too small \(not retried"), retry.stage("deploy"):
         raise AssertionError("the retried attempt must not run")

@@ -23,8 +23,14 @@ from kubellm.tracking import (
 @pytest.mark.slow
 def test_stage_and_registration_over_http(mlflow_server: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     cfg = TrackingConfig(uri=mlflow_server, experiment="http", registered_model="http-lm")
-    parent = start_parent_run(cfg, tmp_path, pipeline="lifecycle", run_name="over-http", config={"a": {"b": 1}},
-                              tags={"kfp_run_id": "kfp-http"})
+    parent = start_parent_run(
+        cfg,
+        tmp_path,
+        pipeline="lifecycle",
+        run_name="over-http",
+        config={"a": {"b": 1}},
+        tags={"kfp_run_id": "kfp-http"},
+    )
     with stage_run(cfg, tmp_path, parent_run_id=parent, stage="register", config={"x": 2}) as tr:
         tr.log_metrics({"loss": 1.5}, step=1)
         info = register_model(cfg, tmp_path, tiny_models["adapter"], run_id=tr.run_id, tags={"data_fingerprint": "f"})

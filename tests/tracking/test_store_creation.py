@@ -67,8 +67,16 @@ def _fresh(uri: str) -> None:
 @pytest.mark.slow
 @pytest.mark.serial
 def test_processes_creating_the_store_together_all_succeed(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", START_RUN, str(tmp_path), f"run-{i}"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_RUN, str(tmp_path), f"run-{i}"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0] * 3, [err[-2000:] for _, err in outs]
     run_ids = {out.strip().splitlines()[-1] for out, _ in outs}
@@ -77,8 +85,10 @@ def test_processes_creating_the_store_together_all_succeed(tmp_path: Path) -> No
     client, uri = mlflow_client(TrackingConfig(experiment="race"), tmp_path)
     found = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert {r.info.run_id for r in found} == run_ids
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow.db")) == ["mlflow.db",
-                                                                                             "mlflow.db.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow.db")) == [
+        "mlflow.db",
+        "mlflow.db.lock",
+    ]
 
 
 def test_a_half_migrated_store_is_repaired_with_a_copy_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -97,7 +107,8 @@ def test_a_half_migrated_store_is_repaired_with_a_copy_kept(tmp_path: Path, capl
 
 
 def test_a_store_that_cannot_be_repaired_is_refused_in_one_line_and_left_as_it_was(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     db = tmp_path / "mlflow.db"
     half_migrated(db, leftover=False)
     before = db.read_bytes()
@@ -109,10 +120,13 @@ def test_a_store_that_cannot_be_repaired_is_refused_in_one_line_and_left_as_it_w
         main(["promote", "--version", "1", "--set", f"workdir={tmp_path}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert exit_.value.code == 2 and len(err) == 1
-    assert err[0].startswith(f"error: {db}: the MLflow store was left half-migrated by an earlier process and "
-                             "could not be repaired (")
-    assert err[0].endswith(f"it is unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
-                           f"repair it with `mlflow db upgrade sqlite:///{db}`")
+    assert err[0].startswith(
+        f"error: {db}: the MLflow store was left half-migrated by an earlier process and could not be repaired ("
+    )
+    assert err[0].endswith(
+        f"it is unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
+        f"repair it with `mlflow db upgrade sqlite:///{db}`"
+    )
     assert db.read_bytes() == before and not list(tmp_path.glob("mlflow.db.before-repair-*"))
     _fresh(f"sqlite:///{db}")
     with pytest.raises(KubellmError, match="could not be repaired"):  # every try says the same

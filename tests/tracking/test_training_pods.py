@@ -19,8 +19,14 @@ from kubellm.config.params import to_param
 from kubellm.stages import STAGE_RUN_ENV
 
 BIN = Path(sys.executable).parent
-LOOP = {"max_steps": 24, "log_every": 2, "checkpoint_every": 6, "micro_batch_size": 2, "precision": "fp32",
-        "eval_every": 1000}
+LOOP = {
+    "max_steps": 24,
+    "log_every": 2,
+    "checkpoint_every": 6,
+    "micro_batch_size": 2,
+    "precision": "fp32",
+    "eval_every": 1000,
+}
 SETS = [a for k, v in LOOP.items() for a in ("--set", f"pretrain.loop.{k}={v}")]
 
 
@@ -31,7 +37,8 @@ def _loss_steps(client, run_id: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_torchrun_job_logs_once_into_the_step_run_and_continues_it_after_a_restart(
-        corpus: Path, tmp_path: Path, mlflow_server: str) -> None:
+    corpus: Path, tmp_path: Path, mlflow_server: str
+) -> None:
     """What a PyTorchJob's pods do: `torchrun … kubellm pretrain` with the step's run id in the
     environment. Rank 0 logs into that run, rank 1 nowhere; killed with SIGKILL after a checkpoint and
     started again, the pods resume and the run's loss history holds every step exactly once."""
@@ -45,18 +52,41 @@ def test_torchrun_job_logs_once_into_the_step_run_and_continues_it_after_a_resta
     client = MlflowClient(mlflow_server)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"), "pretrain",
-           "--data", str(corpus), "--out", str(out), *SETS, "--set", f"tracking.uri={mlflow_server}",
-           "--set", f"tracking.experiment={tracking.experiment}"]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(BIN / "kubellm"),
+        "pretrain",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        *SETS,
+        "--set",
+        f"tracking.uri={mlflow_server}",
+        "--set",
+        f"tracking.experiment={tracking.experiment}",
+    ]
 
     with stage_run(tracking, tmp_path, parent_run_id=None, stage="pretrain") as step:  # the launching step
         env[STAGE_RUN_ENV] = step.run_id
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=(tmp_path / "first.log").open("w"), start_new_session=True)
+        first = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "first.log").open("w"),
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 180
-        while not (ckpt.complete_checkpoints(out) and ckpt.complete_checkpoints(out)[-1][0] >= 12
-                   and (out / HISTORY_FILE).is_file()
-                   and json.loads((out / HISTORY_FILE).read_text().splitlines()[-1])["step"] >= 14):
+        while not (
+            ckpt.complete_checkpoints(out)
+            and ckpt.complete_checkpoints(out)[-1][0] >= 12
+            and (out / HISTORY_FILE).is_file()
+            and json.loads((out / HISTORY_FILE).read_text().splitlines()[-1])["step"] >= 14
+        ):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.05)
@@ -78,8 +108,9 @@ def test_torchrun_job_logs_once_into_the_step_run_and_continues_it_after_a_resta
 
 
 @pytest.mark.slow
-def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: Path, workdir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_pretrain_is_tracked_like_the_pipeline_step(
+    corpus: Path, tmp_path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`kubellm pretrain` leaves the run the pretrain component leaves: same metrics, params, artifacts."""
     from mlflow import MlflowClient
 
@@ -88,24 +119,45 @@ def test_cli_pretrain_is_tracked_like_the_pipeline_step(corpus: Path, tmp_path: 
     from kubellm.tracking import resolve_tracking_uri, start_parent_run
 
     overrides = [*(s for s in SETS if s != "--set"), f"workdir={workdir}"]
-    cli = subprocess.run([str(BIN / "kubellm"), "pretrain", "--data", str(corpus), "--out", str(tmp_path / "cli"),
-                          *SETS, "--set", f"workdir={workdir}"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=240)
+    cli = subprocess.run(
+        [
+            str(BIN / "kubellm"),
+            "pretrain",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "cli"),
+            *SETS,
+            "--set",
+            f"workdir={workdir}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
 
     cfg = load_config(default_config_path(), overrides)  # what the CLI reads without --config
-    parent = start_parent_run(cfg.tracking, workdir, pipeline="llm-lifecycle", run_name="t", config={},
-                              tags={"kfp_run_id": "kfp-1"})
+    parent = start_parent_run(
+        cfg.tracking, workdir, pipeline="llm-lifecycle", run_name="t", config={}, tags={"kfp_run_id": "kfp-1"}
+    )
     artifact = SimpleNamespace(path=str(tmp_path / "kfp" / "model"), metadata={})
     monkeypatch.setenv("KUBELLM_KFP_RUN_ID", "kfp-1")  # as the pod's run-id label sets it: finds `parent`
-    component.python_func(config=to_param(cfg.pretrain), tracking=to_param(cfg.tracking), workdir=str(workdir),
-                          data=SimpleNamespace(path=str(corpus)), model=artifact,
-                          metrics=SimpleNamespace(log_metric=lambda k, v: None),
-                          report=SimpleNamespace(path=str(tmp_path / "kfp" / "report.md")))
+    component.python_func(
+        config=to_param(cfg.pretrain),
+        tracking=to_param(cfg.tracking),
+        workdir=str(workdir),
+        data=SimpleNamespace(path=str(corpus)),
+        model=artifact,
+        metrics=SimpleNamespace(log_metric=lambda k, v: None),
+        report=SimpleNamespace(path=str(tmp_path / "kfp" / "report.md")),
+    )
 
     client = MlflowClient(resolve_tracking_uri(cfg.tracking, workdir))
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
-                              "tags.stage = 'pretrain'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id], "tags.stage = 'pretrain'"
+    )
     assert len(runs) == 2
     by_parent = {r.data.tags.get("mlflow.parentRunId"): r for r in runs}
     piped, alone = by_parent[parent], by_parent[None]

@@ -42,6 +42,7 @@ class Outage:
                 self.calls += 1
                 raise MlflowException(AWAY)  # error_code INTERNAL_ERROR, as MLflow's REST client raises it
             return real(*args, **kwargs)
+
         return call
 
 
@@ -51,10 +52,13 @@ def _history(workdir: Path, run_id: str, key: str) -> list[int]:
 
 
 def test_metrics_wait_while_the_server_is_away_and_go_out_when_it_is_back(
-        workdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(mt, "_RETRY_S", 1.0)
-    with caplog.at_level(logging.WARNING, logger="kubellm"), \
-            stage_run(TrackingConfig(experiment="away"), workdir, parent_run_id=None, stage="pretrain") as tr:
+    with (
+        caplog.at_level(logging.WARNING, logger="kubellm"),
+        stage_run(TrackingConfig(experiment="away"), workdir, parent_run_id=None, stage="pretrain") as tr,
+    ):
         outage = Outage(monkeypatch, tr.client, "log_batch")
         tr.log_metrics({"loss": 3.0}, step=1)
         outage.down = True
@@ -76,10 +80,13 @@ def test_metrics_wait_while_the_server_is_away_and_go_out_when_it_is_back(
 
 
 def test_a_server_away_at_the_end_leaves_the_verdict_to_training_and_the_next_run_closes_the_run(
-        workdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = TrackingConfig(experiment="away")
-    with caplog.at_level(logging.WARNING, logger="kubellm"), \
-            stage_run(cfg, workdir, parent_run_id=None, stage="pretrain") as tr:
+    with (
+        caplog.at_level(logging.WARNING, logger="kubellm"),
+        stage_run(cfg, workdir, parent_run_id=None, stage="pretrain") as tr,
+    ):
         outage = Outage(monkeypatch, tr.client, "log_batch", "set_terminated", "log_artifact")
         outage.down = True
         tr.log_metrics({"loss": 2.0}, step=1)
@@ -89,8 +96,10 @@ def test_a_server_away_at_the_end_leaves_the_verdict_to_training_and_the_next_ru
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("artifact curve.json not logged" in line for line in lines)
     assert any(f"run {run_id}: 1 metric points could not be sent" in line for line in lines)
-    assert any(f"run {run_id}: could not be marked FINISHED" in line and "the next run of this stage closes it" in line
-               for line in lines)
+    assert any(
+        f"run {run_id}: could not be marked FINISHED" in line and "the next run of this stage closes it" in line
+        for line in lines
+    )
     client = MlflowClient(resolve_tracking_uri(cfg, workdir))
     assert client.get_run(run_id).info.status == "RUNNING"
     client.set_tag(run_id, mt.TAG_PID, "999999999")  # the process that ran it is gone
@@ -102,8 +111,10 @@ def test_a_server_away_at_the_end_leaves_the_verdict_to_training_and_the_next_ru
 
 def test_a_run_of_a_live_process_is_not_closed(workdir: Path) -> None:
     cfg = TrackingConfig(experiment="away")
-    with stage_run(cfg, workdir, parent_run_id=None, stage="pretrain") as outer, \
-            stage_run(cfg, workdir, parent_run_id=None, stage="pretrain"):
+    with (
+        stage_run(cfg, workdir, parent_run_id=None, stage="pretrain") as outer,
+        stage_run(cfg, workdir, parent_run_id=None, stage="pretrain"),
+    ):
         status = MlflowClient(resolve_tracking_uri(cfg, workdir)).get_run(outer.run_id).info.status
     assert status == "RUNNING"  # this very process still runs it
 

@@ -36,7 +36,13 @@ _DUMP = textwrap.dedent("""
 def read_back(uri: str, experiment: str, model: str = "-") -> dict[str, Any]:
     """What the store holds, read by ``MlflowClient`` in a separate Python process."""
     env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    out = subprocess.run([sys.executable, "-c", _DUMP, uri, experiment, model], capture_output=True, text=True,
-                         timeout=120, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _DUMP, uri, experiment, model],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

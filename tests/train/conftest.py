@@ -27,7 +27,7 @@ def toy_documents(n: int, seed: int = 0) -> list[str]:
     for _ in range(n):
         if rng.random() < 0.5:
             start, length = rng.randrange(0, 6), rng.randrange(4, 8)
-            docs.append(" ".join(NUMBERS[start:start + length]) + ".")
+            docs.append(" ".join(NUMBERS[start : start + length]) + ".")
         else:
             docs.append(" ".join(f"{rng.choice(NAMES)} likes {rng.choice(FRUITS)}." for _ in range(3)))
     return docs
@@ -52,13 +52,26 @@ def toy_section(root: Path, kind: str, records: list[dict], *, block_size: int, 
     """The data config section of ``records`` written to a local JSONL file under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     # variable-length instruction rows unless packed, so padding and masking are exercised
-    return {"kind": kind, "sources": [{"uri": str(_jsonl(root / f"{kind}.jsonl", records))}],
-            "block_size": block_size, "tokenizer": {"vocab_size": 330}, "split": {"validation_fraction": 0.1},
-            "pack_instructions": packed, "cleaning": {"min_chars": 1}}
+    return {
+        "kind": kind,
+        "sources": [{"uri": str(_jsonl(root / f"{kind}.jsonl", records))}],
+        "block_size": block_size,
+        "tokenizer": {"vocab_size": 330},
+        "split": {"validation_fraction": 0.1},
+        "pack_instructions": packed,
+        "cleaning": {"min_chars": 1},
+    }
 
 
-def prepare_toy(root: Path, kind: str, records: list[dict], *, block_size: int,
-                tokenizer_dir: Path | None = None, packed: bool = False) -> Path:
+def prepare_toy(
+    root: Path,
+    kind: str,
+    records: list[dict],
+    *,
+    block_size: int,
+    tokenizer_dir: Path | None = None,
+    packed: bool = False,
+) -> Path:
     """A prepared dataset made by the real ``kubellm.data.prepare.prepare`` from a local JSONL file."""
     from kubellm.config.data import DataConfig
     from kubellm.data.prepare import prepare
@@ -99,8 +112,13 @@ def instruct_data(tmp_path_factory: pytest.TempPathFactory, pretrain_data: Path)
     from kubellm.data.format import TOKENIZER_DIR
 
     pairs = [{"prompt": p, "response": r} for p, r in toy_pairs(400, seed=4)]
-    return prepare_toy(tmp_path_factory.mktemp("instruct"), "instruct", pairs, block_size=64,
-                       tokenizer_dir=pretrain_data / TOKENIZER_DIR)
+    return prepare_toy(
+        tmp_path_factory.mktemp("instruct"),
+        "instruct",
+        pairs,
+        block_size=64,
+        tokenizer_dir=pretrain_data / TOKENIZER_DIR,
+    )
 
 
 class SigtermAt(NullTracker):
@@ -131,8 +149,11 @@ def packed_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, d
     docs = [{"text": t} for t in toy_documents(1500, seed=2)]
     pairs = [{"prompt": p, "response": r} for p, r in toy_pairs(800, seed=4)]
     pre = prepare_toy(root / "pretrain", "pretrain", docs, block_size=128)
-    ins = prepare_toy(root / "instruct", "instruct", pairs, block_size=128, tokenizer_dir=pre / TOKENIZER_DIR,
-                      packed=True)
-    sections = {"pretrain": toy_section(root / "pretrain", "pretrain", docs, block_size=128),
-                "instruct": toy_section(root / "instruct", "instruct", pairs, block_size=128, packed=True)}
+    ins = prepare_toy(
+        root / "instruct", "instruct", pairs, block_size=128, tokenizer_dir=pre / TOKENIZER_DIR, packed=True
+    )
+    sections = {
+        "pretrain": toy_section(root / "pretrain", "pretrain", docs, block_size=128),
+        "instruct": toy_section(root / "instruct", "instruct", pairs, block_size=128, packed=True),
+    }
     return pre, ins, sections

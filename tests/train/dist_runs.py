@@ -35,8 +35,9 @@ def main(plan_path: str) -> None:
                 if run["stage"] == "pretrain":
                     pretrain(PretrainConfig.model_validate(run["config"]), run["data"], run["out"], tracker)
                 else:
-                    finetune(FinetuneConfig.model_validate(run["config"]), run["base"], run["data"], run["out"],
-                             tracker)
+                    finetune(
+                        FinetuneConfig.model_validate(run["config"]), run["base"], run["data"], run["out"], tracker
+                    )
             except TrainingInterrupted:
                 if "sigterm_at" not in run:
                     raise

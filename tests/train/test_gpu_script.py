@@ -16,8 +16,13 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 
 def _run(tmp_path: Path, *args: str, env: dict[str, str], timeout: int) -> list[dict]:
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out)], env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json", str(out)],
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -43,8 +48,7 @@ def test_dry_run_on_cpu_measures_every_part_and_says_qlora_was_skipped(tmp_path:
 
 
 def test_cpu_without_tiny_is_refused(tmp_path: Path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--tiny" in proc.stderr
 
 

@@ -28,9 +28,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _pretrain(data: Path, out: Path, uri: str, *extra: str, log: Path | None = None) -> subprocess.Popen:
-    sets = [f"tracking.uri={uri}", "tracking.experiment=outage", f"pretrain.loop.max_steps={STEPS}",
-            f"pretrain.loop.log_every={LOG_EVERY}", "pretrain.loop.checkpoint_every=100",
-            "pretrain.loop.micro_batch_size=4", "pretrain.model.preset=tiny", *extra]
+    sets = [
+        f"tracking.uri={uri}",
+        "tracking.experiment=outage",
+        f"pretrain.loop.max_steps={STEPS}",
+        f"pretrain.loop.log_every={LOG_EVERY}",
+        "pretrain.loop.checkpoint_every=100",
+        "pretrain.loop.micro_batch_size=4",
+        "pretrain.model.preset=tiny",
+        *extra,
+    ]
     cmd = [str(BIN / "kubellm"), "pretrain", "--config", str(CONFIG), "--data", str(data), "--out", str(out)]
     for item in sets:
         cmd += ["--set", item]
@@ -64,8 +71,10 @@ def _longest_pause(stderr: str) -> float:
     import datetime as dt
     import re
 
-    stamps = [dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-              for m in re.finditer(r"^(\S+ \S+) INFO \S+: pretrain step \d+/", stderr, re.MULTILINE)]
+    stamps = [
+        dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for m in re.finditer(r"^(\S+ \S+) INFO \S+: pretrain step \d+/", stderr, re.MULTILINE)
+    ]
     assert len(stamps) >= 10, f"too few progress lines to measure: {stderr[-1500:]}"
     return max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
@@ -107,7 +116,8 @@ def test_server_killed_mid_pretrain_and_restarted(pretrain_data: Path, tmp_path:
 
 @pytest.mark.timeout(600)
 def test_server_away_to_the_end_keeps_the_model_and_the_next_run_closes_the_stale_run(
-        pretrain_data: Path, tmp_path: Path) -> None:
+    pretrain_data: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "server"
     root.mkdir()
     port, store = free_port(), f"sqlite:///{root / 'mlflow.db'}"

@@ -18,8 +18,15 @@ from kubellm.train.loop import HISTORY_FILE
 def _llama(**over):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
+    cfg = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**cfg, **over}))
     model.config.use_cache = False
@@ -82,8 +89,12 @@ def test_adapter_dropout_is_shared_per_input_and_drops_at_rate_p():
     from kubellm.train.lora import apply_lora
 
     model = apply_lora(_llama(), LoraConfig(dropout=0.25), seed=0)
-    dropouts = {id(d) for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-                for d in m.lora_dropout.values()}
+    dropouts = {
+        id(d)
+        for m in model.modules()
+        if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+        for d in m.lora_dropout.values()
+    }
     assert len(dropouts) == 1  # one shared module for all 14 adapters
     drop = next(m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout"))
     model.train()
@@ -104,12 +115,18 @@ def test_bf16_pretraining_follows_the_fp32_loss_curve(pretrain_data: Path, tmp_p
 
     curves = {}
     for precision in ("fp32", "bf16"):
-        cfg = PretrainConfig.model_validate({
-            "model": {"preset": "tiny"}, "optim": {"lr": 3e-3, "warmup_steps": 3},
-            "loop": {"max_steps": 12, "micro_batch_size": 4, "log_every": 2, "precision": precision}})
+        cfg = PretrainConfig.model_validate(
+            {
+                "model": {"preset": "tiny"},
+                "optim": {"lr": 3e-3, "warmup_steps": 3},
+                "loop": {"max_steps": 12, "micro_batch_size": 4, "log_every": 2, "precision": precision},
+            }
+        )
         res = pretrain(cfg, pretrain_data, tmp_path / precision)
         assert res.precision == precision
-        curves[precision] = [json.loads(x)["loss"] for x in (tmp_path / precision / HISTORY_FILE).read_text().splitlines()]
+        curves[precision] = [
+            json.loads(x)["loss"] for x in (tmp_path / precision / HISTORY_FILE).read_text().splitlines()
+        ]
     assert curves["bf16"][-1] < 0.8 * curves["bf16"][0]  # it learns
     assert max(abs(b / f - 1) for f, b in zip(curves["fp32"], curves["bf16"], strict=True)) < 0.02
 
@@ -121,8 +138,9 @@ def test_batched_perplexity_equals_a_forward_pass_per_row(instruct_data: Path):
     prepared = open_prepared(instruct_data)
     split = prepared.load_split("validation")
     model = _llama(vocab_size=prepared.manifest.vocab_size + 8).eval()
-    nll, tokens = heldout_nll(model, split, pad_id=prepared.manifest.pad_token_id, batch_size=8, max_batches=None,
-                              device="cpu")
+    nll, tokens = heldout_nll(
+        model, split, pad_id=prepared.manifest.pad_token_id, batch_size=8, max_batches=None, device="cpu"
+    )
     ref_nll = ref_tokens = 0
     with torch.no_grad():
         for row in split:
@@ -131,6 +149,7 @@ def test_batched_perplexity_equals_a_forward_pass_per_row(instruct_data: Path):
             ref_tokens += int((labels[:, 1:] != -100).sum())
     assert tokens == ref_tokens > 0
     assert nll == pytest.approx(ref_nll, rel=1e-5)
-    first, n_first = heldout_nll(model, split, pad_id=prepared.manifest.pad_token_id, batch_size=4, max_batches=1,
-                                 device="cpu")
+    first, n_first = heldout_nll(
+        model, split, pad_id=prepared.manifest.pad_token_id, batch_size=4, max_batches=1, device="cpu"
+    )
     assert 0 < n_first < tokens and first < nll  # max_batches: the first 4 rows only

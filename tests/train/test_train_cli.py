@@ -28,8 +28,13 @@ def sets(section: str, loop: dict) -> list[str]:
     """``--set`` of the loop fields on a bare config (``{}``: the built-in field defaults, which the
     in-process runs these tests compare with use), not the embedded default's bigger model."""
     bare = Path(__file__).with_name("bare.yaml")
-    return ["--config", str(bare), "--set", "tracking.enabled=false",
-            *(a for k, v in loop.items() for a in ("--set", f"{section}.loop.{k}={v}"))]
+    return [
+        "--config",
+        str(bare),
+        "--set",
+        "tracking.enabled=false",
+        *(a for k, v in loop.items() for a in ("--set", f"{section}.loop.{k}={v}")),
+    ]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -39,8 +44,13 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 
 # -- input errors: one line, exit 2, before any training ------------------------------------------------
-def test_input_errors_are_one_line(pretrain_data: Path, instruct_data: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+def test_input_errors_are_one_line(
+    pretrain_data: Path,
+    instruct_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
     monkeypatch.chdir(tmp_path)  # no configs/local.yaml here: defaults plus --set
     monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)
     bin_only = tmp_path / "bin-model"
@@ -52,21 +62,33 @@ def test_input_errors_are_one_line(pretrain_data: Path, instruct_data: Path, tmp
         (["pretrain", "--data", str(tmp_path / "nope"), "--out", out], "data directory not found"),
         (["pretrain", "--data", str(bin_only), "--out", out], "not a prepared dataset"),
         (["pretrain", "--data", str(instruct_data), "--out", out], "needs pretraining data"),
-        (["finetune", "--data", str(pretrain_data), "--out", out, "--base", str(bin_only)],
-         "needs instruction data"),
+        (["finetune", "--data", str(pretrain_data), "--out", out, "--base", str(bin_only)], "needs instruction data"),
         (["finetune", "--data", str(instruct_data), "--out", out], "no base model"),
-        (["finetune", "--data", str(instruct_data), "--out", out, "--base", str(bin_only)],
-         "only pickle weights"),
-        (["finetune", "--data", str(instruct_data), "--out", out, "--base", str(pretrain_data)],
-         "no config.json"),
-        (["finetune", "--data", str(instruct_data), "--out", out, "--base", "./missing/model"],
-         "directory not found"),
-        (["finetune", "--data", str(instruct_data), "--out", out, "--base", "kubellm-test/no-such-model"],
-         "not available from the Hugging Face Hub"),
-        (["finetune", "--data", str(instruct_data), "--out", out, "--base", str(bin_only),
-          "--set", "finetune.quantization=4bit"], "needs a CUDA GPU"),
-        (["pretrain", "--data", str(pretrain_data), "--out", out, "--set", "pretrain.loop.max_step=3"],
-         "unknown field"),
+        (["finetune", "--data", str(instruct_data), "--out", out, "--base", str(bin_only)], "only pickle weights"),
+        (["finetune", "--data", str(instruct_data), "--out", out, "--base", str(pretrain_data)], "no config.json"),
+        (["finetune", "--data", str(instruct_data), "--out", out, "--base", "./missing/model"], "directory not found"),
+        (
+            ["finetune", "--data", str(instruct_data), "--out", out, "--base", "kubellm-test/no-such-model"],
+            "not available from the Hugging Face Hub",
+        ),
+        (
+            [
+                "finetune",
+                "--data",
+                str(instruct_data),
+                "--out",
+                out,
+                "--base",
+                str(bin_only),
+                "--set",
+                "finetune.quantization=4bit",
+            ],
+            "needs a CUDA GPU",
+        ),
+        (
+            ["pretrain", "--data", str(pretrain_data), "--out", out, "--set", "pretrain.loop.max_step=3"],
+            "unknown field",
+        ),
     ]
     if torch.cuda.is_available():
         cases = [c for c in cases if "CUDA" not in c[1]]
@@ -119,13 +141,14 @@ def test_sigterm_exits_143_with_a_checkpoint_and_rerun_resumes(pretrain_data: Pa
     loop = {**LOOP, "max_steps": 200, "checkpoint_every": 1000}
     out = tmp_path / "out"
     proc = _start_pretrain(pretrain_data, out, loop, tmp_path)
-    _wait_for(lambda: (out / HISTORY_FILE).is_file() and (out / HISTORY_FILE).stat().st_size > 0, proc,
-              "the first log line")
+    _wait_for(
+        lambda: (out / HISTORY_FILE).is_file() and (out / HISTORY_FILE).stat().st_size > 0, proc, "the first log line"
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     err = (tmp_path / "stderr.log").read_text()
     assert "error: stopped by SIGTERM at step" in err and "Traceback" not in err
-    (step, path), = ckpt.complete_checkpoints(out)
+    ((step, path),) = ckpt.complete_checkpoints(out)
     assert 10 <= step < 200 and (path / ckpt.MARKER).is_file()
 
     res = pretrain(PretrainConfig.model_validate({"loop": loop}), pretrain_data, out)
@@ -138,9 +161,25 @@ def test_torchrun_two_processes_train_like_one_and_only_rank_0_writes(pretrain_d
     out = tmp_path / "ddp"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"), "pretrain",
-         "--data", str(pretrain_data), "--out", str(out), *sets("pretrain", {**loop, "micro_batch_size": 2, "eval_batches": 4})],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BIN / "kubellm"),
+            "pretrain",
+            "--data",
+            str(pretrain_data),
+            "--out",
+            str(out),
+            *sets("pretrain", {**loop, "micro_batch_size": 2, "eval_batches": 4}),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("output:") == 1  # one report, from rank 0
     history = [json.loads(x) for x in (out / HISTORY_FILE).read_text().splitlines()]
@@ -151,8 +190,11 @@ def test_torchrun_two_processes_train_like_one_and_only_rank_0_writes(pretrain_d
 
     # two ranks × 2 rows shard the stream a single process reads 4 rows at a time: same weights, and
     # the same 8 validation rows (4 batches of 2 over two ranks, 2 batches of 4 in one)
-    single = pretrain(PretrainConfig.model_validate({"loop": {**loop, "micro_batch_size": 4, "eval_batches": 2}}),
-                      pretrain_data, tmp_path / "single")
+    single = pretrain(
+        PretrainConfig.model_validate({"loop": {**loop, "micro_batch_size": 4, "eval_batches": 2}}),
+        pretrain_data,
+        tmp_path / "single",
+    )
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "model.safetensors")), load_file(str(single.output_dir / "model.safetensors"))

@@ -20,18 +20,32 @@ from kubellm.train.loop import HISTORY_FILE, TrainingInterrupted
 def base_model(pretrain_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kubellm.train.pretrain import pretrain
 
-    cfg = PretrainConfig.model_validate({"optim": {"lr": 3e-3, "warmup_steps": 2},
-                                         "loop": {"max_steps": 15, "micro_batch_size": 8, "log_every": 5,
-                                                  "precision": "fp32"}})
+    cfg = PretrainConfig.model_validate(
+        {
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "loop": {"max_steps": 15, "micro_batch_size": 8, "log_every": 5, "precision": "fp32"},
+        }
+    )
     return pretrain(cfg, pretrain_data, tmp_path_factory.mktemp("base") / "model").output_dir
 
 
 def ft_cfg(**top) -> FinetuneConfig:
-    return FinetuneConfig.model_validate({
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "optim": {"lr": 5e-3, "warmup_steps": 2},
-        "loop": {"max_steps": 10, "micro_batch_size": 4, "grad_accum_steps": 2, "log_every": 2,
-                 "checkpoint_every": 4, "eval_batches": 3, "precision": "fp32"}, **top})
+    return FinetuneConfig.model_validate(
+        {
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+            "optim": {"lr": 5e-3, "warmup_steps": 2},
+            "loop": {
+                "max_steps": 10,
+                "micro_batch_size": 4,
+                "grad_accum_steps": 2,
+                "log_every": 2,
+                "checkpoint_every": 4,
+                "eval_batches": 3,
+                "precision": "fp32",
+            },
+            **top,
+        }
+    )
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -39,8 +53,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def test_lora_trains_only_adapters_and_the_merged_model_matches(base_model: Path, instruct_data: Path,
-                                                                tmp_path: Path):
+def test_lora_trains_only_adapters_and_the_merged_model_matches(base_model: Path, instruct_data: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
     out = tmp_path / "adapter"
@@ -49,8 +62,9 @@ def test_lora_trains_only_adapters_and_the_merged_model_matches(base_model: Path
     assert 0 < res.trainable_parameters < res.parameters / 5
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base_model.resolve())
-    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                       "up_proj", "down_proj"])
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
@@ -78,8 +92,12 @@ def test_validation_loss_counts_response_tokens_only(base_model: Path, instruct_
     """The loop's val_loss equals a by-hand mean NLL over unmasked response tokens, row by row, with no
     padding: prompt and pad tokens contribute nothing."""
     out = tmp_path / "adapter"
-    res = finetune(ft_cfg(loop={"max_steps": 4, "micro_batch_size": 4, "eval_batches": 2, "log_every": 2,
-                                "precision": "fp32"}), base_model, instruct_data, out)
+    res = finetune(
+        ft_cfg(loop={"max_steps": 4, "micro_batch_size": 4, "eval_batches": 2, "log_every": 2, "precision": "fp32"}),
+        base_model,
+        instruct_data,
+        out,
+    )
     model = load_causal_lm(out, device="cpu").model
     rows = open_prepared(instruct_data).load_split("validation").select(range(8))
     nll, count = 0.0, 0
@@ -94,8 +112,9 @@ def test_validation_loss_counts_response_tokens_only(base_model: Path, instruct_
     assert res.val_loss == pytest.approx(nll / count, rel=1e-4)
 
 
-def test_finetune_resume_with_dropout_matches_an_uninterrupted_run(base_model: Path, instruct_data: Path,
-                                                                   tmp_path: Path, sigterm_at):
+def test_finetune_resume_with_dropout_matches_an_uninterrupted_run(
+    base_model: Path, instruct_data: Path, tmp_path: Path, sigterm_at
+):
     from safetensors.torch import load_file
 
     finetune(ft_cfg(), base_model, instruct_data, tmp_path / "straight")

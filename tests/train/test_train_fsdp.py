@@ -28,16 +28,27 @@ from kubellm.train.pretrain import pretrain
 BIN = Path(sys.executable).parent
 RUNS = Path(__file__).with_name("dist_runs.py")
 LOSS_RTOL = 1e-5
-LOOP = {"max_steps": 30, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 30, "precision": "fp32",
-        "eval_batches": 3}
+LOOP = {
+    "max_steps": 30,
+    "micro_batch_size": 2,
+    "log_every": 1,
+    "checkpoint_every": 30,
+    "precision": "fp32",
+    "eval_batches": 3,
+}
 
 
 def torchrun(plan: list[dict], tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps(plan, default=str))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(RUNS),
-                           str(tmp_path / "plan.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(RUNS), str(tmp_path / "plan.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -60,7 +71,8 @@ def assert_same_curve(run: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model(
-        pretrain_data: Path, instruct_data: Path, tmp_path: Path):
+    pretrain_data: Path, instruct_data: Path, tmp_path: Path
+):
     from kubellm.config.serve import ServeConfig
     from kubellm.data.format import open_prepared
     from kubellm.evaluate.run import heldout_nll
@@ -71,15 +83,32 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
     from kubellm.train.memory import Plan, estimate, model_shape
 
     runs = {name: tmp_path / name for name in ("ddp", "fsdp", "lora_ddp", "lora_fsdp")}
-    torchrun([
-        {"stage": "pretrain", "config": {"loop": LOOP}, "data": pretrain_data, "out": runs["ddp"]},
-        {"stage": "pretrain", "config": {"loop": {**LOOP, "parallelism": "fsdp"}}, "data": pretrain_data,
-         "out": runs["fsdp"]},
-        {"stage": "finetune", "config": {**lora, "loop": LOOP}, "data": instruct_data, "base": runs["ddp"],
-         "out": runs["lora_ddp"]},
-        {"stage": "finetune", "config": {**lora, "merge": True, "loop": {**LOOP, "parallelism": "fsdp"}},
-         "data": instruct_data, "base": runs["ddp"], "out": runs["lora_fsdp"]},
-    ], tmp_path)
+    torchrun(
+        [
+            {"stage": "pretrain", "config": {"loop": LOOP}, "data": pretrain_data, "out": runs["ddp"]},
+            {
+                "stage": "pretrain",
+                "config": {"loop": {**LOOP, "parallelism": "fsdp"}},
+                "data": pretrain_data,
+                "out": runs["fsdp"],
+            },
+            {
+                "stage": "finetune",
+                "config": {**lora, "loop": LOOP},
+                "data": instruct_data,
+                "base": runs["ddp"],
+                "out": runs["lora_ddp"],
+            },
+            {
+                "stage": "finetune",
+                "config": {**lora, "merge": True, "loop": {**LOOP, "parallelism": "fsdp"}},
+                "data": instruct_data,
+                "base": runs["ddp"],
+                "out": runs["lora_fsdp"],
+            },
+        ],
+        tmp_path,
+    )
 
     shape = model_shape(runs["ddp"])
     for sharded, plain in (("fsdp", "ddp"), ("lora_fsdp", "lora_ddp")):
@@ -91,8 +120,18 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
         assert 0 < s["rank_state_bytes"] <= 0.6 * p["rank_state_bytes"], (s["rank_state_bytes"], p["rank_state_bytes"])
         # and the memory planner's figure for them
         for r in (s, p):
-            plan = Plan(sharded, shape, 32, 2, "fp32", r["parallelism"], 2, False, device="cpu",
-                        lora_rank=4 if sharded.startswith("lora") else None)
+            plan = Plan(
+                sharded,
+                shape,
+                32,
+                2,
+                "fp32",
+                r["parallelism"],
+                2,
+                False,
+                device="cpu",
+                lora_rank=4 if sharded.startswith("lora") else None,
+            )
             assert estimate(plan).state == pytest.approx(r["rank_state_bytes"], rel=0.15)
 
     # one consolidated Hugging Face model, the unsharded run's weights under the same names
@@ -111,8 +150,9 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
 
     def nll(model_dir: Path) -> float:
         model = load_causal_lm(model_dir, device="cpu").model
-        total, tokens = heldout_nll(model, val, pad_id=prepared.manifest.pad_token_id, batch_size=8,
-                                    max_batches=2, device="cpu")
+        total, tokens = heldout_nll(
+            model, val, pad_id=prepared.manifest.pad_token_id, batch_size=8, max_batches=2, device="cpu"
+        )
         return total / tokens
 
     assert nll(runs["lora_fsdp"]) == pytest.approx(nll(runs["lora_ddp"]), rel=1e-4)
@@ -123,18 +163,22 @@ def test_fsdp_trains_like_ddp_with_half_the_state_per_rank_and_exports_one_model
 
 @pytest.mark.slow
 def test_sharded_checkpoints_resume_on_another_world_size_and_skip_a_truncated_shard(
-        pretrain_data: Path, tmp_path: Path, sigterm_at, caplog: pytest.LogCaptureFixture):
+    pretrain_data: Path, tmp_path: Path, sigterm_at, caplog: pytest.LogCaptureFixture
+):
     loop = {**LOOP, "checkpoint_every": 10, "global_batch_size": 4, "parallelism": "fsdp"}
     cfg = PretrainConfig.model_validate({"loop": loop})
     one_to_two, two_to_one, full = tmp_path / "one_to_two", tmp_path / "two_to_one", tmp_path / "full"
     # 1 process, stopped by SIGTERM at step 15: checkpoints at 10 and 15, written by one rank
     with pytest.raises(TrainingInterrupted):
         pretrain(cfg, pretrain_data, one_to_two, sigterm_at(15))
-    torchrun([
-        {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": full},
-        {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": two_to_one, "sigterm_at": 15},
-        {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": one_to_two},  # resumes on 2
-    ], tmp_path)
+    torchrun(
+        [
+            {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": full},
+            {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": two_to_one, "sigterm_at": 15},
+            {"stage": "pretrain", "config": {"loop": loop}, "data": pretrain_data, "out": one_to_two},  # resumes on 2
+        ],
+        tmp_path,
+    )
     assert result(one_to_two)["resumed_from_step"] == 15
     assert_same_curve(one_to_two, full)
 
@@ -174,15 +218,19 @@ def test_fsdp_settings_are_checked_with_one_line_naming_the_field(pretrain_data:
     # a global batch that fits the config but not this attempt's process count: refused when it starts
     loop = PretrainConfig.model_validate({"loop": {"global_batch_size": 8, "micro_batch_size": 2}}).loop
     assert [grad_accum_steps(loop, n, "pretrain") for n in (1, 2, 4)] == [4, 2, 1]
-    with pytest.raises(TrainingError, match=r"pretrain\.loop\.global_batch_size \(8\) is not a multiple of "
-                                            r"micro_batch_size × processes \(2 × 3\)"):
+    with pytest.raises(
+        TrainingError,
+        match=r"pretrain\.loop\.global_batch_size \(8\) is not a multiple of "
+        r"micro_batch_size × processes \(2 × 3\)",
+    ):
         grad_accum_steps(loop, 3, "pretrain")
     # a run directory keeps its parallelism: the checkpoint formats differ
     out = tmp_path / "run"
     pretrain(PretrainConfig.model_validate({"loop": {**LOOP, "max_steps": 2}}), pretrain_data, out)
     with pytest.raises(TrainingError, match=r"loop\.parallelism"):
-        pretrain(PretrainConfig.model_validate({"loop": {**LOOP, "max_steps": 2, "parallelism": "fsdp"}}),
-                 pretrain_data, out)
+        pretrain(
+            PretrainConfig.model_validate({"loop": {**LOOP, "max_steps": 2, "parallelism": "fsdp"}}), pretrain_data, out
+        )
 
 
 def test_ranks_share_the_checksum_reading_and_together_find_a_changed_shard(tmp_path: Path):
@@ -191,8 +239,14 @@ def test_ranks_share_the_checksum_reading_and_together_find_a_changed_shard(tmp_
 
     ckpt = tmp_path / "step-00000010"
     (ckpt / SHARDS).mkdir(parents=True)
-    for name in ("trainer.pt", "rng.pt", "state.json", f"{SHARDS}/.metadata", f"{SHARDS}/__0_0.distcp",
-                 f"{SHARDS}/__1_0.distcp"):
+    for name in (
+        "trainer.pt",
+        "rng.pt",
+        "state.json",
+        f"{SHARDS}/.metadata",
+        f"{SHARDS}/__0_0.distcp",
+        f"{SHARDS}/__1_0.distcp",
+    ):
         (ckpt / name).write_bytes(os.urandom(256))
     write_checksums(ckpt, file_records(sorted((ckpt / SHARDS).iterdir()), ckpt))  # as the ranks record them
     assert all(verify_checkpoint(ckpt, (i, 2)) for i in range(2))

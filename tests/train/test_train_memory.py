@@ -58,13 +58,21 @@ def test_estimates_are_within_15_percent_of_measured_peaks_on_cpu_presets(packed
 
     pre, ins, sections = packed_data
     loop = {"max_steps": 2, "micro_batch_size": 8, "precision": "fp32", "log_every": 1, "eval_batches": 1}
-    cases = [("pretrain", {"model": {"preset": "small"}, "loop": loop}),
-             ("pretrain", {"model": {"preset": "small"}, "loop": {**loop, "gradient_checkpointing": True}}),
-             ("finetune", {"lora": {"r": 8}, "loop": loop})]
+    cases = [
+        ("pretrain", {"model": {"preset": "small"}, "loop": loop}),
+        ("pretrain", {"model": {"preset": "small"}, "loop": {**loop, "gradient_checkpointing": True}}),
+        ("finetune", {"lora": {"r": 8}, "loop": loop}),
+    ]
     base = tmp_path / "pretrain-0"
     for i, (stage, section) in enumerate(cases):
-        cfg = RunConfig.model_validate({"data": sections["pretrain"], "instruct_data": sections["instruct"],
-                                        "pretrain": cases[0][1], stage: section})
+        cfg = RunConfig.model_validate(
+            {
+                "data": sections["pretrain"],
+                "instruct_data": sections["instruct"],
+                "pretrain": cases[0][1],
+                stage: section,
+            }
+        )
         if stage == "finetune":  # the base is the first case's model: the planner reads its config.json
             cfg = RunConfig.model_validate({**cfg.model_dump(), "finetune": {**section, "base_model": str(base)}})
         plan, why = plan_for(cfg, stage)
@@ -79,12 +87,19 @@ def test_estimates_are_within_15_percent_of_measured_peaks_on_cpu_presets(packed
 
 
 CLUSTER_8B = {
-    "data": {"kind": "pretrain", "sources": [{"uri": "/corpus.jsonl"}], "block_size": 4096,
-             "tokenizer": {"vocab_size": 128256}},
+    "data": {
+        "kind": "pretrain",
+        "sources": [{"uri": "/corpus.jsonl"}],
+        "block_size": 4096,
+        "tokenizer": {"vocab_size": 128256},
+    },
     "pretrain": {"model": {"preset": "8b"}, "loop": {"micro_batch_size": 1, "precision": "bf16"}},
-    "platform": {"distributed": {"pretrain": {"engine": "pytorchjob", "nodes": 2, "procs_per_node": 8,
-                                              "shared_pvc": "kubellm-shared"}},
-                 "stages": {"pretrain": {"resources": {"gpus": 8, "accelerator": "nvidia-h100-80gb"}}}},
+    "platform": {
+        "distributed": {
+            "pretrain": {"engine": "pytorchjob", "nodes": 2, "procs_per_node": 8, "shared_pvc": "kubellm-shared"}
+        },
+        "stages": {"pretrain": {"resources": {"gpus": 8, "accelerator": "nvidia-h100-80gb"}}},
+    },
 }
 
 
@@ -98,9 +113,14 @@ def test_an_impossible_plan_is_refused_in_one_line_before_any_job_is_created(tmp
         check_stage(cfg, "pretrain")
     line = str(err.value)
     assert "\n" not in line
-    ddp, fsdp = (float(x) for x in
-                 re.fullmatch(r"pretrain: ~(\d+) GiB per GPU with ddp on 80 GiB GPUs; "
-                                            r"fsdp on 16 GPUs needs ~(\d+) GiB", line).groups())
+    ddp, fsdp = (
+        float(x)
+        for x in re.fullmatch(
+            r"pretrain: ~(\d+) GiB per GPU with ddp on 80 GiB GPUs; "
+            r"fsdp on 16 GPUs needs ~(\d+) GiB",
+            line,
+        ).groups()
+    )
     assert ddp > 80 >= fsdp  # an 8 B model's 16 bytes/parameter alone are 120 GiB under ddp
 
     class NoApi:
@@ -117,8 +137,15 @@ def test_an_impossible_plan_is_refused_in_one_line_before_any_job_is_created(tmp
     assert exit_.value.code == 1
     assert f"memory: {line}" in capsys.readouterr().out
 
-    fits = RunConfig.model_validate({**CLUSTER_8B, "pretrain": {**CLUSTER_8B["pretrain"], "loop": {
-        "micro_batch_size": 1, "precision": "bf16", "parallelism": "fsdp"}}})
+    fits = RunConfig.model_validate(
+        {
+            **CLUSTER_8B,
+            "pretrain": {
+                **CLUSTER_8B["pretrain"],
+                "loop": {"micro_batch_size": 1, "precision": "bf16", "parallelism": "fsdp"},
+            },
+        }
+    )
     e, text = check_stage(fits, "pretrain")
     assert e is not None and e.total <= 80 * GIB and text.endswith("fits 80 GiB GPUs")
 

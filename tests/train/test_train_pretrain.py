@@ -21,11 +21,23 @@ from kubellm.train.pretrain import pretrain
 
 
 def tiny_cfg(**loop) -> PretrainConfig:
-    return PretrainConfig.model_validate({
-        "model": {"preset": "tiny"},
-        "optim": {"lr": 3e-3, "warmup_steps": 3},
-        "loop": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "log_every": 3,
-                 "checkpoint_every": 4, "eval_every": 6, "eval_batches": 2, "precision": "fp32", **loop}})
+    return PretrainConfig.model_validate(
+        {
+            "model": {"preset": "tiny"},
+            "optim": {"lr": 3e-3, "warmup_steps": 3},
+            "loop": {
+                "max_steps": 12,
+                "micro_batch_size": 4,
+                "grad_accum_steps": 2,
+                "log_every": 3,
+                "checkpoint_every": 4,
+                "eval_every": 6,
+                "eval_batches": 2,
+                "precision": "fp32",
+                **loop,
+            },
+        }
+    )
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -54,8 +66,14 @@ def test_pretrain_learns_and_writes_a_complete_model_dir(pretrain_data: Path, tm
     assert TrainResult.read(out) == res
 
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", HISTORY_FILE,
-            RESULT_FILE} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        HISTORY_FILE,
+        RESULT_FILE,
+    } <= names
     assert [p.name for p in out.glob(".*")] == [OUTPUT_MARKER], "no staging leftovers"
     assert ckpt.complete_checkpoints(out) == []  # a finished run keeps no step checkpoints
     assert tracker.last("loss") == history[-1]["loss"] and tracker.last("grad_norm") is not None
@@ -72,8 +90,7 @@ def test_pretrain_learns_and_writes_a_complete_model_dir(pretrain_data: Path, tm
         pretrain(tiny_cfg(max_steps=31, log_every=5, eval_every=None), pretrain_data, out)
 
 
-def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(pretrain_data: Path, tmp_path: Path,
-                                                                    sigterm_at):
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(pretrain_data: Path, tmp_path: Path, sigterm_at):
     straight = pretrain(tiny_cfg(), pretrain_data, tmp_path / "straight")
 
     out = tmp_path / "interrupted"
@@ -108,8 +125,9 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(pretrain_da
     assert resumed.tokens_seen == straight.tokens_seen
 
 
-def test_sigterm_runs_an_earlier_handler_but_exits_only_after_the_checkpoint(pretrain_data: Path,
-                                                                           tmp_path: Path, sigterm_at):
+def test_sigterm_runs_an_earlier_handler_but_exits_only_after_the_checkpoint(
+    pretrain_data: Path, tmp_path: Path, sigterm_at
+):
     """The MLflow stage run installs a handler that marks its run KILLED and then exits; inside the loop
     it still runs, and the exit waits for the checkpoint."""
     seen = []

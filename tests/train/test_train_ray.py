@@ -32,8 +32,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 STEPS = 60
-LOOP = {"max_steps": STEPS, "log_every": 10, "checkpoint_every": 10, "precision": "fp32", "micro_batch_size": 2,
-        "eval_batches": 4}
+LOOP = {
+    "max_steps": STEPS,
+    "log_every": 10,
+    "checkpoint_every": 10,
+    "precision": "fp32",
+    "micro_batch_size": 2,
+    "eval_batches": 4,
+}
 SETS = [f"pretrain.loop.{k}={v}" for k, v in LOOP.items()]
 
 
@@ -128,10 +134,27 @@ def test_ray_train_matches_torchrun_and_only_rank_0_logs(resumed_run, pretrain_d
     out = tmp_path / "torchrun"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"), "pretrain",
-         "--data", str(pretrain_data), "--out", str(out), *[a for s in SETS for a in ("--set", s)],
-         "--set", "tracking.enabled=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BIN / "kubellm"),
+            "pretrain",
+            "--data",
+            str(pretrain_data),
+            "--out",
+            str(out),
+            *[a for s in SETS for a in ("--set", s)],
+            "--set",
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_training(result.output_dir, out)
 
@@ -143,17 +166,26 @@ def test_ray_train_matches_torchrun_and_only_rank_0_logs(resumed_run, pretrain_d
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
-def test_an_fsdp_stage_under_ray_train_shards_and_trains_as_one_process_does(ray_cluster, pretrain_data: Path,
-                                                                             tmp_path: Path) -> None:
+def test_an_fsdp_stage_under_ray_train_shards_and_trains_as_one_process_does(
+    ray_cluster, pretrain_data: Path, tmp_path: Path
+) -> None:
     """``loop.parallelism: fsdp`` through TorchTrainer's own process group: 2 workers hold half the state
     each, write sharded checkpoints, and follow the loss curve of one process reading the same rows."""
     from kubellm.stages.ray_train import run
     from kubellm.train.pretrain import pretrain
 
-    loop = {**LOOP, "max_steps": 12, "log_every": 2, "checkpoint_every": 6, "parallelism": "fsdp",
-            "global_batch_size": 4}
-    cfg = load_config(default_config_path(), [*[f"pretrain.loop.{k}={v}" for k, v in loop.items()],
-                                              f"workdir={tmp_path}", "tracking.enabled=false"])
+    loop = {
+        **LOOP,
+        "max_steps": 12,
+        "log_every": 2,
+        "checkpoint_every": 6,
+        "parallelism": "fsdp",
+        "global_batch_size": 4,
+    }
+    cfg = load_config(
+        default_config_path(),
+        [*[f"pretrain.loop.{k}={v}" for k, v in loop.items()], f"workdir={tmp_path}", "tracking.enabled=false"],
+    )
     sharded = run("pretrain", cfg, pretrain_data, tmp_path / "ray", workers=2, storage_path=tmp_path / "ray-run")
     single = pretrain(cfg.pretrain, pretrain_data, tmp_path / "single")  # 1 process: 2 micro-batches a step
     ha, hb = _history(sharded.output_dir), _history(single.output_dir)

@@ -29,10 +29,22 @@ from kubellm.train.loop import RESULT_FILE, TrainingInterrupted
 from kubellm.train.pretrain import pretrain
 
 BIN = Path(sys.executable).parent
-CFG = PretrainConfig.model_validate({
-    "model": {"preset": "tiny"}, "optim": {"lr": 3e-3, "warmup_steps": 3},
-    "loop": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "log_every": 3, "checkpoint_every": 4,
-             "eval_every": 6, "eval_batches": 2, "precision": "fp32"}})
+CFG = PretrainConfig.model_validate(
+    {
+        "model": {"preset": "tiny"},
+        "optim": {"lr": 3e-3, "warmup_steps": 3},
+        "loop": {
+            "max_steps": 12,
+            "micro_batch_size": 4,
+            "grad_accum_steps": 2,
+            "log_every": 3,
+            "checkpoint_every": 4,
+            "eval_every": 6,
+            "eval_batches": 2,
+            "precision": "fp32",
+        },
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +103,28 @@ def kubellm(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_random_bytes_in_the_newest_weights_resume_from_the_checkpoint_before(
-        run_dir: Path, runs: dict[str, Path], pretrain_data: Path, config_file: Path,
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir: Path,
+    runs: dict[str, Path],
+    pretrain_data: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     scramble(weights_file(run_dir, 6))
     assert (weights_file(run_dir, 6).parent / ckpt.MARKER).is_file()
     with caplog.at_level(logging.WARNING, logger="kubellm"):
-        code, _ = cli(["pretrain", "--config", str(config_file), "--data", str(pretrain_data), "--out", str(run_dir)],
-                      capsys, monkeypatch)
+        code, _ = cli(
+            ["pretrain", "--config", str(config_file), "--data", str(pretrain_data), "--out", str(run_dir)],
+            capsys,
+            monkeypatch,
+        )
     assert code == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"skipping checkpoint: {weights_file(run_dir, 6)}: checksum mismatch (the bytes changed "
-                        "after the checkpoint was written)"]
+    assert warnings == [
+        f"skipping checkpoint: {weights_file(run_dir, 6)}: checksum mismatch (the bytes changed "
+        "after the checkpoint was written)"
+    ]
     result = json.loads((run_dir / RESULT_FILE).read_text())
     assert result["resumed_from_step"] == 4 and result["steps"] == 12 and math.isfinite(result["final_loss"])
     straight = json.loads((runs["straight"] / RESULT_FILE).read_text())
@@ -114,11 +137,20 @@ def test_random_bytes_in_the_newest_weights_resume_from_the_checkpoint_before(
 
 @pytest.mark.slow
 def test_when_no_checkpoint_verifies_the_run_stops_with_one_line_and_no_model(
-        run_dir: Path, pretrain_data: Path, config_file: Path) -> None:
+    run_dir: Path, pretrain_data: Path, config_file: Path
+) -> None:
     scramble(weights_file(run_dir, 6))
     scramble(weights_file(run_dir, 4))
-    proc = kubellm("pretrain", "--config", str(config_file), "--data", str(pretrain_data), "--out", str(run_dir),
-                   cwd=run_dir.parent)
+    proc = kubellm(
+        "pretrain",
+        "--config",
+        str(config_file),
+        "--data",
+        str(pretrain_data),
+        "--out",
+        str(run_dir),
+        cwd=run_dir.parent,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "none of the 2 checkpoints passes verification" in errors[0]
@@ -130,11 +162,20 @@ def test_when_no_checkpoint_verifies_the_run_stops_with_one_line_and_no_model(
 
 @pytest.mark.slow
 def test_truncated_weights_are_one_warning_line_not_a_traceback(
-        run_dir: Path, pretrain_data: Path, config_file: Path) -> None:
+    run_dir: Path, pretrain_data: Path, config_file: Path
+) -> None:
     weights = weights_file(run_dir, 6)
     os.truncate(weights, 100)
-    proc = kubellm("pretrain", "--config", str(config_file), "--data", str(pretrain_data), "--out", str(run_dir),
-                   cwd=run_dir.parent)
+    proc = kubellm(
+        "pretrain",
+        "--config",
+        str(config_file),
+        "--data",
+        str(pretrain_data),
+        "--out",
+        str(run_dir),
+        cwd=run_dir.parent,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if "WARNING" in x]
     assert f"skipping checkpoint: {weights}: 100 bytes" in line and "truncated" in line
@@ -142,7 +183,8 @@ def test_truncated_weights_are_one_warning_line_not_a_traceback(
 
 
 def test_checkpoints_without_checksums_are_refused_unless_trusted_by_name(
-        run_dir: Path, pretrain_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir: Path, pretrain_data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 24: a checkpoint without checksums (an older kubellm's, or copied without checksums.json) whose
     weights were altered resumed with only a warning. It cannot be told from an intact one, so it is
     refused with one line saying how to proceed; KUBELLM_RESUME_UNVERIFIED=1 resumes from it, and one
@@ -172,8 +214,13 @@ def test_checkpoints_without_checksums_are_refused_unless_trusted_by_name(
 
 
 def test_a_run_that_keeps_producing_nan_stops_with_an_error_and_writes_no_model(
-        run_dir: Path, pretrain_data: Path, config_file: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir: Path,
+    pretrain_data: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Finite but absurd weights (an older, unchecksummed checkpoint scaled by a bad tool, resumed from as
     its user asked): they load and pass every check, and every loss from then on is NaN."""
     from safetensors.torch import load_file, save_file
@@ -181,22 +228,38 @@ def test_a_run_that_keeps_producing_nan_stops_with_an_error_and_writes_no_model(
     (weights_file(run_dir, 6).parent / ckpt.CHECKSUMS).unlink()
     monkeypatch.setenv(ckpt.RESUME_UNVERIFIED_ENV, "1")
     tensors = load_file(str(weights_file(run_dir, 6)))
-    save_file({k: torch.full_like(v, 3e38) if "embed" in k else v for k, v in tensors.items()},
-              str(weights_file(run_dir, 6)))
+    save_file(
+        {k: torch.full_like(v, 3e38) if "embed" in k else v for k, v in tensors.items()}, str(weights_file(run_dir, 6))
+    )
     with caplog.at_level(logging.WARNING, logger="kubellm"):
-        code, err = cli(["pretrain", "--config", str(config_file), "--data", str(pretrain_data), "--out", str(run_dir),
-                         "--set", "pretrain.loop.max_nonfinite_steps=2"], capsys, monkeypatch)
+        code, err = cli(
+            [
+                "pretrain",
+                "--config",
+                str(config_file),
+                "--data",
+                str(pretrain_data),
+                "--out",
+                str(run_dir),
+                "--set",
+                "pretrain.loop.max_nonfinite_steps=2",
+            ],
+            capsys,
+            monkeypatch,
+        )
     assert code == 2
     assert err == (
         "error: pretrain: the loss or gradient norm was not finite for 2 consecutive steps (7-8, "
         "loop.max_nonfinite_steps=2): training diverged; no model was written; lower optim.lr, check the data or "
-        f"the checkpoints under {ckpt.checkpoint_root(run_dir)}, then rerun")
+        f"the checkpoints under {ckpt.checkpoint_root(run_dir)}, then rerun"
+    )
     assert "gradient norm nan: not finite, optimizer step skipped (1 in a row, stop at 2)" in caplog.text
     assert not (run_dir / RESULT_FILE).exists() and not (run_dir / "model.safetensors").exists()
 
 
 def test_a_single_nonfinite_step_is_skipped_and_the_run_finishes(
-        pretrain_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    pretrain_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """One bad batch (here: the loss of step 5 made NaN) changes no weight and costs one step; with
     loop.max_nonfinite_steps=1 the same step stops the run."""
     from kubellm.train import loop
@@ -212,7 +275,10 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_finishes(
     monkeypatch.setattr(loop, "token_nll_sum", nan_at_step_5)
     with caplog.at_level(logging.WARNING, logger="kubellm"):
         res = pretrain(CFG, pretrain_data, tmp_path / "a")
-    assert "step 5: loss nan" in caplog.text and "optimizer steps skipped for a non-finite loss or gradient norm: 1" in caplog.text
+    assert (
+        "step 5: loss nan" in caplog.text
+        and "optimizer steps skipped for a non-finite loss or gradient norm: 1" in caplog.text
+    )
     assert res.steps == 12 and math.isfinite(res.final_loss)
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "a").values())
 
@@ -223,8 +289,9 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_finishes(
     assert not (tmp_path / "b" / "model.safetensors").exists()
 
 
-def test_a_finished_run_with_a_nan_loss_is_not_returned_as_a_success(runs: dict[str, Path], pretrain_data: Path,
-                                                                    tmp_path: Path) -> None:
+def test_a_finished_run_with_a_nan_loss_is_not_returned_as_a_success(
+    runs: dict[str, Path], pretrain_data: Path, tmp_path: Path
+) -> None:
     """An older kubellm wrote such runs (``final_loss: NaN``, exit 0); rerunning must not bless them."""
     out = tmp_path / "old"
     shutil.copytree(runs["straight"], out)
@@ -237,6 +304,7 @@ def test_a_finished_run_with_a_nan_loss_is_not_returned_as_a_success(runs: dict[
 def test_checksums_are_recorded_for_every_file_before_the_marker(runs: dict[str, Path]) -> None:
     for _, path in ckpt.complete_checkpoints(runs["interrupted"]):
         recorded = json.loads((path / ckpt.CHECKSUMS).read_text())
-        assert sorted(recorded["files"]) == sorted(p.name for p in path.iterdir()
-                                                   if p.name not in (ckpt.CHECKSUMS, ckpt.MARKER))
+        assert sorted(recorded["files"]) == sorted(
+            p.name for p in path.iterdir() if p.name not in (ckpt.CHECKSUMS, ckpt.MARKER)
+        )
         assert ckpt.verify_checkpoint(path) is True

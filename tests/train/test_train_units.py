@@ -48,8 +48,7 @@ def test_sampler_shards_the_single_process_stream_over_ranks():
 
 
 def test_collator_pads_with_pad_id_and_masks_labels():
-    batch = PadCollator(pad_id=9)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
-                                   {"input_ids": [4], "labels": [4]}])
+    batch = PadCollator(pad_id=9)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -73,14 +72,20 @@ def test_masked_tokens_do_not_contribute_to_the_loss():
 
 
 def _fake_state(step: int) -> ckpt.TrainState:
-    return ckpt.TrainState(step=step, samples_seen=step * 4, tokens_seen=step * 100,
-                           history=[{"step": step, "loss": 1.0}])
+    return ckpt.TrainState(
+        step=step, samples_seen=step * 4, tokens_seen=step * 100, history=[{"step": step, "loss": 1.0}]
+    )
 
 
 def _save(out: Path, step: int, keep: int = 5) -> Path:
-    return ckpt.save_checkpoint(out, _fake_state(step), weights={"w": torch.full((2,), float(step))},
-                                trainer={"optimizer": {"state": {}}}, rng=[{"torch": torch.get_rng_state()}],
-                                keep=keep)
+    return ckpt.save_checkpoint(
+        out,
+        _fake_state(step),
+        weights={"w": torch.full((2,), float(step))},
+        trainer={"optimizer": {"state": {}}},
+        rng=[{"torch": torch.get_rng_state()}],
+        keep=keep,
+    )
 
 
 def test_checkpoints_round_trip_prune_and_ignore_incomplete(tmp_path: Path):
@@ -116,9 +121,19 @@ def test_run_spec_mismatch_names_the_changed_fields(tmp_path: Path):
 
 
 def test_train_result_json_round_trip(tmp_path: Path):
-    r = TrainResult(output_dir=tmp_path, steps=3, final_loss=1.5, val_loss=None, tokens_seen=96, seconds=0.5,
-                    tokens_per_s=192.0, resumed_from_step=2, precision="fp32", parameters=10,
-                    trainable_parameters=4)
+    r = TrainResult(
+        output_dir=tmp_path,
+        steps=3,
+        final_loss=1.5,
+        val_loss=None,
+        tokens_seen=96,
+        seconds=0.5,
+        tokens_per_s=192.0,
+        resumed_from_step=2,
+        precision="fp32",
+        parameters=10,
+        trainable_parameters=4,
+    )
     (tmp_path / "kubellm_train.json").write_text(json.dumps(r.to_json()))
     assert TrainResult.read(tmp_path) == r
 
@@ -126,16 +141,21 @@ def test_train_result_json_round_trip(tmp_path: Path):
 def _llama(**over):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-               num_key_value_heads=1)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **over}))
 
 
 def test_lora_targets_detected_per_architecture_and_checked():
     from kubellm.train.lora import target_modules
 
-    assert target_modules(_llama()) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                        "down_proj"]
+    assert target_modules(_llama()) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert target_modules(_llama(), ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
     with pytest.raises(TrainingError, match="qkv"):
         target_modules(_llama(), ["qkv"])

@@ -28,8 +28,12 @@ def _feed(reporter: TrainerStatusReporter, steps: int, every_s: float, on_step=N
     for step in range(1, steps + 1):
         time.sleep(every_s)
         t0 = time.perf_counter()
-        reporter.update(step, steps, (steps - step) * every_s, {"loss": 5.0 / step, "lr": 1e-3, "tokens_per_s": 900.0,
-                                                                "grad_norm": 1.0})
+        reporter.update(
+            step,
+            steps,
+            (steps - step) * every_s,
+            {"loss": 5.0 / step, "lr": 1e-3, "tokens_per_s": 900.0, "grad_norm": 1.0},
+        )
         slowest = max(slowest, time.perf_counter() - t0)
         if on_step:
             on_step(step)
@@ -99,20 +103,45 @@ def test_outside_a_trainjob_nothing_runs() -> None:
 
 
 def _pretrain(tmp_path: Path, data: Path, env: dict[str, str], name: str, steps: int) -> subprocess.CompletedProcess:
-    loop = {"max_steps": steps, "log_every": 2, "checkpoint_every": steps, "micro_batch_size": 2, "precision": "fp32",
-            "eval_every": 1000}
+    loop = {
+        "max_steps": steps,
+        "log_every": 2,
+        "checkpoint_every": steps,
+        "micro_batch_size": 2,
+        "precision": "fp32",
+        "eval_every": 1000,
+    }
     sets = [a for k, v in loop.items() for a in ("--set", f"pretrain.loop.{k}={v}")]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "kubellm"),
-                           "pretrain", "--data", str(data), "--out", str(tmp_path / name), *sets,
-                           "--set", "tracking.enabled=false"],
-                          cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(BIN / "kubellm"),
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / name),
+            *sets,
+            "--set",
+            "tracking.enabled=false",
+        ],
+        cwd=tmp_path,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # two torchrun jobs of 2 processes on two busy cores
 def test_torchrun_pretrain_reports_rising_progress_to_100_and_survives_a_hung_endpoint(
-        pretrain_data: Path, tmp_path: Path) -> None:
+    pretrain_data: Path, tmp_path: Path
+) -> None:
     """`kubellm pretrain` under `torchrun --nproc_per_node 2` with the variables the Trainer controller
     injects: rank 0 alone reports, at most once per 5 s, progress rising to 100 and the ETA falling, while
     the token rotates; then the same against an endpoint that never answers: the job still finishes."""

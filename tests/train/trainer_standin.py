@@ -44,8 +44,9 @@ class TrainerStandIn:
         self.accepted: list[tuple[float, dict[str, Any]]] = []  # (arrival, trainerStatus)
         self.refused: list[tuple[int, str]] = []  # (status, why)
         self._stop = threading.Event()
-        validator = jsonschema.Draft202012Validator(trainer_status_schema(),
-                                                    format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+        validator = jsonschema.Draft202012Validator(
+            trainer_status_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        )
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,8 +104,11 @@ class TrainerStandIn:
         self.token = token
 
     def env(self, ca: Path | None = None) -> dict[str, str]:
-        return {"KUBEFLOW_TRAINER_SERVER_URL": self.url, "KUBEFLOW_TRAINER_SERVER_CA_CERT": str(ca or self.ca),
-                "KUBEFLOW_TRAINER_SERVER_TOKEN": str(self.token_file)}
+        return {
+            "KUBEFLOW_TRAINER_SERVER_URL": self.url,
+            "KUBEFLOW_TRAINER_SERVER_CA_CERT": str(ca or self.ca),
+            "KUBEFLOW_TRAINER_SERVER_TOKEN": str(self.token_file),
+        }
 
     def __enter__(self) -> TrainerStandIn:
         self._thread.start()

@@ -36,9 +36,15 @@ def test_every_yaml_has_a_header_with_its_command(path: Path) -> None:
 
 
 def test_overrides_are_typed_and_dotted() -> None:
-    cfg = load_config("configs/local.yaml", ["data.max_docs=1000", "pretrain.loop.precision=fp32",
-                                             "data.sources.0.uri=builtin://stdlib-instruct",
-                                             "evaluate.gate.min_rouge_l=0.2"])
+    cfg = load_config(
+        "configs/local.yaml",
+        [
+            "data.max_docs=1000",
+            "pretrain.loop.precision=fp32",
+            "data.sources.0.uri=builtin://stdlib-instruct",
+            "evaluate.gate.min_rouge_l=0.2",
+        ],
+    )
     assert cfg.data.max_docs == 1000
     assert cfg.pretrain.loop.precision == "fp32"
     assert cfg.data.sources[0].uri == "builtin://stdlib-instruct"

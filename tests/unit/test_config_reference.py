@@ -29,27 +29,41 @@ def test_every_field_of_every_section_is_listed_with_type_default_and_meaning() 
     assert rows["pretrain.loop.max_steps"].type == "int"
     assert "data.sources[].text_field" in rows and rows["data.sources[].text_field"].default == '"text"'
     # every leaf field of the models is there: nothing documented by hand can be missing
-    assert {"name", "workdir", "evaluate.gate.max_perplexity_ratio", "serve.max_prompt_tokens",
-            "platform.stages", "sweep.trials"} <= set(rows)
+    assert {
+        "name",
+        "workdir",
+        "evaluate.gate.max_perplexity_ratio",
+        "serve.max_prompt_tokens",
+        "platform.stages",
+        "sweep.trials",
+    } <= set(rows)
     undocumented = [p for p, r in rows.items() if not r.doc]
     assert len(undocumented) < len(rows) // 4, undocumented  # most fields carry their docstring
 
 
-@pytest.mark.parametrize(("typo", "meant"), [
-    ("startup_timeout", "startup_timeout_s"), ("max_step", "max_steps"), ("base", "base_model"),
-])
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("startup_timeout", "startup_timeout_s"),
+        ("max_step", "max_steps"),
+        ("base", "base_model"),
+    ],
+)
 def test_suggestions_find_what_a_person_meant(typo: str, meant: str) -> None:
     candidates = [r.path.rsplit(".", 1)[-1] for r in fields()]
     assert meant in suggest(typo, sorted(set(candidates)))
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("deploy.startup_timeout=60", "deploy.startup_timeout: unknown field; did you mean `startup_timeout_s`?"),
-    ("pretrain.loop.max_step=5", "pretrain.loop.max_step: unknown field; did you mean `max_steps`?"),
-    ("finetune.base=x", "finetune.base: unknown field; did you mean `base_model`?"),
-    ("servve.port=1", "servve: unknown field; did you mean `serve`?"),
-    ("data.sources.0.text_feild=body", "data.sources.0.text_feild: unknown field; did you mean `text_field`?"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("deploy.startup_timeout=60", "deploy.startup_timeout: unknown field; did you mean `startup_timeout_s`?"),
+        ("pretrain.loop.max_step=5", "pretrain.loop.max_step: unknown field; did you mean `max_steps`?"),
+        ("finetune.base=x", "finetune.base: unknown field; did you mean `base_model`?"),
+        ("servve.port=1", "servve: unknown field; did you mean `serve`?"),
+        ("data.sources.0.text_feild=body", "data.sources.0.text_feild: unknown field; did you mean `text_field`?"),
+    ],
+)
 def test_a_misspelt_field_in_a_config_gets_a_did_you_mean(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config("configs/local.yaml", [override])

@@ -23,10 +23,19 @@ LOCAL = REPO / "configs" / "local.yaml"
 PASSWORD = "hunter2-" + "q" * 8  # never a real one
 
 
-@pytest.mark.parametrize("field", [
-    "tracking.uri", "deploy.storage_uri", "data.sources.0.uri", "instruct_data.sources.0.uri", "serve.model",
-    "playground.endpoint", "playground.compare_endpoint", "finetune.base_model",
-])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "tracking.uri",
+        "deploy.storage_uri",
+        "data.sources.0.uri",
+        "instruct_data.sources.0.uri",
+        "serve.model",
+        "playground.endpoint",
+        "playground.compare_endpoint",
+        "finetune.base_model",
+    ],
+)
 def test_credentials_in_any_uri_field_are_refused(field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(LOCAL, [f"{field}=https://admin:{PASSWORD}@host.example.com/x"])
@@ -35,11 +44,17 @@ def test_credentials_in_any_uri_field_are_refused(field: str) -> None:
     assert PASSWORD not in message and "\n" not in message
 
 
-@pytest.mark.parametrize(("override", "where"), [
-    ("platform.default.annotations={note: hf_abcdefghijklmnopqrstuvwxyzABCDEF}", "platform.default.annotations.note"),
-    ("deploy.hf_args=['--api-key=sk-abcdefghijklmnopqrstuvwx']", "deploy.hf_args.0"),
-    ("platform.default.labels={api_token: abc}", "platform.default.labels.api_token"),
-])
+@pytest.mark.parametrize(
+    ("override", "where"),
+    [
+        (
+            "platform.default.annotations={note: hf_abcdefghijklmnopqrstuvwxyzABCDEF}",
+            "platform.default.annotations.note",
+        ),
+        ("deploy.hf_args=['--api-key=sk-abcdefghijklmnopqrstuvwx']", "deploy.hf_args.0"),
+        ("platform.default.labels={api_token: abc}", "platform.default.labels.api_token"),
+    ],
+)
 def test_secret_like_values_anywhere_are_refused(override: str, where: str) -> None:
     with pytest.raises(ConfigError, match=f"{where}: holds "):
         load_config(LOCAL, [override])
@@ -50,26 +65,51 @@ def test_ordinary_configs_pass() -> None:
         if "kind" in (next(yaml.safe_load_all(path.read_text()), None) or {}):
             continue  # Kubernetes manifests, not run configs
         assert find_secrets(load_config(path).model_dump(mode="json")) == []
-    cfg = load_config(LOCAL, ["tracking.uri=http://mlflow.kubellm.svc:5000", "serve.model=models:/kubellm@champion",
-                              "deploy.storage_uri=hf://org/model@main", "serve.max_prompt_tokens=64"])
+    cfg = load_config(
+        LOCAL,
+        [
+            "tracking.uri=http://mlflow.kubellm.svc:5000",
+            "serve.model=models:/kubellm@champion",
+            "deploy.storage_uri=hf://org/model@main",
+            "serve.max_prompt_tokens=64",
+        ],
+    )
     assert cfg.serve.model == "models:/kubellm@champion"
 
 
 def test_redact_masks_what_reaches_a_log() -> None:
-    doc = {"tracking": {"uri": f"https://admin:{PASSWORD}@mlflow.example.com"},
-           "env": {"HF_TOKEN": "abc", "max_new_tokens": 5, "secret_env": [{"secret": "mlflow-auth"}]},
-           "args": ["--token=hf_abcdefghijklmnopqrstuvwxyzABCDEF", "plain"]}
-    assert redact(doc) == {"tracking": {"uri": "https://***@mlflow.example.com"},
-                           "env": {"HF_TOKEN": "***", "max_new_tokens": 5, "secret_env": [{"secret": "mlflow-auth"}]},
-                           "args": ["--token=***", "plain"]}
+    doc = {
+        "tracking": {"uri": f"https://admin:{PASSWORD}@mlflow.example.com"},
+        "env": {"HF_TOKEN": "abc", "max_new_tokens": 5, "secret_env": [{"secret": "mlflow-auth"}]},
+        "args": ["--token=hf_abcdefghijklmnopqrstuvwxyzABCDEF", "plain"],
+    }
+    assert redact(doc) == {
+        "tracking": {"uri": "https://***@mlflow.example.com"},
+        "env": {"HF_TOKEN": "***", "max_new_tokens": 5, "secret_env": [{"secret": "mlflow-auth"}]},
+        "args": ["--token=***", "plain"],
+    }
     assert doc["env"]["HF_TOKEN"] == "abc"  # a copy: the config itself is untouched
 
 
 def test_compile_refuses_credentials(tmp_path: Path) -> None:
     kubellm = str(Path(sys.executable).with_name("kubellm"))
-    out = subprocess.run([kubellm, "compile", "--config", str(LOCAL), "--out", str(tmp_path / "dist"),
-                          "--set", f"tracking.uri=https://admin:{PASSWORD}@mlflow.example.com"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    out = subprocess.run(
+        [
+            kubellm,
+            "compile",
+            "--config",
+            str(LOCAL),
+            "--out",
+            str(tmp_path / "dist"),
+            "--set",
+            f"tracking.uri=https://admin:{PASSWORD}@mlflow.example.com",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().startswith(f"error: {LOCAL}: invalid config: tracking.uri: credentials in the URI")
     assert PASSWORD not in out.stderr + out.stdout and not (tmp_path / "dist").exists()
@@ -80,12 +120,21 @@ def test_compile_refuses_credentials(tmp_path: Path) -> None:
 AWS_SECRET = "".join(random.Random(24).choices(string.ascii_letters + string.digits + "+/", k=40))
 JWT = "eyJhbGciOiJIUzI1NiJ9" + ".eyJzdWIiOiJhZG1pbiJ9" + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 SHAPES = {
-    "raw key under a neutral key": ("platform.default.annotations={note: " + AWS_SECRET + "}", AWS_SECRET,
-                                    "platform.default.annotations.note: holds a random-looking key"),
-    "password in a URI query": (f"deploy.storage_uri=https://host.example.com/m?password={PASSWORD}", PASSWORD,
-                                "deploy.storage_uri: holds credentials in a URI query"),
-    "Authorization header": ("deploy.hf_args=['--header=Authorization: Bearer " + JWT + "']", JWT,
-                             "deploy.hf_args.0: holds a JSON Web Token"),
+    "raw key under a neutral key": (
+        "platform.default.annotations={note: " + AWS_SECRET + "}",
+        AWS_SECRET,
+        "platform.default.annotations.note: holds a random-looking key",
+    ),
+    "password in a URI query": (
+        f"deploy.storage_uri=https://host.example.com/m?password={PASSWORD}",
+        PASSWORD,
+        "deploy.storage_uri: holds credentials in a URI query",
+    ),
+    "Authorization header": (
+        "deploy.hf_args=['--header=Authorization: Bearer " + JWT + "']",
+        JWT,
+        "deploy.hf_args.0: holds a JSON Web Token",
+    ),
 }
 
 
@@ -112,28 +161,39 @@ def test_hashes_hub_ids_and_paths_are_no_secrets() -> None:
     import hashlib
     import uuid
 
-    ordinary = ["HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct",
-                "s3://My-Bucket/Models/Llama3/Checkpoints/Step1000", "/home/User/Projects/Kubellm2/data/Prepared",
-                "gs://Company-ML-Data/Tokenizers/BPE_32000_v2/Tokenizer.json", hashlib.sha256(b"x").hexdigest(),
-                "sha256:" + hashlib.sha256(b"y").hexdigest(), uuid.uuid4().hex, "a" * 40 + "0" * 8,
-                "http://mlflow.kubellm.svc:5000/?experiment=3", "Be the bearer of good news.",
-                "Qwen2_5OmniToken2WavBigVGANModel"]
+    ordinary = [
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "s3://My-Bucket/Models/Llama3/Checkpoints/Step1000",
+        "/home/User/Projects/Kubellm2/data/Prepared",
+        "gs://Company-ML-Data/Tokenizers/BPE_32000_v2/Tokenizer.json",
+        hashlib.sha256(b"x").hexdigest(),
+        "sha256:" + hashlib.sha256(b"y").hexdigest(),
+        uuid.uuid4().hex,
+        "a" * 40 + "0" * 8,
+        "http://mlflow.kubellm.svc:5000/?experiment=3",
+        "Be the bearer of good news.",
+        "Qwen2_5OmniToken2WavBigVGANModel",
+    ]
     assert find_secrets({"values": ordinary}) == []
     assert redact({"values": ordinary}) == {"values": ordinary}
 
 
-@pytest.mark.parametrize(("argv", "secret"), [
-    (["serve", "--model", f"http://user:{PASSWORD}@host.example.com/m"], PASSWORD),
-    (["playground", "--compare-endpoint", f"http://user:{PASSWORD}@host.example.com:8080"], PASSWORD),
-    (["serve", "--model", f"https://host.example.com/m?token={PASSWORD}"], PASSWORD),
-    (["deploy", "--dry-run", "--storage-uri", f"s3://bucket/m?X-Amz-Signature={PASSWORD}"], PASSWORD),
-    (["prep", "--out", "x", "--source", f"https://host.example.com/d.jsonl?access_token={PASSWORD}"], PASSWORD),
-    (["run", "--param", f"base_model={AWS_SECRET}"], AWS_SECRET),
-    (["finetune", "--data", "d", "--out", "o", "--base", f"Authorization: Bearer {JWT}"], JWT),
-])
-def test_flags_that_take_a_uri_or_header_refuse_credentials(argv: list[str], secret: str, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "secret"),
+    [
+        (["serve", "--model", f"http://user:{PASSWORD}@host.example.com/m"], PASSWORD),
+        (["playground", "--compare-endpoint", f"http://user:{PASSWORD}@host.example.com:8080"], PASSWORD),
+        (["serve", "--model", f"https://host.example.com/m?token={PASSWORD}"], PASSWORD),
+        (["deploy", "--dry-run", "--storage-uri", f"s3://bucket/m?X-Amz-Signature={PASSWORD}"], PASSWORD),
+        (["prep", "--out", "x", "--source", f"https://host.example.com/d.jsonl?access_token={PASSWORD}"], PASSWORD),
+        (["run", "--param", f"base_model={AWS_SECRET}"], AWS_SECRET),
+        (["finetune", "--data", "d", "--out", "o", "--base", f"Authorization: Bearer {JWT}"], JWT),
+    ],
+)
+def test_flags_that_take_a_uri_or_header_refuse_credentials(
+    argv: list[str], secret: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kubellm.cli import main
 
     monkeypatch.chdir(tmp_path)

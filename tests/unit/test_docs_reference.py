@@ -11,7 +11,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 def test_the_config_reference_lists_every_field_the_loader_accepts() -> None:
     assert (DOCS / "config.md").read_text(encoding="utf-8") == markdown(list(fields())), (
-        "docs/config.md is stale: run `make docs`")
+        "docs/config.md is stale: run `make docs`"
+    )
 
 
 def test_the_component_reference_lists_every_input_and_output() -> None:

@@ -41,12 +41,15 @@ class RepositoryNotFoundError(Exception):
     pass
 
 
-@pytest.mark.parametrize(("err", "says"), [
-    (HfHubHTTPError(401), "401 unauthorized (HfHubHTTPError): a gated or private model needs HF_TOKEN"),
-    (HfHubHTTPError(403), "403 forbidden (HfHubHTTPError): HF_TOKEN has no access"),
-    (RepositoryNotFoundError("org/nope"), "not found on the Hub (RepositoryNotFoundError)"),
-    (ConnectionError("Max retries exceeded"), "no network or HF_HUB_OFFLINE=1 (ConnectionError: Max retries"),
-    (ValueError("bad revision\nmore"), "ValueError: bad revision"),
-])
+@pytest.mark.parametrize(
+    ("err", "says"),
+    [
+        (HfHubHTTPError(401), "401 unauthorized (HfHubHTTPError): a gated or private model needs HF_TOKEN"),
+        (HfHubHTTPError(403), "403 forbidden (HfHubHTTPError): HF_TOKEN has no access"),
+        (RepositoryNotFoundError("org/nope"), "not found on the Hub (RepositoryNotFoundError)"),
+        (ConnectionError("Max retries exceeded"), "no network or HF_HUB_OFFLINE=1 (ConnectionError: Max retries"),
+        (ValueError("bad revision\nmore"), "ValueError: bad revision"),
+    ],
+)
 def test_a_hub_failure_says_what_it_means(err: Exception, says: str) -> None:
     assert hub_error(err).startswith(says) and "\n" not in hub_error(err)

@@ -23,16 +23,51 @@ def test_prep_reads_sources_and_tokenizer_under_the_home_directory(tmp_path: Pat
     home = tmp_path / "home"
     (home / "corpus").mkdir(parents=True)
     words = [f"w{a}{b}" for a in "abcdefghij" for b in "klmnopqrst"]
-    (home / "corpus" / "a.jsonl").write_text("".join(
-        f'{{"text": "{" ".join(words[(i * 7 + j) % 100] for j in range(40))} number {i}"}}\n' for i in range(200)))
+    (home / "corpus" / "a.jsonl").write_text(
+        "".join(
+            f'{{"text": "{" ".join(words[(i * 7 + j) % 100] for j in range(40))} number {i}"}}\n' for i in range(200)
+        )
+    )
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([str(BIN / "kubellm"), "prep", "--source", "~/corpus/a.jsonl", "--out", "~/prepared",
-                          "--set", "data.tokenizer.vocab_size=300", "--set", "data.block_size=16"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [
+            str(BIN / "kubellm"),
+            "prep",
+            "--source",
+            "~/corpus/a.jsonl",
+            "--out",
+            "~/prepared",
+            "--set",
+            "data.tokenizer.vocab_size=300",
+            "--set",
+            "data.block_size=16",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (home / "prepared" / "tokenizer").is_dir() and not (tmp_path / "~").exists()
-    again = subprocess.run([str(BIN / "kubellm"), "prep", "--source", "~/corpus/a.jsonl", "--out", "~/second",
-                            "--set", "data.tokenizer.path=~/prepared", "--set", "data.block_size=16"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    again = subprocess.run(
+        [
+            str(BIN / "kubellm"),
+            "prep",
+            "--source",
+            "~/corpus/a.jsonl",
+            "--out",
+            "~/second",
+            "--set",
+            "data.tokenizer.path=~/prepared",
+            "--set",
+            "data.block_size=16",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert (home / "second").is_dir() and not (tmp_path / "~").exists()

@@ -26,14 +26,31 @@ def _commands() -> list[str]:
 
 
 def _imports(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "kubellm.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kubellm.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
     return proc, modules(proc.stderr)
 
 
 def test_every_command_is_listed() -> None:
-    assert {"prep", "pretrain", "finetune", "evaluate", "register", "deploy", "serve", "run", "compile",
-            "submit", "schedule", "init"} <= set(_commands())
+    assert {
+        "prep",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "register",
+        "deploy",
+        "serve",
+        "run",
+        "compile",
+        "submit",
+        "schedule",
+        "init",
+    } <= set(_commands())
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in _commands()]], ids=lambda c: " ".join(c) or "kubellm")
@@ -44,12 +61,24 @@ def test_help_imports_no_heavy_library(command: list[str], tmp_path: Path) -> No
     assert len(mods) <= CLI_BUDGET, f"kubellm {' '.join(command)} --help imports {len(mods)} modules"
 
 
-@pytest.mark.parametrize("command", [["pretrain", "--data", "d", "--out", "o"],
-                                     ["finetune", "--data", "d", "--base", "b", "--out", "o"],
-                                     ["evaluate", "--data", "d", "--model", "m", "--out", "o"], ["prep", "--out", "o"],
-                                     ["register", "--model", "m"], ["run"], ["compile"], ["serve"], ["deploy"],
-                                     ["playground"], ["submit"], ["schedule", "--cron", "0 0 3 * * *"]],
-                         ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["pretrain", "--data", "d", "--out", "o"],
+        ["finetune", "--data", "d", "--base", "b", "--out", "o"],
+        ["evaluate", "--data", "d", "--model", "m", "--out", "o"],
+        ["prep", "--out", "o"],
+        ["register", "--model", "m"],
+        ["run"],
+        ["compile"],
+        ["serve"],
+        ["deploy"],
+        ["playground"],
+        ["submit"],
+        ["schedule", "--cron", "0 0 3 * * *"],
+    ],
+    ids=lambda c: c[0],
+)
 def test_a_bad_config_is_refused_before_any_heavy_import(command: list[str], tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("pretrain:\n  loop:\n    max_stepz: 3\n", encoding="utf-8")
     proc, mods = _imports(*command, "--config", "bad.yaml", cwd=tmp_path)

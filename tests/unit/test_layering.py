@@ -43,8 +43,11 @@ LAYERS: dict[str, set[str]] = {
     "cli": {"pipelines", "summary"},
 }
 #: Where the library's and the KFP side's modules are, as (folder, package name).
-ROOTS = ((SRC / "kubellm", "kubellm"), (REPO / "components", "kubellm.components"),
-         (REPO / "pipelines", "kubellm.pipelines"))
+ROOTS = (
+    (SRC / "kubellm", "kubellm"),
+    (REPO / "components", "kubellm.components"),
+    (REPO / "pipelines", "kubellm.pipelines"),
+)
 
 
 def _below(layer: str) -> set[str]:
@@ -90,7 +93,7 @@ def imported_modules(module: str, source: str, is_package: bool = False) -> list
             base = node.module or ""
             if node.level:
                 package = module.split(".") if is_package else module.split(".")[:-1]
-                package = package[:len(package) - node.level + 1]
+                package = package[: len(package) - node.level + 1]
                 base = ".".join([*package, *([base] if base else [])])
             out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
     return [(line, name) for line, name in out if name == "kubellm" or name.startswith("kubellm.")]
@@ -161,7 +164,8 @@ def test_the_layer_check_catches_an_upward_import_anywhere(tmp_path: Path) -> No
         "    from kubellm.train.loop import TrainResult\n"  # up, inside a function
         "    from kubellm import stages\n"  # up, as a name
         "    from ..serve import engine\n"  # sideways, relative
-        "    return TrainResult\n")
+        "    return TrainResult\n"
+    )
     found = upward_imports({"kubellm.tracking.bad": bad.read_text()})
     assert [line.split(" (")[0] for line in found] == [
         "kubellm.tracking.bad:3 imports kubellm.cli.app",
@@ -171,18 +175,25 @@ def test_the_layer_check_catches_an_upward_import_anywhere(tmp_path: Path) -> No
         "kubellm.tracking.bad:9 imports kubellm.serve.engine",
     ]
     assert upward_imports({"kubellm.stages.good": bad.read_text()}) == [
-        "kubellm.stages.good:3 imports kubellm.cli.app (stages may not import cli)"]
+        "kubellm.stages.good:3 imports kubellm.cli.app (stages may not import cli)"
+    ]
     assert upward_imports({"kubellm.newpkg.mod": "import json\n", "kubellm.newmod": ""}) == [
         "kubellm.newmod: layer 'newmod' is not in LAYERS; place it there",
-        "kubellm.newpkg.mod: layer 'newpkg' is not in LAYERS; place it there"]
+        "kubellm.newpkg.mod: layer 'newpkg' is not in LAYERS; place it there",
+    ]
 
 
 def test_the_library_never_imports_kfp() -> None:
     offenders = []
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{name}: {m}" for m in mods if m == "kfp" or m.startswith("kfp.")]
     assert not offenders
 
@@ -195,8 +206,10 @@ def test_no_module_level_import_circles() -> None:
             name = name.rpartition(".")[0]
         return name or None
 
-    graph = {m: {o for n in _module_level_imports(p) if (o := owner(n)) and o != m and not m.startswith(f"{o}.")}
-             for m, p in mods.items()}  # a module importing its own package's __init__ is not a circle
+    graph = {
+        m: {o for n in _module_level_imports(p) if (o := owner(n)) and o != m and not m.startswith(f"{o}.")}
+        for m, p in mods.items()
+    }  # a module importing its own package's __init__ is not a circle
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -205,7 +218,7 @@ def test_no_module_level_import_circles() -> None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                pytest.fail("import circle: " + " -> ".join([*stack[stack.index(n):], n]))
+                pytest.fail("import circle: " + " -> ".join([*stack[stack.index(n) :], n]))
             if n not in state:
                 visit(n)
         stack.pop()

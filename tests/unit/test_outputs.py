@@ -29,8 +29,11 @@ def user_folder(path: Path) -> Path:
 
 
 def intact(path: Path) -> bool:
-    return ((path / "precious.txt").read_text() == "mine" and (path / "sub" / "notes.md").read_text() == "my notes"
-            and not (path / OUTPUT_MARKER).exists())
+    return (
+        (path / "precious.txt").read_text() == "mine"
+        and (path / "sub" / "notes.md").read_text() == "my notes"
+        and not (path / OUTPUT_MARKER).exists()
+    )
 
 
 def test_missing_empty_and_own_outputs_are_accepted(tmp_path: Path) -> None:
@@ -81,15 +84,21 @@ def test_anything_else_is_refused_with_one_line_naming_it(case: str, tmp_path: P
 
 
 def test_working_and_home_directories_and_their_parents_are_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     home.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setenv("HOME", str(home))
-    for path, why in [(".", "is the current directory"), (work, "is the current directory"),
-                      (tmp_path, "contains it"), ("/", "contains it"), ("~", "is your home directory"),
-                      (home, "is your home directory")]:
+    for path, why in [
+        (".", "is the current directory"),
+        (work, "is the current directory"),
+        (tmp_path, "contains it"),
+        ("/", "contains it"),
+        ("~", "is your home directory"),
+        (home, "is your home directory"),
+    ]:
         with pytest.raises(OutputError, match=why):
             claim_output(path, "evaluation")
     assert claim_output("sub", "evaluation") == work / "sub"  # below the working directory: fine
@@ -120,7 +129,8 @@ def test_legacy_names_recognise_outputs_made_before_markers(tmp_path: Path) -> N
 
 
 def test_compile_refuses_a_user_folder_and_its_config_folder_but_recompiles_its_own(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("kubellm.log.setup", lambda *a, **k: None)
     config = tmp_path / "conf" / "run.yaml"
     config.parent.mkdir()
@@ -168,11 +178,18 @@ def test_an_explicit_empty_mapping_still_means_the_defaults(tmp_path: Path) -> N
 
 def test_cli_with_an_empty_config_exits_2_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.yaml").write_text("")
-    proc = subprocess.run([str(BIN / "kubellm"), "pretrain", "--config", "empty.yaml", "--data", "d", "--out", "o"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "kubellm"), "pretrain", "--config", "empty.yaml", "--data", "d", "--out", "o"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: empty.yaml: the config file is empty (or only "
-                                                    "comments); write {} in it to run with the built-in defaults")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: empty.yaml: the config file is empty (or only "
+        "comments); write {} in it to run with the built-in defaults"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
 
 
@@ -188,8 +205,16 @@ def test_io_failures_are_named_by_their_cause(tmp_path: Path, monkeypatch: pytes
     wrapped.__cause__ = PermissionError(errno.EACCES, "denied")
     assert io_cause(wrapped, tmp_path) == "permission denied"
     # safetensors and torch report the system's words as text
-    assert io_cause(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                                 '"No space left on device" })'), tmp_path) == "no space left on device"
+    assert (
+        io_cause(
+            RuntimeError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                '"No space left on device" })'
+            ),
+            tmp_path,
+        )
+        == "no space left on device"
+    )
     assert io_cause(ValueError("a bug"), tmp_path) is None
     assert io_cause(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64"), tmp_path) is None
 

@@ -20,7 +20,9 @@ def _has_none(node) -> bool:
 
 
 def test_round_trip_keeps_explicit_nulls() -> None:
-    cfg = load_config("configs/local.yaml", ["finetune.optim.grad_clip=null", "evaluate.gate.max_perplexity_ratio=null"])
+    cfg = load_config(
+        "configs/local.yaml", ["finetune.optim.grad_clip=null", "evaluate.gate.max_perplexity_ratio=null"]
+    )
     doc = to_param(cfg)
     assert not _has_none(doc)
     assert "finetune.optim.grad_clip" in doc[NULLS]

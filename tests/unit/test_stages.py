@@ -59,7 +59,8 @@ def test_rank_trials_picks_the_best_that_passed() -> None:
 
 @pytest.mark.parametrize("status", ["promoted", "rolled_back"])
 def test_cluster_deploy_goes_through_the_rollout_and_fails_the_step_on_rollback(
-        status: str, tmp_path: Path, monkeypatch) -> None:
+    status: str, tmp_path: Path, monkeypatch
+) -> None:
     import yaml
 
     import kubellm.k8s.rollout as rollout
@@ -69,20 +70,25 @@ def test_cluster_deploy_goes_through_the_rollout_and_fails_the_step_on_rollback(
 
     def roll_out(isvc, *, namespace, **kw):
         calls.append(isvc)
-        return rollout.RolloutResult(status=status, reason="smoke test said no" if status != "promoted" else "ok",
-                                     url="http://local-kubellm.kubellm.example.com")
+        return rollout.RolloutResult(
+            status=status,
+            reason="smoke test said no" if status != "promoted" else "ok",
+            url="http://local-kubellm.kubellm.example.com",
+        )
 
     monkeypatch.setattr(rollout, "rollout", roll_out)
-    cfg = load_config(REPO / "configs" / "local.yaml",
-                      ["tracking.enabled=false", "deploy.storage_uri=s3://models/kubellm/7"])
+    cfg = load_config(
+        REPO / "configs" / "local.yaml", ["tracking.enabled=false", "deploy.storage_uri=s3://models/kubellm/7"]
+    )
     applied = []
     import kubellm.k8s.playground as playground
 
     monkeypatch.setattr(playground, "apply_playground", lambda objs, **kw: applied.append(objs))
     ctx = StageContext.from_param(to_param(cfg.tracking), str(tmp_path))
     out = tmp_path / "manifests"
-    args = dict(target="cluster", model_uri="models:/kubellm-local/7", platform=to_param(cfg.platform),
-                run_name=cfg.name)
+    args = dict(
+        target="cluster", model_uri="models:/kubellm-local/7", platform=to_param(cfg.platform), run_name=cfg.name
+    )
     if status == "promoted":
         res = deploy_stage.deploy(to_param(cfg.release()), str(out), ctx, **args)
         assert res.values["endpoint"] == "http://local-kubellm.kubellm.example.com"
@@ -120,8 +126,9 @@ def test_a_step_that_failed_on_its_input_fails_its_retries_at_once(tmp_path: Pat
     with pytest.raises(ConfigError) as info:  # the retry: same class, same message, and why; the body never runs
         attempt(ctx, "deploy", None)
     assert time.perf_counter() - t0 < 1.0 and entered == ["deploy"]
-    assert str(info.value).startswith("serve.max_prompt_tokens=4 is too small (not retried: an earlier attempt of "
-                                      "step 'deploy' in this run failed")
+    assert str(info.value).startswith(
+        "serve.max_prompt_tokens=4 is too small (not retried: an earlier attempt of step 'deploy' in this run failed"
+    )
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="not retried"):  # and so does every later retry
         attempt(ctx, "deploy", None)
@@ -151,5 +158,9 @@ def test_from_param_keeps_the_kfp_run_id(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setenv(KFP_RUN_ENV, "lifecycle-1")
     assert StageContext.from_param({"enabled": False}, str(tmp_path)).kfp_run_id == "lifecycle-1"
-    assert StageContext.for_command(StageContext.from_param({"enabled": False}, str(tmp_path)).tracking,
-                                    str(tmp_path)).kfp_run_id is None
+    assert (
+        StageContext.for_command(
+            StageContext.from_param({"enabled": False}, str(tmp_path)).tracking, str(tmp_path)
+        ).kfp_run_id
+        is None
+    )

@@ -22,9 +22,26 @@ def _inner_suite(root: Path, files: dict[str, str], *args: str) -> subprocess.Co
     (root / "pytest.ini").write_text(f"[pytest]\nmarkers =\n{markers}\ntimeout = {SETTINGS['timeout']}\n")
     for name, body in files.items():
         (root / name).write_text(textwrap.dedent(body))
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
-                           "--basetemp", str(root / "tmp"), *args, str(root)],
-                          capture_output=True, text=True, cwd=root, timeout=100)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(root),
+            "--basetemp",
+            str(root / "tmp"),
+            *args,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=100,
+    )
 
 
 def test_every_test_has_a_time_limit_of_minutes_not_ci_s_hour() -> None:
@@ -33,8 +50,10 @@ def test_every_test_has_a_time_limit_of_minutes_not_ci_s_hour() -> None:
 
 @pytest.mark.slow
 def test_a_hung_test_fails_alone_at_its_limit_and_the_run_goes_on(tmp_path: Path) -> None:
-    out = _inner_suite(tmp_path, {
-        "test_hang.py": """
+    out = _inner_suite(
+        tmp_path,
+        {
+            "test_hang.py": """
             import time
 
             def test_sleeps_forever():
@@ -43,11 +62,16 @@ def test_a_hung_test_fails_alone_at_its_limit_and_the_run_goes_on(tmp_path: Path
             def test_after_the_hang():
                 assert True
         """,
-        "test_other.py": """
+            "test_other.py": """
             def test_elsewhere():
                 assert True
         """,
-    }, "-n", "2", "-o", "timeout=3")
+        },
+        "-n",
+        "2",
+        "-o",
+        "timeout=3",
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 1, text
     assert "1 failed, 2 passed" in text, text
@@ -69,15 +93,27 @@ def test_a_serial_test_runs_while_no_other_test_does(tmp_path: Path) -> None:
             with open({str(log)!r}, "a") as f:
                 f.write(f"end {{name}}\\n")
     """
+
     def tests(name: str, count: int, seconds: float) -> str:
-        return "".join(f"\n        def test_{name}_{i}():\n            _span('{name}{i}', {seconds})\n"
-                       for i in range(count))
+        return "".join(
+            f"\n        def test_{name}_{i}():\n            _span('{name}{i}', {seconds})\n" for i in range(count)
+        )
 
     serial = "\n        @pytest.mark.serial\n        def test_alone():\n            _span('serial', 1.0)\n"
     # A module's tests run on one worker: the short module ends first, its worker takes the serial test
     # while the other is in the middle of the long module.
-    out = _inner_suite(tmp_path, {"test_a.py": body + tests("short", 2, 0.1), "test_b.py": body + tests("long", 5, 0.6),
-                                  "test_serial.py": body + serial}, "-n", "2", "--dist", "loadscope")
+    out = _inner_suite(
+        tmp_path,
+        {
+            "test_a.py": body + tests("short", 2, 0.1),
+            "test_b.py": body + tests("long", 5, 0.6),
+            "test_serial.py": body + serial,
+        },
+        "-n",
+        "2",
+        "--dist",
+        "loadscope",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     events = log.read_text().split()
     lines = [f"{events[i]} {events[i + 1]}" for i in range(0, len(events), 2)]

@@ -26,9 +26,13 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML run config (see configs/; `kubellm init` writes a starter); "
-                 "default: the embedded default that ships with kubellm (configs/local.yaml in the repository).",
-                 parser=user_path),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML run config (see configs/; `kubellm init` writes a starter); "
+        "default: the embedded default that ships with kubellm (configs/local.yaml in the repository).",
+        parser=user_path,
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -46,10 +50,11 @@ def no_secrets(ctx: typer.Context, param: typer.CallbackParam, value: str | list
     for item in [value] if isinstance(value, str) else value or []:
         kind = secret_in(item)
         if kind is not None:
-            raise ConfigError(f"{param.opts[0]}: holds {kind}; a command line is logged and shown (shell history, "
-                              f"ps, pod specs), never put a secret in it; {WHERE_CREDENTIALS_GO}")
+            raise ConfigError(
+                f"{param.opts[0]}: holds {kind}; a command line is logged and shown (shell history, "
+                f"ps, pod specs), never put a secret in it; {WHERE_CREDENTIALS_GO}"
+            )
     return value
-
 
 
 #: Sections every command reads (where it runs and where it logs).
@@ -71,9 +76,12 @@ def load(config: Path | None, overrides: list[str] | None, reads: tuple[str, ...
         for item in overrides or []:
             section = override_key(item.partition("=")[0]).split(".")[0]
             if section not in used:
-                get_logger("cli").warning("--set %s: this command does not read the %r section; it has no "
-                                          "effect here (it reads %s)", item.partition("=")[0], section,
-                                          ", ".join(sorted(used)))
+                get_logger("cli").warning(
+                    "--set %s: this command does not read the %r section; it has no effect here (it reads %s)",
+                    item.partition("=")[0],
+                    section,
+                    ", ".join(sorted(used)),
+                )
     return cfg
 
 
@@ -140,8 +148,11 @@ def _without_leading_comments(text: str) -> str:
 
 
 @app.command()
-def init(path: Annotated[Path, typer.Argument(help="Where to write the starter config.", parser=user_path)]
-         = Path("kubellm.yaml")) -> None:
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter config.", parser=user_path)] = Path(
+        "kubellm.yaml"
+    ),
+) -> None:
     """Write a commented starter run config (the embedded default) to edit for your own data, and the
     config's JSON Schema beside it (editors with the YAML language server complete and check fields)."""
     from kubellm.config import default_config_path, load_config
@@ -153,10 +164,13 @@ def init(path: Annotated[Path, typer.Argument(help="Where to write the starter c
     schema_path = path.parent / SCHEMA_FILE
     # An existing schema file is kubellm's own (a newer init refreshes it); anything else there is the user's.
     if schema_path.exists() and not _is_our_schema(schema_path):
-        raise KubellmError(f"{schema_path}: exists and is not a kubellm config schema; kubellm init never "
-                           "overwrites a file (move it, or write the config elsewhere)")
-    text = (STARTER_HEADER.format(name=path, schema=SCHEMA_COMMENT + "\n#")
-            + _without_leading_comments(default_config_path().read_text(encoding="utf-8")))
+        raise KubellmError(
+            f"{schema_path}: exists and is not a kubellm config schema; kubellm init never "
+            "overwrites a file (move it, or write the config elsewhere)"
+        )
+    text = STARTER_HEADER.format(name=path, schema=SCHEMA_COMMENT + "\n#") + _without_leading_comments(
+        default_config_path().read_text(encoding="utf-8")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -167,8 +181,10 @@ def init(path: Annotated[Path, typer.Argument(help="Where to write the starter c
         raise
     write_json_atomic(schema_path, json_schema())
     tmp.replace(path)
-    print(f"wrote {path} (and {schema_path} for editors): edit data.sources / instruct_data.sources, then "
-          f"`kubellm run --config {path}`")
+    print(
+        f"wrote {path} (and {schema_path} for editors): edit data.sources / instruct_data.sources, then "
+        f"`kubellm run --config {path}`"
+    )
 
 
 def _is_our_schema(path: Path) -> bool:
@@ -183,8 +199,12 @@ def _is_our_schema(path: Path) -> bool:
 
 @app.command(name="config")
 def config_reference(
-    sections: Annotated[list[str] | None, typer.Argument(
-        help="Only these sections or fields (deploy, pretrain.loop, serve.max_prompt_tokens); default all.")] = None,
+    sections: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Only these sections or fields (deploy, pretrain.loop, serve.max_prompt_tokens); default all."
+        ),
+    ] = None,
     schema: Annotated[bool, typer.Option("--schema", help="Print the config's JSON Schema instead.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown table (for docs) instead of text.")] = False,
 ) -> None:
@@ -201,10 +221,10 @@ def config_reference(
     rows = list(fields())
     wanted = [s.strip().strip(".") for s in sections or []]
     for want in wanted:
-        if not any(r.path == want or r.path.startswith(want + ".") or r.path.startswith(want + "[]")
-                   for r in rows):
-            raise KubellmError(f"config has no section or field {want!r}"
-                               + did_you_mean(want, sorted({r.path for r in rows})))
+        if not any(r.path == want or r.path.startswith(want + ".") or r.path.startswith(want + "[]") for r in rows):
+            raise KubellmError(
+                f"config has no section or field {want!r}" + did_you_mean(want, sorted({r.path for r in rows}))
+            )
     if wanted:
         rows = [r for r in rows if any(r.path == w or r.path.startswith((w + ".", w + "[]")) for w in wanted)]
     if markdown:

@@ -32,25 +32,53 @@ def _with_fields(data_cfg, section: Section, fields: dict[str, str]):  # -> Data
 
 @app.command()
 def prep(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (replaced atomically when done); "
-                                      "relative paths must stay inside the current directory.", parser=user_path)],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (replaced atomically when done); "
+            "relative paths must stay inside the current directory.",
+            parser=user_path,
+        ),
+    ],
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    section: Annotated[Section, typer.Option(help="Config section to prepare: the pretraining corpus "
-                                             "(data) or the instruction data (instruct_data).")] = Section.data,
-    tokenizer: Annotated[Path | None, typer.Option(help="Reuse this tokenizer directory (or a prepared "
-                                                   "dataset's) instead of training one.", parser=user_path)] = None,
-    source: Annotated[list[str] | None, typer.Option(
-        "--source", help="Read this file, directory, glob or URI instead of the section's sources "
-        "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…", callback=no_secrets)] = None,
+    section: Annotated[
+        Section,
+        typer.Option(
+            help="Config section to prepare: the pretraining corpus (data) or the instruction data (instruct_data)."
+        ),
+    ] = Section.data,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse this tokenizer directory (or a prepared dataset's) instead of training one.", parser=user_path
+        ),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            help="Read this file, directory, glob or URI instead of the section's sources "
+            "(repeatable): data.jsonl, 'corpus/*.parquet', qa.csv, hf://owner/name, s3://…",
+            callback=no_secrets,
+        ),
+    ] = None,
     text_field: Annotated[str | None, typer.Option(help="Field holding the text (pretraining data).")] = None,
-    prompt_field: Annotated[str | None, typer.Option(help="Field holding the prompt (instruction data; "
-                                                     "implies --section instruct_data).")] = None,
+    prompt_field: Annotated[
+        str | None, typer.Option(help="Field holding the prompt (instruction data; implies --section instruct_data).")
+    ] = None,
     response_field: Annotated[str | None, typer.Option(help="Field holding the answer (instruction data).")] = None,
-    messages_field: Annotated[str | None, typer.Option(help="Field holding a chat as a list of "
-                                                       "{role, content} (instruction data).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="With <section>.cluster.nodes > 0: print the "
-                                          "prep RayJob as YAML, create nothing.")] = False,
+    messages_field: Annotated[
+        str | None, typer.Option(help="Field holding a chat as a list of {role, content} (instruction data).")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="With <section>.cluster.nodes > 0: print the prep RayJob as YAML, create nothing."
+        ),
+    ] = False,
 ) -> None:
     """Read sources, clean, de-duplicate, split, tokenize and pack into a prepared dataset directory.
 
@@ -63,8 +91,16 @@ def prep(
     from kubellm.stages import StageContext
     from kubellm.stages import data as stage
 
-    fields = {k: v for k, v in (("text_field", text_field), ("prompt_field", prompt_field),
-                                ("response_field", response_field), ("messages_field", messages_field)) if v}
+    fields = {
+        k: v
+        for k, v in (
+            ("text_field", text_field),
+            ("prompt_field", prompt_field),
+            ("response_field", response_field),
+            ("messages_field", messages_field),
+        )
+        if v
+    }
     if section is Section.data and fields.keys() & {"prompt_field", "response_field", "messages_field"}:
         section = Section.instruct_data
     # --source replaces the section's sources first, so a --set of sources[0].… (as hints print) applies
@@ -84,11 +120,15 @@ def prep(
     rows = [
         {"measure": "records read / kept", "value": f"{s['records_in']} / {s['records_out']}"},
         {"measure": "dropped", "value": ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "none"},
-        *({"measure": f"{name} rows / tokens", "value": f"{sp['rows']} / {sp['tokens']}"}
-          for name, sp in s["splits"].items()),
+        *(
+            {"measure": f"{name} rows / tokens", "value": f"{sp['rows']} / {sp['tokens']}"}
+            for name, sp in s["splits"].items()
+        ),
         {"measure": "padding", "value": f"{s['padding_fraction']:.2%}"},
-        {"measure": "vocabulary", "value": f"{result.manifest.vocab_size} "
-                                           f"({'trained' if s['tokenizer']['trained'] else 'reused'})"},
+        {
+            "measure": "vocabulary",
+            "value": f"{result.manifest.vocab_size} ({'trained' if s['tokenizer']['trained'] else 'reused'})",
+        },
         {"measure": "fingerprint", "value": result.manifest.fingerprint},
         {"measure": "seconds", "value": s["seconds"]["total"]},
         {"measure": "output", "value": str(result.path)},
@@ -110,9 +150,12 @@ def _prep_rayjob(cfg, section: str, out: str, tokenizer: Path | None, dry_run: b
         print(yaml.safe_dump(build_prep_rayjob(cfg, section, out, tok), sort_keys=False), end="")
         return
     job, outcome = run_prep_rayjob(cfg, section, out, tok)
-    print_table("kubellm prep (RayJob)", [
-        {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
-        {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
-        {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
-        {"measure": "output", "value": job["spec"]["entrypoint"].split("--out ", 1)[1].split(" ", 1)[0]},
-    ])
+    print_table(
+        "kubellm prep (RayJob)",
+        [
+            {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
+            {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
+            {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
+            {"measure": "output", "value": job["spec"]["entrypoint"].split("--out ", 1)[1].split(" ", 1)[0]},
+        ],
+    )

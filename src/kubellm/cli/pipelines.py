@@ -18,12 +18,24 @@ from kubellm.errors import ConfigError
 from kubellm.fsutil import user_path
 from kubellm.pipeline_params import is_pipeline_file
 
-PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="A built-in pipeline (kubellm run --help "
-                                          "lists them) or your own pipeline file FILE.py[:FUNC] (a "
-                                          "build(builder) function; see examples/own_data/pipeline.py).")]
-ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Set a pipeline run parameter, e.g. "
-                                                    "--param base_model=/models/base (repeatable).",
-                                                    callback=no_secrets)]
+PipelineOpt = Annotated[
+    str,
+    typer.Option(
+        "--pipeline",
+        "-p",
+        help="A built-in pipeline (kubellm run --help "
+        "lists them) or your own pipeline file FILE.py[:FUNC] (a "
+        "build(builder) function; see examples/own_data/pipeline.py).",
+    ),
+]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--param",
+        help="Set a pipeline run parameter, e.g. --param base_model=/models/base (repeatable).",
+        callback=no_secrets,
+    ),
+]
 
 
 def parse_params(items: list[str] | None) -> dict[str, object]:
@@ -41,13 +53,14 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
 def _run_help() -> str:
     from kubellm.pipeline_params import help_text
 
-    return ("Run a pipeline on KFP's local runner on this machine (the embedded default: configs/local.yaml).\n\n"
-            "Shows one row per task (a live table on a terminal, a line per task event otherwise) and writes "
-            "each task's full log under <workdir>/runs/<run>/logs/; prints a per-stage summary and writes "
-            "summary.json beside them. Exits 1 when a stage failed (the summary names it), 0 otherwise — also "
-            "when the promotion gate closed. --resume RUN re-runs a failed run: the cacheable steps (prep, "
-            "fetch, pretrain, finetune, evaluate) whose inputs are unchanged reuse RUN's outputs.\n\n"
-            + help_text())
+    return (
+        "Run a pipeline on KFP's local runner on this machine (the embedded default: configs/local.yaml).\n\n"
+        "Shows one row per task (a live table on a terminal, a line per task event otherwise) and writes "
+        "each task's full log under <workdir>/runs/<run>/logs/; prints a per-stage summary and writes "
+        "summary.json beside them. Exits 1 when a stage failed (the summary names it), 0 otherwise — also "
+        "when the promotion gate closed. --resume RUN re-runs a failed run: the cacheable steps (prep, "
+        "fetch, pretrain, finetune, evaluate) whose inputs are unchanged reuse RUN's outputs.\n\n" + help_text()
+    )
 
 
 def new_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
@@ -74,13 +87,24 @@ def _output_mode(quiet: bool, verbose: bool):  # -> Mode
 
 
 @app.command(help=_run_help())
-def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOpt = "llm-lifecycle",
-        params: ParamOpt = None,
-        resume: Annotated[str | None, typer.Option("--resume", metavar="RUN", help="Reuse the unchanged "
-                                                   "cacheable steps' outputs of the earlier run RUN (its name "
-                                                   "under <workdir>/runs/).")] = None,
-        quiet: Annotated[bool, typer.Option(help="Print only the summary.")] = False,
-        verbose: Annotated[bool, typer.Option(help="Stream every task's full output (KFP's own view).")] = False) -> None:
+def run(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    pipeline: PipelineOpt = "llm-lifecycle",
+    params: ParamOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN",
+            help="Reuse the unchanged "
+            "cacheable steps' outputs of the earlier run RUN (its name "
+            "under <workdir>/runs/).",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Print only the summary.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Stream every task's full output (KFP's own view).")] = False,
+) -> None:
     from kubellm import summary as summ
     from kubellm.fsutil import write_json_atomic
     from kubellm.log import get_logger, print_table
@@ -121,29 +145,51 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
     if bad:
         raise ConfigError(bad)
     if "base_model" in defaults and defaults["base_model"] is None and not extra.get("base_model"):
-        raise ConfigError(f"{name} starts from an existing model: pass --param base_model=DIR "
-                          "(or set finetune.base_model)")
+        raise ConfigError(
+            f"{name} starts from an existing model: pass --param base_model=DIR (or set finetune.base_model)"
+        )
     run_name, out_dir = new_run_dir(runs_dir, cfg.name)
     func, name, stages, defaults = built(run_name)
     if "run_name" in defaults:
         extra = {"run_name": run_name, **extra}
-    write_json_atomic(out_dir / "run.json", {"pipeline": name, "run_name": run_name, "resumed_from": resume,
-                                              **({"file": str(Path(pipeline).resolve())} if from_file else {})})
-    log.info("running %s as %s%s (task logs: %s)", name, run_name, f", resuming {resume}" if resume else "",
-             out_dir / "logs")
+    write_json_atomic(
+        out_dir / "run.json",
+        {
+            "pipeline": name,
+            "run_name": run_name,
+            "resumed_from": resume,
+            **({"file": str(Path(pipeline).resolve())} if from_file else {}),
+        },
+    )
+    log.info(
+        "running %s as %s%s (task logs: %s)", name, run_name, f", resuming {resume}" if resume else "", out_dir / "logs"
+    )
     # kfp 2.17's local runner indents output by swapping builtins.print; inside a ParallelFor it can leave
     # the swapped one behind, which indented this command's own summary by 4 spaces.
     with _kfp_local.print_restored():
-        done = run_pipeline(func, params=extra, run_id=run_name, runs_dir=runs_dir,
-                            pipeline_root=workdir / "pipeline-root", resume=resume, output=mode)
+        done = run_pipeline(
+            func,
+            params=extra,
+            run_id=run_name,
+            runs_dir=runs_dir,
+            pipeline_root=workdir / "pipeline-root",
+            resume=resume,
+            output=mode,
+        )
     if not cfg.tracking.enabled:
-        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", name,
-                 done.wall_seconds)
+        log.info("%s finished in %.1f s; tracking is disabled, so there is no run summary", name, done.wall_seconds)
         return
     origins = original_stage_runs(runs_dir, resume) if resume else {}
     cached = {s: {"from_run": r, "run_id": origins.get(s)} for s, r in done.cached.items()}
-    result = summ.collect(cfg.tracking, workdir, pipeline=name, run_name=run_name,
-                          stages=stages, wall_seconds=done.wall_seconds, cached=cached)
+    result = summ.collect(
+        cfg.tracking,
+        workdir,
+        pipeline=name,
+        run_name=run_name,
+        stages=stages,
+        wall_seconds=done.wall_seconds,
+        cached=cached,
+    )
     summ.show_reused(cfg.tracking, workdir, result)
     result["resumed_from"] = resume
     result["logs"] = str(done.logs)
@@ -160,12 +206,21 @@ def run(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOp
 
 
 @app.command(name="compile")
-def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
-             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier "
-                                               "compile's.", parser=user_path)] = Path("dist"),
-             pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="Only these pipelines "
-                                                                "(repeatable), built-in or a pipeline file "
-                                                                "FILE.py[:FUNC]; default all built-in.")] = None) -> None:
+def compile_(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder: new, empty or an earlier compile's.", parser=user_path)
+    ] = Path("dist"),
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline",
+            "-p",
+            help="Only these pipelines (repeatable), built-in or a pipeline file FILE.py[:FUNC]; default all built-in.",
+        ),
+    ] = None,
+) -> None:
     """Compile every pipeline (with the config's Kubernetes placement) and component to YAML.
 
     The output is deterministic: the same config gives byte-identical files.
@@ -184,35 +239,69 @@ def compile_(config: ConfigOpt = None, overrides: SetOpt = None,
     built = build_for_cluster(cfg, pipeline or None)  # a pipeline that cannot build fails before any output
     files = [p.split(":", 1)[0] for p in pipeline or [] if is_pipeline_file(p)]
     # a folder compiled before outputs were marked is recognised by its pipeline files
-    claim_output(out, "compiled-pipelines", inputs=([config] if config else []) + files,
-                 legacy=[f"{name}.yaml" for name in builtins])
+    claim_output(
+        out,
+        "compiled-pipelines",
+        inputs=([config] if config else []) + files,
+        legacy=[f"{name}.yaml" for name in builtins],
+    )
     written = compile_all(cfg, out, built=built)
     mark_output(out, "compiled-pipelines")
-    print_table(f"compiled in {time.perf_counter() - t0:.2f} s",
-                [{"file": str(p), "bytes": p.stat().st_size} for p in written])
+    print_table(
+        f"compiled in {time.perf_counter() - t0:.2f} s", [{"file": str(p), "bytes": p.stat().st_size} for p in written]
+    )
 
 
-
-
-HostOpt = Annotated[str | None, typer.Option(
-    "--host", envvar=["KF_PIPELINES_ENDPOINT", "KFP_HOST"],
-    help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline (inside a pod: "
-         "http://ml-pipeline-ui.kubeflow).", callback=no_secrets)]
-NamespaceOpt = Annotated[str | None, typer.Option(
-    "--namespace", "-n", envvar="KFP_NAMESPACE",
-    help="Profile namespace on a multi-user Kubeflow (default: the kube context's, else the pod's own).")]
-TokenOpt = Annotated[str | None, typer.Option(
-    "--token", envvar=["KFP_EXISTING_TOKEN", "KFP_TOKEN"], show_default=False,
-    help="Bearer token (prefer the env var; default: the projected service-account token at "
-         "$KF_PIPELINES_SA_TOKEN_PATH, re-read on every request).")]
-CookieOpt = Annotated[str | None, typer.Option(
-    "--cookie", envvar="KFP_COOKIE", show_default=False,
-    help="Session cookie for Dex/OIDC, e.g. oauth2_proxy_kubeflow=… (prefer the env var).")]
-CaBundleOpt = Annotated[Path | None, typer.Option(
-    "--ca-bundle", envvar="KFP_CA_BUNDLE", help="PEM file of the CA that signed the host's certificate.",
-    parser=user_path)]
-ExperimentOpt = Annotated[str | None, typer.Option("--experiment", help="KFP experiment (default: the "
-                                                   "tracking experiment name).")]
+HostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        envvar=["KF_PIPELINES_ENDPOINT", "KFP_HOST"],
+        help="Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline (inside a pod: "
+        "http://ml-pipeline-ui.kubeflow).",
+        callback=no_secrets,
+    ),
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        envvar="KFP_NAMESPACE",
+        help="Profile namespace on a multi-user Kubeflow (default: the kube context's, else the pod's own).",
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar=["KFP_EXISTING_TOKEN", "KFP_TOKEN"],
+        show_default=False,
+        help="Bearer token (prefer the env var; default: the projected service-account token at "
+        "$KF_PIPELINES_SA_TOKEN_PATH, re-read on every request).",
+    ),
+]
+CookieOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cookie",
+        envvar="KFP_COOKIE",
+        show_default=False,
+        help="Session cookie for Dex/OIDC, e.g. oauth2_proxy_kubeflow=… (prefer the env var).",
+    ),
+]
+CaBundleOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-bundle",
+        envvar="KFP_CA_BUNDLE",
+        help="PEM file of the CA that signed the host's certificate.",
+        parser=user_path,
+    ),
+]
+ExperimentOpt = Annotated[
+    str | None, typer.Option("--experiment", help="KFP experiment (default: the tracking experiment name).")
+]
 
 
 #: The version name's suffix of a pipeline compiled with no step cacheable (a run that recomputes all).
@@ -274,15 +363,29 @@ def _run_params(compiled: Compiled, run_name: str, params: list[str] | None) -> 
 
 
 @app.command()
-def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: PipelineOpt = "llm-lifecycle",
-           params: ParamOpt = None, host: HostOpt = None, namespace: NamespaceOpt = None, token: TokenOpt = None,
-           cookie: CookieOpt = None, ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None,
-           wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
-           timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600,
-           poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0,
-           cache: Annotated[bool, typer.Option(help="Reuse the outputs of earlier runs' pure steps (prep, fetch, "
-                                               "pretrain, finetune, evaluate) whose inputs are unchanged, e.g. "
-                                               "to re-run a pipeline that failed at deploy.")] = False) -> None:
+def submit(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    pipeline: PipelineOpt = "llm-lifecycle",
+    params: ParamOpt = None,
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ca_bundle: CaBundleOpt = None,
+    experiment: ExperimentOpt = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the run to finish and exit 1 unless it succeeded.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 6 * 3600,
+    poll: Annotated[float, typer.Option(help="Seconds between status checks with --wait.")] = 10.0,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse the outputs of earlier runs' pure steps (prep, fetch, "
+            "pretrain, finetune, evaluate) whose inputs are unchanged, e.g. "
+            "to re-run a pipeline that failed at deploy."
+        ),
+    ] = False,
+) -> None:
     """Compile a pipeline, upload it as a new version, and start a run on Kubeflow Pipelines.
 
     The version is named from the package version, the git revision and the config hash, so the same
@@ -301,23 +404,35 @@ def submit(config: ConfigOpt = None, overrides: SetOpt = None, pipeline: Pipelin
     pipeline_id, version_id = server.upload(built.package, built.name, built.version, built.description)
     exp_id = server.ensure_experiment(experiment or cfg.tracking.experiment)
     run_id = server.start_run(run_name, exp_id, pipeline_id, version_id, arguments, cfg.platform.service_account)
-    print(f"submitted {built.name} version {built.version} as run {run_id}"
-          f"{f' in {server.namespace}' if server.namespace else ''}: {server.run_url(run_id)}")
+    print(
+        f"submitted {built.name} version {built.version} as run {run_id}"
+        f"{f' in {server.namespace}' if server.namespace else ''}: {server.run_url(run_id)}"
+    )
     if wait:
-        state, message = server.wait(run_id, timeout_s=timeout, poll_s=poll,
-                                  on_state=lambda s: log.info("run %s: %s", run_id, s))
+        state, message = server.wait(
+            run_id, timeout_s=timeout, poll_s=poll, on_state=lambda s: log.info("run %s: %s", run_id, s)
+        )
         print(f"run {run_id} finished: {state}{f' ({message})' if message else ''}")
         if state != "SUCCEEDED":
             raise typer.Exit(1)
 
 
 @app.command()
-def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cron, seconds first: "
-                                               "'0 0 3 * * *' is 03:00 daily.")],
-             config: ConfigOpt = None, overrides: SetOpt = None,
-             pipeline: PipelineOpt = "llm-continuous-finetune", params: ParamOpt = None, host: HostOpt = None,
-             namespace: NamespaceOpt = None, token: TokenOpt = None, cookie: CookieOpt = None,
-             ca_bundle: CaBundleOpt = None, experiment: ExperimentOpt = None) -> None:
+def schedule(
+    cron: Annotated[
+        str, typer.Option("--cron", help="KFP's 6-field cron, seconds first: '0 0 3 * * *' is 03:00 daily.")
+    ],
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    pipeline: PipelineOpt = "llm-continuous-finetune",
+    params: ParamOpt = None,
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    token: TokenOpt = None,
+    cookie: CookieOpt = None,
+    ca_bundle: CaBundleOpt = None,
+    experiment: ExperimentOpt = None,
+) -> None:
     """Create or update the recurring run of a pipeline (never a duplicate): max_concurrency 1, no catch-up."""
     cfg = load(config, overrides)  # a bad config fails before kfp's imports
     from kubellm.pipelines.submit import Endpoint, Pipelines, Schedule, check_cron
@@ -329,8 +444,17 @@ def schedule(cron: Annotated[str, typer.Option("--cron", help="KFP's 6-field cro
     arguments = _run_params(built, name, params)
     server = Pipelines(Endpoint(host, namespace, token, cookie, ca_bundle))
     pipeline_id, version_id = server.upload(built.package, built.name, built.version, built.description)
-    spec = Schedule(name, cron, server.ensure_experiment(experiment or cfg.tracking.experiment), pipeline_id,
-                    version_id, arguments, cfg.platform.service_account)
+    spec = Schedule(
+        name,
+        cron,
+        server.ensure_experiment(experiment or cfg.tracking.experiment),
+        pipeline_id,
+        version_id,
+        arguments,
+        cfg.platform.service_account,
+    )
     rr_id, changed = server.ensure_schedule(spec)
-    print(f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}"
-          f"{f' in {server.namespace}' if server.namespace else ''}: {built.name} {built.version}, cron '{cron}'")
+    print(
+        f"recurring run {name} ({rr_id}) {'created/updated' if changed else 'unchanged'}"
+        f"{f' in {server.namespace}' if server.namespace else ''}: {built.name} {built.version}, cron '{cron}'"
+    )

@@ -27,10 +27,15 @@ class Kind(StrEnum):
 
 @app.command()
 def check(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Manifest files or folders (*.yaml, *.yml, "
-                                                       "*.json). None: configs/cluster-*.yaml and every "
-                                                       "manifest generated from the config.",
-                                                  parser=user_path)] = None,
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Manifest files or folders (*.yaml, *.yml, "
+            "*.json). None: configs/cluster-*.yaml and every "
+            "manifest generated from the config.",
+            parser=user_path,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -46,8 +51,11 @@ def check(
 
     findings, executors, skipped = [], 0, []
     if paths:
-        files = [f for p in paths for f in (sorted(q for q in p.rglob("*") if q.suffix in MANIFEST_SUFFIXES)
-                                            if p.is_dir() else [p])]
+        files = [
+            f
+            for p in paths
+            for f in (sorted(q for q in p.rglob("*") if q.suffix in MANIFEST_SUFFIXES) if p.is_dir() else [p])
+        ]
         named = []
         for f in files:
             docs = load_manifests(f)
@@ -55,8 +63,11 @@ def check(
             findings += found
             executors += count
             named += [(f"{f}#{i}", d) for i, d in enumerate(docs) if "kind" in d]
-            skipped += [f"{f}#{i}" for i, d in enumerate(docs)
-                        if "kind" not in d and not is_pipeline_spec(d) and "platforms" not in d]
+            skipped += [
+                f"{f}#{i}"
+                for i, d in enumerate(docs)
+                if "kind" not in d and not is_pipeline_spec(d) and "platforms" not in d
+            ]
     else:
         cfg = load(config, overrides)
         named = shipped_manifests() + generated_manifests(cfg)
@@ -68,8 +79,10 @@ def check(
         print(finding)
     if skipped:  # say plainly what was not inspected rather than count it as clean
         print(f"not inspected (neither a Kubernetes object nor a compiled pipeline): {', '.join(skipped)}")
-    print(f"checked {len(named)} manifests, {pod_count} pod specs, {executors} pipeline executors: "
-          f"{len(findings)} findings")
+    print(
+        f"checked {len(named)} manifests, {pod_count} pod specs, {executors} pipeline executors: "
+        f"{len(findings)} findings"
+    )
     if findings:
         raise typer.Exit(1)
 
@@ -77,11 +90,16 @@ def check(
 @app.command("train-job")
 def train_job(
     stage: Annotated[Stage, typer.Option(help="Training stage the job runs.")],
-    data: Annotated[str, typer.Option(help="Prepared dataset on the shared PVC (relative paths are under "
-                                      "/mnt/kubellm).", callback=no_secrets)],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Prepared dataset on the shared PVC (relative paths are under /mnt/kubellm).", callback=no_secrets
+        ),
+    ],
     out: Annotated[str, typer.Option(help="Output directory on the shared PVC.", callback=no_secrets)],
-    base: Annotated[str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.",
-                                             callback=no_secrets)] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model (finetune): a path on the PVC or a Hub id.", callback=no_secrets)
+    ] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     kind: Annotated[Kind | None, typer.Option(help="Job kind; default: platform.distributed.<stage>.engine.")] = None,
@@ -102,18 +120,20 @@ def train_job(
     engine = kind.value if kind else dist.engine
     if engine == "none":
         raise ConfigError(f"platform.distributed.{stage.value}.engine is 'none': set it (or pass --kind) to run a job")
-    job = build_job(engine, stage.value, cfg, data, out, base,
-                    data_fingerprint=_fingerprint(shared_path(data, "data")))
+    job = build_job(engine, stage.value, cfg, data, out, base, data_fingerprint=_fingerprint(shared_path(data, "data")))
     if dry_run:
         print(yaml.safe_dump(job, sort_keys=False), end="")
         return
     outcome = launch(job, cfg.platform.namespace, timeout_s=dist.timeout_seconds)
-    print_table(f"kubellm train-job ({outcome.kind})", [
-        {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
-        {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
-        {"measure": "replaced a failed job", "value": "yes" if outcome.restarted else "no"},
-        {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
-    ])
+    print_table(
+        f"kubellm train-job ({outcome.kind})",
+        [
+            {"measure": "job", "value": f"{outcome.namespace}/{outcome.name}"},
+            {"measure": "created", "value": "yes" if outcome.created else "no (re-attached)"},
+            {"measure": "replaced a failed job", "value": "yes" if outcome.restarted else "no"},
+            {"measure": "seconds waited", "value": round(outcome.elapsed_s, 1)},
+        ],
+    )
 
 
 def _memory_findings(cfg: Any) -> list[str]:

@@ -15,10 +15,17 @@ from kubellm.fsutil import user_path
 # component calls (tracked in MLflow per the config's tracking section; inside a training job's pod,
 # rank 0 logs into the launching step's run), and exit 143 after a SIGTERM checkpoint (rerun to resume).
 
-DataOpt = Annotated[Path, typer.Option("--data", help="A prepared dataset directory (`kubellm prep --out`).",
-                                       parser=user_path)]
-OutOpt = Annotated[Path, typer.Option(
-    "--out", help="Output directory; rerunning with the same one resumes from its last checkpoint.", parser=user_path)]
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="A prepared dataset directory (`kubellm prep --out`).", parser=user_path)
+]
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        help="Output directory; rerunning with the same one resumes from its last checkpoint.",
+        parser=user_path,
+    ),
+]
 
 
 def _context(cfg):  # -> StageContext
@@ -55,10 +62,20 @@ def pretrain(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 
 
 @app.command()
-def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: SetOpt = None,
-             base: Annotated[str | None, typer.Option(
-                 "--base", help="Base model: a local model directory or a Hub id (default: "
-                 "finetune.base_model).", callback=no_secrets)] = None) -> None:
+def finetune(
+    data: DataOpt,
+    out: OutOpt,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model: a local model directory or a Hub id (default: finetune.base_model).",
+            callback=no_secrets,
+        ),
+    ] = None,
+) -> None:
     """LoRA fine-tune a causal LM on a prepared instruction dataset (loss on responses only).
 
     Writes the adapter (and merged/ with finetune.merge=true); resumes, checkpoints on SIGTERM like pretrain.
@@ -83,27 +100,47 @@ def finetune(data: DataOpt, out: OutOpt, config: ConfigOpt = None, overrides: Se
 # `evaluate` logs to its own MLflow run (tracking.*; --set tracking.enabled=false logs nowhere) and exits
 # 0 whether the gate passes or not: the gate's verdict is data, printed and written to metrics.json.
 
-ModelOpt = Annotated[Path, typer.Option("--model", help="A model directory or LoRA adapter directory.",
-                                        parser=user_path)]
-BaseOpt = Annotated[str | None, typer.Option(
-    "--base", help="Base model to compare with (evaluate) or to merge the adapter into (register).",
-    callback=no_secrets)]
+ModelOpt = Annotated[
+    Path, typer.Option("--model", help="A model directory or LoRA adapter directory.", parser=user_path)
+]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base",
+        help="Base model to compare with (evaluate) or to merge the adapter into (register).",
+        callback=no_secrets,
+    ),
+]
 
 
 def _print_version(title: str, info) -> None:  # info: ModelVersionInfo
     from kubellm.log import print_table
 
-    print_table(title, [{"name": info.name, "version": info.version, "aliases": ", ".join(info.aliases) or "-",
-                         "uri": info.uri}])
+    print_table(
+        title,
+        [{"name": info.name, "version": info.version, "aliases": ", ".join(info.aliases) or "-", "uri": info.uri}],
+    )
 
 
 @app.command()
-def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
-                 "--data", help="The prepared dataset (validation split and held-out prompts).", parser=user_path)],
-             out: Annotated[Path, typer.Option("--out", help="Output folder: metrics.json, report.md, "
-                                                             "loss_curve.png (replaced atomically).",
-                                                        parser=user_path)],
-             base: BaseOpt = None, config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def evaluate(
+    model: ModelOpt,
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="The prepared dataset (validation split and held-out prompts).", parser=user_path),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output folder: metrics.json, report.md, loss_curve.png (replaced atomically).",
+            parser=user_path,
+        ),
+    ],
+    base: BaseOpt = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
     """Held-out perplexity and generation metrics, base vs candidate, and the promotion gate."""
     cfg = load(config, overrides, reads=("evaluate",))
     from kubellm.log import print_table
@@ -118,10 +155,15 @@ def evaluate(model: ModelOpt, data: Annotated[Path, typer.Option(
 
 
 @app.command()
-def register(model: ModelOpt, base: BaseOpt = None,
-             run_id: Annotated[str | None, typer.Option(
-                 "--run-id", help="MLflow run to log the model under (default: a new 'register' run).")] = None,
-             config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def register(
+    model: ModelOpt,
+    base: BaseOpt = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="MLflow run to log the model under (default: a new 'register' run).")
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
     """Register a model as a new version with alias 'candidate': a LoRA adapter with a local --base as an
     adapter version recording its base version, or merged into its base (tracking.register_merged)."""
     cfg = load(config, overrides, reads=())
@@ -137,11 +179,15 @@ def register(model: ModelOpt, base: BaseOpt = None,
 
 
 @app.command()
-def promote(version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
-            alias: Annotated[str, typer.Option("--alias", help="Alias to point at it.")] = "champion",
-            force: Annotated[bool, typer.Option(
-                "--force", help="Roll back: move the alias even to a version older than the one holding it.")] = False,
-            config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+def promote(
+    version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
+    alias: Annotated[str, typer.Option("--alias", help="Alias to point at it.")] = "champion",
+    force: Annotated[
+        bool, typer.Option("--force", help="Roll back: move the alias even to a version older than the one holding it.")
+    ] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
     """Point an alias (default 'champion') at a registered version; only forward unless --force."""
     cfg = load(config, overrides, reads=())
     from kubellm.tracking import TrackingError, champion_info
@@ -150,8 +196,10 @@ def promote(version: Annotated[int, typer.Option("--version", min=1, help="Regis
     info = run(cfg.tracking, cfg.workdir, version, alias, force=force)
     if alias not in info.aliases:
         holder = champion_info(cfg.tracking, cfg.workdir, alias)
-        raise TrackingError(f"{info.name}@{alias} is version {holder.version if holder else '?'}, newer than "
-                            f"{version}: not moved back; `kubellm promote --version {version} --force` rolls it back")
+        raise TrackingError(
+            f"{info.name}@{alias} is version {holder.version if holder else '?'}, newer than "
+            f"{version}: not moved back; `kubellm promote --version {version} --force` rolls it back"
+        )
     _print_version("promoted", info)
 
 

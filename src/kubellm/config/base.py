@@ -12,5 +12,4 @@ class StrictModel(BaseModel):
     instead of a silently ignored key; ``validate_assignment`` keeps programmatic edits honest.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, use_attribute_docstrings=True)

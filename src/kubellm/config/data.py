@@ -177,6 +177,8 @@ class DataConfig(StrictModel):
         if self.cluster.nodes and self.engine != "ray":
             raise ValueError("cluster.nodes > 0 runs the prep as a RayJob: set engine: ray")
         if self.engine == "ray" and self.cleaning.near_dedup.enabled:
-            raise ValueError("cleaning.near_dedup is not available with engine: ray (MinHash removal keeps the "
-                             "first of each near pair in one sequential pass; use engine: local for it)")
+            raise ValueError(
+                "cleaning.near_dedup is not available with engine: ray (MinHash removal keeps the "
+                "first of each near pair in one sequential pass; use engine: local for it)"
+            )
         return self

@@ -94,6 +94,8 @@ class EvalConfig(StrictModel):
             if not dot or not task or not metric:
                 raise ValueError(f"gate.min_benchmark: {key!r} is not <task>.<metric> (e.g. kubellm_choice.acc)")
             if task not in tasks:
-                raise ValueError(f"gate.min_benchmark: {key!r} names task {task!r}, which is not in "
-                                 f"evaluate.benchmarks ({', '.join(tasks) or 'none listed'})")
+                raise ValueError(
+                    f"gate.min_benchmark: {key!r} names task {task!r}, which is not in "
+                    f"evaluate.benchmarks ({', '.join(tasks) or 'none listed'})"
+                )
         return self

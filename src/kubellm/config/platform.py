@@ -13,7 +13,9 @@ from pydantic import BeforeValidator, Field, model_validator
 from kubellm.config.base import StrictModel
 
 #: A Kubernetes quantity ("2", "500m", "16Gi"); a bare YAML number (``cpu_request: 2``) is accepted.
-Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)]
+Quantity = Annotated[
+    str, BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
+]
 
 #: Kueue's labels: the LocalQueue a workload is admitted through, and its WorkloadPriorityClass.
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -204,6 +206,7 @@ class PlatformConfig(StrictModel):
         if self.priority_class:
             labels[PRIORITY_LABEL] = self.priority_class
         return labels
+
     default: Placement = Placement()
     """Placement of every task unless ``stages`` overrides it."""
     stages: dict[str, Placement] = {}

@@ -44,8 +44,11 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def _is_list(annotation: Any) -> bool:
     if typing.get_origin(annotation) in (list, tuple):
         return True
-    return any(_is_list(a) for a in typing.get_args(annotation) if typing.get_origin(annotation)
-               in (typing.Union, types.UnionType))
+    return any(
+        _is_list(a)
+        for a in typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    )
 
 
 def _type_name(annotation: Any) -> str:
@@ -142,9 +145,11 @@ def json_schema() -> dict[str, Any]:
     from kubellm.config.run import RunConfig
 
     schema = RunConfig.model_json_schema(mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$comment": f"kubellm {__version__} run config; written by kubellm from its config models",
-            **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": f"kubellm {__version__} run config; written by kubellm from its config models",
+        **schema,
+    }
 
 
 MARKDOWN_HEADER = """\
@@ -160,6 +165,7 @@ def markdown(rows: Sequence[FieldDoc], *, header: bool = True) -> str:
     """The reference as a Markdown table (``docs/config.md`` when ``rows`` is every field)."""
     from kubellm.markdown import table
 
-    body = table(["field", "type", "default", "meaning"],
-                 [(f"`{r.path}`", f"`{r.type}`", f"`{r.default}`", r.doc) for r in rows])
+    body = table(
+        ["field", "type", "default", "meaning"], [(f"`{r.path}`", f"`{r.type}`", f"`{r.default}`", r.doc) for r in rows]
+    )
     return (MARKDOWN_HEADER + "\n" if header else "") + body

@@ -28,7 +28,8 @@ class SweepConfig(StrictModel):
     """``llm-lora-sweep``: several fine-tunes at once, the best by ``metric`` is registered."""
 
     trials: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{"lora.r": 4}, {"lora.r": 8}, {"lora.r": 16}], min_length=1, max_length=64)
+        default_factory=lambda: [{"lora.r": 4}, {"lora.r": 8}, {"lora.r": 16}], min_length=1, max_length=64
+    )
     """One entry per fine-tune: dotted overrides of the ``finetune`` section (``{"lora.r": 16,
     "optim.lr": 0.0005}``). Every trial is validated when the config loads."""
     metric: str = "perplexity"
@@ -85,8 +86,10 @@ class RunConfig(StrictModel):
             # Clients see the model under the registry's name (``model: kubellm-local``), not "kubellm".
             self.serve.model_name = self.tracking.registered_model
         if self.tracking.register_merged is False and self.deploy.runtime == "huggingface":
-            raise ValueError("tracking.register_merged: false with deploy.runtime huggingface: KServe's Hugging Face "
-                             "runtime cannot load an adapter version; set tracking.register_merged: true")
+            raise ValueError(
+                "tracking.register_merged: false with deploy.runtime huggingface: KServe's Hugging Face "
+                "runtime cannot load an adapter version; set tracking.register_merged: true"
+            )
         return self
 
     def merged_versions(self, target: str = "local") -> bool:
@@ -107,8 +110,9 @@ class RunConfig(StrictModel):
         # The whole config is compiled into pipeline YAML and logged to MLflow: no secret may ride along.
         found = find_secrets(self.model_dump(mode="json"))
         if found:
-            raise ValueError(f"{'; '.join(found)}: a config is compiled and logged, never put a secret in it; "
-                             f"{WHERE_CREDENTIALS_GO}")
+            raise ValueError(
+                f"{'; '.join(found)}: a config is compiled and logged, never put a secret in it; {WHERE_CREDENTIALS_GO}"
+            )
         return self
 
     def job_shared_pvc(self, stage: str) -> str | None:
@@ -231,8 +235,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not UTF-8 text") from None
         if loaded is None:  # silently running on built-in defaults would hide a wrong or truncated file
-            raise ConfigError(f"{p}: the config file is empty (or only comments); write {{}} in it to run "
-                              "with the built-in defaults")
+            raise ConfigError(
+                f"{p}: the config file is empty (or only comments); write {{}} in it to run with the built-in defaults"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, not {type(loaded).__name__}")
         doc = loaded

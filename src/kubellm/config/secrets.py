@@ -20,16 +20,17 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator
 
-WHERE_CREDENTIALS_GO = ("put credentials in a Kubernetes Secret (platform secret_env) or the tool's own "
-                        "environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID, HF_TOKEN)")
+WHERE_CREDENTIALS_GO = (
+    "put credentials in a Kubernetes Secret (platform secret_env) or the tool's own "
+    "environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID, HF_TOKEN)"
+)
 MASK = "***"
 
 # Values that are secrets whatever the field (the formats the tokens' issuers document), with what
 # replaces them in a log.
 _SECRET_VALUES = (
     ("credentials in a URL", re.compile(r"(?<=://)[^/\s@'\"]+@"), MASK + "@"),
-    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*(-----END [A-Z ]*PRIVATE KEY-----)?"),
-     MASK),
+    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[^-]*(-----END [A-Z ]*PRIVATE KEY-----)?"), MASK),
     ("an AWS access key", re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), MASK),
     ("a GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), MASK),
     ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), MASK),
@@ -37,18 +38,28 @@ _SECRET_VALUES = (
     ("a Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), MASK),
     # Header and payload of a JSON Web Token are base64url JSON objects: they start with '{"', "eyJ".
     ("a JSON Web Token", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), MASK),
-    ("credentials in a URI query", re.compile(
-        r"(?i)(?<=[?&;])((?:[a-z_]*password|passwd|pwd|[a-z_]*token|auth|api[_-]?key|apikey|key|[a-z_]*secret"
-        r"|sig|signature|credential|x-amz-[a-z-]+)=)[^&#\s'\"]+"), r"\1" + MASK),
-    ("an Authorization header", re.compile(
-        r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*(?:(?:bearer|basic|token|digest)\s+)?)[^\s'\",;]+"), r"\1" + MASK),
+    (
+        "credentials in a URI query",
+        re.compile(
+            r"(?i)(?<=[?&;])((?:[a-z_]*password|passwd|pwd|[a-z_]*token|auth|api[_-]?key|apikey|key|[a-z_]*secret"
+            r"|sig|signature|credential|x-amz-[a-z-]+)=)[^&#\s'\"]+"
+        ),
+        r"\1" + MASK,
+    ),
+    (
+        "an Authorization header",
+        re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*(?:(?:bearer|basic|token|digest)\s+)?)[^\s'\",;]+"),
+        r"\1" + MASK,
+    ),
     # Not prose ("the bearer certificates"): a token has a digit or punctuation somewhere.
     ("a bearer token", re.compile(r"\b([Bb]earer\s+)(?=\S*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{12,}"), r"\1" + MASK),
 )
 # Keys whose value is a secret (free-form maps such as pod env or annotations). Whole trailing words
 # only: ``max_prompt_tokens`` and ``secret_env`` (a Secret's *name*) are no secrets.
-_SECRET_KEY = re.compile(r"(?i)(^|[_.-])(password|passwd|passphrase|token|api[_-]?key|secret[_-]?key"
-                         r"|access[_-]?key|private[_-]?key|credentials?)$")
+_SECRET_KEY = re.compile(
+    r"(?i)(^|[_.-])(password|passwd|passphrase|token|api[_-]?key|secret[_-]?key"
+    r"|access[_-]?key|private[_-]?key|credentials?)$"
+)
 
 
 # Random-looking keys under any key name. Tokens of the base64 alphabets are measured rather than matched:
@@ -105,8 +116,10 @@ def mask_secrets(text: str) -> str:
 def _no_userinfo(value: str) -> str:
     parts = urlsplit(value)
     if parts.netloc and "@" in parts.netloc:  # never echo the value: it holds the secret
-        raise ValueError(f"credentials in the URI ({parts.scheme}://USER[:PASSWORD]@…) are refused: the config "
-                         f"is logged and compiled; {WHERE_CREDENTIALS_GO}")
+        raise ValueError(
+            f"credentials in the URI ({parts.scheme}://USER[:PASSWORD]@…) are refused: the config "
+            f"is logged and compiled; {WHERE_CREDENTIALS_GO}"
+        )
     return value
 
 
@@ -136,8 +149,9 @@ def _secret_kind(key: str, value: Any) -> str | None:
 
 def find_secrets(doc: Any) -> list[str]:
     """``"<dotted.path>: <what it looks like>"`` for every secret-like value in a config document."""
-    return [f"{path}: holds {kind}" for path, key, value in _leaves(doc)
-            if (kind := _secret_kind(key, value)) is not None]
+    return [
+        f"{path}: holds {kind}" for path, key, value in _leaves(doc) if (kind := _secret_kind(key, value)) is not None
+    ]
 
 
 def redact(doc: Any, key: str = "") -> Any:

@@ -93,18 +93,20 @@ class ServeConfig(StrictModel):
     @model_validator(mode="after")
     def _token_limits(self) -> ServeConfig:
         if self.default_max_tokens > self.max_new_tokens:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is greater than "
-                             f"max_new_tokens ({self.max_new_tokens})")
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is greater than max_new_tokens ({self.max_new_tokens})"
+            )
         for name in self.adapters:
             if not _SERVED_NAME.match(name):
-                raise ValueError(f"adapters: {name!r} is not a valid name (letters, digits, '-', '_', '.'; "
-                                 "128 characters at most)")
+                raise ValueError(
+                    f"adapters: {name!r} is not a valid name (letters, digits, '-', '_', '.'; 128 characters at most)"
+                )
             if name == self.model_name:
-                raise ValueError(f"adapters: {name!r} is the base model's name (model_name); name the adapter "
-                                 "differently")
+                raise ValueError(
+                    f"adapters: {name!r} is the base model's name (model_name); name the adapter differently"
+                )
         if len(self.adapters) > self.max_adapters:
-            raise ValueError(f"adapters: {len(self.adapters)} adapters, more than max_adapters "
-                             f"({self.max_adapters})")
+            raise ValueError(f"adapters: {len(self.adapters)} adapters, more than max_adapters ({self.max_adapters})")
         return self
 
 
@@ -190,8 +192,7 @@ class DeployConfig(StrictModel):
     @model_validator(mode="after")
     def _replicas(self) -> DeployConfig:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is greater than max_replicas "
-                             f"({self.max_replicas})")
+            raise ValueError(f"min_replicas ({self.min_replicas}) is greater than max_replicas ({self.max_replicas})")
         return self
 
 

@@ -16,7 +16,8 @@ class TrackingConfig(StrictModel):
     enabled: bool = True
     """Track runs in MLflow (``false`` logs nowhere)."""
     uri: Uri | None = None
-    """MLflow tracking URI (credentials come from ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, never the URI). ``None``: ``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at
+    """MLflow tracking URI (credentials come from ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, never the URI). ``None``:
+    ``$MLFLOW_TRACKING_URI`` if set, else a sqlite store at
     ``.kubellm/mlflow.db`` under the working directory."""
     experiment: str = "kubellm"
     """MLflow experiment of the parent runs."""

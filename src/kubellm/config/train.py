@@ -111,8 +111,10 @@ class LoopConfig(StrictModel):
             if self.grad_accum_steps != 1:
                 raise ValueError("set either grad_accum_steps or global_batch_size, not both")
             if self.global_batch_size % self.micro_batch_size:
-                raise ValueError(f"global_batch_size ({self.global_batch_size}) is not a multiple of "
-                                 f"micro_batch_size ({self.micro_batch_size})")
+                raise ValueError(
+                    f"global_batch_size ({self.global_batch_size}) is not a multiple of "
+                    f"micro_batch_size ({self.micro_batch_size})"
+                )
         return self
 
 
@@ -161,8 +163,10 @@ class FinetuneConfig(StrictModel):
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code needs a pinned revision (set finetune.revision)")
         if self.quantization == "4bit" and self.loop.parallelism == "fsdp":
-            raise ValueError("loop.parallelism fsdp cannot shard 4-bit (bitsandbytes) weights; use "
-                             "quantization none (fsdp already spreads the base over the GPUs) or parallelism ddp")
+            raise ValueError(
+                "loop.parallelism fsdp cannot shard 4-bit (bitsandbytes) weights; use "
+                "quantization none (fsdp already spreads the base over the GPUs) or parallelism ddp"
+            )
         if self.merge and self.quantization == "4bit":
             # Folding an adapter into 4-bit weights rounds it away; merge into the full-precision base
             # instead (load_causal_lm(adapter, merge_adapter=True) does that).

@@ -19,10 +19,21 @@ from typing import Any
 
 #: Directories that are not library source: test suites (~40 % of the stdlib's bytes), third-party
 #: packages, bundled wheels, compiled extensions and caches.
-SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload",
-    "ensurepip", "pydoc_data", "lib2to3", "turtledemo",
-})
+SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "lib-dynload",
+        "ensurepip",
+        "pydoc_data",
+        "lib2to3",
+        "turtledemo",
+    }
+)
 #: Generated tables rather than code (``pydoc_data/topics.py`` alone is 0.75 MB of one string literal);
 #: the largest hand-written module, ``_pydecimal.py``, is 0.23 MB.
 MAX_FILE_BYTES = 300_000
@@ -86,8 +97,9 @@ def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.As
                     yield f"{node.name}.{sub.name}", sub
 
 
-def function_pair(qualname: str, node: ast.FunctionDef | ast.AsyncFunctionDef,
-                  lines: list[str]) -> dict[str, str] | None:
+def function_pair(
+    qualname: str, node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]
+) -> dict[str, str] | None:
     """The instruction pair of one function, or ``None`` when it has no docstring or no code besides it."""
     doc = ast.get_docstring(node, clean=False)
     if not doc or len(node.body) < 2:
@@ -98,11 +110,11 @@ def function_pair(qualname: str, node: ast.FunctionDef | ast.AsyncFunctionDef,
         return None
     # A docstring sharing a line with other code (``def f(): "doc"``) cannot be cut out as whole lines.
     # col offsets count UTF-8 bytes, hence the encode.
-    before = lines[doc_node.lineno - 1].encode()[:doc_node.col_offset]
-    after = lines[doc_node.end_lineno - 1].encode()[doc_node.end_col_offset or 0:]
+    before = lines[doc_node.lineno - 1].encode()[: doc_node.col_offset]
+    after = lines[doc_node.end_lineno - 1].encode()[doc_node.end_col_offset or 0 :]
     if doc_node.lineno <= node.lineno or before.strip() or after.strip():
         return None
-    kept = lines[first - 1:doc_node.lineno - 1] + lines[doc_node.end_lineno:node.end_lineno]
+    kept = lines[first - 1 : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
     code = textwrap.dedent("\n".join(kept)).strip("\n")
     prompt = f"Write the Python function `{qualname}`.\n\n{inspect.cleandoc(doc)}"
     return {"prompt": prompt, "response": code}

@@ -145,11 +145,11 @@ class MinHashIndex:
             shingles = np.zeros(m, dtype=np.uint64)
             with np.errstate(over="ignore"):  # arithmetic mod 2^64 on purpose
                 for k in range(n):
-                    shingles = shingles * _SHINGLE_BASE + wh[k:k + m]
+                    shingles = shingles * _SHINGLE_BASE + wh[k : k + m]
         sig = np.full(self.cfg.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
         with np.errstate(over="ignore"):
             for i in range(0, len(shingles), _CHUNK):
-                part = shingles[i:i + _CHUNK]
+                part = shingles[i : i + _CHUNK]
                 hashed = (self.a[:, None] * part[None, :] + self.b[:, None]) >> np.uint64(32)
                 sig = np.minimum(sig, hashed.min(axis=1).astype(np.uint32))
         return sig

@@ -93,8 +93,9 @@ class PreparedDataset:
             return load_from_disk(str(where))
         except (OSError, ValueError, pyarrow.ArrowException) as err:
             where, err = _unreadable_shard(where) or (where, err)
-            raise DataError(f"{where}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
-                            f"{again}") from None
+            raise DataError(
+                f"{where}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); {again}"
+            ) from None
 
     def verified_split(self, split: str) -> Path:
         """The directory of ``split``, its files checked against ``checksums.json`` (one line naming the
@@ -104,12 +105,19 @@ class PreparedDataset:
             have = sorted(p.name for p in (self.path / DATASET_DIR).glob("*/state.json"))
             raise DataError(f"{self.path}: prepared dataset has no {split!r} split (has {have})")
         try:
-            verify_checksums(self.path, self.path / CHECKSUMS, DataError, prefix=f"{DATASET_DIR}/{split}/",
-                             what="dataset", when="prepared")
+            verify_checksums(
+                self.path,
+                self.path / CHECKSUMS,
+                DataError,
+                prefix=f"{DATASET_DIR}/{split}/",
+                what="dataset",
+                when="prepared",
+            )
         except DataError as err:
             # (a new prep of the same data re-makes only the damaged shards)
-            raise DataError(f"{err}; the prepared dataset {self.path} is corrupt: prepare it again "
-                            "(kubellm prep)") from None
+            raise DataError(
+                f"{err}; the prepared dataset {self.path} is corrupt: prepare it again (kubellm prep)"
+            ) from None
         return where
 
     def shard_files(self, split: str) -> list[Path] | None:

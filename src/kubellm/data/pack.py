@@ -55,8 +55,12 @@ def encode_with_offsets(tk: Any, texts: list[str]) -> list[tuple[np.ndarray, np.
     """``(ids, start offsets)`` per text."""
     out = []
     for e in tk.encode_batch(texts, add_special_tokens=False):
-        out.append((np.asarray(e.ids, dtype=np.int32), np.fromiter((s for s, _ in e.offsets), dtype=np.int64,
-                                                                   count=len(e.offsets))))
+        out.append(
+            (
+                np.asarray(e.ids, dtype=np.int32),
+                np.fromiter((s for s, _ in e.offsets), dtype=np.int64, count=len(e.offsets)),
+            )
+        )
     return out
 
 
@@ -90,8 +94,12 @@ class Encoder:
             import multiprocessing
 
             # spawn, not fork: forking after the Rust thread pool ran can deadlock the child.
-            self._pool = ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_init, initargs=(self.tk.to_str(),))
+            self._pool = ProcessPoolExecutor(
+                self.num_proc,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.tk.to_str(),),
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -193,8 +201,10 @@ class ArrowSink:
         if self._writer is None or self._shard_bytes >= self.max_shard_bytes:
             self._next_shard()
         off = pa.array(offsets, type=pa.int32())
-        cols = [pa.ListArray.from_arrays(off, pa.array(ids, type=pa.int32())),
-                pa.ListArray.from_arrays(off, pa.array(labels, type=pa.int32()))]
+        cols = [
+            pa.ListArray.from_arrays(off, pa.array(ids, type=pa.int32())),
+            pa.ListArray.from_arrays(off, pa.array(labels, type=pa.int32())),
+        ]
         batch = pa.record_batch(cols, schema=self.schema)
         self._writer.write_batch(batch)
         self._shard_bytes += batch.nbytes
@@ -233,13 +243,20 @@ def write_split_metadata(split_dir: Path, names: list[str], fingerprint: str) ->
 
     from datasets import DatasetInfo
 
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": fingerprint,
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-             "_output_all_columns": False, "_split": None}
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     info = asdict(DatasetInfo(features=row_features()))
-    (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
-                                                 encoding="utf-8")
+    (split_dir / "dataset_info.json").write_text(
+        json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8"
+    )
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -276,8 +293,9 @@ class PackStats:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
-def pack_documents(encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSink,
-                   on_batch: Callable[[], None] | None = None) -> PackStats:
+def pack_documents(
+    encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSink, on_batch: Callable[[], None] | None = None
+) -> PackStats:
     """Concatenate EOS-terminated documents and write full ``block_size`` blocks (no padding)."""
     stats = PackStats()
     carry = np.empty(0, dtype=np.int32)
@@ -287,7 +305,7 @@ def pack_documents(encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSi
         n = len(carry) // block_size
         if n:
             sink.write_blocks(carry[: n * block_size].reshape(n, block_size))
-            carry = carry[n * block_size:].copy()
+            carry = carry[n * block_size :].copy()
         if on_batch:
             on_batch()
     stats.dropped_tail_tokens = len(carry)
@@ -296,8 +314,9 @@ def pack_documents(encoded: Iterable[np.ndarray], block_size: int, sink: ArrowSi
     return stats
 
 
-def answer_spans(render: Callable[[list[dict[str, str]], bool], str],
-                 messages: list[dict[str, str]], origin: str) -> tuple[str, list[tuple[int, int]]]:
+def answer_spans(
+    render: Callable[[list[dict[str, str]], bool], str], messages: list[dict[str, str]], origin: str
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of every assistant answer in it."""
     full = render(messages, False)
     spans = []
@@ -307,9 +326,11 @@ def answer_spans(render: Callable[[list[dict[str, str]], bool], str],
         before = render(messages[:i], True) if i else ""
         upto = render(messages[: i + 1], False)
         if not (upto.startswith(before) and full.startswith(upto)):
-            raise DataError(f"{origin}: the tokenizer's chat template does not render conversations "
-                            "prefix by prefix, so prompt tokens cannot be masked; use a tokenizer with "
-                            "a prefix-stable chat_template")
+            raise DataError(
+                f"{origin}: the tokenizer's chat template does not render conversations "
+                "prefix by prefix, so prompt tokens cannot be masked; use a tokenizer with "
+                "a prefix-stable chat_template"
+            )
         # Trailing whitespace after the answer's end marker belongs to the layout, not the answer.
         spans.append((len(before), len(upto.rstrip())))
     return full, spans
@@ -335,8 +356,9 @@ class InstructPacker:
     neighbouring rows need little padding.
     """
 
-    def __init__(self, block_size: int, pad_id: int, sink: ArrowSink, *, pack: bool, window: int,
-                 open_blocks: int = 32) -> None:
+    def __init__(
+        self, block_size: int, pad_id: int, sink: ArrowSink, *, pack: bool, window: int, open_blocks: int = 32
+    ) -> None:
         self.block_size, self.pad_id, self.sink, self.pack, self.window = block_size, pad_id, sink, pack, window
         self.open_blocks = open_blocks
         self.stats = PackStats()

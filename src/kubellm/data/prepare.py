@@ -98,13 +98,15 @@ def _hash_tokenizer(root: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: DataConfig, *, tokenizer_dir: str | Path | None = None,
-                _sources: list[src_mod.Source] | None = None) -> str:
+def fingerprint(
+    cfg: DataConfig, *, tokenizer_dir: str | Path | None = None, _sources: list[src_mod.Source] | None = None
+) -> str:
     """Hash of the sources' content and the data config, without preparing anything.
 
     Input files are hashed by content (streamed), Hub datasets by their resolved revision, an existing
     tokenizer by its files (``tokenizer_dir`` overrides ``cfg.tokenizer.path`` as in :func:`prepare`);
-    ``num_proc``, ``engine``, ``workers`` and ``cluster`` are left out (they change speed, not bytes). It equals ``manifest.fingerprint`` of a prep
+    ``num_proc``, ``engine``, ``workers`` and ``cluster`` are left out (they change speed, not bytes). It equals
+    ``manifest.fingerprint`` of a prep
     with the same config and tokenizer, so a pipeline can skip unchanged data.
     """
     cfg = _effective(cfg, tokenizer_dir)
@@ -143,7 +145,9 @@ class _Tenths:
 
 
 # --------------------------------------------------------------------------------------------- pass 1
-def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
+def _collect(
+    cfg: DataConfig, sources: list[src_mod.Source], work: Path
+) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
     """Pass 1 (local engine): read, clean, de-duplicate and split into text shards, in one sequential pass."""
     cleaner = Cleaner(cfg.cleaning, seed=cfg.split.seed)
     sinks = TextShards(work, TEXT_DIR, cfg.shard_bytes, cfg.batch_size)
@@ -173,8 +177,14 @@ def _collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tupl
     return sinks.close(), collect_stats(cfg, sources, read, per_source, dict(cleaner.dropped), sinks.done)
 
 
-def collect_stats(cfg: DataConfig, sources: list[src_mod.Source], read: int, per_source: list[int],
-                  dropped: dict[str, int], shards: dict[str, list[TextShard]]) -> dict[str, Any]:
+def collect_stats(
+    cfg: DataConfig,
+    sources: list[src_mod.Source],
+    read: int,
+    per_source: list[int],
+    dropped: dict[str, int],
+    shards: dict[str, list[TextShard]],
+) -> dict[str, Any]:
     """Pass 1's statistics, refusing a corpus that leaves nothing to train on (both engines)."""
     records = {s: sum(t.records for t in shards[s]) for s in SPLITS}
     kept = sum(records.values())
@@ -183,15 +193,24 @@ def collect_stats(cfg: DataConfig, sources: list[src_mod.Source], read: int, per
         raise DataError(f"{cfg.sources[0].uri}: no records read from the sources")
     if kept == 0:
         why = ", ".join(f"{k}={v}" for k, v in dropped.items())
-        raise DataError(f"{cfg.sources[0].uri}: every record was dropped by cleaning (read {read}: {why}); "
-                        "check data.cleaning.min_chars/max_chars")
+        raise DataError(
+            f"{cfg.sources[0].uri}: every record was dropped by cleaning (read {read}: {why}); "
+            "check data.cleaning.min_chars/max_chars"
+        )
     if records["train"] == 0:
-        raise DataError(f"{cfg.sources[0].uri}: all {kept} kept records fell into validation; lower "
-                        "data.split.validation_fraction or add data")
+        raise DataError(
+            f"{cfg.sources[0].uri}: all {kept} kept records fell into validation; lower "
+            "data.split.validation_fraction or add data"
+        )
     return {
-        "records_in": read, "records_out": kept, "dropped": dropped,
-        "duplicates": dropped.get("duplicate", 0), "near_duplicates": dropped.get("near_duplicate", 0),
-        "sources": [{"uri": s.cfg.uri, "files": len(s.files), "records": n} for s, n in zip(sources, per_source, strict=True)],
+        "records_in": read,
+        "records_out": kept,
+        "dropped": dropped,
+        "duplicates": dropped.get("duplicate", 0),
+        "near_duplicates": dropped.get("near_duplicate", 0),
+        "sources": [
+            {"uri": s.cfg.uri, "files": len(s.files), "records": n} for s, n in zip(sources, per_source, strict=True)
+        ],
         "split_records": records,
         "split_chars": {s: sum(t.chars for t in shards[s]) for s in SPLITS},
         "shards": {s: len(shards[s]) for s in SPLITS},
@@ -234,8 +253,10 @@ def _make_local(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -
     if not jobs:
         return
     tok = tok_mod.load_tokenizer(root / fmt.TOKENIZER_DIR)
-    with Encoder(tok_mod.backend(tok), cfg.num_proc) as encoder, \
-            _Tenths(sum(j.records for j in jobs), "prep: tokenize") as report:
+    with (
+        Encoder(tok_mod.backend(tok), cfg.num_proc) as encoder,
+        _Tenths(sum(j.records for j in jobs), "prep: tokenize") as report,
+    ):
         done = 0
         for job in jobs:
             make_shard(cfg, tok, encoder, job, root, work)
@@ -250,8 +271,12 @@ def _write_heldout(work: Path, shards: list[TextShard], out: Path) -> int:
             for batch, _ in read_texts(work / shard.path):
                 for conv in batch:
                     messages = json.loads(conv)
-                    f.write(json.dumps({"messages": messages[:-1], "reference": messages[-1]["content"]},
-                                       ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"messages": messages[:-1], "reference": messages[-1]["content"]}, ensure_ascii=False
+                        )
+                        + "\n"
+                    )
                     n += 1
     return n
 
@@ -277,8 +302,9 @@ def _local_inputs(cfg: DataConfig, sources: list[src_mod.Source]) -> list[Path]:
     return [*found, *per_folder.values(), *([Path(cfg.tokenizer.path)] if cfg.tokenizer.path else [])]
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
-            tracker: Tracker | None = None) -> PrepResult:
+def prepare(
+    cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, tracker: Tracker | None = None
+) -> PrepResult:
     """Prepare ``cfg``'s sources into ``out_dir`` (replaced atomically) and return the result.
 
     ``out_dir`` must be new, empty or an earlier prepared dataset (:func:`kubellm.fsutil.claim_output`),
@@ -310,21 +336,27 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, tokenizer_dir: str | Path |
         shutil.rmtree(staging, ignore_errors=True)  # bad input: a resumed prep could not do better
         raise
     except BaseException:
-        log.error("prep of %s stopped; its finished parts stay in %s for the next prep of the same data",
-                  out, staging)
+        log.error("prep of %s stopped; its finished parts stay in %s for the next prep of the same data", out, staging)
         raise
     install_dir(staging, out, OUTPUT_KIND)
     for stale in out.parent.glob(f".{out.name}.prep-*"):  # our own staging of other data, now superseded
         shutil.rmtree(stale, ignore_errors=True)
-    log.info("prepared %s: %d records → %d rows, %d tokens in %.1f s", out, stats["records_out"],
-             stats["rows"], stats["tokens"], stats["seconds"]["total"])
+    log.info(
+        "prepared %s: %d records → %d rows, %d tokens in %.1f s",
+        out,
+        stats["records_out"],
+        stats["rows"],
+        stats["tokens"],
+        stats["seconds"]["total"],
+    )
     if tracker is not None:
         _track(tracker, cfg, stats, out)
     return PrepResult(out, manifest, stats)
 
 
-def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Path, out: Path,
-                t0: float) -> tuple[fmt.Manifest, dict[str, Any]]:
+def _prepare_in(
+    cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Path, out: Path, t0: float
+) -> tuple[fmt.Manifest, dict[str, Any]]:
     work = tmp / _WORK
     work.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
@@ -347,8 +379,9 @@ def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Pa
     tok_done = work / "tokenizer.json"
     trained = (_read_json(tok_done) or {}).get("trained")
     if trained is None or not (tmp / fmt.TOKENIZER_DIR / "tokenizer.json").is_file():
-        tok, trained = _tokenizer(cfg, work, shards["train"], stats["split_records"]["train"],
-                                  stats["split_chars"]["train"])
+        tok, trained = _tokenizer(
+            cfg, work, shards["train"], stats["split_records"]["train"], stats["split_chars"]["train"]
+        )
         shutil.rmtree(tmp / fmt.TOKENIZER_DIR, ignore_errors=True)
         tok.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
         write_json_atomic(tok_done, {"trained": trained})
@@ -356,13 +389,27 @@ def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Pa
     timings["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    jobs = [ShardJob(split, t_.index, len(shards[split]), t_.records, t_.path, shard_file(split, t_.index, len(shards[split])),
-                     f"{SHARD_RECORDS}/{split}-{t_.index:05d}.json")
-            for split in SPLITS for t_ in shards[split]]
+    jobs = [
+        ShardJob(
+            split,
+            t_.index,
+            len(shards[split]),
+            t_.records,
+            t_.path,
+            shard_file(split, t_.index, len(shards[split])),
+            f"{SHARD_RECORDS}/{split}-{t_.index:05d}.json",
+        )
+        for split in SPLITS
+        for t_ in shards[split]
+    ]
     todo = [j for j in jobs if recorded(tmp, work, j) is None and not _reuse(j, fp, out, tmp, work)]
     if len(todo) < len(jobs):
-        log.info("prep: %d of %d shards verified from an earlier attempt; making %d", len(jobs) - len(todo),
-                 len(jobs), len(todo))
+        log.info(
+            "prep: %d of %d shards verified from an earlier attempt; making %d",
+            len(jobs) - len(todo),
+            len(jobs),
+            len(todo),
+        )
     if engine:
         engine.make_shards(cfg, todo, tmp, work)
     else:
@@ -374,17 +421,30 @@ def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Pa
         if rec is None:
             raise DataError(f"{tmp / job.out}: shard missing or damaged after it was made")
         split_stats[job.split].add(PackStats.from_json(rec["stats"]))
-        per_shard.append({"split": job.split, "index": job.index, "file": job.out, "records": job.records,
-                          "rows": rec["stats"]["rows"], "tokens": rec["stats"]["tokens"], "stats": rec["stats"],
-                          **rec["file"]})
+        per_shard.append(
+            {
+                "split": job.split,
+                "index": job.index,
+                "file": job.out,
+                "records": job.records,
+                "rows": rec["stats"]["rows"],
+                "tokens": rec["stats"]["tokens"],
+                "stats": rec["stats"],
+                **rec["file"],
+            }
+        )
     timings["tokenize_pack"] = time.perf_counter() - t
     if split_stats["train"].rows == 0:
         train = split_stats["train"]
         if cfg.kind == "instruct":
-            raise DataError(f"{cfg.sources[0].uri}: no training example keeps any answer token within "
-                            f"data.block_size={cfg.block_size} ({train.dropped}); raise data.block_size")
-        raise DataError(f"{cfg.sources[0].uri}: the training split has {train.dropped_tail_tokens} tokens, "
-                        f"fewer than one block of data.block_size={cfg.block_size}; add data or lower it")
+            raise DataError(
+                f"{cfg.sources[0].uri}: no training example keeps any answer token within "
+                f"data.block_size={cfg.block_size} ({train.dropped}); raise data.block_size"
+            )
+        raise DataError(
+            f"{cfg.sources[0].uri}: the training split has {train.dropped_tail_tokens} tokens, "
+            f"fewer than one block of data.block_size={cfg.block_size}; add data or lower it"
+        )
 
     t = time.perf_counter()
     splits = _finish_dataset(split_stats, jobs, fp, tmp / fmt.DATASET_DIR)
@@ -393,9 +453,16 @@ def _prepare_in(cfg: DataConfig, sources: list[src_mod.Source], fp: str, tmp: Pa
     timings["total"] = time.perf_counter() - t0
 
     manifest = fmt.Manifest(
-        kind=cfg.kind, block_size=cfg.block_size, vocab_size=tok_mod.vocab_size(tok),
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        fingerprint=fp, splits=splits, stop_token_ids=tok_mod.stop_token_ids(tok))
+        kind=cfg.kind,
+        block_size=cfg.block_size,
+        vocab_size=tok_mod.vocab_size(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        fingerprint=fp,
+        splits=splits,
+        stop_token_ids=tok_mod.stop_token_ids(tok),
+    )
     stats = _final_stats(cfg, stats, split_stats, manifest, trained, n_heldout, timings)
     stats["engine"] = cfg.engine
     write_json_atomic(tmp / fmt.SHARDS, {"shards": [r for r in per_shard if r["split"] in splits]})
@@ -453,7 +520,9 @@ def _reuse(job: ShardJob, fp: str, out: Path, tmp: Path, work: Path) -> bool:
         os.link(src, dest)  # same volume: no copy (the old output is replaced as a whole, never written)
     except OSError:
         shutil.copyfile(src, dest)
-    write_json_atomic(work / job.sidecar, {"stats": rec["stats"], "records": job.records, "file": checksum_record(dest)})
+    write_json_atomic(
+        work / job.sidecar, {"stats": rec["stats"], "records": job.records, "file": checksum_record(dest)}
+    )
     return True
 
 
@@ -471,8 +540,15 @@ def _finish_dataset(split_stats: dict[str, PackStats], jobs: list[ShardJob], fp:
     return splits
 
 
-def _final_stats(cfg: DataConfig, stats: dict[str, Any], split_stats: dict[str, PackStats],
-                 manifest: fmt.Manifest, trained: bool, n_heldout: int, timings: dict[str, float]) -> dict[str, Any]:
+def _final_stats(
+    cfg: DataConfig,
+    stats: dict[str, Any],
+    split_stats: dict[str, PackStats],
+    manifest: fmt.Manifest,
+    trained: bool,
+    n_heldout: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     tokens = sum(s.tokens for s in split_stats.values())
     padding = sum(s.padding for s in split_stats.values())
     dropped = dict(stats["dropped"])
@@ -480,10 +556,14 @@ def _final_stats(cfg: DataConfig, stats: dict[str, Any], split_stats: dict[str, 
         for reason, n in s.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
     return {
-        "kind": cfg.kind, "fingerprint": manifest.fingerprint, "block_size": cfg.block_size,
-        **stats, "dropped": dict(sorted(dropped.items())),
+        "kind": cfg.kind,
+        "fingerprint": manifest.fingerprint,
+        "block_size": cfg.block_size,
+        **stats,
+        "dropped": dict(sorted(dropped.items())),
         "splits": {s: {"records": stats["split_records"][s], **v.to_json()} for s, v in split_stats.items()},
-        "tokens": tokens, "rows": sum(s.rows for s in split_stats.values()),
+        "tokens": tokens,
+        "rows": sum(s.rows for s in split_stats.values()),
         "padding_fraction": padding / (tokens + padding) if tokens + padding else 0.0,
         "heldout": n_heldout,
         "tokenizer": {"trained": trained, "source": cfg.tokenizer.path, "vocab_size": manifest.vocab_size},
@@ -493,15 +573,25 @@ def _final_stats(cfg: DataConfig, stats: dict[str, Any], split_stats: dict[str, 
 
 
 def _track(tracker: Tracker, cfg: DataConfig, stats: dict[str, Any], out: Path) -> None:
-    tracker.log_params({
-        "data.kind": cfg.kind, "data.sources": ",".join(s.uri for s in cfg.sources),
-        "data.block_size": cfg.block_size, "data.vocab_size": stats["tokenizer"]["vocab_size"],
-        "data.tokenizer_trained": stats["tokenizer"]["trained"], "data.fingerprint": stats["fingerprint"],
-        "data.max_docs": cfg.max_docs,
-    })
-    metrics = {"data_records_in": stats["records_in"], "data_records_out": stats["records_out"],
-               "data_tokens": stats["tokens"], "data_rows": stats["rows"],
-               "data_padding_fraction": stats["padding_fraction"], "data_prep_seconds": stats["seconds"]["total"]}
+    tracker.log_params(
+        {
+            "data.kind": cfg.kind,
+            "data.sources": ",".join(s.uri for s in cfg.sources),
+            "data.block_size": cfg.block_size,
+            "data.vocab_size": stats["tokenizer"]["vocab_size"],
+            "data.tokenizer_trained": stats["tokenizer"]["trained"],
+            "data.fingerprint": stats["fingerprint"],
+            "data.max_docs": cfg.max_docs,
+        }
+    )
+    metrics = {
+        "data_records_in": stats["records_in"],
+        "data_records_out": stats["records_out"],
+        "data_tokens": stats["tokens"],
+        "data_rows": stats["rows"],
+        "data_padding_fraction": stats["padding_fraction"],
+        "data_prep_seconds": stats["seconds"]["total"],
+    }
     metrics.update({f"data_dropped_{k}": v for k, v in stats["dropped"].items()})
     tracker.log_metrics({k: float(v) for k, v in metrics.items()})
     tracker.log_artifact(out / fmt.STATS, "data")

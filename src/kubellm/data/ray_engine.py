@@ -140,12 +140,18 @@ def _kubellm_cause(err: BaseException) -> KubellmError | None:
 def _remote_args(cfg: DataConfig) -> dict[str, Any]:
     import ray
 
-    return {"compute": ray.data.TaskPoolStrategy(size=cfg.workers), "num_cpus": 1, "max_retries": MAX_RETRIES,
-            "retry_exceptions": False}
+    return {
+        "compute": ray.data.TaskPoolStrategy(size=cfg.workers),
+        "num_cpus": 1,
+        "max_retries": MAX_RETRIES,
+        "retry_exceptions": False,
+    }
 
 
 # --------------------------------------------------------------------------------------------- pass 1
-def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
+def collect(
+    cfg: DataConfig, sources: list[src_mod.Source], work: Path
+) -> tuple[dict[str, list[TextShard]], dict[str, Any]]:
     """Pass 1 on Ray Data: the text shards and pass-1 statistics, equal to the local engine's."""
     from ray.data.context import ShuffleStrategy
 
@@ -170,8 +176,11 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         parallel = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         # What stays in the object store is one small row per record read (ids, drop reason, key): the
         # text went to the unit's spill file in the worker.
-        records = ray.data.from_items(items, override_num_blocks=min(len(items), 4 * parallel)).map_batches(
-            read, batch_size=None, batch_format="pyarrow", **_remote_args(cfg)).materialize()
+        records = (
+            ray.data.from_items(items, override_num_blocks=min(len(items), 4 * parallel))
+            .map_batches(read, batch_size=None, batch_format="pyarrow", **_remote_args(cfg))
+            .materialize()
+        )
         counts = _counts(records)
         per_unit: dict[int, int] = {}
         for (unit, _), n in counts.items():
@@ -179,8 +188,9 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
         allowed = _caps(cfg, plan, per_unit)
         if allowed is not None:
             cap = np.asarray(allowed, dtype=np.int64)
-            records = records.map_batches(lambda t: t.filter(t["record"].to_numpy() < cap[t["unit"].to_numpy()]),
-                                          batch_format="pyarrow").materialize()
+            records = records.map_batches(
+                lambda t: t.filter(t["record"].to_numpy() < cap[t["unit"].to_numpy()]), batch_format="pyarrow"
+            ).materialize()
             counts = _counts(records)
         else:
             allowed = [per_unit.get(u, 0) for u, _, _ in plan]
@@ -212,8 +222,9 @@ def collect(cfg: DataConfig, sources: list[src_mod.Source], work: Path) -> tuple
             ids = batch["rid"].to_numpy()
             keep = ((ids & RECORD_MASK) < allowed[unit]) & ~np.isin(ids, duplicates)
             rows = batch.filter(keep)
-            for split, text, origin in zip(rows["split"].to_pylist(), rows["text"].to_pylist(),
-                                           rows["origin"].to_pylist(), strict=True):
+            for split, text, origin in zip(
+                rows["split"].to_pylist(), rows["text"].to_pylist(), rows["origin"].to_pylist(), strict=True
+            ):
                 sinks.add(split, text, origin)
     shutil.rmtree(spill)
     read_total = sum(allowed)
@@ -264,6 +275,7 @@ def _caps(cfg: DataConfig, plan: list[tuple[int, int, Any]], per_unit: dict[int,
 def _counts(records: Any) -> dict[tuple[int, str], int]:
     """Records per ``(unit, drop reason)`` (``""``: kept): counted per block on the workers, summed here
     (no shuffle: the pairs are few, the records many)."""
+
     def count(t: Any) -> Any:
 
         return t.group_by(["unit", "drop"]).aggregate([("record", "count")])
@@ -312,8 +324,11 @@ def make_shards(cfg: DataConfig, jobs: list[ShardJob], root: Path, work: Path) -
 
     with _one_line():
         items = [asdict(j) for j in jobs]
-        made = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            run, batch_size=1, batch_format="pyarrow", **_remote_args(cfg)).take_all()
+        made = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(run, batch_size=1, batch_format="pyarrow", **_remote_args(cfg))
+            .take_all()
+        )
     log.info("prep (ray): made %d shards", len(made))
 
 

@@ -28,29 +28,51 @@ def _sample(tok: Any, root: Path) -> str:
 
 def render_report(cfg: DataConfig, stats: dict[str, Any], manifest: Manifest, tok: Any, root: Path) -> str:
     """Markdown: sources, what cleaning dropped and why, splits, tokenizer, a decoded sample."""
-    lines = [f"# Prepared dataset ({cfg.kind})", "",
-             f"Fingerprint `{manifest.fingerprint}` · block size {manifest.block_size} · "
-             f"vocabulary {manifest.vocab_size} ({'trained here' if stats['tokenizer']['trained'] else 'reused'})"
-             f" · {stats['seconds']['total']:.1f} s", "", "## Sources", ""]
-    lines += _table(("uri", "files", "records read"),
-                    [(f"`{s['uri']}`", s["files"], s["records"]) for s in stats["sources"]])
-    lines += ["", "## Cleaning", "",
-              f"{stats['records_in']} records read, {stats['records_out']} kept "
-              f"({stats['records_out'] / max(1, stats['records_in']):.1%}).", ""]
+    lines = [
+        f"# Prepared dataset ({cfg.kind})",
+        "",
+        f"Fingerprint `{manifest.fingerprint}` · block size {manifest.block_size} · "
+        f"vocabulary {manifest.vocab_size} ({'trained here' if stats['tokenizer']['trained'] else 'reused'})"
+        f" · {stats['seconds']['total']:.1f} s",
+        "",
+        "## Sources",
+        "",
+    ]
+    lines += _table(
+        ("uri", "files", "records read"), [(f"`{s['uri']}`", s["files"], s["records"]) for s in stats["sources"]]
+    )
+    lines += [
+        "",
+        "## Cleaning",
+        "",
+        f"{stats['records_in']} records read, {stats['records_out']} kept "
+        f"({stats['records_out'] / max(1, stats['records_in']):.1%}).",
+        "",
+    ]
     if stats["dropped"]:
         lines += _table(("dropped because", "records"), sorted(stats["dropped"].items()))
     else:
         lines.append("Nothing was dropped.")
     lines += ["", "## Splits", ""]
-    lines += _table(("split", "records", "rows", "tokens", "padding"),
-                    [(name, s["records"], s["rows"], s["tokens"], f"{s['padding_fraction']:.2%}")
-                     for name, s in stats["splits"].items()])
+    lines += _table(
+        ("split", "records", "rows", "tokens", "padding"),
+        [
+            (name, s["records"], s["rows"], s["tokens"], f"{s['padding_fraction']:.2%}")
+            for name, s in stats["splits"].items()
+        ],
+    )
     tail = sum(s["dropped_tail_tokens"] for s in stats["splits"].values())
     if cfg.kind == "pretrain":
-        lines += ["", f"Documents are joined with EOS and cut into blocks of {cfg.block_size} tokens; "
-                      f"{tail} tokens of the last partial block per split were left out."]
+        lines += [
+            "",
+            f"Documents are joined with EOS and cut into blocks of {cfg.block_size} tokens; "
+            f"{tail} tokens of the last partial block per split were left out.",
+        ]
     else:
-        lines += ["", f"Prompt tokens carry label -100; {stats['heldout']} validation examples are in "
-                      "`heldout.jsonl` for generation metrics."]
+        lines += [
+            "",
+            f"Prompt tokens carry label -100; {stats['heldout']} validation examples are in "
+            "`heldout.jsonl` for generation metrics.",
+        ]
     lines += ["", "## Sample (first training row, decoded)", "", "```", _sample(tok, root), "```", ""]
     return "\n".join(lines)

@@ -85,9 +85,18 @@ def units(sources: list[src_mod.Source]) -> list[tuple[int, int, src_mod.InputFi
 def unit_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("unit", pa.int64()), ("record", pa.int64()), ("rid", pa.int64()), ("drop", pa.string()),
-                      ("key", pa.uint64()), ("split", pa.string()), ("text", pa.large_string()),
-                      ("origin", pa.string())])
+    return pa.schema(
+        [
+            ("unit", pa.int64()),
+            ("record", pa.int64()),
+            ("rid", pa.int64()),
+            ("drop", pa.string()),
+            ("key", pa.uint64()),
+            ("split", pa.string()),
+            ("text", pa.large_string()),
+            ("origin", pa.string()),
+        ]
+    )
 
 
 def read_unit(cfg: DataConfig, source: src_mod.Source, unit: int, f: src_mod.InputFile | None) -> Iterator[Any]:
@@ -109,8 +118,16 @@ def read_unit(cfg: DataConfig, source: src_mod.Source, unit: int, f: src_mod.Inp
             cleaned, key = admitted
             text = as_text(cleaned)
             chars += len(text)
-            row = (unit, i, rid(unit, i), "", key, split_of(key, cfg.split.seed, cfg.split.validation_fraction),
-                   text, origin)
+            row = (
+                unit,
+                i,
+                rid(unit, i),
+                "",
+                key,
+                split_of(key, cfg.split.seed, cfg.split.validation_fraction),
+                text,
+                origin,
+            )
         for name, value in zip(schema.names, row, strict=True):
             cols[name].append(value)
         cleaner.dropped.clear()
@@ -154,8 +171,15 @@ class TextShards:
         if cur is None:
             n = len(self.done[split])
             rel = f"{self.folder}/{split}-{n:05d}.arrow"
-            cur = self._open[split] = {"rel": rel, "writer": self._pa.ipc.new_stream(str(self.root / rel), self.schema),
-                                       "texts": [], "origins": [], "pending": 0, "records": 0, "chars": 0}
+            cur = self._open[split] = {
+                "rel": rel,
+                "writer": self._pa.ipc.new_stream(str(self.root / rel), self.schema),
+                "texts": [],
+                "origins": [],
+                "pending": 0,
+                "records": 0,
+                "chars": 0,
+            }
         cur["texts"].append(text)
         cur["origins"].append(origin)
         cur["records"] += 1
@@ -241,8 +265,9 @@ def make_shard(cfg: DataConfig, tok: Any, encoder: Encoder, job: ShardJob, root:
     text_path = work / job.text
     try:
         if cfg.kind == "pretrain":
-            stats = pack_documents(encoder.docs((t for t, _ in read_texts(text_path)), tok.eos_token_id),
-                                   cfg.block_size, sink)
+            stats = pack_documents(
+                encoder.docs((t for t, _ in read_texts(text_path)), tok.eos_token_id), cfg.block_size, sink
+            )
             stats.examples = job.records
         else:
             stats = _tokenize_instruct(cfg, tok, encoder, text_path, sink)
@@ -257,8 +282,7 @@ def _tokenize_instruct(cfg: DataConfig, tok: Any, encoder: Encoder, text_path: P
     def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    packer = InstructPacker(cfg.block_size, tok.pad_token_id, sink, pack=cfg.pack_instructions,
-                            window=cfg.batch_size)
+    packer = InstructPacker(cfg.block_size, tok.pad_token_id, sink, pack=cfg.pack_instructions, window=cfg.batch_size)
     pending: list[list[tuple[int, int]]] = []
 
     def rendered() -> Iterator[list[str]]:

@@ -30,12 +30,30 @@ from kubellm.errors import DataError, SourceError
 from kubellm.fsutil import user_path
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
-_SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-                  ".parquet": "parquet", ".txt": "txt", ".text": "txt", ".md": "txt"}
+_SUFFIX_FORMAT = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+}
 GZIP_MAGIC = b"\x1f\x8b"
 #: fsspec protocols and the package each one needs (named in the error when it is missing).
-FSSPEC_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp",
-                   "https": "aiohttp", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "hf": "huggingface_hub"}
+FSSPEC_BACKENDS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "hf": "huggingface_hub",
+}
 ROLES = ("system", "user", "assistant")
 
 Raw = tuple[str, dict[str, Any]]
@@ -80,7 +98,7 @@ class Source:
         if f is None:
             yield from _hub_records(self.cfg)
         elif self.kind == "builtin":
-            read = (builtin.iter_stdlib if self.cfg.uri == "builtin://stdlib" else builtin.iter_stdlib_instruct)
+            read = builtin.iter_stdlib if self.cfg.uri == "builtin://stdlib" else builtin.iter_stdlib_instruct
             yield from read([self.builtin_root / f.rel], self.builtin_root)  # type: ignore[operator,arg-type]
         else:
             yield from read_file(f, file_format(f.name, self.cfg.format), self.cfg, max_record_bytes)
@@ -120,8 +138,7 @@ def resolve(cfg: SourceConfig, index: int, section: str = "data") -> Source:
             names = ", ".join(f"builtin://{n}" for n in builtin.BUILTIN_SOURCES)
             raise SourceError(f"{where}.uri {uri!r}: unknown built-in source (expected {names})")
         root = builtin.stdlib_root()
-        files = [InputFile(str(p), p.relative_to(root).as_posix(), _opener(p))
-                 for p in builtin.stdlib_files(root)]
+        files = [InputFile(str(p), p.relative_to(root).as_posix(), _opener(p)) for p in builtin.stdlib_files(root)]
         return Source(cfg, where, "builtin", files, builtin_root=root)
     if scheme == "hf":
         if rest.count("/") > 1 or not rest.strip("/"):
@@ -158,16 +175,18 @@ def _local_files(spec: str, cfg: SourceConfig, where: str) -> list[InputFile]:
             raise SourceError(f"{where}.uri {spec!r}: the pattern matches no files")
     elif path.is_dir():
         base = path
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and _readable(p.name, cfg.format))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and _readable(p.name, cfg.format)
+        )
         if not files:
             raise SourceError(f"{where}.uri {spec!r}: the directory holds no {'/'.join(FORMATS)} files")
     elif path.is_file():
         base, files = path.parent, [path]
     else:
         raise SourceError(f"{where}.uri {spec!r}: no such file or directory")
-    return [InputFile(str(p), p.relative_to(base).as_posix() if base.parts else p.as_posix(), _opener(p))
-            for p in files]
+    return [
+        InputFile(str(p), p.relative_to(base).as_posix() if base.parts else p.as_posix(), _opener(p)) for p in files
+    ]
 
 
 def _fsspec_files(uri: str, scheme: str, cfg: SourceConfig, where: str) -> list[InputFile]:
@@ -175,12 +194,15 @@ def _fsspec_files(uri: str, scheme: str, cfg: SourceConfig, where: str) -> list[
 
     impl = known_implementations.get(scheme)
     if impl is None and scheme not in FSSPEC_BACKENDS:
-        raise SourceError(f"{where}.uri {uri!r}: unknown URI scheme {scheme!r} (expected a local path, "
-                          "builtin://, hf://, or an fsspec URI such as s3://, gs://, https://)")
+        raise SourceError(
+            f"{where}.uri {uri!r}: unknown URI scheme {scheme!r} (expected a local path, "
+            "builtin://, hf://, or an fsspec URI such as s3://, gs://, https://)"
+        )
     package = FSSPEC_BACKENDS.get(scheme) or (impl or {}).get("class", "").split(".")[0]
     if package and importlib.util.find_spec(package) is None:
-        raise SourceError(f"{where}.uri {uri!r}: reading {scheme}:// needs the {package!r} package "
-                          f"(pip install {package})")
+        raise SourceError(
+            f"{where}.uri {uri!r}: reading {scheme}:// needs the {package!r} package (pip install {package})"
+        )
     import fsspec
 
     try:
@@ -202,8 +224,10 @@ def _fsspec_files(uri: str, scheme: str, cfg: SourceConfig, where: str) -> list[
     def opener(n: str) -> Callable[[], IO[bytes]]:
         return lambda: fs.open(n, "rb")
 
-    return [InputFile(proto + n.removeprefix(proto), n[len(base):].lstrip("/") or n.rsplit("/", 1)[-1],
-                      opener(n)) for n in names]
+    return [
+        InputFile(proto + n.removeprefix(proto), n[len(base) :].lstrip("/") or n.rsplit("/", 1)[-1], opener(n))
+        for n in names
+    ]
 
 
 def _hub_check(cfg: SourceConfig) -> str:
@@ -211,8 +235,10 @@ def _hub_check(cfg: SourceConfig) -> str:
     repo = cfg.uri.split("://", 1)[1].strip("/")
     # Read at call time, not import time: the user may export it after kubellm is imported.
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SourceError(f"{cfg.uri}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1); unset it where the "
-                          "network allows, or use a local file or builtin://stdlib")
+        raise SourceError(
+            f"{cfg.uri}: the Hugging Face Hub is offline (HF_HUB_OFFLINE=1); unset it where the "
+            "network allows, or use a local file or builtin://stdlib"
+        )
     return repo
 
 
@@ -224,8 +250,10 @@ def _hub_revision_sha(cfg: SourceConfig) -> str:
         # 10 s: a machine without network must fail within seconds, not after minutes of retries.
         return HfApi().dataset_info(repo, revision=cfg.hub_revision, timeout=10).sha or ""
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot reach this dataset"
-        raise SourceError(f"{cfg.uri}: cannot reach the Hub dataset ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise SourceError(
+            f"{cfg.uri}: cannot reach the Hub dataset ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def _hub_records(cfg: SourceConfig) -> Iterator[Raw]:
@@ -249,8 +277,10 @@ def file_format(name: str, fmt: str) -> str:
     stem = name[:-3] if name.endswith(".gz") else name
     suffix = os.path.splitext(stem)[1].lower()
     if suffix not in _SUFFIX_FORMAT:
-        raise DataError(f"{name}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
-                        f"set sources[].format to one of {', '.join(FORMATS)}")
+        raise DataError(
+            f"{name}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
+            f"set sources[].format to one of {', '.join(FORMATS)}"
+        )
     return _SUFFIX_FORMAT[suffix]
 
 
@@ -289,8 +319,7 @@ class _Prefixed(io.RawIOBase):
 
 def read_file(f: InputFile, fmt: str, cfg: SourceConfig, max_record_bytes: int) -> Iterator[Raw]:
     """Raw records of one file; an empty file or one without records is an error naming the file."""
-    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
-               "txt": _read_txt}
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet, "txt": _read_txt}
     count = 0
     try:
         with _open_decompressed(f) as fh:
@@ -314,13 +343,16 @@ def _lines(name: str, fh: IO[bytes], limit: int) -> Iterator[tuple[int, str]]:
             return
         lineno += 1
         if len(raw) > limit:
-            raise DataError(f"{name}:{lineno}: record larger than max_record_bytes ({limit} bytes); split it "
-                            "or raise data.max_record_bytes")
+            raise DataError(
+                f"{name}:{lineno}: record larger than max_record_bytes ({limit} bytes); split it "
+                "or raise data.max_record_bytes"
+            )
         try:
             text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as err:
-            raise DataError(f"{name}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                            f"{err.start + 1})") from None
+            raise DataError(
+                f"{name}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            ) from None
         yield lineno, text
 
 
@@ -421,8 +453,10 @@ def _read_txt(name: str, fh: IO[bytes], cfg: SourceConfig, limit: int) -> Iterat
 def _field(rec: dict[str, Any], name: str, origin: str, where: str, setting: str) -> str:
     if name not in rec:
         fields = ", ".join(map(str, list(rec)[:8])) or "none"
-        raise DataError(f"{origin}: no field {name!r} (fields: {fields}); name the right one with "
-                        f"--set {where}.{setting}=FIELD (or `kubellm prep --{setting.replace('_', '-')} FIELD`)")
+        raise DataError(
+            f"{origin}: no field {name!r} (fields: {fields}); name the right one with "
+            f"--set {where}.{setting}=FIELD (or `kubellm prep --{setting.replace('_', '-')} FIELD`)"
+        )
     value = rec[name]
     if not isinstance(value, str):
         raise DataError(f"{origin}: field {name!r} is {type(value).__name__}, expected text")
@@ -460,8 +494,10 @@ def to_example(rec: Any, src: Source, kind: str, origin: str) -> str | list[dict
     if c.messages_field is not None:
         if c.messages_field not in rec:
             fields = ", ".join(map(str, list(rec)[:8])) or "none"
-            raise DataError(f"{origin}: no field {c.messages_field!r} (fields: {fields}); name the right one "
-                            f"with --set {src.where}.messages_field=FIELD (or `kubellm prep --messages-field FIELD`)")
+            raise DataError(
+                f"{origin}: no field {c.messages_field!r} (fields: {fields}); name the right one "
+                f"with --set {src.where}.messages_field=FIELD (or `kubellm prep --messages-field FIELD`)"
+            )
         return _messages(rec[c.messages_field], origin, c.messages_field)
     if c.prompt_field not in rec and isinstance(rec.get(CHAT_FIELD), list):
         # A conversational record (TRL's convention: a ``messages`` column) needs no setting.
@@ -476,8 +512,11 @@ def resolve_all(cfg: DataConfig) -> list[Source]:
     return [resolve(s, i, section_of(cfg.kind)) for i, s in enumerate(cfg.sources)]
 
 
-def iter_examples(cfg: DataConfig, sources: list[Source], on_file: Callable[[], None] | None = None,
-                  ) -> Iterator[tuple[str, str | list[dict[str, str]], int]]:
+def iter_examples(
+    cfg: DataConfig,
+    sources: list[Source],
+    on_file: Callable[[], None] | None = None,
+) -> Iterator[tuple[str, str | list[dict[str, str]], int]]:
     """``(origin, example, source index)`` over all sources in order, honouring ``max_records`` and
     ``max_docs``."""
     total = 0

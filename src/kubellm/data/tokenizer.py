@@ -24,8 +24,14 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (EOS, PAD, *CHAT_TOKENS)
 END_OF_TURN = "<|end|>"
 #: What ``PreTrainedTokenizerFast.from_pretrained`` reads (and so what a tokenizer's identity is made of).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 #: Every turn is ``<|role|>content<|end|>``, with no whitespace around the special tokens: text between
 #: two special tokens is tokenized on its own, so a rendered conversation tokenizes identically in
@@ -50,8 +56,9 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None,
-                    where: str = "data") -> Any:
+def train_tokenizer(
+    texts: Iterable[str], cfg: TokenizerConfig, *, length: int | None = None, where: str = "data"
+) -> Any:
     """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     Raises :class:`DataError` when the data cannot fill ``cfg.vocab_size`` (too little text for that
@@ -66,14 +73,20 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, *, length: int |
     # trim_offsets=False: offsets stay exact character spans, which instruction masking relies on.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     got = tok.get_vocab_size()
     if got < cfg.vocab_size:
-        raise DataError(f"{where}: tokenizer.vocab_size {cfg.vocab_size}: the training split supports only {got} tokens "
-                        f"(pairs seen at least {cfg.min_frequency} times); lower "
-                        "tokenizer.vocab_size or add data")
+        raise DataError(
+            f"{where}: tokenizer.vocab_size {cfg.vocab_size}: the training split supports only {got} tokens "
+            f"(pairs seen at least {cfg.min_frequency} times); lower "
+            "tokenizer.vocab_size or add data"
+        )
     return wrap(tok)
 
 
@@ -82,8 +95,15 @@ def wrap(tok: Any) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=None,
-        extra_special_tokens=list(CHAT_TOKENS), chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        extra_special_tokens=list(CHAT_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def tokenizer_source(path: str | Path) -> Path:
@@ -111,8 +131,10 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any load failure is a bad directory for the user
-        raise DataError(f"tokenizer.path {str(p)!r}: cannot load ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise DataError(
+            f"tokenizer.path {str(p)!r}: cannot load ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer.path {str(p)!r}: the tokenizer has no eos token (needed between documents)")
     if tok.pad_token_id is None:

@@ -56,8 +56,11 @@ class BenchmarkPlan:
 def score_completion(doc: dict[str, Any], results: Sequence[str]) -> dict[str, float]:
     """``process_results`` of ``kubellm_complete``: one greedy answer against the reference."""
     answer = results[0].strip()
-    return {"exact_match": exact_match(answer, doc["reference"]), "rouge_l": rouge_l(answer, doc["reference"]),
-            "code_parse_rate": code_parses(answer)}
+    return {
+        "exact_match": exact_match(answer, doc["reference"]),
+        "rouge_l": rouge_l(answer, doc["reference"]),
+        "code_parse_rate": code_parses(answer),
+    }
 
 
 def choice_rows(prompts: Sequence[str], references: Sequence[str], seed: int) -> list[dict[str, Any]]:
@@ -75,33 +78,49 @@ def choice_rows(prompts: Sequence[str], references: Sequence[str], seed: int) ->
     return rows
 
 
-def write_local_tasks(names: Sequence[str], heldout: Sequence[dict[str, Any]], tokenizer: Any, out_dir: Path, *,
-                      stop_ids: Sequence[int], max_new_tokens: int, seed: int) -> None:
+def write_local_tasks(
+    names: Sequence[str],
+    heldout: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    out_dir: Path,
+    *,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    seed: int,
+) -> None:
     """Write the data and task YAML of each local task in ``names`` into ``out_dir`` (an lm-eval
     include path). Prompts are rendered with the dataset's chat template, as training saw them."""
     import yaml
 
-    prompts = [tokenizer.apply_chat_template(ex["messages"], add_generation_prompt=True, tokenize=False)
-               for ex in heldout]
+    prompts = [
+        tokenizer.apply_chat_template(ex["messages"], add_generation_prompt=True, tokenize=False) for ex in heldout
+    ]
     refs = [ex["reference"] for ex in heldout]
     # A choice is scored in one forward pass with its prompt, so it must fit the model's context (the
     # built-in data's answers run to 1,000+ tokens, a tiny model's context is 128): each is cut to the
     # first max_new_tokens tokens, the budget the generation metrics give an answer. Cutting all choices
     # alike also keeps plain ``acc`` (summed log-likelihood) from simply preferring short answers.
     cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"][:max_new_tokens]) for r in refs]
-    rows = {"kubellm_choice": lambda: choice_rows(prompts, cut, seed),
-            "kubellm_complete": lambda: [{"prompt": p, "reference": r} for p, r in zip(prompts, refs, strict=True)]}
+    rows = {
+        "kubellm_choice": lambda: choice_rows(prompts, cut, seed),
+        "kubellm_complete": lambda: [{"prompt": p, "reference": r} for p, r in zip(prompts, refs, strict=True)],
+    }
     for name in names:
         data = out_dir / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows[name]()), encoding="utf-8")
-        task: dict[str, Any] = {"include": str(TASKS_DIR / f"{name}.yaml"),
-                                "dataset_kwargs": {"data_files": {"test": str(data)},
-                                                   "cache_dir": str(out_dir / "cache")}}
+        task: dict[str, Any] = {
+            "include": str(TASKS_DIR / f"{name}.yaml"),
+            "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(out_dir / "cache")},
+        }
         if name == "kubellm_complete":
             # eos_token_id goes to generate(): the chat turn's end token stops an answer as it does in
             # `kubellm evaluate`, which a stop *string* cannot (lm-eval decodes without special tokens).
-            task["generation_kwargs"] = {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens,
-                                         "eos_token_id": list(stop_ids)}
+            task["generation_kwargs"] = {
+                "until": [],
+                "do_sample": False,
+                "max_gen_toks": max_new_tokens,
+                "eos_token_id": list(stop_ids),
+            }
         (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
 
 
@@ -109,13 +128,22 @@ def _import_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise TrainingError("evaluate.benchmarks needs lm-evaluation-harness: pip install 'kubellm[eval]' "
-                            "(lm-eval[api]==0.4.13)") from None
+        raise TrainingError(
+            "evaluate.benchmarks needs lm-evaluation-harness: pip install 'kubellm[eval]' (lm-eval[api]==0.4.13)"
+        ) from None
 
 
-def plan_benchmarks(benchmarks: Sequence[BenchmarkConfig], *, heldout: Sequence[dict[str, Any]], tokenizer: Any,
-                    stop_ids: Sequence[int], max_new_tokens: int, seed: int, work_dir: Path,
-                    data_dir: Path) -> BenchmarkPlan:
+def plan_benchmarks(
+    benchmarks: Sequence[BenchmarkConfig],
+    *,
+    heldout: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    seed: int,
+    work_dir: Path,
+    data_dir: Path,
+) -> BenchmarkPlan:
     """Check every task name and write the local tasks' data into ``work_dir``; raises one line for an
     unknown task, a local task without held-out examples, or a missing lm-eval."""
     _import_lm_eval()
@@ -124,21 +152,26 @@ def plan_benchmarks(benchmarks: Sequence[BenchmarkConfig], *, heldout: Sequence[
     local = [b.task for b in benchmarks if b.task in LOCAL_TASKS]
     hub = [b.task for b in benchmarks if b.task not in LOCAL_TASKS]
     if local and len(heldout) < 2:
-        raise DataError(f"evaluate.benchmarks: {local[0]} is made from held-out instruction examples and "
-                        f"{data_dir} has {len(heldout)} (prepare instruction data with a validation split)")
+        raise DataError(
+            f"evaluate.benchmarks: {local[0]} is made from held-out instruction examples and "
+            f"{data_dir} has {len(heldout)} (prepare instruction data with a validation split)"
+        )
     if local and (tokenizer is None or not tokenizer.chat_template):
         raise DataError(f"{data_dir}: the tokenizer has no chat template; {local[0]} renders prompts with it")
     if local:
-        write_local_tasks(local, heldout, tokenizer, work_dir, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                          seed=seed)
+        write_local_tasks(
+            local, heldout, tokenizer, work_dir, stop_ids=stop_ids, max_new_tokens=max_new_tokens, seed=seed
+        )
     with _quiet():
         manager = TaskManager(include_path=str(work_dir) if local else None, include_defaults=bool(hub))
     for i, b in enumerate(benchmarks):
         if b.task not in manager.all_tasks:
             near = difflib.get_close_matches(b.task, [*LOCAL_TASKS, *manager.all_tasks], n=3)
-            raise TrainingError(f"evaluate.benchmarks[{i}].task: unknown task {b.task!r} (kubellm's local tasks: "
-                                f"{', '.join(LOCAL_TASKS)}; lm-eval {_lm_eval_version()} has "
-                                f"{len(manager.all_tasks)}{'; did you mean ' + ', '.join(near) + '?' if near else ''})")
+            raise TrainingError(
+                f"evaluate.benchmarks[{i}].task: unknown task {b.task!r} (kubellm's local tasks: "
+                f"{', '.join(LOCAL_TASKS)}; lm-eval {_lm_eval_version()} has "
+                f"{len(manager.all_tasks)}{'; did you mean ' + ', '.join(near) + '?' if near else ''})"
+            )
     return BenchmarkPlan(list(benchmarks), manager, seed, max_new_tokens)
 
 
@@ -154,8 +187,10 @@ def run_benchmarks(plan: BenchmarkPlan, model: Any, tokenizer: Any, *, batch_siz
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         local = [b.task for b in plan.benchmarks if b.task in LOCAL_TASKS]
         if local and plan.max_new_tokens >= lm.max_length:
-            raise TrainingError(f"evaluate.max_new_tokens={plan.max_new_tokens} does not fit the model's "
-                                f"{lm.max_length}-token context with a prompt ({local[0]})")
+            raise TrainingError(
+                f"evaluate.max_new_tokens={plan.max_new_tokens} does not fit the model's "
+                f"{lm.max_length}-token context with a prompt ({local[0]})"
+            )
         for b in plan.benchmarks:
             out = evaluate(lm=lm, task_dict=_load(plan, b), limit=b.limit, bootstrap_iters=0, log_samples=False)
             if out is None:  # only on a non-zero rank, which a single process never is
@@ -196,8 +231,12 @@ def _task_scores(task: str, out: dict[str, Any]) -> tuple[dict[str, float], dict
         hib = out.get("higher_is_better", {}).get(name, {})
         for key, value in results[name].items():
             metric, _, filt = key.partition(",")
-            if (metric in _NOT_SCORES or metric.endswith("_stderr") or isinstance(value, bool)
-                    or not isinstance(value, int | float)):
+            if (
+                metric in _NOT_SCORES
+                or metric.endswith("_stderr")
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+            ):
                 continue
             label = metric if filt in ("", "none") else f"{metric}_{_UNSAFE.sub('-', filt)}"
             full = f"{METRIC_PREFIX}{name}.{label}"
@@ -225,8 +264,16 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_benchmarks_served(plan: BenchmarkPlan, *, base_url: str, model_name: str, tokenizer_dir: str | Path,
-                          batch_size: int, max_length: int = 2048, api_path: str = "/openai/v1") -> dict[str, Any]:
+def run_benchmarks_served(
+    plan: BenchmarkPlan,
+    *,
+    base_url: str,
+    model_name: str,
+    tokenizer_dir: str | Path,
+    batch_size: int,
+    max_length: int = 2048,
+    api_path: str = "/openai/v1",
+) -> dict[str, Any]:
     """The same tasks against a served model's OpenAI completions API (``kubellm serve``, a KServe
     canary; ``api_path`` ``/v1`` for vLLM's routes): lm-eval's ``local-completions`` with token-id
     prompts, so the server scores exactly what lm-eval tokenized. ``model_name`` picks the model or
@@ -237,10 +284,16 @@ def run_benchmarks_served(plan: BenchmarkPlan, *, base_url: str, model_name: str
     scores: dict[str, float] = {}
     better: dict[str, bool] = {}
     with _quiet():
-        lm = LocalCompletionsAPI(model=model_name, base_url=f"{base_url.rstrip('/')}{api_path}/completions",
-                                 tokenizer=str(tokenizer_dir), tokenizer_backend="huggingface",
-                                 batch_size=batch_size, max_retries=1, max_length=max_length,
-                                 max_gen_toks=plan.max_new_tokens)
+        lm = LocalCompletionsAPI(
+            model=model_name,
+            base_url=f"{base_url.rstrip('/')}{api_path}/completions",
+            tokenizer=str(tokenizer_dir),
+            tokenizer_backend="huggingface",
+            batch_size=batch_size,
+            max_retries=1,
+            max_length=max_length,
+            max_gen_toks=plan.max_new_tokens,
+        )
         for b in plan.benchmarks:
             out = evaluate(lm=lm, task_dict=_load(plan, b), limit=b.limit, bootstrap_iters=0, log_samples=False)
             got, hib = _task_scores(b.task, out)
@@ -259,6 +312,8 @@ def served_drops(evaluated: dict[str, float], served: dict[str, Any], max_drop: 
         drop = (evaluated[key] - value) * 100
         ok = drop <= max_drop + 1e-9
         passed &= ok
-        lines.append(f"{key.removeprefix(METRIC_PREFIX)}: served {value:.4g} vs evaluated {evaluated[key]:.4g} "
-                     f"(drop {drop:.2f} <= {max_drop:g} points): {'pass' if ok else 'FAIL'}")
+        lines.append(
+            f"{key.removeprefix(METRIC_PREFIX)}: served {value:.4g} vs evaluated {evaluated[key]:.4g} "
+            f"(drop {drop:.2f} <= {max_drop:g} points): {'pass' if ok else 'FAIL'}"
+        )
     return lines, passed

@@ -10,7 +10,8 @@ Both empty → 1.0 (nothing was expected and nothing was said); exactly one empt
 ``code_parses`` asks whether an answer is well-formed Python: the code is the first fenced block
 (```` ```python … ``` ````; an unclosed fence, as a truncated answer leaves it, runs to the end) when the
 answer has one, else the whole answer, and it must pass :func:`ast.parse` and hold a statement other
-than a lone expression. Only syntax is checked: names may be undefined, and nothing is run. An answer cut off by ``max_new_tokens``
+than a lone expression. Only syntax is checked: names may be undefined, and nothing is run. An answer cut off by
+``max_new_tokens``
 in the middle of a block does not parse, so the share rises with the token budget as well as with
 the model: of the built-in data's held-out answers (median 76 tokens with the embedded default's
 2,048-token vocabulary) 32 % fit in 48 new tokens and 58 % in 96.
@@ -110,8 +111,12 @@ def is_code(text: str) -> bool:
 def score(prediction: str, reference: str, *, code: bool = False) -> dict[str, float]:
     """The metrics of one prediction; ``empty_answer`` is 1.0 for a blank answer; with ``code``,
     ``code_parses`` too."""
-    row = {"exact_match": exact_match(prediction, reference), "token_f1": token_f1(prediction, reference),
-           "rouge_l": rouge_l(prediction, reference), "empty_answer": float(not prediction.strip())}
+    row = {
+        "exact_match": exact_match(prediction, reference),
+        "token_f1": token_f1(prediction, reference),
+        "rouge_l": rouge_l(prediction, reference),
+        "empty_answer": float(not prediction.strip()),
+    }
     if code:
         row["code_parses"] = code_parses(prediction)
     return row

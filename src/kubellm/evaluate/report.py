@@ -44,8 +44,10 @@ class GateRule:
         """One line: ``max_perplexity_ratio: perplexity_ratio 0.81 <= 0.95: pass``."""
         if self.value is None:
             return f"{self.rule}: not evaluable ({self.note}): FAIL"
-        return (f"{self.rule}: {self.metric} {self.value:.4g} {self.op} {self.threshold:g}: "
-                f"{'pass' if self.passed else 'FAIL'}")
+        return (
+            f"{self.rule}: {self.metric} {self.value:.4g} {self.op} {self.threshold:g}: "
+            f"{'pass' if self.passed else 'FAIL'}"
+        )
 
     def shortfall(self) -> str:
         """What a failed rule missed, for a headline: ``empty_answer_rate 0.913 (needs <= 0.5)``."""
@@ -54,8 +56,15 @@ class GateRule:
         return f"{self.metric} {self.value:.4g} (needs {self.op} {self.threshold:g})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "metric": self.metric, "op": self.op, "threshold": self.threshold,
-                "value": self.value, "passed": self.passed, **({"note": self.note} if self.note else {})}
+        return {
+            "rule": self.rule,
+            "metric": self.metric,
+            "op": self.op,
+            "threshold": self.threshold,
+            "value": self.value,
+            "passed": self.passed,
+            **({"note": self.note} if self.note else {}),
+        }
 
 
 def gate_failure(rules: Sequence[GateRule]) -> str:
@@ -95,8 +104,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", linewidth=1.2)
         val = [r for r in rows if r.get("val_loss") is not None]
         if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss",
-                    markersize=3)
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss", markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
@@ -124,9 +132,17 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-def render_report(*, title: str, metrics: Mapping[str, float], rules: Sequence[GateRule], passed: bool,
-                  samples: Sequence[Mapping[str, Any]], num_samples: int, plot_name: str | None,
-                  sources: Mapping[str, str]) -> str:
+def render_report(
+    *,
+    title: str,
+    metrics: Mapping[str, float],
+    rules: Sequence[GateRule],
+    passed: bool,
+    samples: Sequence[Mapping[str, Any]],
+    num_samples: int,
+    plot_name: str | None,
+    sources: Mapping[str, str],
+) -> str:
     """The Markdown report: gate verdict and rules, metrics base vs candidate, the loss curve, samples."""
     lines = [f"# Evaluation: {title}", ""]
     lines += [f"**Gate: {'PASSED' if passed else 'FAILED'}**", ""]
@@ -139,8 +155,11 @@ def render_report(*, title: str, metrics: Mapping[str, float], rules: Sequence[G
         lines.append("No gate rule is set (evaluate.gate): the gate passes.")
     lines += ["", "## Metrics", ""]
     has_base = any(k.startswith("base_") for k in metrics)
-    lines += ["| metric | base | candidate | meaning |", "|---|---|---|---|"] if has_base else \
-        ["| metric | candidate | meaning |", "|---|---|---|"]
+    lines += (
+        ["| metric | base | candidate | meaning |", "|---|---|---|---|"]
+        if has_base
+        else ["| metric | candidate | meaning |", "|---|---|---|"]
+    )
     for key, meaning in _REPORT_METRICS:
         if key not in metrics:
             continue
@@ -148,8 +167,12 @@ def render_report(*, title: str, metrics: Mapping[str, float], rules: Sequence[G
         lines.append("| " + " | ".join(cells) + " |")
     for key in sorted(k for k in metrics if k.startswith(METRIC_PREFIX)):
         task, _, metric = key.removeprefix(METRIC_PREFIX).rpartition(".")
-        cells = [key, *([_fmt(metrics.get(f"base_{key}"))] if has_base else []), _fmt(metrics[key]),
-                 f"lm-eval {task}: {metric}"]
+        cells = [
+            key,
+            *([_fmt(metrics.get(f"base_{key}"))] if has_base else []),
+            _fmt(metrics[key]),
+            f"lm-eval {task}: {metric}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for key in ("perplexity_ratio", "eval_tokens", "num_prompts", "gen_tokens_per_s"):
         if key in metrics:
@@ -161,9 +184,22 @@ def render_report(*, title: str, metrics: Mapping[str, float], rules: Sequence[G
     if shown:
         lines += ["", "## Sample generations"]
         for i, s in enumerate(shown, 1):
-            lines += ["", f"### {i}. ROUGE-L {_fmt(s.get('rouge_l'))}, token F1 {_fmt(s.get('token_f1'))}", "",
-                      "Prompt:", "", _fenced(s["prompt"]), "", "Reference:", "", _fenced(s["reference"]), "",
-                      "Candidate:", "", _fenced(s["candidate"])]
+            lines += [
+                "",
+                f"### {i}. ROUGE-L {_fmt(s.get('rouge_l'))}, token F1 {_fmt(s.get('token_f1'))}",
+                "",
+                "Prompt:",
+                "",
+                _fenced(s["prompt"]),
+                "",
+                "Reference:",
+                "",
+                _fenced(s["reference"]),
+                "",
+                "Candidate:",
+                "",
+                _fenced(s["candidate"]),
+            ]
             if "base" in s:
                 lines += ["", "Base:", "", _fenced(s["base"])]
     return "\n".join(lines) + "\n"

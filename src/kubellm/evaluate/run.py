@@ -94,9 +94,15 @@ class EvalResult:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: not an evaluation result ({type(err).__name__})") from None
-        return cls(metrics=dict(doc["metrics"]), passed=bool(doc["passed"]), reasons=list(doc.get("reasons", [])),
-                   report_path=out / REPORT_FILE, plot_path=out / PLOT_FILE if doc.get("plot_path") else None,
-                   samples=list(doc.get("samples", [])), rules=list(doc.get("rules", [])))
+        return cls(
+            metrics=dict(doc["metrics"]),
+            passed=bool(doc["passed"]),
+            reasons=list(doc.get("reasons", [])),
+            report_path=out / REPORT_FILE,
+            plot_path=out / PLOT_FILE if doc.get("plot_path") else None,
+            samples=list(doc.get("samples", [])),
+            rules=list(doc.get("rules", [])),
+        )
 
 
 # ------------------------------------------------------------------------------------------- the gate
@@ -121,8 +127,13 @@ def _check(name: str, metric: str, op: str, threshold: float, value: float | Non
     return GateRule(name, metric, op, threshold, value, ok)
 
 
-def _drops(name: str, threshold: float | None, pairs: list[tuple[str, float | None, float | None]], scale: float,
-           missing: dict[str, str]) -> list[GateRule]:
+def _drops(
+    name: str,
+    threshold: float | None,
+    pairs: list[tuple[str, float | None, float | None]],
+    scale: float,
+    missing: dict[str, str],
+) -> list[GateRule]:
     """``(metric, candidate, base)`` → one rule each: ``scale × (base − candidate) <= threshold``."""
     if threshold is None:
         return []
@@ -134,8 +145,13 @@ def _drops(name: str, threshold: float | None, pairs: list[tuple[str, float | No
     return rules
 
 
-def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str, str],
-               lower_is_better: frozenset[str] = frozenset()) -> list[GateRule]:
+def apply_gate(
+    gate: GateConfig,
+    metrics: dict[str, float],
+    *,
+    missing: dict[str, str],
+    lower_is_better: frozenset[str] = frozenset(),
+) -> list[GateRule]:
     """Check each rule that is set against ``metrics``. ``missing`` says, per need (``base``,
     ``generation``), why its metrics are absent; such rules come back not evaluable, and failed.
     Drop rules compare ``base_<metric>`` with ``<metric>``: generation metrics as differences of means,
@@ -146,26 +162,52 @@ def apply_gate(gate: GateConfig, metrics: dict[str, float], *, missing: dict[str
         if threshold is not None:
             rules.append(_check(name, metric, op, threshold, metrics.get(metric), missing.get(need, "")))
     if gate.max_generation_drop is not None and "rouge_l" not in metrics:
-        rules.append(_check("max_generation_drop", "generation metrics", "<=", gate.max_generation_drop, None,
-                            missing.get("generation", "")))
+        rules.append(
+            _check(
+                "max_generation_drop",
+                "generation metrics",
+                "<=",
+                gate.max_generation_drop,
+                None,
+                missing.get("generation", ""),
+            )
+        )
     else:
-        rules += _drops("max_generation_drop", gate.max_generation_drop,
-                        [(m, metrics[m], metrics.get(f"base_{m}")) for m in GENERATION_SCORES if m in metrics],
-                        1.0, missing)
+        rules += _drops(
+            "max_generation_drop",
+            gate.max_generation_drop,
+            [(m, metrics[m], metrics.get(f"base_{m}")) for m in GENERATION_SCORES if m in metrics],
+            1.0,
+            missing,
+        )
     bench = [k for k in metrics if k.startswith(METRIC_PREFIX) and k not in lower_is_better]
-    rules += _drops("max_benchmark_drop", gate.max_benchmark_drop,
-                    [(k, metrics[k], metrics.get(f"base_{k}")) for k in bench], 100.0, missing)
+    rules += _drops(
+        "max_benchmark_drop",
+        gate.max_benchmark_drop,
+        [(k, metrics[k], metrics.get(f"base_{k}")) for k in bench],
+        100.0,
+        missing,
+    )
     for key, floor in gate.min_benchmark.items():
         metric = METRIC_PREFIX + key
         measured = sorted(k.removeprefix(METRIC_PREFIX) for k in metrics if k.startswith(METRIC_PREFIX))
-        rules.append(_check("min_benchmark", metric, ">=", floor, metrics.get(metric),
-                            f"{metric} was not measured (measured: {', '.join(measured) or 'none'})"))
+        rules.append(
+            _check(
+                "min_benchmark",
+                metric,
+                ">=",
+                floor,
+                metrics.get(metric),
+                f"{metric} was not measured (measured: {', '.join(measured) or 'none'})",
+            )
+        )
     return rules
 
 
 # --------------------------------------------------------------------------------------- perplexity
-def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None,
-                device: str) -> tuple[float, int]:
+def heldout_nll(
+    model: Any, split: Any, *, pad_id: int, batch_size: int, max_batches: int | None, device: str
+) -> tuple[float, int]:
     """Summed token NLL and scored-token count over ``split`` (or its first ``max_batches`` batches'
     rows), with the training loss's masking and loss (:mod:`kubellm.models.losses`).
 
@@ -186,11 +228,15 @@ def heldout_nll(model: Any, split: Any, *, pad_id: int, batch_size: int, max_bat
     total, tokens = 0.0, 0
     with torch.inference_mode(), Progress(math.ceil(n / batch_size), "perplexity", every=50) as bar:
         for b, start in enumerate(range(0, n, batch_size), 1):
-            batch = {k: v.to(device) for k, v in collate(split.__getitems__(order[start:start + batch_size])).items()}
+            batch = {k: v.to(device) for k, v in collate(split.__getitems__(order[start : start + batch_size])).items()}
             targets = next_token_targets(batch["labels"])  # position t predicts label t + 1
             scored = targets != IGNORE_INDEX
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           use_cache=False, logits_to_keep=scored).logits
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                use_cache=False,
+                logits_to_keep=scored,
+            ).logits
             total += float(nll_sum(logits.reshape(-1, logits.size(-1)), targets[scored]))
             tokens += int(scored.sum())
             bar.update(b)
@@ -203,26 +249,39 @@ def _perplexity(nll: float, tokens: int) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------- generation
-def generate_answers(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *,
-                     max_new_tokens: int, batch_size: int, stop_ids: list[int], pad_id: int,
-                     max_positions: int | None, device: str) -> tuple[list[str], int]:
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids: list[int],
+    pad_id: int,
+    max_positions: int | None,
+    device: str,
+) -> tuple[list[str], int]:
     """Greedy answers to chat ``conversations`` (each ending with the user turn), in left-padded
-    batches of similar prompt lengths; returns the answers and the number of tokens generated. Prompts longer than the model's
+    batches of similar prompt lengths; returns the answers and the number of tokens generated. Prompts longer than the
+    model's
     context minus ``max_new_tokens`` keep their last tokens (the question is at the end)."""
     import torch
     from transformers import GenerationConfig
 
     room = (max_positions - max_new_tokens) if max_positions else None
     if room is not None and room < 1:
-        raise TrainingError(f"evaluate.max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-                            f"model's {max_positions}-token context")
+        raise TrainingError(
+            f"evaluate.max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"model's {max_positions}-token context"
+        )
     prompts = []
     for messages in conversations:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append(ids[-room:] if room else ids)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                               pad_token_id=pad_id)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id
+    )
     # Batches of similar lengths: a 30-token prompt padded to 400 costs the whole 400 in every layer.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
@@ -230,16 +289,17 @@ def generate_answers(model: Any, tokenizer: Any, conversations: list[list[dict[s
     stops = set(stop_ids)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             chunk = [prompts[i] for i in index]
             width = max(len(p) for p in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=gen_cfg)
+                input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+            )
             for i, row in zip(index, out[:, width:].tolist(), strict=True):
                 end = next((j for j, t in enumerate(row) if t in stops), len(row))
                 generated += end
@@ -283,22 +343,37 @@ def _measures_code(setting: str, heldout: list[dict[str, Any]]) -> bool:
 def _check_vocab(model: Any, vocab_size: int, model_dir: Path, data_dir: Path) -> None:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if vocab_size > model_vocab:
-        raise DataError(f"{data_dir}: the data's tokenizer has {vocab_size} tokens but {model_dir} embeds only "
-                        f"{model_vocab}: evaluate on data prepared with the model's tokenizer")
+        raise DataError(
+            f"{data_dir}: the data's tokenizer has {vocab_size} tokens but {model_dir} embeds only "
+            f"{model_vocab}: evaluate on data prepared with the model's tokenizer"
+        )
 
 
 def plan_for_dataset(cfg: EvalConfig, prepared: Any, tokenizer: Any, work_dir: Path) -> Any:
     """The ``evaluate.benchmarks`` plan for a prepared dataset (local tasks written into ``work_dir``):
     what the evaluation runs in-process and the deploy step runs against the served canary."""
     manifest = prepared.manifest
-    return plan_benchmarks(cfg.benchmarks, heldout=prepared.heldout(), tokenizer=tokenizer,
-                           stop_ids=list(manifest.stop_token_ids) or [manifest.eos_token_id],
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, work_dir=work_dir,
-                           data_dir=prepared.path)
+    return plan_benchmarks(
+        cfg.benchmarks,
+        heldout=prepared.heldout(),
+        tokenizer=tokenizer,
+        stop_ids=list(manifest.stop_token_ids) or [manifest.eos_token_id],
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        work_dir=work_dir,
+        data_dir=prepared.path,
+    )
 
 
-def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *,
-             base_model: str | Path | None = None, tracker: Tracker | None = None) -> EvalResult:
+def evaluate(
+    cfg: EvalConfig,
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | Path | None = None,
+    tracker: Tracker | None = None,
+) -> EvalResult:
     """Evaluate ``model_dir`` (a full model or a LoRA adapter) on the prepared dataset ``data_dir``,
     against ``base_model`` when given, apply the gate and write the results to ``out_dir`` (new, empty
     or earlier evaluation results, and holding none of the inputs: checked before any work)."""
@@ -307,18 +382,21 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
 
     t0 = time.perf_counter()
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    out = claim_output(out_dir, OUTPUT_KIND,
-                       inputs=[model_dir, data_dir, *([Path(base_model)] if base_model is not None else [])])
+    out = claim_output(
+        out_dir, OUTPUT_KIND, inputs=[model_dir, data_dir, *([Path(base_model)] if base_model is not None else [])]
+    )
     if not model_dir.is_dir():
         raise TrainingError(f"{model_dir}: model directory not found")
     prepared = open_prepared(data_dir)
     manifest = prepared.manifest
     if not manifest.splits.get("validation"):
-        raise DataError(f"{data_dir}: the prepared dataset has no validation split to evaluate on (prepare it "
-                        "with split.validation_fraction > 0)")
+        raise DataError(
+            f"{data_dir}: the prepared dataset has no validation split to evaluate on (prepare it "
+            "with split.validation_fraction > 0)"
+        )
     split = prepared.load_split("validation")
     all_heldout = prepared.heldout()
-    heldout = all_heldout[:cfg.num_prompts]
+    heldout = all_heldout[: cfg.num_prompts]
     tokenizer = prepared.load_tokenizer() if heldout or cfg.benchmarks else None
     if heldout and not tokenizer.chat_template:
         raise DataError(f"{prepared.tokenizer_dir}: the tokenizer has no chat template; held-out prompts need one")
@@ -336,8 +414,14 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
         prefix = "" if m.name == "candidate" else "base_"
         _check_vocab(m.model, manifest.vocab_size, model_dir, data_dir)
         with m.state():
-            nll, tokens = heldout_nll(m.model, split, pad_id=manifest.pad_token_id, batch_size=cfg.batch_size,
-                                      max_batches=cfg.max_batches, device=m.device)
+            nll, tokens = heldout_nll(
+                m.model,
+                split,
+                pad_id=manifest.pad_token_id,
+                batch_size=cfg.batch_size,
+                max_batches=cfg.max_batches,
+                device=m.device,
+            )
             if tokens == 0:
                 raise DataError(f"{data_dir}: the validation split has no tokens in the loss (all labels -100)")
             loss, ppl = _perplexity(nll, tokens)
@@ -347,9 +431,16 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
             if heldout:
                 t = time.perf_counter()
                 answers[m.name], n_new = generate_answers(
-                    m.model, tokenizer, [ex["messages"] for ex in heldout], max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.batch_size, stop_ids=stop_ids, pad_id=manifest.pad_token_id,
-                    max_positions=getattr(m.model.config, "max_position_embeddings", None), device=m.device)
+                    m.model,
+                    tokenizer,
+                    [ex["messages"] for ex in heldout],
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size,
+                    stop_ids=stop_ids,
+                    pad_id=manifest.pad_token_id,
+                    max_positions=getattr(m.model.config, "max_position_embeddings", None),
+                    device=m.device,
+                )
                 refs = [ex["reference"] for ex in heldout]
                 metrics.update({f"{prefix}{k}": v for k, v in mean_scores(answers[m.name], refs, code=code).items()})
                 if m.name == "candidate":
@@ -370,8 +461,12 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
 
     samples = []
     for i, ex in enumerate(heldout):
-        sample = {"prompt": ex["messages"][-1]["content"], "reference": ex["reference"],
-                  "candidate": answers["candidate"][i], **score(answers["candidate"][i], ex["reference"], code=code)}
+        sample = {
+            "prompt": ex["messages"][-1]["content"],
+            "reference": ex["reference"],
+            "candidate": answers["candidate"][i],
+            **score(answers["candidate"][i], ex["reference"], code=code),
+        }
         if "base" in answers:
             sample["base"] = answers["base"][i]
         samples.append(sample)
@@ -388,27 +483,48 @@ def evaluate(cfg: EvalConfig, model_dir: str | Path, data_dir: str | Path, out_d
     reasons = [r.reason() for r in rules] or ["no gate rule is set (evaluate.gate): passes"]
 
     # the base measured above: the one given, or the one an adapter records
-    base_ref = base_model if base_model is not None else (adapter_base(model_dir) if is_adapter_dir(model_dir)
-                                                          else None)
+    base_ref = (
+        base_model if base_model is not None else (adapter_base(model_dir) if is_adapter_dir(model_dir) else None)
+    )
     curves = {"candidate training": read_history(model_dir)}
     if base_ref is not None and Path(base_ref).is_dir():
         curves["base training"] = read_history(base_ref)
     with atomic_dir(out, OUTPUT_KIND) as tmp:
         has_plot = plot_loss_curves(curves, tmp / PLOT_FILE)
         sources = {"candidate": str(model_dir), **({"base": str(base_ref)} if base_ref is not None else {})}
-        (tmp / REPORT_FILE).write_text(render_report(
-            title=model_dir.name, metrics=metrics, rules=rules, passed=passed, samples=samples,
-            num_samples=cfg.num_samples_in_report, plot_name=PLOT_FILE if has_plot else None, sources=sources),
-            encoding="utf-8")
-        result = EvalResult(metrics=metrics, passed=passed, reasons=reasons, report_path=out / REPORT_FILE,
-                            plot_path=out / PLOT_FILE if has_plot else None, samples=samples,
-                            rules=[r.to_json() for r in rules])
+        (tmp / REPORT_FILE).write_text(
+            render_report(
+                title=model_dir.name,
+                metrics=metrics,
+                rules=rules,
+                passed=passed,
+                samples=samples,
+                num_samples=cfg.num_samples_in_report,
+                plot_name=PLOT_FILE if has_plot else None,
+                sources=sources,
+            ),
+            encoding="utf-8",
+        )
+        result = EvalResult(
+            metrics=metrics,
+            passed=passed,
+            reasons=reasons,
+            report_path=out / REPORT_FILE,
+            plot_path=out / PLOT_FILE if has_plot else None,
+            samples=samples,
+            rules=[r.to_json() for r in rules],
+        )
         write_json_atomic(tmp / METRICS_FILE, result.to_json())
     log.info("gate %s in %.1f s: %s", "PASSED" if passed else "FAILED", time.perf_counter() - t0, "; ".join(reasons))
 
     if tracker is not None:
         tracker.log_metrics({**metrics, "gate_passed": float(passed)})
-        tracker.set_tags({"gate": "passed" if passed else "failed", GATE_RULES_TAG: json.dumps(result.rules),
-                          **({} if passed else {CLOSES_TAG: gate_failure(rules)})})
+        tracker.set_tags(
+            {
+                "gate": "passed" if passed else "failed",
+                GATE_RULES_TAG: json.dumps(result.rules),
+                **({} if passed else {CLOSES_TAG: gate_failure(rules)}),
+            }
+        )
         tracker.log_artifact(out, "evaluation")
     return result

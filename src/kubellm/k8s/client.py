@@ -43,8 +43,10 @@ def load_api_client() -> Any:
         config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
     except (config.ConfigException, OSError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise ClusterError(f"no Kubernetes credentials: not in a pod (no service-account token) and "
-                           f"no usable kubeconfig at {path} ({reason})") from None
+        raise ClusterError(
+            f"no Kubernetes credentials: not in a pod (no service-account token) and "
+            f"no usable kubeconfig at {path} ({reason})"
+        ) from None
     return client.ApiClient(cfg)
 
 
@@ -59,8 +61,9 @@ def api_errors(action: str) -> Iterator[None]:
     except ApiException as err:
         raise ClusterError(f"{action}: HTTP {err.status} {_api_message(err)}") from None
     except HTTPError as err:
-        raise ClusterError(f"{action}: cannot reach the Kubernetes API ({type(err).__name__}: "
-                           f"{_first_line(err)})") from None
+        raise ClusterError(
+            f"{action}: cannot reach the Kubernetes API ({type(err).__name__}: {_first_line(err)})"
+        ) from None
 
 
 def get_custom_object(api: Any, coords: tuple[str, str, str, str, str], where: str) -> dict | None:

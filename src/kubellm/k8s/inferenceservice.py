@@ -60,8 +60,11 @@ MODEL_VERSION_LABEL = "kubellm.io/model-version"
 #: Label keeping an InferenceService inside the cluster (no ingress route).
 VISIBILITY_LABEL = "networking.kserve.io/visibility"
 #: Annotations asking KServe to expose the predictor's Prometheus endpoint for scraping.
-SCRAPE_ANNOTATIONS = {"serving.kserve.io/enable-prometheus-scraping": "true",
-                      "prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": "/metrics"}
+SCRAPE_ANNOTATIONS = {
+    "serving.kserve.io/enable-prometheus-scraping": "true",
+    "prometheus.kserve.io/port": str(HTTP_PORT),
+    "prometheus.kserve.io/path": "/metrics",
+}
 #: Environment variables that carry a Hugging Face Hub token (huggingface_hub reads each of them).
 HUB_TOKEN_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"})
 
@@ -75,8 +78,9 @@ def isvc_name(run_cfg: RunConfig) -> str:
     return run_cfg.deploy.name or run_cfg.name
 
 
-def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *,
-                           model_version: str | int | None = None) -> dict[str, Any]:
+def build_inferenceservice(
+    run_cfg: RunConfig, storage_uri: str | None = None, *, model_version: str | int | None = None
+) -> dict[str, Any]:
     """The InferenceService manifest for ``run_cfg`` serving the model at ``storage_uri``.
 
     ``storage_uri`` falls back to ``deploy.storage_uri``; one of them is required. ``model_version`` (the
@@ -86,22 +90,30 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     """
     deploy = run_cfg.deploy
     if deploy.runtime == "llm-inference-service":
-        raise ServingError("deploy.runtime llm-inference-service deploys an LLMInferenceService, not an "
-                           "InferenceService: build it with kubellm.k8s.llmisvc.build_llm_inference_service")
+        raise ServingError(
+            "deploy.runtime llm-inference-service deploys an LLMInferenceService, not an "
+            "InferenceService: build it with kubellm.k8s.llmisvc.build_llm_inference_service"
+        )
     uri = storage_uri or deploy.storage_uri
     if not uri:
-        raise ServingError("deploy.storage_uri: no model location to deploy (set it in the config or pass "
-                           "--storage-uri s3://…/model)")
+        raise ServingError(
+            "deploy.storage_uri: no model location to deploy (set it in the config or pass --storage-uri s3://…/model)"
+        )
     name = isvc_name(run_cfg)
     placement = _predictor_placement(run_cfg)
     served = run_cfg.serve.model_name  # one name on both runtimes: clients and the smoke test use it
     probes = _probes(served, deploy.startup_timeout_s)
 
     if deploy.runtime == "kubellm":
-        container = pods.container(CONTAINER, run_cfg.platform.serving_image, placement,
-                                   command=["kubellm"], args=_kubellm_args(run_cfg),
-                                   env={"STORAGE_URI": uri, **_offline_env(run_cfg)},
-                                   ports=[{"containerPort": HTTP_PORT, "protocol": "TCP"}])
+        container = pods.container(
+            CONTAINER,
+            run_cfg.platform.serving_image,
+            placement,
+            command=["kubellm"],
+            args=_kubellm_args(run_cfg),
+            env={"STORAGE_URI": uri, **_offline_env(run_cfg)},
+            ports=[{"containerPort": HTTP_PORT, "protocol": "TCP"}],
+        )
         container.update(probes)
         predictor: dict[str, Any] = pods.pod_spec([container], placement, run_cfg.platform)
     else:
@@ -114,7 +126,8 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
     predictor["maxReplicas"] = deploy.max_replicas
     predictor["scaleMetric"] = deploy.scale_metric
     predictor["scaleTarget"] = deploy.scale_target or (
-        run_cfg.serve.max_batch_size if deploy.scale_metric == "concurrency" else _DEFAULT_TARGETS[deploy.scale_metric])
+        run_cfg.serve.max_batch_size if deploy.scale_metric == "concurrency" else _DEFAULT_TARGETS[deploy.scale_metric]
+    )
     predictor["timeout"] = deploy.request_timeout_s
     if deploy.canary_traffic_percent is not None:
         predictor["canaryTrafficPercent"] = deploy.canary_traffic_percent
@@ -130,17 +143,31 @@ def build_inferenceservice(run_cfg: RunConfig, storage_uri: str | None = None, *
         annotations[TAG_ROUTING_ANNOTATION] = "true"
     if deploy.visibility == "cluster-local":  # on the InferenceService only: KServe reads it there
         labels = {**labels, VISIBILITY_LABEL: "cluster-local"}
-    metadata: dict[str, Any] = {"name": name, "namespace": run_cfg.platform.namespace, "labels": labels,
-                                "annotations": annotations}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": run_cfg.platform.namespace,
+        "labels": labels,
+        "annotations": annotations,
+    }
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": {"predictor": predictor}}
 
 
-def workload_labels(run_cfg: RunConfig, name: str, component: str, model_version: str | int | None,
-                    placement: Placement, target: dict[str, Any]) -> dict[str, str]:
+def workload_labels(
+    run_cfg: RunConfig,
+    name: str,
+    component: str,
+    model_version: str | int | None,
+    placement: Placement,
+    target: dict[str, Any],
+) -> dict[str, str]:
     """The serving resource's labels; they and the placement's pod labels and annotations are also set
     on ``target`` (the component or pod template KServe copies them from)."""
-    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": component,
-              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
+    labels = {
+        "app.kubernetes.io/name": "kubellm",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/instance": name,
+        "kubellm.io/run": run_cfg.name,
+    }
     if model_version is not None:
         labels[MODEL_VERSION_LABEL] = str(model_version)
     pod_meta = pods.pod_metadata(placement, labels)
@@ -162,8 +189,7 @@ def _kubellm_args(run_cfg: RunConfig) -> list[str]:
     if serve.base_model:
         args += ["--base", serve.base_model]
     # 0.0.0.0 inside the pod: the kubelet's probes and KServe's router come from outside.
-    return args + set_args("serve", {**serve.model_dump(exclude={"model", "base_model", "port"}),
-                                     "host": "0.0.0.0"})
+    return args + set_args("serve", {**serve.model_dump(exclude={"model", "base_model", "port"}), "host": "0.0.0.0"})
 
 
 def set_args(section: str, values: dict[str, Any]) -> list[str]:
@@ -198,8 +224,7 @@ def _predictor_placement(run_cfg: RunConfig) -> Placement:
     return placement.model_copy(update={"secret_env": kept})
 
 
-def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str,
-              probes: dict[str, Any]) -> dict[str, Any]:
+def _hf_model(run_cfg: RunConfig, placement: Placement, uri: str, name: str, probes: dict[str, Any]) -> dict[str, Any]:
     args = [f"--model_name={name}", f"--model_dir={MODEL_DIR}", f"--http_port={HTTP_PORT}"]
     if not placement.resources.gpus and not any(a.startswith("--backend") for a in run_cfg.deploy.hf_args):
         args.append("--backend=huggingface")
@@ -229,25 +254,38 @@ def _lora_args(run_cfg: RunConfig, args: list[str]) -> list[str]:
     if not serve.adapters:
         return []
     if "--backend=huggingface" in args + run_cfg.deploy.hf_args:
-        raise ServingError("serve.adapters on deploy.runtime huggingface need its vLLM backend (a GPU in the deploy "
-                           "placement); the huggingface backend serves no LoRA adapters")
+        raise ServingError(
+            "serve.adapters on deploy.runtime huggingface need its vLLM backend (a GPU in the deploy "
+            "placement); the huggingface backend serves no LoRA adapters"
+        )
     for name, uri in serve.adapters.items():
         if "://" in uri or uri.startswith("models:/"):
-            raise ServingError(f"serve.adapters.{name}: {uri} cannot be loaded by vLLM in the pod; give a path on "
-                               "a PVC of the deploy placement or a Hub id (or use deploy.runtime kubellm)")
-    return ["--enable-lora", f"--max-lora-rank={serve.max_lora_rank}", f"--max-loras={serve.max_adapters}",
-            "--lora-modules", *(f"{name}={uri}" for name, uri in serve.adapters.items())]
+            raise ServingError(
+                f"serve.adapters.{name}: {uri} cannot be loaded by vLLM in the pod; give a path on "
+                "a PVC of the deploy placement or a Hub id (or use deploy.runtime kubellm)"
+            )
+    return [
+        "--enable-lora",
+        f"--max-lora-rank={serve.max_lora_rank}",
+        f"--max-loras={serve.max_adapters}",
+        "--lora-modules",
+        *(f"{name}={uri}" for name, uri in serve.adapters.items()),
+    ]
 
 
 def _probes(model_name: str, startup_timeout_s: int) -> dict[str, Any]:
     """Startup probe sized for the model load; then readiness on the model, liveness on the server."""
+
     def http(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": HTTP_PORT}, "periodSeconds": period,
-                "failureThreshold": failures, "timeoutSeconds": timeout}
+        return {
+            "httpGet": {"path": path, "port": HTTP_PORT},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": timeout,
+        }
 
     return {
-        "startupProbe": http("/v2/health/live", _STARTUP_PERIOD_S,
-                             math.ceil(startup_timeout_s / _STARTUP_PERIOD_S), 5),
+        "startupProbe": http("/v2/health/live", _STARTUP_PERIOD_S, math.ceil(startup_timeout_s / _STARTUP_PERIOD_S), 5),
         "readinessProbe": http(f"/v2/models/{model_name}/ready", 10, 3, 5),
         # Generation runs off the event loop, so the server answers probes even under a long batch;
         # 3 × 30 s tolerates a loaded node without restarting a healthy pod.

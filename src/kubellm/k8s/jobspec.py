@@ -51,8 +51,9 @@ def shared_path(path: str, what: str) -> str:
         raise ConfigError(f"{what} {path!r}: '..' is not allowed in a path on the shared PVC")
     full = p if p.is_absolute() else PurePosixPath(SHARED_MOUNT) / p
     if full != PurePosixPath(SHARED_MOUNT) and PurePosixPath(SHARED_MOUNT) not in full.parents:
-        raise ConfigError(f"{what} {path!r}: the job's pods only see the shared PVC at {SHARED_MOUNT}; "
-                          f"use a path under it")
+        raise ConfigError(
+            f"{what} {path!r}: the job's pods only see the shared PVC at {SHARED_MOUNT}; use a path under it"
+        )
     return str(full)
 
 
@@ -64,8 +65,15 @@ def torchrun_command(stage: str, dist: DistributedConfig) -> list[str]:
         elastic = [f"--max-restarts={dist.backoff_limit}"]
     else:
         nnodes, elastic = str(dist.nodes), []
-    return ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={dist.procs_per_node}", *elastic,
-            "--no-python", "kubellm", stage]
+    return [
+        "torchrun",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={dist.procs_per_node}",
+        *elastic,
+        "--no-python",
+        "kubellm",
+        stage,
+    ]
 
 
 def job_name(stage: str, run_name: str, identity: Mapping[str, Any]) -> str:
@@ -85,8 +93,10 @@ def set_args(run_cfg: RunConfig, stage: str) -> list[str]:
     """``--set key=value`` for every leaf of the sections ``stage`` reads (see the module docstring)."""
     uri = run_cfg.tracking.uri
     if uri and (urlsplit(uri).username or urlsplit(uri).password):
-        raise ConfigError("tracking.uri: credentials in the URI would be stored in the job spec; "
-                          "give them as platform secret_env MLFLOW_TRACKING_USERNAME/PASSWORD")
+        raise ConfigError(
+            "tracking.uri: credentials in the URI would be stored in the job spec; "
+            "give them as platform secret_env MLFLOW_TRACKING_USERNAME/PASSWORD"
+        )
     doc = run_cfg.model_dump(mode="json", include={"name", "workdir", stage, "tracking"})
     args: list[str] = []
     for key, value in _leaves(doc):
@@ -116,8 +126,12 @@ def _encode(value: Any) -> str:
 
 def job_labels(run_cfg: RunConfig, stage: str) -> dict[str, str]:
     """Labels of a training job and of its pods."""
-    return {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": stage,
-            "app.kubernetes.io/managed-by": "kubellm", "kubellm.io/run": run_cfg.name}
+    return {
+        "app.kubernetes.io/name": "kubellm",
+        "app.kubernetes.io/component": stage,
+        "app.kubernetes.io/managed-by": "kubellm",
+        "kubellm.io/run": run_cfg.name,
+    }
 
 
 def job_placement(placement: Placement, dist: DistributedConfig, stage: str) -> Placement:
@@ -128,8 +142,10 @@ def job_placement(placement: Placement, dist: DistributedConfig, stage: str) -> 
         if pvc.mount_path.rstrip("/") != SHARED_MOUNT:
             keep.append(pvc)
         elif pvc.claim != dist.shared_pvc:
-            raise ConfigError(f"platform placement of {stage}: PVC {pvc.claim!r} is mounted at {SHARED_MOUNT}, "
-                              f"where the job mounts platform.distributed.{stage}.shared_pvc {dist.shared_pvc!r}")
+            raise ConfigError(
+                f"platform placement of {stage}: PVC {pvc.claim!r} is mounted at {SHARED_MOUNT}, "
+                f"where the job mounts platform.distributed.{stage}.shared_pvc {dist.shared_pvc!r}"
+            )
     return placement if len(keep) == len(placement.pvcs) else placement.model_copy(update={"pvcs": keep})
 
 
@@ -152,8 +168,14 @@ def add_container_env(templates: Iterable[Mapping[str, Any]], env: Mapping[str, 
             c["env"] += copy.deepcopy(extra)
 
 
-def job_object(api: Mapping[str, str], name: str, run_cfg: RunConfig, stage: str, spec: dict[str, Any],
-               data_fingerprint: str | None) -> dict[str, Any]:
+def job_object(
+    api: Mapping[str, str],
+    name: str,
+    run_cfg: RunConfig,
+    stage: str,
+    spec: dict[str, Any],
+    data_fingerprint: str | None,
+) -> dict[str, Any]:
     """The job object around ``spec``. Kueue admits the job as a whole: its queue labels go on the job,
     not on its pods."""
     annotations = {"kubellm.io/config-hash": run_cfg.config_hash()}
@@ -162,9 +184,12 @@ def job_object(api: Mapping[str, str], name: str, run_cfg: RunConfig, stage: str
     return {
         "apiVersion": f"{api['group']}/{api['version']}",
         "kind": api["kind"],
-        "metadata": {"name": name, "namespace": run_cfg.platform.namespace,
-                     "labels": {**job_labels(run_cfg, stage), **run_cfg.platform.queue_labels()},
-                     "annotations": annotations},
+        "metadata": {
+            "name": name,
+            "namespace": run_cfg.platform.namespace,
+            "labels": {**job_labels(run_cfg, stage), **run_cfg.platform.queue_labels()},
+            "annotations": annotations,
+        },
         "spec": spec,
     }
 

@@ -34,23 +34,43 @@ def build_scaled_object(run_cfg: RunConfig) -> dict[str, Any]:
     if not deploy.keda_prometheus_url:
         raise ServingError("deploy.keda_prometheus_url: no Prometheus to read the queue depth from")
     if deploy.runtime != "kubellm" or deploy.deployment_mode != "RawDeployment":
-        raise ServingError("deploy.keda_prometheus_url: KEDA scales the kubellm runtime's predictor Deployment, "
-                           "which needs deploy.runtime kubellm and deploy.deployment_mode RawDeployment")
+        raise ServingError(
+            "deploy.keda_prometheus_url: KEDA scales the kubellm runtime's predictor Deployment, "
+            "which needs deploy.runtime kubellm and deploy.deployment_mode RawDeployment"
+        )
     name = isvc_name(run_cfg)
     namespace = run_cfg.platform.namespace
     threshold = deploy.scale_target or serve.max_batch_size
     query = f'sum(vllm:num_requests_waiting{{namespace="{namespace}",model_name="{serve.model_name}"}})'
     return {
-        "apiVersion": API_VERSION, "kind": KIND,
-        "metadata": {"name": f"{name}-predictor", "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/instance": name,
-                                "kubellm.io/run": run_cfg.name}},
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": f"{name}-predictor",
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "kubellm",
+                "app.kubernetes.io/instance": name,
+                "kubellm.io/run": run_cfg.name,
+            },
+        },
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-predictor"},
-            "minReplicaCount": deploy.min_replicas, "maxReplicaCount": deploy.max_replicas,
-            "pollingInterval": 15, "cooldownPeriod": 300,
-            "triggers": [{"type": "prometheus", "name": "queue-depth", "metricType": "AverageValue",
-                          "metadata": {"serverAddress": deploy.keda_prometheus_url, "query": query,
-                                       "threshold": str(threshold)}}],
+            "minReplicaCount": deploy.min_replicas,
+            "maxReplicaCount": deploy.max_replicas,
+            "pollingInterval": 15,
+            "cooldownPeriod": 300,
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "name": "queue-depth",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": deploy.keda_prometheus_url,
+                        "query": query,
+                        "threshold": str(threshold),
+                    },
+                }
+            ],
         },
     }

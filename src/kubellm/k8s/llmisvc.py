@@ -82,9 +82,15 @@ def candidate_name(alias: str, version: int | str) -> str:
     return f"{alias}-v{version}"
 
 
-def build_llm_inference_service(run_cfg: RunConfig, base_uri: str, adapters: Mapping[str, str], *,
-                                max_rank: int | None = None, champion_version: int | None = None,
-                                model_version: int | str | None = None) -> dict[str, Any]:
+def build_llm_inference_service(
+    run_cfg: RunConfig,
+    base_uri: str,
+    adapters: Mapping[str, str],
+    *,
+    max_rank: int | None = None,
+    champion_version: int | None = None,
+    model_version: int | str | None = None,
+) -> dict[str, Any]:
     """The LLMInferenceService serving the base at ``base_uri`` and ``adapters`` (name → URI) on it.
 
     ``max_rank``: the largest rank of the adapters when known (else ``serve.max_lora_rank``);
@@ -95,8 +101,9 @@ def build_llm_inference_service(run_cfg: RunConfig, base_uri: str, adapters: Map
     if not base_uri:
         raise ServingError("llm-inference-service: no base model location (spec.model.uri) to deploy")
     if len(adapters) > serve.max_adapters:
-        raise ServingError(f"llm-inference-service: {len(adapters)} adapters, more than serve.max_adapters "
-                           f"({serve.max_adapters})")
+        raise ServingError(
+            f"llm-inference-service: {len(adapters)} adapters, more than serve.max_adapters ({serve.max_adapters})"
+        )
     name = isvc_name(run_cfg)
     placement = _predictor_placement(run_cfg)
     main = pods.container(CONTAINER, deploy.vllm_image or "", placement)
@@ -104,8 +111,11 @@ def build_llm_inference_service(run_cfg: RunConfig, base_uri: str, adapters: Map
         del main["image"]  # the preset's image
     main.update(_probes(deploy.startup_timeout_s))
     template = pods.pod_spec([main], placement, run_cfg.platform)
-    lora: dict[str, Any] = {"adapters": [{"name": n, "uri": u} for n, u in adapters.items()],
-                            "maxRank": max_rank or serve.max_lora_rank, "maxAdapters": serve.max_adapters}
+    lora: dict[str, Any] = {
+        "adapters": [{"name": n, "uri": u} for n, u in adapters.items()],
+        "maxRank": max_rank or serve.max_lora_rank,
+        "maxAdapters": serve.max_adapters,
+    }
     spec: dict[str, Any] = {"model": {"uri": base_uri, "name": f"{serve.model_name}-base", "lora": lora}}
     if deploy.min_replicas == deploy.max_replicas:
         spec["replicas"] = deploy.min_replicas
@@ -130,12 +140,20 @@ def build_llm_inference_service(run_cfg: RunConfig, base_uri: str, adapters: Map
 def _probes(startup_timeout_s: int) -> dict[str, Any]:
     """vLLM's ``/health`` (HTTPS, as KServe's presets serve it): a startup window for the model load,
     then readiness and liveness with short periods."""
-    def http(period: int, failures: int, timeout: int) -> dict[str, Any]:
-        return {"httpGet": {"path": "/health", "port": VLLM_PORT, "scheme": "HTTPS"}, "periodSeconds": period,
-                "failureThreshold": failures, "timeoutSeconds": timeout}
 
-    return {"startupProbe": http(10, -(-startup_timeout_s // 10), 5), "readinessProbe": http(10, 3, 5),
-            "livenessProbe": http(30, 3, 10)}
+    def http(period: int, failures: int, timeout: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": "/health", "port": VLLM_PORT, "scheme": "HTTPS"},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": timeout,
+        }
+
+    return {
+        "startupProbe": http(10, -(-startup_timeout_s // 10), 5),
+        "readinessProbe": http(10, 3, 5),
+        "livenessProbe": http(30, 3, 10),
+    }
 
 
 # --- the adapter rollout -----------------------------------------------------------------------------
@@ -155,9 +173,18 @@ class AdapterRolloutResult:
     """Adapter names the service lists after the release."""
 
 
-def adapter_rollout(desired: dict, *, candidate_uri: str, version: int, namespace: str, api_client: Any = None,
-                    timeout_s: float, poll_s: float = 2.0, smoke: Callable[[str, str], None],
-                    gate: Callable[[str, str], None] | None = None) -> AdapterRolloutResult:
+def adapter_rollout(
+    desired: dict,
+    *,
+    candidate_uri: str,
+    version: int,
+    namespace: str,
+    api_client: Any = None,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    smoke: Callable[[str, str], None],
+    gate: Callable[[str, str], None] | None = None,
+) -> AdapterRolloutResult:
     """Release the adapter at ``candidate_uri`` (registry ``version``) on the LLMInferenceService
     ``desired`` describes (created from it when absent): add, wait, gate by name, promote or remove
     (see the module doc). API errors raise :class:`~kubellm.errors.ClusterError`; an unhealthy candidate
@@ -208,13 +235,20 @@ def adapter_rollout(desired: dict, *, candidate_uri: str, version: int, namespac
     else:
         serving, wanted = (((live.get("spec") or {}).get("model") or {}).get("uri"), desired["spec"]["model"]["uri"])
         if serving != wanted:  # an adapter only loads on the base it was trained on: change nothing
-            raise ServingError(f"{where} serves base {serving}, not {wanted}, the base of adapter {candidate}; "
-                               "release it on a service of that base (deploy.name)")
+            raise ServingError(
+                f"{where} serves base {serving}, not {wanted}, the base of adapter {candidate}; "
+                "release it on a service of that base (deploy.name)"
+            )
 
     entry = {"name": candidate, "uri": candidate_uri}
-    patched = change(f"adding candidate adapter {candidate}",
-                     lambda live: None if any(a.get("name") == candidate for a in _adapters(live))
-                     else _with_adapters([*_adapters(live), entry]))
+    patched = change(
+        f"adding candidate adapter {candidate}",
+        lambda live: (
+            None
+            if any(a.get("name") == candidate for a in _adapters(live))
+            else _with_adapters([*_adapters(live), entry])
+        ),
+    )
     ok, reason, obj = _wait_ready(get, patched, timeout_s, poll_s, where)
     url = (obj.get("status") or {}).get("url")
     if ok and not url:
@@ -248,13 +282,14 @@ def adapter_rollout(desired: dict, *, candidate_uri: str, version: int, namespac
 
         obj = change(f"promoting {candidate} to {alias}", promote)
         if "superseded" in outcome:
-            return _result("superseded", f"{reason}, but version {outcome['superseded']} was promoted meanwhile",
-                           obj)
+            return _result("superseded", f"{reason}, but version {outcome['superseded']} was promoted meanwhile", obj)
         return _result("promoted", reason, obj)
 
     had_champion = any(a.get("name") == alias for a in _adapters(obj))
-    obj = change(f"removing candidate adapter {candidate}",
-                 lambda live: _with_adapters([a for a in _adapters(live) if a.get("name") != candidate]))
+    obj = change(
+        f"removing candidate adapter {candidate}",
+        lambda live: _with_adapters([a for a in _adapters(live) if a.get("name") != candidate]),
+    )
     return _result("rolled_back" if had_champion else "failed", reason, obj)
 
 
@@ -267,8 +302,9 @@ def _with_adapters(adapters: list[dict]) -> dict:
     return {"spec": {"model": {"lora": {"adapters": adapters}}}}
 
 
-def _wait_ready(get: Callable[[], dict | None], obj: dict, timeout_s: float, poll_s: float,
-                where: str) -> tuple[bool, str, dict]:
+def _wait_ready(
+    get: Callable[[], dict | None], obj: dict, timeout_s: float, poll_s: float, where: str
+) -> tuple[bool, str, dict]:
     """Until KServe reconciled ``obj``'s generation and reports Ready: ``(ok, reason, last seen)``."""
     generation = (obj.get("metadata") or {}).get("generation")
     deadline = time.monotonic() + timeout_s
@@ -279,8 +315,11 @@ def _wait_ready(get: Callable[[], dict | None], obj: dict, timeout_s: float, pol
         if reconciled and _condition(obj, "Ready").get("status") == "True":
             return True, "ready", obj
         if time.monotonic() >= deadline:
-            parts = [f"{kind}={c.get('status')} {c.get('reason', '')}".strip()
-                     for kind in ("WorkloadsReady", "RouterReady", "Ready") if (c := _condition(obj, kind))]
+            parts = [
+                f"{kind}={c.get('status')} {c.get('reason', '')}".strip()
+                for kind in ("WorkloadsReady", "RouterReady", "Ready")
+                if (c := _condition(obj, kind))
+            ]
             seen = "; ".join(parts) or "no conditions yet"
             if not reconciled:
                 seen = f"generation {generation} not observed yet (observed {observed}); {seen}"
@@ -292,7 +331,9 @@ def _wait_ready(get: Callable[[], dict | None], obj: dict, timeout_s: float, pol
         obj = fresh
 
 
-def _result(status: Literal["promoted", "rolled_back", "failed", "superseded"], reason: str,
-            obj: dict) -> AdapterRolloutResult:
-    return AdapterRolloutResult(status, reason, (obj.get("status") or {}).get("url"),
-                                [a.get("name") for a in _adapters(obj)])
+def _result(
+    status: Literal["promoted", "rolled_back", "failed", "superseded"], reason: str, obj: dict
+) -> AdapterRolloutResult:
+    return AdapterRolloutResult(
+        status, reason, (obj.get("status") or {}).get("url"), [a.get("name") for a in _adapters(obj)]
+    )

@@ -54,8 +54,12 @@ def generated_manifests(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
             getattr(cfg.platform.distributed, stage).shared_pvc = EXAMPLE_PVC
         base = EXAMPLE_BASE if stage == "finetune" else None
         for kind in ("pytorchjob", "trainjob", "rayjob"):
-            out.append((f"generated {kind} ({stage})",
-                        build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base, plan_memory=False)))
+            out.append(
+                (
+                    f"generated {kind} ({stage})",
+                    build_job(kind, stage, cfg, EXAMPLE_DATA, EXAMPLE_OUT, base, plan_memory=False),
+                )
+            )
     out += _prep_rayjobs(run_cfg)
     out += _inferenceservices(run_cfg)
     out += _playground(run_cfg)
@@ -96,17 +100,30 @@ def _inferenceservices(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
         out.append((f"generated inferenceservice ({runtime})", build(cfg, EXAMPLE_MODEL_URI)))
     build_keda = _builder("kubellm.k8s.keda", "build_scaled_object")
     if build_keda is not None:
-        cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(update={
-            "runtime": "kubellm", "deployment_mode": "RawDeployment",
-            "keda_prometheus_url": run_cfg.deploy.keda_prometheus_url or EXAMPLE_PROMETHEUS})})
+        cfg = run_cfg.model_copy(
+            update={
+                "deploy": run_cfg.deploy.model_copy(
+                    update={
+                        "runtime": "kubellm",
+                        "deployment_mode": "RawDeployment",
+                        "keda_prometheus_url": run_cfg.deploy.keda_prometheus_url or EXAMPLE_PROMETHEUS,
+                    }
+                )
+            }
+        )
         out.append(("generated keda scaledobject (kubellm runtime)", build_keda(cfg)))
     build_llm = _builder("kubellm.k8s.llmisvc", "build_llm_inference_service")
     if build_llm is not None:
         name = run_cfg.serve.model_name
         adapters = {name: f"{EXAMPLE_MODEL_URI}-adapter-v1", f"{name}-v2": f"{EXAMPLE_MODEL_URI}-adapter-v2"}
         for scheduler in (True, False):
-            cfg = run_cfg.model_copy(update={"deploy": run_cfg.deploy.model_copy(
-                update={"runtime": "llm-inference-service", "router_scheduler": scheduler})})
+            cfg = run_cfg.model_copy(
+                update={
+                    "deploy": run_cfg.deploy.model_copy(
+                        update={"runtime": "llm-inference-service", "router_scheduler": scheduler}
+                    )
+                }
+            )
             label = f"generated llminferenceservice ({'with' if scheduler else 'without'} the llm-d scheduler)"
             out.append((label, build_llm(cfg, EXAMPLE_MODEL_URI, adapters)))
     return out
@@ -116,5 +133,7 @@ def _playground(run_cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     build = _builder("kubellm.k8s.playground", "build_playground")
     if build is None:
         return []
-    return [(f"generated playground {obj.get('kind', '?').lower()}", obj)
-            for obj in build(run_cfg, EXAMPLE_ENDPOINT, EXAMPLE_COMPARE)]
+    return [
+        (f"generated playground {obj.get('kind', '?').lower()}", obj)
+        for obj in build(run_cfg, EXAMPLE_ENDPOINT, EXAMPLE_COMPARE)
+    ]

@@ -54,16 +54,25 @@ def check_pipeline_file(docs: list[Mapping[str, Any]], source: str) -> tuple[lis
             count += 1
             where = f"{source} pipeline/{name}"
             path = f"deploymentSpec.executors.{exec_name}"
-            findings += [Finding(rule, "kubellm", f"{path}.{field}", msg, where)
-                         for rule, field, msg in _container_problems(container)]
+            findings += [
+                Finding(rule, "kubellm", f"{path}.{field}", msg, where)
+                for rule, field, msg in _container_problems(container)
+            ]
             if _is_component_file(doc) and not platform:
                 continue  # a component compiled on its own: the pipeline that places it decides its pod
             pod = platform.get(exec_name) or {}
             sc = pod.get("securityContext") or {}
             if not sc.get("runAsNonRoot") or not str(sc.get("runAsUser", "")).isdigit():
-                findings.append(Finding("runAsNonRoot", "restricted", f"platforms.kubernetes.{path}.securityContext",
-                                        "no runAsNonRoot with a numeric runAsUser: the pod runs as the image's "
-                                        "user (place the task with Builder.step or Builder.place)", where))
+                findings.append(
+                    Finding(
+                        "runAsNonRoot",
+                        "restricted",
+                        f"platforms.kubernetes.{path}.securityContext",
+                        "no runAsNonRoot with a numeric runAsUser: the pod runs as the image's "
+                        "user (place the task with Builder.step or Builder.place)",
+                        where,
+                    )
+                )
     return findings, count
 
 
@@ -76,10 +85,17 @@ def _is_component_file(doc: Mapping[str, Any]) -> bool:
 def _container_problems(container: Mapping[str, Any]) -> Iterable[tuple[str, str, str]]:
     command = " ".join(str(c) for c in [*(container.get("command") or []), *(container.get("args") or [])])
     if "pip install" in command:
-        yield ("install-at-start", "command",
-               "installs packages when the pod starts (a plain @dsl.component); the root filesystem is "
-               "read-only: decorate it with kubellm.pipelines.api.component")
+        yield (
+            "install-at-start",
+            "command",
+            "installs packages when the pod starts (a plain @dsl.component); the root filesystem is "
+            "read-only: decorate it with kubellm.pipelines.api.component",
+        )
     image = str(container.get("image", ""))
     if not image or image.startswith("python:"):
-        yield ("image", "image", f"image {image or '(none)'!r} has no kubellm in it: place the task with "
-                                 "Builder.place (platform.image) or give the component kubellm's image")
+        yield (
+            "image",
+            "image",
+            f"image {image or '(none)'!r} has no kubellm in it: place the task with "
+            "Builder.place (platform.image) or give the component kubellm's image",
+        )

@@ -38,8 +38,12 @@ def build_playground(run_cfg: RunConfig, endpoint_url: str, compare_url: str | N
     name = playground_name(run_cfg)
     namespace = run_cfg.platform.namespace
     placement = run_cfg.platform.placement("playground")
-    labels = {"app.kubernetes.io/name": "kubellm", "app.kubernetes.io/component": "playground",
-              "app.kubernetes.io/instance": name, "kubellm.io/run": run_cfg.name}
+    labels = {
+        "app.kubernetes.io/name": "kubellm",
+        "app.kubernetes.io/component": "playground",
+        "app.kubernetes.io/instance": name,
+        "kubellm.io/run": run_cfg.name,
+    }
 
     args = ["playground", "--endpoint", endpoint_url, "--port", str(PORT)]
     if compare_url:
@@ -52,17 +56,28 @@ def build_playground(run_cfg: RunConfig, endpoint_url: str, compare_url: str | N
     args += set_args("playground", pinned)
 
     def probe(period: int, failures: int) -> dict[str, Any]:
-        return {"httpGet": {"path": "/", "port": PORT}, "periodSeconds": period, "failureThreshold": failures,
-                "timeoutSeconds": 5}
+        return {
+            "httpGet": {"path": "/", "port": PORT},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 5,
+        }
 
     container = pods.container(
-        "playground", run_cfg.platform.playground_image, placement, command=["kubellm"], args=args,
+        "playground",
+        run_cfg.platform.playground_image,
+        placement,
+        command=["kubellm"],
+        args=args,
         # Gradio writes uploads and its cache under GRADIO_TEMP_DIR: the /tmp emptyDir on a read-only root.
         env={"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": "/tmp/gradio", "HF_HUB_OFFLINE": "1"},
-        ports=[{"name": "http", "containerPort": PORT, "protocol": "TCP"}])
+        ports=[{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+    )
     if cfg.auth_secret:
-        container["env"] += [{"name": env, "valueFrom": {"secretKeyRef": {"name": cfg.auth_secret, "key": key}}}
-                             for env, key in ((USERNAME_ENV, "username"), (PASSWORD_ENV, "password"))]
+        container["env"] += [
+            {"name": env, "valueFrom": {"secretKeyRef": {"name": cfg.auth_secret, "key": key}}}
+            for env, key in ((USERNAME_ENV, "username"), (PASSWORD_ENV, "password"))
+        ]
     # Gradio imports in ~10 s on a small CPU share: 12 × 5 s before the first liveness check counts.
     container["startupProbe"] = probe(5, 12)
     container["readinessProbe"] = probe(10, 3)
@@ -75,16 +90,21 @@ def build_playground(run_cfg: RunConfig, endpoint_url: str, compare_url: str | N
         "spec": {
             "replicas": cfg.replicas,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": pods.pod_metadata(placement, labels),
-                         "spec": pods.pod_spec([container], placement, run_cfg.platform)},
+            "template": {
+                "metadata": pods.pod_metadata(placement, labels),
+                "spec": pods.pod_spec([container], placement, run_cfg.platform),
+            },
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"type": "ClusterIP", "selector": labels,
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels,
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
     return [deployment, service]
 
@@ -115,11 +135,13 @@ def apply_playground(objects: list[dict], *, namespace: str, api_client: Any = N
                 getattr(api, f"create_{verb}")(namespace, obj)
                 outcome.append("created")
                 continue
-            if spec_contains(live.get("spec"), obj["spec"]) and spec_contains(live.get("metadata"),
-                                                                             {"labels": obj["metadata"]["labels"]}):
+            if spec_contains(live.get("spec"), obj["spec"]) and spec_contains(
+                live.get("metadata"), {"labels": obj["metadata"]["labels"]}
+            ):
                 outcome.append("unchanged")
                 continue
-            getattr(api, f"patch_{verb}")(name, namespace, {"metadata": {"labels": obj["metadata"]["labels"]},
-                                                           "spec": obj["spec"]})
+            getattr(api, f"patch_{verb}")(
+                name, namespace, {"metadata": {"labels": obj["metadata"]["labels"]}, "spec": obj["spec"]}
+            )
             outcome.append("patched")
     return outcome

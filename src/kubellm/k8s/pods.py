@@ -39,19 +39,24 @@ def env_list(placement: Placement, extra: Mapping[str, str] | None = None) -> li
     """Cache paths, then ``extra`` plain values, then the placement's Secret keys (``secretKeyRef``)."""
     env = security.cache_env()
     env += [{"name": k, "value": str(v)} for k, v in (extra or {}).items()]
-    env += [{"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}}
-            for s in placement.secret_env]
+    env += [
+        {"name": s.env, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": s.key}}} for s in placement.secret_env
+    ]
     return env
 
 
 def volumes(placement: Placement, extra: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Writable emptyDirs, the placement's PVCs and Secret volumes, then ``extra``."""
     vols = security.writable_volumes()
-    vols += [{"name": _vol_name("pvc", i), "persistentVolumeClaim": {"claimName": p.claim}}
-             for i, p in enumerate(placement.pvcs)]
+    vols += [
+        {"name": _vol_name("pvc", i), "persistentVolumeClaim": {"claimName": p.claim}}
+        for i, p in enumerate(placement.pvcs)
+    ]
     # 0440: readable by the runtime group only, not world-readable.
-    vols += [{"name": _vol_name("secret", i), "secret": {"secretName": s.secret, "defaultMode": 0o440}}
-             for i, s in enumerate(placement.secret_volumes)]
+    vols += [
+        {"name": _vol_name("secret", i), "secret": {"secretName": s.secret, "defaultMode": 0o440}}
+        for i, s in enumerate(placement.secret_volumes)
+    ]
     vols += [dict(v) for v in extra]
     return vols
 
@@ -60,16 +65,26 @@ def volume_mounts(placement: Placement, extra: Iterable[Mapping[str, Any]] = ())
     """Mounts matching :func:`volumes` (Secret volumes read-only)."""
     mounts = security.writable_mounts()
     mounts += [{"name": _vol_name("pvc", i), "mountPath": p.mount_path} for i, p in enumerate(placement.pvcs)]
-    mounts += [{"name": _vol_name("secret", i), "mountPath": s.mount_path, "readOnly": True}
-               for i, s in enumerate(placement.secret_volumes)]
+    mounts += [
+        {"name": _vol_name("secret", i), "mountPath": s.mount_path, "readOnly": True}
+        for i, s in enumerate(placement.secret_volumes)
+    ]
     mounts += [dict(m) for m in extra]
     return mounts
 
 
-def container(name: str, image: str, placement: Placement, *, command: list[str] | None = None,
-              args: list[str] | None = None, env: Mapping[str, str] | None = None,
-              mounts: Iterable[Mapping[str, Any]] = (), working_dir: str | None = None,
-              ports: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def container(
+    name: str,
+    image: str,
+    placement: Placement,
+    *,
+    command: list[str] | None = None,
+    args: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    mounts: Iterable[Mapping[str, Any]] = (),
+    working_dir: str | None = None,
+    ports: Iterable[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     """A restricted container: read-only root, writable /tmp and caches, placement's resources/secrets."""
     out: dict[str, Any] = {"name": name, "image": image}
     if command:
@@ -89,9 +104,16 @@ def container(name: str, image: str, placement: Placement, *, command: list[str]
     return out
 
 
-def pod_spec(containers: list[dict[str, Any]], placement: Placement, platform: PlatformConfig, *,
-             extra_volumes: Iterable[Mapping[str, Any]] = (), restart_policy: str | None = None,
-             api_access: bool = False, termination_grace_s: int | None = None) -> dict[str, Any]:
+def pod_spec(
+    containers: list[dict[str, Any]],
+    placement: Placement,
+    platform: PlatformConfig,
+    *,
+    extra_volumes: Iterable[Mapping[str, Any]] = (),
+    restart_policy: str | None = None,
+    api_access: bool = False,
+    termination_grace_s: int | None = None,
+) -> dict[str, Any]:
     """A pod spec around ``containers`` with the placement's scheduling and the restricted context.
 
     ``api_access=False`` leaves the service-account token unmounted: a training or serving pod never

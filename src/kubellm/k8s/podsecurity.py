@@ -31,20 +31,43 @@ from typing import Any
 from kubellm.errors import KubellmError
 
 #: Volume types ``restricted`` allows.
-RESTRICTED_VOLUMES = frozenset({"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                                "persistentVolumeClaim", "projected", "secret"})
+RESTRICTED_VOLUMES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+)
 #: Sysctls ``baseline`` allows.
-SAFE_SYSCTLS = frozenset({
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes"})
+SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+    }
+)
 SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
 CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
 #: InferenceService components and the model-framework keys that are containers themselves.
 ISVC_COMPONENTS = ("predictor", "transformer", "explainer")
-ISVC_FRAMEWORKS = ("model", "huggingface", "lightgbm", "onnx", "paddle", "pmml", "pytorch", "sklearn",
-                   "tensorflow", "triton", "xgboost", "art", "alibi")
+ISVC_FRAMEWORKS = (
+    "model",
+    "huggingface",
+    "lightgbm",
+    "onnx",
+    "paddle",
+    "pmml",
+    "pytorch",
+    "sklearn",
+    "tensorflow",
+    "triton",
+    "xgboost",
+    "art",
+    "alibi",
+)
 #: Volume keys that are not the volume type.
 _VOLUME_META = frozenset({"name"})
 
@@ -88,9 +111,16 @@ def check(obj: dict) -> list[Finding]:
     findings: list[Finding] = []
     specs = pod_specs(obj)
     if obj.get("kind") == "TrainJob" and not specs:
-        findings.append(Finding("runtime-pods-unchecked", "kubellm", "spec",
-                                "no pod spec patch: the pods' security context comes from the training "
-                                "runtime and cannot be checked here", where))
+        findings.append(
+            Finding(
+                "runtime-pods-unchecked",
+                "kubellm",
+                "spec",
+                "no pod spec patch: the pods' security context comes from the training "
+                "runtime and cannot be checked here",
+                where,
+            )
+        )
     if obj.get("kind") == "RayJob":
         findings += [Finding(f.rule, f.level, f.path, f.message, where) for f in _rayjob_submitter(obj)]
     for pod in specs:
@@ -103,13 +133,21 @@ def _rayjob_submitter(obj: Mapping[str, Any]) -> Iterator[Finding]:
     spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
     mode = spec.get("submissionMode") or "K8sJobMode"
     if mode == "K8sJobMode" and not isinstance(spec.get("submitterPodTemplate"), Mapping):
-        yield Finding("submitter-pod-unchecked", "kubellm", "spec.submissionMode",
-                      "K8sJobMode (the default) runs a submitter pod built by the operator, whose security "
-                      "context cannot be checked here: use HTTPMode or give spec.submitterPodTemplate")
+        yield Finding(
+            "submitter-pod-unchecked",
+            "kubellm",
+            "spec.submissionMode",
+            "K8sJobMode (the default) runs a submitter pod built by the operator, whose security "
+            "context cannot be checked here: use HTTPMode or give spec.submitterPodTemplate",
+        )
     elif mode == "SidecarMode":
-        yield Finding("submitter-pod-unchecked", "kubellm", "spec.submissionMode",
-                      "SidecarMode adds a submitter container built by the operator to the head pod, whose "
-                      "security context cannot be checked here: use HTTPMode")
+        yield Finding(
+            "submitter-pod-unchecked",
+            "kubellm",
+            "spec.submissionMode",
+            "SidecarMode adds a submitter container built by the operator to the head pod, whose "
+            "security context cannot be checked here: use HTTPMode",
+        )
 
 
 def pod_specs(obj: Mapping[str, Any]) -> list[PodSpec]:
@@ -141,8 +179,12 @@ def pod_specs(obj: Mapping[str, Any]) -> list[PodSpec]:
 
 
 def _pod(path: str, node: Mapping[str, Any], frameworks: bool = False) -> PodSpec:
-    containers = [(f"{path}.{key}[{i}]", c) for key in CONTAINER_LISTS
-                  for i, c in enumerate(node.get(key) or []) if isinstance(c, Mapping)]
+    containers = [
+        (f"{path}.{key}[{i}]", c)
+        for key in CONTAINER_LISTS
+        for i, c in enumerate(node.get(key) or [])
+        if isinstance(c, Mapping)
+    ]
     if frameworks:
         containers += [(f"{path}.{key}", node[key]) for key in ISVC_FRAMEWORKS if isinstance(node.get(key), Mapping)]
     return PodSpec(path, node, tuple(containers))
@@ -170,13 +212,18 @@ def _check_pod(pod: PodSpec) -> Iterator[Finding]:
         if "hostPath" in kinds:
             yield Finding("hostPath", "baseline", f"{vpath}.hostPath", "mounts a directory of the node")
         elif any(k not in RESTRICTED_VOLUMES for k in kinds):
-            yield Finding("volume-types", "restricted", vpath,
-                          f"volume type {', '.join(kinds)} is not allowed (only {', '.join(sorted(RESTRICTED_VOLUMES))})")
+            yield Finding(
+                "volume-types",
+                "restricted",
+                vpath,
+                f"volume type {', '.join(kinds)} is not allowed (only {', '.join(sorted(RESTRICTED_VOLUMES))})",
+            )
     psc = spec.get("securityContext") or {}
     for i, sysctl in enumerate(psc.get("sysctls") or []):
         if sysctl.get("name") not in SAFE_SYSCTLS:
-            yield Finding("sysctls", "baseline", f"{base}.securityContext.sysctls[{i}]",
-                          f"unsafe sysctl {sysctl.get('name')!r}")
+            yield Finding(
+                "sysctls", "baseline", f"{base}.securityContext.sysctls[{i}]", f"unsafe sysctl {sysctl.get('name')!r}"
+            )
     yield from _context_rules(psc, f"{base}.securityContext")
     if psc.get("runAsUser") == 0:
         yield Finding("runAsUser", "restricted", f"{base}.securityContext.runAsUser", "runs as root (UID 0)")
@@ -202,40 +249,57 @@ def _check_container(c: Mapping[str, Any], path: str, psc: Mapping[str, Any]) ->
     if sc.get("privileged") is True:
         yield Finding("privileged", "baseline", f"{sp}.privileged", "privileged container")
     if sc.get("allowPrivilegeEscalation") is not False:
-        yield Finding("allowPrivilegeEscalation", "restricted", f"{sp}.allowPrivilegeEscalation",
-                      "must be false")
+        yield Finding("allowPrivilegeEscalation", "restricted", f"{sp}.allowPrivilegeEscalation", "must be false")
     caps = sc.get("capabilities") or {}
     added = [cap for cap in caps.get("add") or [] if cap != "NET_BIND_SERVICE"]
     if added:
-        yield Finding("capabilities-add", "restricted", f"{sp}.capabilities.add",
-                      f"adds {', '.join(map(str, added))} (only NET_BIND_SERVICE may be added)")
+        yield Finding(
+            "capabilities-add",
+            "restricted",
+            f"{sp}.capabilities.add",
+            f"adds {', '.join(map(str, added))} (only NET_BIND_SERVICE may be added)",
+        )
     if "ALL" not in (caps.get("drop") or []):
         yield Finding("capabilities-drop", "restricted", f"{sp}.capabilities.drop", "must drop ALL")
     non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
     if non_root is not True:
-        yield Finding("runAsNonRoot", "restricted", f"{sp}.runAsNonRoot",
-                      "must be true (here or in the pod's securityContext)")
+        yield Finding(
+            "runAsNonRoot", "restricted", f"{sp}.runAsNonRoot", "must be true (here or in the pod's securityContext)"
+        )
     if sc.get("runAsUser") == 0:
         yield Finding("runAsUser", "restricted", f"{sp}.runAsUser", "runs as root (UID 0)")
     seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
     if seccomp not in ("RuntimeDefault", "Localhost"):
-        yield Finding("seccompProfile", "restricted", f"{sp}.seccompProfile",
-                      f"type must be RuntimeDefault or Localhost (here or in the pod), not {seccomp or 'unset'}")
+        yield Finding(
+            "seccompProfile",
+            "restricted",
+            f"{sp}.seccompProfile",
+            f"type must be RuntimeDefault or Localhost (here or in the pod), not {seccomp or 'unset'}",
+        )
     if sc.get("procMount", "Default") != "Default":
         yield Finding("procMount", "baseline", f"{sp}.procMount", "must be Default")
     if sc.get("readOnlyRootFilesystem") is not True:
-        yield Finding("readOnlyRootFilesystem", "kubellm", f"{sp}.readOnlyRootFilesystem",
-                      "must be true (give writable paths as emptyDir volumes)")
+        yield Finding(
+            "readOnlyRootFilesystem",
+            "kubellm",
+            f"{sp}.readOnlyRootFilesystem",
+            "must be true (give writable paths as emptyDir volumes)",
+        )
     elif not any(m.get("mountPath", "").rstrip("/") == "/tmp" for m in c.get("volumeMounts") or []):
         # Python's tempfile, torch and gunicorn need a writable /tmp: without one the pod fails at run time.
-        yield Finding("writable-tmp", "kubellm", f"{path}.volumeMounts",
-                      "read-only root filesystem without a volume at /tmp (mount an emptyDir there)")
+        yield Finding(
+            "writable-tmp",
+            "kubellm",
+            f"{path}.volumeMounts",
+            "read-only root filesystem without a volume at /tmp (mount an emptyDir there)",
+        )
     for i, port in enumerate(c.get("ports") or []):
         if port.get("hostPort"):
             yield Finding("hostPorts", "baseline", f"{path}.ports[{i}].hostPort", "binds a port of the node")
 
 
 # ------------------------------------------------------------------------------------------------ files
+
 
 def load_manifests(path: str | Path) -> list[dict[str, Any]]:
     """The mapping documents of a YAML (or JSON) file; raises a one-line KubellmError on bad YAML."""
@@ -262,7 +326,10 @@ def check_all(named: Iterable[tuple[str, dict]]) -> tuple[list[Finding], int]:
     findings: list[Finding] = []
     pods = 0
     for source, obj in named:
-        pods += len(pod_specs(obj)) if obj.get("kind") != "List" else sum(
-            len(pod_specs(i)) for i in obj.get("items") or [] if isinstance(i, dict))
+        pods += (
+            len(pod_specs(obj))
+            if obj.get("kind") != "List"
+            else sum(len(pod_specs(i)) for i in obj.get("items") or [] if isinstance(i, dict))
+        )
         findings += [Finding(f.rule, f.level, f.path, f.message, f"{source} {f.where}") for f in check(obj)]
     return findings, pods

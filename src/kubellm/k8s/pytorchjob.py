@@ -30,17 +30,26 @@ API = {"group": "kubeflow.org", "version": "v1", "kind": "PyTorchJob", "plural":
 PYTORCH_CONTAINER = "pytorch"
 
 
-def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
-         argv: list[str]) -> dict[str, Any]:
+def spec(
+    run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement, argv: list[str]
+) -> dict[str, Any]:
     """The PyTorchJob ``spec`` that runs ``kubellm <stage> <argv>`` under torchrun on every pod."""
     volume, mount = shared_volume(dist)
-    container = pods.container(PYTORCH_CONTAINER, run_cfg.platform.image, placement,
-                               command=torchrun_command(stage, dist), args=argv,
-                               env={"PYTHONUNBUFFERED": "1"}, mounts=[mount], working_dir="/tmp")
+    container = pods.container(
+        PYTORCH_CONTAINER,
+        run_cfg.platform.image,
+        placement,
+        command=torchrun_command(stage, dist),
+        args=argv,
+        env={"PYTHONUNBUFFERED": "1"},
+        mounts=[mount],
+        working_dir="/tmp",
+    )
     template = {
         "metadata": pods.pod_metadata(placement, job_labels(run_cfg, stage)),
-        "spec": pods.pod_spec([container], placement, run_cfg.platform, extra_volumes=[volume],
-                              termination_grace_s=GRACE_SECONDS),
+        "spec": pods.pod_spec(
+            [container], placement, run_cfg.platform, extra_volumes=[volume], termination_grace_s=GRACE_SECONDS
+        ),
     }
     elastic = bool(dist.min_nodes or dist.max_nodes)
 
@@ -59,9 +68,12 @@ def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Pla
     }
     if elastic:
         # Elastic jobs have Workers only; c10d rendezvous runs in the first worker.
-        out["elasticPolicy"] = {"minReplicas": dist.min_nodes or dist.nodes,
-                                "maxReplicas": dist.max_nodes or dist.nodes,
-                                "maxRestarts": dist.backoff_limit, "rdzvBackend": "c10d"}
+        out["elasticPolicy"] = {
+            "minReplicas": dist.min_nodes or dist.nodes,
+            "maxReplicas": dist.max_nodes or dist.nodes,
+            "maxRestarts": dist.backoff_limit,
+            "rdzvBackend": "c10d",
+        }
         out["pytorchReplicaSpecs"] = {"Worker": replica(dist.nodes)}
     else:
         out["pytorchReplicaSpecs"] = {"Master": replica(1)}

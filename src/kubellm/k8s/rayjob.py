@@ -20,7 +20,8 @@ A RayJob makes KubeRay create a Ray cluster, submit one entrypoint to it and rep
   so no cluster holds GPUs after the step stopped waiting.
 
 The same Ray cluster on CPU workers prepares data: :func:`build_prep_rayjob` runs ``kubellm prep`` on Ray
-Data as its entrypoint, and :func:`kubellm.k8s.training_job.run_prep_rayjob` is the one launcher of ``kubellm prep`` and of the
+Data as its entrypoint, and :func:`kubellm.k8s.training_job.run_prep_rayjob` is the one launcher of ``kubellm prep``
+and of the
 pipeline's prep steps (:func:`kubellm.stages.data.prep`).
 
 The outcome is read from ``status.jobDeploymentStatus`` (``Complete``/``Failed``…) and ``jobStatus``
@@ -66,26 +67,32 @@ RAY_ENV = {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 _FAILED_DEPLOYMENT = ("Failed", "ValidationFailed")
 
 
-def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
-                argv: list[str]) -> dict[str, Any]:
+def spec(
+    run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement, argv: list[str]
+) -> dict[str, Any]:
     """The RayJob ``spec``: Ray cluster, entrypoint and lifecycle (see the module docstring)."""
     gpus = placement.resources.gpus
     if gpus and dist.procs_per_node > gpus:
-        raise ConfigError(f"platform.distributed.{stage}.procs_per_node ({dist.procs_per_node}) exceeds the "
-                          f"{gpus} GPU(s) per pod of the {stage} placement: Ray Train places one worker per "
-                          f"GPU, so the extra workers would never be scheduled")
+        raise ConfigError(
+            f"platform.distributed.{stage}.procs_per_node ({dist.procs_per_node}) exceeds the "
+            f"{gpus} GPU(s) per pod of the {stage} placement: Ray Train places one worker per "
+            f"GPU, so the extra workers would never be scheduled"
+        )
     volume, mount = shared_volume(dist)
     labels = job_labels(run_cfg, stage)
     # The head runs no training worker: no GPU and no accelerator label to wait for.
-    head_placement = placement.model_copy(update={"resources": placement.resources.model_copy(
-        update={"gpus": 0, "accelerator": None})})
+    head_placement = placement.model_copy(
+        update={"resources": placement.resources.model_copy(update={"gpus": 0, "accelerator": None})}
+    )
 
     def template(name: str, where: Placement) -> dict[str, Any]:
-        container = pods.container(name, run_cfg.platform.image, where, env=RAY_ENV, mounts=[mount],
-                                   working_dir="/tmp")
-        return {"metadata": pods.pod_metadata(where, labels),
-                "spec": pods.pod_spec([container], where, run_cfg.platform, extra_volumes=[volume],
-                                      termination_grace_s=GRACE_SECONDS)}
+        container = pods.container(name, run_cfg.platform.image, where, env=RAY_ENV, mounts=[mount], working_dir="/tmp")
+        return {
+            "metadata": pods.pod_metadata(where, labels),
+            "spec": pods.pod_spec(
+                [container], where, run_cfg.platform, extra_volumes=[volume], termination_grace_s=GRACE_SECONDS
+            ),
+        }
 
     return {
         "entrypoint": entrypoint(stage, dist, gpus, argv),
@@ -100,24 +107,37 @@ def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Pla
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                 "template": template(HEAD_CONTAINER, head_placement),
             },
-            "workerGroupSpecs": [{
-                "groupName": WORKER_GROUP,
-                "replicas": dist.nodes,
-                "minReplicas": dist.nodes,
-                "maxReplicas": dist.nodes,
-                "rayStartParams": {},
-                "template": template(WORKER_CONTAINER, placement),
-            }],
+            "workerGroupSpecs": [
+                {
+                    "groupName": WORKER_GROUP,
+                    "replicas": dist.nodes,
+                    "minReplicas": dist.nodes,
+                    "maxReplicas": dist.nodes,
+                    "rayStartParams": {},
+                    "template": template(WORKER_CONTAINER, placement),
+                }
+            ],
         },
     }
 
 
 def entrypoint(stage: str, dist: DistributedConfig, gpus: int, argv: list[str]) -> str:
     """The shell command KubeRay submits: the Ray Train driver with ``nodes × procs_per_node`` workers."""
-    return shlex.join(["python", "-m", ENTRY_MODULE, stage,
-                       "--workers", str(dist.nodes * dist.procs_per_node),
-                       "--gpus-per-worker", "1" if gpus else "0",
-                       "--max-failures", str(dist.backoff_limit), *argv])
+    return shlex.join(
+        [
+            "python",
+            "-m",
+            ENTRY_MODULE,
+            stage,
+            "--workers",
+            str(dist.nodes * dist.procs_per_node),
+            "--gpus-per-worker",
+            "1" if gpus else "0",
+            "--max-failures",
+            str(dist.backoff_limit),
+            *argv,
+        ]
+    )
 
 
 def state(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -135,8 +155,9 @@ def state(obj: Mapping[str, Any]) -> tuple[str, str]:
 def add_env(job_spec: dict[str, Any], env: Mapping[str, str]) -> None:
     """Add ``env`` to the head's and the workers' containers (the Ray Train driver and workers)."""
     cluster = job_spec["rayClusterSpec"]
-    add_container_env([cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])],
-                      env)
+    add_container_env(
+        [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])], env
+    )
 
 
 def status_lines(obj: Mapping[str, Any]) -> list[str]:
@@ -156,9 +177,16 @@ def status_lines(obj: Mapping[str, Any]) -> list[str]:
 PREP_STAGES = {"data": "prep", "instruct_data": "prep_instruct"}
 
 
-def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
-                      data_fingerprint: str | None = None, run_key: str | None = None,
-                      env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def build_prep_rayjob(
+    run_cfg: RunConfig,
+    section: str,
+    out_dir: str,
+    tokenizer_dir: str | None = None,
+    *,
+    data_fingerprint: str | None = None,
+    run_key: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The RayJob in which ``kubellm prep`` prepares ``section`` (``data``/``instruct_data``) on Ray Data.
 
     The Ray cluster is the training RayJob's (:func:`spec`): a head that runs the driver (``num-cpus:
@@ -180,18 +208,38 @@ def build_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_
         raise ConfigError(f"{section}: a prep RayJob needs {section}.engine: ray and {section}.cluster.nodes ≥ 1")
     stage = PREP_STAGES[section]
     cl = data.cluster
-    dist = DistributedConfig(engine="rayjob", nodes=cl.nodes, shared_pvc=cl.shared_pvc,
-                             timeout_seconds=cl.timeout_seconds, ttl_seconds_after_finished=cl.ttl_seconds_after_finished)
+    dist = DistributedConfig(
+        engine="rayjob",
+        nodes=cl.nodes,
+        shared_pvc=cl.shared_pvc,
+        timeout_seconds=cl.timeout_seconds,
+        ttl_seconds_after_finished=cl.ttl_seconds_after_finished,
+    )
     placement = job_placement(run_cfg.platform.placement(stage), dist, stage)
     if placement.resources.gpus:
-        placement = placement.model_copy(update={"resources": placement.resources.model_copy(
-            update={"gpus": 0, "accelerator": None})})  # tokenizing is CPU work
+        placement = placement.model_copy(
+            update={"resources": placement.resources.model_copy(update={"gpus": 0, "accelerator": None})}
+        )  # tokenizing is CPU work
     job_spec = spec(run_cfg, stage, dist, placement, [])
-    argv = ["kubellm", "prep", "--out", shared_path(out_dir, "out_dir"), "--section", section,
-            *(["--tokenizer", shared_path(tokenizer_dir, "tokenizer_dir")] if tokenizer_dir else []),
-            *set_args(run_cfg, section), "--set", f"{section}.cluster.nodes=0"]
+    argv = [
+        "kubellm",
+        "prep",
+        "--out",
+        shared_path(out_dir, "out_dir"),
+        "--section",
+        section,
+        *(["--tokenizer", shared_path(tokenizer_dir, "tokenizer_dir")] if tokenizer_dir else []),
+        *set_args(run_cfg, section),
+        "--set",
+        f"{section}.cluster.nodes=0",
+    ]
     job_spec["entrypoint"] = shlex.join(argv)
-    identity = {"kind": "RayJob", "spec": job_spec, "data": data_fingerprint or argv[3], **({"run": run_key} if run_key else {})}
+    identity = {
+        "kind": "RayJob",
+        "spec": job_spec,
+        "data": data_fingerprint or argv[3],
+        **({"run": run_key} if run_key else {}),
+    }
     name = job_name(stage, run_cfg.name, identity)
     if env:
         add_env(job_spec, env)

@@ -61,8 +61,15 @@ class RolloutResult:
     """``status.address.url``: the cluster-local URL other pods (the playground) use."""
 
 
-def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: float, poll_s: float = 2.0,
-            smoke: Callable[[str], None] | None = None) -> RolloutResult:
+def rollout(
+    isvc: dict,
+    *,
+    namespace: str,
+    api_client: Any = None,
+    timeout_s: float,
+    poll_s: float = 2.0,
+    smoke: Callable[[str], None] | None = None,
+) -> RolloutResult:
     """Create or update ``isvc`` in ``namespace``, wait until the new revision is Ready, smoke-test it,
     then promote it or roll back to the previous spec.
 
@@ -109,8 +116,10 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
         return _result("promoted" if ok else "failed", reason, obj, changed=False)
 
     old_revision = _predictor_status(current).get("latestCreatedRevision")
-    update = {"metadata": {key: dict(desired["metadata"].get(key) or {}) for key in ("labels", "annotations")},
-              "spec": _merge_diff(previous, desired["spec"])}
+    update = {
+        "metadata": {key: dict(desired["metadata"].get(key) or {}) for key in ("labels", "annotations")},
+        "spec": _merge_diff(previous, desired["spec"]),
+    }
     if canary is not None:
         update["spec"].setdefault("predictor", {})["canaryTrafficPercent"] = canary
     patched = patch(update, f"updating ({canary}% canary)" if canary is not None else "updating")
@@ -124,14 +133,23 @@ def rollout(isvc: dict, *, namespace: str, api_client: Any = None, timeout_s: fl
         patch({"spec": {"predictor": {"canaryTrafficPercent": 0}}}, "canary traffic to 0%")
     restore = _merge_diff(desired["spec"], previous)
     restore.setdefault("predictor", {})["canaryTrafficPercent"] = None
-    obj = patch({"metadata": {key: _meta_restore(current, desired, key) for key in ("labels", "annotations")},
-                 "spec": restore}, "restoring the previous spec")
+    obj = patch(
+        {"metadata": {key: _meta_restore(current, desired, key) for key in ("labels", "annotations")}, "spec": restore},
+        "restoring the previous spec",
+    )
     return _result("rolled_back", reason, obj)
 
 
-def http_smoke(model_name: str, *, prompt: str = "Hello", max_tokens: int = 4,
-               timeout_s: float = 60.0, url: str | None = None, api_path: str = "/openai/v1",
-               cluster_local: bool = True) -> Callable[[str], None]:
+def http_smoke(
+    model_name: str,
+    *,
+    prompt: str = "Hello",
+    max_tokens: int = 4,
+    timeout_s: float = 60.0,
+    url: str | None = None,
+    api_path: str = "/openai/v1",
+    cluster_local: bool = True,
+) -> Callable[[str], None]:
     """A smoke check: one OpenAI completion against ``<url><api_path>/completions`` must come back 200
     with a choice. ``url`` replaces the InferenceService's URL (e.g. a port-forward). ``api_path`` is
     where the server keeps the OpenAI routes: KServe's ``/openai/v1`` (``kubellm serve``), vLLM's ``/v1``
@@ -185,9 +203,15 @@ def _cluster_local(url: str) -> str | None:
 # --- waiting -----------------------------------------------------------------------------------------
 
 
-def _wait_and_smoke(get: Callable[[], dict | None], smoke: Callable[[str], None], obj: dict,
-                    old_revision: str | None, timeout_s: float, poll_s: float,
-                    where: str) -> tuple[bool, str, dict]:
+def _wait_and_smoke(
+    get: Callable[[], dict | None],
+    smoke: Callable[[str], None],
+    obj: dict,
+    old_revision: str | None,
+    timeout_s: float,
+    poll_s: float,
+    where: str,
+) -> tuple[bool, str, dict]:
     """Wait for the new revision to be Ready, then smoke it: ``(ok, reason, last object seen)``."""
     generation = obj.get("metadata", {}).get("generation")
     deadline = time.monotonic() + timeout_s
@@ -265,12 +289,18 @@ def _smoke_url(obj: dict) -> str | None:
     return (obj.get("status") or {}).get("url")
 
 
-def _result(status: Literal["promoted", "rolled_back", "failed"], reason: str, obj: dict,
-            changed: bool = True) -> RolloutResult:
+def _result(
+    status: Literal["promoted", "rolled_back", "failed"], reason: str, obj: dict, changed: bool = True
+) -> RolloutResult:
     st = obj.get("status") or {}
-    return RolloutResult(status=status, reason=reason, url=st.get("url"),
-                         revision=_predictor_status(obj).get("latestReadyRevision"), changed=changed,
-                         address=(st.get("address") or {}).get("url"))
+    return RolloutResult(
+        status=status,
+        reason=reason,
+        url=st.get("url"),
+        revision=_predictor_status(obj).get("latestReadyRevision"),
+        changed=changed,
+        address=(st.get("address") or {}).get("url"),
+    )
 
 
 # --- three-way apply ---------------------------------------------------------------------------------
@@ -311,8 +341,11 @@ def spec_contains(live: Any, wanted: Any) -> bool:
     if isinstance(wanted, dict):
         return isinstance(live, dict) and all(k in live and spec_contains(live[k], v) for k, v in wanted.items())
     if isinstance(wanted, list):
-        return (isinstance(live, list) and len(live) == len(wanted)
-                and all(spec_contains(a, b) for a, b in zip(live, wanted, strict=True)))
+        return (
+            isinstance(live, list)
+            and len(live) == len(wanted)
+            and all(spec_contains(a, b) for a, b in zip(live, wanted, strict=True))
+        )
     return live == wanted
 
 

@@ -31,8 +31,7 @@ from typing import Any
 
 from kubellm.errors import KubellmError
 
-__all__ = ["VENDORED", "crd_schema", "extract_crd", "validate_against_crd", "validate_custom_resources",
-           "vendored_crd"]
+__all__ = ["VENDORED", "crd_schema", "extract_crd", "validate_against_crd", "validate_custom_resources", "vendored_crd"]
 
 #: The vendored schemas: one ``<group>_<plural>.json.gz`` per CRD (written by ``regenerate.py`` there).
 VENDORED = Path(__file__).resolve().parent / "schemas"
@@ -61,8 +60,10 @@ def validate_against_crd(obj: dict, crd_path: str | Path | None = None) -> list[
     if crd_path is None:
         crd_path = vendored_crd(obj_group, str(obj.get("kind", "")))
         if crd_path is None:
-            raise KubellmError(f"no vendored CRD schema for {api_version}/{obj.get('kind')} "
-                               f"(have: {', '.join(sorted(k for _, k in _vendored_index()))})")
+            raise KubellmError(
+                f"no vendored CRD schema for {api_version}/{obj.get('kind')} "
+                f"(have: {', '.join(sorted(k for _, k in _vendored_index()))})"
+            )
     crd_path = Path(crd_path)
     crd = _load(str(crd_path.resolve()), _mtime(crd_path))
     errors: list[str] = []
@@ -71,8 +72,9 @@ def validate_against_crd(obj: dict, crd_path: str | Path | None = None) -> list[
     if obj.get("kind") != crd["kind"]:
         errors.append(f"kind: {obj.get('kind')!r} is not {crd['kind']!r} of {crd_path.name}")
     if version not in crd["versions"]:
-        errors.append(f"apiVersion: version {version!r} not served by {crd_path.name} "
-                      f"(has {', '.join(crd['versions'])})")
+        errors.append(
+            f"apiVersion: version {version!r} not served by {crd_path.name} (has {', '.join(crd['versions'])})"
+        )
         return errors
     schema = crd_schema(crd_path, version)
     validator = jsonschema.Draft4Validator(schema)
@@ -124,8 +126,12 @@ def extract_crd(doc: Mapping[str, Any], source: Mapping[str, str] | None = None)
     if not versions:
         raise KubellmError(f"CRD {(doc.get('metadata') or {}).get('name')}: no served version with a schema")
     names = spec.get("names") or {}
-    out = {"group": spec.get("group", ""), "kind": names.get("kind", ""), "plural": names.get("plural", ""),
-           "versions": versions}
+    out = {
+        "group": spec.get("group", ""),
+        "kind": names.get("kind", ""),
+        "plural": names.get("plural", ""),
+        "versions": versions,
+    }
     if source:
         out["source"] = dict(source)
     return out

@@ -43,8 +43,9 @@ def pod_security_context(uid: int = RUNTIME_UID, gid: int = RUNTIME_GID) -> dict
     }
 
 
-def container_security_context(uid: int = RUNTIME_UID, gid: int = RUNTIME_GID,
-                               read_only_root: bool = True) -> dict[str, Any]:
+def container_security_context(
+    uid: int = RUNTIME_UID, gid: int = RUNTIME_GID, read_only_root: bool = True
+) -> dict[str, Any]:
     """Container-level ``securityContext`` satisfying Pod Security ``restricted``."""
     return {
         "runAsNonRoot": True,

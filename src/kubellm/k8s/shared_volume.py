@@ -27,8 +27,14 @@ class SharedWork:
     base: Path | None
 
 
-def stage_inputs(mount: str | Path, run_name: str, stage: str, fingerprint: str, data_dir: str | Path,
-                 base_model: str | Path | None = None) -> SharedWork:
+def stage_inputs(
+    mount: str | Path,
+    run_name: str,
+    stage: str,
+    fingerprint: str,
+    data_dir: str | Path,
+    base_model: str | Path | None = None,
+) -> SharedWork:
     """Copy the prepared data (and the base model) to the shared volume unless a complete copy is there."""
     work = _work(mount, run_name, stage, fingerprint)
     shared = SharedWork(work / "data", work / "output", work / "base" if base_model is not None else None)
@@ -38,8 +44,9 @@ def stage_inputs(mount: str | Path, run_name: str, stage: str, fingerprint: str,
     return shared
 
 
-def stage_prep(mount: str | Path, run_name: str, stage: str, key: str,
-               tokenizer_dir: str | Path | None = None) -> tuple[Path, Path | None]:
+def stage_prep(
+    mount: str | Path, run_name: str, stage: str, key: str, tokenizer_dir: str | Path | None = None
+) -> tuple[Path, Path | None]:
     """The prep job's output directory on the shared volume and (instruction data) the copy there of the
     tokenizer it reuses: only the tokenizer's own files, not the weights of a model directory."""
     from kubellm.data.tokenizer import TOKENIZER_FILES, tokenizer_source

@@ -40,14 +40,25 @@ KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob, 
 
 # --------------------------------------------------------------------------------------------- building
 
-def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str,
-              base_model: str | None = None, *, data_fingerprint: str | None = None,
-              env: Mapping[str, str] | None = None, plan_memory: bool = True) -> dict[str, Any]:
+
+def build_job(
+    kind: Kind,
+    stage: Stage,
+    run_cfg: RunConfig,
+    data_dir: str,
+    out_dir: str,
+    base_model: str | None = None,
+    *,
+    data_fingerprint: str | None = None,
+    env: Mapping[str, str] | None = None,
+    plan_memory: bool = True,
+) -> dict[str, Any]:
     """The PyTorchJob or TrainJob manifest that runs ``kubellm <stage>`` under torchrun, or the RayJob
     that runs it under Ray Train.
 
     ``data_dir`` and ``out_dir`` are paths on the shared PVC: relative ones are taken under
-    :data:`~kubellm.k8s.jobspec.SHARED_MOUNT`, absolute ones must lie under it. ``base_model`` (finetune) is a path on the PVC
+    :data:`~kubellm.k8s.jobspec.SHARED_MOUNT`, absolute ones must lie under it. ``base_model`` (finetune) is a path on
+    the PVC
     when absolute, otherwise passed on as given. ``data_fingerprint`` (the prepared dataset's manifest
     fingerprint) makes the job name change when the data does; without it the data path stands in.
     ``env`` adds plain variables (an MLflow parent run id, say) that do not take part in the name, so a
@@ -62,8 +73,9 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
         raise ConfigError(f"{stage}: the config has no {stage!r} section to run as a training job")
     dist = run_cfg.platform.distributed_for(stage)
     if not dist.shared_pvc:
-        raise ConfigError(f"platform.distributed.{stage}.shared_pvc: a training job needs a shared PVC for data "
-                          f"and checkpoints")
+        raise ConfigError(
+            f"platform.distributed.{stage}.shared_pvc: a training job needs a shared PVC for data and checkpoints"
+        )
     if plan_memory:
         from kubellm.train.memory import check_stage
 
@@ -73,19 +85,18 @@ def build_job(kind: Kind, stage: Stage, run_cfg: RunConfig, data_dir: str, out_d
     base = None
     if base_model is not None:
         base = shared_path(base_model, "base_model") if base_model.startswith("/") else base_model
-    argv = ["--data", data, "--out", out, *(["--base", base] if base else []),
-            *set_args(run_cfg, stage)]
+    argv = ["--data", data, "--out", out, *(["--base", base] if base else []), *set_args(run_cfg, stage)]
     placement = job_placement(run_cfg.platform.placement(stage), dist, stage)
     module = KINDS[kind]
     spec = module.spec(run_cfg, stage, dist, placement, argv)
-    name = job_name(stage, run_cfg.name, {"kind": module.API["kind"], "spec": spec,
-                                          "data": data_fingerprint or data})
+    name = job_name(stage, run_cfg.name, {"kind": module.API["kind"], "spec": spec, "data": data_fingerprint or data})
     if env:
         module.add_env(spec, env)
     return job_object(module.API, name, run_cfg, stage, spec, data_fingerprint)
 
 
 # ------------------------------------------------------------------------------------------- launching
+
 
 @dataclass(frozen=True)
 class JobOutcome:
@@ -105,8 +116,15 @@ class JobOutcome:
     """Every status condition seen, in order, as logged."""
 
 
-def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: float, poll_s: float = 5.0,
-           replace_failed: bool = True) -> JobOutcome:
+def launch(
+    job: dict,
+    namespace: str,
+    *,
+    api_client: Any = None,
+    timeout_s: float,
+    poll_s: float = 5.0,
+    replace_failed: bool = True,
+) -> JobOutcome:
     """Create ``job`` in ``namespace`` (or re-attach to it) and wait until it succeeds.
 
     ``api_client`` defaults to :func:`kubellm.k8s.client.load_api_client` (in-cluster, else kubeconfig).
@@ -181,16 +199,26 @@ def launch(job: dict, namespace: str, *, api_client: Any = None, timeout_s: floa
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             last = seen[-1] if seen else "no status yet"
-            raise ClusterError(f"{where} did not finish within {timeout_s:g}s (last: {last}); a retried "
-                               f"step re-attaches to it, `kubectl delete {info['plural']} {name} -n "
-                               f"{namespace}` stops it")
+            raise ClusterError(
+                f"{where} did not finish within {timeout_s:g}s (last: {last}); a retried "
+                f"step re-attaches to it, `kubectl delete {info['plural']} {name} -n "
+                f"{namespace}` stops it"
+            )
         time.sleep(min(poll_s, remaining))
 
 
-def run_training_job(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: str,
-                     base_model: str | None = None, *, data_fingerprint: str | None = None,
-                     env: Mapping[str, str] | None = None, api_client: Any = None,
-                     poll_s: float = 5.0) -> JobOutcome:
+def run_training_job(
+    stage: Stage,
+    run_cfg: RunConfig,
+    data_dir: str,
+    out_dir: str,
+    base_model: str | None = None,
+    *,
+    data_fingerprint: str | None = None,
+    env: Mapping[str, str] | None = None,
+    api_client: Any = None,
+    poll_s: float = 5.0,
+) -> JobOutcome:
     """Build the job ``platform.distributed.<stage>.engine`` names and launch it with the config's timeout.
 
     The same call for every engine: ``env`` reaches every pod (and, for a RayJob, the Ray Train driver
@@ -198,17 +226,27 @@ def run_training_job(stage: Stage, run_cfg: RunConfig, data_dir: str, out_dir: s
     """
     dist = run_cfg.platform.distributed_for(stage)
     if getattr(run_cfg, stage, None) is None or dist.engine == "none":
-        raise ConfigError(f"platform.distributed.{stage}.engine: 'none' trains in this process; set "
-                          f"'pytorchjob', 'trainjob' or 'rayjob' to run a training job")
-    job = build_job(dist.engine, stage, run_cfg, data_dir, out_dir, base_model,
-                    data_fingerprint=data_fingerprint, env=env)
-    return launch(job, run_cfg.platform.namespace, api_client=api_client,
-                  timeout_s=dist.timeout_seconds, poll_s=poll_s)
+        raise ConfigError(
+            f"platform.distributed.{stage}.engine: 'none' trains in this process; set "
+            f"'pytorchjob', 'trainjob' or 'rayjob' to run a training job"
+        )
+    job = build_job(
+        dist.engine, stage, run_cfg, data_dir, out_dir, base_model, data_fingerprint=data_fingerprint, env=env
+    )
+    return launch(job, run_cfg.platform.namespace, api_client=api_client, timeout_s=dist.timeout_seconds, poll_s=poll_s)
 
 
-def run_prep_rayjob(run_cfg: RunConfig, section: str, out_dir: str, tokenizer_dir: str | None = None, *,
-                    run_key: str | None = None, env: Mapping[str, str] | None = None, api_client: Any = None,
-                    poll_s: float = 5.0) -> tuple[dict[str, Any], JobOutcome]:
+def run_prep_rayjob(
+    run_cfg: RunConfig,
+    section: str,
+    out_dir: str,
+    tokenizer_dir: str | None = None,
+    *,
+    run_key: str | None = None,
+    env: Mapping[str, str] | None = None,
+    api_client: Any = None,
+    poll_s: float = 5.0,
+) -> tuple[dict[str, Any], JobOutcome]:
     """Build the prep RayJob (:func:`kubellm.k8s.rayjob.build_prep_rayjob`) and launch it with
     ``<section>.cluster``'s timeout: the one launcher of ``kubellm prep`` and of the pipeline's prep steps.
     Returns the job and its outcome; a failed job or the timeout raises :class:`~kubellm.errors.ClusterError`
@@ -223,6 +261,8 @@ def _kind_module(job: Mapping[str, Any]) -> ModuleType:
         api = module.API
         if job.get("kind") == api["kind"] and job.get("apiVersion") == f"{api['group']}/{api['version']}":
             return module
-    raise ClusterError(f"cannot launch {job.get('apiVersion')}/{job.get('kind')}: expected a "
-                       f"kubeflow.org/v1 PyTorchJob, a trainer.kubeflow.org/v1alpha1 TrainJob or a "
-                       f"ray.io/v1 RayJob")
+    raise ClusterError(
+        f"cannot launch {job.get('apiVersion')}/{job.get('kind')}: expected a "
+        f"kubeflow.org/v1 PyTorchJob, a trainer.kubeflow.org/v1alpha1 TrainJob or a "
+        f"ray.io/v1 RayJob"
+    )

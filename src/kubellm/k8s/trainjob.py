@@ -31,19 +31,28 @@ TRAINJOB_NODE = "node"
 #: Identifies our entry in a TrainJob's ``runtimePatches`` (the list is keyed by manager).
 PATCH_MANAGER = "kubellm.io/launcher"
 #: Pod-spec and container fields a TrainJob runtime patch may set (its CRD allows no others).
-_PATCH_POD_FIELDS = ("serviceAccountName", "securityContext", "containers", "volumes", "nodeSelector",
-                     "tolerations", "imagePullSecrets", "terminationGracePeriodSeconds")
+_PATCH_POD_FIELDS = (
+    "serviceAccountName",
+    "securityContext",
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "tolerations",
+    "imagePullSecrets",
+    "terminationGracePeriodSeconds",
+)
 _PATCH_CONTAINER_FIELDS = ("name", "securityContext", "volumeMounts")
 
 
-def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement,
-         argv: list[str]) -> dict[str, Any]:
+def spec(
+    run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Placement, argv: list[str]
+) -> dict[str, Any]:
     """The TrainJob ``spec`` that runs ``kubellm <stage> <argv>`` under torchrun on every node."""
     volume, mount = shared_volume(dist)
-    full = pods.container(TRAINJOB_NODE, run_cfg.platform.image, placement, env={"PYTHONUNBUFFERED": "1"},
-                          mounts=[mount])
-    pod = pods.pod_spec([full], placement, run_cfg.platform, extra_volumes=[volume],
-                        termination_grace_s=GRACE_SECONDS)
+    full = pods.container(
+        TRAINJOB_NODE, run_cfg.platform.image, placement, env={"PYTHONUNBUFFERED": "1"}, mounts=[mount]
+    )
+    pod = pods.pod_spec([full], placement, run_cfg.platform, extra_volumes=[volume], termination_grace_s=GRACE_SECONDS)
     pod["containers"] = [{k: full[k] for k in _PATCH_CONTAINER_FIELDS}]
     pod_patch = {k: pod[k] for k in _PATCH_POD_FIELDS if k in pod}
     trainer: dict[str, Any] = {
@@ -57,20 +66,33 @@ def spec(run_cfg: RunConfig, stage: str, dist: DistributedConfig, placement: Pla
     if "resources" in full:
         trainer["resourcesPerNode"] = full["resources"]
     return {
-        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                       "name": dist.runtime},
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": dist.runtime},
         "activeDeadlineSeconds": dist.timeout_seconds,
         "trainer": trainer,
-        "runtimePatches": [{
-            "manager": PATCH_MANAGER,
-            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-                "name": TRAINJOB_NODE,
-                "template": {"spec": {"template": {
-                    "metadata": pods.pod_metadata(placement, job_labels(run_cfg, stage)),
-                    "spec": pod_patch,
-                }}},
-            }]}}},
-        }],
+        "runtimePatches": [
+            {
+                "manager": PATCH_MANAGER,
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [
+                                {
+                                    "name": TRAINJOB_NODE,
+                                    "template": {
+                                        "spec": {
+                                            "template": {
+                                                "metadata": pods.pod_metadata(placement, job_labels(run_cfg, stage)),
+                                                "spec": pod_patch,
+                                            }
+                                        }
+                                    },
+                                }
+                            ]
+                        }
+                    }
+                },
+            }
+        ],
     }
 
 

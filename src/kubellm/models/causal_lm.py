@@ -44,15 +44,24 @@ def model_dimensions(cfg: ModelConfig) -> dict[str, int]:
         if value is not None:
             dims[key] = value
     if dims["hidden_size"] % dims["num_heads"]:
-        raise TrainingError(f"pretrain.model: hidden_size {dims['hidden_size']} is not divisible by "
-                            f"num_heads {dims['num_heads']}")
+        raise TrainingError(
+            f"pretrain.model: hidden_size {dims['hidden_size']} is not divisible by num_heads {dims['num_heads']}"
+        )
     if dims["num_heads"] % dims["num_kv_heads"]:
         dims["num_kv_heads"] = dims["num_heads"]  # an override of num_heads alone keeps plain MHA valid
     return dims
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, block_size: int, bos_token_id: int | None,
-                eos_token_id: int, pad_token_id: int, seed: int = 0) -> Any:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    block_size: int,
+    bos_token_id: int | None,
+    eos_token_id: int,
+    pad_token_id: int,
+    seed: int = 0,
+) -> Any:
     """A freshly initialised ``LlamaForCausalLM`` (fp32, CPU), deterministic for a given seed."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,8 +116,10 @@ def check_local_weights(path: Path) -> None:
     if any(n.endswith(".safetensors") for n in names):
         return
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
-        raise TrainingError(f"{path}: only pickle weights (.bin/.pt) found; kubellm loads safetensors only "
-                            "(convert with `save_pretrained(..., safe_serialization=True)`)")
+        raise TrainingError(
+            f"{path}: only pickle weights (.bin/.pt) found; kubellm loads safetensors only "
+            "(convert with `save_pretrained(..., safe_serialization=True)`)"
+        )
     raise TrainingError(f"{path}: no model weights (*.safetensors) in this directory")
 
 
@@ -126,8 +137,10 @@ def _from_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(ref, **kwargs)
     except OSError as err:
         if not Path(ref).exists():
-            raise TrainingError(f"{what} {ref!r}: not a local directory and not available from the Hugging "
-                                f"Face Hub here (offline or unknown id): {str(err).splitlines()[0]}") from None
+            raise TrainingError(
+                f"{what} {ref!r}: not a local directory and not available from the Hugging "
+                f"Face Hub here (offline or unknown id): {str(err).splitlines()[0]}"
+            ) from None
         raise TrainingError(f"{what} {ref}: cannot be loaded: {str(err).splitlines()[0]}") from None
 
 
@@ -137,8 +150,7 @@ def load_tokenizer(ref: str | Path, *, revision: str | None = None, trust_remote
     return _from_pretrained(AutoTokenizer, str(ref), "tokenizer", **_hub_kwargs(revision, trust_remote_code))
 
 
-def empty_causal_lm(ref: str | Path, *, revision: str | None = None,
-                    trust_remote_code: bool = False) -> LoadedModel:
+def empty_causal_lm(ref: str | Path, *, revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """The model ``ref`` names, built from its config on the meta device (no weights read or allocated),
     in training mode, with its tokenizer: what the ranks other than 0 of a sharded run start from."""
     import torch
@@ -147,17 +159,24 @@ def empty_causal_lm(ref: str | Path, *, revision: str | None = None,
     hub = _hub_kwargs(revision, trust_remote_code)
     config = _from_pretrained(AutoConfig, str(ref), "model config", **hub)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.train()
     tokenizer = load_tokenizer(ref, revision=revision, trust_remote_code=trust_remote_code)
     return LoadedModel(model, tokenizer, "meta", f"{ref} (empty, on the meta device)")
 
 
-def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, device: str = "auto",
-                   dtype: torch.dtype | None = None, revision: str | None = None,
-                   trust_remote_code: bool = False, merge_adapter: bool = False,
-                   for_training: bool = False, quantization_config: Any = None) -> LoadedModel:
+def load_causal_lm(
+    ref: str | Path,
+    *,
+    base_model: str | Path | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+    for_training: bool = False,
+    quantization_config: Any = None,
+) -> LoadedModel:
     """Load a causal LM from a local directory (full model or LoRA adapter) or a Hub id.
 
     ``base_model`` overrides the base recorded in an adapter directory (artifact paths differ between
@@ -183,8 +202,14 @@ def load_causal_lm(ref: str | Path, *, base_model: str | Path | None = None, dev
         base_ref = str(base_model) if base_model else adapter_base(path)
         if not base_ref:
             raise TrainingError(f"{path}: adapter without a recorded base model; pass the base model explicitly")
-        base = load_causal_lm(base_ref, device="cpu", dtype=dtype, revision=revision,
-                              trust_remote_code=trust_remote_code, for_training=for_training)
+        base = load_causal_lm(
+            base_ref,
+            device="cpu",
+            dtype=dtype,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            for_training=for_training,
+        )
         check_local_weights(path)
         model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
         if merge_adapter:

@@ -85,8 +85,16 @@ def _causal_mask(length: int, rep: int, device: Any) -> Any:
     return _causal_masks[key]
 
 
-def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                       dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+def cpu_bf16_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """Causal self-attention as two bf16 batched matmuls and a softmax, for training under CPU autocast.
 
     PyTorch's CPU flash-attention kernel computes bf16 *slower* than fp32 (fwd+bwd of 4 × 12 heads ×
@@ -102,12 +110,18 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
 
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    plain = (not torch.is_autocast_enabled("cpu") or query.device.type != "cpu" or key.shape[2] != length
-             or not getattr(module, "is_causal", True) or heads % kv_heads
-             or any(kwargs.get(k) is not None for k in _UNSUPPORTED))
+    plain = (
+        not torch.is_autocast_enabled("cpu")
+        or query.device.type != "cpu"
+        or key.shape[2] != length
+        or not getattr(module, "is_causal", True)
+        or heads % kv_heads
+        or any(kwargs.get(k) is not None for k in _UNSUPPORTED)
+    )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rep, bf16 = heads // kv_heads, torch.bfloat16
     scale = dim**-0.5 if scaling is None else scaling
     q = query.to(bf16).reshape(batch * kv_heads, rep * length, dim)
@@ -116,7 +130,8 @@ def cpu_bf16_attention(module: Any, query: Any, key: Any, value: Any, attention_
         scores = torch.baddbmm(_causal_mask(length, rep, query.device), q, k_t, alpha=scale)
     else:  # transformers' boolean (batch, 1, q, kv) mask, True = attend; padding is already causal
         additive = torch.zeros(attention_mask.shape, dtype=bf16, device=query.device).masked_fill_(
-            ~attention_mask, torch.finfo(bf16).min)[:, :, None]
+            ~attention_mask, torch.finfo(bf16).min
+        )[:, :, None]
         scores = torch.bmm(q, k_t).view(batch, kv_heads, rep, length, length)
         scores = torch.add(additive, scores, alpha=scale).view(batch * kv_heads, rep * length, length)
     probs = scores.softmax(-1)
@@ -152,8 +167,11 @@ def _frozen_linear_weights(model: Any) -> list[Any]:
 
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    return [w for i, w in weights.items()
-            if not w.requires_grad and w.dtype == torch.float32 and i not in tables and not hasattr(w, "to_local")]
+    return [
+        w
+        for i, w in weights.items()
+        if not w.requires_grad and w.dtype == torch.float32 and i not in tables and not hasattr(w, "to_local")
+    ]
 
 
 @contextlib.contextmanager
@@ -167,8 +185,13 @@ def cpu_bf16_fast_path(model: Any, precision: Precision, device: str) -> Iterato
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    usable = (precision == "bf16" and device == "cpu" and config is not None
-              and hasattr(base, "set_attn_implementation") and base._can_set_attn_implementation())
+    usable = (
+        precision == "bf16"
+        and device == "cpu"
+        and config is not None
+        and hasattr(base, "set_attn_implementation")
+        and base._can_set_attn_implementation()
+    )
     if not usable:
         yield False
         return

@@ -19,5 +19,4 @@ def nonfinite_names(tensors: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
     import torch
 
-    return [n for n, t in tensors.items()
-            if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())]
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())]

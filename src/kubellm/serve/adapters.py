@@ -71,8 +71,9 @@ def inspect_adapter(name: str, path: str | Path, max_rank: int) -> tuple[int, st
     ranks = [int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
     rank = max(ranks)
     if rank > max_rank:
-        raise ServingError(f"adapter {name}: rank {rank} is above this server's max_lora_rank {max_rank} "
-                           "(serve.max_lora_rank)")
+        raise ServingError(
+            f"adapter {name}: rank {rank} is above this server's max_lora_rank {max_rank} (serve.max_lora_rank)"
+        )
     recorded = None
     record = path / BASE_RECORD
     if record.is_file():
@@ -97,22 +98,28 @@ def check_fits_base(name: str, path: str | Path, base: Any) -> None:
                 continue
             module = modules.get(module_name)
             if module is None:
-                raise ServingError(f"adapter {name}: base mismatch: the base model has no module {module_name} "
-                                   "(trained on another architecture)")
+                raise ServingError(
+                    f"adapter {name}: base mismatch: the base model has no module {module_name} "
+                    "(trained on another architecture)"
+                )
             shape = weights.get_slice(key).get_shape()
             expected = getattr(module, "in_features" if kind == "A" else "out_features", None)
             got = shape[1] if kind == "A" else shape[0]
             if expected is not None and int(expected) != int(got):
                 side = "input" if kind == "A" else "output"
-                raise ServingError(f"adapter {name}: base mismatch: {module_name} has {side} size {expected} in "
-                                   f"the base, {got} in the adapter (trained on another base model)")
+                raise ServingError(
+                    f"adapter {name}: base mismatch: {module_name} has {side} size {expected} in "
+                    f"the base, {got} in the adapter (trained on another base model)"
+                )
 
 
 def check_fingerprint(name: str, recorded: str | None, served: str | None) -> None:
     """Refuse an adapter that records a base fingerprint other than the served base's."""
     if recorded and served and recorded != served:
-        raise ServingError(f"adapter {name}: base mismatch: trained on a base with fingerprint {recorded[:12]}, "
-                           f"this server's base is {served[:12]} ({BASE_RECORD})")
+        raise ServingError(
+            f"adapter {name}: base mismatch: trained on a base with fingerprint {recorded[:12]}, "
+            f"this server's base is {served[:12]} ({BASE_RECORD})"
+        )
 
 
 def _lora_module(key: str) -> tuple[str | None, str]:
@@ -194,8 +201,8 @@ def gather_lora(model: Any, names: list[str]) -> int:
         with torch.no_grad():
             for n in present:
                 lora_a, lora_b = module.lora_A[n].weight, module.lora_B[n].weight
-                a[stacks.index[n], :lora_a.shape[0]] = lora_a.float()
-                b[stacks.index[n], :, :lora_b.shape[1]] = lora_b.float() * module.scaling[n]
+                a[stacks.index[n], : lora_a.shape[0]] = lora_a.float()
+                b[stacks.index[n], :, : lora_b.shape[1]] = lora_b.float() * module.scaling[n]
         module._kubellm_lora = (stacks, a, b)
         module._mixed_batch_forward = types.MethodType(_gathered_forward, module)
         routed += 1

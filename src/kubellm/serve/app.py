@@ -135,8 +135,10 @@ def _admin_token(model: LLMModel) -> str | None:
         return None
     token = os.environ.get(ADMIN_TOKEN_ENV, "")
     if not token:
-        raise ServingError(f"serve.model_repository_api is on but {ADMIN_TOKEN_ENV} is not set: the load/unload "
-                           "routes need a token (set the variable from a Kubernetes Secret, or turn the option off)")
+        raise ServingError(
+            f"serve.model_repository_api is on but {ADMIN_TOKEN_ENV} is not set: the load/unload "
+            "routes need a token (set the variable from a Kubernetes Secret, or turn the option off)"
+        )
     return token
 
 
@@ -160,11 +162,15 @@ def _add_v2_overrides(app: FastAPI, model: LLMModel, dataplane: Any, repository:
 
     def guard(authorization: str | None) -> None:
         if not on:
-            raise InvalidRequest("the model repository API (load/unload) is off on this server "
-                                 "(serve.model_repository_api)", status=404)
+            raise InvalidRequest(
+                "the model repository API (load/unload) is off on this server (serve.model_repository_api)", status=404
+            )
         if not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
-            raise InvalidRequest(f"load/unload need 'Authorization: Bearer <token>' (the token in {ADMIN_TOKEN_ENV} "
-                                 "of the server)", status=401, headers={"WWW-Authenticate": "Bearer"})
+            raise InvalidRequest(
+                f"load/unload need 'Authorization: Bearer <token>' (the token in {ADMIN_TOKEN_ENV} of the server)",
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def check(name: str, authorization: str | None) -> None:
         guard(authorization)
@@ -205,8 +211,9 @@ class _Routers:
         self.routers.append(router)
 
     def include_into(self, app: FastAPI) -> None:
-        ours = {(route.path, frozenset(route.methods)) for route in app.router.routes
-                if getattr(route, "methods", None)}
+        ours = {
+            (route.path, frozenset(route.methods)) for route in app.router.routes if getattr(route, "methods", None)
+        }
         for router in self.routers:
             router.routes[:] = [r for r in router.routes if (r.path, frozenset(r.methods)) not in ours]
             app.include_router(router)
@@ -253,8 +260,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_type, handle)
 
 
-def _error(request: Request, status: int, message: str, kind: str, param: str | None,
-           code: str | None) -> JSONResponse:
+def _error(request: Request, status: int, message: str, kind: str, param: str | None, code: str | None) -> JSONResponse:
     from fastapi.responses import JSONResponse
 
     return JSONResponse(_error_body(request.url.path, message, kind, param, code), status_code=status)
@@ -315,9 +321,17 @@ class _BodyLimit:
             await self._refuse(scope, send, f"{int(declared)} bytes" if too_large else "a chunked body")
 
     async def _refuse(self, scope: dict, send: Any, what: str) -> None:
-        await _answer(scope, send, _Refusal(413, f"the request body ({what}) is larger than this server's limit of "
-                                                 f"{self.limit} bytes (serve.max_request_bytes)", "request_too_large"),
-                      headers=((b"connection", b"close"),))
+        await _answer(
+            scope,
+            send,
+            _Refusal(
+                413,
+                f"the request body ({what}) is larger than this server's limit of "
+                f"{self.limit} bytes (serve.max_request_bytes)",
+                "request_too_large",
+            ),
+            headers=((b"connection", b"close"),),
+        )
 
 
 class _Refusal(Exception):
@@ -330,9 +344,13 @@ class _Refusal(Exception):
 
 async def _answer(scope: dict, send: Any, err: _Refusal, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = json.dumps(_error_body(scope["path"], str(err), "invalid_request_error", None, err.code)).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -377,11 +395,17 @@ class _JsonDepth:
         body = b"".join(chunks)
         # A V2 binary request is a JSON header of this many bytes, then raw tensor bytes.
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        document = body[:int(header)] if header.isdigit() else body
+        document = body[: int(header)] if header.isdigit() else body
         if document.count(b"[") + document.count(b"{") > self.limit and json_depth(document) > self.limit:
-            return await _answer(scope, send, _Refusal(
-                400, f"the request body is JSON nested deeper than this server's limit of {self.limit} levels",
-                "invalid_json"))
+            return await _answer(
+                scope,
+                send,
+                _Refusal(
+                    400,
+                    f"the request body is JSON nested deeper than this server's limit of {self.limit} levels",
+                    "invalid_json",
+                ),
+            )
         if messages[-1]["type"] == "http.request":
             messages = [{"type": "http.request", "body": body, "more_body": False}]
         pending = iter(messages)
@@ -409,9 +433,16 @@ class _Versions:
         if match is not None:
             base, version, rest = match.groups()
             if version != SERVED_VERSION:
-                return await _answer(scope, send, _Refusal(
-                    404, f"{base.rsplit('/', 1)[-1]}: no version {version!r} here (this server serves version "
-                         f"{SERVED_VERSION} only)", "model_not_found"))
+                return await _answer(
+                    scope,
+                    send,
+                    _Refusal(
+                        404,
+                        f"{base.rsplit('/', 1)[-1]}: no version {version!r} here (this server serves version "
+                        f"{SERVED_VERSION} only)",
+                        "model_not_found",
+                    ),
+                )
             scope["path"] = base + (rest or "")
             scope["raw_path"] = scope["path"].encode()
         await self.app(scope, receive, send)
@@ -431,22 +462,38 @@ async def _discard(receive: Any) -> None:
         left -= len(message.get("body", b""))
 
 
-def load_model(run_cfg: RunConfig, model_ref: str | None = None, base_model: str | None = None,
-               adapters: dict[str, str] | None = None) -> LLMModel:
+def load_model(
+    run_cfg: RunConfig,
+    model_ref: str | None = None,
+    base_model: str | None = None,
+    adapters: dict[str, str] | None = None,
+) -> LLMModel:
     """The configured model, loaded: ``model_ref`` > ``serve.model`` > ``models:/<registered>@champion``,
     with ``serve.adapters`` and ``adapters`` on it."""
     serve = run_cfg.serve
     ref = model_ref or serve.model or f"models:/{run_cfg.tracking.registered_model}@champion"
     from kubellm.serve.metrics import EngineMetrics
 
-    model = LLMModel(serve, ref, base_model=base_model or serve.base_model, tracking=run_cfg.tracking,
-                     workdir=run_cfg.workdir, extra_adapters=adapters)
+    model = LLMModel(
+        serve,
+        ref,
+        base_model=base_model or serve.base_model,
+        tracking=run_cfg.tracking,
+        workdir=run_cfg.workdir,
+        extra_adapters=adapters,
+    )
     model.load(observer=EngineMetrics(model.name))
     return model
 
 
-def serve(run_cfg: RunConfig, *, model_ref: str | None = None, base_model: str | None = None,
-          port: int | None = None, adapters: dict[str, str] | None = None) -> None:
+def serve(
+    run_cfg: RunConfig,
+    *,
+    model_ref: str | None = None,
+    base_model: str | None = None,
+    port: int | None = None,
+    adapters: dict[str, str] | None = None,
+) -> None:
     """``kubellm serve``: load the model (and its adapters), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -454,11 +501,21 @@ def serve(run_cfg: RunConfig, *, model_ref: str | None = None, base_model: str |
     model = load_model(run_cfg, model_ref, base_model, adapters)
     app = build_app(model)
     host, port = run_cfg.serve.host, port or run_cfg.serve.port
-    log.info("serving %s as %r on http://%s:%d (loaded in %.1f s): /v1/models/%s:predict, "
-             "/v2/models/%s/infer, /openai/v1/chat/completions, /metrics", model.description, model.name, host, port,
-             time.perf_counter() - t0, model.name, model.name)
+    log.info(
+        "serving %s as %r on http://%s:%d (loaded in %.1f s): /v1/models/%s:predict, "
+        "/v2/models/%s/infer, /openai/v1/chat/completions, /metrics",
+        model.description,
+        model.name,
+        host,
+        port,
+        time.perf_counter() - t0,
+        model.name,
+        model.name,
+    )
     if model.views:
-        log.info("adapters on %s: %s", model.name, ", ".join(f"{n} ({v.adapter.source})" for n, v in model.views.items()))
+        log.info(
+            "adapters on %s: %s", model.name, ", ".join(f"{n} ({v.adapter.source})" for n, v in model.views.items())
+        )
     # Generation can take minutes: give running requests 30 s to finish on shutdown.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
 
@@ -470,12 +527,20 @@ class BackgroundServer:
     stops it (and the app's lifespan: the engine) within ``stop_timeout_s``.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, start_timeout_s: float = 30.0,
-                 stop_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     lifespan="on", timeout_graceful_shutdown=2))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        )
         self._thread = threading.Thread(target=self._server.run, name="kubellm-uvicorn", daemon=True)
         self.host = host
         self.port = port

@@ -26,7 +26,8 @@ the engine runs its own decode loop over one batched KV cache and lets requests 
   so greedy and seeded requests share a batch with anything, and greedy answers are those of the
   request alone. Before a token is picked, a row's own logit bias and repetition, frequency and presence
   penalties change its logits (vLLM's order and formulas, :func:`_process`; checked against plain
-  ``generate`` with transformers' processors in ``tests/serve/test_sampling.py``) (checked against plain ``generate`` in ``tests/serve``; in bf16 a different batch can
+  ``generate`` with transformers' processors in ``tests/serve/test_sampling.py``) (checked against plain ``generate``
+  in ``tests/serve``; in bf16 a different batch can
   change a near tie).
 - Per row: ``max_tokens``, ``stop`` strings, ``min_tokens`` (EOS masked below it) and incremental
   detokenization (a window of the last few tokens, so the cost per step does not grow with the text);
@@ -46,7 +47,8 @@ the engine runs its own decode loop over one batched KV cache and lets requests 
   ``adapter_names=[...]``, ``"__base__"`` for the base): rows of different adapters share one batch, one
   KV cache and one pass through the base weights, and each LoRA layer computes every row's product in
   one gathered batched product (:func:`kubellm.serve.adapters.gather_lora`; peft's own path, a product
-  per adapter, gave 0.75× the tokens/s of a one-adapter batch with 3 adapters, this one 0.95×). A greedy row answers what the adapter alone answers (checked against a predictor serving
+  per adapter, gave 0.75× the tokens/s of a one-adapter batch with 3 adapters, this one 0.95×). A greedy row answers
+  what the adapter alone answers (checked against a predictor serving
   the adapter merged, ``tests/serve/test_adapters.py``). Adding or removing an adapter changes the model,
   so it runs on the worker thread between two steps (:meth:`GenerationEngine.exclusive`), never during
   a forward pass.
@@ -77,6 +79,7 @@ log = get_logger("kubellm.serve.engine")
 Batching = Literal["continuous", "static"]
 #: peft's name for "no adapter" in a mixed batch.
 BASE_ADAPTER = "__base__"
+
 
 class EngineOverloaded(KubellmError):
     """The request queue is full (the API answers 503 and the client may retry)."""
@@ -121,8 +124,9 @@ class SamplingParams:
     @property
     def processed(self) -> bool:
         """Whether the logits are changed before a token is picked (penalties or biases)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
 
     @property
     def greedy(self) -> bool:
@@ -233,10 +237,20 @@ class EngineStats:
 class GenerationEngine:
     """Continuous batching of concurrent requests on one worker thread (see the module doc)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, device: str = "cpu", precision: str = "fp32",
-                 max_batch_size: int = 8, max_queue: int = 64, batch_wait_ms: float = 10.0,
-                 batching: Batching = "continuous", observer: EngineObserver | None = None,
-                 per_row_adapters: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        batch_wait_ms: float = 10.0,
+        batching: Batching = "continuous",
+        observer: EngineObserver | None = None,
+        per_row_adapters: bool = False,
+    ) -> None:
         self.model = model
         self.per_row_adapters = per_row_adapters
         """Each forward pass names each row's LoRA adapter (``model`` is a peft model; see the module doc)."""
@@ -425,8 +439,11 @@ class GenerationEngine:
                     return []
                 self._wake.wait()
             deadline = time.monotonic() + self.batch_wait_s
-            while (len(self._waiting) < self.max_batch_size and not self._stopping
-                   and (left := deadline - time.monotonic()) > 0):
+            while (
+                len(self._waiting) < self.max_batch_size
+                and not self._stopping
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 self._wake.wait(left)
             if self._stopping:
                 return None
@@ -473,9 +490,14 @@ class _Batch:
         scored = [r for r in requests if r.params.prompt_logprobs is not None]
         prompt_lps: dict[int, list[TokenLogprob | None]] = {}
         if scored:
-            values = prompt_logprobs(engine.model, [r.prompt_ids for r in scored],
-                                     [r.params.prompt_logprobs or 0 for r in scored], device=engine.device,
-                                     precision=engine.precision, adapter_names=self._adapter_names(scored))
+            values = prompt_logprobs(
+                engine.model,
+                [r.prompt_ids for r in scored],
+                [r.params.prompt_logprobs or 0 for r in scored],
+                device=engine.device,
+                precision=engine.precision,
+                adapter_names=self._adapter_names(scored),
+            )
             prompt_lps = {r.uid: v for r, v in zip(scored, values, strict=True)}
         rows = []
         for r in requests:
@@ -497,8 +519,8 @@ class _Batch:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             prompt = row.request.prompt_ids
-            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, width - len(prompt):] = 1
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
         ids, mask = ids.to(engine.device), mask.to(engine.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -512,8 +534,7 @@ class _Batch:
 
         last = torch.tensor([[row.last] for row in self.rows], dtype=torch.long, device=self.mask.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = self._forward(last, self.mask, self.positions[:, None], self.cache,
-                               [row.request for row in self.rows])
+        logits = self._forward(last, self.mask, self.positions[:, None], self.cache, [row.request for row in self.rows])
         self.positions = self.positions + 1
         self._advance(logits, self.rows)
 
@@ -536,8 +557,15 @@ class _Batch:
         names = self._adapter_names(requests)
         extra = {} if names is None else {"adapter_names": names}
         with autocast(self.engine.precision, self.engine.device):
-            out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                    use_cache=True, logits_to_keep=1, **extra)
+            out = self.engine.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         return out.logits[:, -1, :].float()
 
     def _merge(self, rows: list[_Row], cache: Any, mask: Any, positions: Any) -> None:
@@ -559,8 +587,10 @@ class _Batch:
         """Pick each row's next token, hand it to the row, and drop the rows that are done."""
         engine = self.engine
         tokens, logprobs = _pick(logits, rows, sorted(engine.eos_ids))
-        added = [(row.request.params.adapter, row.advance(token, lp, engine))
-                 for row, token, lp in zip(rows, tokens, logprobs, strict=True)]
+        added = [
+            (row.request.params.adapter, row.advance(token, lp, engine))
+            for row, token, lp in zip(rows, tokens, logprobs, strict=True)
+        ]
         engine.stats.generated_tokens += sum(n for _, n in added)
         for adapter, generated in _per_adapter(added):
             if generated:
@@ -658,14 +688,17 @@ def _pick(logits: Any, rows: list[_Row], eos: list[int]) -> tuple[list[int], lis
             _process(logits, i, row)
     short = [i for i, row in enumerate(rows) if len(row.tokens) < row.request.params.min_tokens]
     if short and eos:
-        logits[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)] = float("-inf")
+        logits[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)] = float(
+            "-inf"
+        )
     tokens = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
         if not row.request.params.greedy:
             tokens[i] = _sample(logits[i], row.request.params, row.generator)
     chosen = tokens.tolist()
-    lps = [step_lps.take(i, t) if step_lps is not None and wanted[i] is not None else None
-           for i, t in enumerate(chosen)]
+    lps = [
+        step_lps.take(i, t) if step_lps is not None and wanted[i] is not None else None for i, t in enumerate(chosen)
+    ]
     return chosen, lps
 
 
@@ -682,8 +715,9 @@ def _process(logits: Any, i: int, row: _Row) -> None:
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted({*row.request.prompt_ids, *row.tokens}), device=device)
         values = logits[i, seen]
-        logits[i, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                      values * params.repetition_penalty)
+        logits[i, seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
     if row.tokens and (params.frequency_penalty or params.presence_penalty):
         ids, counts = torch.unique(torch.tensor(row.tokens, device=device), return_counts=True)
         logits[i, ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
@@ -706,11 +740,25 @@ def _sample(scores: Any, params: SamplingParams, generator: Any) -> Any:
 class _Row:
     """One request in the batch: its tokens, its text so far, and its stream."""
 
-    __slots__ = ("request", "outbox", "prompt_logprobs", "generator", "tokens", "last", "text", "sent",
-                 "prefix_offset", "read_offset", "done", "steps", "logprobs")
+    __slots__ = (
+        "request",
+        "outbox",
+        "prompt_logprobs",
+        "generator",
+        "tokens",
+        "last",
+        "text",
+        "sent",
+        "prefix_offset",
+        "read_offset",
+        "done",
+        "steps",
+        "logprobs",
+    )
 
-    def __init__(self, request: GenerationRequest, outbox: _Outbox, prompt_lps: list[TokenLogprob | None] | None,
-                 device: str) -> None:
+    def __init__(
+        self, request: GenerationRequest, outbox: _Outbox, prompt_lps: list[TokenLogprob | None] | None, device: str
+    ) -> None:
         import torch
 
         self.request = request
@@ -767,15 +815,15 @@ class _Row:
             return 1
         safe = len(self.text) - _held_back(self.text, stop)
         if safe > self.sent:
-            self.outbox.add(request, "delta", self.text[self.sent:safe])
+            self.outbox.add(request, "delta", self.text[self.sent : safe])
             self.sent = safe
         return 1
 
     def _decode(self, tokenizer: Any) -> None:
-        before = tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        after = tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
+        before = tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.tokens)
 
@@ -789,10 +837,11 @@ class _Row:
                 self.text = full
         request = self.request
         if len(self.text) > self.sent:
-            self.outbox.add(request, "delta", self.text[self.sent:])
+            self.outbox.add(request, "delta", self.text[self.sent :])
             self.sent = len(self.text)
-        done = Completion(self.text, reason, len(request.prompt_ids), len(self.tokens), self.logprobs,
-                          self.prompt_logprobs)
+        done = Completion(
+            self.text, reason, len(request.prompt_ids), len(self.tokens), self.logprobs, self.prompt_logprobs
+        )
         self.outbox.add(request, "done", done)
         engine.observer.finished(time.perf_counter() - request.submitted, request.params.adapter)
 

@@ -50,8 +50,15 @@ def pick(logprobs: Any, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, chosen, tuple(top))
 
 
-def prompt_logprobs(model: Any, prompts: list[list[int]], ks: list[int], *, device: str,
-                    precision: str, adapter_names: list[str] | None = None) -> list[list[TokenLogprob | None]]:
+def prompt_logprobs(
+    model: Any,
+    prompts: list[list[int]],
+    ks: list[int],
+    *,
+    device: str,
+    precision: str,
+    adapter_names: list[str] | None = None,
+) -> list[list[TokenLogprob | None]]:
     """Per prompt: ``None`` for the first token, then each token's entry given the tokens before it.
 
     ``adapter_names``: each prompt's LoRA adapter in a peft model serving several (peft's mixed batch).
@@ -70,8 +77,9 @@ def prompt_logprobs(model: Any, prompts: list[list[int]], ks: list[int], *, devi
     return out
 
 
-def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
-             precision: str, adapter_names: list[str] | None) -> list[list[TokenLogprob | None]]:
+def _forward(
+    model: Any, prompts: list[list[int]], ks: list[int], device: str, precision: str, adapter_names: list[str] | None
+) -> list[list[TokenLogprob | None]]:
     import torch
 
     from kubellm.models.losses import next_token_log_probs
@@ -81,8 +89,8 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[row, :len(p)] = 1
+        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[row, : len(p)] = 1
     with torch.inference_mode(), autocast(precision, device):
         extra = {} if adapter_names is None else {"adapter_names": adapter_names}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
@@ -90,7 +98,7 @@ def _forward(model: Any, prompts: list[list[int]], ks: list[int], device: str,
     with torch.inference_mode():
         for row, (p, k) in enumerate(zip(prompts, ks, strict=True)):
             # Position i predicts token i + 1: the last position predicts nothing in the prompt.
-            rows = next_token_log_probs(logits[row, :len(p)]).cpu()
+            rows = next_token_log_probs(logits[row, : len(p)]).cpu()
             out.append([None] + [pick(rows[i], p[i + 1], k) for i in range(len(p) - 1)])
     return out
 

@@ -55,22 +55,36 @@ from kubellm.serve.engine import EngineObserver, GenerationEngine
 _LABEL = "model_name"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-REQUESTS = Counter("kubellm_requests", "HTTP requests of the predictor by route, method and status",
-                   [_LABEL, "route", "method", "status"])
-REQUEST_SECONDS = Histogram("kubellm_request_duration_seconds", "HTTP request latency of the predictor by route",
-                            [_LABEL, "route", "method"], buckets=_LATENCY)
+REQUESTS = Counter(
+    "kubellm_requests",
+    "HTTP requests of the predictor by route, method and status",
+    [_LABEL, "route", "method", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "kubellm_request_duration_seconds",
+    "HTTP request latency of the predictor by route",
+    [_LABEL, "route", "method"],
+    buckets=_LATENCY,
+)
 QUEUE = Gauge("kubellm_queue_requests", "Requests waiting for a batch", [_LABEL])
 RUNNING = Gauge("kubellm_running_requests", "Requests in the batch being generated", [_LABEL])
-BATCH_SIZE = Histogram("kubellm_batch_size", "Requests per generation batch", [_LABEL],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_SIZE = Histogram(
+    "kubellm_batch_size", "Requests per generation batch", [_LABEL], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
 PROMPT_TOKENS = Counter("kubellm_prompt_tokens", "Prompt tokens processed", [_LABEL])
 GENERATION_TOKENS = Counter("kubellm_generation_tokens", "Tokens generated", [_LABEL])
-FIRST_TOKEN_SECONDS = Histogram("kubellm_time_to_first_token_seconds", "From queueing a request to its first token",
-                                [_LABEL], buckets=_LATENCY)
-VLLM_FIRST_TOKEN_SECONDS = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds (vLLM's name)",
-                                     [_LABEL], buckets=_LATENCY)
-VLLM_E2E_SECONDS = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds (vLLM's name)",
-                             [_LABEL], buckets=_LATENCY)
+FIRST_TOKEN_SECONDS = Histogram(
+    "kubellm_time_to_first_token_seconds", "From queueing a request to its first token", [_LABEL], buckets=_LATENCY
+)
+VLLM_FIRST_TOKEN_SECONDS = Histogram(
+    "vllm:time_to_first_token_seconds", "Time to first token in seconds (vLLM's name)", [_LABEL], buckets=_LATENCY
+)
+VLLM_E2E_SECONDS = Histogram(
+    "vllm:e2e_request_latency_seconds",
+    "End-to-end request latency in seconds (vLLM's name)",
+    [_LABEL],
+    buckets=_LATENCY,
+)
 VLLM_PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed (vLLM's name)", [_LABEL])
 VLLM_GENERATION_TOKENS = Counter("vllm:generation_tokens", "Generation tokens processed (vLLM's name)", [_LABEL])
 
@@ -114,10 +128,10 @@ class _RequestGauges:
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the batch (vLLM's name)",
-                                    labels=[_LABEL])
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name)",
-                                    labels=[_LABEL])
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the batch (vLLM's name)", labels=[_LABEL])
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting for the batch (vLLM's name)", labels=[_LABEL]
+        )
         totals: dict[str, tuple[int, int]] = {}
         for base, engine, names in list(self.engines.values()):
             if not engine.accepting:  # stopped (unloaded): it serves nothing
@@ -175,4 +189,3 @@ class RequestMetrics:
             method = scope["method"]
             REQUEST_SECONDS.labels(self.model_name, route, method).observe(time.perf_counter() - t0)
             REQUESTS.labels(self.model_name, route, method, str(status)).inc()
-

@@ -73,13 +73,25 @@ _SERVED_NAME = re.compile(SERVED_NAME)
 # Fields that would change the answer and are not implemented, with the values that change nothing (some
 # clients send every field with its default): anything else is refused with a 400 naming the field.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
-    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-    "top_k": (None, 0, -1), "min_p": (None, 0),
-    "ignore_eos": (None, False), "stop_token_ids": (None, []), "modalities": (None, ["text"]),
-    "audio": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "structured_outputs": (None,),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "echo": (None, False),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
 }
 
 
@@ -137,9 +149,15 @@ def router(base: LLMModel) -> APIRouter:
 
     def card(m: LLMModel) -> dict[str, Any]:
         # vLLM's model card: an adapter's root is where it was loaded from, its parent the base's name.
-        return {"id": m.name, "object": "model", "created": created, "owned_by": "kubellm",
-                "root": m.source, "parent": None if m.adapter is None else base.name,
-                "max_model_len": m.cfg.max_prompt_tokens + m.cfg.max_new_tokens}
+        return {
+            "id": m.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "kubellm",
+            "root": m.source,
+            "parent": None if m.adapter is None else base.name,
+            "max_model_len": m.cfg.max_prompt_tokens + m.cfg.max_new_tokens,
+        }
 
     @api.get("/models")
     async def models() -> dict[str, Any]:
@@ -155,10 +173,19 @@ def router(base: LLMModel) -> APIRouter:
         model = _check_common(base, req)
         if req.stream and (req.echo or req.logprobs is not None):
             raise InvalidRequest("echo and logprobs are not supported with stream", param="stream")
-        prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        prompts = (
+            req.prompt
+            if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
             else [req.prompt]
-        params = _sampling(model, req, req.max_tokens, logprobs=req.logprobs,
-                           prompt_logprobs=req.logprobs if req.echo else None, allow_no_tokens=req.echo)
+        )
+        params = _sampling(
+            model,
+            req,
+            req.max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
+            allow_no_tokens=req.echo,
+        )
         model.check_prompt_count(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         unique = await model.encode_prompts(prompts)
         prompt_tokens = sum(map(len, unique))
@@ -170,8 +197,9 @@ def router(base: LLMModel) -> APIRouter:
         else:
             submitted = model.submit_all(list(zip(ids, _copies(params, req.n) * len(unique), strict=True)))
             if req.stream:
-                return StreamingResponse(_stream_completions(submitted, rid, name, _usage_wanted(req)),
-                                         media_type="text/event-stream")
+                return StreamingResponse(
+                    _stream_completions(submitted, rid, name, _usage_wanted(req)), media_type="text/event-stream"
+                )
             results = await _answer(request, submitted)
             if results is None:
                 return _CLIENT_GONE
@@ -182,10 +210,17 @@ def router(base: LLMModel) -> APIRouter:
             logprobs = None
             if req.logprobs is not None:
                 logprobs = _legacy_logprobs(prompt_ids if req.echo else [], c, len(echoed), token_text)
-            choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
-                            "logprobs": logprobs})
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": _usage(results, prompt_tokens)}
+            choices.append(
+                {"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason, "logprobs": logprobs}
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": _usage(results, prompt_tokens),
+        }
 
     @api.post("/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
@@ -198,27 +233,43 @@ def router(base: LLMModel) -> APIRouter:
         if req.stream and req.n > 1:
             raise InvalidRequest("n: more than one choice is not supported with stream on chat", param="n")
         k = (req.top_logprobs or 0) if req.logprobs else None
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        params = _sampling(model, req, req.max_completion_tokens if req.max_completion_tokens is not None
-                           else req.max_tokens, logprobs=k)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        params = _sampling(
+            model,
+            req,
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+            logprobs=k,
+        )
         model.check_prompt_count(req.n, "n")
         chat_ids = await model.encode_chat_async(messages)
         submitted = model.submit_all([(chat_ids, p) for p in _copies(params, req.n)])
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model.name
         if req.stream:
-            return StreamingResponse(_stream_chat(submitted[0], rid, name, _usage_wanted(req)),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream_chat(submitted[0], rid, name, _usage_wanted(req)), media_type="text/event-stream"
+            )
         results = await _answer(request, submitted)
         if results is None:
             return _CLIENT_GONE
         choices = []
         for j, c in enumerate(results):
             logprobs = None if k is None else {"content": [_chat_logprob(e, k, texts.token) for e in c.logprobs or []]}
-            choices.append({"index": j, "message": {"role": "assistant", "content": c.text},
-                            "finish_reason": c.finish_reason, "logprobs": logprobs})
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": _usage(results, len(chat_ids))}
+            choices.append(
+                {
+                    "index": j,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                    "logprobs": logprobs,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": _usage(results, len(chat_ids)),
+        }
 
     texts = _TokenTexts(base.tokenizer)
     return api
@@ -263,16 +314,17 @@ class _TokenTexts:
         return text
 
 
-def _legacy_logprobs(prompt_ids: list[int], c: Completion, echoed_chars: int,
-                     token_text: Callable[[int], str]) -> dict[str, Any]:
+def _legacy_logprobs(
+    prompt_ids: list[int], c: Completion, echoed_chars: int, token_text: Callable[[int], str]
+) -> dict[str, Any]:
     """OpenAI's legacy ``logprobs`` object over the echoed prompt (if any) and the generated tokens."""
     prompt = (c.prompt_logprobs or [None] * len(prompt_ids)) if prompt_ids else []
     generated = c.logprobs or []
     prompt_tokens = [token_text(t) for t in prompt_ids]
     generated_tokens = [token_text(e.token) for e in generated]
     # Offsets into the returned text: the prompt's tokens from 0, the generated ones after the prompt.
-    offsets = [*itertools.accumulate(map(len, prompt_tokens[:-1]), initial=0)][:len(prompt_tokens)]
-    offsets += [*itertools.accumulate(map(len, generated_tokens[:-1]), initial=echoed_chars)][:len(generated_tokens)]
+    offsets = [*itertools.accumulate(map(len, prompt_tokens[:-1]), initial=0)][: len(prompt_tokens)]
+    offsets += [*itertools.accumulate(map(len, generated_tokens[:-1]), initial=echoed_chars)][: len(generated_tokens)]
     entries: list[TokenLogprob | None] = [*prompt, *generated]
     return {
         "tokens": prompt_tokens + generated_tokens,
@@ -314,8 +366,12 @@ def _check_common(base: LLMModel, req: _Request) -> LLMModel:
         allowed = _NEUTRAL.get(name)
         if allowed is not None and not _neutral(value, allowed):
             shown = " or ".join(json.dumps(v) for v in allowed if v is not None)
-            raise InvalidRequest(f"{name}: not supported by this server (it would change the answer); leave it out"
-                                 + (f" or send {shown}" if shown else ""), param=name, code="unsupported_field")
+            raise InvalidRequest(
+                f"{name}: not supported by this server (it would change the answer); leave it out"
+                + (f" or send {shown}" if shown else ""),
+                param=name,
+                code="unsupported_field",
+            )
     return model
 
 
@@ -328,10 +384,19 @@ def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 
 def _sampling(model: LLMModel, req: _Request, max_tokens: int | None, **extra: Any) -> Any:
-    return model.sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop,
-                          seed=req.seed, min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                          logit_bias=req.logit_bias, **extra)
+    return model.sampling(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        stop=req.stop,
+        seed=req.seed,
+        min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=req.logit_bias,
+        **extra,
+    )
 
 
 def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -374,8 +439,9 @@ async def _guarded(requests: list[GenerationRequest], events: AsyncIterator[str]
             r.cancelled = True  # no-op once finished; stops the row if the client went away
 
 
-async def _stream_completions(requests: list[GenerationRequest], rid: str, name: str,
-                              include_usage: bool) -> AsyncIterator[str]:
+async def _stream_completions(
+    requests: list[GenerationRequest], rid: str, name: str, include_usage: bool
+) -> AsyncIterator[str]:
     async def events() -> AsyncIterator[str]:
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name}
         results = []
@@ -397,8 +463,9 @@ async def _stream_completions(requests: list[GenerationRequest], rid: str, name:
 async def _stream_chat(request: GenerationRequest, rid: str, name: str, include_usage: bool) -> AsyncIterator[str]:
     async def events() -> AsyncIterator[str]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
-        yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]})
+        yield _sse(
+            {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        )
         async for item in request.stream():
             if isinstance(item, Completion):
                 yield _sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]})
@@ -434,8 +501,9 @@ def lora_router(model: LLMModel, guard: Callable[[str | None], None], on: bool) 
         data = await body(request, ("lora_name", "lora_path"))
         name = data["lora_name"]
         if not _SERVED_NAME.match(name):
-            raise InvalidRequest(f"lora_name: {name!r} is not a valid name (letters, digits, '-', '_', '.')",
-                                 param="lora_name")
+            raise InvalidRequest(
+                f"lora_name: {name!r} is not a valid name (letters, digits, '-', '_', '.')", param="lora_name"
+            )
         if name == model.name or name in model.views:
             raise InvalidRequest(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
         try:

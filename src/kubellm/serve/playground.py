@@ -97,14 +97,19 @@ def chat_stream(side: Side, prompt: str, settings: Settings, timeout_s: float) -
 
     base_url = normalize_endpoint(side.endpoint)
     client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=timeout_s, max_retries=0)
-    messages = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt.strip() else [])
+    messages = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt.strip() else []
     messages += _clean_history(side.history) + [{"role": "user", "content": prompt}]
     try:
         model = side.model or client.models.list().data[0].id
         stream = client.chat.completions.create(
-            model=model, messages=messages, temperature=settings.temperature, top_p=settings.top_p,
-            max_tokens=settings.max_tokens, stream=True,
-            **({"seed": settings.seed} if settings.seed is not None else {}))
+            model=model,
+            messages=messages,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_tokens,
+            stream=True,
+            **({"seed": settings.seed} if settings.seed is not None else {}),
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 yield chunk.choices[0].delta.content
@@ -112,7 +117,9 @@ def chat_stream(side: Side, prompt: str, settings: Settings, timeout_s: float) -
         raise EndpointError(f"{base_url} did not answer within {timeout_s:g} s") from None
     except openai.APIConnectionError as err:
         cause = err.__cause__ or err
-        raise EndpointError(f"{base_url} is unreachable ({' '.join(str(cause).split()) or type(cause).__name__})") from None
+        raise EndpointError(
+            f"{base_url} is unreachable ({' '.join(str(cause).split()) or type(cause).__name__})"
+        ) from None
     except openai.APIStatusError as err:
         raise EndpointError(f"{base_url} answered HTTP {err.status_code}: {_api_message(err)}") from None
     except IndexError:
@@ -166,8 +173,14 @@ def _endpoint_box(gr: Any, value: str, label: str, elem_id: str, allowed: list[s
     if allowed is None:
         return gr.Textbox(value, label=label, elem_id=elem_id)
     # Custom values pass Gradio untouched so that the send handler's own check answers them in one line.
-    return gr.Dropdown(allowed, value=value, label=label, elem_id=elem_id, allow_custom_value=True,
-                       interactive=len([a for a in allowed if a]) > 1)
+    return gr.Dropdown(
+        allowed,
+        value=value,
+        label=label,
+        elem_id=elem_id,
+        allow_custom_value=True,
+        interactive=len([a for a in allowed if a]) > 1,
+    )
 
 
 def _refused(url: str, allowed: list[str] | None) -> bool:
@@ -176,27 +189,35 @@ def _refused(url: str, allowed: list[str] | None) -> bool:
     return normalize_endpoint(url) not in {normalize_endpoint(a) for a in allowed if a}
 
 
-def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | None = None,
-                 compare_model: str | None = None) -> Any:
+def build_blocks(
+    cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | None = None, compare_model: str | None = None
+) -> Any:
     """The Gradio Blocks of the playground."""
     import gradio as gr
 
     extra = list(cfg.allowed_endpoints)
     locked_a = None if cfg.editable_endpoints else list(dict.fromkeys([endpoint, *extra]))
-    locked_b = None if cfg.editable_endpoints else list(dict.fromkeys(["", *([compare_endpoint] if compare_endpoint
-                                                                          else []), *extra]))
+    locked_b = (
+        None
+        if cfg.editable_endpoints
+        else list(dict.fromkeys(["", *([compare_endpoint] if compare_endpoint else []), *extra]))
+    )
 
     with gr.Blocks(title="kubellm playground", analytics_enabled=False) as blocks:
-        gr.Markdown("## kubellm playground\nOne prompt, two models side by side. Each answer streams from its "
-                    "OpenAI-compatible endpoint; each side keeps its own conversation.")
+        gr.Markdown(
+            "## kubellm playground\nOne prompt, two models side by side. Each answer streams from its "
+            "OpenAI-compatible endpoint; each side keeps its own conversation."
+        )
         with gr.Row():
             with gr.Column():
                 endpoint_a = _endpoint_box(gr, endpoint, "Model A endpoint", "endpoint-a", locked_a)
-                model_a = gr.Textbox(cfg.model or "", label="Model A name (empty: the endpoint's first model)",
-                                     elem_id="model-a")
+                model_a = gr.Textbox(
+                    cfg.model or "", label="Model A name (empty: the endpoint's first model)", elem_id="model-a"
+                )
             with gr.Column():
-                endpoint_b = _endpoint_box(gr, compare_endpoint or "", "Model B endpoint (empty: A only)",
-                                           "endpoint-b", locked_b)
+                endpoint_b = _endpoint_box(
+                    gr, compare_endpoint or "", "Model B endpoint (empty: A only)", "endpoint-b", locked_b
+                )
                 model_b = gr.Textbox(compare_model or "", label="Model B name", elem_id="model-b")
         with gr.Accordion("System prompt and generation", open=True):
             system = gr.Textbox(cfg.system_prompt, label="System prompt", lines=2, elem_id="system-prompt")
@@ -205,14 +226,16 @@ def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | N
                 top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top p")
                 max_tokens = gr.Number(cfg.max_tokens, precision=0, minimum=1, label="Max tokens")
                 # A textbox, not gr.Number: an empty Number shows and sends 0, which is a seed.
-                seed = gr.Textbox("" if cfg.seed is None else str(cfg.seed), label="Seed (empty: random)",
-                                  elem_id="seed")
+                seed = gr.Textbox(
+                    "" if cfg.seed is None else str(cfg.seed), label="Seed (empty: random)", elem_id="seed"
+                )
         with gr.Row():
             chat_a = gr.Chatbot(label="Model A", elem_id="answer-a", height=420)
             chat_b = gr.Chatbot(label="Model B", elem_id="answer-b", height=420)
         with gr.Row():
-            prompt = gr.Textbox(placeholder="Type a prompt and press Enter", show_label=False, scale=8,
-                                elem_id="prompt")
+            prompt = gr.Textbox(
+                placeholder="Type a prompt and press Enter", show_label=False, scale=8, elem_id="prompt"
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
         status = gr.Markdown("", elem_id="status")
@@ -228,26 +251,51 @@ def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | N
             for label, url, allowed in (("A", ep_a, locked_a), ("B", ep_b, locked_b)):
                 if _refused(url, allowed):
                     log.warning("playground: refused a send to %s (not a configured endpoint)", url)
-                    yield hist_a, hist_b, f"{ERROR_MARK}Model {label} endpoint {url} is not one this playground may call", text
+                    yield (
+                        hist_a,
+                        hist_b,
+                        f"{ERROR_MARK}Model {label} endpoint {url} is not one this playground may call",
+                        text,
+                    )
                     return
             seed_text = str(seed_value or "").strip()
             if seed_text and not seed_text.lstrip("-").isdigit():
                 yield hist_a, hist_b, f"{ERROR_MARK}Seed must be a whole number or empty, not {seed_text!r}.", text
                 return
-            settings = Settings(sys_prompt, float(temp), float(tp), max(1, int(max_tok or 1)),
-                                int(seed_text) if seed_text else None)
+            settings = Settings(
+                sys_prompt, float(temp), float(tp), max(1, int(max_tok or 1)), int(seed_text) if seed_text else None
+            )
             sides = [Side(ep_a, name_a.strip() or None, _history(hist_a))]
             if ep_b:
                 sides.append(Side(ep_b, name_b.strip() or None, _history(hist_b)))
             for histories in respond(text, settings, sides, cfg.request_timeout_s):
                 yield histories[0], histories[1] if len(histories) > 1 else hist_b, "", ""
-            failed = [f"{label}: {h[-1]['content'][len(ERROR_MARK):]}" for label, h in zip("AB", histories, strict=False)
-                      if h[-1]["content"].startswith(ERROR_MARK)]
-            yield (histories[0], histories[1] if len(histories) > 1 else hist_b,
-                   (ERROR_MARK + " · ".join(failed)) if failed else "", "")
+            failed = [
+                f"{label}: {h[-1]['content'][len(ERROR_MARK) :]}"
+                for label, h in zip("AB", histories, strict=False)
+                if h[-1]["content"].startswith(ERROR_MARK)
+            ]
+            yield (
+                histories[0],
+                histories[1] if len(histories) > 1 else hist_b,
+                (ERROR_MARK + " · ".join(failed)) if failed else "",
+                "",
+            )
 
-        inputs = [prompt, system, temperature, top_p, max_tokens, seed, endpoint_a, model_a, endpoint_b,
-                  model_b, chat_a, chat_b]
+        inputs = [
+            prompt,
+            system,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            endpoint_a,
+            model_a,
+            endpoint_b,
+            model_b,
+            chat_a,
+            chat_b,
+        ]
         outputs = [chat_a, chat_b, status, prompt]
         prompt.submit(on_send, inputs, outputs)
         send.click(on_send, inputs, outputs)
@@ -255,23 +303,38 @@ def build_blocks(cfg: PlaygroundConfig, endpoint: str, compare_endpoint: str | N
     return blocks
 
 
-def build_app(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint: str | None = None,
-              port: int | None = None, auth: tuple[str, str] | None = None) -> FastAPI:
+def build_app(
+    run_cfg: RunConfig,
+    *,
+    endpoint: str | None = None,
+    compare_endpoint: str | None = None,
+    port: int | None = None,
+    auth: tuple[str, str] | None = None,
+) -> FastAPI:
     """A FastAPI app with the playground mounted at ``/`` (``port``: where it will listen, for Gradio's
     links; ``auth``: the login every page and API call needs)."""
     import gradio as gr
     from fastapi import FastAPI
 
     cfg = run_cfg.playground
-    blocks = build_blocks(cfg, endpoint or default_endpoint(run_cfg), compare_endpoint or cfg.compare_endpoint,
-                          cfg.compare_model)
-    return gr.mount_gradio_app(FastAPI(title="kubellm playground"), blocks, path="", server_name=cfg.host,
-                               server_port=port or cfg.port, ssr_mode=False, auth=auth,
-                               auth_message="kubellm playground" if auth else None)
+    blocks = build_blocks(
+        cfg, endpoint or default_endpoint(run_cfg), compare_endpoint or cfg.compare_endpoint, cfg.compare_model
+    )
+    return gr.mount_gradio_app(
+        FastAPI(title="kubellm playground"),
+        blocks,
+        path="",
+        server_name=cfg.host,
+        server_port=port or cfg.port,
+        ssr_mode=False,
+        auth=auth,
+        auth_message="kubellm playground" if auth else None,
+    )
 
 
-def launch(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint: str | None = None,
-           port: int | None = None) -> None:
+def launch(
+    run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint: str | None = None, port: int | None = None
+) -> None:
     """``kubellm playground``: serve the playground until SIGINT/SIGTERM."""
     import os
 
@@ -282,10 +345,15 @@ def launch(run_cfg: RunConfig, *, endpoint: str | None = None, compare_endpoint:
     host, port = cfg.host, port or cfg.port
     auth = auth_from_env()
     app = build_app(run_cfg, endpoint=endpoint, compare_endpoint=compare_endpoint, port=port, auth=auth)
-    log.info("playground on http://%s:%d (model A: %s%s; endpoints %s; %s)", host, port,
-             endpoint or default_endpoint(run_cfg),
-             f", model B: {compare_endpoint or cfg.compare_endpoint}" if (compare_endpoint or cfg.compare_endpoint) else "",
-             "editable" if cfg.editable_endpoints else "locked", "login required" if auth else "no login")
+    log.info(
+        "playground on http://%s:%d (model A: %s%s; endpoints %s; %s)",
+        host,
+        port,
+        endpoint or default_endpoint(run_cfg),
+        f", model B: {compare_endpoint or cfg.compare_endpoint}" if (compare_endpoint or cfg.compare_endpoint) else "",
+        "editable" if cfg.editable_endpoints else "locked",
+        "login required" if auth else "no login",
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -82,8 +82,15 @@ kserve = import_kserve()
 class InvalidRequest(ServingError):
     """A request the client must fix: answered with ``status`` (4xx) and an OpenAI-style error body."""
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.param, self.code, self.headers = status, param, code, headers
 
@@ -114,16 +121,17 @@ def find_model_dir(root: Path) -> Path:
     """``root`` or the one directory below it (two levels at most) holding a model or an adapter."""
     if any((root / m).is_file() for m in _MODEL_MARKERS):
         return root
-    found = sorted({p.parent for m in _MODEL_MARKERS for pattern in (f"*/{m}", f"*/*/{m}")
-                    for p in root.glob(pattern)})
+    found = sorted({p.parent for m in _MODEL_MARKERS for pattern in (f"*/{m}", f"*/*/{m}") for p in root.glob(pattern)})
     if len(found) == 1:
         return found[0]
     if not found:
         listing = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "empty"
-        raise ServingError(f"{root}: no model in this directory (no config.json or adapter_config.json; "
-                           f"found: {listing})")
-    raise ServingError(f"{root}: several models below this directory ({', '.join(map(str, found[:4]))}); "
-                       "point at one of them")
+        raise ServingError(
+            f"{root}: no model in this directory (no config.json or adapter_config.json; found: {listing})"
+        )
+    raise ServingError(
+        f"{root}: several models below this directory ({', '.join(map(str, found[:4]))}); point at one of them"
+    )
 
 
 class LLMModel(kserve.Model):
@@ -140,9 +148,16 @@ class LLMModel(kserve.Model):
     names, :meth:`load_adapter` and :meth:`unload_adapter` change the set at run time.
     """
 
-    def __init__(self, cfg: ServeConfig, source: str, *, base_model: str | None = None,
-                 tracking: TrackingConfig | None = None, workdir: str | Path = ".kubellm",
-                 extra_adapters: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        source: str,
+        *,
+        base_model: str | None = None,
+        tracking: TrackingConfig | None = None,
+        workdir: str | Path = ".kubellm",
+        extra_adapters: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(cfg.model_name)
         self.cfg = cfg
         self.source = source
@@ -181,8 +196,10 @@ class LLMModel(kserve.Model):
         path = resolve_model(self.source, tracking=self.tracking, workdir=self.workdir)
         self.serves_base = not (Path(path).is_dir() and is_adapter_dir(path))
         if self.adapter_sources and not self.serves_base:
-            raise ServingError(f"serve.model: {self.source} is a LoRA adapter; with serve.adapters the model must be "
-                               "the base model (name this adapter under serve.adapters too)")
+            raise ServingError(
+                f"serve.model: {self.source} is a LoRA adapter; with serve.adapters the model must be "
+                "the base model (name this adapter under serve.adapters too)"
+            )
         device = resolve_device(self.cfg.device)
         precision = resolve_precision(self.cfg.precision, device)
         # On a GPU the weights themselves go to bf16 (half the memory); on a CPU they stay fp32 and
@@ -197,9 +214,16 @@ class LLMModel(kserve.Model):
         longest = max((len(t) for t in loaded.tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = 2 * longest * self.cfg.max_prompt_tokens
         self.engine = GenerationEngine(
-            loaded.model, loaded.tokenizer, device=device, precision="fp32" if on_gpu else precision,
-            max_batch_size=self.cfg.max_batch_size, max_queue=self.cfg.max_queue,
-            batch_wait_ms=self.cfg.batch_wait_ms, batching=self.cfg.batching, observer=observer)
+            loaded.model,
+            loaded.tokenizer,
+            device=device,
+            precision="fp32" if on_gpu else precision,
+            max_batch_size=self.cfg.max_batch_size,
+            max_queue=self.cfg.max_queue,
+            batch_wait_ms=self.cfg.batch_wait_ms,
+            batching=self.cfg.batching,
+            observer=observer,
+        )
         self._plain, self._base_path = loaded.model, path
         log.info("loaded %s on %s (%s)", loaded.source, device, "bf16" if precision == "bf16" else "fp32")
         for name, uri in self.adapter_sources.items():
@@ -231,8 +255,12 @@ class LLMModel(kserve.Model):
         view = base._views.get(name)
         if view is None:
             served = ", ".join([base.name, *base._views])
-            raise InvalidRequest(f"The model '{name}' does not exist (this server serves: {served})", status=404,
-                                 param="model", code="model_not_found")
+            raise InvalidRequest(
+                f"The model '{name}' does not exist (this server serves: {served})",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         return view
 
     def _prepare_adapter(self, name: str, uri: str) -> AdapterInfo:
@@ -240,13 +268,16 @@ class LLMModel(kserve.Model):
         from kubellm.serve.adapters import check_fingerprint, check_fits_base, inspect_adapter
 
         if not self.serves_base:
-            raise ServingError(f"adapter {name}: this server serves {self.source}, a LoRA adapter merged into its "
-                               "base; serve the base model to add adapters")
+            raise ServingError(
+                f"adapter {name}: this server serves {self.source}, a LoRA adapter merged into its "
+                "base; serve the base model to add adapters"
+            )
         if name == self.name or name in self._views:
             raise ServingError(f"adapter {name}: the name is already served")
         if len(self._views) >= self.cfg.max_adapters:
-            raise ServingError(f"adapter {name}: {len(self._views)} adapters are loaded, this server's limit "
-                               f"(serve.max_adapters)")
+            raise ServingError(
+                f"adapter {name}: {len(self._views)} adapters are loaded, this server's limit (serve.max_adapters)"
+            )
         path = resolve_model(uri, tracking=self.tracking, workdir=self.workdir)
         rank, recorded = inspect_adapter(name, path, self.cfg.max_lora_rank)
         if recorded:
@@ -272,8 +303,9 @@ class LLMModel(kserve.Model):
         if engine.per_row_adapters:
             engine.model.load_adapter(info.path, adapter_name=info.name, is_trainable=False)
         else:  # the first adapter: the base becomes a peft model, which then names each row's adapter
-            engine.model = PeftModel.from_pretrained(engine.model, info.path, adapter_name=info.name,
-                                                     is_trainable=False)
+            engine.model = PeftModel.from_pretrained(
+                engine.model, info.path, adapter_name=info.name, is_trainable=False
+            )
             engine.per_row_adapters = True
         engine.model.eval()
         view = self._views[info.name] = self.view(info)
@@ -304,8 +336,9 @@ class LLMModel(kserve.Model):
 
         view = self._views.pop(name, None)
         if view is None:
-            raise InvalidRequest(f"The lora adapter '{name}' cannot be found.", status=404, param="lora_name",
-                                 code="model_not_found")
+            raise InvalidRequest(
+                f"The lora adapter '{name}' cannot be found.", status=404, param="lora_name", code="model_not_found"
+            )
         for listener in self.listeners:
             listener(name, None)
         engine = self.engine
@@ -316,6 +349,7 @@ class LLMModel(kserve.Model):
             if loop.time() > deadline:
                 engine.cancel_adapter(name)
             await asyncio.sleep(0.05)
+
         def remove() -> None:
             engine.model.delete_adapter(name)
             gather_lora(engine.model, list(self._views))
@@ -374,32 +408,52 @@ class LLMModel(kserve.Model):
     def check_prompt_count(self, count: int, param: str) -> None:
         """A request with more prompts than the queue holds could never be served: a 400, not a 503."""
         if count > self.cfg.max_queue:
-            raise InvalidRequest(f"{param}: {count} prompts in one request, more than this server's limit of "
-                                 f"{self.cfg.max_queue} (serve.max_queue); send them in smaller requests",
-                                 param=param)
+            raise InvalidRequest(
+                f"{param}: {count} prompts in one request, more than this server's limit of "
+                f"{self.cfg.max_queue} (serve.max_queue); send them in smaller requests",
+                param=param,
+            )
 
     def _check_chars(self, chars: int, param: str) -> None:
         # No tokenizer call when the text is longer than max_prompt_tokens could ever cover: a 20 MB
         # message took 26 s to tokenize before it was refused.
         if self.max_prompt_chars and chars > self.max_prompt_chars:
-            raise InvalidRequest(f"{param}: the prompt is {chars} characters, more than this server's limit of "
-                                 f"{self.cfg.max_prompt_tokens} tokens can hold", param=param,
-                                 code="context_length_exceeded")
+            raise InvalidRequest(
+                f"{param}: the prompt is {chars} characters, more than this server's limit of "
+                f"{self.cfg.max_prompt_tokens} tokens can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def _check_length(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise InvalidRequest(f"{param}: the prompt is empty", param=param)
         if len(ids) > self.cfg.max_prompt_tokens:
-            raise InvalidRequest(f"{param}: the prompt is {len(ids)} tokens, more than this server's limit of "
-                                 f"{self.cfg.max_prompt_tokens}", param=param, code="context_length_exceeded")
+            raise InvalidRequest(
+                f"{param}: the prompt is {len(ids)} tokens, more than this server's limit of "
+                f"{self.cfg.max_prompt_tokens}",
+                param=param,
+                code="context_length_exceeded",
+            )
         return ids
 
-    def sampling(self, *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, stop: str | list[str] | None = None, seed: int | None = None,
-                 min_tokens: int | None = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None, allow_no_tokens: bool = False,
-                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 repetition_penalty: float | None = None, logit_bias: dict[str, Any] | None = None) -> SamplingParams:
+    def sampling(
+        self,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        min_tokens: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        allow_no_tokens: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        logit_bias: dict[str, Any] | None = None,
+    ) -> SamplingParams:
         """Validated generation settings (the same limits on every protocol; OpenAI's and vLLM's ranges).
 
         ``allow_no_tokens``: ``max_tokens`` 0 is valid (a completion that echoes and scores its prompt).
@@ -408,23 +462,47 @@ class LLMModel(kserve.Model):
         least = 0 if allow_no_tokens else 1
         max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
         checks = [
-            (isinstance(max_tokens, int) and least <= max_tokens <= limit, "max_tokens",
-             f"must be an integer from {least} to {limit} (this server's limit), got {max_tokens!r}"),
-            (temperature is None or (_number(temperature) and 0 <= temperature <= 2), "temperature",
-             f"must be a number from 0 to 2, got {temperature!r}"),
-            (top_p is None or (_number(top_p) and 0 < top_p <= 1), "top_p",
-             f"must be a number in (0, 1], got {top_p!r}"),
+            (
+                isinstance(max_tokens, int) and least <= max_tokens <= limit,
+                "max_tokens",
+                f"must be an integer from {least} to {limit} (this server's limit), got {max_tokens!r}",
+            ),
+            (
+                temperature is None or (_number(temperature) and 0 <= temperature <= 2),
+                "temperature",
+                f"must be a number from 0 to 2, got {temperature!r}",
+            ),
+            (
+                top_p is None or (_number(top_p) and 0 < top_p <= 1),
+                "top_p",
+                f"must be a number in (0, 1], got {top_p!r}",
+            ),
             (seed is None or isinstance(seed, int), "seed", f"must be an integer, got {seed!r}"),
-            (min_tokens is None or (isinstance(min_tokens, int) and 0 <= min_tokens <= max_tokens), "min_tokens",
-             f"must be an integer from 0 to max_tokens, got {min_tokens!r}"),
-            (logprobs is None or 0 <= logprobs <= self.cfg.max_logprobs, "logprobs",
-             f"must be from 0 to {self.cfg.max_logprobs} (this server's limit), got {logprobs!r}"),
-            (presence_penalty is None or (_number(presence_penalty) and -2 <= presence_penalty <= 2),
-             "presence_penalty", f"must be a number from -2 to 2, got {presence_penalty!r}"),
-            (frequency_penalty is None or (_number(frequency_penalty) and -2 <= frequency_penalty <= 2),
-             "frequency_penalty", f"must be a number from -2 to 2, got {frequency_penalty!r}"),
-            (repetition_penalty is None or (_number(repetition_penalty) and 0 < repetition_penalty <= 2),
-             "repetition_penalty", f"must be a number in (0, 2], got {repetition_penalty!r}"),
+            (
+                min_tokens is None or (isinstance(min_tokens, int) and 0 <= min_tokens <= max_tokens),
+                "min_tokens",
+                f"must be an integer from 0 to max_tokens, got {min_tokens!r}",
+            ),
+            (
+                logprobs is None or 0 <= logprobs <= self.cfg.max_logprobs,
+                "logprobs",
+                f"must be from 0 to {self.cfg.max_logprobs} (this server's limit), got {logprobs!r}",
+            ),
+            (
+                presence_penalty is None or (_number(presence_penalty) and -2 <= presence_penalty <= 2),
+                "presence_penalty",
+                f"must be a number from -2 to 2, got {presence_penalty!r}",
+            ),
+            (
+                frequency_penalty is None or (_number(frequency_penalty) and -2 <= frequency_penalty <= 2),
+                "frequency_penalty",
+                f"must be a number from -2 to 2, got {frequency_penalty!r}",
+            ),
+            (
+                repetition_penalty is None or (_number(repetition_penalty) and 0 < repetition_penalty <= 2),
+                "repetition_penalty",
+                f"must be a number in (0, 2], got {repetition_penalty!r}",
+            ),
         ]
         for ok, param, why in checks:
             if not ok:
@@ -432,14 +510,21 @@ class LLMModel(kserve.Model):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
             raise InvalidRequest("stop: at most 4 non-empty strings", param="stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=float(temperature or 0.0),
-                              top_p=float(1.0 if top_p is None else top_p), stop=tuple(stops), seed=seed,
-                              min_tokens=min_tokens or 0, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                              adapter=self.adapter.name if self.adapter is not None else None,
-                              presence_penalty=float(presence_penalty or 0.0),
-                              frequency_penalty=float(frequency_penalty or 0.0),
-                              repetition_penalty=float(1.0 if repetition_penalty is None else repetition_penalty),
-                              logit_bias=self._logit_bias(logit_bias))
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(temperature or 0.0),
+            top_p=float(1.0 if top_p is None else top_p),
+            stop=tuple(stops),
+            seed=seed,
+            min_tokens=min_tokens or 0,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            adapter=self.adapter.name if self.adapter is not None else None,
+            presence_penalty=float(presence_penalty or 0.0),
+            frequency_penalty=float(frequency_penalty or 0.0),
+            repetition_penalty=float(1.0 if repetition_penalty is None else repetition_penalty),
+            logit_bias=self._logit_bias(logit_bias),
+        )
 
     def _logit_bias(self, bias: dict[str, Any] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``logit_bias`` (token id as a string → -100 to 100, at most 300) as pairs."""
@@ -454,8 +539,9 @@ class LLMModel(kserve.Model):
             if not 0 <= token < vocab:
                 raise InvalidRequest(f"logit_bias: {key!r} is not a token id in [0, {vocab})", param="logit_bias")
             if not _number(value) or not -100 <= value <= 100:
-                raise InvalidRequest(f"logit_bias[{key}]: must be a number from -100 to 100, got {value!r}",
-                                     param="logit_bias")
+                raise InvalidRequest(
+                    f"logit_bias[{key}]: must be a number from -100 to 100, got {value!r}", param="logit_bias"
+                )
             pairs.append((token, float(value)))
         return tuple(pairs)
 
@@ -468,8 +554,9 @@ class LLMModel(kserve.Model):
             raise ServingError(f"model {self.name} is not loaded")
         if self.adapter is not None and self.base._views.get(self.name) is not self:
             # Unloaded while this request was being tokenized: its weights may be gone.
-            raise InvalidRequest(f"The model '{self.name}' does not exist (unloaded)", status=404, param="model",
-                                 code="model_not_found")
+            raise InvalidRequest(
+                f"The model '{self.name}' does not exist (unloaded)", status=404, param="model", code="model_not_found"
+            )
         return self.engine.submit_all(jobs)
 
     # --- KServe V1 / V2 ---
@@ -480,14 +567,16 @@ class LLMModel(kserve.Model):
     def get_output_types(self) -> list[dict]:
         return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
 
-    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                      response_headers: dict[str, str] | None = None) -> Any:
+    async def predict(
+        self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+    ) -> Any:
         """V1 (a dict of ``instances``) or V2 (an ``InferRequest`` with ``text_input``)."""
         if isinstance(payload, kserve.InferRequest):
             return await self._predict_v2(payload)
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list) or not payload["instances"]:
-            raise InvalidRequest('expected {"instances": ["prompt", ...]} with at least one instance',
-                                 param="instances")
+            raise InvalidRequest(
+                'expected {"instances": ["prompt", ...]} with at least one instance', param="instances"
+            )
         shared = _settings(payload.get("parameters") or {}, "parameters")
         self.check_prompt_count(len(payload["instances"]), "instances")
         prompts, settings = [], []
@@ -499,8 +588,9 @@ class LLMModel(kserve.Model):
                 prompt = own.pop("prompt")
                 own = _settings(own, f"instances[{i}]")
             else:
-                raise InvalidRequest(f'instances[{i}]: expected a prompt string or {{"prompt": ...}}',
-                                     param=f"instances[{i}]")
+                raise InvalidRequest(
+                    f'instances[{i}]: expected a prompt string or {{"prompt": ...}}', param=f"instances[{i}]"
+                )
             prompts.append(prompt)
             settings.append(self.sampling(**{**shared, **own}))
         ids = await self.encode_prompts(prompts, "instances")
@@ -510,15 +600,17 @@ class LLMModel(kserve.Model):
     async def _predict_v2(self, request: Any) -> Any:
         inputs = {i.name: i for i in request.inputs}
         if "text_input" not in inputs:
-            raise InvalidRequest(f"V2 request needs a BYTES input named text_input (got {sorted(inputs)})",
-                                 param="inputs")
+            raise InvalidRequest(
+                f"V2 request needs a BYTES input named text_input (got {sorted(inputs)})", param="inputs"
+            )
         texts = _v2_texts(inputs["text_input"])
         params = self.sampling(**_settings(dict(request.parameters or {}), "parameters"))
         ids = await self.encode_prompts(texts, "text_input")
         results = await _run_all(self, [(i, params) for i in ids])
         output = kserve.InferOutput("text_output", [len(results)], "BYTES", [c.text for c in results])
-        return kserve.InferResponse(response_id=request.id or str(uuid.uuid4()), model_name=self.name,
-                                    infer_outputs=[output])
+        return kserve.InferResponse(
+            response_id=request.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=[output]
+        )
 
 
 def _v2_texts(tensor: Any) -> list[str]:
@@ -539,15 +631,23 @@ def _v2_texts(tensor: Any) -> list[str]:
         raise InvalidRequest("text_input: not UTF-8 text", param="inputs") from None
 
 
-_SETTINGS = ("max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens", "presence_penalty",
-             "frequency_penalty", "repetition_penalty")
+_SETTINGS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 def _settings(values: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(values) - set(_SETTINGS))
     if unknown:
-        raise InvalidRequest(f"{where}: unknown generation setting(s) {unknown}; known: {list(_SETTINGS)}",
-                             param=where)
+        raise InvalidRequest(f"{where}: unknown generation setting(s) {unknown}; known: {list(_SETTINGS)}", param=where)
     # V2 parameters may arrive as JSON text ("[\"\\n\"]" for a list of stop strings).
     return {k: (_maybe_json(v) if k == "stop" else v) for k, v in values.items()}
 

@@ -40,8 +40,10 @@ UNFIXABLE: tuple[type[errors.KubellmError], ...] = (errors.ConfigError, errors.D
 #: The parent run's tag prefix holding a stage's unfixable error (``<class>: <message>``).
 TAG_PREFIX = "kubellm.unfixable."
 
-NOT_RETRIED = ("not retried: an earlier attempt of step {stage!r} in this run failed with this error, "
-               "and a retry gets the same input; change it and run again")
+NOT_RETRIED = (
+    "not retried: an earlier attempt of step {stage!r} in this run failed with this error, "
+    "and a retry gets the same input; change it and run again"
+)
 
 
 def _safe(name: str) -> str:

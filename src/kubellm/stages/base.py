@@ -73,8 +73,9 @@ class StageContext:
         object.__setattr__(self, "workdir", str(user_path(self.workdir)))  # a frozen dataclass
 
     @classmethod
-    def from_param(cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *,
-                   kfp_run_id: str | None = None) -> StageContext:
+    def from_param(
+        cls, tracking: dict[str, Any], workdir: str, parent_run_id: str | None = None, *, kfp_run_id: str | None = None
+    ) -> StageContext:
         """A component's context. Without ``parent_run_id`` the parent is found by KFP run id:
         ``kfp_run_id``, else :data:`KFP_RUN_ENV` from the task's environment. That is how a cacheable
         step (prep, train, evaluate) reaches its pipeline's MLflow run without the run id in its cache
@@ -93,8 +94,12 @@ class StageContext:
     def for_command(cls, tracking: TrackingConfig, workdir: str) -> StageContext:
         """A CLI command's context: a run of its own, or — inside a training job's pod, where the step
         that launched the job set :data:`STAGE_RUN_ENV` — that step's run."""
-        return cls(tracking, workdir, attach_run_id=os.environ.get(STAGE_RUN_ENV) or None,
-                   rank=int(os.environ.get("RANK", "0")))
+        return cls(
+            tracking,
+            workdir,
+            attach_run_id=os.environ.get(STAGE_RUN_ENV) or None,
+            rank=int(os.environ.get("RANK", "0")),
+        )
 
     @contextlib.contextmanager
     def stage(self, name: str, config: Any = None) -> Iterator[Tracker]:
@@ -124,8 +129,9 @@ class StageContext:
                 yield tracker
             return
         doc = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
-        with stage_run(self.tracking, self.workdir, parent_run_id=self.parent_run_id, stage=name,
-                       config=doc) as tracker:
+        with stage_run(
+            self.tracking, self.workdir, parent_run_id=self.parent_run_id, stage=name, config=doc
+        ) as tracker:
             yield tracker
 
     def run_link(self, run_id: str | None) -> str:
@@ -211,11 +217,21 @@ def job_run_config(ctx: StageContext, platform: Any, stage: str, run_name: str, 
     tracking = ctx.tracking
     if handed_run_id() and os.environ.get(URI_ENV):  # the handed run's server, forwarded, not tracking.uri
         tracking = tracking.model_copy(update={"uri": None})
-    if ctx.tracking.enabled and kubernetes_auth() and not any(
-            s.env in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD") for s in platform.placement(stage).secret_env):
-        log.warning("%s job: MLFLOW_TRACKING_AUTH=%s is not passed to its pods (they mount no service-account token), "
-                    "so its driver or rank 0 cannot log to MLflow; give them credentials with platform.stages.%s.secret_env "
-                    "(MLFLOW_TRACKING_TOKEN)", stage, os.environ.get("MLFLOW_TRACKING_AUTH"), stage)
+    if (
+        ctx.tracking.enabled
+        and kubernetes_auth()
+        and not any(
+            s.env in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD") for s in platform.placement(stage).secret_env
+        )
+    ):
+        log.warning(
+            "%s job: MLFLOW_TRACKING_AUTH=%s is not passed to its pods (they mount no service-account token), "
+            "so its driver or rank 0 cannot log to MLflow; give them credentials with platform.stages.%s.secret_env "
+            "(MLFLOW_TRACKING_TOKEN)",
+            stage,
+            os.environ.get("MLFLOW_TRACKING_AUTH"),
+            stage,
+        )
     return RunConfig(name=run_name, workdir=ctx.workdir, tracking=tracking, platform=platform, **sections)
 
 

@@ -3,7 +3,8 @@
 Preparation runs in this process (``engine: local``, or ``engine: ray`` on a local Ray or the cluster
 ``RAY_ADDRESS`` names) or — with ``<section>.cluster.nodes`` set — as a KubeRay RayJob, launched and
 waited for as the training engines' jobs are (:mod:`kubellm.k8s.rayjob`, launched by
-:mod:`kubellm.k8s.training_job`): the step copies a reused tokenizer to the shared PVC, the job's driver prepares on Ray Data into the PVC and logs into this
+:mod:`kubellm.k8s.training_job`): the step copies a reused tokenizer to the shared PVC, the job's driver prepares on
+Ray Data into the PVC and logs into this
 step's MLflow run, and the step copies the prepared dataset back as its artifact.
 """
 
@@ -21,9 +22,17 @@ from kubellm.stages.base import StageContext, StageOutput, log, numeric, section
 from kubellm.tracking.base import CLOSES_TAG, Tracker
 
 
-def prep(config: DataConfig | dict[str, Any], out_dir: str | Path, ctx: StageContext, *, stage: str = "prep",
-         tokenizer_dir: str | Path | None = None, source_uri: str | None = None,
-         platform: PlatformConfig | dict[str, Any] | None = None, run_name: str = "kubellm") -> StageOutput:
+def prep(
+    config: DataConfig | dict[str, Any],
+    out_dir: str | Path,
+    ctx: StageContext,
+    *,
+    stage: str = "prep",
+    tokenizer_dir: str | Path | None = None,
+    source_uri: str | None = None,
+    platform: PlatformConfig | dict[str, Any] | None = None,
+    run_name: str = "kubellm",
+) -> StageOutput:
     """Data preparation. ``source_uri`` replaces the first source's URI (the UI's dataset parameter).
 
     With ``cluster.nodes > 0`` the preparation runs as a prep RayJob (``platform``: its placement, image,
@@ -44,8 +53,10 @@ def prep(config: DataConfig | dict[str, Any], out_dir: str | Path, ctx: StageCon
         cfg.sources[0].uri = source_uri
     as_job = cfg.cluster.nodes > 0
     if as_job and not platform:
-        raise ConfigError(f"{stage}: cluster.nodes = {cfg.cluster.nodes} prepares in a RayJob, which takes its image, "
-                          f"namespace and placement from the platform section; none was given to this step")
+        raise ConfigError(
+            f"{stage}: cluster.nodes = {cfg.cluster.nodes} prepares in a RayJob, which takes its image, "
+            f"namespace and placement from the platform section; none was given to this step"
+        )
     place = section(PlatformConfig, platform, "platform config") if as_job else None
     # A refused output folder fails before the MLflow run opens (the library checks again, inputs too);
     # a RayJob's sources are read on its cluster only.
@@ -65,8 +76,16 @@ def prep(config: DataConfig | dict[str, Any], out_dir: str | Path, ctx: StageCon
     return StageOutput(numeric(res.stats), link + report, {"fingerprint": data_fp, "result": res})
 
 
-def _as_job(cfg: DataConfig, stage: str, platform: PlatformConfig, ctx: StageContext, tracker: Tracker,
-            run_name: str, out_dir: str | Path, tokenizer_dir: str | Path | None) -> Any:
+def _as_job(
+    cfg: DataConfig,
+    stage: str,
+    platform: PlatformConfig,
+    ctx: StageContext,
+    tracker: Tracker,
+    run_name: str,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None,
+) -> Any:
     """Prepare in the prep RayJob: the tokenizer to the shared volume, the job, the dataset back."""
     import hashlib
     import json
@@ -84,9 +103,17 @@ def _as_job(cfg: DataConfig, stage: str, platform: PlatformConfig, ctx: StageCon
     key = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     shared_out, shared_tok = stage_prep(SHARED_MOUNT, run_name, stage, key, tokenizer_dir)
     run_cfg = job_run_config(ctx, platform, stage, run_name, **{name: cfg})
-    job, outcome = run_prep_rayjob(run_cfg, name, str(shared_out), str(shared_tok) if shared_tok else None,
-                                   run_key=os.environ.get(KFP_RUN_ENV) or None, env=job_env(tracker))
-    tracker.set_tags({f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)})
+    job, outcome = run_prep_rayjob(
+        run_cfg,
+        name,
+        str(shared_out),
+        str(shared_tok) if shared_tok else None,
+        run_key=os.environ.get(KFP_RUN_ENV) or None,
+        env=job_env(tracker),
+    )
+    tracker.set_tags(
+        {f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)}
+    )
     log.info("%s: prepared by %s/%s in %s", stage, outcome.namespace, outcome.name, shared_out)
     ds = open_prepared(shared_out)  # the manifest written last: a job that reported success but left none fails here
     with atomic_dir(out_dir, OUTPUT_KIND) as tmp:
@@ -94,8 +121,9 @@ def _as_job(cfg: DataConfig, stage: str, platform: PlatformConfig, ctx: StageCon
     return PrepResult(Path(out_dir), ds.manifest, ds.stats())
 
 
-def data_changed(config: DataConfig | dict[str, Any], ctx: StageContext, *,
-                 source_uri: str | None = None) -> StageOutput:
+def data_changed(
+    config: DataConfig | dict[str, Any], ctx: StageContext, *, source_uri: str | None = None
+) -> StageOutput:
     """Continuous fine-tuning's first question: is there data the champion has not seen?"""
     from kubellm.data.prepare import fingerprint
     from kubellm.tracking.registry import champion_info, model_uri
@@ -119,7 +147,12 @@ def data_changed(config: DataConfig | dict[str, Any], ctx: StageContext, *,
         tracker.log_metrics({"data_changed": float(changed)})
         tracker.set_tags({"data_fingerprint": fp, **({} if changed else {CLOSES_TAG: why})})
     log.info(why)
-    return StageOutput({"changed": float(changed), "seconds": time.perf_counter() - t0},
-                       markdown.section("Data check", why),
-                       {"changed": changed, "fingerprint": fp,
-                        "champion_uri": model_uri(ctx.tracking.registered_model, alias="champion") if champ else ""})
+    return StageOutput(
+        {"changed": float(changed), "seconds": time.perf_counter() - t0},
+        markdown.section("Data check", why),
+        {
+            "changed": changed,
+            "fingerprint": fp,
+            "champion_uri": model_uri(ctx.tracking.registered_model, alias="champion") if champ else "",
+        },
+    )

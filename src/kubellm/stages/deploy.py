@@ -35,12 +35,22 @@ from kubellm.stages.base import StageContext, StageOutput, section
 Target = Literal["local", "cluster"]
 
 
-def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Path, ctx: StageContext, *,
-           target: Target, model_uri: str | None = None, storage_uri: str | None = None,
-           platform: PlatformConfig | dict[str, Any] | None = None, run_name: str | None = None,
-           eval_config: EvalConfig | dict[str, Any] | None = None, evaluation_dir: str | Path | None = None,
-           data_dir: str | Path | None = None, api_client: Any = None,
-           smoke: Callable[..., None] | None = None) -> StageOutput:
+def deploy(
+    config: RunConfig | ReleaseConfig | dict[str, Any],
+    out_dir: str | Path,
+    ctx: StageContext,
+    *,
+    target: Target,
+    model_uri: str | None = None,
+    storage_uri: str | None = None,
+    platform: PlatformConfig | dict[str, Any] | None = None,
+    run_name: str | None = None,
+    eval_config: EvalConfig | dict[str, Any] | None = None,
+    evaluation_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    api_client: Any = None,
+    smoke: Callable[..., None] | None = None,
+) -> StageOutput:
     """Deploy a model: ``model_uri`` (``models:/name/version``) names the registered version, whose files
     the InferenceService loads unless ``storage_uri`` / ``deploy.storage_uri`` points elsewhere (with
     ``deploy.runtime: llm-inference-service``: the version is an adapter, and those name its base's
@@ -50,7 +60,8 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
     ``config`` is the whole run config (the CLI) or the step's run-time :class:`ReleaseConfig`, to which
     the compile-time ``platform`` and the run's name are added. With ``eval_config`` listing benchmarks,
     the evaluation's results (``evaluation_dir``) and its prepared data (``data_dir``), the served model
-    is also scored on those benchmarks before promotion (``deploy.benchmark_gate``). Raises :class:`ServingError` when the
+    is also scored on those benchmarks before promotion (``deploy.benchmark_gate``). Raises :class:`ServingError` when
+    the
     rollout ends anything but ``promoted`` (the stage run ends FAILED).
     """
     from kubellm.k8s.inferenceservice import build_inferenceservice
@@ -88,28 +99,50 @@ def deploy(config: RunConfig | ReleaseConfig | dict[str, Any], out_dir: str | Pa
         seconds = time.perf_counter() - t0
         healthy = status in ("promoted", "verified")
         tracker.log_metrics({"deploy_healthy": float(healthy), "deploy_seconds": seconds})
-        tracker.set_tags({"deploy.status": status, "deploy.manifests": str(manifest), "deploy.endpoint": endpoint,
-                          "deploy.detail": detail[:500]})
+        tracker.set_tags(
+            {
+                "deploy.status": status,
+                "deploy.manifests": str(manifest),
+                "deploy.endpoint": endpoint,
+                "deploy.detail": detail[:500],
+            }
+        )
         if not healthy:  # inside the stage run: it ends FAILED with this error
             raise ServingError(f"deployment of {model_uri or storage} {status}: {detail}")
         aliases: list[str] = []
         if version is not None and ctx.tracking.enabled:
             aliases = registry.promote(ctx.tracking, ctx.workdir, version, cfg.deploy.promote_alias).aliases
         # where `kubellm serve` listens; vLLM (an LLMInferenceService) keeps the OpenAI routes under /v1
-        served_at = ((f"{endpoint.rstrip('/')}{_VLLM_API}" if release is not None else endpoint) if endpoint
-                     else f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1")
+        served_at = (
+            (f"{endpoint.rstrip('/')}{_VLLM_API}" if release is not None else endpoint)
+            if endpoint
+            else f"http://{cfg.serve.host}:{cfg.serve.port}/openai/v1"
+        )
         playground = _playground(cfg, served_at, out, target, api_client) if cfg.deploy.playground else None
         if playground is not None:
             tracker.log_artifact(playground, "playground")
             tracker.set_tags({"playground.manifests": str(playground)})
-    rows = {"model": model_uri or storage, "status": status, "endpoint": endpoint, "aliases": aliases,
-            "detail": detail, "manifests": manifest, "playground": playground}
+    rows = {
+        "model": model_uri or storage,
+        "status": status,
+        "endpoint": endpoint,
+        "aliases": aliases,
+        "detail": detail,
+        "manifests": manifest,
+        "playground": playground,
+    }
     served = "\n".join(f"- {line}" for line in gate.lines) if gate is not None and gate.lines else ""
-    report = markdown.section("Deployment", ctx.run_link(tracker.run_id), markdown.fields(rows),
-                              f"Benchmarks on the served model:\n\n{served}" if served else "")
-    return StageOutput({"healthy": 1.0, "seconds": seconds}, report,
-                       {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases,
-                        "status": status, "detail": detail})
+    report = markdown.section(
+        "Deployment",
+        ctx.run_link(tracker.run_id),
+        markdown.fields(rows),
+        f"Benchmarks on the served model:\n\n{served}" if served else "",
+    )
+    return StageOutput(
+        {"healthy": 1.0, "seconds": seconds},
+        report,
+        {"endpoint": endpoint, "manifests": str(manifest), "aliases": aliases, "status": status, "detail": detail},
+    )
 
 
 def _loadable_in_pod(cfg: RunConfig, info: Any) -> None:
@@ -122,14 +155,18 @@ def _loadable_in_pod(cfg: RunConfig, info: Any) -> None:
     base = f"models:/{info.tags.get('base_name')}/{info.tags.get('base_version')}"
     if cfg.deploy.runtime == "kubellm" and cfg.serve.base_model:
         return
-    raise ServingError(f"{info.uri} is an adapter version (base {base}): the {cfg.deploy.runtime} predictor pod cannot "
-                       "fetch its base from the registry; register merged versions (tracking.register_merged: true)"
-                       + (" or set serve.base_model to the base's location in the pod" if cfg.deploy.runtime == "kubellm"
-                          else ""))
+    raise ServingError(
+        f"{info.uri} is an adapter version (base {base}): the {cfg.deploy.runtime} predictor pod cannot "
+        "fetch its base from the registry; register merged versions (tracking.register_merged: true)"
+        + (" or set serve.base_model to the base's location in the pod" if cfg.deploy.runtime == "kubellm" else "")
+    )
 
 
-def _run_config(config: RunConfig | ReleaseConfig | dict[str, Any], platform: PlatformConfig | dict[str, Any] | None,
-                run_name: str | None) -> RunConfig:
+def _run_config(
+    config: RunConfig | ReleaseConfig | dict[str, Any],
+    platform: PlatformConfig | dict[str, Any] | None,
+    run_name: str | None,
+) -> RunConfig:
     if isinstance(config, RunConfig):
         return config
     release = section(ReleaseConfig, config, "deploy config")
@@ -172,8 +209,10 @@ class _BenchmarkGate:
         from kubellm.data.format import open_prepared
         from kubellm.evaluate.run import plan_for_dataset
 
-        limit, bench = self.cfg.serve.max_prompt_tokens, next(
-            (b for b in self.eval_cfg.benchmarks if b.task == "kubellm_choice"), None)
+        limit, bench = (
+            self.cfg.serve.max_prompt_tokens,
+            next((b for b in self.eval_cfg.benchmarks if b.task == "kubellm_choice"), None),
+        )
         if bench is None or limit - 1 > self.eval_cfg.max_new_tokens:
             return
         prepared = open_prepared(self.data_dir)
@@ -181,16 +220,18 @@ class _BenchmarkGate:
         with tempfile.TemporaryDirectory(prefix="kubellm-served-bench-") as work:
             plan_for_dataset(self.eval_cfg, prepared, tokenizer, Path(work))
             text = (Path(work) / "kubellm_choice.jsonl").read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines()][:bench.limit]
-        longest = max((_answer_tokens(tokenizer, row["prompt"], choice) for row in rows for choice in row["choices"]),
-                      default=0)
+        rows = [json.loads(line) for line in text.splitlines()][: bench.limit]
+        longest = max(
+            (_answer_tokens(tokenizer, row["prompt"], choice) for row in rows for choice in row["choices"]), default=0
+        )
         if longest >= limit - 1:
             raise ConfigError(
                 f"serve.max_prompt_tokens={limit} is too small for the served benchmark gate: kubellm_choice's answers "
                 f"run to {longest} tokens (cut at evaluate.max_new_tokens={self.eval_cfg.max_new_tokens}) and lm-eval "
                 f"sends context + answer within max_prompt_tokens - 1 with at least one context token; set "
                 f"serve.max_prompt_tokens >= {longest + 2}, evaluate.max_new_tokens < {limit - 1}, or "
-                "deploy.benchmark_gate=false")
+                "deploy.benchmark_gate=false"
+            )
 
     def __call__(self, url: str, model_name: str | None = None, api_path: str = "/openai/v1") -> None:
         """Score the model served at ``url`` (``model_name``: an adapter's name; ``None``: ``serve.model_name``)."""
@@ -206,21 +247,30 @@ class _BenchmarkGate:
         with tempfile.TemporaryDirectory(prefix="kubellm-served-bench-") as work:
             plan = plan_for_dataset(self.eval_cfg, prepared, prepared.load_tokenizer(), Path(work))
             try:
-                served = run_benchmarks_served(plan, base_url=url, model_name=model_name or self.cfg.serve.model_name,
-                                               tokenizer_dir=prepared.tokenizer_dir,
-                                               batch_size=self.eval_cfg.batch_size, max_length=limit,
-                                               api_path=api_path)
+                served = run_benchmarks_served(
+                    plan,
+                    base_url=url,
+                    model_name=model_name or self.cfg.serve.model_name,
+                    tokenizer_dir=prepared.tokenizer_dir,
+                    batch_size=self.eval_cfg.batch_size,
+                    max_length=limit,
+                    api_path=api_path,
+                )
             except AssertionError as err:  # lm-eval's checks, raised deep in its request loop
                 raise ConfigError(
-                    f"the served benchmark gate could not score {', '.join(b.task for b in plan.benchmarks)}: lm-evaluation-harness "
+                    f"the served benchmark gate could not score {', '.join(b.task for b in plan.benchmarks)}: "
+                    "lm-evaluation-harness "
                     f"says {str(err) or 'an internal check failed'!r} with serve.max_prompt_tokens={limit} "
                     "(the longest context + answer it may send); raise serve.max_prompt_tokens or set "
-                    "deploy.benchmark_gate=false") from None
+                    "deploy.benchmark_gate=false"
+                ) from None
         self.served = served["scores"]
         self.lines, passed = served_drops(evaluated, served, self.cfg.deploy.max_served_benchmark_drop)
         if not passed:
-            raise ServingError("the served model scores below its evaluation: " + "; ".join(
-                line for line in self.lines if line.endswith("FAIL")))
+            raise ServingError(
+                "the served model scores below its evaluation: "
+                + "; ".join(line for line in self.lines if line.endswith("FAIL"))
+            )
 
 
 def _answer_tokens(tokenizer: Any, context: str, answer: str) -> int:
@@ -255,13 +305,26 @@ def _check(cfg: RunConfig, smoke: Callable[[str], None] | None, gate: _Benchmark
 def _roll_out(cfg: RunConfig, isvc: dict, api_client: Any, check: Callable[[str], None]) -> tuple[str, str, str]:
     from kubellm.k8s.rollout import rollout
 
-    res = rollout(isvc, namespace=cfg.platform.namespace, api_client=api_client,
-                  timeout_s=cfg.deploy.ready_timeout_s, poll_s=cfg.deploy.poll_s, smoke=check)
+    res = rollout(
+        isvc,
+        namespace=cfg.platform.namespace,
+        api_client=api_client,
+        timeout_s=cfg.deploy.ready_timeout_s,
+        poll_s=cfg.deploy.poll_s,
+        smoke=check,
+    )
     return res.status, res.address or res.url or "", res.reason
 
 
-def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None, check: Callable[[str], None], *,
-                   base: str | None = None, adapter: str | None = None) -> tuple[str, str, str]:
+def _smoke_locally(
+    cfg: RunConfig,
+    ctx: StageContext,
+    model_uri: str | None,
+    check: Callable[[str], None],
+    *,
+    base: str | None = None,
+    adapter: str | None = None,
+) -> tuple[str, str, str]:
     """The cluster's checks (smoke request, benchmark gate) against the real predictor, started on
     127.0.0.1 for them and stopped: the version alone, or (``base``, ``adapter``) the base version with
     the version served on it as adapter ``adapter``."""
@@ -276,9 +339,16 @@ def _smoke_locally(cfg: RunConfig, ctx: StageContext, model_uri: str | None, che
             check(server.url)
         except ServingError as err:
             return "failed", "", f"{err} (predictor at {server.url}, stopped)"
-    how = (f"`kubellm serve --model {base} --adapter {adapter}={model_uri}`" if adapter
-           else f"`kubellm serve --model {model_uri}`")
-    return "verified", "", f"checks passed on a predictor started for them at {server.url} (stopped); serve this version with {how}"
+    how = (
+        f"`kubellm serve --model {base} --adapter {adapter}={model_uri}`"
+        if adapter
+        else f"`kubellm serve --model {model_uri}`"
+    )
+    return (
+        "verified",
+        "",
+        f"checks passed on a predictor started for them at {server.url} (stopped); serve this version with {how}",
+    )
 
 
 def adapter_service(cfg: RunConfig, ctx: StageContext, model_uri: str, storage_uri: str | None = None) -> dict:
@@ -304,38 +374,54 @@ class _AdapterRelease:
         self.candidate_uri, self.base_ref = candidate_uri, base_ref
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, ctx: StageContext, model_uri: str | None,
-                base_storage: str | None) -> _AdapterRelease:
+    def resolve(
+        cls, cfg: RunConfig, ctx: StageContext, model_uri: str | None, base_storage: str | None
+    ) -> _AdapterRelease:
         from kubellm.k8s.llmisvc import build_llm_inference_service
         from kubellm.tracking import registry
 
         version = registry.parse_model_uri(model_uri).version if model_uri else None
         if version is None or not ctx.tracking.enabled:
-            raise ConfigError("deploy.runtime llm-inference-service releases a registered adapter version: it needs "
-                              "tracking.enabled and the version (models:/name/<version>, kubellm deploy --model-version)")
+            raise ConfigError(
+                "deploy.runtime llm-inference-service releases a registered adapter version: it needs "
+                "tracking.enabled and the version (models:/name/<version>, kubellm deploy --model-version)"
+            )
         info = registry.version_info(ctx.tracking, ctx.workdir, version)
         if info.tags.get("kind") != "adapter":
-            raise ServingError(f"{info.uri} is a merged version: deploy.runtime llm-inference-service serves adapter "
-                               "versions on their shared base; register adapter versions (tracking.register_merged: "
-                               "false) or deploy it with deploy.runtime kubellm")
+            raise ServingError(
+                f"{info.uri} is a merged version: deploy.runtime llm-inference-service serves adapter "
+                "versions on their shared base; register adapter versions (tracking.register_merged: "
+                "false) or deploy it with deploy.runtime kubellm"
+            )
         base_name, base_version = info.tags.get("base_name", ""), info.tags.get("base_version", "")
         if not base_name or not base_version.isdigit():
-            raise ServingError(f"{info.uri} is an adapter version without its base (tags base_name, base_version); "
-                               "register it again with kubellm register")
+            raise ServingError(
+                f"{info.uri} is an adapter version without its base (tags base_name, base_version); "
+                "register it again with kubellm register"
+            )
         cls._loadable(cfg, ctx, version)
         base_tracking = ctx.tracking.model_copy(update={"registered_model": base_name})
         base_uri = base_storage or registry.download_uri(base_tracking, ctx.workdir, int(base_version))
         alias = cfg.serve.model_name
         adapters, champion_version = {}, None
         champion = registry.champion_info(ctx.tracking, ctx.workdir, cfg.deploy.promote_alias)
-        if champion is not None and (champion.tags.get("kind"), champion.tags.get("base_name"),
-                                     champion.tags.get("base_version")) == ("adapter", base_name, base_version):
+        if champion is not None and (
+            champion.tags.get("kind"),
+            champion.tags.get("base_name"),
+            champion.tags.get("base_version"),
+        ) == ("adapter", base_name, base_version):
             adapters[alias] = registry.download_uri(ctx.tracking, ctx.workdir, champion.version)
             champion_version = champion.version
-        service = build_llm_inference_service(cfg, base_uri, adapters, champion_version=champion_version,
-                                              model_version=version)
-        return cls(service, version, info.uri, registry.download_uri(ctx.tracking, ctx.workdir, version),
-                   registry.model_uri(base_name, version=base_version))
+        service = build_llm_inference_service(
+            cfg, base_uri, adapters, champion_version=champion_version, model_version=version
+        )
+        return cls(
+            service,
+            version,
+            info.uri,
+            registry.download_uri(ctx.tracking, ctx.workdir, version),
+            registry.model_uri(base_name, version=base_version),
+        )
 
     @staticmethod
     def _loadable(cfg: RunConfig, ctx: StageContext, version: int) -> None:
@@ -352,8 +438,15 @@ class _AdapterRelease:
             files = registry.fetch_version_files(ctx.tracking, ctx.workdir, version, tmp)
             inspect_adapter(candidate_name(cfg.serve.model_name, version), files, cfg.serve.max_lora_rank)
 
-    def run(self, cfg: RunConfig, ctx: StageContext, target: Target, api_client: Any,
-            smoke: Callable[[str, str], None] | None, gate: _BenchmarkGate | None) -> tuple[str, str, str]:
+    def run(
+        self,
+        cfg: RunConfig,
+        ctx: StageContext,
+        target: Target,
+        api_client: Any,
+        smoke: Callable[[str, str], None] | None,
+        gate: _BenchmarkGate | None,
+    ) -> tuple[str, str, str]:
         """``(status, endpoint, detail)``: the live release on a cluster, else the local predictor's checks."""
         from kubellm.k8s.llmisvc import adapter_rollout, candidate_name
 
@@ -363,10 +456,17 @@ class _AdapterRelease:
         first = smoke or (lambda url, name: _smoke_request(cfg, name, api_path=api, cluster_local=False)(url))
         scored = None if gate is None else (lambda url, name: gate(url, name, api))
         if cluster:
-            res = adapter_rollout(self.service, candidate_uri=self.candidate_uri, version=self.version,
-                                  namespace=cfg.platform.namespace, api_client=api_client,
-                                  timeout_s=cfg.deploy.ready_timeout_s, poll_s=cfg.deploy.poll_s, smoke=first,
-                                  gate=scored)
+            res = adapter_rollout(
+                self.service,
+                candidate_uri=self.candidate_uri,
+                version=self.version,
+                namespace=cfg.platform.namespace,
+                api_client=api_client,
+                timeout_s=cfg.deploy.ready_timeout_s,
+                poll_s=cfg.deploy.poll_s,
+                smoke=first,
+                gate=scored,
+            )
             return res.status, res.url or "", res.reason
         name = candidate_name(cfg.serve.model_name, self.version)
 
@@ -376,8 +476,9 @@ class _AdapterRelease:
                     step(url, name)
 
         # the base under the name the service gives it, so that only the adapter answers to `name`
-        local = cfg.model_copy(update={"serve": cfg.serve.model_copy(
-            update={"model_name": self.service["spec"]["model"]["name"]})})
+        local = cfg.model_copy(
+            update={"serve": cfg.serve.model_copy(update={"model_name": self.service["spec"]["model"]["name"]})}
+        )
         return _smoke_locally(local, ctx, self.model_uri, check, base=self.base_ref, adapter=name)
 
 

@@ -50,9 +50,19 @@ log = get_logger("kubellm.train.ray")
 STAGES = ("pretrain", "finetune")
 
 
-def run(stage: str, run_cfg: RunConfig, data_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
-        *, workers: int, gpus_per_worker: int = 0, max_failures: int = 0, stage_run_id: str | None = None,
-        storage_path: str | Path | None = None) -> TrainResult:
+def run(
+    stage: str,
+    run_cfg: RunConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    *,
+    workers: int,
+    gpus_per_worker: int = 0,
+    max_failures: int = 0,
+    stage_run_id: str | None = None,
+    storage_path: str | Path | None = None,
+) -> TrainResult:
     """Train ``stage`` with ``workers`` Ray Train workers on the Ray cluster this process is connected to
     (``ray.init`` is called with its defaults if nobody did: ``$RAY_ADDRESS`` in a RayJob).
 
@@ -71,25 +81,37 @@ def run(stage: str, run_cfg: RunConfig, data_dir: str | Path, out_dir: str | Pat
     from ray.train import FailureConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
     gpu = gpus_per_worker == 1
-    config = {"stage": stage, "run_config": run_cfg.model_dump(mode="json"), "data": str(Path(data_dir).resolve()),
-              "out": str(Path(out_dir).resolve()), "base": base_model, "stage_run_id": stage_run_id}
+    config = {
+        "stage": stage,
+        "run_config": run_cfg.model_dump(mode="json"),
+        "data": str(Path(data_dir).resolve()),
+        "out": str(Path(out_dir).resolve()),
+        "base": base_model,
+        "stage_run_id": stage_run_id,
+    }
     scratch = None if storage_path is not None else tempfile.mkdtemp(prefix="kubellm-ray-train-")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"GPU": 1} if gpu else {"CPU": 1}),
-        run_config=RayRunConfig(name=f"kubellm-{stage}", storage_path=str(storage_path or scratch),
-                                failure_config=FailureConfig(max_failures=max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker={"GPU": 1} if gpu else {"CPU": 1}
+        ),
+        run_config=RayRunConfig(
+            name=f"kubellm-{stage}",
+            storage_path=str(storage_path or scratch),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
     )
     log.info("Ray Train: %s with %d worker(s) (%s)", stage, workers, "GPU, nccl" if gpu else "CPU, gloo")
     try:
         trainer.fit()
     except TrainingFailedError as err:
-        raise TrainingError(f"Ray Train {stage} failed: {_reason(err)}; checkpoints stay in {out_dir}: run "
-                            f"again to resume") from None
+        raise TrainingError(
+            f"Ray Train {stage} failed: {_reason(err)}; checkpoints stay in {out_dir}: run again to resume"
+        ) from None
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -120,8 +142,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     setup()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(ctx.get_world_size()),
-                       "LOCAL_RANK": str(ctx.get_local_rank())})
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(ctx.get_world_size()), "LOCAL_RANK": str(ctx.get_local_rank())}
+    )
     run_cfg = RunConfig.model_validate(config["run_config"])
     ctx = StageContext(run_cfg.tracking, run_cfg.workdir, attach_run_id=config["stage_run_id"], rank=rank)
     if not config["stage_run_id"]:  # no stage run given: nothing is tracked (the launching step owns runs)
@@ -130,8 +153,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         _run_stage(config["stage"], run_cfg, config["data"], config["out"], config["base"], tracker)
 
 
-def _run_stage(stage: str, run_cfg: RunConfig, data: str, out: str, base: str | None,
-               tracker: Tracker | None) -> TrainResult:
+def _run_stage(
+    stage: str, run_cfg: RunConfig, data: str, out: str, base: str | None, tracker: Tracker | None
+) -> TrainResult:
     if stage == "pretrain":
         from kubellm.train.pretrain import pretrain
 
@@ -147,9 +171,13 @@ def _run_stage(stage: str, run_cfg: RunConfig, data: str, out: str, base: str | 
 
 # ------------------------------------------------------------------------------------------ entry point
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description="Run a kubellm training stage "
-                                "under Ray Train on the Ray cluster of $RAY_ADDRESS (a RayJob's entrypoint).")
+    p = argparse.ArgumentParser(
+        prog=f"python -m {__name__}",
+        description="Run a kubellm training stage "
+        "under Ray Train on the Ray cluster of $RAY_ADDRESS (a RayJob's entrypoint).",
+    )
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--data", required=True, help="Prepared dataset directory.")
     p.add_argument("--out", required=True, help="Output directory (rerun with the same one to resume).")
@@ -157,8 +185,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, required=True, help="Ray Train workers (one per GPU).")
     p.add_argument("--gpus-per-worker", type=int, choices=(0, 1), default=0)
     p.add_argument("--max-failures", type=int, default=0, help="Worker-group restarts before failing.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Config override (repeatable), as `kubellm --set`.")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Config override (repeatable), as `kubellm --set`.",
+    )
     return p
 
 
@@ -172,14 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # as `kubellm pretrain --set …` in a torchrun pod: the embedded default, then the overrides
         cfg = load_config(default_config_path(), args.overrides)
-        result = run(args.stage, cfg, args.data, args.out, args.base, workers=args.workers,
-                     gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
-                     stage_run_id=os.environ.get(STAGE_RUN_ENV) or None)
+        result = run(
+            args.stage,
+            cfg,
+            args.data,
+            args.out,
+            args.base,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            max_failures=args.max_failures,
+            stage_run_id=os.environ.get(STAGE_RUN_ENV) or None,
+        )
     except KubellmError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    print_table(f"{args.stage} (Ray Train, {args.workers} workers)",
-                [{k: v for k, v in result.to_json().items() if k != "output_dir"}])
+    print_table(
+        f"{args.stage} (Ray Train, {args.workers} workers)",
+        [{k: v for k, v in result.to_json().items() if k != "output_dir"}],
+    )
     print(f"output: {result.output_dir}")
     return 0
 

@@ -48,19 +48,23 @@ def fetch_model(ref: str, out_dir: str | Path, ctx: StageContext) -> str:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
         elif src.is_dir():
-            shutil.copytree(src, tmp, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "checkpoints"))
+            shutil.copytree(
+                src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "checkpoints")
+            )
         elif src.exists():
             raise TrainingError(f"base model {ref}: expected a model directory, found a file")
         else:
             try:
                 from huggingface_hub import snapshot_download
 
-                snapshot_download(ref, local_dir=str(tmp),
-                                  allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"])
+                snapshot_download(
+                    ref, local_dir=str(tmp), allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
+                )
             except Exception as err:  # offline, unknown id, gated repo: one line either way, saying which
-                raise TrainingError(f"base model {ref!r}: not a local directory and not downloadable from "
-                                    f"the Hugging Face Hub here: {hub_error(err)}") from None
+                raise TrainingError(
+                    f"base model {ref!r}: not a local directory and not downloadable from "
+                    f"the Hugging Face Hub here: {hub_error(err)}"
+                ) from None
         if not any(p.suffix == ".safetensors" for p in tmp.iterdir()):
             raise TrainingError(f"base model {ref}: no *.safetensors weights")
     log.info("fetched base model %s → %s", ref, out_dir)
@@ -89,8 +93,17 @@ def _output(res: Any, link: str, title: str) -> StageOutput:
     return StageOutput(numeric(d), markdown.section(title, link, table), {"result": res})
 
 
-def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageContext, tracker: Tracker,
-            run_name: str, data_dir: str | Path, out_dir: str | Path, base_model: str | Path | None = None) -> Any:
+def _as_job(
+    stage: str,
+    stage_cfg: Any,
+    platform: PlatformConfig,
+    ctx: StageContext,
+    tracker: Tracker,
+    run_name: str,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | Path | None = None,
+) -> Any:
     """Train as a training-operator job: inputs to the shared volume, the job, the output back."""
     from kubellm.data.format import open_prepared
     from kubellm.k8s.jobspec import SHARED_MOUNT
@@ -101,10 +114,18 @@ def _as_job(stage: str, stage_cfg: Any, platform: PlatformConfig, ctx: StageCont
     run_cfg = job_run_config(ctx, platform, stage, run_name, **{stage: stage_cfg})
     fp = open_prepared(data_dir).manifest.fingerprint
     shared = stage_inputs(SHARED_MOUNT, run_name, stage, fp, data_dir, base_model)
-    outcome = run_training_job(stage, run_cfg, str(shared.data), str(shared.out),
-                               str(shared.base) if shared.base is not None else None, data_fingerprint=fp,
-                               env=job_env(tracker))
-    tracker.set_tags({f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)})
+    outcome = run_training_job(
+        stage,
+        run_cfg,
+        str(shared.data),
+        str(shared.out),
+        str(shared.base) if shared.base is not None else None,
+        data_fingerprint=fp,
+        env=job_env(tracker),
+    )
+    tracker.set_tags(
+        {f"{stage}.job": f"{outcome.kind}/{outcome.name}", f"{stage}.job_restarted": str(outcome.restarted)}
+    )
     collect_output(shared.out, out_dir)
     return TrainResult.read(out_dir)
 
@@ -114,9 +135,15 @@ def _engine(platform: PlatformConfig | None, stage: str) -> str:
 
 
 @preemptible
-def pretrain(config: PretrainConfig | dict[str, Any], data_dir: str | Path, out_dir: str | Path,
-             ctx: StageContext, *, platform: PlatformConfig | dict[str, Any] | None = None,
-             run_name: str = "kubellm") -> StageOutput:
+def pretrain(
+    config: PretrainConfig | dict[str, Any],
+    data_dir: str | Path,
+    out_dir: str | Path,
+    ctx: StageContext,
+    *,
+    platform: PlatformConfig | dict[str, Any] | None = None,
+    run_name: str = "kubellm",
+) -> StageOutput:
     """Pretraining, in this process or (``platform.distributed.pretrain.engine`` set) as a training job."""
     from kubellm.train.loop import claim_run_dir
     from kubellm.train.pretrain import pretrain as run
@@ -134,9 +161,17 @@ def pretrain(config: PretrainConfig | dict[str, Any], data_dir: str | Path, out_
 
 
 @preemptible
-def finetune(config: FinetuneConfig | dict[str, Any], base_model: str | Path, data_dir: str | Path,
-             out_dir: str | Path, ctx: StageContext, *, trial: dict[str, Any] | None = None,
-             platform: PlatformConfig | dict[str, Any] | None = None, run_name: str = "kubellm") -> StageOutput:
+def finetune(
+    config: FinetuneConfig | dict[str, Any],
+    base_model: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    ctx: StageContext,
+    *,
+    trial: dict[str, Any] | None = None,
+    platform: PlatformConfig | dict[str, Any] | None = None,
+    run_name: str = "kubellm",
+) -> StageOutput:
     """LoRA fine-tuning; a sweep ``trial`` (``{"name", "overrides"}``) adjusts the config first; with
     ``platform.distributed.finetune.engine`` set it runs as a training job."""
     from kubellm.config.run import trial_finetune
@@ -155,5 +190,3 @@ def finetune(config: FinetuneConfig | dict[str, Any], base_model: str | Path, da
             res = run(cfg, base_model, data_dir, out_dir, tracker)
         link = ctx.run_link(tracker.run_id)
     return _output(res, link, "LoRA fine-tuning")
-
-

@@ -23,7 +23,20 @@ from kubellm.tracking.registry import (
 )
 
 __all__ = [
-    "MlflowTracker", "ModelVersionInfo", "attached_run", "NullTracker", "Tracker", "TrackingError", "champion_info",
-    "end_parent_run", "find_parent_run", "flatten_params", "promote", "register_model", "resolve_model_uri",
-    "resolve_tracking_uri", "stage_run", "start_parent_run",
+    "MlflowTracker",
+    "ModelVersionInfo",
+    "attached_run",
+    "NullTracker",
+    "Tracker",
+    "TrackingError",
+    "champion_info",
+    "end_parent_run",
+    "find_parent_run",
+    "flatten_params",
+    "promote",
+    "register_model",
+    "resolve_model_uri",
+    "resolve_tracking_uri",
+    "stage_run",
+    "start_parent_run",
 ]

@@ -16,8 +16,15 @@ from urllib.parse import quote
 from kubellm.tracking.base import CLOSES_TAG
 
 #: Metrics of the (last) evaluation stage copied to the parent run, in report order.
-HEADLINE_METRICS = ("perplexity", "base_perplexity", "perplexity_ratio", "gate_passed", "code_parse_rate",
-                    "rouge_l", "token_f1")
+HEADLINE_METRICS = (
+    "perplexity",
+    "base_perplexity",
+    "perplexity_ratio",
+    "gate_passed",
+    "code_parse_rate",
+    "rouge_l",
+    "token_f1",
+)
 NOTE_TAG = "mlflow.note.content"
 #: The parent run's tag naming the version it registered (``models:/<name>/<version>``).
 REGISTERED_TAG = "registered_model"
@@ -58,13 +65,19 @@ def _outcome(children: list[Any], head: dict[str, Any]) -> str:
 
 def _latest(children: list[Any], stage: str) -> Any | None:
     """The newest finished child run of ``stage`` (sweep trials: ``evaluate.trial-N`` count as evaluate)."""
-    runs = [c for c in children if c.data.tags.get("stage", "").split(".")[0] == stage
-            and c.info.status == "FINISHED"]
+    runs = [c for c in children if c.data.tags.get("stage", "").split(".")[0] == stage and c.info.status == "FINISHED"]
     return max(runs, key=lambda r: r.info.start_time, default=None)
 
 
-def write_headline(client: Any, parent: Any, children: list[Any], *, status: str,
-                   summary: dict[str, Any] | None = None, link_model: bool = True) -> dict[str, Any]:
+def write_headline(
+    client: Any,
+    parent: Any,
+    children: list[Any],
+    *,
+    status: str,
+    summary: dict[str, Any] | None = None,
+    link_model: bool = True,
+) -> dict[str, Any]:
     """Put the stages' headline on ``parent``; returns what was written (for tests and the CLI).
     ``link_model``: also record the registered version's logged model as the run's output (once)."""
     from mlflow.entities import LoggedModelOutput
@@ -80,21 +93,27 @@ def write_headline(client: Any, parent: Any, children: list[Any], *, status: str
     reg = _latest(children, "register")
     if reg is not None:
         # not the base an adapter version's register step may have registered in the same run
-        versions = [v for v in client.search_model_versions(f"run_id = '{reg.info.run_id}'")
-                    if (v.tags or {}).get("kind") != "base"]
+        versions = [
+            v
+            for v in client.search_model_versions(f"run_id = '{reg.info.run_id}'")
+            if (v.tags or {}).get("kind") != "base"
+        ]
         if versions:
             mv = max(versions, key=lambda v: int(v.version))
             head["registered"] = f"{mv.name} v{mv.version}"
             # MLflow's "Registered models" box lists the versions whose one run_id is this run; the version's
             # is the register stage's run (whose record it is), so the parent links it in its description
             # and a tag (MLflow has no second run of a version; the logged model below is its other link)
-            head["registered_link"] = f"[{head['registered']}](#/models/{quote(mv.name, safe='')}/versions/{mv.version})"
+            head["registered_link"] = (
+                f"[{head['registered']}](#/models/{quote(mv.name, safe='')}/versions/{mv.version})"
+            )
             client.set_tag(run_id, REGISTERED_TAG, f"models:/{mv.name}/{mv.version}")
             metrics["registered_version"] = float(mv.version)
             # The version's logged model (MLflow 3: ``source`` is ``models:/<model id>``; the sqlite store
             # leaves ``model_id`` unset on the version itself).
             model_id = getattr(mv, "model_id", None) or (
-                mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None)
+                mv.source.removeprefix("models:/") if str(mv.source).startswith("models:/m-") else None
+            )
             if model_id and link_model:
                 client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
     dep = _latest(children, "deploy")
@@ -128,22 +147,30 @@ def show_reused(client: Any, parent_run_id: str, reused: dict[str, str]) -> dict
     for stage, run in runs.items():
         # a stage of the earlier run counts as finished here: it is what this run used
         run.data.tags.setdefault("stage", stage)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000
+    )
     for stage, run in runs.items():
         client.set_tag(parent_run_id, f"reused.{stage}", run.info.run_id)
-    return write_headline(client, parent, [*children, *runs.values()], status=parent.info.status,
-                          summary={"reused": {stage: (run.info.experiment_id, run.info.run_id)
-                                              for stage, run in runs.items()}},
-                          link_model=False)  # ending the run linked it already
+    return write_headline(
+        client,
+        parent,
+        [*children, *runs.values()],
+        status=parent.info.status,
+        summary={"reused": {stage: (run.info.experiment_id, run.info.run_id) for stage, run in runs.items()}},
+        link_model=False,
+    )  # ending the run linked it already
 
 
 def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
     from kubellm import markdown
 
     gate = head.get("gate_passed")
-    verdict = "not evaluated" if gate is None else (
-        "passed" if gate else f"{head.get('gate_failure', 'failed')}: nothing registered")
+    verdict = (
+        "not evaluated"
+        if gate is None
+        else ("passed" if gate else f"{head.get('gate_failure', 'failed')}: nothing registered")
+    )
     ratio = head.get("perplexity_ratio")
     rows = {
         "pipeline": parent.data.tags.get("pipeline", "?"),
@@ -158,9 +185,11 @@ def _note(parent: Any, head: dict[str, Any], summary: dict[str, Any]) -> str:
         rows["error"] = str(summary["error"])[:300]
     if summary.get("reused"):
         rows["reused from earlier runs"] = ", ".join(
-            f"[{stage}](#/experiments/{exp}/runs/{run_id})" for stage, (exp, run_id) in summary["reused"].items())
+            f"[{stage}](#/experiments/{exp}/runs/{run_id})" for stage, (exp, run_id) in summary["reused"].items()
+        )
     title = head.get("name") or parent.info.run_name or "kubellm run"
     if parent.data.tags.get("run_name"):
         rows = {"run": parent.data.tags["run_name"], **rows}
-    return markdown.section(title, markdown.fields(rows),
-                            "The whole config is the `config.json` artifact; every stage is a nested run.")
+    return markdown.section(
+        title, markdown.fields(rows), "The whole config is the `config.json` artifact; every stage is a nested run."
+    )

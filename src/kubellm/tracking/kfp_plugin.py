@@ -80,5 +80,8 @@ def client_env() -> dict[str, str]:
     training job's pods so rank 0 reaches the same server, in the same workspace. Never the run id (pods
     attach to the step's run by ``KUBELLM_STAGE_RUN_ID``), nor any credential, nor a ``kubernetes`` auth
     mode (the pods have no token for it: see the module doc)."""
-    return {name: os.environ[name] for name in _CLIENT_ENV if os.environ.get(name, "").strip()
-            and not (name == AUTH_ENV and kubernetes_auth())}
+    return {
+        name: os.environ[name]
+        for name in _CLIENT_ENV
+        if os.environ.get(name, "").strip() and not (name == AUTH_ENV and kubernetes_auth())
+    }

@@ -107,8 +107,9 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
         # the handed run (KFP's MLflow plugin) exists only on the server that handed it
         if cfg.uri and cfg.uri.rstrip("/") != env.rstrip("/") and cfg.uri not in _WARNED_URIS:
             _WARNED_URIS.add(cfg.uri)
-            log.warning("tracking.uri %s ignored: MLFLOW_RUN_ID is set, and its run lives at $MLFLOW_TRACKING_URI",
-                        cfg.uri)
+            log.warning(
+                "tracking.uri %s ignored: MLFLOW_RUN_ID is set, and its run lives at $MLFLOW_TRACKING_URI", cfg.uri
+            )
         return _credentials_to_env(env)
     if cfg.uri:
         return cfg.uri
@@ -153,8 +154,14 @@ def git_revision() -> str | None:
         return _credentials_to_env(env)
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
-                             capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     rev = out.stdout.strip()
@@ -162,8 +169,11 @@ def git_revision() -> str | None:
 
 
 # Per request to an MLflow server: seconds and retries (see the module doc); the environment overrides.
-_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 
 
 def mlflow_client(cfg: TrackingConfig, workdir: str | Path) -> tuple[Any, str]:
@@ -209,8 +219,10 @@ def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TrackingError(f"{path}: another process has held this lock for over {timeout_s:g} s; "
-                                        "if none is running, remove the file and rerun") from None
+                    raise TrackingError(
+                        f"{path}: another process has held this lock for over {timeout_s:g} s; "
+                        "if none is running, remove the file and rerun"
+                    ) from None
                 time.sleep(0.05)
         try:
             yield
@@ -226,8 +238,9 @@ def _bring_up_to_date(db: Path, uri: str) -> None:
     try:
         if utils._is_empty_database(engine):
             utils._initialize_tables(engine)
-        elif not (utils._all_tables_exist(engine)
-                  and utils._get_schema_version(engine) == utils._get_latest_schema_revision()):
+        elif not (
+            utils._all_tables_exist(engine) and utils._get_schema_version(engine) == utils._get_latest_schema_revision()
+        ):
             _repair(db, uri, engine)
     finally:
         engine.dispose()
@@ -246,8 +259,9 @@ def _repair(db: Path, uri: str, engine: Any) -> None:
         with engine.begin() as connection:
             # A batch migration copies a table into _alembic_tmp_<table>, then swaps them: a copy whose
             # table still exists is a partial leftover, and the migration that made it starts again.
-            for leftover in sorted(t for t in tables if t.startswith("_alembic_tmp_")
-                                   and t.removeprefix("_alembic_tmp_") in tables):
+            for leftover in sorted(
+                t for t in tables if t.startswith("_alembic_tmp_") and t.removeprefix("_alembic_tmp_") in tables
+            ):
                 connection.execute(sqlalchemy.text(f'DROP TABLE "{leftover}"'))
         if utils._all_tables_exist(engine):
             utils._upgrade_db(engine)
@@ -256,12 +270,17 @@ def _repair(db: Path, uri: str, engine: Any) -> None:
     except Exception as err:  # whatever the migration hit, the store goes back to how it was found
         engine.dispose()
         os.replace(backup, db)
-        raise TrackingError(f"{db}: the MLflow store was left half-migrated by an earlier process and could not "
-                            f"be repaired ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); it is "
-                            f"unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
-                            f"repair it with `mlflow db upgrade {uri}`") from None
-    log.warning("%s: finished the MLflow schema migration an earlier process left half done; the store as "
-                "it was is kept at %s", db, backup)
+        raise TrackingError(
+            f"{db}: the MLflow store was left half-migrated by an earlier process and could not "
+            f"be repaired ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); it is "
+            f"unchanged: move it aside (mv {db} {db}.broken) to start a new store here, or "
+            f"repair it with `mlflow db upgrade {uri}`"
+        ) from None
+    log.warning(
+        "%s: finished the MLflow schema migration an earlier process left half done; the store as it was is kept at %s",
+        db,
+        backup,
+    )
 
 
 @contextlib.contextmanager
@@ -304,21 +323,27 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_sqlite_artifact_root(uri),
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(
+                name, artifact_location=_sqlite_artifact_root(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:  # created meanwhile by a parallel step
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise TrackingError(f"MLflow at {uri}: experiment {name!r} is deleted; restore it in the MLflow UI "
-                            "or choose another tracking.experiment")
+        raise TrackingError(
+            f"MLflow at {uri}: experiment {name!r} is deleted; restore it in the MLflow UI "
+            "or choose another tracking.experiment"
+        )
     return exp.experiment_id
 
 
 def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
-    return list(client.search_runs([experiment_id], filter_string=filter_string, max_results=100,
-                                   order_by=["attributes.start_time DESC"]))
+    return list(
+        client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=100, order_by=["attributes.start_time DESC"]
+        )
+    )
 
 
 # While the server is away: how often a call is tried again, and how many metric points wait for it.
@@ -334,7 +359,11 @@ def unreachable(err: BaseException) -> bool:
     if isinstance(err, OSError):  # requests' ConnectionError and Timeout are OSErrors
         return True
     return isinstance(err, MlflowException) and err.error_code in (
-        "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED")
+        "INTERNAL_ERROR",
+        "TEMPORARILY_UNAVAILABLE",
+        "RESOURCE_EXHAUSTED",
+        "REQUEST_LIMIT_EXCEEDED",
+    )
 
 
 class MlflowTracker(Tracker):
@@ -344,8 +373,15 @@ class MlflowTracker(Tracker):
     doc); :meth:`flush` sends what waits and says in one line what could not be sent.
     """
 
-    def __init__(self, client: Any, run_id: str, *, logged_steps: Mapping[str, int] | None = None,
-                 when_unreachable: str = "fail", uri: str = "") -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        *,
+        logged_steps: Mapping[str, int] | None = None,
+        when_unreachable: str = "fail",
+        uri: str = "",
+    ) -> None:
         self.client = client
         self.run_id = run_id
         # Per metric, the last step already in the run: a re-attached run (a retried step, a restarted
@@ -367,21 +403,29 @@ class MlflowTracker(Tracker):
             if key not in existing:
                 new[key] = value
             elif existing[key] != value:
-                log.warning("run %s: param %s already logged as %r; keeping it (new value %r)",
-                            self.run_id, key, existing[key], value)
+                log.warning(
+                    "run %s: param %s already logged as %r; keeping it (new value %r)",
+                    self.run_id,
+                    key,
+                    existing[key],
+                    value,
+                )
         items = [Param(k, v) for k, v in new.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None and (step is None or step > self._logged_steps.get(k, -1))]
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and (step is None or step > self._logged_steps.get(k, -1))
+        ]
         room = _MAX_BUFFERED - len(self._waiting)
         self.dropped += max(0, len(items) - room)
-        self._waiting += items[:max(room, 0)]
+        self._waiting += items[: max(room, 0)]
         if time.monotonic() >= self._retry_at:
             self._send_waiting()
 
@@ -395,18 +439,24 @@ class MlflowTracker(Tracker):
             if not unreachable(err):
                 raise
             if self.when_unreachable != "buffer":
-                raise TrackingError(f"MLflow at {self.uri or '?'} does not answer "
-                                    f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); the stage stops "
-                                    "(tracking.when_unreachable: fail)") from None
+                raise TrackingError(
+                    f"MLflow at {self.uri or '?'} does not answer "
+                    f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); the stage stops "
+                    "(tracking.when_unreachable: fail)"
+                ) from None
             if not self._retry_at:
-                log.warning("tracking degraded: MLflow at %s does not answer (%s); training goes on, metrics wait "
-                            "in memory and are sent when it is back", self.uri or "?",
-                            (str(err).splitlines() or [type(err).__name__])[0][:200])
+                log.warning(
+                    "tracking degraded: MLflow at %s does not answer (%s); training goes on, metrics wait "
+                    "in memory and are sent when it is back",
+                    self.uri or "?",
+                    (str(err).splitlines() or [type(err).__name__])[0][:200],
+                )
             self._retry_at = time.monotonic() + _RETRY_S
             return False
         if self._retry_at:
-            log.warning("tracking recovered: MLflow at %s answers again; the metrics that waited were sent",
-                        self.uri or "?")
+            log.warning(
+                "tracking recovered: MLflow at %s answers again; the metrics that waited were sent", self.uri or "?"
+            )
             self._retry_at = 0.0
         return True
 
@@ -414,9 +464,14 @@ class MlflowTracker(Tracker):
         """Send what waits, now; one warning line says how many points are lost when that fails."""
         sent = self._send_waiting()
         if not sent or self.dropped:
-            log.warning("run %s: %d metric points could not be sent to MLflow at %s (server away%s); they are "
-                        "in the stage's own files (history.jsonl)", self.run_id, len(self._waiting) + self.dropped,
-                        self.uri or "?", f", {self.dropped} beyond the buffer" if self.dropped else "")
+            log.warning(
+                "run %s: %d metric points could not be sent to MLflow at %s (server away%s); they are "
+                "in the stage's own files (history.jsonl)",
+                self.run_id,
+                len(self._waiting) + self.dropped,
+                self.uri or "?",
+                f", {self.dropped} beyond the buffer" if self.dropped else "",
+            )
         return sent
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -431,7 +486,7 @@ class MlflowTracker(Tracker):
 
         def send() -> None:
             for i in range(0, len(items), _PARAMS_PER_BATCH):
-                self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH])
+                self.client.log_batch(self.run_id, tags=items[i : i + _PARAMS_PER_BATCH])
 
         self._or_skip(f"tags {', '.join(sorted(tags))}", send)
 
@@ -467,8 +522,15 @@ def _context_tags(config: Mapping[str, Any] | None) -> dict[str, str]:
     return tags
 
 
-def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str, run_name: str,
-                     config: dict, tags: dict[str, str] | None = None) -> str:
+def start_parent_run(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    *,
+    pipeline: str,
+    run_name: str,
+    config: dict,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Start the parent run of one lifecycle run and return its id.
 
     ``config`` (the whole run config as JSON-able data) is logged as one ``config.json`` artifact (its
@@ -484,17 +546,22 @@ def start_parent_run(cfg: TrackingConfig, workdir: str | Path, *, pipeline: str,
     if not cfg.enabled:
         return ""
     client, uri = mlflow_client(cfg, workdir)
-    all_tags = {**_context_tags(config), TAG_PIPELINE: pipeline, TAG_RUN_NAME: run_name, **(tags or {}),
-                TAG_RUN_KIND: "parent"}
+    all_tags = {
+        **_context_tags(config),
+        TAG_PIPELINE: pipeline,
+        TAG_RUN_NAME: run_name,
+        **(tags or {}),
+        TAG_RUN_KIND: "parent",
+    }
     if handed_run_id():  # KFP's MLflow plugin made the parent: describe it, open nothing
         with mlflow_errors(uri, f"reading the run MLFLOW_RUN_ID={handed_run_id()} hands this step"):
             parent = _handed_parent(client)
             MlflowTracker(client, parent.info.run_id).set_tags(
-                {k: v for k, v in all_tags.items() if not (k == TAG_CONFIG_HASH and not config)})
+                {k: v for k, v in all_tags.items() if not (k == TAG_CONFIG_HASH and not config)}
+            )
             if config:
                 MlflowTracker(client, parent.info.run_id).log_dict(redact(config), "config.json")
-        log.info("parent run %s: the one MLFLOW_RUN_ID's run is nested under (KFP's MLflow plugin)",
-                 parent.info.run_id)
+        log.info("parent run %s: the one MLFLOW_RUN_ID's run is nested under (KFP's MLflow plugin)", parent.info.run_id)
         return parent.info.run_id
     with mlflow_errors(uri, f"starting the parent run of pipeline {pipeline!r}"):
         exp = _experiment_id(client, cfg.experiment, uri)
@@ -524,23 +591,27 @@ def _handed_parent(client: Any) -> Any:
 
 def _find_parent(client: Any, experiment_id: str, kfp_run_id: str) -> Any | None:
     """The parent run of KFP run ``kfp_run_id`` (the newest, should there be several), or None."""
-    found = _search(client, experiment_id, f"tags.{TAG_KFP_RUN_ID} = '{_check_filter_value(kfp_run_id, 'kfp_run_id')}' "
-                                           f"and tags.{TAG_RUN_KIND} = 'parent'")
+    found = _search(
+        client,
+        experiment_id,
+        f"tags.{TAG_KFP_RUN_ID} = '{_check_filter_value(kfp_run_id, 'kfp_run_id')}' and tags.{TAG_RUN_KIND} = 'parent'",
+    )
     return found[0] if found else None
 
 
 def _reattachable(client: Any, experiment_id: str, parent_run_id: str, stage: str) -> Any | None:
     """The newest unfinished child of ``parent_run_id`` for ``stage``: the run of an earlier attempt of
     this very step (failed, killed, or SIGKILLed and still marked RUNNING)."""
-    runs = _search(client, experiment_id,
-                   f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{TAG_STAGE} = '{stage}'")
+    runs = _search(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{TAG_STAGE} = '{stage}'")
     return next((r for r in runs if r.info.status != "FINISHED"), None)
 
 
 def _logged_steps(client: Any, run: Any) -> dict[str, int]:
     """The last logged step of every metric of ``run`` (one history request per metric key)."""
-    return {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
-            for key in run.data.metrics}
+    return {
+        key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+        for key in run.data.metrics
+    }
 
 
 @contextlib.contextmanager
@@ -556,8 +627,12 @@ def attached_run(cfg: TrackingConfig, workdir: str | Path, run_id: str) -> Itera
     with mlflow_errors(uri, f"attaching to run {run_id}"):
         run = client.get_run(_check_filter_value(run_id, "run id"))
         steps = _logged_steps(client, run)
-    log.info("logging into run %s (stage %s)%s", run_id, run.data.tags.get(TAG_STAGE, "?"),
-             f", continuing after step {max(steps.values())}" if steps else "")
+    log.info(
+        "logging into run %s (stage %s)%s",
+        run_id,
+        run.data.tags.get(TAG_STAGE, "?"),
+        f", continuing after step {max(steps.values())}" if steps else "",
+    )
     tracker = MlflowTracker(client, run_id, logged_steps=steps, when_unreachable=cfg.when_unreachable, uri=uri)
     try:
         yield tracker
@@ -619,8 +694,9 @@ def _end_status(err: BaseException) -> EndStatus:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | None, stage: str,
-              config: dict | None = None) -> Iterator[Tracker]:
+def stage_run(
+    cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | None, stage: str, config: dict | None = None
+) -> Iterator[Tracker]:
     """Run one stage inside its own MLflow run, nested under ``parent_run_id`` when given.
 
     Yields the stage's :class:`Tracker`. With ``$MLFLOW_RUN_ID`` set (KFP's MLflow plugin) the stage logs
@@ -641,8 +717,11 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
         if handed:  # KFP's MLflow plugin (or a caller) made this step's run: log into it, open none
             given = client.get_run(_check_filter_value(handed, "MLFLOW_RUN_ID"))
             parent_id = given.data.tags.get(PARENT_TAG)
-            inherited = {k: v for k, v in client.get_run(parent_id).data.tags.items()
-                         if k in (TAG_PIPELINE, TAG_KFP_RUN_ID)} if parent_id else {}
+            inherited = (
+                {k: v for k, v in client.get_run(parent_id).data.tags.items() if k in (TAG_PIPELINE, TAG_KFP_RUN_ID)}
+                if parent_id
+                else {}
+            )
             # this stage logged here before: a retried task (the plugin reopens its run) re-attaches
             run = given if given.data.tags.get(TAG_STAGE) == stage else None
             parent_run_id, exp = None, ""
@@ -662,12 +741,17 @@ def stage_run(cfg: TrackingConfig, workdir: str | Path, *, parent_run_id: str | 
             client.set_tag(run_id, TAG_ATTEMPT, str(attempt))
             if TAG_ERROR in run.data.tags:  # the earlier attempt's error no longer describes this run
                 client.delete_tag(run_id, TAG_ERROR)
-            log.info("stage %s: attempt %d re-attached to run %s (was %s)", stage, attempt, run_id,
-                     run.info.status)
+            log.info("stage %s: attempt %d re-attached to run %s (was %s)", stage, attempt, run_id, run.info.status)
             steps = _logged_steps(client, run)
         else:
-            tags = {**inherited, **_context_tags(config), TAG_STAGE: stage, TAG_RUN_KIND: "stage",
-                    TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+            tags = {
+                **inherited,
+                **_context_tags(config),
+                TAG_STAGE: stage,
+                TAG_RUN_KIND: "stage",
+                TAG_HOST: socket.gethostname(),
+                TAG_PID: str(os.getpid()),
+            }
             if parent_run_id:
                 tags[PARENT_TAG] = parent_run_id
             if handed:
@@ -708,8 +792,12 @@ def _end_run(tracker: MlflowTracker, status: EndStatus) -> None:
     except Exception as err:
         if tracker.when_unreachable != "buffer" or not unreachable(err):
             raise
-        log.warning("run %s: could not be marked %s, MLflow at %s does not answer; the next run of this stage "
-                    "closes it", tracker.run_id, status, tracker.uri or "?")
+        log.warning(
+            "run %s: could not be marked %s, MLflow at %s does not answer; the next run of this stage closes it",
+            tracker.run_id,
+            status,
+            tracker.uri or "?",
+        )
 
 
 def _close_stale(client: Any, experiment_id: str, stage: str) -> None:
@@ -717,14 +805,22 @@ def _close_stale(client: Any, experiment_id: str, stage: str) -> None:
     ended while the server was away, or was SIGKILLed, and is run again (not re-attached: commands run
     without a parent run)."""
     host = socket.gethostname()
-    runs = _search(client, experiment_id, f"tags.{TAG_STAGE} = '{stage}' and attributes.status = 'RUNNING' "
-                                          f"and tags.`{TAG_HOST}` = '{_check_filter_value(host, 'host')}'")
+    runs = _search(
+        client,
+        experiment_id,
+        f"tags.{TAG_STAGE} = '{stage}' and attributes.status = 'RUNNING' "
+        f"and tags.`{TAG_HOST}` = '{_check_filter_value(host, 'host')}'",
+    )
     for run in runs:
         pid = run.data.tags.get(TAG_PID, "")
         if pid.isdigit() and not _alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
-            log.warning("stage run %s (%s) was still RUNNING, its process %s is gone: marked KILLED",
-                        run.info.run_id, stage, pid)
+            log.warning(
+                "stage run %s (%s) was still RUNNING, its process %s is gone: marked KILLED",
+                run.info.run_id,
+                stage,
+                pid,
+            )
 
 
 def _alive(pid: int) -> bool:
@@ -737,8 +833,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
-                   status: Literal["FINISHED", "FAILED", "KILLED"], summary: dict | None = None) -> None:
+def end_parent_run(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    run_id: str,
+    status: Literal["FINISHED", "FAILED", "KILLED"],
+    summary: dict | None = None,
+) -> None:
     """End a parent run with ``status``, logging ``summary`` (numbers and booleans as metrics, the whole
     dict as ``summary.json``). Stage runs still marked RUNNING under it belong to processes that died
     without a word (SIGKILL, out of memory): they are marked KILLED so nothing stays RUNNING forever.
@@ -754,8 +855,7 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
         parent = client.get_run(_check_filter_value(run_id, "run id"))
         tracker = MlflowTracker(client, run_id)
         if summary:
-            numbers = {k: float(v) for k, v in summary.items()
-                       if isinstance(v, int | float) and not isinstance(v, str)}
+            numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, str)}
             tracker.log_metrics(numbers)
             tracker.log_dict(summary, "summary.json")
         children = _search(client, parent.info.experiment_id, f"tags.`{PARENT_TAG}` = '{run_id}'")
@@ -768,8 +868,11 @@ def end_parent_run(cfg: TrackingConfig, workdir: str | Path, run_id: str,
         for child in children:
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, "KILLED")
-                log.warning("stage run %s (%s) was still RUNNING: marked KILLED", child.info.run_id,
-                            child.data.tags.get(TAG_STAGE, "?"))
+                log.warning(
+                    "stage run %s (%s) was still RUNNING: marked KILLED",
+                    child.info.run_id,
+                    child.data.tags.get(TAG_STAGE, "?"),
+                )
         from kubellm.tracking.headline import write_headline
 
         write_headline(client, parent, children, status=status, summary=summary)

@@ -93,9 +93,14 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def _info(mv: Any) -> ModelVersionInfo:
-    return ModelVersionInfo(name=mv.name, version=int(mv.version), aliases=sorted(mv.aliases or []),
-                            uri=f"models:/{mv.name}/{mv.version}", tags=dict(mv.tags or {}),
-                            run_id=mv.run_id)
+    return ModelVersionInfo(
+        name=mv.name,
+        version=int(mv.version),
+        aliases=sorted(mv.aliases or []),
+        uri=f"models:/{mv.name}/{mv.version}",
+        tags=dict(mv.tags or {}),
+        run_id=mv.run_id,
+    )
 
 
 def _require_enabled(cfg: TrackingConfig, what: str) -> None:
@@ -112,9 +117,17 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Path, *, run_id: str,
-                   base_model: str | Path | None = None, metrics: dict | None = None,
-                   tags: dict[str, str] | None = None, alias: str | None = CANDIDATE) -> ModelVersionInfo:
+def register_model(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    model_dir: str | Path,
+    *,
+    run_id: str,
+    base_model: str | Path | None = None,
+    metrics: dict | None = None,
+    tags: dict[str, str] | None = None,
+    alias: str | None = CANDIDATE,
+) -> ModelVersionInfo:
     """Log ``model_dir`` (a full model or a LoRA adapter, merged into ``base_model`` or the base its
     config records) under run ``run_id``, register it as a new version of ``cfg.registered_model`` and
     give it the ``candidate`` alias (``alias``; ``None``: none). ``tags`` and the headline ``metrics``
@@ -134,14 +147,20 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
     lm = load_causal_lm(model_dir, base_model=base_model, device="cpu", merge_adapter=True)
     bad = nonfinite_names(dict(lm.model.named_parameters()))
     if bad:  # a diverged run's weights: never a candidate, so never a champion either
-        raise TrackingError(f"{model_dir}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]}); "
-                            "refusing to register a broken model")
+        raise TrackingError(
+            f"{model_dir}: {len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]}); "
+            "refusing to register a broken model"
+        )
     # mlflow.transformers asks the Hub for a model card and license under the model's name_or_path; a
     # relative local path ("pretrained") looks like a Hub id and cost ~45 s of retries offline. An
     # absolute path is refused by the Hub client at once.
     lm.model.name_or_path = lm.model.config._name_or_path = str(model_dir.resolve())
-    version_tags = {"source": str(model_dir), "adapter": str(adapter).lower(),
-                    "storage_bytes": str(_parameter_bytes(lm.model)), **(tags or {})}
+    version_tags = {
+        "source": str(model_dir),
+        "adapter": str(adapter).lower(),
+        "storage_bytes": str(_parameter_bytes(lm.model)),
+        **(tags or {}),
+    }
     if base_model is not None or adapter:
         version_tags["base_model"] = str(base_model) if base_model is not None else lm.source.split(" + ")[0]
     # a handful of headline figures, not every metric (25 tags filled a screen per version); the version's
@@ -157,15 +176,22 @@ def register_model(cfg: TrackingConfig, workdir: str | Path, model_dir: str | Pa
         # (``Default`` in ``./mlruns`` for a fresh process), so create it in the run's experiment here.
         # log_model, and the registry when it resolves the model's URI, also read the process-wide
         # tracking URI: scope ours to these calls only.
-        logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id,
-                                            tags=version_tags)
+        logged = client.create_logged_model(
+            run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id, tags=version_tags
+        )
         with _use_tracking_uri(uri):
             info = mlflow.transformers.log_model(
-                {"model": lm.model, "tokenizer": lm.tokenizer}, name=MODEL_ARTIFACT, task="text-generation",
-                pip_requirements=_pip_requirements(), run_id=run_id, model_id=logged.model_id)
+                {"model": lm.model, "tokenizer": lm.tokenizer},
+                name=MODEL_ARTIFACT,
+                task="text-generation",
+                pip_requirements=_pip_requirements(),
+                run_id=run_id,
+                model_id=logged.model_id,
+            )
             _ensure_registered_model(client, cfg.registered_model)
-            mv = client.create_model_version(cfg.registered_model, source=info.model_uri, run_id=run_id,
-                                             tags=version_tags, model_id=info.model_id)
+            mv = client.create_model_version(
+                cfg.registered_model, source=info.model_uri, run_id=run_id, tags=version_tags, model_id=info.model_id
+            )
         if alias:
             client.set_registered_model_alias(cfg.registered_model, alias, mv.version)
         mv = client.get_model_version(cfg.registered_model, mv.version)
@@ -185,13 +211,27 @@ BASE_SUFFIX = "-base"
 FINGERPRINT_TAG = "fingerprint"
 ADAPTER_BASE_RECORD = "kubellm-base.json"
 # What an adapter version stores (the weights, the config, the tokenizer the fine-tune saved).
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "chat_template.jinja", "README.md")
+_ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "README.md",
+)
 
 
-def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str | Path, *, run_id: str,
-                     base_model: str | Path, metrics: dict | None = None,
-                     tags: dict[str, str] | None = None) -> ModelVersionInfo:
+def register_adapter(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    adapter_dir: str | Path,
+    *,
+    run_id: str,
+    base_model: str | Path,
+    metrics: dict | None = None,
+    tags: dict[str, str] | None = None,
+) -> ModelVersionInfo:
     """Register the LoRA adapter at ``adapter_dir`` *as an adapter* (megabytes, not a merged copy): a new
     version of ``cfg.registered_model`` with the ``candidate`` alias, recording the base version it
     belongs to (tags ``base_name``, ``base_version``, ``base_fingerprint``, and ``kubellm-base.json``
@@ -222,35 +262,52 @@ def register_adapter(cfg: TrackingConfig, workdir: str | Path, adapter_dir: str 
         raise TrackingError(f"{adapter_dir}: no adapter_model.safetensors")
     bad = nonfinite_names(load_file(str(weights)))
     if bad:
-        raise TrackingError(f"{adapter_dir}: {len(bad)} adapter tensors hold NaN or infinite values (e.g. {bad[0]}); "
-                            "refusing to register a broken adapter")
+        raise TrackingError(
+            f"{adapter_dir}: {len(bad)} adapter tensors hold NaN or infinite values (e.g. {bad[0]}); "
+            "refusing to register a broken adapter"
+        )
     fingerprint = weights_fingerprint(base_dir)
     base = _base_version(cfg, workdir, base_dir, fingerprint, run_id)
     client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"run {run_id}"):
         run = client.get_run(run_id)
     record = {"name": base.name, "version": base.version, "uri": base.uri, "fingerprint": fingerprint}
-    version_tags = {"source": str(adapter_dir), "adapter": "true", "kind": "adapter", "base_name": base.name,
-                    "base_version": str(base.version), "base_fingerprint": fingerprint,
-                    "storage_bytes": str(weights.stat().st_size),
-                    "merged_storage_bytes": base.tags.get("storage_bytes", ""), **(tags or {})}
+    version_tags = {
+        "source": str(adapter_dir),
+        "adapter": "true",
+        "kind": "adapter",
+        "base_name": base.name,
+        "base_version": str(base.version),
+        "base_fingerprint": fingerprint,
+        "storage_bytes": str(weights.stat().st_size),
+        "merged_storage_bytes": base.tags.get("storage_bytes", ""),
+        **(tags or {}),
+    }
     for key, value in (metrics or {}).items():
         if key in HEADLINE_METRICS:  # as register_model: the version's run holds them all
             version_tags[f"metric.{key}"] = f"{float(value):.6g}"
-    with tempfile.TemporaryDirectory(prefix="kubellm-adapter-") as tmp, \
-            mlflow_errors(uri, f"registering adapter {adapter_dir} as {cfg.registered_model!r}"):
+    with (
+        tempfile.TemporaryDirectory(prefix="kubellm-adapter-") as tmp,
+        mlflow_errors(uri, f"registering adapter {adapter_dir} as {cfg.registered_model!r}"),
+    ):
         for name in _ADAPTER_FILES:
             if (adapter_dir / name).is_file():
                 shutil.copy2(adapter_dir / name, Path(tmp) / name)
         (Path(tmp) / ADAPTER_BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        logged = client.create_logged_model(run.info.experiment_id, name="adapter", source_run_id=run_id,
-                                            tags=version_tags)
+        logged = client.create_logged_model(
+            run.info.experiment_id, name="adapter", source_run_id=run_id, tags=version_tags
+        )
         client.log_model_artifacts(logged.model_id, tmp)
         client.finalize_logged_model(logged.model_id, "READY")
         _ensure_registered_model(client, cfg.registered_model)
         with _use_tracking_uri(uri):  # the registry resolves the source with the process-wide URI
-            mv = client.create_model_version(cfg.registered_model, source=f"models:/{logged.model_id}",
-                                             run_id=run_id, tags=version_tags, model_id=logged.model_id)
+            mv = client.create_model_version(
+                cfg.registered_model,
+                source=f"models:/{logged.model_id}",
+                run_id=run_id,
+                tags=version_tags,
+                model_id=logged.model_id,
+            )
         client.set_registered_model_alias(cfg.registered_model, CANDIDATE, mv.version)
         mv = client.get_model_version(cfg.registered_model, mv.version)
     log.info("registered adapter %s version %s (%s) on base %s", mv.name, mv.version, CANDIDATE, base.uri)
@@ -275,12 +332,15 @@ def storage_figures(tags: dict[str, str]) -> dict[str, Any]:
 
 def storage_line(storage: dict[str, Any]) -> str:
     """``adapter 1.1 MiB vs 4.8 MiB merged (4.2x less), on models:/x-base/1``, or a merged version's size."""
+
     def mib(n: int) -> str:
         return f"{n / 2**20:.3g} MiB"
 
     if "storage_factor" in storage:
-        return (f"adapter {mib(storage['storage_bytes'])} vs {mib(storage['merged_storage_bytes'])} merged "
-                f"({storage['storage_factor']:.3g}x less), on {storage['base']}")
+        return (
+            f"adapter {mib(storage['storage_bytes'])} vs {mib(storage['merged_storage_bytes'])} merged "
+            f"({storage['storage_factor']:.3g}x less), on {storage['base']}"
+        )
     if "storage_bytes" in storage:
         return f"{storage['kind']} {mib(storage['storage_bytes'])}"
     return ""
@@ -295,8 +355,10 @@ def _use_tracking_uri(uri: str) -> Any:
     try:
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri as scoped
     except ImportError:
-        raise TrackingError(f"mlflow {metadata.version('mlflow')}: no mlflow.tracking._tracking_service.utils."
-                            "_use_tracking_uri, which kubellm's registration needs (tested with mlflow 3.17)") from None
+        raise TrackingError(
+            f"mlflow {metadata.version('mlflow')}: no mlflow.tracking._tracking_service.utils."
+            "_use_tracking_uri, which kubellm's registration needs (tested with mlflow 3.17)"
+        ) from None
     return scoped(uri)
 
 
@@ -312,23 +374,32 @@ def _ensure_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def _base_version(cfg: TrackingConfig, workdir: str | Path, base_dir: Path, fingerprint: str,
-                  run_id: str) -> ModelVersionInfo:
+def _base_version(
+    cfg: TrackingConfig, workdir: str | Path, base_dir: Path, fingerprint: str, run_id: str
+) -> ModelVersionInfo:
     """The version of ``<registered_model>-base`` holding the weights with ``fingerprint``, registered now
     if there is none yet."""
     name = cfg.registered_model + BASE_SUFFIX
     client, uri = mlflow_client(cfg, workdir)
     with mlflow_errors(uri, f"looking up {name}"):
-        found = client.search_model_versions(f"name = '{_check_filter_value(name, 'registered model')}' and "
-                                             f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}'")
+        found = client.search_model_versions(
+            f"name = '{_check_filter_value(name, 'registered model')}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"
+        )
     if found:
         return _info(min(found, key=lambda mv: int(mv.version)))
-    return register_model(cfg.model_copy(update={"registered_model": name}), workdir, base_dir, run_id=run_id,
-                          tags={FINGERPRINT_TAG: fingerprint, "kind": "base"}, alias=None)
+    return register_model(
+        cfg.model_copy(update={"registered_model": name}),
+        workdir,
+        base_dir,
+        run_id=run_id,
+        tags={FINGERPRINT_TAG: fingerprint, "kind": "base"},
+        alias=None,
+    )
 
 
-def promote(cfg: TrackingConfig, workdir: str | Path, version: int, alias: str = CHAMPION, *,
-            force: bool = False) -> ModelVersionInfo:
+def promote(
+    cfg: TrackingConfig, workdir: str | Path, version: int, alias: str = CHAMPION, *, force: bool = False
+) -> ModelVersionInfo:
     """Point ``alias`` (``champion`` by default) at ``version``, the version the promoting run registered.
     Call it only after the gate passed (and, for ``champion``, the deployment is healthy).
 
@@ -380,8 +451,9 @@ def _holder(client: Any, name: str, alias: str) -> int | None:
 
 
 def _claims(client: Any, name: str, alias: str) -> list[int]:
-    found = client.search_model_versions(f"name = '{_check_filter_value(name, 'registered model')}' and "
-                                         f"tags.`{_claim_tag(alias)}` = '{_CLAIMED}'")
+    found = client.search_model_versions(
+        f"name = '{_check_filter_value(name, 'registered model')}' and tags.`{_claim_tag(alias)}` = '{_CLAIMED}'"
+    )
     return [int(mv.version) for mv in found]
 
 
@@ -393,8 +465,9 @@ def _converge(client: Any, name: str, alias: str, uri: str) -> int:
         if holder == target:
             return target
         client.set_registered_model_alias(name, alias, str(target))
-    raise TrackingError(f"MLflow at {uri}: {name}@{alias} kept changing during {_CONVERGE_ROUNDS} rounds of "
-                        "promotion; promote again")
+    raise TrackingError(
+        f"MLflow at {uri}: {name}@{alias} kept changing during {_CONVERGE_ROUNDS} rounds of promotion; promote again"
+    )
 
 
 def _roll_back(client: Any, name: str, alias: str, version: int) -> None:
@@ -529,8 +602,9 @@ def resolve_model_uri(cfg: TrackingConfig, workdir: str | Path, uri: str) -> Pat
         return local
     m = _MODEL_URI.match(uri)
     if m is None:
-        raise TrackingError(f"model URI {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> "
-                            "or a local directory")
+        raise TrackingError(
+            f"model URI {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a local directory"
+        )
     _require_enabled(cfg, f"resolving {uri}")
     from mlflow.artifacts import download_artifacts
 
@@ -540,8 +614,7 @@ def resolve_model_uri(cfg: TrackingConfig, workdir: str | Path, uri: str) -> Pat
         if m["alias"]:
             mv = _version_by_alias(client, name, m["alias"], tracking_uri)
             if mv is None:
-                raise TrackingError(f"MLflow at {tracking_uri}: {uri}: no version of {name!r} has alias "
-                                    f"@{m['alias']}")
+                raise TrackingError(f"MLflow at {tracking_uri}: {uri}: no version of {name!r} has alias @{m['alias']}")
         else:
             mv = _get_version(client, name, m["version"], tracking_uri)
         dest = Path(workdir).resolve() / "models" / name / str(mv.version)
@@ -571,8 +644,10 @@ def _attach_base(cfg: TrackingConfig, workdir: str | Path, adapter: Path) -> Non
     base = resolve_model_uri(cfg, workdir, record["uri"])
     got = weights_fingerprint(base)
     if got != record["fingerprint"]:
-        raise TrackingError(f"{record['uri']}: its weights' fingerprint {got[:12]} is not the {record['fingerprint'][:12]} "
-                            "the adapter was registered with")
+        raise TrackingError(
+            f"{record['uri']}: its weights' fingerprint {got[:12]} is not the {record['fingerprint'][:12]} "
+            "the adapter was registered with"
+        )
     config_file = adapter / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(base)

@@ -26,8 +26,9 @@ class StreamSampler:
     batches yielded so far are used — what a checkpoint records.
     """
 
-    def __init__(self, num_rows: int, micro_batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, start: int = 0) -> None:
+    def __init__(
+        self, num_rows: int, micro_batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
         if num_rows < 1:
             raise ValueError("cannot sample from an empty split")
         self.num_rows = num_rows
@@ -96,8 +97,11 @@ def open_training_data(data_dir: str | Path, kind: str, command: str) -> Prepare
     prepared = open_prepared(path)
     m = prepared.manifest
     if m.kind != kind:
-        wanted = "pretraining data (data.kind: pretrain)" if kind == "pretrain" else \
-            "instruction data (instruct_data.kind: instruct)"
+        wanted = (
+            "pretraining data (data.kind: pretrain)"
+            if kind == "pretrain"
+            else "instruction data (instruct_data.kind: instruct)"
+        )
         raise DataError(f"{path}: manifest.json says kind {m.kind!r}, but `kubellm {command}` needs {wanted}")
     if m.splits.get("train", 0) < 1:
         raise DataError(f"{path}: the prepared 'train' split is empty")
@@ -129,8 +133,9 @@ class ShardedRows:
             try:
                 tables.append(pa.ipc.open_stream(pa.memory_map(str(f))).read_all())
             except (OSError, pa.ArrowException) as err:
-                raise DataError(f"{f}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
-                                f"{self.again}") from None
+                raise DataError(
+                    f"{f}: unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); {self.again}"
+                ) from None
         self._tables = tables
         self._starts = np.cumsum([0] + [t.num_rows for t in tables])
 
@@ -163,7 +168,7 @@ class ShardedRows:
                 arr = taken.column(name).combine_chunks()
                 # writable: the batch was copied out of the map by take; torch refuses read-only arrays
                 offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False, writable=True)
-                cols[name] = [values[offsets[k]:offsets[k + 1]] for k in range(len(where))]
+                cols[name] = [values[offsets[k] : offsets[k + 1]] for k in range(len(where))]
             for k, pos in enumerate(where):
                 rows[pos] = {"input_ids": cols["input_ids"][k], "labels": cols["labels"][k]}
         return rows

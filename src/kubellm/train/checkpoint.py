@@ -146,15 +146,25 @@ def latest_complete(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str, Any],
-                    trainer: dict[str, Any], rng: list[Any], keep: int) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    state: TrainState,
+    *,
+    weights: dict[str, Any],
+    trainer: dict[str, Any],
+    rng: list[Any],
+    keep: int,
+) -> Path:
     """Write a complete checkpoint for ``state.step`` and keep only the newest ``keep``."""
     from safetensors.torch import save_file
 
     final = checkpoint_root(out_dir) / f"step-{state.step:08d}"
     kept = latest_complete(out_dir)
-    then = (f"; the checkpoint {kept.name} is kept: make room and rerun with the same output directory to "
-            "resume from it" if kept else "; no checkpoint was written yet")
+    then = (
+        f"; the checkpoint {kept.name} is kept: make room and rerun with the same output directory to resume from it"
+        if kept
+        else "; no checkpoint was written yet"
+    )
     with io_errors(final, "cannot write the checkpoint", then):
         final, tmp = _begin(out_dir, state)
         try:
@@ -167,8 +177,16 @@ def save_checkpoint(out_dir: str | Path, state: TrainState, *, weights: dict[str
     return final
 
 
-def save_sharded_checkpoint(out_dir: str | Path, state: TrainState, ctx: Any, *, train_state: dict[str, Any],
-                            trainer: dict[str, Any], rng: list[Any], keep: int) -> Path:
+def save_sharded_checkpoint(
+    out_dir: str | Path,
+    state: TrainState,
+    ctx: Any,
+    *,
+    train_state: dict[str, Any],
+    trainer: dict[str, Any],
+    rng: list[Any],
+    keep: int,
+) -> Path:
     """Write a sharded checkpoint for ``state.step``: every rank calls this (it is a collective).
 
     ``train_state`` is :func:`kubellm.train.sharding.train_state`'s ``{"model", "optimizer"}``; every rank
@@ -205,8 +223,7 @@ def save_sharded_checkpoint(out_dir: str | Path, state: TrainState, ctx: Any, *,
     errors = [e for _, e in outcomes if e]
     if not errors and ctx.is_main:
         try:
-            _seal(tmp, final, state, trainer, rng,
-                  {k: v for recs, _ in outcomes for k, v in recs.items()})
+            _seal(tmp, final, state, trainer, rng, {k: v for recs, _ in outcomes for k, v in recs.items()})
         except BaseException as err:
             errors.append(f"rank 0: {type(err).__name__}: {err}")
     errors = broadcast_object(ctx, errors)
@@ -245,8 +262,14 @@ def file_records(paths: list[Path], base: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _seal(tmp: Path, final: Path, state: TrainState, trainer: dict[str, Any], rng: list[Any],
-          shards: dict[str, dict[str, Any]]) -> None:
+def _seal(
+    tmp: Path,
+    final: Path,
+    state: TrainState,
+    trainer: dict[str, Any],
+    rng: list[Any],
+    shards: dict[str, dict[str, Any]],
+) -> None:
     """Write the rank-0 files, the checksums (``shards``: records made by the ranks), fsync everything,
     then the marker, and rename ``tmp`` to ``final``."""
     import torch
@@ -286,7 +309,9 @@ def load_checkpoint(path: str | Path, train_state: dict[str, Any] | None = None)
         state = TrainState(**json.loads((path / STATE).read_text(encoding="utf-8")))
         if is_sharded(path):
             if train_state is None:
-                raise TrainingError(f"{path}: a sharded checkpoint (loop.parallelism fsdp) needs the model to load into")
+                raise TrainingError(
+                    f"{path}: a sharded checkpoint (loop.parallelism fsdp) needs the model to load into"
+                )
             import torch.distributed.checkpoint as dcp
 
             with _alone_is_intended():
@@ -296,10 +321,19 @@ def load_checkpoint(path: str | Path, train_state: dict[str, Any] | None = None)
             weights = load_file(str(path / WEIGHTS))
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError,
-            SafetensorError, CheckpointException) as err:
-        raise TrainingError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
-                            f"{(str(err).strip().splitlines() or [''])[0]})") from None
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        SafetensorError,
+        CheckpointException,
+    ) as err:
+        raise TrainingError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})"
+        ) from None
     return Checkpoint(path, state, weights, trainer, rng)
 
 
@@ -312,8 +346,12 @@ def is_sharded(path: str | Path) -> bool:
 def write_checksums(ckpt_dir: Path, recorded: dict[str, dict[str, Any]] | None = None) -> None:
     """Record size and checksum of every file of the checkpoint being written; ``recorded`` adds files
     other processes wrote and checksummed (the shards of a sharded checkpoint)."""
-    write_file_checksums(ckpt_dir, [p.name for p in ckpt_dir.iterdir() if p.is_file()
-                                    and p.name not in (CHECKSUMS, MARKER)], ckpt_dir / CHECKSUMS, recorded)
+    write_file_checksums(
+        ckpt_dir,
+        [p.name for p in ckpt_dir.iterdir() if p.is_file() and p.name not in (CHECKSUMS, MARKER)],
+        ckpt_dir / CHECKSUMS,
+        recorded,
+    )
 
 
 def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> bool:
@@ -353,20 +391,21 @@ def load_latest_verified(out_dir: str | Path) -> Checkpoint | None:
     return None
 
 
-def load_latest_verified_sharded(out_dir: str | Path, ctx: Any,
-                                 train_state: Callable[[], dict[str, Any]]) -> Checkpoint | None:
+def load_latest_verified_sharded(
+    out_dir: str | Path, ctx: Any, train_state: Callable[[], dict[str, Any]]
+) -> Checkpoint | None:
     """:func:`load_latest_verified` for sharded checkpoints: every rank calls it (a collective).
 
     The ranks share the reading of the checksummed files (an 8 B model's checkpoint is ~96 GB); then
-    every rank loads its part (DCP reshards to this run's number of ranks) and checks it is finite. A checkpoint that fails on any rank is skipped
+    every rank loads its part (DCP reshards to this run's number of ranks) and checks it is finite. A checkpoint that
+    fails on any rank is skipped
     on all of them and the one before it tried, as for unsharded ones. ``train_state()`` gives the
     structure to load into, and receives the weights and optimizer state of the checkpoint returned; it
     is called only when there is a checkpoint to load (DCP's optimizer state dict of a fresh optimizer
     takes an empty step, which would shift AdamW's bias correction of a fresh start by one step)."""
     from kubellm.train.dist import broadcast_object, gather_objects
 
-    names = broadcast_object(ctx, [str(p) for _, p in reversed(complete_checkpoints(out_dir))]
-                             if ctx.is_main else None)
+    names = broadcast_object(ctx, [str(p) for _, p in reversed(complete_checkpoints(out_dir))] if ctx.is_main else None)
     failed: list[tuple[Path, str]] = []
     target: dict[str, Any] | None = None
     for name in names:
@@ -402,8 +441,10 @@ def _verify_or_refuse(path: Path, part: tuple[int, int] = (0, 1), warn: bool = T
     if verify_checkpoint(path, part):
         return
     if os.environ.get(RESUME_UNVERIFIED_ENV) != "1":
-        raise TrainingError(f"{path}: has no checksums to verify it against (written by an older kubellm, "
-                            "copied without checksums.json, or xxhash is missing here)")
+        raise TrainingError(
+            f"{path}: has no checksums to verify it against (written by an older kubellm, "
+            "copied without checksums.json, or xxhash is missing here)"
+        )
     if warn:
         log.warning("%s: has no checksums; resuming from it unverified (%s=1)", path, RESUME_UNVERIFIED_ENV)
 
@@ -412,8 +453,9 @@ def _check_weights_finite(c: Checkpoint) -> None:
     bad = nonfinite_names(c.weights)
     if bad:
         what = SHARDS if is_sharded(c.path) else WEIGHTS
-        raise TrainingError(f"{c.path / what}: {len(bad)} of {len(c.weights)} tensors hold NaN or "
-                            f"infinite values (e.g. {bad[0]})")
+        raise TrainingError(
+            f"{c.path / what}: {len(bad)} of {len(c.weights)} tensors hold NaN or infinite values (e.g. {bad[0]})"
+        )
 
 
 def _set_aside(failed: list[tuple[Path, str]]) -> None:
@@ -425,11 +467,16 @@ def _set_aside(failed: list[tuple[Path, str]]) -> None:
 
 def _none_passes(out_dir: str | Path, failed: list[tuple[Path, str]]) -> None:
     if failed:
-        trust = (f", or set {RESUME_UNVERIFIED_ENV}=1 to resume from a checkpoint without checksums that you "
-                 "know is intact" if any("has no checksums" in why for _, why in failed) else "")
-        raise TrainingError(f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
-                            f"verification (newest: {failed[0][1]}); delete the directory to train from the "
-                            f"start{trust}")
+        trust = (
+            f", or set {RESUME_UNVERIFIED_ENV}=1 to resume from a checkpoint without checksums that you know is intact"
+            if any("has no checksums" in why for _, why in failed)
+            else ""
+        )
+        raise TrainingError(
+            f"{checkpoint_root(out_dir)}: none of the {len(failed)} checkpoints passes "
+            f"verification (newest: {failed[0][1]}); delete the directory to train from the "
+            f"start{trust}"
+        )
 
 
 def remove_checkpoints(out_dir: str | Path) -> None:
@@ -454,8 +501,10 @@ def check_run_spec(out_dir: str | Path, spec: dict[str, Any]) -> None:
     old_flat, new_flat = _flatten(old), _flatten(json.loads(json.dumps(spec, default=str)))
     changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
     if changed:
-        raise TrainingError(f"{out_dir}: holds a run with different settings ({', '.join(changed[:5])} "
-                            "changed); resume it unchanged or use a new output directory")
+        raise TrainingError(
+            f"{out_dir}: holds a run with different settings ({', '.join(changed[:5])} "
+            "changed); resume it unchanged or use a new output directory"
+        )
 
 
 def record_run_spec(out_dir: str | Path, spec: dict[str, Any]) -> None:

@@ -160,8 +160,9 @@ def run_spec(loop: LoopConfig, optim: OptimConfig, **stage: Any) -> dict[str, An
     return {**stage, "optim": optim.model_dump(), "loop": schedule}
 
 
-def train(out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContext], TrainJob],
-          tracker: Tracker | None = None) -> TrainResult:
+def train(
+    out_dir: str | Path, spec: dict[str, Any], build: Callable[[DistContext], TrainJob], tracker: Tracker | None = None
+) -> TrainResult:
     """Run (or resume, or recognise as finished) the training described by ``spec`` in ``out_dir``.
 
     ``build`` makes the model and data once the process group is up; it is not called for a finished
@@ -190,15 +191,18 @@ def claim_run_dir(out_dir: str | Path, inputs: list[str | Path] | None = None) -
     """Check, before any work, that ``out_dir`` may hold this training run: new, empty, or a kubellm
     training run (resumed or returned as is), and holding none of ``inputs`` (the stage's data and base
     model). Run directories of older kubellm versions are recognised by their run spec or result."""
-    return claim_output(out_dir, OUTPUT_KIND, inputs=inputs or [],
-                        legacy=(f"{ckpt.CHECKPOINTS}/{ckpt.RUN_SPEC}", RESULT_FILE))
+    return claim_output(
+        out_dir, OUTPUT_KIND, inputs=inputs or [], legacy=(f"{ckpt.CHECKPOINTS}/{ckpt.RUN_SPEC}", RESULT_FILE)
+    )
 
 
 def _finite_result(result: TrainResult) -> TrainResult:
     """A stored result is returned only if its losses are finite (an older kubellm wrote NaN ones)."""
     if not all(math.isfinite(v) for v in (result.final_loss, result.val_loss or 0.0)):
-        raise TrainingError(f"{result.output_dir}: holds a finished run whose final loss is {result.final_loss} "
-                            "(a broken model); delete the directory and train again")
+        raise TrainingError(
+            f"{result.output_dir}: holds a finished run whose final loss is {result.final_loss} "
+            "(a broken model); delete the directory and train again"
+        )
     return result
 
 
@@ -208,9 +212,11 @@ def grad_accum_steps(loop: LoopConfig, world_size: int, stage: str) -> int:
         return loop.grad_accum_steps
     per_micro = loop.micro_batch_size * world_size
     if loop.global_batch_size % per_micro:
-        raise TrainingError(f"{stage}.loop.global_batch_size ({loop.global_batch_size}) is not a multiple of "
-                            f"micro_batch_size × processes ({loop.micro_batch_size} × {world_size}); pick a "
-                            f"micro_batch_size or a process count that divides it")
+        raise TrainingError(
+            f"{stage}.loop.global_batch_size ({loop.global_batch_size}) is not a multiple of "
+            f"micro_batch_size × processes ({loop.micro_batch_size} × {world_size}); pick a "
+            f"micro_batch_size or a process count that divides it"
+        )
     return loop.global_batch_size // per_micro
 
 
@@ -234,13 +240,13 @@ def build_optimizer(model: Any, optim: OptimConfig) -> Any:
     # Fused (one kernel over all tensors) where the parameters allow it: on the 125m preset a CPU step of
     # AdamW took 45 ms fused against 160–380 ms with the foreach default, 5–8 % of a bf16 step.
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr,
-                             betas=(optim.beta1, optim.beta2), fused=fused or None)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=optim.lr, betas=(optim.beta1, optim.beta2), fused=fused or None
+    )
 
 
 def forward_logits(model: Any, batch: dict[str, Any]) -> Any:
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
 
 
 class _StopFlag:
@@ -329,17 +335,21 @@ class _Trainer:
         self.sharded = self.loop.parallelism == "fsdp"
         if self.sharded and ctx.distributed:  # one process: nothing to shard, the checkpoints are DCP still
             full = self.model.state_dict() if ctx.is_main else {}  # rank 0's weights; the others are empty
-            sharding.shard(self.model, bf16_weights=sharding.uses_bf16_weights(
-                self.precision, self.loop.precision, ctx.device))
+            sharding.shard(
+                self.model, bf16_weights=sharding.uses_bf16_weights(self.precision, self.loop.precision, ctx.device)
+            )
             sharding.materialise(self.model, full, ctx.device)
             del full
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named_trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(self.model, self.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_factor, warmup=self.optim.warmup_steps, total=self.loop.max_steps,
-            min_ratio=self.optim.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            partial(
+                lr_factor, warmup=self.optim.warmup_steps, total=self.loop.max_steps, min_ratio=self.optim.min_lr_ratio
+            ),
+        )
         self.state = ckpt.TrainState(world_size=ctx.world_size)
         self.resumed_from: int | None = None
         self.rank_state_bytes: int | None = None
@@ -371,8 +381,10 @@ class _Trainer:
         path = Path(found)
         c = c or ckpt.load_checkpoint(path)
         if set(c.weights) != set(self.named_trainable):
-            raise TrainingError(f"{path}: checkpoint weights do not match the model being trained "
-                                f"({len(c.weights)} tensors saved, {len(self.named_trainable)} trainable)")
+            raise TrainingError(
+                f"{path}: checkpoint weights do not match the model being trained "
+                f"({len(c.weights)} tensors saved, {len(self.named_trainable)} trainable)"
+            )
         with torch.no_grad():
             for name, p in self.named_trainable.items():
                 p.copy_(c.weights[name])
@@ -411,8 +423,12 @@ class _Trainer:
         if len(c.rng) == self.ctx.world_size:
             _set_rng_state(c.rng[self.ctx.rank])
         else:  # an elastic restart with another process count: fresh, still deterministic, streams
-            log.warning("%s was written by %d processes, resuming with %d: dropout RNG streams restart",
-                        path, len(c.rng), self.ctx.world_size)
+            log.warning(
+                "%s was written by %d processes, resuming with %d: dropout RNG streams restart",
+                path,
+                len(c.rng),
+                self.ctx.world_size,
+            )
             torch.manual_seed(self.loop.seed + 1 + self.ctx.rank + c.state.step)
         self.state = c.state
         self.state.world_size = self.ctx.world_size
@@ -429,14 +445,25 @@ class _Trainer:
         try:
             if self.sharded:  # every rank writes its shard
                 path = ckpt.save_sharded_checkpoint(
-                    self.out, self.state, self.ctx, train_state=sharding.train_state(self.model, self.optimizer),
-                    trainer={"scheduler": self.scheduler.state_dict()}, rng=rngs, keep=self.loop.keep_checkpoints)
+                    self.out,
+                    self.state,
+                    self.ctx,
+                    train_state=sharding.train_state(self.model, self.optimizer),
+                    trainer={"scheduler": self.scheduler.state_dict()},
+                    rng=rngs,
+                    keep=self.loop.keep_checkpoints,
+                )
                 if self.ctx.is_main:
                     log.info("checkpoint %s", path)
             elif self.ctx.is_main:
                 path = ckpt.save_checkpoint(
-                    self.out, self.state, weights=self.named_trainable, rng=rngs, keep=self.loop.keep_checkpoints,
-                    trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()})
+                    self.out,
+                    self.state,
+                    weights=self.named_trainable,
+                    rng=rngs,
+                    keep=self.loop.keep_checkpoints,
+                    trainer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                )
                 log.info("checkpoint %s", path)
         except KubellmError as err:  # a full disk: every rank stops with the same line
             error = err
@@ -452,15 +479,24 @@ class _Trainer:
 
         from kubellm.train.batches import PadCollator, StreamSampler
 
-        sampler = StreamSampler(len(self.job.train_split), self.loop.micro_batch_size, seed=self.loop.seed,
-                                rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                start=self.state.samples_seen)
+        sampler = StreamSampler(
+            len(self.job.train_split),
+            self.loop.micro_batch_size,
+            seed=self.loop.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            start=self.state.samples_seen,
+        )
         # A generator of its own: the DataLoader draws a base seed from it, and drawing from the global
         # RNG would shift dropout masks between a resumed and an uninterrupted run.
         loader = torch.utils.data.DataLoader(
-            self.job.train_split, batch_sampler=sampler, collate_fn=PadCollator(self.job.pad_token_id),
-            num_workers=self.loop.num_workers, generator=torch.Generator().manual_seed(self.loop.seed),
-            persistent_workers=self.loop.num_workers > 0)
+            self.job.train_split,
+            batch_sampler=sampler,
+            collate_fn=PadCollator(self.job.pad_token_id),
+            num_workers=self.loop.num_workers,
+            generator=torch.Generator().manual_seed(self.loop.seed),
+            persistent_workers=self.loop.num_workers > 0,
+        )
         return iter(loader)
 
     def _val_loss(self) -> float | None:
@@ -504,17 +540,24 @@ class _Trainer:
 
         self._resume()
         if self.ctx.is_main:
-            self.tracker.log_params({"stage": self.job.stage, "precision": self.precision,
-                                     "world_size": self.ctx.world_size, "parallelism": self.loop.parallelism,
-                                     "parameters": self.job.parameters,
-                                     "trainable_parameters": self.job.trainable_parameters})
+            self.tracker.log_params(
+                {
+                    "stage": self.job.stage,
+                    "precision": self.precision,
+                    "world_size": self.ctx.world_size,
+                    "parallelism": self.loop.parallelism,
+                    "parameters": self.job.parameters,
+                    "trainable_parameters": self.job.trainable_parameters,
+                }
+            )
             self._write_history(self.out / HISTORY_FILE)
         wrapped = self.model
         if self.ctx.distributed and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(
-                self.model, device_ids=[self.ctx.local_rank] if self.ctx.device.startswith("cuda") else None)
+                self.model, device_ids=[self.ctx.local_rank] if self.ctx.device.startswith("cuda") else None
+            )
         loop = self.loop
         batches = self._batches() if self.state.step < loop.max_steps else iter(())
         # The logging window (summed nll, target tokens, input tokens) carries over a resume, so the
@@ -523,10 +566,19 @@ class _Trainer:
         self.t_window = time.perf_counter() - self.state.window_seconds
         attempt_tokens, t_loop = 0.0, time.perf_counter()
         shown: dict[str, Any] = {}
-        with Progress(loop.max_steps, self.job.stage, every=loop.log_every, start=self.state.step, logger=log,
-                      enabled=self.ctx.is_main) as progress, _StopFlag() as stop, \
-                cpu_bf16_fast_path(self.model, self.precision, self.ctx.device), \
-                _trainer_status(self.ctx.is_main) as status:
+        with (
+            Progress(
+                loop.max_steps,
+                self.job.stage,
+                every=loop.log_every,
+                start=self.state.step,
+                logger=log,
+                enabled=self.ctx.is_main,
+            ) as progress,
+            _StopFlag() as stop,
+            cpu_bf16_fast_path(self.model, self.precision, self.ctx.device),
+            _trainer_status(self.ctx.is_main) as status,
+        ):
             while self.state.step < loop.max_steps:
                 tokens, grad_norm, lr = self._step(wrapped, batches)
                 attempt_tokens += tokens
@@ -544,7 +596,8 @@ class _Trainer:
                 if stopping and not last:
                     raise TrainingInterrupted(
                         f"stopped by SIGTERM at step {step}/{loop.max_steps}; checkpoint written under "
-                        f"{self.out / ckpt.CHECKPOINTS}; rerun with the same output directory to resume")
+                        f"{self.out / ckpt.CHECKPOINTS}; rerun with the same output directory to resume"
+                    )
         (attempt_tokens,) = all_reduce_sum(self.ctx, [attempt_tokens])
         seconds = time.perf_counter() - t_loop
         result = self._finish(attempt_tokens / seconds if attempt_tokens else 0.0)
@@ -558,11 +611,9 @@ class _Trainer:
         from kubellm.train.dist import all_reduce_max, all_reduce_sum
 
         device, world = self.ctx.device, self.ctx.world_size
-        micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-                 for _ in range(self.accum)]
+        micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(self.accum)]
         targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in micro)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
         # The step's loss is the mean over every target token of every micro-batch of every rank; DDP
         # and FSDP average gradients over the ranks, hence × world.
         (step_targets,) = all_reduce_sum(self.ctx, [targets])
@@ -585,8 +636,9 @@ class _Trainer:
         if finite:
             self.optimizer.step()
         if self.rank_state_bytes is None and finite:  # once per attempt, while gradients and state exist
-            (self.rank_state_bytes,) = all_reduce_max(self.ctx, [sum(sharding.state_bytes(
-                self.model, self.optimizer).values())])
+            (self.rank_state_bytes,) = all_reduce_max(
+                self.ctx, [sum(sharding.state_bytes(self.model, self.optimizer).values())]
+            )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -607,14 +659,21 @@ class _Trainer:
         self.state.nonfinite_streak += 1
         self.state.skipped_steps += 1
         step, streak, limit = self.state.step + 1, self.state.nonfinite_streak, self.loop.max_nonfinite_steps
-        log.warning("step %d: loss %.4g, gradient norm %.4g: not finite, optimizer step skipped (%d in a row, "
-                    "stop at %d)", step, loss, grad_norm, streak, limit)
+        log.warning(
+            "step %d: loss %.4g, gradient norm %.4g: not finite, optimizer step skipped (%d in a row, stop at %d)",
+            step,
+            loss,
+            grad_norm,
+            streak,
+            limit,
+        )
         if streak >= limit:
             raise TrainingError(
                 f"{self.job.stage}: the loss or gradient norm was not finite for {streak} consecutive steps "
                 f"({step - streak + 1}-{step}, loop.max_nonfinite_steps={limit}): training diverged; no model "
                 f"was written; lower optim.lr, check the data or the checkpoints under {self.out / ckpt.CHECKPOINTS}, "
-                "then rerun")
+                "then rerun"
+            )
         return False
 
     def _log(self, step: int, lr: float, grad_norm: float, evaluate: bool) -> dict[str, Any]:
@@ -623,8 +682,12 @@ class _Trainer:
 
         nll_sum, n_targets, n_tokens = all_reduce_sum(self.ctx, self.window)
         # a window of only skipped steps has no loss to show (not 0)
-        record: dict[str, Any] = {"step": step, "loss": nll_sum / n_targets if n_targets else math.nan, "lr": lr,
-                                  "tokens_per_s": n_tokens / max(time.perf_counter() - self.t_window, 1e-9)}
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": nll_sum / n_targets if n_targets else math.nan,
+            "lr": lr,
+            "tokens_per_s": n_tokens / max(time.perf_counter() - self.t_window, 1e-9),
+        }
         val = self._val_loss() if evaluate else None
         if val is not None:
             record["val_loss"] = val
@@ -654,13 +717,20 @@ class _Trainer:
         last_val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
         self._check_finite(history[-1]["loss"] if history else math.nan, last_val)
         result = TrainResult(
-            output_dir=self.out, steps=self.state.step, final_loss=history[-1]["loss"] if history else math.nan,
-            val_loss=last_val, tokens_seen=self.state.tokens_seen,
-            seconds=round(time.perf_counter() - self.t0, 3), tokens_per_s=tokens_per_s,
-            resumed_from_step=self.resumed_from, precision=self.precision,
-            parameters=self.job.parameters, trainable_parameters=self.job.trainable_parameters,
+            output_dir=self.out,
+            steps=self.state.step,
+            final_loss=history[-1]["loss"] if history else math.nan,
+            val_loss=last_val,
+            tokens_seen=self.state.tokens_seen,
+            seconds=round(time.perf_counter() - self.t0, 3),
+            tokens_per_s=tokens_per_s,
+            resumed_from_step=self.resumed_from,
+            precision=self.precision,
+            parameters=self.job.parameters,
+            trainable_parameters=self.job.trainable_parameters,
             parallelism=self.loop.parallelism,
-            rank_state_bytes=int(self.rank_state_bytes) if self.rank_state_bytes is not None else None)
+            rank_state_bytes=int(self.rank_state_bytes) if self.rank_state_bytes is not None else None,
+        )
         # Sharded weights are gathered once, tensor by tensor, into rank 0's CPU memory (every rank takes
         # part): the exported model is one consolidated Hugging Face directory, as DDP writes it.
         full = sharding.gather_trainable(self.model) if self.sharded and self.ctx.distributed else None
@@ -684,14 +754,24 @@ class _Trainer:
         write_json_atomic(self.out / RESULT_FILE, result.to_json())
         _readable(self.out / RESULT_FILE)
         ckpt.remove_checkpoints(self.out)
-        self.tracker.log_metrics({"final_loss": result.final_loss, "tokens_seen": float(result.tokens_seen),
-                                  **({"rank_state_bytes": float(result.rank_state_bytes)}
-                                     if result.rank_state_bytes is not None else {}),
-                                  **({"final_val_loss": last_val} if last_val is not None else {})},
-                                 step=result.steps)
-        log.info("%s done: %d steps, loss %.4f, %s, %.0f tokens/s -> %s", self.job.stage, result.steps,
-                 result.final_loss, f"val_loss {last_val:.4f}" if last_val is not None else "no validation",
-                 tokens_per_s, self.out)
+        self.tracker.log_metrics(
+            {
+                "final_loss": result.final_loss,
+                "tokens_seen": float(result.tokens_seen),
+                **({"rank_state_bytes": float(result.rank_state_bytes)} if result.rank_state_bytes is not None else {}),
+                **({"final_val_loss": last_val} if last_val is not None else {}),
+            },
+            step=result.steps,
+        )
+        log.info(
+            "%s done: %d steps, loss %.4f, %s, %.0f tokens/s -> %s",
+            self.job.stage,
+            result.steps,
+            result.final_loss,
+            f"val_loss {last_val:.4f}" if last_val is not None else "no validation",
+            tokens_per_s,
+            self.out,
+        )
         return result
 
     def _check_finite(self, final_loss: float, val_loss: float | None) -> None:
@@ -701,12 +781,14 @@ class _Trainer:
         mine = nonfinite_names(dict(self.model.named_parameters()))
         bad = list(dict.fromkeys(n for names in gather_objects(self.ctx, mine) for n in names))
         if bad or not math.isfinite(final_loss) or not math.isfinite(val_loss or 0.0):
-            what = (f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})" if bad
-                    else f"final loss {final_loss}, validation loss {val_loss}")
+            what = (
+                f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})"
+                if bad
+                else f"final loss {final_loss}, validation loss {val_loss}"
+            )
             raise TrainingError(f"{self.job.stage}: {what}; no model was written to {self.out}")
         if self.state.skipped_steps:
-            log.warning("optimizer steps skipped for a non-finite loss or gradient norm: %d",
-                        self.state.skipped_steps)
+            log.warning("optimizer steps skipped for a non-finite loss or gradient norm: %d", self.state.skipped_steps)
 
 
 def _publish(staged: Path, out: Path) -> None:

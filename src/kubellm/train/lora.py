@@ -19,8 +19,23 @@ _LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 _FUSED_QKV = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 #: model_type → projection names to adapt.
 TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "olmo", "olmo2", "smollm3", "granite"], _LLAMA),
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "smollm3",
+            "granite",
+        ],
+        _LLAMA,
+    ),
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": _FUSED_QKV,
@@ -32,8 +47,11 @@ TARGETS: dict[str, list[str]] = {
 
 def _leaf_names(model: Any) -> dict[str, type]:
     """Short names of the leaf modules (``q_proj``), with their classes."""
-    return {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules()
-            if name and next(m.children(), None) is None}
+    return {
+        name.rsplit(".", 1)[-1]: type(m)
+        for name, m in model.named_modules()
+        if name and next(m.children(), None) is None
+    }
 
 
 def target_modules(model: Any, configured: list[str] | None = None) -> list[str]:
@@ -45,8 +63,10 @@ def target_modules(model: Any, configured: list[str] | None = None) -> list[str]
     if configured:
         missing = [t for t in configured if t not in leaves]
         if missing:
-            raise TrainingError(f"finetune.lora.target_modules: {missing} match no module of this {model_type} "
-                                f"model (it has {sorted(leaves)[:12]})")
+            raise TrainingError(
+                f"finetune.lora.target_modules: {missing} match no module of this {model_type} "
+                f"model (it has {sorted(leaves)[:12]})"
+            )
         return list(configured)
     known = [t for t in TARGETS.get(model_type, []) if t in leaves]
     if known:
@@ -55,8 +75,9 @@ def target_modules(model: Any, configured: list[str] | None = None) -> list[str]
     head_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if head is not None and m is head}
     linear = sorted(n for n, t in leaves.items() if issubclass(t, torch.nn.Linear) and n not in head_names)
     if not linear:
-        raise TrainingError(f"this {model_type} model has no Linear layers LoRA can adapt; set "
-                            "finetune.lora.target_modules")
+        raise TrainingError(
+            f"this {model_type} model has no Linear layers LoRA can adapt; set finetune.lora.target_modules"
+        )
     return linear
 
 
@@ -67,11 +88,14 @@ def check_qlora_available() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise TrainingError("finetune.quantization 4bit (QLoRA) needs a CUDA GPU, and none is visible here; "
-                            "use quantization: none")
+        raise TrainingError(
+            "finetune.quantization 4bit (QLoRA) needs a CUDA GPU, and none is visible here; use quantization: none"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainingError("finetune.quantization 4bit (QLoRA) needs the bitsandbytes package "
-                            "(pip install bitsandbytes); use quantization: none")
+        raise TrainingError(
+            "finetune.quantization 4bit (QLoRA) needs the bitsandbytes package "
+            "(pip install bitsandbytes); use quantization: none"
+        )
 
 
 def quantization_config() -> Any:
@@ -79,8 +103,12 @@ def quantization_config() -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def apply_lora(model: Any, cfg: LoraConfig, *, seed: int) -> Any:
@@ -90,9 +118,15 @@ def apply_lora(model: Any, cfg: LoraConfig, *, seed: int) -> Any:
 
     targets = target_modules(model, cfg.target_modules)
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                             bias="none", task_type="CAUSAL_LM",
-                             fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    config = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+    )
     model = peft.get_peft_model(model, config)
     share_adapter_dropout(model)
     return model
@@ -148,7 +182,7 @@ def _shared_dropout_class() -> type:
                 return self._last[1]
             if x.device.type == "cpu":
                 n = x.numel()
-                words = torch.randint(-2**63, 2**63 - 1, (math.ceil(n / 4),), dtype=torch.int64)
+                words = torch.randint(-(2**63), 2**63 - 1, (math.ceil(n / 4),), dtype=torch.int64)
                 keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
                 out = torch.where(keep, x, 0.0).mul_(self.scale)  # x * keep would copy keep to x's dtype
             else:

@@ -68,8 +68,20 @@ GIB = 2**30
 CUDA_RESERVE = int(1.5 * GIB)
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: GPU memory (GiB) by accelerator name, for placements whose label does not say it ("…-80gb" does).
-GPU_MEMORY_GIB = {"h200": 141, "gh200": 96, "h100": 80, "b200": 180, "a100": 40, "l40s": 48, "l40": 48,
-                  "l4": 24, "a10g": 24, "a10": 24, "t4": 16, "v100": 16}
+GPU_MEMORY_GIB = {
+    "h200": 141,
+    "gh200": 96,
+    "h100": 80,
+    "b200": 180,
+    "a100": 40,
+    "l40s": 48,
+    "l40": 48,
+    "l4": 24,
+    "a10g": 24,
+    "a10": 24,
+    "t4": 16,
+    "v100": 16,
+}
 #: Node counts :func:`suggest` tries, times the stage's processes per node.
 _NODE_STEPS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -91,8 +103,15 @@ class ModelShape:
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one block."""
         h, kv, i = self.hidden, self.kv, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def block_linear(self) -> int:
         return sum(i * o for i, o in self.linear_dims().values())
@@ -160,8 +179,12 @@ def _layer_bytes(p: Plan) -> float:
         norms = 16 * h  # fp32 input and normalised output of both RMSNorms
         inputs = (3 * h + 2 * h + i) * e if bf16 else (2 * h + i) * e  # per linear / per distinct input
         return norms + core + inputs
-    groups = {"attn": (h, ("q_proj", "k_proj", "v_proj")), "out": (h, ("o_proj",)),
-              "mlp": (h, ("gate_proj", "up_proj")), "down": (i, ("down_proj",))}
+    groups = {
+        "attn": (h, ("q_proj", "k_proj", "v_proj")),
+        "out": (h, ("o_proj",)),
+        "mlp": (h, ("gate_proj", "up_proj")),
+        "down": (i, ("down_proj",)),
+    }
     adapters = 0.0
     for width, members in groups.values():
         n = sum(t in p.lora_targets for t in members)
@@ -225,10 +248,15 @@ def model_shape(path: str | Path) -> ModelShape | None:
     """The shape of the Hugging Face model directory at ``path`` (from its config.json), or ``None``."""
     try:
         c = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-        return ModelShape(vocab=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
-                          heads=c["num_attention_heads"],
-                          kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                          intermediate=c["intermediate_size"], tied=bool(c.get("tie_word_embeddings", False)))
+        return ModelShape(
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            heads=c["num_attention_heads"],
+            kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            intermediate=c["intermediate_size"],
+            tied=bool(c.get("tie_word_embeddings", False)),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -239,8 +267,15 @@ def _pretrain_shape(run_cfg: Any) -> ModelShape:
     model = run_cfg.pretrain.model
     d = model_dimensions(model)
     vocab = run_cfg.data.tokenizer.vocab_size if run_cfg.data is not None else 4096
-    return ModelShape(vocab=vocab, hidden=d["hidden_size"], layers=d["num_layers"], heads=d["num_heads"],
-                      kv_heads=d["num_kv_heads"], intermediate=d["intermediate_size"], tied=model.preset in _TIED)
+    return ModelShape(
+        vocab=vocab,
+        hidden=d["hidden_size"],
+        layers=d["num_layers"],
+        heads=d["num_heads"],
+        kv_heads=d["num_kv_heads"],
+        intermediate=d["intermediate_size"],
+        tied=model.preset in _TIED,
+    )
 
 
 def plan_for(run_cfg: Any, stage: str) -> tuple[Plan | None, str]:
@@ -254,9 +289,15 @@ def plan_for(run_cfg: Any, stage: str) -> tuple[Plan | None, str]:
     device = "cuda" if gpus else "cpu"
     loop = section.loop
     precision = loop.precision if loop.precision != "auto" else "bf16" if device == "cuda" else "fp32"
-    common = {"micro_batch": loop.micro_batch_size, "precision": precision, "parallelism": loop.parallelism,
-              "processes": processes, "checkpointing": loop.gradient_checkpointing, "device": device,
-              "procs_per_node": dist.procs_per_node if dist.engine != "none" else 1}
+    common = {
+        "micro_batch": loop.micro_batch_size,
+        "precision": precision,
+        "parallelism": loop.parallelism,
+        "processes": processes,
+        "checkpointing": loop.gradient_checkpointing,
+        "device": device,
+        "procs_per_node": dist.procs_per_node if dist.engine != "none" else 1,
+    }
     if stage == "pretrain":
         seq = run_cfg.data.block_size if run_cfg.data is not None else section.model.max_position_embeddings
         return Plan(stage, _pretrain_shape(run_cfg), seq or 2048, **common), ""
@@ -272,16 +313,26 @@ def plan_for(run_cfg: Any, stage: str) -> tuple[Plan | None, str]:
             return None, f"finetune: base model {section.base_model} has no config.json readable here; not estimated"
     seq = run_cfg.instruct_data.block_size if run_cfg.instruct_data is not None else 2048
     lora = section.lora
-    return Plan(stage, shape, seq, lora_rank=lora.r, lora_targets=tuple(lora.target_modules or LLAMA_TARGETS),
-                lora_dropout=lora.dropout > 0, **common), ""
+    return Plan(
+        stage,
+        shape,
+        seq,
+        lora_rank=lora.r,
+        lora_targets=tuple(lora.target_modules or LLAMA_TARGETS),
+        lora_dropout=lora.dropout > 0,
+        **common,
+    ), ""
 
 
 def suggest(p: Plan, limit: float) -> str:
     """What would fit under ``limit`` bytes: fsdp on these GPUs, then with activation checkpointing,
     then on more nodes, then with micro-batches of 1 (the first that fits)."""
     tried = [replace(p, parallelism="fsdp")]
-    tried += [replace(p, parallelism="fsdp", checkpointing=True, processes=n * p.procs_per_node)
-              for n in _NODE_STEPS if n * p.procs_per_node >= p.processes]
+    tried += [
+        replace(p, parallelism="fsdp", checkpointing=True, processes=n * p.procs_per_node)
+        for n in _NODE_STEPS
+        if n * p.procs_per_node >= p.processes
+    ]
     tried += [replace(t, micro_batch=1) for t in tried if p.micro_batch > 1]
     for t in tried:
         e = estimate(t)
@@ -289,8 +340,10 @@ def suggest(p: Plan, limit: float) -> str:
             how = "fsdp" + (" with gradient_checkpointing" if t.checkpointing and not p.checkpointing else "")
             batch = "" if t.micro_batch == p.micro_batch else ", micro_batch_size 1"
             return f"{how}{batch} on {t.processes} GPUs needs ~{e.gib:.0f} GiB"
-    return (f"even fsdp with gradient_checkpointing on {tried[-1].processes} GPUs needs "
-            f"~{estimate(tried[-1]).gib:.0f} GiB: lower the block size or the model size")
+    return (
+        f"even fsdp with gradient_checkpointing on {tried[-1].processes} GPUs needs "
+        f"~{estimate(tried[-1]).gib:.0f} GiB: lower the block size or the model size"
+    )
 
 
 def describe(e: Estimate) -> str:
@@ -299,9 +352,11 @@ def describe(e: Estimate) -> str:
     ckpt = ", gradient_checkpointing" if p.checkpointing else ""
     n = p.shape.params()
     size = f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-    return (f"{p.stage}: ~{e.gib:.1f} GiB per {'GPU' if p.device == 'cuda' else 'process'} "
-            f"({size} parameters{lora}, {p.parallelism} on {p.processes} "
-            f"process{'es' if p.processes > 1 else ''}, {p.precision}, {p.micro_batch} × {p.seq} tokens{ckpt})")
+    return (
+        f"{p.stage}: ~{e.gib:.1f} GiB per {'GPU' if p.device == 'cuda' else 'process'} "
+        f"({size} parameters{lora}, {p.parallelism} on {p.processes} "
+        f"process{'es' if p.processes > 1 else ''}, {p.precision}, {p.micro_batch} × {p.seq} tokens{ckpt})"
+    )
 
 
 def check_stage(run_cfg: Any, stage: str) -> tuple[Estimate | None, str]:
@@ -313,9 +368,14 @@ def check_stage(run_cfg: Any, stage: str) -> tuple[Estimate | None, str]:
     e = estimate(plan)
     memory = gpu_memory_gib(run_cfg.platform.placement(stage).resources) if plan.device == "cuda" else None
     if memory is None:
-        return e, describe(e) + ("" if plan.device == "cpu" else "; GPU memory unknown (set "
-                                 "resources.gpu_memory_gib or an accelerator label): not checked")
+        return e, describe(e) + (
+            ""
+            if plan.device == "cpu"
+            else "; GPU memory unknown (set resources.gpu_memory_gib or an accelerator label): not checked"
+        )
     if e.total > memory * GIB:
-        raise ConfigError(f"{stage}: ~{e.gib:.0f} GiB per GPU with {plan.parallelism} on {memory:.0f} GiB GPUs; "
-                          f"{suggest(plan, memory * GIB)}")
+        raise ConfigError(
+            f"{stage}: ~{e.gib:.0f} GiB per GPU with {plan.parallelism} on {memory:.0f} GiB GPUs; "
+            f"{suggest(plan, memory * GIB)}"
+        )
     return e, f"{describe(e)}: fits {memory:.0f} GiB GPUs"

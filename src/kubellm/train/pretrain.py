@@ -16,8 +16,9 @@ from kubellm.tracking.base import Tracker
 from kubellm.train.loop import TrainJob, TrainResult, claim_run_dir, run_spec, train
 
 
-def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
-             tracker: Tracker | None = None) -> TrainResult:
+def pretrain(
+    cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, tracker: Tracker | None = None
+) -> TrainResult:
     """Pretrain a model on the prepared dataset ``data_dir``; write a Hugging Face model dir to ``out_dir``.
 
     ``out_dir`` receives the model (safetensors, config.json, generation_config.json), the tokenizer,
@@ -31,10 +32,11 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
     m = prepared.manifest
     positions = cfg.model.max_position_embeddings
     if positions is not None and positions < m.block_size:
-        raise ConfigError(f"pretrain.model.max_position_embeddings ({positions}) is smaller than the data's "
-                          f"block_size ({m.block_size})")
-    spec = run_spec(cfg.loop, cfg.optim, stage="pretrain", model=cfg.model.model_dump(),
-                    data=m.fingerprint)
+        raise ConfigError(
+            f"pretrain.model.max_position_embeddings ({positions}) is smaller than the data's "
+            f"block_size ({m.block_size})"
+        )
+    spec = run_spec(cfg.loop, cfg.optim, stage="pretrain", model=cfg.model.model_dump(), data=m.fingerprint)
 
     def build(ctx: Any) -> TrainJob:
         import contextlib
@@ -47,9 +49,15 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
         tokenizer = prepared.load_tokenizer()
         # sharded: rank 0 initialises the weights and hands the other ranks their shards
         with torch.device("meta") if builds_empty(cfg.loop, ctx) else contextlib.nullcontext():
-            model = build_model(cfg.model, vocab_size=max(m.vocab_size, len(tokenizer)), block_size=m.block_size,
-                                bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-                                pad_token_id=m.pad_token_id, seed=cfg.loop.seed)
+            model = build_model(
+                cfg.model,
+                vocab_size=max(m.vocab_size, len(tokenizer)),
+                block_size=m.block_size,
+                bos_token_id=m.bos_token_id,
+                eos_token_id=m.eos_token_id,
+                pad_token_id=m.pad_token_id,
+                seed=cfg.loop.seed,
+            )
         train_split, val_split = load_splits(prepared)
 
         def write_outputs(trained: Any, dst: Path, state_dict: dict[str, Any] | None) -> None:
@@ -57,8 +65,17 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path,
             tokenizer.save_pretrained(str(dst))
 
         n = count_parameters(model)
-        return TrainJob(stage="pretrain", model=model, train_split=train_split, val_split=val_split,
-                        pad_token_id=m.pad_token_id, loop=cfg.loop, optim=cfg.optim,
-                        write_outputs=write_outputs, parameters=n, trainable_parameters=n)
+        return TrainJob(
+            stage="pretrain",
+            model=model,
+            train_split=train_split,
+            val_split=val_split,
+            pad_token_id=m.pad_token_id,
+            loop=cfg.loop,
+            optim=cfg.optim,
+            write_outputs=write_outputs,
+            parameters=n,
+            trainable_parameters=n,
+        )
 
     return train(out_dir, spec, build, tracker)

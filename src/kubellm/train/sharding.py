@@ -24,7 +24,8 @@ Mixed precision (:func:`mixed_precision`). With bf16 the gathered weights are bf
 the two all-gathers per step, bf16 matmuls), while the sharded master weights and AdamW state stay fp32
 and gradients are reduce-scattered in fp32 (torchtitan's default too). A bf16 reduction would cut a
 step's traffic from 2·2 + 4 to 2·2 + 2 bytes per parameter (-25 %), but would sum N gradients with an
-8-bit mantissa, losing the small updates the fp32 master weights exist to keep (not measured here). On a CPU the policy applies only when ``loop.precision`` says ``bf16`` explicitly;
+8-bit mantissa, losing the small updates the fp32 master weights exist to keep (not measured here). On a CPU the policy
+applies only when ``loop.precision`` says ``bf16`` explicitly;
 ``auto`` keeps fp32 weights under bf16 autocast there, as DDP does (both ran at the same speed here).
 
 Speed on 2 CPU processes (gloo, ``small`` preset, ``make bench``, load average 4.4): FSDP took 1.23× DDP's
@@ -54,9 +55,11 @@ def decoder_blocks(model: Any) -> list[Any]:
     names = set(getattr(base, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise TrainingError(f"loop.parallelism fsdp: cannot find the decoder blocks of this "
-                            f"{type(base).__name__} (its _no_split_modules is {sorted(names) or 'empty'}); "
-                            "use parallelism ddp")
+        raise TrainingError(
+            f"loop.parallelism fsdp: cannot find the decoder blocks of this "
+            f"{type(base).__name__} (its _no_split_modules is {sorted(names) or 'empty'}); "
+            "use parallelism ddp"
+        )
     return blocks
 
 
@@ -138,10 +141,11 @@ def state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
         return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
     params = list(model.parameters())
-    return {"parameters": nbytes(params),
-            "gradients": nbytes(p.grad for p in params if p.grad is not None),
-            "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values()
-                                if isinstance(v, torch.Tensor))}
+    return {
+        "parameters": nbytes(params),
+        "gradients": nbytes(p.grad for p in params if p.grad is not None),
+        "optimizer": nbytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)),
+    }
 
 
 def clip_grad_norm(params: list[Any], max_norm: float) -> float:
@@ -180,8 +184,9 @@ def set_train_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
     """Put a state loaded into :func:`train_state`'s structure back into the model and optimizer."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options())
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options()
+    )
 
 
 def gather_trainable(model: Any) -> dict[str, Any]:

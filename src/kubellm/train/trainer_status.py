@@ -75,8 +75,11 @@ def payload(snap: Snapshot, now: float | None = None) -> dict[str, Any]:
         status["estimatedRemainingSeconds"] = 0
     elif math.isfinite(snap.eta_s):
         status["estimatedRemainingSeconds"] = max(0, int(round(snap.eta_s)))
-    metrics = [{"name": k, "value": f"{float(snap.metrics[k]):.6g}"} for k in METRICS
-               if k in snap.metrics and math.isfinite(float(snap.metrics[k]))]
+    metrics = [
+        {"name": k, "value": f"{float(snap.metrics[k]):.6g}"}
+        for k in METRICS
+        if k in snap.metrics and math.isfinite(float(snap.metrics[k]))
+    ]
     if metrics:
         status["metrics"] = metrics
     return {"trainerStatus": status}
@@ -85,8 +88,15 @@ def payload(snap: Snapshot, now: float | None = None) -> dict[str, Any]:
 class TrainerStatusReporter:
     """Sends the latest :class:`Snapshot` from a thread of its own, at most every :data:`MIN_INTERVAL_S`."""
 
-    def __init__(self, url: str, ca_file: str | None, token_file: str | None, *,
-                 min_interval_s: float = MIN_INTERVAL_S, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        ca_file: str | None,
+        token_file: str | None,
+        *,
+        min_interval_s: float = MIN_INTERVAL_S,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self.url, self.ca_file, self.token_file = url, ca_file, token_file
         self.min_interval_s, self.timeout_s = min_interval_s, timeout_s
         self.sent = self.failed = 0
@@ -101,8 +111,9 @@ class TrainerStatusReporter:
 
     def update(self, step: int, total: int, eta_s: float, metrics: Mapping[str, Any]) -> None:
         """Hand the loop's numbers over (never blocks on the network)."""
-        snap = Snapshot(step, total, eta_s, {k: float(v) for k, v in metrics.items() if k in METRICS
-                                             and isinstance(v, int | float)})
+        snap = Snapshot(
+            step, total, eta_s, {k: float(v) for k, v in metrics.items() if k in METRICS and isinstance(v, int | float)}
+        )
         with self._wake:
             self._latest, self._pending = snap, True
             self._wake.notify()
@@ -137,17 +148,24 @@ class TrainerStatusReporter:
         try:
             token = _read(self.token_file)
             context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else ssl.create_default_context()
-            request = urllib.request.Request(self.url, data=json.dumps(payload(snap)).encode(), method="POST",
-                                             headers={"Content-Type": "application/json",
-                                                      **({"Authorization": f"Bearer {token}"} if token else {})})
+            request = urllib.request.Request(
+                self.url,
+                data=json.dumps(payload(snap)).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+            )
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as answer:
                 answer.read()
         except Exception as err:  # whatever the endpoint or the files do, training goes on
             self.failed += 1
             if not self._failing:
                 self._failing = True
-                log.warning("trainer status not reported to %s (%s); training goes on, later updates are tried "
-                            "every %g s", self.url, _reason(err), self.min_interval_s)
+                log.warning(
+                    "trainer status not reported to %s (%s); training goes on, later updates are tried every %g s",
+                    self.url,
+                    _reason(err),
+                    self.min_interval_s,
+                )
             return
         self.sent += 1
         if self._failing:

@@ -42,14 +42,19 @@ def write_vendored(crd_file: Path, sources: dict[str, dict[str, str]], out_dir: 
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with crd_file.open(encoding="utf-8") as fh:
-        docs = [d for d in yaml.load_all(fh, Loader=loader)
-                if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
+        docs = [
+            d
+            for d in yaml.load_all(fh, Loader=loader)
+            if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"
+        ]
     if len(docs) != 1:
         raise SystemExit(f"{crd_file}: expected one CustomResourceDefinition, found {len(docs)}")
     name = docs[0]["metadata"]["name"]
     if name not in sources:
-        raise SystemExit(f"{crd_file}: CRD {name} has no entry in {HERE / 'SOURCES.json'}; add its upstream "
-                         "repository, path and commit first")
+        raise SystemExit(
+            f"{crd_file}: CRD {name} has no entry in {HERE / 'SOURCES.json'}; add its upstream "
+            "repository, path and commit first"
+        )
     crd = extract_crd(docs[0], sources[name])
     path = out_dir / f"{crd['group']}_{crd['plural']}.json.gz"
     blob = json.dumps(crd, sort_keys=True, separators=(",", ":")).encode()
