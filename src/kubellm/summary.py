@@ -38,8 +38,8 @@ def collect(
     "run_id": that stage's MLflow run there}``; their rows say "cached", and their metrics (the
     evaluation's, say) come from the run that made them.
     """
+    from kubellm.tracking.connect import mlflow_client
     from kubellm.tracking.kfp_plugin import TAG_KUBELLM_STATUS, handed_experiment_id
-    from kubellm.tracking.mlflow_tracker import mlflow_client
 
     client, uri = mlflow_client(cfg, workdir)
     exp = client.get_experiment_by_name(cfg.experiment)
@@ -216,8 +216,8 @@ def show_reused(cfg: TrackingConfig, workdir: str | Path, summary: dict[str, Any
     reused = {r["stage"]: r["run_id"] for r in summary["stages"] if r["status"] == CACHED and r.get("run_id")}
     if not reused:
         return
+    from kubellm.tracking.connect import mlflow_client, mlflow_errors
     from kubellm.tracking.headline import show_reused as annotate
-    from kubellm.tracking.mlflow_tracker import mlflow_client, mlflow_errors
 
     client, uri = mlflow_client(cfg, workdir)
     try:

@@ -13,7 +13,8 @@ import pytest
 from datahelpers import data_cfg, make_docs
 
 from kubellm.data import builtin
-from kubellm.data.sources import iter_examples, resolve_all
+from kubellm.data.records import iter_examples
+from kubellm.data.sources import resolve_all
 from kubellm.errors import DataError
 
 DOCS = make_docs(6)

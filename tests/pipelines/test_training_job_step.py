@@ -70,7 +70,7 @@ def test_pretrain_step_runs_as_a_job_on_the_shared_pvc(prepared: Path, tmp_path:
     assert [s for s, _, _, _ in launched] == ["pretrain"]
     # the job's rank 0 logs into this step's own MLflow run (not the parent's)
     job_run = launched[0][3][STAGE_RUN_ENV]
-    from kubellm.tracking.mlflow_tracker import mlflow_client
+    from kubellm.tracking.connect import mlflow_client
 
     run = mlflow_client(cfg.tracking, str(tmp_path))[0].get_run(job_run)
     assert run.data.tags["stage"] == "pretrain" and run.info.status == "FINISHED"
@@ -92,7 +92,7 @@ def test_under_kfps_mlflow_plugin_the_jobs_pods_log_into_the_handed_run_on_its_s
 
     import kubellm.k8s.jobspec as jobspec
     import kubellm.k8s.training_job as tj
-    from kubellm.tracking.mlflow_tracker import prepare_sqlite_store
+    from kubellm.tracking.connect import prepare_sqlite_store
     from kubellm.train.pretrain import pretrain
 
     plugin_uri = f"sqlite:///{tmp_path}/plugin.db"

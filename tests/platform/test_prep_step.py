@@ -163,7 +163,7 @@ def _config(tmp_path: Path, *overrides: str):
 @pytest.mark.timeout(600)  # the driver starts a local Ray and prepares on it
 def test_prep_step_runs_the_prep_rayjob_and_brings_the_dataset_back(on_the_cluster, tmp_path: Path) -> None:
     from kubellm.data.format import open_prepared
-    from kubellm.tracking.mlflow_tracker import mlflow_client
+    from kubellm.tracking.connect import mlflow_client
 
     cfg = _config(tmp_path)
     kuberay = KubeRay(on_the_cluster.api_client(), tmp_path)
@@ -206,7 +206,7 @@ def test_prep_step_runs_the_prep_rayjob_and_brings_the_dataset_back(on_the_clust
 
 
 def test_a_failed_prep_rayjob_fails_the_step_in_one_line(on_the_cluster, tmp_path: Path) -> None:
-    from kubellm.tracking.mlflow_tracker import mlflow_client
+    from kubellm.tracking.connect import mlflow_client
 
     cfg = _config(tmp_path)
     kuberay = KubeRay(

@@ -69,9 +69,9 @@ def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.slow
 def test_lifecycle_read_back_in_another_process(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBELLM_GIT_REVISION", "abc123")
-    from kubellm.tracking import mlflow_tracker
+    from kubellm.tracking import runs
 
-    mlflow_tracker.git_revision.cache_clear()
+    runs.git_revision.cache_clear()
     cfg = TrackingConfig(experiment="life")
     config = {"name": "demo", "finetune": {"lora": {"r": 8}}, "note": "n" * 700}
     parent = start_parent_run(
@@ -85,7 +85,7 @@ def test_lifecycle_read_back_in_another_process(workdir: Path, monkeypatch: pyte
         tr.log_artifact(report)
         stage_id = tr.run_id
     end_parent_run(cfg, workdir, parent, "FINISHED", summary={"passed": True, "version": 3, "why": "ok"})
-    mlflow_tracker.git_revision.cache_clear()
+    runs.git_revision.cache_clear()
 
     got = read_back(resolve_tracking_uri(cfg, workdir), "life")["runs"]
     p, s = got[parent], got[stage_id]
@@ -93,7 +93,7 @@ def test_lifecycle_read_back_in_another_process(workdir: Path, monkeypatch: pyte
     assert p["params"] == {}  # the whole config is config.json, not hundreds of params
     assert p["metrics"] == {"passed": 1.0, "version": 3.0}
     assert {"config.json", "summary.json"} <= set(p["artifacts"])
-    from kubellm.tracking.mlflow_tracker import config_hash
+    from kubellm.tracking.runs import config_hash
 
     assert p["tags"]["kfp_run_id"] == "kfp-123" and p["tags"]["pipeline"] == "lifecycle"
     assert p["tags"]["config_hash"] == config_hash(config) and p["tags"]["git_revision"] == "abc123"

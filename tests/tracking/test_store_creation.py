@@ -19,7 +19,7 @@ import pytest
 
 from kubellm.config.tracking import TrackingConfig
 from kubellm.errors import KubellmError
-from kubellm.tracking.mlflow_tracker import _READY_STORES, mlflow_client
+from kubellm.tracking.connect import _READY_STORES, mlflow_client
 
 # One process: create the tracker in ``workdir`` and start a parent run, as every task of `kubellm run` does.
 START_RUN = textwrap.dedent("""

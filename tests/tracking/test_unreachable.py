@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kubellm.config.tracking import TrackingConfig
-from kubellm.tracking import TrackingError, resolve_tracking_uri, stage_run
+from kubellm.tracking import TrackingError, connect, resolve_tracking_uri, runs, stage_run
 from kubellm.tracking import mlflow_tracker as mt
 
 AWAY = "API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed with exception ConnectionError"
@@ -102,7 +102,7 @@ def test_a_server_away_at_the_end_leaves_the_verdict_to_training_and_the_next_ru
     )
     client = MlflowClient(resolve_tracking_uri(cfg, workdir))
     assert client.get_run(run_id).info.status == "RUNNING"
-    client.set_tag(run_id, mt.TAG_PID, "999999999")  # the process that ran it is gone
+    client.set_tag(run_id, runs.TAG_PID, "999999999")  # the process that ran it is gone
     with stage_run(cfg, workdir, parent_run_id=None, stage="pretrain") as again:
         assert again.run_id != run_id
     assert client.get_run(run_id).info.status == "KILLED"
@@ -129,14 +129,14 @@ def test_when_unreachable_fail_stops_the_stage_with_one_line(workdir: Path, monk
 
 
 def test_a_call_to_a_server_that_is_gone_takes_seconds_not_minutes(tmp_path: Path, monkeypatch) -> None:
-    for name in mt._HTTP_LIMITS:  # restored after the test: mlflow_client sets them for this process
+    for name in connect._HTTP_LIMITS:  # restored after the test: mlflow_client sets them for this process
         monkeypatch.delenv(name, raising=False)
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client, _ = mt.mlflow_client(TrackingConfig(uri=f"http://127.0.0.1:{port}"), tmp_path)
+    client, _ = connect.mlflow_client(TrackingConfig(uri=f"http://127.0.0.1:{port}"), tmp_path)
     tracker = mt.MlflowTracker(client, "0" * 32, when_unreachable="buffer", uri=f"http://127.0.0.1:{port}")
     t0 = time.monotonic()
     tracker.log_metrics({"loss": 1.0}, step=1)  # refused, retried twice, then buffered

@@ -83,7 +83,7 @@ def resumed_run(ray_cluster, pretrain_data: Path, tmp_path_factory: pytest.TempP
     is killed (SIGKILL) after the first checkpoint, then submitted again: (first error, last complete
     checkpoint before the resubmission, the result, the MLflow client, the run id)."""
     from kubellm.stages.ray_train import run
-    from kubellm.tracking.mlflow_tracker import mlflow_client
+    from kubellm.tracking.connect import mlflow_client
 
     root = tmp_path_factory.mktemp("ray-run")
     out = root / "out"

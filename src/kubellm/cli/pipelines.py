@@ -332,7 +332,7 @@ def _compiled(cfg, pipeline: str, caching: bool) -> Compiled:
     from kubellm.pipeline_params import builtin
     from kubellm.pipelines._runner import compile_all
     from kubellm.pipelines.submit import version_name
-    from kubellm.tracking.mlflow_tracker import git_revision
+    from kubellm.tracking.runs import git_revision
 
     if not is_pipeline_file(pipeline):
         builtin(pipeline)  # an unknown name: one line naming the built-in pipelines

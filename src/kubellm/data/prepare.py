@@ -26,6 +26,7 @@ from typing import Any
 
 from kubellm.config.data import DataConfig
 from kubellm.data import format as fmt
+from kubellm.data import records as rec_mod
 from kubellm.data import sources as src_mod
 from kubellm.data import tokenizer as tok_mod
 from kubellm.data.clean import Cleaner
@@ -164,7 +165,7 @@ def _collect(
             if not cfg.max_docs:
                 report(files_done)
 
-        for origin, example, index in src_mod.iter_examples(cfg, sources, on_file=file_done):
+        for origin, example, index in rec_mod.iter_examples(cfg, sources, on_file=file_done):
             read += 1
             per_source[index] += 1
             if cfg.max_docs:

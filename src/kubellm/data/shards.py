@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kubellm.config.data import DataConfig
+from kubellm.data import records as rec_mod
 from kubellm.data import sources as src_mod
 from kubellm.data.clean import Cleaner
 from kubellm.data.pack import (
@@ -110,7 +111,7 @@ def read_unit(cfg: DataConfig, source: src_mod.Source, unit: int, f: src_mod.Inp
     cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     chars = 0
     for i, (origin, rec) in enumerate(source.file_records(f, cfg.max_record_bytes)):
-        admitted = cleaner.admit(src_mod.checked_example(cfg, rec, source, origin))
+        admitted = cleaner.admit(rec_mod.checked_example(cfg, rec, source, origin))
         if admitted is None:
             (reason,) = cleaner.dropped  # cleared after every record: the one reason of this one
             row = (unit, i, rid(unit, i), reason, 0, "", "", origin)

@@ -68,7 +68,7 @@ def record(ctx: StageContext, stage: str, err: BaseException) -> None:
         log.warning("step %s: could not keep its error for a retry to fail fast (%s)", stage, write_err)
     if ctx.tracking.enabled and ctx.parent_run_id:
         try:
-            from kubellm.tracking.mlflow_tracker import mlflow_client
+            from kubellm.tracking.connect import mlflow_client
 
             client, _ = mlflow_client(ctx.tracking, ctx.workdir)
             client.set_tag(ctx.parent_run_id, TAG_PREFIX + stage, f"{doc['error']}: {doc['message']}"[:5000])
@@ -85,7 +85,7 @@ def _recorded(ctx: StageContext, stage: str) -> tuple[str, str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     if ctx.tracking.enabled and ctx.parent_run_id:
-        from kubellm.tracking.mlflow_tracker import mlflow_client
+        from kubellm.tracking.connect import mlflow_client
 
         client, _ = mlflow_client(ctx.tracking, ctx.workdir)
         try:

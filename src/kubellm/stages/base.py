@@ -85,7 +85,7 @@ class StageContext:
         cfg = from_param(TrackingConfig, tracking, "tracking config")
         kfp_run_id = kfp_run_id or os.environ.get(KFP_RUN_ENV)
         if not parent_run_id and kfp_run_id and cfg.enabled and not handed_run_id():  # the plugin's run: no search
-            from kubellm.tracking.mlflow_tracker import find_parent_run
+            from kubellm.tracking.runs import find_parent_run
 
             parent_run_id = find_parent_run(cfg, workdir, kfp_run_id)
         return cls(cfg, workdir, parent_run_id or None, kfp_run_id=kfp_run_id or None)
@@ -122,7 +122,7 @@ class StageContext:
         if not self.tracking.enabled or self.rank != 0:
             yield NullTracker()
             return
-        from kubellm.tracking.mlflow_tracker import attached_run, stage_run
+        from kubellm.tracking.runs import attached_run, stage_run
 
         if self.attach_run_id:
             with attached_run(self.tracking, self.workdir, self.attach_run_id) as tracker:
@@ -138,7 +138,7 @@ class StageContext:
         """A Markdown line pointing at the MLflow run (a link when the store is an HTTP server)."""
         if not run_id or not self.tracking.enabled:
             return ""
-        from kubellm.tracking.mlflow_tracker import resolve_tracking_uri
+        from kubellm.tracking.connect import resolve_tracking_uri
 
         uri = resolve_tracking_uri(self.tracking, self.workdir)
         if uri.startswith(("http://", "https://")):

@@ -16,7 +16,7 @@ def start_run(
     cfg_tracking = section(TrackingConfig, tracking, "tracking config")
     if not cfg_tracking.enabled:
         return ""
-    from kubellm.tracking.mlflow_tracker import start_parent_run
+    from kubellm.tracking.runs import start_parent_run
 
     cfg = section(RunConfig, run_config, "run config")
     return start_parent_run(
@@ -43,7 +43,7 @@ def finish_run(
     cfg_tracking = section(TrackingConfig, tracking, "tracking config")
     if not cfg_tracking.enabled:
         return state
-    from kubellm.tracking.mlflow_tracker import end_parent_run, start_parent_run
+    from kubellm.tracking.runs import end_parent_run, start_parent_run
 
     run_id = start_parent_run(
         cfg_tracking, workdir, pipeline=pipeline, run_name=run_name, config={}, tags={"kfp_run_id": kfp_run_id}

@@ -5,15 +5,8 @@ Stages log through the :class:`Tracker` interface; :func:`stage_run` hands them 
 """
 
 from kubellm.tracking.base import NullTracker, Tracker, TrackingError, flatten_params
-from kubellm.tracking.mlflow_tracker import (
-    MlflowTracker,
-    attached_run,
-    end_parent_run,
-    find_parent_run,
-    resolve_tracking_uri,
-    stage_run,
-    start_parent_run,
-)
+from kubellm.tracking.connect import resolve_tracking_uri
+from kubellm.tracking.mlflow_tracker import MlflowTracker
 from kubellm.tracking.registry import (
     ModelVersionInfo,
     champion_info,
@@ -21,6 +14,7 @@ from kubellm.tracking.registry import (
     register_model,
     resolve_model_uri,
 )
+from kubellm.tracking.runs import attached_run, end_parent_run, find_parent_run, stage_run, start_parent_run
 
 __all__ = [
     "MlflowTracker",

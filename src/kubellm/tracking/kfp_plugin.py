@@ -8,9 +8,9 @@ closes the parent (and any run left open) when the KFP run ends, reopening them 
 
 When ``MLFLOW_RUN_ID`` is set, kubellm obeys it as MLflow's own clients do (``mlflow.start_run()``
 resumes that run): every stage logs into that run, and kubellm opens no run of its own —
-:func:`~kubellm.tracking.mlflow_tracker.stage_run` attaches to it, the pipeline's parent run is the
+:func:`~kubellm.tracking.runs.stage_run` attaches to it, the pipeline's parent run is the
 handed run's parent (its ``mlflow.parentRunId`` tag; the plugin's run of the whole KFP run), where
-:func:`~kubellm.tracking.mlflow_tracker.end_parent_run` writes the headline without ending it (the plugin
+:func:`~kubellm.tracking.runs.end_parent_run` writes the headline without ending it (the plugin
 owns its status). The tracking URI is then ``$MLFLOW_TRACKING_URI`` whatever ``tracking.uri`` says: the
 handed run exists nowhere else. Without ``MLFLOW_RUN_ID`` nothing here changes anything.
 

@@ -35,8 +35,8 @@ from kubellm.config.tracking import TrackingConfig
 from kubellm.fsutil import atomic_dir
 from kubellm.log import get_logger
 from kubellm.tracking.base import TrackingError
+from kubellm.tracking.connect import _check_filter_value, mlflow_client, mlflow_errors
 from kubellm.tracking.headline import HEADLINE_METRICS
-from kubellm.tracking.mlflow_tracker import _check_filter_value, mlflow_client, mlflow_errors
 
 log = get_logger("tracking.registry")
 
